@@ -1,0 +1,31 @@
+"""Typed run configuration: sections, named model sizes, YAML/command-line loading and validation."""
+
+from megatron_glm.config.loader import (
+    FLAG_ALIASES,
+    build_config,
+    config_to_dict,
+    help_text,
+    load_config,
+    load_yaml,
+    parse_overrides,
+)
+from megatron_glm.config.sections import (
+    CheckpointConfig,
+    DataConfig,
+    GLMConfig,
+    LoggingConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    TrainingConfig,
+)
+from megatron_glm.config.sizes import MODEL_SIZES
+from megatron_glm.config.validate import derived_data_parallel_size, pad_vocab_size, problems, validate
+
+__all__ = [
+    "FLAG_ALIASES", "MODEL_SIZES", "CheckpointConfig", "DataConfig", "GLMConfig", "LoggingConfig",
+    "ModelConfig", "ObjectiveConfig", "OptimizerConfig", "ParallelConfig", "TrainingConfig",
+    "build_config", "config_to_dict", "derived_data_parallel_size", "help_text", "load_config",
+    "load_yaml", "pad_vocab_size", "parse_overrides", "problems", "validate",
+]

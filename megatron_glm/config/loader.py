@@ -1,0 +1,289 @@
+"""Build a :class:`GLMConfig` from YAML and command-line overrides, strictly.
+
+Precedence: defaults < named model size (``model.size``) < YAML file < command line.
+Command-line overrides use dotted paths (``--model.hidden_size 1024``) or the Megatron/GLM spellings
+listed in :data:`FLAG_ALIASES`. Unknown keys are errors with a suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_glm.config.sections import GLMConfig
+from megatron_glm.config.sizes import MODEL_SIZES
+from megatron_glm.errors import ConfigError
+
+# Megatron / GLM / DeepSpeed flag -> (dotted path, constant for valueless flags or None).
+FLAG_ALIASES: dict[str, tuple[str, Any]] = {
+    "--num-layers": ("model.num_layers", None),
+    "--hidden-size": ("model.hidden_size", None),
+    "--num-attention-heads": ("model.num_attention_heads", None),
+    "--max-position-embeddings": ("model.max_sequence_length", None),
+    "--model-size": ("model.size", None),
+    "--hidden-dropout": ("model.hidden_dropout", None),
+    "--attention-dropout": ("model.attention_dropout", None),
+    "--make-vocab-size-divisible-by": ("model.make_vocab_size_divisible_by", None),
+    "--checkpoint-activations": ("model.checkpoint_activations", True),
+    "--checkpoint-num-layers": ("model.checkpoint_num_layers", None),
+    "--seq-length": ("data.seq_length", None),
+    "--tensor-model-parallel-size": ("parallel.tensor_model_parallel_size", None),
+    "--pipeline-model-parallel-size": ("parallel.pipeline_model_parallel_size", None),
+    "--micro-batch-size": ("training.micro_batch_size", None),
+    "--global-batch-size": ("training.global_batch_size", None),
+    "--gradient-accumulation-steps": ("training.gradient_accumulation_steps", None),
+    "--train-iters": ("training.train_iters", None),
+    "--seed": ("training.seed", None),
+    "--bf16": ("training.precision", "bf16"),
+    "--fp16": ("training.precision", "fp16"),
+    "--zero-stage": ("training.zero_stage", None),
+    "--eval-interval": ("training.eval_interval", None),
+    "--eval-iters": ("training.eval_iters", None),
+    "--deepspeed_config": ("training.deepspeed_config", None),
+    "--deepspeed-config": ("training.deepspeed_config", None),
+    "--local_rank": ("training.local_rank", None),
+    "--local-rank": ("training.local_rank", None),
+    "--lr": ("optimizer.lr", None),
+    "--min-lr": ("optimizer.min_lr", None),
+    "--weight-decay": ("optimizer.weight_decay", None),
+    "--clip-grad": ("optimizer.clip_grad", None),
+    "--adam-beta1": ("optimizer.adam_beta1", None),
+    "--adam-beta2": ("optimizer.adam_beta2", None),
+    "--adam-eps": ("optimizer.adam_eps", None),
+    "--lr-decay-style": ("optimizer.lr_decay_style", None),
+    "--lr-decay-iters": ("optimizer.lr_decay_iters", None),
+    "--lr-warmup-iters": ("optimizer.lr_warmup_iters", None),
+    "--lr-warmup-fraction": ("optimizer.lr_warmup_fraction", None),
+    "--warmup": ("optimizer.lr_warmup_fraction", None),
+    "--save": ("checkpoint.save", None),
+    "--load": ("checkpoint.load", None),
+    "--save-interval": ("checkpoint.save_interval", None),
+    "--log-interval": ("logging.log_interval", None),
+    "--tensorboard-dir": ("logging.tensorboard_dir", None),
+    "--data-path": ("data.data_path", None),
+    "--split": ("data.split", None),
+    "--tokenizer-model": ("data.tokenizer_model", None),
+    "--num-workers": ("data.num_workers", None),
+    "--bert-prob": ("data.objective.bert_prob", None),
+    "--gap-sentence-prob": ("data.objective.gap_sentence_prob", None),
+    "--gap-sentence-ratio": ("data.objective.gap_sentence_ratio", None),
+    "--mask-ratio": ("data.objective.mask_ratio", None),
+    "--gpt-infill-prob": ("data.objective.gpt_infill_prob", None),
+    "--gpt-min-ratio": ("data.objective.gpt_min_ratio", None),
+    "--avg-block-length": ("data.objective.avg_block_length", None),
+    "--block-mask-prob": ("data.objective.block_mask_prob", None),
+    "--context-mask-ratio": ("data.objective.context_mask_ratio", None),
+    "--short-seq-prob": ("data.objective.short_seq_prob", None),
+    "--single-span-prob": ("data.objective.single_span_prob", None),
+    "--task-mask": ("data.objective.task_mask", True),
+    "--no-task-mask": ("data.objective.task_mask", False),
+    "--no-shuffle-block": ("data.objective.shuffle_block", False),
+    "--no-block-position": ("data.objective.block_position", False),
+    "--sentinel-token": ("data.objective.sentinel_token", True),
+}
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def leaf_paths(cls: type = GLMConfig, prefix: str = "") -> dict[str, tuple[dataclasses.Field, Any]]:
+    """All dotted leaf paths of a config class with their field and type."""
+    out: dict[str, tuple[dataclasses.Field, Any]] = {}
+    for name, (f, tp) in _fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.update(leaf_paths(tp, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = (f, tp)
+    return out
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to the field type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_coerce(v, item_tp, where) for v in items]
+    if isinstance(value, (list, tuple, dict)):
+        raise ConfigError(f"{where}: expected a single {tp.__name__}, got {type(value).__name__}")
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            return str(value)
+    except ValueError:
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _flatten(data: Any, source: str, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at '{prefix.rstrip('.') or 'top level'}', "
+                          f"got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, source, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+def _suggest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into flat dotted assignments."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f"{path}:{line + 1}" if line is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return _flatten(data, str(path))
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """Split command-line tokens into (yaml path or None, {dotted path: raw value})."""
+    paths = leaf_paths()
+    config_path: str | None = None
+    assignments: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r} (options look like --model.hidden_size 1024)")
+        flag, eq, inline = token.partition("=")
+        values: list[str] = [inline] if eq else []
+        j = i + 1
+        if not eq:
+            while j < len(argv) and not (argv[j].startswith("--") and not _is_number(argv[j])):
+                values.append(argv[j])
+                j += 1
+        i = j
+        if flag == "--config":
+            if len(values) != 1:
+                raise ConfigError("--config expects one YAML file path")
+            config_path = values[0]
+            continue
+        if flag in FLAG_ALIASES:
+            path, const = FLAG_ALIASES[flag]
+            if const is not None:
+                if values:
+                    raise ConfigError(f"{flag} takes no value (got {' '.join(values)!r})")
+                assignments[path] = const
+                continue
+        else:
+            path = flag[2:]
+            if path not in paths:
+                spelled = [f"--{p}" for p in paths] + list(FLAG_ALIASES)
+                raise ConfigError(f"unknown option {flag}{_suggest(flag, spelled)}")
+        tp = paths[path][1]
+        if typing.get_origin(tp) is list:
+            assignments[path] = values
+        elif len(values) == 1:
+            assignments[path] = values[0]
+        elif not values and tp is bool:
+            assignments[path] = True
+        else:
+            raise ConfigError(f"{flag} expects one value, got {len(values)}")
+    return config_path, assignments
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def build_config(assignments: dict[str, Any], source: str = "config") -> GLMConfig:
+    """Make a :class:`GLMConfig` from dotted assignments (a named model size is applied first)."""
+    paths = leaf_paths()
+    for key in assignments:
+        if key not in paths:
+            raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key, list(paths))}")
+    cfg = GLMConfig()
+    size = assignments.get("model.size", "")
+    merged: dict[str, Any] = {}
+    if size:
+        if size not in MODEL_SIZES:
+            raise ConfigError(f"{source}: model.size '{size}' is not one of {', '.join(MODEL_SIZES)}")
+        merged.update({f"model.{k}": v for k, v in MODEL_SIZES[size].items()})
+    merged.update(assignments)
+    for path, raw in merged.items():
+        f, tp = paths[path]
+        value = _coerce(raw, tp, f"{source}: {path}")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{source}: {path} must be one of {', '.join(choices)}, got {value!r}")
+        *parents, leaf = path.split(".")
+        target: Any = cfg
+        for p in parents:
+            target = getattr(target, p)
+        setattr(target, leaf, value)
+    return cfg
+
+
+def load_config(argv: list[str]) -> GLMConfig:
+    """Entry points call this with ``sys.argv[1:]``: ``--config FILE`` plus overrides."""
+    config_path, overrides = parse_overrides(argv)
+    assignments: dict[str, Any] = {}
+    source = "command line"
+    if config_path:
+        assignments.update(load_yaml(config_path))
+        source = config_path
+        build_config(assignments, source)  # report YAML errors against the file
+    assignments.update(overrides)
+    return build_config(assignments, source)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (for checkpoints, logs and YAML dumps)."""
+    return dataclasses.asdict(cfg)
+
+
+def help_text() -> str:
+    """Every option with its type, default and help, grouped by section."""
+    lines = ["options (YAML keys or --dotted.path VALUE; Megatron spellings also accepted):"]
+    aliases: dict[str, list[str]] = {}
+    for flag, (path, const) in FLAG_ALIASES.items():
+        aliases.setdefault(path, []).append(flag if const is None else f"{flag} (={const})")
+    for path, (f, tp) in leaf_paths().items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        tname = getattr(tp, "__name__", str(tp))
+        extra = f"  [{', '.join(aliases[path])}]" if path in aliases else ""
+        lines.append(f"  --{path} ({tname}, default {default!r}){extra}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""Typed configuration sections. Every field carries its help text in ``metadata["help"]``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def opt(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with a default and a help string (shown by ``--help`` and in docs)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture of the GLM transformer."""
+
+    size: str = opt("", "Named size to start from (glm-tiny, glm-base, glm-large, glm-large-chinese, "
+                        "glm-2b, glm-10b); explicit fields override it.")
+    num_layers: int = opt(2, "Number of transformer layers.")
+    hidden_size: int = opt(64, "Hidden size H.")
+    num_attention_heads: int = opt(4, "Attention heads; must divide hidden_size.")
+    vocab_size: int = opt(0, "Rows of the word embedding (padded vocab). 0: the tokenizer's vocab padded "
+                             "to a multiple of make_vocab_size_divisible_by x tensor_model_parallel_size.")
+    make_vocab_size_divisible_by: int = opt(128, "Pad the vocab to a multiple of this times the TP size.")
+    max_sequence_length: int = opt(512, "Maximum position; the position tables have this + 1 rows.")
+    hidden_dropout: float = opt(0.1, "Dropout after the attention/MLP output projections and embeddings.")
+    attention_dropout: float = opt(0.1, "Dropout on attention probabilities.")
+    layernorm_epsilon: float = opt(1e-5, "LayerNorm epsilon.")
+    init_std: float = opt(0.02, "Std of the normal init; output projections use init_std/sqrt(2L).")
+    block_position_encoding: bool = opt(True, "Add the block-position embedding (row 1 of position_ids).")
+    attention_impl: str = opt("sdpa", "Attention kernel: sdpa (fused, default), flex (CUDA) or eager "
+                                      "(reference, materialises the scores).",
+                              choices=("sdpa", "flex", "eager"))
+    checkpoint_activations: bool = opt(False, "Recompute layer activations in backward to save memory.")
+    checkpoint_num_layers: int = opt(1, "Layers per activation-checkpoint chunk.")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How the model and data are split over processes."""
+
+    tensor_model_parallel_size: int = opt(1, "Tensor-parallel size (ranks that split each layer).")
+    pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size (stages of layers).")
+    data_parallel_size: int = opt(0, "Data-parallel size; 0 derives world_size / (tp x pp).")
+    pipeline_partition_method: str = opt("uniform", "Pipeline partitioning: uniform (layers) or parameters.",
+                                         choices=("uniform", "parameters"))
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    """The multi-task blank-infilling mixture (original GLM flag names and defaults)."""
+
+    bert_prob: float = opt(0.5, "Probability of the token-level ([MASK]) objective.")
+    gap_sentence_prob: float = opt(0.0, "Probability of the sentence-level ([sMASK]) objective.")
+    gap_sentence_ratio: float = opt(0.15, "Fraction of tokens covered by sentence blanks.")
+    mask_ratio: float = opt(0.15, "Fraction of tokens covered by token-level blanks.")
+    gpt_infill_prob: float = opt(0.5, "Document objective: probability of an infilled (not suffix) span.")
+    gpt_min_ratio: float = opt(0.5, "Document objective: minimum span length as a fraction of the document.")
+    avg_block_length: float = opt(3.0, "Poisson mean of token-level span lengths.")
+    max_block_length: int = opt(39, "Longest token-level span.")
+    block_mask_prob: float = opt(0.0, "Probability of masking tokens inside Part B input spans.")
+    context_mask_ratio: float = opt(0.0, "Fraction of Part A tokens additionally replaced by [MASK].")
+    short_seq_prob: float = opt(0.0, "Probability of cutting a shorter window (remaining positions padded).")
+    single_span_prob: float = opt(0.0, "Token objective: probability of masking one span only.")
+    task_mask: bool = opt(True, "Use [sMASK]/[gMASK] for sentence/document blanks (else [MASK]).")
+    shuffle_block: bool = opt(True, "Shuffle the Part B spans (False: --no-shuffle-block).")
+    block_position: bool = opt(True, "Emit block positions (False: --no-block-position, all zero).")
+    sentinel_token: bool = opt(False, "Original --sentinel-token variant (not supported yet; must stay false).")
+    per_sample: bool = opt(False, "Choose the objective per sample instead of once per micro-batch.")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Corpus, tokenizer and sample construction."""
+
+    data_path: list[str] = opt([], "Dataset prefixes, optionally weighted: [0.3, A, 0.7, B].")
+    split: str = opt("949,50,1", "Train/valid/test weights over documents.")
+    seq_length: int = opt(512, "Tokens per sample.")
+    tokenizer_model: str = opt("", "Path of the sentencepiece model.")
+    cache_dir: str = opt("", "Where sample-index .npy files are cached (default: next to the data).")
+    num_workers: int = opt(1, "DataLoader workers per rank.")
+    pack_documents: bool = opt(True, "Pack several documents into one window ([CLS] start, eos between).")
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = opt(1e-4, "Peak learning rate.")
+    min_lr: float = opt(0.0, "Floor of the decayed learning rate.")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.")
+    clip_grad: float = opt(1.0, "Gradient-norm clipping (0 disables).")
+    lr_warmup_iters: int = opt(0, "Linear warmup steps (overrides lr_warmup_fraction when > 0).")
+    lr_warmup_fraction: float = opt(0.01, "Warmup as a fraction of lr_decay_iters.")
+    lr_decay_style: str = opt("cosine", "Decay after warmup.", choices=("linear", "cosine", "constant"))
+    lr_decay_iters: int = opt(0, "Steps over which lr decays to min_lr (0: train_iters).")
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    """Batch sizes, precision, length of training and the DeepSpeed engine."""
+
+    micro_batch_size: int = opt(4, "Samples per micro-batch per data-parallel rank.")
+    global_batch_size: int = opt(0, "Samples per optimizer step; 0: micro x dp x accumulation.")
+    gradient_accumulation_steps: int = opt(0, "Micro-batches per step; 0: derived from global_batch_size.")
+    train_iters: int = opt(100, "Optimizer steps to train.")
+    seed: int = opt(1234, "Seed for initialisation, dropout and data sampling.")
+    precision: str = opt("fp32", "Parameter/compute dtype.", choices=("fp32", "bf16", "fp16"))
+    zero_stage: int = opt(1, "DeepSpeed ZeRO stage used when no deepspeed_config is given.")
+    deepspeed_config: str = opt("", "Path of a DeepSpeed JSON config (batch fields are filled from ours).")
+    local_rank: int = opt(-1, "Set by the deepspeed launcher.")
+    eval_interval: int = opt(1000, "Evaluate on the validation split every N steps (0: never).")
+    eval_iters: int = opt(10, "Micro-batches per evaluation.")
+    max_nonfinite_steps: int = opt(20, "Stop with an error after this many consecutive non-finite steps.")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Saving and loading."""
+
+    save: str = opt("", "Directory to save checkpoints and metrics.jsonl to.")
+    load: str = opt("", "Directory to resume from (its latest complete checkpoint).")
+    save_interval: int = opt(0, "Save every N steps (0: only at the end).")
+    keep_last: int = opt(3, "Keep the newest K checkpoints (0: keep all).")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Console, metrics.jsonl and TensorBoard logging."""
+
+    log_interval: int = opt(10, "Log every N steps.")
+    tensorboard_dir: str = opt("", "TensorBoard log directory (default: <save>/tensorboard when installed).")
+
+
+@dataclass(kw_only=True)
+class GLMConfig:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -1,0 +1,144 @@
+"""Consistency checks over the whole config; every problem is reported at once, before any process starts."""
+
+from __future__ import annotations
+
+from megatron_glm.config.sections import GLMConfig
+from megatron_glm.errors import ConfigError
+
+
+def pad_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
+    """Megatron's padding: round up to a multiple of ``divisible_by * tp_size``."""
+    multiple = divisible_by * tp_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def derived_data_parallel_size(cfg: GLMConfig, world_size: int) -> int:
+    """world / (tp x pp), or the configured size when world_size is unknown (0)."""
+    p = cfg.parallel
+    if world_size:
+        return world_size // max(1, p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    return p.data_parallel_size or 1
+
+
+def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
+    """Every inconsistency in ``cfg`` as a readable message (empty when valid).
+
+    ``world_size`` 0 means "not known yet": checks that need it use ``parallel.data_parallel_size``.
+    """
+    out: list[str] = []
+    m, p, t, d, o = cfg.model, cfg.parallel, cfg.training, cfg.data, cfg.optimizer
+
+    def positive(value: int | float, name: str) -> bool:
+        if value <= 0:
+            out.append(f"{name} must be positive, got {value}")
+            return False
+        return True
+
+    ok = all([positive(m.num_layers, "model.num_layers"), positive(m.hidden_size, "model.hidden_size"),
+              positive(m.num_attention_heads, "model.num_attention_heads"),
+              positive(p.tensor_model_parallel_size, "parallel.tensor_model_parallel_size"),
+              positive(p.pipeline_model_parallel_size, "parallel.pipeline_model_parallel_size"),
+              positive(t.micro_batch_size, "training.micro_batch_size"),
+              positive(d.seq_length, "data.seq_length"),
+              positive(m.max_sequence_length, "model.max_sequence_length")])
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if ok:
+        if m.hidden_size % m.num_attention_heads:
+            out.append(f"model.hidden_size ({m.hidden_size}) must be divisible by "
+                       f"model.num_attention_heads ({m.num_attention_heads})")
+        if m.num_attention_heads % tp:
+            out.append(f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
+                       f"parallel.tensor_model_parallel_size ({tp})")
+        if m.num_layers % pp and p.pipeline_partition_method == "uniform":
+            out.append(f"model.num_layers ({m.num_layers}) must be divisible by "
+                       f"parallel.pipeline_model_parallel_size ({pp}) for uniform partitioning")
+        if m.num_layers < pp:
+            out.append(f"model.num_layers ({m.num_layers}) must be at least "
+                       f"parallel.pipeline_model_parallel_size ({pp})")
+        if m.vocab_size < 0:
+            out.append(f"model.vocab_size must be >= 0 (0 derives it from the tokenizer), got {m.vocab_size}")
+        elif m.vocab_size and m.vocab_size % tp:
+            out.append(f"model.vocab_size ({m.vocab_size}) must be divisible by "
+                       f"parallel.tensor_model_parallel_size ({tp}); pad it to "
+                       f"{pad_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)}")
+        if m.make_vocab_size_divisible_by <= 0:
+            out.append(f"model.make_vocab_size_divisible_by must be positive, got {m.make_vocab_size_divisible_by}")
+        if d.seq_length > m.max_sequence_length:
+            out.append(f"data.seq_length ({d.seq_length}) exceeds model.max_sequence_length "
+                       f"({m.max_sequence_length})")
+        if m.checkpoint_num_layers <= 0:
+            out.append(f"model.checkpoint_num_layers must be positive, got {m.checkpoint_num_layers}")
+    for name in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(m, name) < 1.0:
+            out.append(f"model.{name} must be in [0, 1), got {getattr(m, name)}")
+
+    if world_size and tp * pp and world_size % (tp * pp):
+        out.append(f"world size ({world_size}) must be divisible by tensor ({tp}) x pipeline ({pp}) "
+                   f"parallel sizes")
+    dp = derived_data_parallel_size(cfg, world_size)
+    if world_size and p.data_parallel_size and p.data_parallel_size != dp:
+        out.append(f"parallel.data_parallel_size ({p.data_parallel_size}) disagrees with world size "
+                   f"{world_size} / (tp {tp} x pp {pp}) = {dp}")
+    if ok and dp > 0:
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size < 0 or t.gradient_accumulation_steps < 0:
+            out.append("training.global_batch_size and training.gradient_accumulation_steps must be >= 0")
+        elif t.global_batch_size and t.global_batch_size % per_step:
+            out.append(f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
+                       f"micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp}) = {per_step}")
+        elif t.global_batch_size and t.gradient_accumulation_steps and \
+                t.global_batch_size != per_step * t.gradient_accumulation_steps:
+            out.append(f"training.global_batch_size ({t.global_batch_size}) != micro_batch_size "
+                       f"({t.micro_batch_size}) x data-parallel size ({dp}) x gradient_accumulation_steps "
+                       f"({t.gradient_accumulation_steps})")
+
+    if t.train_iters < 0:
+        out.append(f"training.train_iters must be >= 0, got {t.train_iters}")
+    if o.lr < 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        out.append(f"optimizer: need 0 <= min_lr ({o.min_lr}) <= lr ({o.lr})")
+    if not 0.0 <= o.lr_warmup_fraction <= 1.0:
+        out.append(f"optimizer.lr_warmup_fraction must be in [0, 1], got {o.lr_warmup_fraction}")
+    if t.zero_stage not in (0, 1, 2, 3):
+        out.append(f"training.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
+    if pp > 1 and t.zero_stage > 1:
+        out.append(f"training.zero_stage {t.zero_stage} cannot be combined with pipeline parallelism "
+                   f"(DeepSpeed supports ZeRO 0/1 with pipelines)")
+
+    ob = d.objective
+    for name in ("bert_prob", "gap_sentence_prob", "gpt_infill_prob", "block_mask_prob", "short_seq_prob",
+                 "single_span_prob"):
+        if not 0.0 <= getattr(ob, name) <= 1.0:
+            out.append(f"data.objective.{name} must be in [0, 1], got {getattr(ob, name)}")
+    if ob.bert_prob + ob.gap_sentence_prob > 1.0 + 1e-9:
+        out.append(f"data.objective.bert_prob + gap_sentence_prob must be <= 1 (the rest is the document "
+                   f"objective), got {ob.bert_prob + ob.gap_sentence_prob}")
+    for name in ("gap_sentence_ratio", "mask_ratio", "gpt_min_ratio", "context_mask_ratio"):
+        if not 0.0 <= getattr(ob, name) <= 1.0:
+            out.append(f"data.objective.{name} must be in [0, 1], got {getattr(ob, name)}")
+    if ob.avg_block_length <= 0 or ob.max_block_length < 1:
+        out.append("data.objective.avg_block_length and max_block_length must be positive")
+    if ob.sentinel_token:
+        out.append("data.objective.sentinel_token (--sentinel-token) is not supported")
+    parts = d.split.replace("/", ",").split(",")
+    try:
+        weights = [float(x) for x in parts]
+        if len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError
+    except ValueError:
+        out.append(f"data.split must be up to three non-negative weights like '949,50,1', got {d.split!r}")
+    if len(d.data_path) > 1 and len(d.data_path) % 2 == 0:
+        try:
+            [float(w) for w in d.data_path[::2]]
+        except ValueError:
+            out.append("data.data_path: give one prefix, or weight/prefix pairs like '0.3 A 0.7 B'")
+    elif len(d.data_path) > 1:
+        out.append("data.data_path: give one prefix, or weight/prefix pairs like '0.3 A 0.7 B'")
+    return out
+
+
+def validate(cfg: GLMConfig, world_size: int = 0) -> GLMConfig:
+    """Raise :class:`ConfigError` listing every problem (one line, '; '-separated)."""
+    found = problems(cfg, world_size)
+    if found:
+        raise ConfigError("invalid configuration: " + "; ".join(found))
+    return cfg

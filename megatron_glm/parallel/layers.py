@@ -1,0 +1,130 @@
+"""Tensor-parallel layers: column/row-parallel linear and vocab-parallel embedding.
+
+Each layer initialises the *full* weight with ``init_method`` and keeps its shard, so the same seed gives
+the same full model for any tensor-parallel size. Sharded parameters carry ``tensor_model_parallel``,
+``partition_dim`` and ``partition_stride`` attributes (used by checkpoint resharding and grad-norm code).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_glm.parallel.mappings import (
+    copy_to_tensor_parallel_region,
+    gather_from_tensor_parallel_region,
+    reduce_from_tensor_parallel_region,
+    scatter_to_tensor_parallel_region,
+)
+from megatron_glm.parallel.random import InitMethod
+from megatron_glm.parallel.sharding import shard
+from megatron_glm.parallel.state import ParallelState
+
+
+def _divide(n: int, d: int, what: str) -> int:
+    if n % d:
+        raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size ({d})")
+    return n // d
+
+
+def _sharded_parameter(shape: tuple[int, int], dim: int, stride: int, init_method: InitMethod | None,
+                       ps: ParallelState, dtype: torch.dtype, device: torch.device | str | None) -> nn.Parameter:
+    full = torch.empty(shape, dtype=torch.float32)
+    if init_method is not None:
+        init_method(full)
+    else:
+        nn.init.zeros_(full)
+    local = shard(full, dim, ps.tp_rank, ps.tp_size, stride)
+    param = nn.Parameter(local.to(device=device, dtype=dtype))
+    param.tensor_model_parallel = ps.tp_size > 1
+    param.partition_dim = dim
+    param.partition_stride = stride
+    return param
+
+
+class ColumnParallelLinear(nn.Module):
+    """``Y = X A^T + b`` with ``A`` split along its output dimension; rank r computes ``Y_r``.
+
+    ``stride`` > 1 shards a fused weight made of ``stride`` blocks per rank (``[q_r; k_r; v_r]``).
+    With ``gather_output`` the full ``Y`` is returned on every rank.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = True, gather_output: bool = False,
+                 init_method: InitMethod | None = None, stride: int = 1, parallel_state: ParallelState | None = None,
+                 params_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.ps = parallel_state or ParallelState()
+        self.input_size, self.output_size = input_size, output_size
+        self.gather_output = gather_output
+        self.output_size_per_partition = _divide(output_size, self.ps.tp_size, "output size")
+        self.weight = _sharded_parameter((output_size, input_size), 0, stride, init_method, self.ps,
+                                         params_dtype, device)
+        if bias:
+            self.bias = _sharded_parameter((output_size,), 0, stride, None, self.ps, params_dtype, device)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = copy_to_tensor_parallel_region(x, self.ps.tp_group)
+        y = F.linear(x, self.weight, self.bias)
+        return gather_from_tensor_parallel_region(y, self.ps.tp_group) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size}, out={self.output_size}, tp={self.ps.tp_size}, bias={self.bias is not None}"
+
+
+class RowParallelLinear(nn.Module):
+    """``Y = X A^T + b`` with ``A`` split along its input dimension; partial results are all-reduced,
+    then the (replicated) bias is added once."""
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = True, input_is_parallel: bool = False,
+                 init_method: InitMethod | None = None, parallel_state: ParallelState | None = None,
+                 params_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.ps = parallel_state or ParallelState()
+        self.input_size, self.output_size = input_size, output_size
+        self.input_is_parallel = input_is_parallel
+        self.input_size_per_partition = _divide(input_size, self.ps.tp_size, "input size")
+        self.weight = _sharded_parameter((output_size, input_size), 1, 1, init_method, self.ps,
+                                         params_dtype, device)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(output_size, dtype=params_dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_parallel_region(x, self.ps.tp_group)
+        y = reduce_from_tensor_parallel_region(F.linear(x, self.weight), self.ps.tp_group)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size}, out={self.output_size}, tp={self.ps.tp_size}, bias={self.bias is not None}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose rows (the vocabulary) are split over tensor-parallel ranks."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, init_method: InitMethod | None = None,
+                 parallel_state: ParallelState | None = None, params_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.ps = parallel_state or ParallelState()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        per_rank = _divide(num_embeddings, self.ps.tp_size, "vocab size")
+        self.vocab_start = self.ps.tp_rank * per_rank
+        self.vocab_end = self.vocab_start + per_rank
+        self.weight = _sharded_parameter((num_embeddings, embedding_dim), 0, 1, init_method, self.ps,
+                                         params_dtype, device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.ps.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_parallel_region(out, self.ps.tp_group)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, tp={self.ps.tp_size}"

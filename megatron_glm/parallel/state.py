@@ -1,0 +1,95 @@
+"""Explicit parallel state: tensor / pipeline / data-parallel groups, sizes and ranks.
+
+Rank order follows Megatron: tensor-parallel ranks are adjacent, then data-parallel, then pipeline:
+``rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    """Process groups and coordinates of this rank. ``None`` groups mean size 1 (no communication)."""
+
+    tp_size: int = 1
+    tp_rank: int = 0
+    tp_group: Any = None
+    pp_size: int = 1
+    pp_rank: int = 0
+    pp_group: Any = None
+    dp_size: int = 1
+    dp_rank: int = 0
+    dp_group: Any = None
+    embedding_group: Any = None
+    """First and last pipeline stage of this rank's (tp, dp) position (tied word embeddings)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size * self.dp_size
+
+    @property
+    def rank(self) -> int:
+        return self.pp_rank * self.dp_size * self.tp_size + self.dp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def __repr__(self) -> str:  # groups are opaque handles; keep the repr readable
+        return (f"ParallelState(rank={self.rank}, tp={self.tp_rank}/{self.tp_size}, "
+                f"pp={self.pp_rank}/{self.pp_size}, dp={self.dp_rank}/{self.dp_size})")
+
+
+def rank_grid(world_size: int, tp_size: int, pp_size: int) -> list[list[list[int]]]:
+    """``grid[pp][dp][tp]`` = global rank, in Megatron order."""
+    if tp_size <= 0 or pp_size <= 0 or world_size % (tp_size * pp_size):
+        raise ValueError(f"world size {world_size} is not divisible by tp {tp_size} x pp {pp_size}")
+    dp_size = world_size // (tp_size * pp_size)
+    return [[[p * dp_size * tp_size + d * tp_size + t for t in range(tp_size)] for d in range(dp_size)]
+            for p in range(pp_size)]
+
+
+def initialize_parallel_state(tp_size: int = 1, pp_size: int = 1) -> ParallelState:
+    """Build groups from the initialised default process group (or a single-process state).
+
+    Every rank must call this with the same sizes (``new_group`` is collective).
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        if tp_size != 1 or pp_size != 1:
+            raise RuntimeError("tensor/pipeline parallelism needs torch.distributed to be initialised first")
+        return ParallelState()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    grid = rank_grid(world, tp_size, pp_size)
+    dp_size = len(grid[0])
+    mine: dict[str, Any] = {}
+
+    def make(ranks: list[int], key: str) -> None:
+        group = dist.new_group(ranks) if len(ranks) > 1 else None
+        if rank in ranks:
+            mine[key] = group
+
+    for p in range(pp_size):
+        for d in range(dp_size):
+            make(grid[p][d], "tp")
+    for p in range(pp_size):
+        for t in range(tp_size):
+            make([grid[p][d][t] for d in range(dp_size)], "dp")
+    for d in range(dp_size):
+        for t in range(tp_size):
+            make([grid[p][d][t] for p in range(pp_size)], "pp")
+            make(sorted({grid[0][d][t], grid[-1][d][t]}), "emb")
+    pp_rank, rem = divmod(rank, dp_size * tp_size)
+    dp_rank, tp_rank = divmod(rem, tp_size)
+    return ParallelState(tp_size=tp_size, tp_rank=tp_rank, tp_group=mine.get("tp"),
+                         pp_size=pp_size, pp_rank=pp_rank, pp_group=mine.get("pp"),
+                         dp_size=dp_size, dp_rank=dp_rank, dp_group=mine.get("dp"),
+                         embedding_group=mine.get("emb"))

@@ -1,0 +1,41 @@
+"""Pretrain a GLM model.
+
+    python pretrain_glm.py --config examples/configs/glm-tiny.yaml [--dotted.key VALUE | --megatron-flag VALUE ...]
+    deepspeed --num_gpus 2 pretrain_glm.py --config ... --tensor-model-parallel-size 2
+    torchrun --nproc_per_node 2 pretrain_glm.py --config ...
+
+``--dry-run`` validates the configuration (for the launcher's world size) and prints it without training.
+``--help`` lists every option.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import yaml
+
+from megatron_glm.config import config_to_dict, help_text, load_config, validate
+from megatron_glm.errors import GLMError, run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        print(help_text())
+        return 0
+    dry_run = "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"]
+    cfg = load_config(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world_size)
+    if dry_run:
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        print(f"configuration is valid for world size {world_size}")
+        return 0
+    raise GLMError("training is not available in this version yet; use --dry-run to validate a config")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
