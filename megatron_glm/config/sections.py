@@ -113,7 +113,7 @@ class TrainingConfig:
     train_iters: int = opt(100, "Optimizer steps to train.")
     seed: int = opt(1234, "Seed for initialisation, dropout and data sampling.")
     precision: str = opt("fp32", "Parameter/compute dtype.", choices=("fp32", "bf16", "fp16"))
-    zero_stage: int = opt(1, "DeepSpeed ZeRO stage used when no deepspeed_config is given.")
+    zero_stage: int = opt(1, "DeepSpeed ZeRO stage, unless the deepspeed_config JSON names one.")
     deepspeed_config: str = opt("", "Path of a DeepSpeed JSON config (batch fields are filled from ours).")
     local_rank: int = opt(-1, "Set by the deepspeed launcher.")
     eval_interval: int = opt(1000, "Evaluate on the validation split every N steps (0: never).")

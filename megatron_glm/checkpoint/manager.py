@@ -1,0 +1,240 @@
+"""Atomic, verified, resumable training checkpoints around DeepSpeed's engine.
+
+Layout under the save directory (DeepSpeed's own files inside each step directory)::
+
+    global_step200/  mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...
+                     rng/rank00000.pt ...   per-rank RNG states (torch, CUDA, python, TP tracker)
+                     meta.json              step, consumed samples, layout, the run's config
+                     manifest.json          every file with its size and sha256; written last
+    latest           the newest complete step directory's name (updated after the rename)
+
+A checkpoint is written to ``.tmp.<tag>`` and renamed when every rank has finished, so a directory named
+``global_step*`` is complete or absent. Loading verifies the manifest and falls back to older checkpoints
+when the newest is incomplete or corrupt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_glm.checkpoint.safe_load import safe_torch_load
+from megatron_glm.errors import CheckpointError
+
+TAG_RE = re.compile(r"^global_step(\d+)$")
+LATEST = "latest"
+MANIFEST = "manifest.json"
+META = "meta.json"
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist() else 0
+
+
+def _barrier() -> None:
+    if _dist():
+        dist.barrier()
+
+
+def _broadcast_object(obj: Any) -> Any:
+    if not _dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_ok(ok: bool) -> bool:
+    if not _dist():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def list_checkpoints(directory: str | Path) -> list[str]:
+    """Complete-looking step directories, newest first (``latest`` first when it names one)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    tags = sorted((p.name for p in directory.iterdir() if p.is_dir() and TAG_RE.match(p.name)),
+                  key=lambda t: int(TAG_RE.match(t).group(1)), reverse=True)
+    latest = directory / LATEST
+    if latest.is_file():
+        named = latest.read_text(encoding="utf-8").strip()
+        if named in tags:
+            tags.remove(named)
+            tags.insert(0, named)
+    return tags
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """``None`` when the step directory matches its manifest, else the reason it does not."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return f"{path}: incomplete checkpoint (no {MANIFEST})"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        return f"{manifest_path}: unreadable manifest"
+    for rel, info in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{f}: missing"
+        size = f.stat().st_size
+        if size != info["size"]:
+            return f"{f}: truncated or altered ({size} bytes, manifest says {info['size']})"
+        if info.get("sha256") and _sha256(f) != info["sha256"]:
+            return f"{f}: corrupt (sha256 differs from the manifest)"
+    return None
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The ``meta.json`` of a step directory."""
+    meta_path = Path(path) / META
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: cannot read checkpoint metadata ({exc})") from None
+
+
+class CheckpointManager:
+    """Saves and restores a DeepSpeed engine plus our run state, atomically and verifiably."""
+
+    def __init__(self, save_dir: str | Path, keep_last: int = 0, hash_files: bool = True,
+                 log: Callable[[str], None] = print) -> None:
+        self.save_dir = Path(save_dir) if save_dir else None
+        self.keep_last = keep_last
+        self.hash_files = hash_files
+        self.log = log
+
+    # ------------------------------------------------------------------ save
+    def save(self, engine: Any, step: int, meta: dict[str, Any], rng_state: dict[str, Any]) -> Path:
+        """Write checkpoint ``global_step{step}``; every rank calls this."""
+        if self.save_dir is None:
+            raise CheckpointError("no save directory configured (--save)")
+        tag = tag_for(step)
+        tmp_tag = f".tmp.{tag}"
+        tmp = self.save_dir / tmp_tag
+        final = self.save_dir / tag
+        if _rank() == 0:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        engine.save_checkpoint(str(self.save_dir), tag=tmp_tag, client_state={}, save_latest=False)
+        rng_dir = tmp / "rng"
+        rng_dir.mkdir(parents=True, exist_ok=True)
+        part = rng_dir / f".rank{_rank():05d}.pt.part"
+        torch.save(rng_state, part)
+        os.replace(part, rng_dir / f"rank{_rank():05d}.pt")
+        _barrier()
+        if _rank() == 0:
+            write_text_atomic(tmp / META, json.dumps(meta, indent=1, sort_keys=True, default=str))
+            files = {}
+            for f in sorted(tmp.rglob("*")):
+                if f.is_file():
+                    files[str(f.relative_to(tmp))] = {"size": f.stat().st_size,
+                                                      "sha256": _sha256(f) if self.hash_files else ""}
+            write_text_atomic(tmp / MANIFEST, json.dumps({"tag": tag, "files": files}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            write_text_atomic(self.save_dir / LATEST, tag)
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0 or self.save_dir is None:
+            return
+        tags = sorted((t for t in list_checkpoints(self.save_dir)), key=lambda t: int(TAG_RE.match(t).group(1)))
+        for old in tags[:-self.keep_last]:
+            shutil.rmtree(self.save_dir / old, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+    def load(self, engine: Any, load_dir: str | Path, expect: dict[str, Any] | None = None
+             ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Restore the newest usable checkpoint of ``load_dir`` into ``engine``.
+
+        Returns ``(meta, rng_state)``, or ``None`` when the directory holds no checkpoint at all.
+        ``expect`` maps layout keys (``tp``, ``pp``, ``dp``, ...) to this run's values; a checkpoint with a
+        different layout is rejected with a clear message.
+        """
+        load_dir = Path(load_dir)
+        candidates: list[str] = []
+        problems: list[str] = []
+        if _rank() == 0:
+            for tag in list_checkpoints(load_dir):
+                reason = verify_checkpoint(load_dir / tag)
+                if reason:
+                    problems.append(reason)
+                    self.log(f"warning: skipping checkpoint {tag}: {reason}")
+                else:
+                    candidates.append(tag)
+        candidates, problems = _broadcast_object((candidates, problems))
+        if not candidates:
+            if problems:
+                raise CheckpointError(f"no usable checkpoint in {load_dir}: " + "; ".join(problems))
+            return None
+        for tag in candidates:
+            path = load_dir / tag
+            meta = read_meta(path)
+            layout = meta.get("layout", {})
+            for key, want in (expect or {}).items():
+                if key in layout and layout[key] != want:
+                    raise CheckpointError(
+                        f"{path}: saved with {key}={layout[key]} but this run has {key}={want}; "
+                        f"reshard it with tools/convert_checkpoint.py or run with the saved layout")
+            error = ""
+            rng_state: dict[str, Any] = {}
+            try:
+                loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+                if loaded is None:
+                    raise CheckpointError(f"{path}: DeepSpeed could not load it")
+                rng_file = path / "rng" / f"rank{_rank():05d}.pt"
+                if rng_file.is_file():
+                    rng_state = safe_torch_load(rng_file)
+            except (CheckpointError, RuntimeError, KeyError, ValueError, OSError) as exc:
+                error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if _all_ok(not error):
+                return meta, rng_state
+            self.log(f"warning: checkpoint {tag} failed to load ({error or 'on another rank'}); trying an older one")
+        raise CheckpointError(f"no checkpoint in {load_dir} could be loaded (tried {', '.join(candidates)})")

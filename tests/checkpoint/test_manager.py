@@ -1,0 +1,102 @@
+"""Checkpoint manager: atomic layout, latest, keep-last, verification and fallback, safe loading."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from megatron_glm.checkpoint import CheckpointManager, list_checkpoints, safe_torch_load, verify_checkpoint
+from megatron_glm.errors import CheckpointError
+
+
+class FakeEngine:
+    """Stands in for a DeepSpeed engine: one state file per tag, loaded safely."""
+
+    def __init__(self, value: float = 0.0) -> None:
+        self.value = value
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        assert save_latest is False
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({"module": {"w": torch.full((4,), self.value)}}, d / "mp_rank_00_model_states.pt")
+
+    def load_checkpoint(self, load_dir: str, tag: str, **_: Any) -> tuple[str | None, dict]:
+        state = safe_torch_load(Path(load_dir) / tag / "mp_rank_00_model_states.pt")
+        self.value = float(state["module"]["w"][0])
+        return str(Path(load_dir) / tag), {}
+
+
+def _save(mgr: CheckpointManager, step: int) -> Path:
+    return mgr.save(FakeEngine(float(step)), step, {"step": step, "layout": {"tp": 1}},
+                    {"torch": torch.get_rng_state()})
+
+
+def test_save_layout_latest_and_keep_last(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, keep_last=2, log=lambda _: None)
+    for step in (10, 20, 30):
+        path = _save(mgr, step)
+    assert path == tmp_path / "global_step30"
+    assert (tmp_path / "latest").read_text() == "global_step30"
+    assert list_checkpoints(tmp_path) == ["global_step30", "global_step20"]  # global_step10 pruned
+    assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"mp_rank_00_model_states.pt", "rng/rank00000.pt", "meta.json"}
+    assert verify_checkpoint(path) is None
+    engine = FakeEngine()
+    meta, rng = mgr.load(engine, tmp_path, expect={"tp": 1})
+    assert meta["step"] == 30 and engine.value == 30.0 and torch.equal(rng["torch"], torch.get_rng_state())
+
+
+def test_truncated_newest_falls_back_to_previous(tmp_path: Path) -> None:
+    logs: list[str] = []
+    mgr = CheckpointManager(tmp_path, log=logs.append)
+    _save(mgr, 1)
+    newest = _save(mgr, 2)
+    f = newest / "mp_rank_00_model_states.pt"
+    os.truncate(f, f.stat().st_size // 2)
+    assert "truncated" in verify_checkpoint(newest)
+    engine = FakeEngine()
+    meta, _ = mgr.load(engine, tmp_path)
+    assert meta["step"] == 1 and engine.value == 1.0
+    assert any("skipping checkpoint global_step2" in line and "truncated" in line for line in logs)
+
+
+def test_corrupt_same_size_and_incomplete(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, log=lambda _: None)
+    only = _save(mgr, 5)
+    f = only / "mp_rank_00_model_states.pt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert "sha256" in verify_checkpoint(only)
+    with pytest.raises(CheckpointError, match="no usable checkpoint in .*corrupt"):
+        mgr.load(FakeEngine(), tmp_path)
+    (tmp_path / "global_step6").mkdir()  # a directory without a manifest is incomplete
+    assert "incomplete checkpoint" in verify_checkpoint(tmp_path / "global_step6")
+
+
+def test_layout_mismatch_and_empty_dir(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, log=lambda _: None)
+    assert mgr.load(FakeEngine(), tmp_path / "nothing") is None
+    _save(mgr, 3)
+    with pytest.raises(CheckpointError, match="saved with tp=1 but this run has tp=2; reshard"):
+        mgr.load(FakeEngine(), tmp_path, expect={"tp": 2})
+
+
+def test_safe_load_refuses_code(tmp_path: Path) -> None:
+    bad = tmp_path / "evil.pt"
+    torch.save({"x": collections.OrderedDict(a=1), "obj": FakeEngine()}, bad)
+    with pytest.raises(CheckpointError, match="evil.pt: refuses to load"):
+        safe_torch_load(bad)
+    trunc = tmp_path / "t.pt"
+    torch.save({"w": torch.zeros(1000)}, trunc)
+    os.truncate(trunc, 100)
+    with pytest.raises(CheckpointError, match="t.pt: truncated or corrupt"):
+        safe_torch_load(trunc)
