@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -22,7 +23,7 @@ def test_schedule_shape(style: str) -> None:
     for step in (110, 111, 500, 10**6):  # never below the floor (the original went negative)
         assert s(step) == pytest.approx(end)
     values = [s(i) for i in range(10, 200)]
-    assert all(a >= b - 1e-12 for a, b in zip(values, values[1:]))
+    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(values))
 
 
 def test_from_config_fraction_and_defaults() -> None:
