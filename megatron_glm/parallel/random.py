@@ -61,7 +61,8 @@ class RNGStatesTracker:
         if name in self.states:
             raise ValueError(f"RNG state {name!r} already exists")
         saved = _get_state(self.device)
-        torch.manual_seed(seed) if self.device.type == "cpu" else torch.cuda.manual_seed(seed)
+        # torch.manual_seed would also reseed every CUDA device; seed only this device's generator.
+        torch.default_generator.manual_seed(seed) if self.device.type == "cpu" else torch.cuda.manual_seed(seed)
         self.states[name] = _get_state(self.device)
         _set_state(self.device, saved)
 

@@ -14,7 +14,11 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class ParallelState:
-    """Process groups and coordinates of this rank. ``None`` groups mean size 1 (no communication)."""
+    """Process groups and coordinates of this rank.
+
+    Groups are ``None`` only without ``torch.distributed`` (single process); communication helpers treat a
+    ``None`` or size-1 group as "nothing to do".
+    """
 
     tp_size: int = 1
     tp_rank: int = 0
@@ -73,7 +77,7 @@ def initialize_parallel_state(tp_size: int = 1, pp_size: int = 1) -> ParallelSta
     mine: dict[str, Any] = {}
 
     def make(ranks: list[int], key: str) -> None:
-        group = dist.new_group(ranks) if len(ranks) > 1 else None
+        group = dist.new_group(ranks)  # size-1 groups too: DeepSpeed and collectives expect real groups
         if rank in ranks:
             mine[key] = group
 

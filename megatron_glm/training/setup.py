@@ -1,0 +1,65 @@
+"""Build a training run from a config: parallel state, tokenizer, model, optimizer, DeepSpeed engine."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from megatron_glm.checkpoint import safe_checkpoint_engine
+from megatron_glm.config import GLMConfig, pad_vocab_size
+from megatron_glm.errors import ConfigError
+from megatron_glm.model import GLMModel
+from megatron_glm.parallel import ParallelState
+from megatron_glm.training.deepspeed_config import batch_sizes, build_deepspeed_config
+from megatron_glm.training.distributed import DeepSpeedMPU
+from megatron_glm.training.lr_schedule import LRSchedule, LRScheduler
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_vocab_size(cfg: GLMConfig, tokenizer_vocab: int) -> GLMConfig:
+    """A copy of ``cfg`` whose ``model.vocab_size`` is set (padded) and checked against the tokenizer."""
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+    if m.vocab_size == 0:
+        size = pad_vocab_size(tokenizer_vocab, m.make_vocab_size_divisible_by, tp)
+    elif m.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's vocabulary "
+                          f"({tokenizer_vocab}); set it to 0 to derive it")
+    else:
+        size = m.vocab_size
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, vocab_size=size))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on weight matrices only, none on biases, norms and 1-D parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(".bias") or "layernorm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_model(cfg: GLMConfig, ps: ParallelState, device: torch.device) -> GLMModel:
+    """The GLM model for this rank (fp32 master parameters; DeepSpeed casts for bf16/fp16)."""
+    return GLMModel(cfg.model, ps, seed=cfg.training.seed, device=device)
+
+
+def build_engine(cfg: GLMConfig, ps: ParallelState, model: torch.nn.Module) -> tuple[Any, int, int]:
+    """``(engine, accumulation_steps, global_batch_size)``: AdamW + our LR schedule inside DeepSpeed."""
+    import deepspeed
+
+    o = cfg.optimizer
+    fused = {"fused": True} if next(model.parameters()).device.type in ("cuda", "cpu") else {}
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
+                                  eps=o.adam_eps, **fused)
+    scheduler = LRScheduler(optimizer, LRSchedule.from_config(o, cfg.training.train_iters))
+    ds_config = build_deepspeed_config(cfg, ps.dp_size)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, mpu=DeepSpeedMPU(ps))
+    engine.checkpoint_engine = safe_checkpoint_engine(engine._config)
+    _, accum, global_batch = batch_sizes(cfg, ps.dp_size)
+    return engine, accum, global_batch

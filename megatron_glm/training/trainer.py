@@ -1,0 +1,264 @@
+"""The training loop: DeepSpeed steps, per-objective logging, evaluation, non-finite skips, checkpoints, signals."""
+
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_glm.checkpoint import CheckpointManager
+from megatron_glm.config import GLMConfig, config_to_dict
+from megatron_glm.errors import GLMError
+from megatron_glm.model.loss import glm_loss
+from megatron_glm.parallel import ParallelState
+from megatron_glm.training.metrics import MetricsLogger
+from megatron_glm.training.rng import get_rng_state, set_rng_state
+
+OBJECTIVES = {0: "token", 1: "sentence", 2: "document"}
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainState:
+    """Where the run is: resumable from a checkpoint's meta."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    nonfinite_total: int = 0
+    nonfinite_streak: int = 0
+
+
+@dataclass
+class StepStats:
+    """Loss sums and token counts of one step (per objective), reduced over data-parallel ranks."""
+
+    loss_sum: float = 0.0
+    micro_batches: int = 0
+    objectives: dict[int, list[float]] = field(default_factory=dict)
+    nonfinite: int = 0
+    lr: float = 0.0
+
+
+class Trainer:
+    """Runs ``cfg.training.train_iters`` optimizer steps on a DeepSpeed engine wrapping a GLM model."""
+
+    def __init__(self, cfg: GLMConfig, ps: ParallelState, engine: Any, device: torch.device, *,
+                 train_batches: Callable[[int], Iterator[Batch]],
+                 valid_batches: Callable[[], Iterator[Batch]] | None,
+                 accumulation_steps: int, global_batch_size: int, flops_per_sample: float, peak_flops: float,
+                 checkpoints: CheckpointManager, logger: MetricsLogger, log: Callable[[str], None] = print) -> None:
+        self.cfg, self.ps, self.engine, self.device = cfg, ps, engine, device
+        self.train_batches, self.valid_batches = train_batches, valid_batches
+        self.accum, self.global_batch = accumulation_steps, global_batch_size
+        self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
+        self.checkpoints, self.logger, self.log = checkpoints, logger, log
+        self.state = TrainState()
+        self._stop_signal = 0
+        self._last_saved = -1
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def model(self) -> Any:
+        return self.engine.module
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _forward(self, batch: Batch) -> Any:
+        logits = self.engine(batch["input_ids"], batch["position_ids"], batch["sep"])
+        return glm_loss(logits, batch["labels"], batch["loss_mask"], self.ps)
+
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        flag = torch.tensor([1.0 if bool(torch.isfinite(value).all()) else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _dp_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.ps.dp_group)
+        return t.tolist()
+
+    def _reduce_objectives(self, per_obj: dict[int, list[float]]) -> dict[str, float]:
+        flat = []
+        for k in OBJECTIVES:
+            flat += per_obj.get(k, [0.0, 0.0])
+        flat = self._dp_sum(flat)
+        out = {}
+        for i, name in OBJECTIVES.items():
+            loss_sum, tokens = flat[2 * i], flat[2 * i + 1]
+            if tokens > 0:
+                out[f"loss_{name}"] = loss_sum / tokens
+        return out
+
+    # ----------------------------------------------------------------- state
+    def meta(self) -> dict[str, Any]:
+        ps = self.ps
+        return {"step": self.state.step, "consumed_samples": self.state.consumed_samples,
+                "nonfinite_total": self.state.nonfinite_total,
+                "layout": {"tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size,
+                           "zero_stage": self.engine.zero_optimization_stage()},
+                "config": config_to_dict(self.cfg)}
+
+    def save(self) -> None:
+        path = self.checkpoints.save(self.engine, self.state.step, self.meta(), get_rng_state(self.model.rng_tracker))
+        self._last_saved = self.state.step
+        self.log(f"saved checkpoint {path}")
+
+    def resume(self, load_dir: str) -> bool:
+        """Load the newest usable checkpoint of ``load_dir``; False when there is none."""
+        ps = self.ps
+        loaded = self.checkpoints.load(self.engine, load_dir,
+                                       expect={"tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size})
+        if loaded is None:
+            self.log(f"warning: no checkpoint in {load_dir}; starting from scratch")
+            return False
+        meta, rng = loaded
+        self.state = TrainState(step=int(meta["step"]), consumed_samples=int(meta["consumed_samples"]),
+                                nonfinite_total=int(meta.get("nonfinite_total", 0)))
+        set_rng_state(rng, self.model.rng_tracker)
+        self._last_saved = self.state.step
+        self.log(f"resumed from {load_dir} at step {self.state.step} ({self.state.consumed_samples} samples)")
+        return True
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._stop_signal = signum
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([float(self._stop_signal)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    # ----------------------------------------------------------------- loop
+    def train_step(self, batches: Iterator[Batch]) -> StepStats:
+        """One optimizer step over ``accum`` micro-batches."""
+        stats = StepStats()
+        self.engine.train()
+        for _ in range(self.accum):
+            batch = self._to_device(next(batches))
+            out = self._forward(batch)
+            if self._all_finite(out.loss):
+                self.engine.backward(out.loss)
+                stats.loss_sum += float(out.loss.detach())
+                for k, (s, n) in out.by_group(batch["objective"]).items():
+                    acc = stats.objectives.setdefault(k, [0.0, 0.0])
+                    acc[0] += s
+                    acc[1] += n
+            else:  # skip this micro-batch's contribution: zero gradients, same collective pattern
+                stats.nonfinite += 1
+                zero = sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
+                self.engine.backward(zero)
+            stats.micro_batches += 1
+            stats.lr = float(self.engine.optimizer.param_groups[0]["lr"])  # the rate this step applies
+            self.engine.step()
+        return stats
+
+    def train(self) -> TrainState:
+        cfg, st = self.cfg, self.state
+        t = cfg.training
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        batches = self.train_batches(st.consumed_samples)
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            while st.step < t.train_iters:
+                stats = self.train_step(batches)
+                st.step += 1
+                st.consumed_samples += self.global_batch
+                window_steps += 1
+                if stats.nonfinite:
+                    st.nonfinite_total += stats.nonfinite
+                    st.nonfinite_streak += 1
+                    self.log(f"warning: step {st.step}: {stats.nonfinite} non-finite micro-batch loss(es) skipped")
+                    if st.nonfinite_streak >= t.max_nonfinite_steps:
+                        raise GLMError(f"{st.nonfinite_streak} consecutive steps with non-finite loss (limit "
+                                       f"training.max_nonfinite_steps={t.max_nonfinite_steps}); lower the "
+                                       f"learning rate or check the data")
+                else:
+                    st.nonfinite_streak = 0
+                if st.step % cfg.logging.log_interval == 0 or st.step == t.train_iters:
+                    elapsed = time.perf_counter() - window_start
+                    self._log_step(stats, elapsed / window_steps)
+                    window_start, window_steps = time.perf_counter(), 0
+                if self.valid_batches and t.eval_interval and st.step % t.eval_interval == 0:
+                    self.evaluate()
+                    window_start = time.perf_counter()
+                if cfg.checkpoint.save and cfg.checkpoint.save_interval and st.step % cfg.checkpoint.save_interval == 0:
+                    self.save()
+                    window_start = time.perf_counter()
+                if self._stop_requested():
+                    self.log(f"received signal {self._stop_signal or 'on another rank'}: saving and stopping at "
+                             f"step {st.step}")
+                    break
+            if cfg.checkpoint.save and self._last_saved != st.step:
+                self.save()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return st
+
+    def _log_step(self, stats: StepStats, step_time: float) -> None:
+        loss_sum, micro = self._dp_sum([stats.loss_sum, stats.micro_batches - stats.nonfinite])
+        values: dict[str, Any] = {"loss": loss_sum / micro if micro else float("nan")}
+        values.update(self._reduce_objectives(stats.objectives))
+        opt = self.engine.optimizer
+        values["lr"] = stats.lr
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            values["grad_norm"] = float(norm)
+        if self.cfg.training.precision == "fp16":
+            values["loss_scale"] = float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 1.0)))
+        samples_per_s = self.global_batch / step_time
+        tokens_per_s = samples_per_s * self.cfg.data.seq_length
+        values.update({"step_time_s": step_time, "samples_per_s": samples_per_s, "tokens_per_s": tokens_per_s,
+                       "mfu": self.flops_per_sample * samples_per_s / self.peak_flops if self.peak_flops else 0.0,
+                       "peak_mem_mb": peak_memory_mb(self.device),
+                       "consumed_samples": self.state.consumed_samples})
+        if self.state.nonfinite_total:
+            values["nonfinite_total"] = self.state.nonfinite_total
+        self.logger.log(self.state.step, values)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and perplexity (overall and per objective) over ``eval_iters`` micro-batches."""
+        assert self.valid_batches is not None
+        self.engine.eval()
+        batches = self.valid_batches()
+        total = [0.0, 0.0]
+        per_obj: dict[int, list[float]] = {}
+        for _ in range(self.cfg.training.eval_iters):
+            try:
+                batch = self._to_device(next(batches))
+            except StopIteration:
+                break
+            out = self._forward(batch)
+            total[0] += float(out.sample_sum.sum())
+            total[1] += float(out.sample_tokens.sum())
+            for k, (s, n) in out.by_group(batch["objective"]).items():
+                acc = per_obj.setdefault(k, [0.0, 0.0])
+                acc[0] += s
+                acc[1] += n
+        loss_sum, tokens = self._dp_sum(total)
+        values: dict[str, Any] = {}
+        if tokens:
+            values["valid_loss"] = loss_sum / tokens
+            values["valid_ppl"] = math.exp(min(values["valid_loss"], 50.0))
+        for k, v in self._reduce_objectives(per_obj).items():
+            name = k.removeprefix("loss_")
+            values[f"valid_loss_{name}"] = v
+            values[f"valid_ppl_{name}"] = math.exp(min(v, 50.0))
+        self.logger.log(self.state.step, values, prefix="[eval] ")
+        self.engine.train()
+        return values
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak, or the resident-set peak on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
