@@ -19,8 +19,7 @@ def _fmt(key: str, value: Any) -> str:
 class MetricsLogger:
     """Writes only on the logging rank (``enabled``); the other ranks get a no-op logger."""
 
-    def __init__(self, save_dir: str = "", tensorboard_dir: str = "", enabled: bool = True,
-                 resume_step: int = 0) -> None:
+    def __init__(self, save_dir: str = "", tensorboard_dir: str = "", enabled: bool = True) -> None:
         self.enabled = enabled
         self.jsonl = None
         self.tb = None
@@ -28,12 +27,8 @@ class MetricsLogger:
             return
         if save_dir:
             Path(save_dir).mkdir(parents=True, exist_ok=True)
-            path = Path(save_dir) / "metrics.jsonl"
-            if resume_step and path.is_file():  # drop lines from steps after the resumed checkpoint
-                kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-                path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            self.jsonl = path.open("a", encoding="utf-8")
+            self.path = Path(save_dir) / "metrics.jsonl"
+            self.jsonl = self.path.open("a", encoding="utf-8")
         tb_dir = tensorboard_dir or (str(Path(save_dir) / "tensorboard") if save_dir else "")
         if tb_dir:
             try:
@@ -42,6 +37,23 @@ class MetricsLogger:
                 self.tb = SummaryWriter(tb_dir)
             except ImportError:  # tensorboard is optional
                 self.tb = None
+
+    def rewind(self, step: int) -> None:
+        """Forget lines logged after ``step`` (a resumed run logs those steps again)."""
+        if not self.enabled or self.jsonl is None:
+            return
+        self.jsonl.close()
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(self.path)
+        self.jsonl = self.path.open("a", encoding="utf-8")
 
     def log(self, step: int, values: dict[str, Any], prefix: str = "") -> None:
         """Record one step's values (floats, ints, strings)."""

@@ -31,3 +31,14 @@ def set_rng_state(state: dict[str, Any], tracker: RNGStatesTracker | None = None
         torch.cuda.set_rng_state(state["cuda"])
     if tracker is not None and "tracker" in state:
         tracker.set_states(state["tracker"])
+
+
+def seed_everything(seed: int, pp_rank: int = 0) -> None:
+    """Seed torch (CPU and CUDA) and Python; pipeline stages get distinct streams (Megatron's offset).
+
+    Tensor- and data-parallel ranks share the default stream (replicated dropout agrees across TP ranks);
+    the model's tracker holds the per-TP-rank stream.
+    """
+    value = seed + 100 * pp_rank
+    random.seed(value)
+    torch.manual_seed(value)

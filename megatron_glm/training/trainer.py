@@ -123,6 +123,7 @@ class Trainer:
         self.state = TrainState(step=int(meta["step"]), consumed_samples=int(meta["consumed_samples"]),
                                 nonfinite_total=int(meta.get("nonfinite_total", 0)))
         set_rng_state(rng, self.model.rng_tracker)
+        self.logger.rewind(self.state.step)
         self._last_saved = self.state.step
         self.log(f"resumed from {load_dir} at step {self.state.step} ({self.state.consumed_samples} samples)")
         return True
