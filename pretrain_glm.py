@@ -16,7 +16,7 @@ import sys
 import yaml
 
 from megatron_glm.config import config_to_dict, help_text, load_config, validate
-from megatron_glm.errors import GLMError, run_cli
+from megatron_glm.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         print(f"configuration is valid for world size {world_size}")
         return 0
-    raise GLMError("training is not available in this version yet; use --dry-run to validate a config")
+    from megatron_glm.training.run import pretrain  # heavy imports (torch, deepspeed) only when training
+
+    pretrain(cfg)
+    return 0
 
 
 if __name__ == "__main__":

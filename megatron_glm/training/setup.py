@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import torch
@@ -51,6 +52,9 @@ def build_model(cfg: GLMConfig, ps: ParallelState, device: torch.device) -> GLMM
 def build_engine(cfg: GLMConfig, ps: ParallelState, model: torch.nn.Module) -> tuple[Any, int, int]:
     """``(engine, accumulation_steps, global_batch_size)``: AdamW + our LR schedule inside DeepSpeed."""
     import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)  # keep the console to our progress lines
 
     o = cfg.optimizer
     fused = {"fused": True} if next(model.parameters()).device.type in ("cuda", "cpu") else {}

@@ -45,6 +45,17 @@ class StepStats:
     nonfinite: int = 0
     lr: float = 0.0
 
+    def merge(self, other: StepStats) -> None:
+        """Add ``other`` (a later step) into this logging window."""
+        self.loss_sum += other.loss_sum
+        self.micro_batches += other.micro_batches
+        self.nonfinite += other.nonfinite
+        self.lr = other.lr
+        for k, (s, n) in other.objectives.items():
+            acc = self.objectives.setdefault(k, [0.0, 0.0])
+            acc[0] += s
+            acc[1] += n
+
 
 class Trainer:
     """Runs ``cfg.training.train_iters`` optimizer steps on a DeepSpeed engine wrapping a GLM model."""
@@ -165,13 +176,14 @@ class Trainer:
         t = cfg.training
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         batches = self.train_batches(st.consumed_samples)
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window = time.perf_counter(), 0, StepStats()
         try:
             while st.step < t.train_iters:
                 stats = self.train_step(batches)
                 st.step += 1
                 st.consumed_samples += self.global_batch
                 window_steps += 1
+                window.merge(stats)
                 if stats.nonfinite:
                     st.nonfinite_total += stats.nonfinite
                     st.nonfinite_streak += 1
@@ -184,8 +196,8 @@ class Trainer:
                     st.nonfinite_streak = 0
                 if st.step % cfg.logging.log_interval == 0 or st.step == t.train_iters:
                     elapsed = time.perf_counter() - window_start
-                    self._log_step(stats, elapsed / window_steps)
-                    window_start, window_steps = time.perf_counter(), 0
+                    self._log_step(window, elapsed / window_steps)
+                    window_start, window_steps, window = time.perf_counter(), 0, StepStats()
                 if self.valid_batches and t.eval_interval and st.step % t.eval_interval == 0:
                     self.evaluate()
                     window_start = time.perf_counter()
@@ -204,6 +216,7 @@ class Trainer:
         return st
 
     def _log_step(self, stats: StepStats, step_time: float) -> None:
+        """Log the averages of a window of steps (loss: mean over its micro-batches and DP ranks)."""
         loss_sum, micro = self._dp_sum([stats.loss_sum, stats.micro_batches - stats.nonfinite])
         values: dict[str, Any] = {"loss": loss_sum / micro if micro else float("nan")}
         values.update(self._reduce_objectives(stats.objectives))

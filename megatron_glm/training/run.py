@@ -1,0 +1,92 @@
+"""``pretrain(cfg)``: everything ``pretrain_glm.py`` does, as a library call."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron_glm.checkpoint import CheckpointManager
+from megatron_glm.config import GLMConfig, config_to_dict, validate
+from megatron_glm.data.loader import build_data_iterator, build_pretraining_datasets
+from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.errors import ConfigError
+from megatron_glm.model import flops_per_token
+from megatron_glm.parallel import initialize_parallel_state
+from megatron_glm.training.distributed import init_distributed
+from megatron_glm.training.metrics import MetricsLogger
+from megatron_glm.training.rng import seed_everything
+from megatron_glm.training.setup import DTYPES, build_engine, build_model, resolve_vocab_size
+from megatron_glm.training.throughput import matmul_peak_flops
+from megatron_glm.training.trainer import Trainer, TrainState
+
+
+def pretrain(cfg: GLMConfig) -> TrainState:
+    """Train as configured; returns the final state. Launch one process per device (deepspeed/torchrun)."""
+    if not cfg.data.data_path:
+        raise ConfigError("data.data_path is empty: pass --data-path PREFIX (see tools/preprocess_data.py)")
+    if not cfg.data.tokenizer_model:
+        raise ConfigError("data.tokenizer_model is empty: pass --tokenizer-model PATH.model")
+    env = init_distributed(cfg.training.local_rank)
+    validate(cfg, env.world_size)
+    started = time.perf_counter()
+    p = cfg.parallel
+    ps = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    if p.pipeline_model_parallel_size > 1:
+        raise ConfigError("pipeline parallelism is not available in this version yet "
+                          "(parallel.pipeline_model_parallel_size must be 1)")
+    is_logger = env.rank == 0
+    log = print if is_logger else (lambda *_: None)
+    tokenizer = GLMTokenizer(cfg.data.tokenizer_model)
+    cfg = resolve_vocab_size(cfg, tokenizer.vocab_size)
+    seed_everything(cfg.training.seed, ps.pp_rank)
+    log(f"megatron_glm: world {env.world_size} = tp {ps.tp_size} x pp {ps.pp_size} x dp {ps.dp_size} on "
+        f"{env.device.type}; {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, vocab "
+        f"{cfg.model.vocab_size} (tokenizer {tokenizer.vocab_size}), seq {cfg.data.seq_length}, "
+        f"precision {cfg.training.precision}")
+    if cfg.checkpoint.save and is_logger:
+        Path(cfg.checkpoint.save).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.checkpoint.save) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+    model = build_model(cfg, ps, env.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"parameters on this rank: {n_params / 1e6:.2f} M")
+    engine, accum, global_batch = build_engine(cfg, ps, model)
+
+    train_ds, valid_ds, _ = build_pretraining_datasets(cfg, tokenizer, dp_size=ps.dp_size, is_rank0=is_logger,
+                                                       barrier=dist.barrier)
+    mbs = cfg.training.micro_batch_size
+
+    def train_batches(consumed: int):
+        return build_data_iterator(train_ds, consumed_samples=consumed, micro_batch_size=mbs, dp_rank=ps.dp_rank,
+                                   dp_size=ps.dp_size, num_workers=cfg.data.num_workers)
+
+    def valid_batches():
+        return build_data_iterator(valid_ds, consumed_samples=0, micro_batch_size=mbs, dp_rank=ps.dp_rank,
+                                   dp_size=ps.dp_size, num_workers=0)
+
+    dist.barrier()
+    peak = torch.tensor([matmul_peak_flops(DTYPES[cfg.training.precision], env.device, n=1024, seconds=0.3)])
+    dist.all_reduce(peak)
+    flops_sample = flops_per_token(dataclasses.replace(cfg.model), cfg.data.seq_length) * cfg.data.seq_length
+    logger = MetricsLogger(cfg.checkpoint.save, cfg.logging.tensorboard_dir, enabled=is_logger)
+    trainer = Trainer(cfg, ps, engine, env.device, train_batches=train_batches,
+                      valid_batches=valid_batches if valid_ds is not None else None,
+                      accumulation_steps=accum, global_batch_size=global_batch, flops_per_sample=flops_sample,
+                      peak_flops=float(peak.item()), checkpoints=CheckpointManager(cfg.checkpoint.save,
+                                                                                   cfg.checkpoint.keep_last, log=log),
+                      logger=logger, log=log)
+    if cfg.checkpoint.load:
+        trainer.resume(cfg.checkpoint.load)
+    log(f"set-up took {time.perf_counter() - started:.1f} s; training {cfg.training.train_iters} steps of "
+        f"{global_batch} samples (micro-batch {mbs} x accumulation {accum} x dp {ps.dp_size})")
+    state = trainer.train()
+    logger.close()
+    log(f"done: step {state.step}, {state.consumed_samples} samples, {time.perf_counter() - started:.1f} s")
+    dist.barrier()
+    dist.destroy_process_group()
+    return state
