@@ -57,7 +57,8 @@ class ObjectiveConfig:
     gap_sentence_prob: float = opt(0.0, "Probability of the sentence-level ([sMASK]) objective.")
     gap_sentence_ratio: float = opt(0.15, "Fraction of tokens covered by sentence blanks.")
     mask_ratio: float = opt(0.15, "Fraction of tokens covered by token-level blanks.")
-    gpt_infill_prob: float = opt(0.5, "Document objective: probability of an infilled (not suffix) span.")
+    gpt_infill_prob: float = opt(0.5, "Document objective: probability that the span is a suffix (the original's "
+                                      "naming; packed documents always use a suffix).")
     gpt_min_ratio: float = opt(0.5, "Document objective: minimum span length as a fraction of the document.")
     avg_block_length: float = opt(3.0, "Poisson mean of token-level span lengths.")
     max_block_length: int = opt(39, "Longest token-level span.")
@@ -67,7 +68,8 @@ class ObjectiveConfig:
     single_span_prob: float = opt(0.0, "Token objective: probability of masking one span only.")
     task_mask: bool = opt(True, "Use [sMASK]/[gMASK] for sentence/document blanks (else [MASK]).")
     shuffle_block: bool = opt(True, "Shuffle the Part B spans (False: --no-shuffle-block).")
-    block_position: bool = opt(True, "Emit block positions (False: --no-block-position, all zero).")
+    block_position: bool = opt(True, "Emit block positions 1..k+1 in Part B (False: --no-block-position, all 1 "
+                                     "in Part B as the original).")
     sentinel_token: bool = opt(False, "Original --sentinel-token variant (not supported yet; must stay false).")
     per_sample: bool = opt(False, "Choose the objective per sample instead of once per micro-batch.")
 

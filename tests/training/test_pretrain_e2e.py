@@ -34,7 +34,7 @@ def test_tp2_and_dp2_match_tp1_and_loss_decreases(tiny_corpus: dict, tmp_path: P
     assert len(tp1) == 8
     assert max(abs(a - b) for a, b in zip(tp1, tp2)) < 1e-5, (tp1, tp2)
     assert max(abs(a - b) for a, b in zip(tp1, dp2)) < 1e-5, (tp1, dp2)
-    assert sum(tp1[-3:]) / 3 < sum(tp1[:3]) / 3 - 0.3, tp1  # learning
+    assert sum(tp1[-3:]) / 3 < sum(tp1[:3]) / 3 - 0.15, tp1  # learning
     saved = sorted(p.name for p in (tmp_path / "tp2").iterdir() if p.name.startswith("global_step"))
     assert saved == ["global_step8"]
 

@@ -1,0 +1,304 @@
+"""From a config to batches: the GLM dataset, the resumable distributed batch sampler and collate.
+
+The training code calls::
+
+    train, valid, test = build_pretraining_datasets(cfg, tokenizer, dp_size=dp, is_rank0=rank == 0,
+                                                    barrier=dist.barrier)
+    train_iter = build_data_iterator(train, consumed_samples=consumed, micro_batch_size=mbs,
+                                     dp_rank=dp_rank, dp_size=dp, num_workers=cfg.data.num_workers)
+
+(or :func:`build_pretraining_data` for all three iterators at once). Every sample is a pure function
+of (seed, global sample index): sample ``i`` draws from a generator keyed by (seed, epoch, i), and
+the objective of its micro-batch (``i // micro_batch_size``, or ``i`` with ``per_sample``) from one
+keyed by (seed, micro-batch). Global batches are consecutive ranges of sample indices;
+data-parallel rank ``r`` takes micro-batch ``r`` of every ``dp_size`` consecutive micro-batches.
+So the same index gives the same sample on any rank, worker count or restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_glm.config.sections import GLMConfig, TrainingConfig
+from megatron_glm.data.blank_infilling import SENTENCE, BlankInfilling, ObjectiveChoice, SpecialTokens
+from megatron_glm.data.indexed_dataset import IndexedDataset
+from megatron_glm.data.samples import (
+    TAG_GROUP,
+    TAG_SAMPLE,
+    BlendedWindows,
+    DocumentWindows,
+    KeyedRNG,
+    parse_data_path,
+    split_ranges,
+)
+from megatron_glm.errors import DataError
+
+__all__ = [
+    "SPLITS",
+    "GLMDataset",
+    "MicroBatchSampler",
+    "build_data_iterator",
+    "build_pretraining_data",
+    "build_pretraining_datasets",
+    "build_windows",
+    "collate",
+    "global_batch_size",
+    "split_num_samples",
+]
+
+SPLITS = ("train", "valid", "test")
+
+Windows = DocumentWindows | BlendedWindows
+
+
+class GLMDataset(torch.utils.data.Dataset):
+    """Map-style dataset: index ``i`` -> one GLM sample (dict of numpy arrays, see ``collate``).
+
+    ``group_size`` is the micro-batch size: samples ``i`` with the same ``i // group_size`` share
+    one objective (the original chose it per batch); ``per_sample`` makes every sample choose.
+    """
+
+    def __init__(
+        self,
+        windows: Windows,
+        sampler: BlankInfilling,
+        *,
+        seed: int,
+        group_size: int = 1,
+        per_sample: bool = False,
+        num_samples: int = 0,
+    ) -> None:
+        self.windows = windows
+        self.sampler = sampler
+        self.seed = int(seed)
+        self.group_size = 1 if per_sample else max(1, int(group_size))
+        self.num_samples = int(num_samples)
+        self._rng = KeyedRNG()
+        self._group: tuple[int, ObjectiveChoice] | None = None
+
+    def __len__(self) -> int:
+        return self.num_samples or 2**62
+
+    def choice(self, index: int) -> ObjectiveChoice:
+        """The objective of sample ``index`` (shared by its micro-batch)."""
+        group = int(index) // self.group_size
+        if self._group is None or self._group[0] != group:
+            self._group = (group, self.sampler.choose(self._rng(self.seed, 0, group, TAG_GROUP)))
+        return self._group[1]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if index < 0:
+            raise IndexError(f"sample index {index} is negative")
+        choice = self.choice(index)
+        window = self.windows.window(index, sentences=choice.objective == SENTENCE)
+        rng = self._rng(self.seed, window.epoch, index, TAG_SAMPLE)
+        sample = self.sampler.sample(window.tokens, rng, choice, window.sentence_starts)
+        sample["index"] = index
+        return sample
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack samples into the batch interface.
+
+    ``input_ids, labels [b, s] long``, ``loss_mask [b, s] float``, ``position_ids [b, 2, s] long``,
+    ``sep [b] long`` (Part A length) and ``objective [b] long`` (0 token, 1 sentence, 2 document).
+    """
+    return {
+        "input_ids": torch.from_numpy(np.stack([s["input_ids"] for s in samples])),
+        "labels": torch.from_numpy(np.stack([s["labels"] for s in samples])),
+        "loss_mask": torch.from_numpy(np.stack([s["loss_mask"] for s in samples])),
+        "position_ids": torch.from_numpy(np.stack([s["position_ids"] for s in samples])),
+        "sep": torch.tensor([s["sep"] for s in samples], dtype=torch.long),
+        "objective": torch.tensor([s["objective"] for s in samples], dtype=torch.long),
+    }
+
+
+class MicroBatchSampler:
+    """This data-parallel rank's sample indices, one list per micro-batch, from ``consumed_samples``.
+
+    Each step of ``micro_batch_size * dp_size`` samples covers the next consecutive indices; rank
+    ``r`` takes ``[start + r * mbs, start + (r + 1) * mbs)``. ``total_samples`` (None: endless)
+    stops before a step that would not fit. Resuming at ``consumed_samples`` yields exactly what an
+    uninterrupted run yields from there.
+    """
+
+    def __init__(
+        self,
+        consumed_samples: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        total_samples: int | None = None,
+    ) -> None:
+        if micro_batch_size <= 0 or dp_size <= 0 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"need micro_batch_size > 0 and 0 <= dp_rank ({dp_rank}) < dp_size ({dp_size})")
+        step = micro_batch_size * dp_size
+        if consumed_samples < 0 or consumed_samples % step:
+            raise DataError(f"consumed_samples {consumed_samples} is not a multiple of micro_batch_size "
+                            f"({micro_batch_size}) x data-parallel size ({dp_size}) = {step}")
+        self.consumed_samples = int(consumed_samples)
+        self.micro_batch_size, self.dp_rank, self.dp_size = int(micro_batch_size), int(dp_rank), int(dp_size)
+        self.total_samples = total_samples
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.micro_batch_size * self.dp_size
+        start = self.consumed_samples
+        while self.total_samples is None or start + step <= self.total_samples:
+            first = start + self.dp_rank * self.micro_batch_size
+            yield list(range(first, first + self.micro_batch_size))
+            start += step
+
+    def __len__(self) -> int:
+        if self.total_samples is None:
+            raise TypeError("an endless sampler has no length")
+        step = self.micro_batch_size * self.dp_size
+        return max(0, (self.total_samples - self.consumed_samples) // step)
+
+
+def build_data_iterator(
+    dataset: GLMDataset,
+    *,
+    consumed_samples: int,
+    micro_batch_size: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    num_workers: int = 0,
+    total_samples: int | None = None,
+    pin_memory: bool = False,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Iterator of this rank's micro-batches (dicts of tensors), resumed at ``consumed_samples``."""
+    sampler = MicroBatchSampler(consumed_samples, micro_batch_size, dp_rank, dp_size, total_samples)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )
+    return iter(loader)
+
+
+# -- building from the config --------------------------------------------------------------------
+
+
+def global_batch_size(training: TrainingConfig, dp_size: int) -> int:
+    """Samples per optimizer step (``global_batch_size``, else micro x dp x accumulation)."""
+    if training.global_batch_size:
+        return training.global_batch_size
+    return training.micro_batch_size * dp_size * max(1, training.gradient_accumulation_steps)
+
+
+def split_num_samples(cfg: GLMConfig, dp_size: int) -> tuple[int, int, int]:
+    """Samples training asks of the train, valid and test splits (what the index caches cover)."""
+    t = cfg.training
+    gbs = global_batch_size(t, dp_size)
+    evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval > 0 else 1
+    eval_samples = t.eval_iters * t.micro_batch_size * dp_size
+    return t.train_iters * gbs, evals * eval_samples, eval_samples
+
+
+def build_windows(
+    data: Any,
+    special: SpecialTokens,
+    *,
+    seed: int,
+    num_samples: Sequence[int] = (0, 0, 0),
+    build_cache: bool = True,
+) -> list[Windows | None]:
+    """Windows of the train, valid and test splits of ``data`` (a :class:`DataConfig`); None if empty."""
+    pairs = parse_data_path(data.data_path)
+    datasets = [(w, IndexedDataset(prefix)) for w, prefix in pairs]
+    out: list[Windows | None] = []
+    for split_index, name in enumerate(SPLITS):
+        parts: list[tuple[float, DocumentWindows]] = []
+        for weight, ds in datasets:
+            lo, hi = split_ranges(ds.num_documents, data.split)[split_index]
+            if hi <= lo:
+                continue
+            windows = DocumentWindows(
+                ds, (lo, hi), data.seq_length, cls_id=special.cls, eos_id=special.eos,
+                pack=data.pack_documents, seed=seed, name=name, cache_dir=data.cache_dir,
+                num_samples=int(num_samples[split_index] * weight) + 1, build_cache=build_cache,
+            )
+            if len(windows):
+                parts.append((weight, windows))
+        if not parts:
+            if name == "train":
+                raise DataError(f"split {data.split!r} leaves no training documents with text in "
+                                f"{', '.join(p for _, p in pairs)}")
+            out.append(None)
+        elif len(parts) == 1:
+            out.append(parts[0][1])
+        else:
+            out.append(BlendedWindows([p for _, p in parts], [w for w, _ in parts], num_samples[split_index],
+                                      cache_dir=data.cache_dir, build_cache=build_cache))
+    if data.objective.gap_sentence_prob > 0:
+        for windows in out:
+            if windows is not None and not windows.has_sentences:
+                raise DataError("the sentence objective (gap_sentence_prob > 0) needs sentence boundaries: "
+                                "preprocess the corpus with sentence splitting (one sequence per sentence)")
+    return out
+
+
+def build_pretraining_datasets(
+    cfg: GLMConfig,
+    tokenizer: Any,
+    *,
+    dp_size: int = 1,
+    is_rank0: bool = True,
+    barrier: Callable[[], None] | None = None,
+) -> list[GLMDataset | None]:
+    """Train, valid and test :class:`GLMDataset` (None for an empty split) from a config.
+
+    ``tokenizer`` is a :class:`~megatron_glm.data.tokenizer.GLMTokenizer` or a :class:`SpecialTokens`.
+    Rank 0 (``is_rank0``) writes the index caches; every rank then calls ``barrier`` (e.g.
+    ``torch.distributed.barrier``) and the others memory-map them.
+    """
+    special = tokenizer if isinstance(tokenizer, SpecialTokens) else SpecialTokens.from_tokenizer(tokenizer)
+    num_samples = split_num_samples(cfg, dp_size)
+    windows = build_windows(cfg.data, special, seed=cfg.training.seed, num_samples=num_samples,
+                            build_cache=is_rank0)
+    if barrier is not None:
+        barrier()
+    sampler = BlankInfilling(cfg.data.objective, special, cfg.data.seq_length)
+    return [
+        None if w is None else GLMDataset(
+            w, sampler, seed=cfg.training.seed + k, group_size=cfg.training.micro_batch_size,
+            per_sample=cfg.data.objective.per_sample, num_samples=n,
+        )
+        for k, (w, n) in enumerate(zip(windows, num_samples))
+    ]
+
+
+def build_pretraining_data(
+    cfg: GLMConfig,
+    tokenizer: Any,
+    *,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    consumed_train_samples: int = 0,
+    consumed_valid_samples: int = 0,
+    is_rank0: bool = True,
+    barrier: Callable[[], None] | None = None,
+) -> list[Iterator[dict[str, torch.Tensor]] | None]:
+    """Train, valid and test batch iterators for this data-parallel rank (None for an empty split).
+
+    All three are endless; the train iterator resumes at ``consumed_train_samples``, the valid one at
+    ``consumed_valid_samples``, the test one starts at 0.
+    """
+    datasets = build_pretraining_datasets(cfg, tokenizer, dp_size=dp_size, is_rank0=is_rank0, barrier=barrier)
+    consumed = (consumed_train_samples, consumed_valid_samples, 0)
+    return [
+        None if ds is None else build_data_iterator(
+            ds, consumed_samples=c, micro_batch_size=cfg.training.micro_batch_size, dp_rank=dp_rank,
+            dp_size=dp_size, num_workers=cfg.data.num_workers,
+        )
+        for ds, c in zip(datasets, consumed)
+    ]
