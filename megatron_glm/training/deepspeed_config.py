@@ -76,6 +76,10 @@ def build_deepspeed_config(cfg: GLMConfig, dp_size: int) -> dict[str, Any]:
     if cfg.parallel.pipeline_model_parallel_size > 1 and zero["stage"] > 1:
         raise ConfigError(f"{source}: ZeRO stage {zero['stage']} cannot be used with pipeline parallelism "
                           f"(use stage 0 or 1)")
+    if cfg.parallel.pipeline_model_parallel_size > 1 and ds["bf16"]["enabled"] and zero["stage"] == 0:
+        raise ConfigError(f"{source}: bf16 with ZeRO stage 0 and pipeline parallelism is refused: DeepSpeed "
+                          f"0.19's bf16 optimizer cannot load such pipeline checkpoints (KeyError 0 in "
+                          f"load_checkpoint); use ZeRO stage 1 (--zero-stage 1 or ds_configs/zero1_bf16.json)")
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise ConfigError(f"{source}: remove the '{key}' section; megatron_glm builds AdamW and the "

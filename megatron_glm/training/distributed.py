@@ -42,6 +42,11 @@ def init_distributed(local_rank_flag: int = -1, timeout_minutes: int = 30) -> Di
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no "unable to detect a GPU" warning
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend)  # wraps the existing group for DeepSpeed's comm layer
     return DistributedEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 

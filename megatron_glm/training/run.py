@@ -36,9 +36,6 @@ def pretrain(cfg: GLMConfig) -> TrainState:
     started = time.perf_counter()
     p = cfg.parallel
     ps = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
-    if p.pipeline_model_parallel_size > 1:
-        raise ConfigError("pipeline parallelism is not available in this version yet "
-                          "(parallel.pipeline_model_parallel_size must be 1)")
     is_logger = env.rank == 0
     log = print if is_logger else (lambda *_: None)
     tokenizer = GLMTokenizer(cfg.data.tokenizer_model)

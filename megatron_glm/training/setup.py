@@ -12,6 +12,7 @@ from megatron_glm.checkpoint import safe_checkpoint_engine
 from megatron_glm.config import GLMConfig, pad_vocab_size
 from megatron_glm.errors import ConfigError
 from megatron_glm.model import GLMModel
+from megatron_glm.model.pipeline import build_pipeline_model
 from megatron_glm.parallel import ParallelState
 from megatron_glm.training.deepspeed_config import batch_sizes, build_deepspeed_config
 from megatron_glm.training.distributed import DeepSpeedMPU
@@ -44,8 +45,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [g for g in groups if g["params"]]
 
 
-def build_model(cfg: GLMConfig, ps: ParallelState, device: torch.device) -> GLMModel:
-    """The GLM model for this rank (fp32 master parameters; DeepSpeed casts for bf16/fp16)."""
+def build_model(cfg: GLMConfig, ps: ParallelState, device: torch.device) -> torch.nn.Module:
+    """This rank's model: a :class:`GLMModel`, or its pipeline stage (a DeepSpeed ``PipelineModule``) when
+    ``pp_size > 1``. Parameters are fp32 here; DeepSpeed casts them for bf16/fp16."""
+    if ps.pp_size > 1:
+        return build_pipeline_model(cfg.model, ps, seed=cfg.training.seed,
+                                    partition_method=cfg.parallel.pipeline_partition_method, device=device)
     return GLMModel(cfg.model, ps, seed=cfg.training.seed, device=device)
 
 
@@ -62,8 +67,9 @@ def build_engine(cfg: GLMConfig, ps: ParallelState, model: torch.nn.Module) -> t
                                   eps=o.adam_eps, **fused)
     scheduler = LRScheduler(optimizer, LRSchedule.from_config(o, cfg.training.train_iters))
     ds_config = build_deepspeed_config(cfg, ps.dp_size)
+    mpu = None if ps.pp_size > 1 else DeepSpeedMPU(ps)  # a PipelineModule brings its own grid
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, mpu=DeepSpeedMPU(ps))
+                                           config=ds_config, mpu=mpu)
     engine.checkpoint_engine = safe_checkpoint_engine(engine._config)
     _, accum, global_batch = batch_sizes(cfg, ps.dp_size)
     return engine, accum, global_batch

@@ -17,6 +17,7 @@ from megatron_glm.checkpoint import CheckpointManager
 from megatron_glm.config import GLMConfig, config_to_dict
 from megatron_glm.errors import GLMError
 from megatron_glm.model.loss import glm_loss
+from megatron_glm.model.pipeline import pipeline_batch
 from megatron_glm.parallel import ParallelState
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.rng import get_rng_state, set_rng_state
@@ -91,16 +92,18 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
-    def _dp_sum(self, values: list[float]) -> list[float]:
+    def _world_sum(self, values: list[float]) -> list[float]:
+        """Sum over all ranks. Ratios of such sums are exact averages: tensor-parallel ranks hold copies
+        (numerator and denominator scale alike) and pipeline stages without a loss contribute zeros."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self.ps.dp_group)
+        dist.all_reduce(t)
         return t.tolist()
 
     def _reduce_objectives(self, per_obj: dict[int, list[float]]) -> dict[str, float]:
         flat = []
         for k in OBJECTIVES:
             flat += per_obj.get(k, [0.0, 0.0])
-        flat = self._dp_sum(flat)
+        flat = self._world_sum(flat)
         out = {}
         for i, name in OBJECTIVES.items():
             loss_sum, tokens = flat[2 * i], flat[2 * i + 1]
@@ -148,8 +151,27 @@ class Trainer:
         return flag.item() > 0
 
     # ----------------------------------------------------------------- loop
-    def train_step(self, batches: Iterator[Batch]) -> StepStats:
+    @property
+    def pipelined(self) -> bool:
+        return self.ps.pp_size > 1
+
+    def _pipeline_step(self, batches: Iterator[Any]) -> StepStats:
+        """One step of DeepSpeed's pipeline schedule (1F1B over ``accum`` micro-batches)."""
+        stats = StepStats(lr=float(self.engine.optimizer.param_groups[0]["lr"]))
+        loss = self.engine.train_batch(data_iter=batches)
+        stats.micro_batches = self.accum
+        if self._all_finite(loss.detach().float()):
+            stats.loss_sum = float(loss) * self.accum  # the engine's mean over micro-batches and DP ranks
+            stats.objectives = self.model.glm_loss.pop()
+        else:  # the pipeline engine cannot skip a micro-batch: the step is counted, not undone
+            stats.nonfinite = self.accum
+            self.model.glm_loss.pop()
+        return stats
+
+    def train_step(self, batches: Iterator[Any]) -> StepStats:
         """One optimizer step over ``accum`` micro-batches."""
+        if self.pipelined:
+            return self._pipeline_step(batches)
         stats = StepStats()
         self.engine.train()
         for _ in range(self.accum):
@@ -176,6 +198,8 @@ class Trainer:
         t = cfg.training
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         batches = self.train_batches(st.consumed_samples)
+        if self.pipelined:
+            batches = map(pipeline_batch, batches)
         window_start, window_steps, window = time.perf_counter(), 0, StepStats()
         try:
             while st.step < t.train_iters:
@@ -217,7 +241,7 @@ class Trainer:
 
     def _log_step(self, stats: StepStats, step_time: float) -> None:
         """Log the averages of a window of steps (loss: mean over its micro-batches and DP ranks)."""
-        loss_sum, micro = self._dp_sum([stats.loss_sum, stats.micro_batches - stats.nonfinite])
+        loss_sum, micro = self._world_sum([stats.loss_sum, stats.micro_batches - stats.nonfinite])
         values: dict[str, Any] = {"loss": loss_sum / micro if micro else float("nan")}
         values.update(self._reduce_objectives(stats.objectives))
         opt = self.engine.optimizer
@@ -245,7 +269,12 @@ class Trainer:
         batches = self.valid_batches()
         total = [0.0, 0.0]
         per_obj: dict[int, list[float]] = {}
-        for _ in range(self.cfg.training.eval_iters):
+        if self.pipelined:
+            self.model.glm_loss.pop()
+            self.engine.eval_batch(map(pipeline_batch, batches), num_micro_batches=self.cfg.training.eval_iters)
+            per_obj = self.model.glm_loss.pop()
+            total = [sum(v[0] for v in per_obj.values()), sum(v[1] for v in per_obj.values())]
+        for _ in range(0 if self.pipelined else self.cfg.training.eval_iters):
             try:
                 batch = self._to_device(next(batches))
             except StopIteration:
@@ -257,7 +286,7 @@ class Trainer:
                 acc = per_obj.setdefault(k, [0.0, 0.0])
                 acc[0] += s
                 acc[1] += n
-        loss_sum, tokens = self._dp_sum(total)
+        loss_sum, tokens = self._world_sum(total)
         values: dict[str, Any] = {}
         if tokens:
             values["valid_loss"] = loss_sum / tokens
