@@ -45,7 +45,9 @@ def launch(args: list[str], nproc: int = 1, launcher: str = "torchrun", timeout:
     """Run pretrain_glm.py under a launcher, as a user would."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     bindir = Path(PY).parent
-    if launcher == "deepspeed":
+    if launcher == "python":  # one process, no launcher: what the user sees is exactly our output
+        cmd = [PY, "pretrain_glm.py", *args]
+    elif launcher == "deepspeed":
         cmd = [str(bindir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_free_port()),
                "pretrain_glm.py", *args]
     else:

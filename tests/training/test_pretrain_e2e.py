@@ -94,8 +94,8 @@ def test_nonfinite_losses_stop_with_clear_error(tiny_corpus: dict, tmp_path: Pat
     args = train_args(tiny_corpus, "--train-iters", "40", "--micro-batch-size", "2", "--global-batch-size", "2",
                       "--lr", "1e6", "--clip-grad", "0", "--lr-warmup-iters", "0", "--lr-decay-style", "constant",
                       "--training.max_nonfinite_steps", "3")
-    proc = launch(args, nproc=1, check=False)
-    assert proc.returncode != 0
+    proc = launch(args, nproc=1, launcher="python", check=False)
+    assert proc.returncode == 2
     err = proc.stderr + proc.stdout
     assert "3 consecutive steps with non-finite loss" in err and "Traceback" not in proc.stderr, err[-3000:]
     assert "non-finite micro-batch loss(es) skipped" in proc.stdout
@@ -106,9 +106,8 @@ def test_golden_losses(tiny_corpus: dict, tmp_path: Path) -> None:
 
     Regenerate after an intended change with ``MEGATRON_GLM_UPDATE_GOLDEN=1 pytest -k golden``.
     """
-    args = train_args(tiny_corpus, "--train-iters", "6", "--micro-batch-size", "4", "--global-batch-size", "4",
-                      "--save", str(tmp_path / "g"))
-    launch(args, nproc=1)
+    args = train_args(tiny_corpus, "--train-iters", "6", "--micro-batch-size", "4", "--global-batch-size", "4")
+    launch([*args, "--save", str(tmp_path / "g")], nproc=1)
     losses = _losses(tmp_path / "g")
     if os.environ.get("MEGATRON_GLM_UPDATE_GOLDEN"):
         GOLDEN.parent.mkdir(exist_ok=True)
