@@ -1,0 +1,63 @@
+"""The GLM loss: vocab-parallel cross entropy (fp32) masked by ``loss_mask``, mean over masked tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_glm.parallel import ParallelState, vocab_parallel_cross_entropy
+
+
+@dataclass
+class GLMLoss:
+    """``loss``: the scalar to back-propagate (masked mean). The rest is for logging.
+
+    ``per_token``: fp32 ``[b, s]`` loss times ``loss_mask``; ``sample_sum`` / ``sample_tokens``: ``[b]``
+    sums of ``per_token`` and of ``loss_mask`` (per-objective losses are sums of these over the samples
+    of one objective, see :meth:`by_group`).
+    """
+
+    loss: torch.Tensor
+    per_token: torch.Tensor
+    sample_sum: torch.Tensor
+    sample_tokens: torch.Tensor
+
+    def by_group(self, groups: torch.Tensor) -> dict[int, tuple[float, float]]:
+        """``{group id: (loss sum, token count)}`` for a ``[b]`` integer tensor (e.g. the objective)."""
+        out: dict[int, tuple[float, float]] = {}
+        sums, counts = self.sample_sum.detach(), self.sample_tokens.detach()
+        for g in groups.unique().tolist():
+            sel = groups == g
+            out[int(g)] = (float(sums[sel].sum()), float(counts[sel].sum()))
+        return out
+
+
+def glm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+             parallel_state: ParallelState | None = None, *, label_smoothing: float = 0.0) -> GLMLoss:
+    """Masked mean cross entropy of vocab-parallel ``logits [b, s, V/tp]`` against ``labels [b, s]``.
+
+    Computed in fp32 whatever the logits' dtype; a batch with no masked token gives loss 0 (and zero
+    gradients) instead of NaN.
+    """
+    group = (parallel_state or ParallelState()).tp_group
+    token_loss = vocab_parallel_cross_entropy(logits, labels, group, label_smoothing)
+    mask = loss_mask.to(torch.float32)
+    per_token = token_loss * mask
+    sample_sum, sample_tokens = per_token.sum(dim=-1), mask.sum(dim=-1)
+    loss = sample_sum.sum() / sample_tokens.sum().clamp(min=1.0)
+    return GLMLoss(loss, per_token, sample_sum, sample_tokens)
+
+
+_compiled: Any = None
+
+
+def compiled_glm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                      parallel_state: ParallelState | None = None, *, label_smoothing: float = 0.0) -> GLMLoss:
+    """:func:`glm_loss` through ``torch.compile``: the fp32 upcast, softmax statistics and gradient fuse
+    into a few passes over the logits (about 3x faster on CPU); compiled on first call."""
+    global _compiled  # one process-wide compiled function, not state
+    if _compiled is None:
+        _compiled = torch.compile(glm_loss)
+    return _compiled(logits, labels, loss_mask, parallel_state, label_smoothing=label_smoothing)

@@ -1,0 +1,117 @@
+"""The GLM attention mask, written once as a mask function and built as a boolean or flex mask.
+
+GLM's mixed mask (reference section 1): token ``i`` may attend to ``j`` when ``j < sep`` (Part A, seen
+by everyone) or ``j <= i`` (causal). Part A is therefore bidirectional within itself and cannot see
+Part B; Part B sees all of Part A and the earlier Part B tokens.
+
+``attention_mask`` given to the model is either a ``[b]`` integer tensor of ``sep`` values or an
+explicit boolean ``[b, 1, s, s]`` mask (True = may attend). :func:`prepare_attention_mask` turns either
+into an :class:`AttentionMask` once per forward; every layer then uses the form its kernel needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def glm_mask_mod(sep: torch.Tensor) -> MaskMod:
+    """The GLM mask as a flex-attention style function ``(b, h, q_idx, kv_idx) -> bool``.
+
+    Works element-wise on broadcast index tensors, so the same function builds the dense boolean mask
+    and the flex ``BlockMask``.
+    """
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return (kv_idx < sep[b]) | (kv_idx <= q_idx)
+
+    return mask_mod
+
+
+def dense_mask_mod(mask: torch.Tensor) -> MaskMod:
+    """A mask function reading an explicit ``[b, 1, s, s]`` boolean mask."""
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return mask[b, 0, q_idx, kv_idx]
+
+    return mask_mod
+
+
+def materialize(mask_mod: MaskMod, batch: int, seq: int, device: torch.device | str) -> torch.Tensor:
+    """Evaluate ``mask_mod`` on the full grid: a boolean ``[batch, 1, seq, seq]`` tensor."""
+    b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    idx = torch.arange(seq, device=device)
+    return mask_mod(b, h, idx.view(1, 1, seq, 1), idx.view(1, 1, 1, seq))
+
+
+def sep_to_mask(sep: torch.Tensor, seq: int) -> torch.Tensor:
+    """The boolean ``[b, 1, seq, seq]`` GLM mask for Part A lengths ``sep`` (True = may attend)."""
+    return materialize(glm_mask_mod(sep), sep.shape[0], seq, sep.device)
+
+
+@dataclass
+class AttentionMask:
+    """One forward's mask in the forms the attention kernels use (built lazily, once).
+
+    ``bool_mask`` is ``[b, 1, s, s]`` (True = may attend) for SDPA and the eager path; ``block_mask``
+    is a flex-attention ``BlockMask`` (CUDA only).
+    """
+
+    mask_mod: MaskMod
+    batch: int
+    seq: int
+    device: torch.device
+    _bool: torch.Tensor | None = None
+    _block: Any = None
+
+    @property
+    def bool_mask(self) -> torch.Tensor:
+        if self._bool is None:
+            self._bool = materialize(self.mask_mod, self.batch, self.seq, self.device)
+        return self._bool
+
+    @property
+    def block_mask(self) -> Any:
+        if self._block is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            self._block = create_block_mask(self.mask_mod, self.batch, None, self.seq, self.seq,
+                                            device=self.device)
+        return self._block
+
+
+def prepare_attention_mask(attention_mask: torch.Tensor | AttentionMask, batch: int, seq: int,
+                           device: torch.device | str, kv_seq: int | None = None) -> AttentionMask:
+    """Normalise the model's ``attention_mask`` argument (``[b]`` sep values or ``[b, 1, s, s]`` bool).
+
+    ``kv_seq`` (generation with a KV cache): keys span ``kv_seq`` positions (cached + new); the mask must
+    then be an explicit boolean ``[b, 1, seq, kv_seq]`` unless ``kv_seq == seq`` (an empty cache).
+    """
+    if isinstance(attention_mask, AttentionMask):
+        return attention_mask
+    device = torch.device(device)
+    if kv_seq is not None and kv_seq != seq:
+        if attention_mask.dim() != 4 or tuple(attention_mask.shape) != (batch, 1, seq, kv_seq):
+            raise ValueError(f"with a KV cache attention_mask must be a [{batch}, 1, {seq}, {kv_seq}] boolean "
+                             f"mask, got {list(attention_mask.shape)}")
+        mask = attention_mask.to(device=device, dtype=torch.bool)
+        return AttentionMask(dense_mask_mod(mask), batch, seq, device, _bool=mask)
+    if attention_mask.dim() == 1:
+        if attention_mask.is_floating_point() or attention_mask.dtype == torch.bool:
+            raise TypeError(f"a 1-D attention_mask holds integer sep values, got {attention_mask.dtype}")
+        if attention_mask.shape[0] != batch:
+            raise ValueError(f"sep has {attention_mask.shape[0]} entries for a batch of {batch}")
+        sep = attention_mask.to(device=device, dtype=torch.long)
+        return AttentionMask(glm_mask_mod(sep), batch, seq, device)
+    if attention_mask.dim() == 4:
+        if tuple(attention_mask.shape) != (batch, 1, seq, seq):
+            raise ValueError(f"attention_mask must be [{batch}, 1, {seq}, {seq}], got {list(attention_mask.shape)}")
+        mask = attention_mask.to(device=device, dtype=torch.bool)
+        return AttentionMask(dense_mask_mod(mask), batch, seq, device, _bool=mask)
+    raise ValueError(f"attention_mask must be [b] sep values or a [b, 1, s, s] mask, got {list(attention_mask.shape)}")

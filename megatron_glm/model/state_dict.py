@@ -1,0 +1,99 @@
+"""Full (unsharded) state dicts for tensor-parallel GLM models, with the original GLM key names.
+
+Sharded parameters carry ``partition_dim`` / ``partition_stride`` (set by the parallel layers);
+:data:`GLM_PARTITIONS` records the same layout by name so checkpoint tools can reshard files without
+building a model. Both functions below are collective over the tensor-parallel group.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_glm.errors import CheckpointError
+from megatron_glm.parallel import ParallelState, shard, unshard
+
+# name pattern -> (split dim, stride); every other GLM tensor is replicated over tensor-parallel ranks.
+GLM_PARTITIONS: dict[str, tuple[int, int]] = {
+    r"word_embeddings\.weight": (0, 1),
+    r"transformer\.layers\.\d+\.attention\.query_key_value\.(weight|bias)": (0, 3),
+    r"transformer\.layers\.\d+\.attention\.dense\.weight": (1, 1),
+    r"transformer\.layers\.\d+\.mlp\.dense_h_to_4h\.(weight|bias)": (0, 1),
+    r"transformer\.layers\.\d+\.mlp\.dense_4h_to_h\.weight": (1, 1),
+}
+
+
+def glm_partition(name: str) -> tuple[int, int] | None:
+    """``(dim, stride)`` along which tensor ``name`` is split over tensor-parallel ranks, or ``None``."""
+    for pattern, spec in GLM_PARTITIONS.items():
+        if re.fullmatch(pattern, name):
+            return spec
+    return None
+
+
+def _partition(t: torch.Tensor) -> tuple[int, int] | None:
+    dim = getattr(t, "partition_dim", None)
+    return None if dim is None else (dim, getattr(t, "partition_stride", 1))
+
+
+def _parallel_state(model: nn.Module, parallel_state: ParallelState | None) -> ParallelState:
+    return parallel_state or getattr(model, "parallel_state", None) or ParallelState()
+
+
+def full_state_dict(model: nn.Module, parallel_state: ParallelState | None = None, *,
+                    grads: bool = False) -> dict[str, torch.Tensor]:
+    """This model's (stage's) state dict with every tensor unsharded (detached copies, on its device).
+
+    ``grads=True`` returns the full gradients instead (zeros where a gradient is ``None``).
+    Collective: every tensor-parallel rank must call it.
+    """
+    ps = _parallel_state(model, parallel_state)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        value = t.detach()
+        if grads:
+            value = t.grad if t.grad is not None else torch.zeros_like(value)
+        spec = _partition(t)
+        if ps.tp_size > 1 and spec is not None:
+            parts = [torch.empty_like(value) for _ in range(ps.tp_size)]
+            dist.all_gather(parts, value.contiguous(), group=ps.tp_group)
+            value = unshard(parts, *spec)
+        out[name] = value.detach().clone()
+    return out
+
+
+def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
+                         parallel_state: ParallelState | None = None, *, strict: bool = True,
+                         ignore_unexpected: bool = False) -> None:
+    """Load full (unsharded) tensors into a tensor-parallel model, keeping this rank's shards.
+
+    ``strict``: every key of the model must be present. Unexpected keys are an error unless
+    ``ignore_unexpected`` (a pipeline stage loading the whole model's state dict). Shapes are checked.
+    """
+    ps = _parallel_state(model, parallel_state)
+    own = model.state_dict(keep_vars=True)
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if strict and missing:
+        raise CheckpointError(f"state dict lacks {len(missing)} model tensors, e.g. {missing[:3]}")
+    if unexpected and not ignore_unexpected:
+        raise CheckpointError(f"state dict has {len(unexpected)} unexpected tensors, e.g. {unexpected[:3]}")
+    local: dict[str, torch.Tensor] = {}
+    for name, t in own.items():
+        if name not in state_dict:
+            continue
+        full = state_dict[name]
+        spec = _partition(t)
+        if ps.tp_size > 1 and spec is not None:
+            try:
+                full = shard(full, spec[0], ps.tp_rank, ps.tp_size, spec[1])
+            except ValueError as exc:
+                raise CheckpointError(f"{name}: {exc}") from None
+        if tuple(full.shape) != tuple(t.shape):
+            raise CheckpointError(f"{name}: shape {list(full.shape)} does not fit this rank's "
+                                  f"{list(t.shape)} (tp {ps.tp_rank}/{ps.tp_size})")
+        local[name] = full
+    model.load_state_dict(local, strict=False)

@@ -1,0 +1,184 @@
+"""GLM transformer: pre-LayerNorm layers, the MLP, and the layer stack with activation checkpointing.
+
+A stack holds layers ``[layer_start, layer_end)`` of the full model (a pipeline stage) and keeps their
+*global* indices: ``layers`` is a ``ModuleDict`` keyed by ``str(i)``, so state-dict names
+(``transformer.layers.{i}.…``) and initialisation seeds do not depend on the pipeline split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_glm.model.attention import LayerKVCache, ParallelSelfAttention
+from megatron_glm.model.masks import AttentionMask
+from megatron_glm.parallel import ColumnParallelLinear, ParallelState, RNGStatesTracker, RowParallelLinear
+from megatron_glm.parallel.random import InitMethod
+
+
+class KVCacheLike(Protocol):
+    """A key/value cache for the whole stack: ``layer(i)`` is global layer ``i``'s cache; ``length`` is the
+    number of positions cached before the current forward."""
+
+    @property
+    def length(self) -> int: ...
+
+    def layer(self, index: int) -> LayerKVCache: ...
+
+
+class ParallelMLP(nn.Module):
+    """``H -> 4H`` (column-parallel) -> tanh-GeLU -> ``4H -> H`` (row-parallel) -> dropout."""
+
+    def __init__(self, hidden_size: int, *, hidden_dropout: float, in_init: InitMethod, out_init: InitMethod,
+                 parallel_state: ParallelState, params_dtype: torch.dtype,
+                 device: torch.device | str | None) -> None:
+        super().__init__()
+        self.dense_h_to_4h = ColumnParallelLinear(hidden_size, 4 * hidden_size, init_method=in_init,
+                                                  parallel_state=parallel_state, params_dtype=params_dtype,
+                                                  device=device)
+        self.dense_4h_to_h = RowParallelLinear(4 * hidden_size, hidden_size, input_is_parallel=True,
+                                               init_method=out_init, parallel_state=parallel_state,
+                                               params_dtype=params_dtype, device=device)
+        self.dropout = nn.Dropout(hidden_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh")))
+
+
+class GLMLayer(nn.Module):
+    """``h = h + Attn(LN1(h)); h = h + MLP(LN2(h))`` on batch-first hidden states ``[b, s, H]``."""
+
+    def __init__(self, hidden_size: int, num_heads: int, *, layernorm_epsilon: float, attention_dropout: float,
+                 hidden_dropout: float, attention_impl: str, init: dict[str, InitMethod],
+                 parallel_state: ParallelState, params_dtype: torch.dtype,
+                 device: torch.device | str | None) -> None:
+        super().__init__()
+        ln = dict(eps=layernorm_epsilon, dtype=params_dtype, device=device)
+        self.input_layernorm = nn.LayerNorm(hidden_size, **ln)
+        self.attention = ParallelSelfAttention(
+            hidden_size, num_heads, attention_dropout=attention_dropout, hidden_dropout=hidden_dropout,
+            impl=attention_impl, qkv_init=init["attention.query_key_value"], dense_init=init["attention.dense"],
+            parallel_state=parallel_state, params_dtype=params_dtype, device=device)
+        self.post_attention_layernorm = nn.LayerNorm(hidden_size, **ln)
+        self.mlp = ParallelMLP(hidden_size, hidden_dropout=hidden_dropout, in_init=init["mlp.dense_h_to_4h"],
+                               out_init=init["mlp.dense_4h_to_h"], parallel_state=parallel_state,
+                               params_dtype=params_dtype, device=device)
+
+    def forward(self, h: torch.Tensor, mask: AttentionMask, tracker: RNGStatesTracker | None = None,
+                kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+        if kv_cache is None:
+            h = h + self.attention(self.input_layernorm(h), mask, tracker)
+        else:
+            h = h + self.attention(self.input_layernorm(h), mask, tracker, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def checkpointed(fn, tracker: RNGStatesTracker | None, *args: torch.Tensor) -> torch.Tensor:
+    """``fn(*args)`` under non-reentrant activation checkpointing with identical dropout on recompute.
+
+    ``torch.utils.checkpoint`` restores the default RNG state(s) for the recompute; the tracker's
+    forked states (attention dropout) are restored here too, then put back to where the forward left them.
+    """
+    if tracker is None:
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
+    before = tracker.get_states()
+    calls = 0
+
+    def run(*inner: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return fn(*inner)
+        after = tracker.get_states()
+        tracker.set_states(before)
+        try:
+            return fn(*inner)
+        finally:
+            tracker.set_states(after)
+
+    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True)
+
+
+class GLMTransformer(nn.Module):
+    """Position embeddings (first stage), layers ``[layer_start, layer_end)``, final LayerNorm (last stage).
+
+    Submodule names are the original GLM ones: ``position_embeddings``, ``block_position_embeddings``,
+    ``layers.{i}``, ``final_layernorm``.
+    """
+
+    def __init__(self, *, num_layers: int, hidden_size: int, num_heads: int, max_sequence_length: int,
+                 layernorm_epsilon: float, attention_dropout: float, hidden_dropout: float, attention_impl: str,
+                 block_position_encoding: bool, checkpoint_activations: bool, checkpoint_num_layers: int,
+                 layer_start: int, layer_end: int, pre_process: bool, post_process: bool,
+                 init_for: Callable[[str], InitMethod], parallel_state: ParallelState, params_dtype: torch.dtype,
+                 device: torch.device | str | None) -> None:
+        super().__init__()
+        self.pre_process, self.post_process = pre_process, post_process
+        self.checkpoint_activations, self.checkpoint_num_layers = checkpoint_activations, checkpoint_num_layers
+        self.layer_start, self.layer_end = layer_start, layer_end
+        self.embedding_dropout = nn.Dropout(hidden_dropout)
+        self.block_position_encoding = block_position_encoding
+        if pre_process:
+            self.position_embeddings = _embedding(max_sequence_length + 1, hidden_size,
+                                                  init_for("transformer.position_embeddings.weight"),
+                                                  params_dtype, device)
+            if block_position_encoding:
+                self.block_position_embeddings = _embedding(
+                    max_sequence_length + 1, hidden_size, init_for("transformer.block_position_embeddings.weight"),
+                    params_dtype, device)
+        self.layers = nn.ModuleDict()
+        for i in range(layer_start, layer_end):
+            prefix = f"transformer.layers.{i}."
+            names = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+            init = {n: init_for(prefix + n + ".weight") for n in names}
+            self.layers[str(i)] = GLMLayer(
+                hidden_size, num_heads, layernorm_epsilon=layernorm_epsilon, attention_dropout=attention_dropout,
+                hidden_dropout=hidden_dropout, attention_impl=attention_impl, init=init,
+                parallel_state=parallel_state, params_dtype=params_dtype, device=device)
+        if post_process:
+            self.final_layernorm = nn.LayerNorm(hidden_size, eps=layernorm_epsilon, dtype=params_dtype,
+                                                device=device)
+
+    def embed(self, word: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Word embeddings plus position (row 0) and block position (row 1) embeddings, then dropout."""
+        if position_ids.dim() != 3 or position_ids.shape[1] != 2:
+            raise ValueError(f"position_ids must be [b, 2, s], got {list(position_ids.shape)}")
+        h = word + self.position_embeddings(position_ids[:, 0])
+        if self.block_position_encoding:
+            h = h + self.block_position_embeddings(position_ids[:, 1])
+        return self.embedding_dropout(h)
+
+    def forward(self, h: torch.Tensor, mask: AttentionMask, tracker: RNGStatesTracker | None = None,
+                kv_cache: KVCacheLike | None = None) -> torch.Tensor:
+        """``kv_cache`` (generation): ``kv_cache.layer(i)`` is global layer ``i``'s :class:`LayerKVCache`."""
+        layers = list(self.layers.values())
+        if kv_cache is not None:
+            for key, layer in self.layers.items():
+                h = layer(h, mask, tracker, kv_cache=kv_cache.layer(int(key)))
+        elif self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            k = self.checkpoint_num_layers
+            for start in range(0, len(layers), k):
+                chunk = layers[start:start + k]
+
+                def run(x: torch.Tensor, chunk: list[GLMLayer] = chunk) -> torch.Tensor:
+                    for layer in chunk:
+                        x = layer(x, mask, tracker)
+                    return x
+
+                h = checkpointed(run, tracker, h)
+        else:
+            for layer in layers:
+                h = layer(h, mask, tracker)
+        return self.final_layernorm(h) if self.post_process else h
+
+
+def _embedding(rows: int, dim: int, init: InitMethod, dtype: torch.dtype,
+               device: torch.device | str | None) -> nn.Embedding:
+    weight = torch.empty(rows, dim, dtype=dtype, device=device)
+    init(weight)  # passing _weight skips nn.Embedding's own init (which would draw from the global RNG)
+    return nn.Embedding(rows, dim, _weight=weight)

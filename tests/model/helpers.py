@@ -1,0 +1,48 @@
+"""Small shapes and batches shared by the model tests."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from megatron_glm.config import ModelConfig, build_config
+
+VOCAB = 128
+SEQ = 16
+BATCH = 3
+
+
+def tiny_config(**overrides: object) -> ModelConfig:
+    """glm-tiny (2 layers, H 64, 4 heads) with a 128-row vocab and no dropout unless overridden."""
+    cfg = build_config({"model.size": "glm-tiny", "model.vocab_size": VOCAB}).model
+    return dataclasses.replace(cfg, **{"hidden_dropout": 0.0, "attention_dropout": 0.0, **overrides})
+
+
+def make_batch(seed: int = 0, batch: int = BATCH, seq: int = SEQ, vocab: int = VOCAB) -> dict[str, torch.Tensor]:
+    """A GLM-shaped batch: Part A of length ``sep`` then Part B with copied positions and block positions."""
+    g = torch.Generator().manual_seed(seed)
+    sep = torch.randint(2, seq - 2, (batch,), generator=g)
+    sep[0] = seq // 2
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    pos = torch.zeros(batch, 2, seq, dtype=torch.long)
+    loss_mask = torch.zeros(batch, seq)
+    for i, n in enumerate(sep.tolist()):
+        pos[i, 0, :n] = torch.arange(n)
+        pos[i, 0, n:] = torch.randint(0, n, (1,), generator=g)
+        pos[i, 1, n:] = torch.arange(1, seq - n + 1)
+        loss_mask[i, n:] = 1.0
+    labels = torch.randint(0, vocab, (batch, seq), generator=g)
+    return {"input_ids": ids, "position_ids": pos, "sep": sep, "labels": labels, "loss_mask": loss_mask}
+
+
+def random_full_state_dict(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Random full tensors for every key of ``model`` (non-zero biases, non-trivial LayerNorms)."""
+    g = torch.Generator().manual_seed(seed)
+    from megatron_glm.model import full_state_dict
+
+    out = {}
+    for name, t in sorted(full_state_dict(model).items()):
+        base = 1.0 if name.endswith("layernorm.weight") else 0.0
+        out[name] = base + 0.05 * torch.randn(t.shape, generator=g)
+    return out
