@@ -115,3 +115,21 @@ def test_golden_losses(tiny_corpus: dict, tmp_path: Path) -> None:
     golden = json.loads(GOLDEN.read_text())["losses"]
     assert len(losses) == len(golden)
     assert max(abs(a - b) for a, b in zip(losses, golden)) < 1e-4, (losses, golden)
+
+
+def test_sigterm_saves_and_stops(tiny_corpus: dict, tmp_path: Path) -> None:
+    save = tmp_path / "sig"
+    args = train_args(tiny_corpus, "--train-iters", "100000", "--micro-batch-size", "2", "--global-batch-size", "2",
+                      "--save", str(save))
+    job = subprocess.Popen([sys.executable, "pretrain_glm.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not ((save / "metrics.jsonl").exists() and (save / "metrics.jsonl").read_text().count("\n") >= 3):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err[-3000:]
+    assert "received signal 15" in out
+    step = int((save / "latest").read_text().removeprefix("global_step"))
+    assert 3 <= step < 100000 and metrics(save)[step]["step"] == step
