@@ -341,6 +341,7 @@ def test_named_sizes_match_the_reference() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_compiled_layers_and_loss_match_eager() -> None:
     """``compile_layers`` / ``compiled_glm_loss`` (used by the benchmark) change speed, not results."""
     from megatron_glm.model import compiled_glm_loss

@@ -1,0 +1,186 @@
+"""Training-step throughput of GLM on CPU in bf16: tokens/s and MFU, against a naive implementation.
+
+One step = forward + backward + AdamW on one micro-batch (``--batch`` x ``--seq`` tokens) of a
+glm-base-shaped model (H 768, 12 heads, 4H MLP, vocab 30592; ``--layers`` of them, default 4 instead of
+12 to keep the run short). MFU = model FLOPs (``flops_per_token``: matmuls, dense attention, head;
+3x forward) per second / a bf16 matmul peak measured in the same run.
+
+The reference is the same architecture written naively: plain ``nn.Linear`` layers, eager attention with
+a materialised additive ``[b, 1, s, s]`` mask and fp32 softmax, ``torch.optim.AdamW`` defaults.
+
+    python benchmarks/model_step.py                # both models, prints MFU and the ratio
+    python benchmarks/model_step.py --no-compile   # our model without torch.compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_glm.config import build_config
+from megatron_glm.model import GLMModel, compiled_glm_loss, flops_per_token, glm_loss
+
+
+def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, reps: int = 10) -> float:
+    """Best observed FLOP/s of an ``n^3`` matmul in ``dtype``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+class NaiveLayer(nn.Module):
+    def __init__(self, h: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(h), nn.LayerNorm(h)
+        self.qkv, self.dense = nn.Linear(h, 3 * h), nn.Linear(h, h)
+        self.fc1, self.fc2 = nn.Linear(h, 4 * h), nn.Linear(4 * h, h)
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(h // self.heads) + additive_mask
+        probs = self.drop(scores.softmax(-1).to(v.dtype))
+        x = x + self.drop(self.dense((probs @ v).transpose(1, 2).reshape(b, s, h)))
+        return x + self.drop(self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate="tanh")))
+
+
+class NaiveGLM(nn.Module):
+    def __init__(self, layers: int, h: int, heads: int, vocab: int, positions: int) -> None:
+        super().__init__()
+        self.word = nn.Embedding(vocab, h)
+        self.pos, self.block = nn.Embedding(positions, h), nn.Embedding(positions, h)
+        self.layers = nn.ModuleList(NaiveLayer(h, heads) for _ in range(layers))
+        self.final = nn.LayerNorm(h)
+
+    def forward(self, ids: torch.Tensor, position_ids: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
+        s = ids.shape[1]
+        i = torch.arange(s)
+        allowed = (i.view(1, 1, 1, s) < sep.view(-1, 1, 1, 1)) | (i.view(1, 1, 1, s) <= i.view(1, 1, s, 1))
+        additive = torch.zeros(allowed.shape).masked_fill(~allowed, -10000.0)
+        x = self.word(ids) + self.pos(position_ids[:, 0]) + self.block(position_ids[:, 1])
+        for layer in self.layers:
+            x = layer(x, additive)
+        return self.final(x) @ self.word.weight.T
+
+
+def make_batch(batch: int, seq: int, vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    sep = torch.randint(seq // 4, 3 * seq // 4, (batch,), generator=g)
+    pos = torch.zeros(batch, 2, seq, dtype=torch.long)
+    loss_mask = torch.zeros(batch, seq)
+    for i, n in enumerate(sep.tolist()):
+        pos[i, 0, :n] = torch.arange(n)
+        pos[i, 0, n:] = n // 2
+        pos[i, 1, n:] = torch.arange(1, seq - n + 1)
+        loss_mask[i, n:] = 1
+    return {"ids": torch.randint(0, vocab, (batch, seq), generator=g), "pos": pos, "sep": sep,
+            "labels": torch.randint(0, vocab, (batch, seq), generator=g), "loss_mask": loss_mask}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=5, help="timed rounds (each: peak sample, our step, naive step)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--attention", default="sdpa", choices=("sdpa", "eager"))
+    ap.add_argument("--no-compile", action="store_true", help="do not torch.compile the layers and the loss")
+    ap.add_argument("--skip-naive", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    cfg = build_config({"model.size": "glm-base"}).model
+    cfg = dataclasses.replace(cfg, num_layers=args.layers, hidden_dropout=0.0, attention_dropout=0.0,
+                              attention_impl=args.attention)
+    batch = make_batch(args.batch, args.seq, cfg.vocab_size)
+    tokens = args.batch * args.seq
+    flops = flops_per_token(cfg, args.seq) * tokens
+    print(f"glm-base shape, {args.layers} layers, batch {args.batch} x seq {args.seq}, bf16 params, "
+          f"{args.threads} threads, attention {args.attention}, compile {not args.no_compile}; "
+          f"{flops / 1e9:.0f} model GFLOP/step; load average {os.getloadavg()[0]:.1f}")
+
+    model = GLMModel(cfg, params_dtype=torch.bfloat16).train()
+    loss_fn = glm_loss
+    if not args.no_compile:
+        model.compile_layers()
+        loss_fn = compiled_glm_loss
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step() -> None:
+        logits = model(batch["ids"], batch["pos"], batch["sep"])
+        loss_fn(logits, batch["labels"], batch["loss_mask"]).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    naive = NaiveGLM(args.layers, cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size,
+                     cfg.max_sequence_length + 1).to(torch.bfloat16).train()
+    nopt = torch.optim.AdamW(naive.parameters(), lr=1e-4)
+
+    def naive_step() -> None:
+        logits = naive(batch["ids"], batch["pos"], batch["sep"]).float()
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch["labels"].view(-1), reduction="none")
+        (loss * batch["loss_mask"].view(-1)).sum().div(batch["loss_mask"].sum()).backward()
+        nopt.step()
+        nopt.zero_grad(set_to_none=True)
+
+    t = time.perf_counter()
+    step()
+    print(f"first step (includes compilation): {time.perf_counter() - t:.1f} s")
+    for _ in range(args.warmup):
+        step()
+        if not args.skip_naive:
+            naive_step()
+    # Interleave peak samples and both models so they see the same machine load (shared CPUs are noisy).
+    peaks, ours, theirs = [], [], []
+    for _ in range(args.steps):
+        peaks.append(matmul_peak(reps=3))
+        ours.append(timed(step))
+        if not args.skip_naive:
+            theirs.append(timed(naive_step))
+    peak = median(peaks)
+    print(f"bf16 matmul peak (median of {len(peaks)} samples): {peak / 1e9:.0f} GFLOP/s "
+          f"(min {min(peaks) / 1e9:.0f}, max {max(peaks) / 1e9:.0f})")
+    fast = median(ours)
+    report("megatron_glm", fast, tokens, flops, peak)
+    if theirs:
+        slow = median(theirs)
+        report("naive", slow, tokens, flops, peak)
+        print(f"speed-up over naive: {slow / fast:.2f}x")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes share these cores)")
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def report(name: str, seconds: float, tokens: int, flops: float, peak: float) -> None:
+    print(f"{name:>13}: {seconds * 1e3:7.0f} ms/step  {tokens / seconds:8.0f} tokens/s  "
+          f"{flops / seconds / 1e9:6.0f} GFLOP/s  MFU {100 * flops / seconds / peak:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
