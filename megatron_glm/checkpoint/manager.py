@@ -217,6 +217,9 @@ class CheckpointManager:
             path = load_dir / tag
             meta = read_meta(path)
             layout = meta.get("layout", {})
+            if meta.get("weights_only"):
+                raise CheckpointError(f"{path}: holds model weights only (converted without optimizer state); "
+                                      f"start from it with --checkpoint.load_weights_only true")
             for key, want in (expect or {}).items():
                 if key in layout and layout[key] != want:
                     raise CheckpointError(

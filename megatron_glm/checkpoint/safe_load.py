@@ -35,8 +35,10 @@ def _deepspeed_safe_types() -> list[Any]:
     return types
 
 
-def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
+def safe_torch_load(path: str | Path, map_location: Any = "cpu", *, mmap: bool = False) -> Any:
     """``torch.load`` restricted to tensors, containers and allow-listed plain-data types.
+
+    ``mmap=True`` maps the tensor storages from the file instead of reading them (pages are read on use).
 
     Raises :class:`CheckpointError` naming the file for a missing, truncated, corrupt or unsafe file.
     """
@@ -45,7 +47,7 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
         with torch.serialization.safe_globals(_deepspeed_safe_types()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "Unsupported global" in str(exc) or "weights_only" in str(exc):

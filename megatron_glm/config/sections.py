@@ -131,6 +131,9 @@ class CheckpointConfig:
     load: str = opt("", "Directory to resume from (its latest complete checkpoint).")
     save_interval: int = opt(0, "Save every N steps (0: only at the end).")
     keep_last: int = opt(3, "Keep the newest K checkpoints (0: keep all).")
+    load_weights_only: bool = opt(False, "With load: take only the model weights of its newest checkpoint (e.g. a "
+                                         "converted one without optimizer state, or to fine-tune); optimizer, LR "
+                                         "schedule, step and data position start fresh.")
 
 
 @dataclass(kw_only=True)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import yaml
 
 from megatron_glm.checkpoint import CheckpointManager
+from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import GLMConfig, config_to_dict, validate
 from megatron_glm.data.loader import build_data_iterator, build_pretraining_datasets
 from megatron_glm.data.tokenizer import GLMTokenizer
@@ -50,6 +51,9 @@ def pretrain(cfg: GLMConfig) -> TrainState:
         (Path(cfg.checkpoint.save) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     model = build_model(cfg, ps, env.device)
+    if cfg.checkpoint.load and cfg.checkpoint.load_weights_only:
+        loaded = load_model_weights(model, cfg.checkpoint.load, ps.tp_size, ps.tp_rank, ps.pp_size)
+        log(f"loaded model weights only from {loaded}; optimizer and schedule start fresh")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"parameters on this rank: {n_params / 1e6:.2f} M")
     engine, accum, global_batch = build_engine(cfg, ps, model)
@@ -77,7 +81,7 @@ def pretrain(cfg: GLMConfig) -> TrainState:
                       peak_flops=float(peak.item()), checkpoints=CheckpointManager(cfg.checkpoint.save,
                                                                                    cfg.checkpoint.keep_last, log=log),
                       logger=logger, log=log)
-    if cfg.checkpoint.load:
+    if cfg.checkpoint.load and not cfg.checkpoint.load_weights_only:
         trainer.resume(cfg.checkpoint.load)
     log(f"set-up took {time.perf_counter() - started:.1f} s; training {cfg.training.train_iters} steps of "
         f"{global_batch} samples (micro-batch {mbs} x accumulation {accum} x dp {ps.dp_size})")

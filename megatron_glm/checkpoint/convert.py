@@ -1,0 +1,207 @@
+"""Convert a checkpoint between formats and parallel layouts (what ``tools/convert_checkpoint.py`` runs).
+
+Any source (our training checkpoints in any tp/dp/ZeRO layout, the original GLM format, the standalone
+safetensors format) is read as a stream of full tensors and written in the target format and layout. The
+output is written to a temporary directory next to ``output`` and renamed when complete and verified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_glm.checkpoint.formats.common import DTYPES, tokenizer_vocab_size
+from megatron_glm.checkpoint.formats.glm_original import GLMOriginalSource, find_rank_dir, write_glm_original
+from megatron_glm.checkpoint.formats.native import NativeSource, NativeTarget, write_native
+from megatron_glm.checkpoint.formats.standalone import StandaloneSource, is_standalone, write_standalone
+from megatron_glm.checkpoint.manager import META, list_checkpoints
+from megatron_glm.checkpoint.reshard import check_divisible, resize_vocab
+from megatron_glm.checkpoint.stream import OPTIMIZER_KEYS
+from megatron_glm.checkpoint.verify import compare_checksums, source_logits, stream_checksums
+from megatron_glm.config import pad_vocab_size
+from megatron_glm.errors import CheckpointError
+
+FORMATS = ("native", "glm", "safetensors")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ConvertOptions:
+    """What to write."""
+
+    format: str = "native"
+    target_tp: int = 1
+    target_pp: int = 1
+    target_dp: int | None = None
+    vocab_size: int | None = None
+    dtype: str | None = None
+    keep_optimizer: bool = True
+    verify: bool = True
+    verify_logits: bool = False
+    num_attention_heads: int | None = None
+    tokenizer_model: str | None = None
+    max_shard_bytes: int = 2 * 2**30
+
+
+@dataclasses.dataclass
+class ConvertReport:
+    """What was done, for the tool's summary."""
+
+    output: str
+    source: str
+    source_layout: str
+    target_layout: str
+    tensors: int = 0
+    optimizer: str = ""
+    verified: int = 0
+    logits_max_diff: float | None = None
+    seconds: float = 0.0
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def open_source(path: str | Path, *, num_attention_heads: int | None = None) -> Any:
+    """Detect the format of ``path`` and open it as a full-tensor stream."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if (path / META).is_file() or list_checkpoints(path):
+        return NativeSource(path)
+    if is_standalone(path):
+        return StandaloneSource(path)
+    if find_rank_dir(path) is not None:
+        return GLMOriginalSource(path, num_attention_heads=num_attention_heads)
+    raise CheckpointError(f"{path}: not a checkpoint we can read (neither a megatron_glm training checkpoint, an "
+                          f"original GLM checkpoint with mp_rank_XX_model_states.pt, nor a standalone model)")
+
+
+def _target_vocab(src: Any, opts: ConvertOptions, notes: list[str]) -> int:
+    cfg = src.info.config
+    tok_vocab = None
+    tok = opts.tokenizer_model or (src.info.tokenizer_files[0] if src.info.tokenizer_files else None)
+    if tok:
+        tok_vocab = tokenizer_vocab_size(tok)
+    vocab = opts.vocab_size or cfg.vocab_size
+    if tok_vocab is not None and vocab < tok_vocab:
+        raise CheckpointError(f"vocab size {vocab} is too small for the tokenizer ({tok_vocab} tokens, {tok})")
+    if tok_vocab is None:
+        notes.append("no tokenizer found: the vocab size was not checked against a tokenizer")
+    if vocab % opts.target_tp:
+        padded = pad_vocab_size(max(tok_vocab or 0, cfg.vocab_size), cfg.make_vocab_size_divisible_by, opts.target_tp)
+        raise CheckpointError(f"vocab size {vocab} is not divisible by the target tensor-parallel size "
+                              f"{opts.target_tp}; re-pad it with --vocab-size {padded}")
+    if vocab != cfg.vocab_size:
+        notes.append(f"vocab re-padded {cfg.vocab_size} -> {vocab} rows" +
+                     (" (new rows are zeros)" if vocab > cfg.vocab_size else ""))
+    return vocab
+
+
+def _check_target(src: Any, opts: ConvertOptions) -> None:
+    if opts.format not in FORMATS:
+        raise CheckpointError(f"unknown format {opts.format!r} (choose from {', '.join(FORMATS)})")
+    if opts.target_pp != 1:
+        raise CheckpointError(f"target pipeline size {opts.target_pp}: pipeline layouts cannot be written yet "
+                              f"(pending the pipeline layer-file format of issue 7); use --target-pp 1")
+    if opts.format == "safetensors" and opts.target_tp != 1:
+        raise CheckpointError("the standalone safetensors format is unsharded: use --target-tp 1")
+    cfg = src.info.config
+    tp = opts.target_tp
+    check_divisible("number of attention heads", cfg.num_attention_heads, tp, "choose a --target-tp that divides it")
+    check_divisible("MLP size 4 x hidden", 4 * cfg.hidden_size, tp)
+    if opts.dtype and opts.dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {opts.dtype!r} (fp32, bf16, fp16)")
+
+
+def convert_checkpoint(input_path: str | Path, output: str | Path, opts: ConvertOptions,
+                       log: Callable[[str], None] = print) -> ConvertReport:
+    """Convert ``input_path`` into ``output`` (which must not exist); verify; return a report."""
+    started = time.perf_counter()
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) if output.is_dir() else output.exists():
+        raise CheckpointError(f"{output}: already exists; choose a new output directory")
+    src = open_source(input_path, num_attention_heads=opts.num_attention_heads)
+    _check_target(src, opts)
+    info = src.info
+    notes = list(info.notes)
+    vocab = _target_vocab(src, opts, notes)
+    tcfg = dataclasses.replace(info.config, vocab_size=vocab)
+    dtype = DTYPES[opts.dtype] if opts.dtype else None
+
+    def transform(name: str, t: torch.Tensor) -> torch.Tensor:
+        t = resize_vocab(name, t, vocab)
+        return t.to(dtype) if dtype is not None else t
+
+    world = info.tp * info.pp * info.dp
+    target_dp = opts.target_dp or (world // opts.target_tp if world % opts.target_tp == 0 else 1)
+    report = ConvertReport(output=str(output), source=f"{info.format} {info.path}",
+                           source_layout=f"tp={info.tp} pp={info.pp} dp={info.dp} zero={info.zero_stage}",
+                           target_layout=f"{opts.format} tp={opts.target_tp} pp=1" +
+                           (f" dp={target_dp}" if opts.format == "native" else ""), notes=notes)
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        carry = False
+        if opts.format == "native":
+            note = src.optimizer_note() if isinstance(src, NativeSource) else "the source has no optimizer state"
+            carry = opts.keep_optimizer and note is None
+            if not opts.keep_optimizer:
+                note = "dropped on request (--no-optimizer)"
+            report.optimizer = ("resharded (ZeRO-1/2 partitions for the new layout)" if carry else
+                                f"NOT carried: {note}; wrote a model-only checkpoint (start from it with "
+                                f"--checkpoint.load_weights_only true)")
+            if dtype is not None:
+                notes.append("--dtype is ignored for the native format (weights keep the training dtype)")
+                dtype = None
+            write_native(src, tmp, NativeTarget(tp=opts.target_tp, dp=target_dp, config=tcfg, carry_optimizer=carry),
+                         transform=transform, log=log)
+        elif opts.format == "glm":
+            write_glm_original(src, tmp, opts.target_tp, tcfg, iteration=int(getattr(info, "meta", {}).get("step", 0)),
+                               transform=transform)
+        else:
+            tok = [opts.tokenizer_model] if opts.tokenizer_model else info.tokenizer_files
+            if dtype is None:
+                dtype = torch.float32
+            write_standalone(src, tmp, tcfg, transform=transform, dtype=dtype, tokenizer_files=tok,
+                             max_shard_bytes=opts.max_shard_bytes)
+        report.tensors = len(src.names())
+        if opts.verify:
+            report.verified = _verify(src, tmp, opts, transform, carry)
+        if opts.verify_logits:
+            before = source_logits(src, min(info.config.vocab_size, vocab))
+            after = source_logits(open_source(tmp, num_attention_heads=info.config.num_attention_heads),
+                                  min(info.config.vocab_size, vocab))
+            report.logits_max_diff = float((before - after).abs().max())
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _verify(src: Any, out: Path, opts: ConvertOptions, transform: Callable[[str, torch.Tensor], torch.Tensor],
+            carry: bool) -> int:
+    """Re-read the written checkpoint, merge it, and compare every tensor's shape, dtype and sha256."""
+    native = opts.format == "native"
+    dst = open_source(out, num_attention_heads=src.info.config.num_attention_heads)
+    get_src = (lambda n: transform(n, src.module_tensor(n))) if native else (lambda n: transform(n, src.tensor(n)))
+    if opts.format == "safetensors" and not opts.dtype:
+        get_src = lambda n: transform(n, src.tensor(n)).to(torch.float32)
+    expected = stream_checksums(src, get_src)
+    actual = stream_checksums(dst, dst.module_tensor)
+    compare_checksums(expected, actual, f"{out.name} weights")
+    count = len(expected)
+    if carry:
+        rows = dst.info.config.vocab_size  # optimizer states follow the weight's re-padding
+        for key in OPTIMIZER_KEYS:
+            exp = stream_checksums(src, lambda n, k=key: resize_vocab(n, src.optimizer_state(n)[k], rows))
+            act = stream_checksums(dst, lambda n, k=key: dst.optimizer_state(n)[k])
+            compare_checksums(exp, act, f"{out.name} optimizer {key}")
+            count += len(exp)
+    return count

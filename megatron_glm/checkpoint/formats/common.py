@@ -1,0 +1,46 @@
+"""Helpers shared by the formats: configs from dicts, tokenizer look-up, tensor dtype names."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_glm.config import ModelConfig
+from megatron_glm.errors import CheckpointError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def model_config_from_dict(fields: dict[str, Any], where: str) -> ModelConfig:
+    """A :class:`ModelConfig` from a dict (unknown keys ignored, required ones checked)."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    missing = [k for k in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size") if k not in fields]
+    if missing:
+        raise CheckpointError(f"{where}: model config lacks {', '.join(missing)}")
+    return ModelConfig(**{k: v for k, v in fields.items() if k in names})
+
+
+def tokenizer_vocab_size(path: str | Path) -> int:
+    """Vocabulary size of a GLM tokenizer model (base pieces + command tokens)."""
+    from megatron_glm.data.tokenizer import GLMTokenizer
+
+    return GLMTokenizer(str(path)).vocab_size
+
+
+def tokenizer_files(model_path: str | Path | None) -> list[str]:
+    """The sentencepiece model (and its .vocab when present), if the file exists."""
+    if not model_path:
+        return []
+    p = Path(model_path)
+    if not p.is_file():
+        return []
+    out = [str(p)]
+    vocab = p.with_suffix(".vocab")
+    if vocab.is_file():
+        out.append(str(vocab))
+    return out

@@ -1,0 +1,296 @@
+"""Our training checkpoints: ``<save>/global_stepN/`` written by :class:`CheckpointManager` (DeepSpeed files
+plus ``meta.json`` / ``manifest.json``). Read from any (tp, dp, ZeRO 0-3) layout; write any (tp, dp) layout
+as a complete training checkpoint (ZeRO-1/2 optimizer state resharded when the source has it)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_glm.checkpoint.manager import (
+    LATEST,
+    MANIFEST,
+    META,
+    _sha256,
+    list_checkpoints,
+    read_meta,
+    verify_checkpoint,
+)
+from megatron_glm.checkpoint.reshard import merge_shards, shard_shape, split_full
+from megatron_glm.checkpoint.safe_load import safe_torch_load
+from megatron_glm.checkpoint.stream import SourceInfo, glm_tensor_names, iter_layers
+from megatron_glm.checkpoint.zero import ZeroReader, write_zero12_file
+from megatron_glm.config import ModelConfig
+from megatron_glm.errors import CheckpointError
+
+from .common import DTYPES, model_config_from_dict, tokenizer_files
+
+
+def find_step_dir(path: Path) -> Path:
+    """``path`` itself when it is a step directory, else the newest complete checkpoint under it."""
+    if (path / META).is_file():
+        return path
+    tags = list_checkpoints(path)
+    if not tags:
+        raise CheckpointError(f"{path}: no megatron_glm checkpoint here (no {META} and no global_step* directory)")
+    problems = []
+    for tag in tags:
+        reason = verify_checkpoint(path / tag)
+        if reason is None:
+            return path / tag
+        problems.append(reason)
+    raise CheckpointError(f"{path}: no complete checkpoint: " + "; ".join(problems))
+
+
+def model_file(step: Path, tp_rank: int, zero_stage: int) -> Path:
+    if zero_stage == 3:
+        return step / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt"
+    return step / f"mp_rank_{tp_rank:02d}_model_states.pt"
+
+
+def optim_files(step: Path, tp_rank: int, dp: int) -> list[Path]:
+    """The ZeRO optimizer files of ``tp_rank`` (``bf16_`` prefixed ones under bf16 ZeRO-1)."""
+    for prefix in ("", "bf16_"):
+        files = [step / f"{prefix}zero_pp_rank_{d}_mp_rank_{tp_rank:02d}_optim_states.pt" for d in range(dp)]
+        if any(f.is_file() for f in files):
+            return files
+    return []
+
+
+class NativeSource:
+    """A step directory of ours, read as full tensors (memory-mapped, merged one tensor at a time)."""
+
+    def __init__(self, path: str | Path, *, check_manifest: bool = True) -> None:
+        step = find_step_dir(Path(path))
+        if check_manifest:
+            reason = verify_checkpoint(step)
+            if reason:
+                raise CheckpointError(reason)
+        meta = read_meta(step)
+        layout = meta.get("layout") or {}
+        model_fields = (meta.get("config") or {}).get("model")
+        if not model_fields or not layout:
+            raise CheckpointError(f"{step / META}: not a megatron_glm checkpoint (no layout/config.model)")
+        config = model_config_from_dict(model_fields, str(step / META))
+        tp, pp, dp = int(layout.get("tp", 1)), int(layout.get("pp", 1)), int(layout.get("dp", 1))
+        stage = int(layout.get("zero_stage", 0))
+        if pp > 1:
+            raise CheckpointError(f"{step}: pipeline-parallel checkpoints (pp={pp}) cannot be read yet; the "
+                                  f"pipeline layer-file reader is pending (issue 7)")
+        tok = ((meta.get("config") or {}).get("data") or {}).get("tokenizer_model")
+        self.info = SourceInfo(format="native", path=str(step), config=config, tp=tp, pp=pp, dp=dp, zero_stage=stage,
+                               meta=meta, tokenizer_files=tokenizer_files(tok))
+        self.step = step
+        missing = [str(model_file(step, t, stage).name) for t in range(tp) if not model_file(step, t, stage).is_file()]
+        if missing:
+            raise CheckpointError(f"{step}: missing tensor-parallel ranks: {', '.join(missing)} (layout tp={tp})")
+        self._models: dict[int, dict[str, Any]] = {}
+        first = self._model(0)
+        if "module" not in first:
+            raise CheckpointError(f"{model_file(step, 0, stage)}: not a DeepSpeed model-states file (no 'module')")
+        self.param_shapes = first.get("param_shapes")
+        self.zero: list[ZeroReader] = []
+        if stage > 0:
+            for t in range(tp):
+                files = optim_files(step, t, dp)
+                absent = [f.name for f in files if not f.is_file()] if files else ["(none)"]
+                if absent and files:
+                    raise CheckpointError(f"{step}: missing ZeRO optimizer files: {', '.join(absent)}")
+                if not files or not self.param_shapes:
+                    if stage == 3:
+                        raise CheckpointError(f"{step}: ZeRO-3 checkpoint without its optimizer files (the weights "
+                                              f"live there)")
+                    break
+                self.zero.append(ZeroReader(files, self.param_shapes))
+        self.bf16_optimizer = bool(self.zero) and self.zero[0].files[0].name.startswith("bf16_")
+        self.precision = ((meta.get("config") or {}).get("training") or {}).get("precision", "fp32")
+        self._names = glm_tensor_names(config)
+        module = first["module"]
+        missing_t = [n for n in self._names if n not in module]
+        if missing_t:
+            raise CheckpointError(f"{model_file(step, 0, stage)}: not a GLM checkpoint ({len(missing_t)} tensors "
+                                  f"missing, e.g. {missing_t[:3]})")
+
+    # ------------------------------------------------------------------ reading
+    def _model(self, t: int) -> dict[str, Any]:
+        if t not in self._models:
+            self._models[t] = safe_torch_load(model_file(self.step, t, self.info.zero_stage), mmap=True)
+        return self._models[t]
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def release(self) -> None:
+        self._models.clear()
+        for z in self.zero:
+            z.release()
+
+    def module_tensor(self, name: str) -> torch.Tensor:
+        if self.info.zero_stage == 3:
+            return self.tensor(name).to(DTYPES.get(self.precision, torch.float32))
+        return merge_shards(name, [self._model(t)["module"][name] for t in range(self.info.tp)])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if self.zero:
+            return merge_shards(name, [z.fp32(name) for z in self.zero])
+        return self.module_tensor(name)
+
+    def optimizer_state(self, name: str) -> dict[str, torch.Tensor] | None:
+        if not self.zero or not self.zero[0].has_moments:
+            return None
+        per_rank = [{"fp32": z.fp32(name), **z.moments(name)} for z in self.zero]
+        return {k: merge_shards(name, [r[k] for r in per_rank]) for k in per_rank[0]}
+
+    def optimizer_note(self) -> str | None:
+        """Why the optimizer state cannot be carried to a new layout (``None`` when it can)."""
+        stage = self.info.zero_stage
+        if stage == 0:
+            return "ZeRO stage 0 keeps the optimizer inside the model files; resharding it is not implemented"
+        if stage == 3:
+            return "ZeRO-3 optimizer partitions are not resharded (fp32 weights are consolidated)"
+        if self.bf16_optimizer:
+            return "DeepSpeed's bf16 ZeRO-1 optimizer layout is not written by this tool"
+        if not self.zero:
+            return "the checkpoint has no ZeRO optimizer files"
+        return None
+
+    def model_extras(self) -> dict[str, Any]:
+        """The DeepSpeed entries of tensor-parallel rank 0's model file other than the weights."""
+        return {k: v for k, v in self._model(0).items() if k != "module"}
+
+    def zero_globals(self) -> tuple[dict[str, Any], Any]:
+        return self.zero[0].global_state(), self.zero[0].step()
+
+
+@dataclasses.dataclass
+class NativeTarget:
+    """The layout to write."""
+
+    tp: int
+    dp: int
+    config: ModelConfig
+    carry_optimizer: bool
+
+
+def _tmp_save(obj: Any, path: Path) -> None:
+    part = path.with_name(path.name + ".part")
+    torch.save(obj, part)
+    os.replace(part, path)
+
+
+def write_native(src: NativeSource | Any, out: Path, target: NativeTarget, *, transform: Callable[[str, torch.Tensor],
+                 torch.Tensor], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write ``src`` as our training checkpoint ``out/<tag>/`` (+ ``out/latest``) in ``target``'s layout.
+
+    ``transform(name, full)`` adapts a full tensor (vocab re-padding, dtype). Returns the meta written.
+    """
+    meta_in = copy.deepcopy(getattr(src.info, "meta", {}) or {})
+    step_no = int(meta_in.get("step", 0))
+    tag = f"global_step{step_no}"
+    step = out / tag
+    step.mkdir(parents=True, exist_ok=True)
+    tp, dp, cfg = target.tp, target.dp, target.config
+    extras = src.model_extras() if hasattr(src, "model_extras") else {}
+    names = src.names()
+    shapes_in = extras.get("param_shapes") or _default_param_groups(names)
+    groups = [[n for n in g if n in set(names)] for g in shapes_in]
+    for t in range(tp):
+        module: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for _, run in iter_layers(names):
+            for name in run:
+                module[name] = split_full(name, transform(name, src.module_tensor(name)), t, tp).clone()
+            src.release()
+        state = dict(extras)
+        state.update({
+            "module": module,
+            "param_shapes": [OrderedDict((n, torch.Size(module[n].shape)) for n in g) for g in groups],
+            "dp_world_size": dp, "mp_world_size": tp,
+            "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": tp},
+            "optimizer": None,
+        })
+        state.setdefault("global_steps", step_no)
+        state.setdefault("skipped_steps", 0)
+        state.setdefault("buffer_names", [])
+        _tmp_save(state, step / f"mp_rank_{t:02d}_model_states.pt")
+        del module, state
+    if target.carry_optimizer:
+        _write_optimizer(src, step, groups, target, transform)
+        src.release()
+    same_layout = (src.info.tp, src.info.dp) == (tp, dp) and Path(src.info.path, "rng").is_dir()
+    if same_layout:
+        shutil.copytree(Path(src.info.path) / "rng", step / "rng")
+    meta = meta_in
+    meta.setdefault("step", step_no)
+    meta.setdefault("consumed_samples", 0)
+    # a weights-only checkpoint has no ZeRO files: its model files are laid out as under ZeRO 0-2
+    meta["layout"] = {"tp": tp, "pp": 1, "dp": dp, "zero_stage": src.info.zero_stage if target.carry_optimizer else 0}
+    meta["weights_only"] = not target.carry_optimizer
+    config = meta.setdefault("config", {})
+    config["model"] = {**config.get("model", {}), **dataclasses.asdict(cfg)}
+    par = config.setdefault("parallel", {})
+    par.update({"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1, "data_parallel_size": dp})
+    meta["converted_from"] = {"path": src.info.path, "format": src.info.format, "tp": src.info.tp,
+                              "pp": src.info.pp, "dp": src.info.dp, "zero_stage": src.info.zero_stage}
+    (step / META).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str), encoding="utf-8")
+    files = {str(f.relative_to(step)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(step.rglob("*")) if f.is_file()}
+    (step / MANIFEST).write_text(json.dumps({"tag": tag, "files": files}, indent=1), encoding="utf-8")
+    (out / LATEST).write_text(tag, encoding="utf-8")
+    return meta
+
+
+def _default_param_groups(names: list[str]) -> list[list[str]]:
+    """Our trainer's AdamW groups: weight matrices (decay) first, then biases and norms."""
+    decay = [n for n in names if not (n.endswith(".bias") or "layernorm" in n)]
+    return [decay, [n for n in names if n not in set(decay)]]
+
+
+def _write_optimizer(src: Any, step: Path, groups: list[list[str]], target: NativeTarget,
+                     transform: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+    """ZeRO-1/2 files for every (dp, tp) rank of the target, from the source's full per-parameter state."""
+    global_state, step_count = src.zero_globals()
+    ds_config = src.model_extras().get("ds_config")
+    cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def full_state(name: str) -> dict[str, torch.Tensor]:
+        if name not in cache:
+            cache.clear()
+            state = src.optimizer_state(name)
+            if state is None:
+                raise CheckpointError(f"{src.info.path}: no optimizer state for {name}")
+            cache[name] = {k: _resize_state(name, v, transform) for k, v in state.items()}
+        return cache[name]
+
+    for t in range(target.tp):
+        shard_groups = [[(n, torch.Size(shard_shape(n, _full_shape(n, target.config), target.tp))) for n in g]
+                        for g in groups]
+
+        def state_of(name: str, t: int = t) -> dict[str, torch.Tensor]:
+            return {k: split_full(name, v, t, target.tp) for k, v in full_state(name).items()}
+
+        for d in range(target.dp):
+            write_zero12_file(step / f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt", shard_groups, d,
+                              target.dp, state_of, global_state, step_count, ds_config)
+            src.release()
+            cache.clear()
+
+
+def _resize_state(name: str, t: torch.Tensor, transform: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Optimizer tensors follow the weight's vocab re-padding but stay fp32."""
+    out = transform(name, t)
+    return out.to(torch.float32)
+
+
+def _full_shape(name: str, config: ModelConfig) -> tuple[int, ...]:
+    from megatron_glm.checkpoint.stream import glm_tensor_shape
+
+    return glm_tensor_shape(name, config)

@@ -1,0 +1,161 @@
+"""Standalone model: ``model.safetensors`` (or shards ``model-0000i-of-0000N.safetensors`` with
+``model.safetensors.index.json``), ``config.json`` with the model fields, and the tokenizer files.
+
+Loadable without DeepSpeed: :func:`load_pretrained` (``GLMModel.from_pretrained``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_glm.checkpoint.stream import SourceInfo, check_names, iter_layers
+from megatron_glm.config import ModelConfig
+from megatron_glm.errors import CheckpointError
+
+from .common import DTYPE_NAMES, DTYPES, model_config_from_dict
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+CONFIG = "config.json"
+DEFAULT_SHARD_BYTES = 2 * 2**30
+
+
+def is_standalone(path: Path) -> bool:
+    return (path / CONFIG).is_file() and ((path / WEIGHTS).is_file() or (path / INDEX).is_file())
+
+
+def read_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    f = path / CONFIG
+    try:
+        raw = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{f}: cannot read the model config ({exc})") from None
+    return model_config_from_dict(raw, str(f)), raw
+
+
+class StandaloneSource:
+    """A standalone model directory, read one tensor at a time (safetensors are memory-mapped)."""
+
+    def __init__(self, path: str | Path) -> None:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not is_standalone(path):
+            raise CheckpointError(f"{path}: not a standalone GLM model ({CONFIG} + {WEIGHTS} or {INDEX})")
+        config, self.raw_config = read_config(path)
+        if (path / INDEX).is_file():
+            weight_map = json.loads((path / INDEX).read_text(encoding="utf-8"))["weight_map"]
+        else:
+            with safe_open(str(path / WEIGHTS), framework="pt") as f:
+                weight_map = {k: WEIGHTS for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        missing = sorted({v for v in weight_map.values() if not (path / v).is_file()})
+        if missing:
+            raise CheckpointError(f"{path}: missing weight shards: {', '.join(missing)}")
+        self.path, self.weight_map = path, weight_map
+        check_names(list(weight_map), config, str(path))
+        tok = [str(p) for p in sorted(path.glob("tokenizer*")) if p.is_file()]
+        self.info = SourceInfo(format="safetensors", path=str(path), config=config, tokenizer_files=tok)
+        self._open: dict[str, Any] = {}
+        from megatron_glm.checkpoint.stream import glm_tensor_names
+
+        self._names = glm_tensor_names(config)
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        fname = self.weight_map[name]
+        if fname not in self._open:
+            self._open[fname] = safe_open(str(self.path / fname), framework="pt")
+        return self._open[fname].get_tensor(name)
+
+    module_tensor = tensor
+
+    def optimizer_state(self, name: str) -> None:
+        return None
+
+    def release(self) -> None:
+        self._open.clear()
+
+
+def write_standalone(src: Any, out: Path, config: ModelConfig, *, transform: Callable[[str, torch.Tensor],
+                     torch.Tensor], dtype: torch.dtype, tokenizer_files: list[str],
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+    """Write the standalone model; returns the weight files written. Shards hold whole tensors."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes = 0
+    files: list[str] = []
+    weight_map: dict[str, int] = {}
+    total = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        if pending:
+            tmp = out / f".shard{len(files):05d}.safetensors"
+            save_file(pending, str(tmp), metadata={"format": "pt"})
+            files.append(tmp.name)
+            for k in pending:
+                weight_map[k] = len(files) - 1
+            pending, pending_bytes = {}, 0
+
+    for _, run in iter_layers(src.names()):
+        for name in run:
+            t = transform(name, src.tensor(name)).to(dtype).contiguous().clone()
+            size = t.numel() * t.element_size()
+            if pending and pending_bytes + size > max_shard_bytes:
+                flush()
+            pending[name] = t
+            pending_bytes += size
+            total += size
+        src.release()
+    flush()
+    n = len(files)
+    names = [WEIGHTS] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for tmp, final in zip(files, names):
+        os.replace(out / tmp, out / final)
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
+        (out / INDEX).write_text(json.dumps(index, indent=1), encoding="utf-8")
+    fields = {"architectures": ["GLMModel"], "model_type": "glm", "torch_dtype": DTYPE_NAMES[dtype],
+              **dataclasses.asdict(config)}
+    fields.pop("size", None)
+    (out / CONFIG).write_text(json.dumps(fields, indent=1), encoding="utf-8")
+    for f in tokenizer_files:
+        suffix = Path(f).suffix
+        shutil.copyfile(f, out / f"tokenizer{suffix}")
+    return names
+
+
+def load_pretrained(cls: type, path: str | Path, *, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> Any:
+    """Build ``cls`` (a GLM model class) from a standalone directory: one tensor in memory at a time."""
+    src = StandaloneSource(path)
+    config = src.info.config
+    dtype = dtype or DTYPES.get(src.raw_config.get("torch_dtype", "float32"), torch.float32)
+    model = cls(config, params_dtype=dtype, device=device)
+    own = model.state_dict()
+    extra = [k for k in own if k not in src.weight_map]
+    if extra:
+        raise CheckpointError(f"{path}: weights lack {len(extra)} model tensors, e.g. {extra[:3]}")
+    with torch.no_grad():
+        for name, param in own.items():
+            t = src.tensor(name)
+            if t.shape != param.shape:
+                raise CheckpointError(f"{path}: {name} has shape {list(t.shape)}, the model expects "
+                                      f"{list(param.shape)}")
+            param.copy_(t)
+    src.release()
+    return model.eval()
