@@ -1,0 +1,91 @@
+"""Choosing the next token from full-vocabulary logits: greedy, temperature, top-k, top-p (nucleus).
+
+Every function works on fp32 ``[b, V]`` logits. Sampling draws from an explicit ``torch.Generator`` so
+that the same seed gives the same tokens on every tensor-parallel rank and every run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_glm.errors import GLMError
+
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How blanks are filled.
+
+    ``strategy``: ``greedy`` (argmax), ``sample`` (temperature / top-k / top-p) or ``beam``
+    (deterministic beam search with ``num_beams`` and ``length_penalty``). ``max_new_tokens`` bounds each
+    blank's answer (an ``[eop]`` is forced when it is reached). ``banned_ids`` are never generated
+    (e.g. the padded vocabulary rows, or ``[eop]`` to force full-length answers in benchmarks).
+    ``use_cache``: KV cache (True) or recompute the whole sequence at every step (False, the reference).
+    """
+
+    strategy: str = "greedy"
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    seed: int = 1234
+    use_cache: bool = True
+    banned_ids: Sequence[int] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.strategy not in STRATEGIES:
+            problems.append(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.strategy == "beam" and self.num_beams < 2:
+            problems.append(f"beam search needs num_beams >= 2, got {self.num_beams}")
+        if problems:
+            raise GLMError("; ".join(problems))
+
+
+def ban(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
+    """``logits`` with the ``banned`` ids set to -inf (in place on a copy)."""
+    if banned is None or banned.numel() == 0:
+        return logits
+    logits = logits.clone()
+    logits[:, banned] = float("-inf")
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Scale by ``1 / temperature`` and keep the ``top_k`` largest / the smallest set of tokens whose
+    probability reaches ``top_p`` (the rest -inf). At least one token always survives."""
+    logits = logits.float() / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability mass strictly before each token
+        drop_sorted = before >= top_p
+        drop_sorted[:, 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """``[b]`` next tokens from fp32 ``[b, V]`` logits (banned ids already removed)."""
+    if config.strategy == "greedy":
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(filter_logits(logits, config.temperature, config.top_k, config.top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

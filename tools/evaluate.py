@@ -1,0 +1,127 @@
+"""Evaluate a GLM checkpoint: validation loss / perplexity per objective, and LAMBADA-style cloze accuracy.
+
+Usage::
+
+    python tools/evaluate.py --load runs/quickstart/checkpoints                      # held-out loss
+    python tools/evaluate.py --load CKPT --split-name test --eval-iters 50 --micro-batch-size 8
+    python tools/evaluate.py --load CKPT --cloze lambada.jsonl [--cloze-blank "[gMASK]"] [--no-loss]
+    torchrun --nproc_per_node 2 tools/evaluate.py --load CKPT                         # tensor parallel 2
+
+The loss uses the checkpoint's own data config (data path, split, sequence length, objective mixture,
+seed), so the held-out samples are exactly those training validated on; ``--data-path``,
+``--tokenizer-model``, ``--split`` and ``--seq-length`` override it. ``--cloze`` reads JSON lines
+``{"context": ..., "target": ...}`` and reports the share of targets predicted exactly (greedy). Prints
+a human summary and, with ``--json``, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_glm.config import GLMConfig, build_config
+from megatron_glm.config.loader import leaf_paths
+from megatron_glm.data.loader import SPLITS, build_data_iterator, build_pretraining_datasets
+from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.errors import ConfigError, GLMError, run_cli
+from megatron_glm.generation.evaluate import cloze_accuracy, evaluate_loss, read_cloze_jsonl
+from megatron_glm.generation.loading import init_inference, load_model
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="checkpoint directory (training save dir or global_stepN)")
+    p.add_argument("--tokenizer-model", default="", help="sentencepiece model (default: the checkpoint's)")
+    p.add_argument("--data-path", nargs="+", default=None, help="dataset prefixes (default: the checkpoint's)")
+    p.add_argument("--split", default=None, help="train/valid/test weights (default: the checkpoint's)")
+    p.add_argument("--split-name", choices=SPLITS, default="valid", help="split to evaluate (default valid)")
+    p.add_argument("--seq-length", type=int, default=None, help="sample length (default: the checkpoint's)")
+    p.add_argument("--eval-iters", type=int, default=20, help="micro-batches to evaluate (default 20)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="samples per batch (default: training's)")
+    p.add_argument("--no-loss", action="store_true", help="skip the loss evaluation")
+    p.add_argument("--cloze", default="", help="JSONL of {context, target} for cloze accuracy")
+    p.add_argument("--cloze-blank", default="[MASK]", help="blank token before the target (default [MASK])")
+    p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    return p.parse_args(argv)
+
+
+def data_config(meta: dict, args: argparse.Namespace, tokenizer_path: str) -> GLMConfig:
+    """The run's config from ``meta.json`` with this tool's overrides (unknown saved keys ignored)."""
+    known = leaf_paths()
+    flat: dict[str, object] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, path + ".")
+            elif path in known and path != "model.size":
+                flat[path] = value
+
+    walk(meta.get("config", {}), "")
+    if args.data_path:
+        flat["data.data_path"] = args.data_path
+    if args.split:
+        flat["data.split"] = args.split
+    if args.seq_length:
+        flat["data.seq_length"] = args.seq_length
+    if args.micro_batch_size:
+        flat["training.micro_batch_size"] = args.micro_batch_size
+    flat["data.tokenizer_model"] = tokenizer_path
+    flat["training.eval_iters"] = args.eval_iters
+    flat["data.num_workers"] = 0
+    cfg = build_config(flat, "checkpoint meta.json")
+    if not cfg.data.data_path:
+        raise ConfigError("no data path in the checkpoint: pass --data-path PREFIX")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.no_loss and not args.cloze:
+        raise GLMError("nothing to do: --no-loss without --cloze")
+    ps, device = init_inference()
+    model, meta = load_model(args.load, ps, device=device)
+    tokenizer_path = args.tokenizer_model or meta.get("config", {}).get("data", {}).get("tokenizer_model", "")
+    if not tokenizer_path:
+        raise GLMError("the checkpoint does not name its tokenizer: pass --tokenizer-model")
+    tokenizer = GLMTokenizer(tokenizer_path)
+    speak = ps.tp_rank == 0 and ps.dp_rank == 0
+    results: dict[str, object] = {"checkpoint": meta.get("step_dir"), "step": meta.get("step")}
+    if not args.no_loss:
+        cfg = data_config(meta, args, tokenizer_path)
+        if cfg.data.seq_length > model.config.max_sequence_length:
+            raise ConfigError(f"seq length {cfg.data.seq_length} exceeds the model's "
+                              f"{model.config.max_sequence_length} positions")
+        datasets = build_pretraining_datasets(cfg, tokenizer, dp_size=ps.dp_size, is_rank0=False)
+        dataset = datasets[SPLITS.index(args.split_name)]
+        if dataset is None:
+            raise GLMError(f"split {args.split_name!r} of {cfg.data.split!r} is empty in {cfg.data.data_path}")
+        batches = build_data_iterator(dataset, consumed_samples=0, micro_batch_size=cfg.training.micro_batch_size,
+                                      dp_rank=ps.dp_rank, dp_size=ps.dp_size)
+        loss = evaluate_loss(model, batches, args.eval_iters, ps)
+        results[args.split_name] = loss
+        if speak:
+            parts = [f"{args.split_name}: loss {loss.get('loss', float('nan')):.4f} "
+                     f"ppl {loss.get('ppl', float('nan')):.2f} ({int(loss['tokens'])} target tokens)"]
+            parts += [f"  {k.removeprefix('loss_')}: loss {v:.4f} ppl {loss['ppl_' + k[5:]]:.2f}"
+                      for k, v in loss.items() if k.startswith("loss_")]
+            print("\n".join(parts))
+    if args.cloze:
+        examples = read_cloze_jsonl(args.cloze)
+        cloze = cloze_accuracy(model, tokenizer, examples, blank=args.cloze_blank, parallel_state=ps)
+        results["cloze"] = cloze
+        if speak:
+            print(f"cloze ({args.cloze}): accuracy {cloze['accuracy']:.4f} over {int(cloze['count'])} examples "
+                  f"(token accuracy {cloze['token_accuracy']:.4f})")
+    if speak and args.json:
+        print(json.dumps(results, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
