@@ -104,9 +104,10 @@ def _target_vocab(src: Any, opts: ConvertOptions, notes: list[str]) -> int:
 def _check_target(src: Any, opts: ConvertOptions) -> None:
     if opts.format not in FORMATS:
         raise CheckpointError(f"unknown format {opts.format!r} (choose from {', '.join(FORMATS)})")
-    if opts.target_pp != 1:
-        raise CheckpointError(f"target pipeline size {opts.target_pp}: pipeline layouts cannot be written yet "
-                              f"(pending the pipeline layer-file format of issue 7); use --target-pp 1")
+    if opts.target_pp != 1 and opts.format != "native":
+        raise CheckpointError(f"--target-pp {opts.target_pp}: only the native format has pipeline layouts")
+    if opts.target_pp < 1 or src.info.config.num_layers % opts.target_pp:
+        raise CheckpointError(f"--target-pp {opts.target_pp} does not divide the {src.info.config.num_layers} layers")
     if opts.format == "safetensors" and opts.target_tp != 1:
         raise CheckpointError("the standalone safetensors format is unsharded: use --target-tp 1")
     cfg = src.info.config
@@ -137,10 +138,11 @@ def convert_checkpoint(input_path: str | Path, output: str | Path, opts: Convert
         return t.to(dtype) if dtype is not None else t
 
     world = info.tp * info.pp * info.dp
-    target_dp = opts.target_dp or (world // opts.target_tp if world % opts.target_tp == 0 else 1)
+    per_replica = opts.target_tp * opts.target_pp
+    target_dp = opts.target_dp or (world // per_replica if world % per_replica == 0 else 1)
     report = ConvertReport(output=str(output), source=f"{info.format} {info.path}",
                            source_layout=f"tp={info.tp} pp={info.pp} dp={info.dp} zero={info.zero_stage}",
-                           target_layout=f"{opts.format} tp={opts.target_tp} pp=1" +
+                           target_layout=f"{opts.format} tp={opts.target_tp} pp={opts.target_pp}" +
                            (f" dp={target_dp}" if opts.format == "native" else ""), notes=notes)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -149,6 +151,8 @@ def convert_checkpoint(input_path: str | Path, output: str | Path, opts: Convert
         carry = False
         if opts.format == "native":
             note = src.optimizer_note() if isinstance(src, NativeSource) else "the source has no optimizer state"
+            if opts.target_pp > 1 and note is None:
+                note = "pipeline targets are written with model weights only"
             carry = opts.keep_optimizer and note is None
             if not opts.keep_optimizer:
                 note = "dropped on request (--no-optimizer)"
@@ -158,8 +162,8 @@ def convert_checkpoint(input_path: str | Path, output: str | Path, opts: Convert
             if dtype is not None:
                 notes.append("--dtype is ignored for the native format (weights keep the training dtype)")
                 dtype = None
-            write_native(src, tmp, NativeTarget(tp=opts.target_tp, dp=target_dp, config=tcfg, carry_optimizer=carry),
-                         transform=transform, log=log)
+            write_native(src, tmp, NativeTarget(tp=opts.target_tp, dp=target_dp, config=tcfg, carry_optimizer=carry,
+                                                pp=opts.target_pp), transform=transform, log=log)
         elif opts.format == "glm":
             write_glm_original(src, tmp, opts.target_tp, tcfg, iteration=int(getattr(info, "meta", {}).get("step", 0)),
                                transform=transform)

@@ -1,44 +1,51 @@
 """Start a run from a checkpoint's model weights only (``checkpoint.load_weights_only``).
 
-Used for checkpoints written without optimizer state (e.g. converted from ZeRO-3 or from another format) and
-for fine-tuning: the weights are loaded into the model before the DeepSpeed engine is built, so every ZeRO
-stage works; optimizer, learning-rate schedule, step and data position start fresh.
+Used for checkpoints written without optimizer state (converted from ZeRO-3, from a pipeline layout, or from
+another format) and for fine-tuning. Any readable checkpoint works whatever its tensor/pipeline layout: it
+is read as full tensors by original GLM name and this rank keeps its shard. The weights are loaded before
+the DeepSpeed engine is built, so every ZeRO stage works; optimizer, schedule, step and data position start
+fresh.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from megatron_glm.checkpoint.formats.native import find_step_dir, model_file
-from megatron_glm.checkpoint.manager import read_meta
-from megatron_glm.checkpoint.safe_load import safe_torch_load
+from megatron_glm.checkpoint.reshard import split_full
 from megatron_glm.errors import CheckpointError
 
+_PIPE_PREFIX = re.compile(r"^(tied_modules\.[^.]+\.|\d+\.)")
 
-def load_model_weights(model: nn.Module, load_dir: str | Path, tp_size: int, tp_rank: int, pp_size: int = 1) -> Path:
-    """Load this tensor-parallel rank's weights from the newest complete checkpoint of ``load_dir``."""
-    step = find_step_dir(Path(load_dir))
-    layout = read_meta(step).get("layout", {})
-    if (int(layout.get("tp", 1)), int(layout.get("pp", 1))) != (tp_size, pp_size):
-        raise CheckpointError(f"{step}: saved with tp={layout.get('tp')} pp={layout.get('pp')} but this run has "
-                              f"tp={tp_size} pp={pp_size}; reshard it with tools/convert_checkpoint.py")
-    f = model_file(step, tp_rank, 0)
-    if not f.is_file():
-        raise CheckpointError(f"{f}: missing (a ZeRO-3 checkpoint keeps its weights in the optimizer files; "
-                              f"consolidate it with tools/convert_checkpoint.py --format native)")
-    module = safe_torch_load(f)["module"]
-    empty = [k for k, v in module.items() if v.numel() == 0]
-    if empty:
-        raise CheckpointError(f"{f}: holds ZeRO-3 placeholders, not weights; convert it first with "
-                              f"tools/convert_checkpoint.py --format native")
-    own = model.state_dict()
-    missing = [k for k in own if k not in module]
-    if missing:
-        raise CheckpointError(f"{f}: lacks {len(missing)} model tensors, e.g. {missing[:3]}")
-    for k, v in own.items():
-        if tuple(module[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{f}: {k} has shape {list(module[k].shape)}, the model expects {list(v.shape)}")
-    model.load_state_dict({k: module[k] for k in own}, strict=True)
-    return step
+
+def original_name(local_name: str) -> str:
+    """The original GLM name of a parameter of a :class:`GLMModel` or of a GLM ``PipelineModule`` stage."""
+    return _PIPE_PREFIX.sub("", local_name, count=1)
+
+
+def load_model_weights(model: nn.Module, load_dir: str | Path, tp_size: int, tp_rank: int) -> str:
+    """Load this rank's shard of every parameter of ``model`` from the checkpoint at ``load_dir``."""
+    from megatron_glm.checkpoint.convert import open_source  # the formats import the model; keep this lazy
+
+    src = open_source(load_dir)
+    available = set(src.names())
+    with torch.no_grad():
+        for local, param in model.named_parameters():
+            name = original_name(local)
+            if name not in available:
+                raise CheckpointError(f"{src.info.path}: has no tensor {name} (needed by this model)")
+            full = src.tensor(name)
+            try:
+                value = split_full(name, full, tp_rank, tp_size)
+            except (ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"{src.info.path}: {name} of shape {list(full.shape)} cannot be split for "
+                                      f"tensor-parallel size {tp_size} ({exc})") from None
+            if tuple(value.shape) != tuple(param.shape):
+                raise CheckpointError(f"{src.info.path}: {name} has shape {list(value.shape)} for tp rank {tp_rank}, "
+                                      f"the model expects {list(param.shape)}")
+            param.copy_(value)
+    src.release()
+    return src.info.path

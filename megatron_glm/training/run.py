@@ -52,7 +52,7 @@ def pretrain(cfg: GLMConfig) -> TrainState:
 
     model = build_model(cfg, ps, env.device)
     if cfg.checkpoint.load and cfg.checkpoint.load_weights_only:
-        loaded = load_model_weights(model, cfg.checkpoint.load, ps.tp_size, ps.tp_rank, ps.pp_size)
+        loaded = load_model_weights(model, cfg.checkpoint.load, ps.tp_size, ps.tp_rank)
         log(f"loaded model weights only from {loaded}; optimizer and schedule start fresh")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"parameters on this rank: {n_params / 1e6:.2f} M")

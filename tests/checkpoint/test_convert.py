@@ -103,8 +103,10 @@ def test_clear_errors(tmp_path: Path) -> None:
         convert(tmp_path / "glm", tmp_path / "x", target_tp=3)
     with pytest.raises(CheckpointError, match="not divisible by the target tensor-parallel size 4"):
         convert(tmp_path / "glm", tmp_path / "x", target_tp=4, vocab_size=130)
-    with pytest.raises(CheckpointError, match="pipeline"):
-        convert(tmp_path / "glm", tmp_path / "x", target_pp=2)
+    with pytest.raises(CheckpointError, match="only the native format has pipeline layouts"):
+        convert(tmp_path / "glm", tmp_path / "x", format="glm", target_pp=2)
+    with pytest.raises(CheckpointError, match="--target-pp 3 does not divide the 2 layers"):
+        convert(tmp_path / "glm", tmp_path / "x", target_pp=3)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("hi")
     with pytest.raises(CheckpointError, match="not a checkpoint we can read"):

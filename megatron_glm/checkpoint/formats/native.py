@@ -27,7 +27,7 @@ from megatron_glm.checkpoint.manager import (
 )
 from megatron_glm.checkpoint.reshard import merge_shards, shard_shape, split_full
 from megatron_glm.checkpoint.safe_load import safe_torch_load
-from megatron_glm.checkpoint.stream import SourceInfo, glm_tensor_names, iter_layers
+from megatron_glm.checkpoint.stream import SourceInfo, glm_tensor_names, iter_layers, layer_index
 from megatron_glm.checkpoint.zero import ZeroReader, write_zero12_file
 from megatron_glm.config import ModelConfig
 from megatron_glm.errors import CheckpointError
@@ -57,6 +57,27 @@ def model_file(step: Path, tp_rank: int, zero_stage: int) -> Path:
     return step / f"mp_rank_{tp_rank:02d}_model_states.pt"
 
 
+def layer_file(step: Path, index: int, tp_rank: int) -> Path:
+    """DeepSpeed's per-layer file of a pipeline checkpoint."""
+    return step / f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"
+
+
+def pipe_saved_layers(num_layers: int) -> int:
+    """Pipe layers with a file: word embedding, positions, the transformer layers, final norm (the tied head
+    has none; its weight is the word embedding's)."""
+    return num_layers + 3
+
+
+def pipe_layer_of(name: str, num_layers: int) -> int:
+    """The pipe layer index holding tensor ``name`` (see megatron_glm/model/pipeline.py)."""
+    if name.startswith("word_embeddings."):
+        return 0
+    if name.startswith("transformer.final_layernorm."):
+        return num_layers + 2
+    layer = layer_index(name)
+    return 1 if layer is None else layer + 2
+
+
 def optim_files(step: Path, tp_rank: int, dp: int) -> list[Path]:
     """The ZeRO optimizer files of ``tp_rank`` (``bf16_`` prefixed ones under bf16 ZeRO-1)."""
     for prefix in ("", "bf16_"):
@@ -83,23 +104,26 @@ class NativeSource:
         config = model_config_from_dict(model_fields, str(step / META))
         tp, pp, dp = int(layout.get("tp", 1)), int(layout.get("pp", 1)), int(layout.get("dp", 1))
         stage = int(layout.get("zero_stage", 0))
-        if pp > 1:
-            raise CheckpointError(f"{step}: pipeline-parallel checkpoints (pp={pp}) cannot be read yet; the "
-                                  f"pipeline layer-file reader is pending (issue 7)")
+        if pp > 1 and stage > 1:
+            raise CheckpointError(f"{step}: pipeline checkpoint with ZeRO stage {stage} (DeepSpeed supports 0/1)")
         tok = ((meta.get("config") or {}).get("data") or {}).get("tokenizer_model")
         self.info = SourceInfo(format="native", path=str(step), config=config, tp=tp, pp=pp, dp=dp, zero_stage=stage,
                                meta=meta, tokenizer_files=tokenizer_files(tok))
         self.step = step
-        missing = [str(model_file(step, t, stage).name) for t in range(tp) if not model_file(step, t, stage).is_file()]
+        if pp > 1:
+            wanted = [layer_file(step, i, t) for t in range(tp) for i in range(pipe_saved_layers(config.num_layers))]
+        else:
+            wanted = [model_file(step, t, stage) for t in range(tp)]
+        missing = [f.name for f in wanted if not f.is_file()]
         if missing:
-            raise CheckpointError(f"{step}: missing tensor-parallel ranks: {', '.join(missing)} (layout tp={tp})")
+            raise CheckpointError(f"{step}: missing rank files: {', '.join(missing[:4])} (layout tp={tp} pp={pp})")
         self._models: dict[int, dict[str, Any]] = {}
         first = self._model(0)
         if "module" not in first:
             raise CheckpointError(f"{model_file(step, 0, stage)}: not a DeepSpeed model-states file (no 'module')")
         self.param_shapes = first.get("param_shapes")
         self.zero: list[ZeroReader] = []
-        if stage > 0:
+        if stage > 0 and pp == 1:
             for t in range(tp):
                 files = optim_files(step, t, dp)
                 absent = [f.name for f in files if not f.is_file()] if files else ["(none)"]
@@ -123,7 +147,16 @@ class NativeSource:
     # ------------------------------------------------------------------ reading
     def _model(self, t: int) -> dict[str, Any]:
         if t not in self._models:
-            self._models[t] = safe_torch_load(model_file(self.step, t, self.info.zero_stage), mmap=True)
+            if self.info.pp > 1:  # pipeline: one file per pipe layer, keys are already the original names
+                module: dict[str, Any] = {}
+                for i in range(pipe_saved_layers(self.info.config.num_layers)):
+                    module.update(safe_torch_load(layer_file(self.step, i, t), mmap=True))
+                extras_file = self.step / "mp_rank_00_model_states.pt"
+                extras = safe_torch_load(extras_file, mmap=True) if extras_file.is_file() else {}
+                self._models[t] = {**{k: v for k, v in extras.items() if k != "module"}, "module": module,
+                                   "param_shapes": None}
+            else:
+                self._models[t] = safe_torch_load(model_file(self.step, t, self.info.zero_stage), mmap=True)
         return self._models[t]
 
     def names(self) -> list[str]:
@@ -153,6 +186,9 @@ class NativeSource:
     def optimizer_note(self) -> str | None:
         """Why the optimizer state cannot be carried to a new layout (``None`` when it can)."""
         stage = self.info.zero_stage
+        if self.info.pp > 1:
+            return ("pipeline checkpoints keep ZeRO partitions in the pipeline module's parameter order; the "
+                    "optimizer state is not resharded")
         if stage == 0:
             return "ZeRO stage 0 keeps the optimizer inside the model files; resharding it is not implemented"
         if stage == 3:
@@ -179,6 +215,7 @@ class NativeTarget:
     dp: int
     config: ModelConfig
     carry_optimizer: bool
+    pp: int = 1
 
 
 def _tmp_save(obj: Any, path: Path) -> None:
@@ -203,7 +240,9 @@ def write_native(src: NativeSource | Any, out: Path, target: NativeTarget, *, tr
     names = src.names()
     shapes_in = extras.get("param_shapes") or _default_param_groups(names)
     groups = [[n for n in g if n in set(names)] for g in shapes_in]
-    for t in range(tp):
+    if target.pp > 1:
+        _write_pipeline_layers(src, step, names, target, transform)
+    for t in range(tp if target.pp == 1 else 0):
         module: OrderedDict[str, torch.Tensor] = OrderedDict()
         for _, run in iter_layers(names):
             for name in run:
@@ -232,12 +271,14 @@ def write_native(src: NativeSource | Any, out: Path, target: NativeTarget, *, tr
     meta.setdefault("step", step_no)
     meta.setdefault("consumed_samples", 0)
     # a weights-only checkpoint has no ZeRO files: its model files are laid out as under ZeRO 0-2
-    meta["layout"] = {"tp": tp, "pp": 1, "dp": dp, "zero_stage": src.info.zero_stage if target.carry_optimizer else 0}
+    meta["layout"] = {"tp": tp, "pp": target.pp, "dp": dp,
+                      "zero_stage": src.info.zero_stage if target.carry_optimizer else 0}
     meta["weights_only"] = not target.carry_optimizer
     config = meta.setdefault("config", {})
     config["model"] = {**config.get("model", {}), **dataclasses.asdict(cfg)}
     par = config.setdefault("parallel", {})
-    par.update({"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1, "data_parallel_size": dp})
+    par.update({"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": target.pp,
+                "data_parallel_size": dp})
     meta["converted_from"] = {"path": src.info.path, "format": src.info.format, "tp": src.info.tp,
                               "pp": src.info.pp, "dp": src.info.dp, "zero_stage": src.info.zero_stage}
     (step / META).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str), encoding="utf-8")
@@ -246,6 +287,20 @@ def write_native(src: NativeSource | Any, out: Path, target: NativeTarget, *, tr
     (step / MANIFEST).write_text(json.dumps({"tag": tag, "files": files}, indent=1), encoding="utf-8")
     (out / LATEST).write_text(tag, encoding="utf-8")
     return meta
+
+
+def _write_pipeline_layers(src: Any, step: Path, names: list[str], target: NativeTarget,
+                           transform: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+    """Weights-only pipeline layout: DeepSpeed's ``layer_XX-model_YY`` files, one per pipe layer and TP rank."""
+    per_layer: dict[int, list[str]] = {}
+    for name in names:
+        per_layer.setdefault(pipe_layer_of(name, target.config.num_layers), []).append(name)
+    for index in range(pipe_saved_layers(target.config.num_layers)):
+        full = {n: transform(n, src.module_tensor(n)) for n in per_layer.get(index, [])}
+        for t in range(target.tp):
+            shard = OrderedDict((n, split_full(n, v, t, target.tp).clone()) for n, v in full.items())
+            _tmp_save(shard, layer_file(step, index, t))
+        src.release()
 
 
 def _default_param_groups(names: list[str]) -> list[list[str]]:
