@@ -83,6 +83,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_manifest(step_dir: Path, tag: str, hash_files: bool = True) -> None:
+    """Record every file of a step directory (size, sha256); written last, it marks the checkpoint complete."""
+    files = {str(f.relative_to(step_dir)): {"size": f.stat().st_size, "sha256": _sha256(f) if hash_files else ""}
+             for f in sorted(step_dir.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    write_text_atomic(step_dir / MANIFEST, json.dumps({"tag": tag, "files": files}, indent=1))
+
+
 def tag_for(step: int) -> str:
     return f"global_step{step}"
 
@@ -167,12 +174,7 @@ class CheckpointManager:
         _barrier()
         if _rank() == 0:
             write_text_atomic(tmp / META, json.dumps(meta, indent=1, sort_keys=True, default=str))
-            files = {}
-            for f in sorted(tmp.rglob("*")):
-                if f.is_file():
-                    files[str(f.relative_to(tmp))] = {"size": f.stat().st_size,
-                                                      "sha256": _sha256(f) if self.hash_files else ""}
-            write_text_atomic(tmp / MANIFEST, json.dumps({"tag": tag, "files": files}, indent=1))
+            write_manifest(tmp, tag, hash_files=self.hash_files)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,11 +27,12 @@ def original_name(local_name: str) -> str:
     return _PIPE_PREFIX.sub("", local_name, count=1)
 
 
-def load_model_weights(model: nn.Module, load_dir: str | Path, tp_size: int, tp_rank: int) -> str:
-    """Load this rank's shard of every parameter of ``model`` from the checkpoint at ``load_dir``."""
+def load_model_weights(model: nn.Module, source: str | Path | Any, tp_size: int, tp_rank: int) -> str:
+    """Load this rank's shard of every parameter of ``model`` from a checkpoint path (any format and layout)
+    or an already opened source (``megatron_glm.checkpoint.convert.open_source``)."""
     from megatron_glm.checkpoint.convert import open_source  # the formats import the model; keep this lazy
 
-    src = open_source(load_dir)
+    src = open_source(source) if isinstance(source, (str, Path)) else source
     available = set(src.names())
     with torch.no_grad():
         for local, param in model.named_parameters():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_glm.checkpoint.manager import write_manifest
 from megatron_glm.generation import GenerationConfig, generate
 from megatron_glm.generation.loading import load_model
 from megatron_glm.model import full_state_dict, glm_partition
@@ -33,6 +34,7 @@ def write_checkpoint(root: Path, weights: dict[str, torch.Tensor], tp: int, step
     meta = {"step": step, "layout": {"tp": tp, "pp": 1, "dp": 1},
             "config": {"model": dataclasses.asdict(tiny_config()), "data": {"tokenizer_model": ""}}}
     (step_dir / "meta.json").write_text(json.dumps(meta))
+    write_manifest(step_dir, step_dir.name)
     (root / "latest").write_text(step_dir.name)
     return root
 

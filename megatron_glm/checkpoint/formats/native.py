@@ -18,12 +18,11 @@ import torch
 
 from megatron_glm.checkpoint.manager import (
     LATEST,
-    MANIFEST,
     META,
-    _sha256,
     list_checkpoints,
     read_meta,
     verify_checkpoint,
+    write_manifest,
 )
 from megatron_glm.checkpoint.reshard import merge_shards, shard_shape, split_full
 from megatron_glm.checkpoint.safe_load import safe_torch_load
@@ -282,9 +281,7 @@ def write_native(src: NativeSource | Any, out: Path, target: NativeTarget, *, tr
     meta["converted_from"] = {"path": src.info.path, "format": src.info.format, "tp": src.info.tp,
                               "pp": src.info.pp, "dp": src.info.dp, "zero_stage": src.info.zero_stage}
     (step / META).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str), encoding="utf-8")
-    files = {str(f.relative_to(step)): {"size": f.stat().st_size, "sha256": _sha256(f)}
-             for f in sorted(step.rglob("*")) if f.is_file()}
-    (step / MANIFEST).write_text(json.dumps({"tag": tag, "files": files}, indent=1), encoding="utf-8")
+    write_manifest(step, tag)
     (out / LATEST).write_text(tag, encoding="utf-8")
     return meta
 
