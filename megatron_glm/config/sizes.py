@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 MODEL_SIZES = MappingProxyType({
-    "glm-tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, max_sequence_length=256),
+    "glm-tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, max_sequence_length=512),
     "glm-base": dict(num_layers=12, hidden_size=768, num_attention_heads=12, max_sequence_length=512,
                      vocab_size=30592),
     "glm-large": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, max_sequence_length=512,

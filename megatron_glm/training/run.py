@@ -50,6 +50,9 @@ def pretrain(cfg: GLMConfig) -> TrainState:
         Path(cfg.checkpoint.save).mkdir(parents=True, exist_ok=True)
         (Path(cfg.checkpoint.save) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
+    # Data first: a missing or corrupt dataset is reported before minutes of model and engine set-up.
+    train_ds, valid_ds, _ = build_pretraining_datasets(cfg, tokenizer, dp_size=ps.dp_size, is_rank0=is_logger,
+                                                       barrier=dist.barrier)
     model = build_model(cfg, ps, env.device)
     if cfg.checkpoint.load and cfg.checkpoint.load_weights_only:
         loaded = load_model_weights(model, cfg.checkpoint.load, ps.tp_size, ps.tp_rank)
@@ -58,8 +61,6 @@ def pretrain(cfg: GLMConfig) -> TrainState:
     log(f"parameters on this rank: {n_params / 1e6:.2f} M")
     engine, accum, global_batch = build_engine(cfg, ps, model)
 
-    train_ds, valid_ds, _ = build_pretraining_datasets(cfg, tokenizer, dp_size=ps.dp_size, is_rank0=is_logger,
-                                                       barrier=dist.barrier)
     mbs = cfg.training.micro_batch_size
 
     def train_batches(consumed: int):
