@@ -2,8 +2,9 @@
 
 One step = forward + backward + AdamW on one micro-batch (``--batch`` x ``--seq`` tokens) of a
 glm-base-shaped model (H 768, 12 heads, 4H MLP, vocab 30592; ``--layers`` of them, default 4 instead of
-12 to keep the run short). MFU = model FLOPs (``flops_per_token``: matmuls, dense attention, head;
-3x forward) per second / a bf16 matmul peak measured in the same run.
+12 to keep the run short). MFU = model FLOPs (``flops_per_token``: matmuls, dense attention, head; 3x
+forward) per second / a bf16 matmul peak measured in the same run. ``--loss-positions`` runs our head on the
+loss (Part B) rows only, as ``pretrain_glm.py`` does, and then counts head FLOPs on those rows only.
 
 The reference is the same architecture written naively: plain ``nn.Linear`` layers, eager attention with
 a materialised additive ``[b, 1, s, s]`` mask and fp32 softmax, ``torch.optim.AdamW`` defaults.
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_glm.config import build_config
-from megatron_glm.model import GLMModel, compiled_glm_loss, flops_per_token, glm_loss
+from megatron_glm.model import GLMModel, compiled_glm_loss, flops_per_token, glm_loss, glm_loss_at, loss_positions
 
 
 def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, reps: int = 10) -> float:
@@ -103,6 +104,9 @@ def main() -> None:
     ap.add_argument("--attention", default="sdpa", choices=("sdpa", "eager"))
     ap.add_argument("--no-compile", action="store_true", help="do not torch.compile the layers and the loss")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--loss-positions", action="store_true",
+                    help="run our head on the loss positions only, as pretrain_glm.py does (MFU then counts the "
+                         "head on those rows only, for both models)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -112,10 +116,17 @@ def main() -> None:
                               attention_impl=args.attention)
     batch = make_batch(args.batch, args.seq, cfg.vocab_size)
     tokens = args.batch * args.seq
+    # Model FLOPs: every layer and the head on every token (the standard count); with --loss-positions the
+    # head (3 x 2 H V per row) only on the rows the loss needs. Both models are measured against the same work.
+    loss_tokens = int(batch["loss_mask"].sum())
+    head = 3 * 2 * cfg.hidden_size * cfg.vocab_size
     flops = flops_per_token(cfg, args.seq) * tokens
-    print(f"glm-base shape, {args.layers} layers, batch {args.batch} x seq {args.seq}, bf16 params, "
-          f"{args.threads} threads, attention {args.attention}, compile {not args.no_compile}; "
-          f"{flops / 1e9:.0f} model GFLOP/step; load average {os.getloadavg()[0]:.1f}")
+    if args.loss_positions:
+        flops -= head * (tokens - loss_tokens)
+    print(f"glm-base shape, {args.layers} layers, batch {args.batch} x seq {args.seq} ({loss_tokens} loss tokens), "
+          f"bf16 params, {args.threads} threads, attention {args.attention}, compile {not args.no_compile}, head on "
+          f"{'loss' if args.loss_positions else 'all'} positions; {flops / 1e9:.0f} model GFLOP/step; "
+          f"load average {os.getloadavg()[0]:.1f}")
 
     model = GLMModel(cfg, params_dtype=torch.bfloat16).train()
     loss_fn = glm_loss
@@ -124,9 +135,16 @@ def main() -> None:
         loss_fn = compiled_glm_loss
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
+    positions = loss_positions(batch["loss_mask"])
+    loss_at = glm_loss_at if args.no_compile else torch.compile(glm_loss_at, dynamic=True)
+
     def step() -> None:
-        logits = model(batch["ids"], batch["pos"], batch["sep"])
-        loss_fn(logits, batch["labels"], batch["loss_mask"]).loss.backward()
+        if not args.loss_positions:
+            logits = model(batch["ids"], batch["pos"], batch["sep"])
+            loss_fn(logits, batch["labels"], batch["loss_mask"]).loss.backward()
+        else:
+            logits = model(batch["ids"], batch["pos"], batch["sep"], logit_positions=positions)
+            loss_at(logits, positions, batch["labels"], batch["loss_mask"]).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -2,14 +2,34 @@
 
 from megatron_glm.model.attention import ATTENTION_IMPLS, ParallelSelfAttention, attention_core, eager_attention
 from megatron_glm.model.glm import GLMModel, all_reduce_tied_embedding_grads, flops_per_token, init_method_for
-from megatron_glm.model.loss import GLMLoss, compiled_glm_loss, glm_loss
+from megatron_glm.model.loss import GLMLoss, compiled_glm_loss, glm_loss, glm_loss_at, loss_positions
 from megatron_glm.model.masks import AttentionMask, glm_mask_mod, prepare_attention_mask, sep_to_mask
 from megatron_glm.model.state_dict import GLM_PARTITIONS, full_state_dict, glm_partition, load_full_state_dict
 from megatron_glm.model.transformer import GLMLayer, GLMTransformer, ParallelMLP
 
 __all__ = [
-    "ATTENTION_IMPLS", "GLM_PARTITIONS", "AttentionMask", "GLMLayer", "GLMLoss", "GLMModel", "GLMTransformer",
-    "ParallelMLP", "ParallelSelfAttention", "all_reduce_tied_embedding_grads", "attention_core", "compiled_glm_loss",
-    "eager_attention", "flops_per_token", "full_state_dict", "glm_loss", "glm_mask_mod", "glm_partition",
-    "init_method_for", "load_full_state_dict", "prepare_attention_mask", "sep_to_mask",
+    "ATTENTION_IMPLS",
+    "GLM_PARTITIONS",
+    "AttentionMask",
+    "GLMLayer",
+    "GLMLoss",
+    "GLMModel",
+    "GLMTransformer",
+    "ParallelMLP",
+    "ParallelSelfAttention",
+    "all_reduce_tied_embedding_grads",
+    "attention_core",
+    "compiled_glm_loss",
+    "eager_attention",
+    "flops_per_token",
+    "full_state_dict",
+    "glm_loss",
+    "glm_loss_at",
+    "glm_mask_mod",
+    "glm_partition",
+    "init_method_for",
+    "load_full_state_dict",
+    "loss_positions",
+    "prepare_attention_mask",
+    "sep_to_mask",
 ]

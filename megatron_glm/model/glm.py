@@ -105,7 +105,7 @@ class GLMModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | AttentionMask | None = None, *,
-                kv_cache: KVCacheLike | None = None) -> torch.Tensor:
+                kv_cache: KVCacheLike | None = None, logit_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[b, s, V/tp]`` (last stage) or hidden states ``[b, s, H]`` (other stages).
 
         ``input_ids``: token ids ``[b, s]`` on the first stage, the previous stage's hidden states
@@ -117,6 +117,10 @@ class GLMModel(nn.Module):
         (``megatron_glm.generation.KVCache``); the ``s`` new positions attend to those and to each other,
         and their keys/values are appended. ``attention_mask`` is then ``[b, 1, s, length + s]``
         (a ``[b]`` sep tensor is accepted while the cache is empty). ``None`` (default): unchanged.
+
+        ``logit_positions`` (training, optional): flat indices into ``b * s`` (e.g. the loss positions from
+        :func:`~megatron_glm.model.loss.loss_positions`); the head then runs on those rows only and the
+        logits are ``[n, V/tp]``. GLM's loss covers Part B only, so Part A rows never need the head.
         """
         if attention_mask is None:
             raise ValueError("attention_mask is required ([b] sep values or a [b, 1, s, s] boolean mask)")
@@ -135,7 +139,11 @@ class GLMModel(nn.Module):
         else:
             mask = prepare_attention_mask(attention_mask, b, s, h.device, kv_seq=kv_cache.length + s)
             h = self.transformer(h, mask, self.rng_tracker, kv_cache=kv_cache)
-        return self.logits(h) if self.post_process else h
+        if not self.post_process:
+            return h
+        if logit_positions is not None:
+            h = h.reshape(b * s, h.shape[-1]).index_select(0, logit_positions)
+        return self.logits(h)
 
     def compile_layers(self, **kwargs: object) -> None:
         """``torch.compile`` every transformer layer in place (names and state dict unchanged).

@@ -50,6 +50,30 @@ def glm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
     return GLMLoss(loss, per_token, sample_sum, sample_tokens)
 
 
+def loss_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into ``b * s``) of the tokens that carry loss (``loss_mask != 0``)."""
+    return loss_mask.reshape(-1).nonzero().squeeze(-1)
+
+
+def glm_loss_at(logits: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                parallel_state: ParallelState | None = None, *, label_smoothing: float = 0.0) -> GLMLoss:
+    """:func:`glm_loss` for logits computed at ``positions`` only (``[n, V/tp]``, see
+    ``GLMModel.forward(logit_positions=...)``); every ``loss_mask`` token must be among the positions.
+
+    Same value and gradients as the full-sequence loss; ``per_token`` is scattered back to ``[b, s]``.
+    """
+    group = (parallel_state or ParallelState()).tp_group
+    b, s = labels.shape
+    mask = loss_mask.to(torch.float32)
+    token_loss = vocab_parallel_cross_entropy(logits, labels.reshape(-1).index_select(0, positions), group,
+                                              label_smoothing)
+    flat = torch.zeros(b * s, dtype=torch.float32, device=logits.device)
+    per_token = flat.index_add(0, positions, token_loss * mask.reshape(-1).index_select(0, positions)).view(b, s)
+    sample_sum, sample_tokens = per_token.sum(dim=-1), mask.sum(dim=-1)
+    loss = sample_sum.sum() / sample_tokens.sum().clamp(min=1.0)
+    return GLMLoss(loss, per_token, sample_sum, sample_tokens)
+
+
 _compiled: Any = None
 
 

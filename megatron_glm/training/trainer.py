@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron_glm.checkpoint import CheckpointManager
 from megatron_glm.config import GLMConfig, config_to_dict
 from megatron_glm.errors import GLMError
-from megatron_glm.model.loss import glm_loss
+from megatron_glm.model.loss import glm_loss_at, loss_positions
 from megatron_glm.model.pipeline import pipeline_batch
 from megatron_glm.parallel import ParallelState
 from megatron_glm.training.metrics import MetricsLogger
@@ -84,8 +84,9 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _forward(self, batch: Batch) -> Any:
-        logits = self.engine(batch["input_ids"], batch["position_ids"], batch["sep"])
-        return glm_loss(logits, batch["labels"], batch["loss_mask"], self.ps)
+        positions = loss_positions(batch["loss_mask"])  # the head runs on Part B (loss) rows only
+        logits = self.engine(batch["input_ids"], batch["position_ids"], batch["sep"], logit_positions=positions)
+        return glm_loss_at(logits, positions, batch["labels"], batch["loss_mask"], self.ps)
 
     def _all_finite(self, value: torch.Tensor) -> bool:
         flag = torch.tensor([1.0 if bool(torch.isfinite(value).all()) else 0.0], device=self.device)
