@@ -27,19 +27,7 @@ from torch import nn
 
 from megatron_glm.config import build_config
 from megatron_glm.model import GLMModel, compiled_glm_loss, flops_per_token, glm_loss, glm_loss_at, loss_positions
-
-
-def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, reps: int = 10) -> float:
-    """Best observed FLOP/s of an ``n^3`` matmul in ``dtype``."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = math.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+from megatron_glm.training.throughput import matmul_peak_flops
 
 
 class NaiveLayer(nn.Module):
@@ -169,7 +157,7 @@ def main() -> None:
     # Interleave peak samples and both models so they see the same machine load (shared CPUs are noisy).
     peaks, ours, theirs = [], [], []
     for _ in range(args.steps):
-        peaks.append(matmul_peak(reps=3))
+        peaks.append(matmul_peak_flops(torch.bfloat16, "cpu", n=2048, seconds=0.05))
         ours.append(timed(step))
         if not args.skip_naive:
             theirs.append(timed(naive_step))
