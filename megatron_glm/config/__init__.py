@@ -21,11 +21,29 @@ from megatron_glm.config.sections import (
     TrainingConfig,
 )
 from megatron_glm.config.sizes import MODEL_SIZES
-from megatron_glm.config.validate import derived_data_parallel_size, pad_vocab_size, problems, validate
+from megatron_glm.config.validate import batch_sizes, derived_data_parallel_size, pad_vocab_size, problems, validate
 
 __all__ = [
-    "FLAG_ALIASES", "MODEL_SIZES", "CheckpointConfig", "DataConfig", "GLMConfig", "LoggingConfig",
-    "ModelConfig", "ObjectiveConfig", "OptimizerConfig", "ParallelConfig", "TrainingConfig",
-    "build_config", "config_to_dict", "derived_data_parallel_size", "help_text", "load_config",
-    "load_yaml", "pad_vocab_size", "parse_overrides", "problems", "validate",
+    "FLAG_ALIASES",
+    "MODEL_SIZES",
+    "CheckpointConfig",
+    "DataConfig",
+    "GLMConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "TrainingConfig",
+    "batch_sizes",
+    "build_config",
+    "config_to_dict",
+    "derived_data_parallel_size",
+    "help_text",
+    "load_config",
+    "load_yaml",
+    "pad_vocab_size",
+    "parse_overrides",
+    "problems",
+    "validate",
 ]

@@ -20,6 +20,17 @@ def derived_data_parallel_size(cfg: GLMConfig, world_size: int) -> int:
     return p.data_parallel_size or 1
 
 
+def batch_sizes(cfg: GLMConfig, dp_size: int) -> tuple[int, int, int]:
+    """(micro_batch_size, gradient_accumulation_steps, global_batch_size) for ``dp_size`` replicas."""
+    t = cfg.training
+    micro = t.micro_batch_size
+    if t.global_batch_size:
+        accum = t.global_batch_size // (micro * dp_size)
+    else:
+        accum = t.gradient_accumulation_steps or 1
+    return micro, accum, micro * accum * dp_size
+
+
 def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
     """Every inconsistency in ``cfg`` as a readable message (empty when valid).
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_glm.config.sections import GLMConfig, TrainingConfig
+from megatron_glm.config import GLMConfig, batch_sizes
 from megatron_glm.data.blank_infilling import SENTENCE, BlankInfilling, ObjectiveChoice, SpecialTokens
 from megatron_glm.data.indexed_dataset import IndexedDataset
 from megatron_glm.data.samples import (
@@ -46,7 +46,6 @@ __all__ = [
     "build_pretraining_datasets",
     "build_windows",
     "collate",
-    "global_batch_size",
     "split_num_samples",
 ]
 
@@ -188,17 +187,10 @@ def build_data_iterator(
 # -- building from the config --------------------------------------------------------------------
 
 
-def global_batch_size(training: TrainingConfig, dp_size: int) -> int:
-    """Samples per optimizer step (``global_batch_size``, else micro x dp x accumulation)."""
-    if training.global_batch_size:
-        return training.global_batch_size
-    return training.micro_batch_size * dp_size * max(1, training.gradient_accumulation_steps)
-
-
 def split_num_samples(cfg: GLMConfig, dp_size: int) -> tuple[int, int, int]:
     """Samples training asks of the train, valid and test splits (what the index caches cover)."""
     t = cfg.training
-    gbs = global_batch_size(t, dp_size)
+    gbs = batch_sizes(cfg, dp_size)[2]
     evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval > 0 else 1
     eval_samples = t.eval_iters * t.micro_batch_size * dp_size
     return t.train_iters * gbs, evals * eval_samples, eval_samples

@@ -34,6 +34,14 @@ class GLMLoss:
         return out
 
 
+def add_group_sums(acc: dict[int, list[float]], sums: dict[int, tuple[float, float]] | dict[int, list[float]]) -> None:
+    """Add ``{group: (loss sum, token count)}`` (e.g. :meth:`GLMLoss.by_group`) into ``acc`` in place."""
+    for k, (s, n) in sums.items():
+        entry = acc.setdefault(k, [0.0, 0.0])
+        entry[0] += s
+        entry[1] += n
+
+
 def glm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
              parallel_state: ParallelState | None = None, *, label_smoothing: float = 0.0) -> GLMLoss:
     """Masked mean cross entropy of vocab-parallel ``logits [b, s, V/tp]`` against ``labels [b, s]``.

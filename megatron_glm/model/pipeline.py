@@ -26,7 +26,7 @@ from torch import nn
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.model.glm import init_method_for
-from megatron_glm.model.loss import glm_loss
+from megatron_glm.model.loss import add_group_sums, glm_loss
 from megatron_glm.model.masks import prepare_attention_mask
 from megatron_glm.model.transformer import GLMTransformer
 from megatron_glm.parallel import (
@@ -131,10 +131,7 @@ class PipelineLoss:
     def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
         target, loss_mask, objective = labels
         out = glm_loss(logits, target, loss_mask, self.ps)
-        for k, (s, n) in out.by_group(objective).items():
-            acc = self.objectives.setdefault(k, [0.0, 0.0])
-            acc[0] += s
-            acc[1] += n
+        add_group_sums(self.objectives, out.by_group(objective))
         return out.loss
 
     def pop(self) -> dict[int, list[float]]:

@@ -12,19 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from megatron_glm.config import GLMConfig
+from megatron_glm.config import GLMConfig, batch_sizes
 from megatron_glm.errors import ConfigError
-
-
-def batch_sizes(cfg: GLMConfig, dp_size: int) -> tuple[int, int, int]:
-    """(micro_batch_size, gradient_accumulation_steps, global_batch_size) for ``dp_size`` replicas."""
-    t = cfg.training
-    micro = t.micro_batch_size
-    if t.global_batch_size:
-        accum = t.global_batch_size // (micro * dp_size)
-    else:
-        accum = t.gradient_accumulation_steps or 1
-    return micro, accum, micro * accum * dp_size
 
 
 def read_json(path: str | Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron_glm.checkpoint import CheckpointManager
 from megatron_glm.config import GLMConfig, config_to_dict
 from megatron_glm.errors import GLMError
-from megatron_glm.model.loss import glm_loss_at, loss_positions
+from megatron_glm.model.loss import add_group_sums, glm_loss_at, loss_positions
 from megatron_glm.model.pipeline import pipeline_batch
 from megatron_glm.parallel import ParallelState
 from megatron_glm.training.metrics import MetricsLogger
@@ -52,10 +52,7 @@ class StepStats:
         self.micro_batches += other.micro_batches
         self.nonfinite += other.nonfinite
         self.lr = other.lr
-        for k, (s, n) in other.objectives.items():
-            acc = self.objectives.setdefault(k, [0.0, 0.0])
-            acc[0] += s
-            acc[1] += n
+        add_group_sums(self.objectives, other.objectives)
 
 
 class Trainer:
@@ -181,10 +178,7 @@ class Trainer:
             if self._all_finite(out.loss):
                 self.engine.backward(out.loss)
                 stats.loss_sum += float(out.loss.detach())
-                for k, (s, n) in out.by_group(batch["objective"]).items():
-                    acc = stats.objectives.setdefault(k, [0.0, 0.0])
-                    acc[0] += s
-                    acc[1] += n
+                add_group_sums(stats.objectives, out.by_group(batch["objective"]))
             else:  # skip this micro-batch's contribution: zero gradients, same collective pattern
                 stats.nonfinite += 1
                 zero = sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
@@ -268,25 +262,18 @@ class Trainer:
         assert self.valid_batches is not None
         self.engine.eval()
         batches = self.valid_batches()
-        total = [0.0, 0.0]
-        per_obj: dict[int, list[float]] = {}
+        per_obj: dict[int, list[float]] = {}  # every sample has an objective: the totals are their sums
         if self.pipelined:
             self.model.glm_loss.pop()
             self.engine.eval_batch(map(pipeline_batch, batches), num_micro_batches=self.cfg.training.eval_iters)
             per_obj = self.model.glm_loss.pop()
-            total = [sum(v[0] for v in per_obj.values()), sum(v[1] for v in per_obj.values())]
         for _ in range(0 if self.pipelined else self.cfg.training.eval_iters):
             try:
                 batch = self._to_device(next(batches))
             except StopIteration:
                 break
-            out = self._forward(batch)
-            total[0] += float(out.sample_sum.sum())
-            total[1] += float(out.sample_tokens.sum())
-            for k, (s, n) in out.by_group(batch["objective"]).items():
-                acc = per_obj.setdefault(k, [0.0, 0.0])
-                acc[0] += s
-                acc[1] += n
+            add_group_sums(per_obj, self._forward(batch).by_group(batch["objective"]))
+        total = [sum(v[0] for v in per_obj.values()), sum(v[1] for v in per_obj.values())]
         loss_sum, tokens = self._world_sum(total)
         values: dict[str, Any] = {}
         if tokens:
