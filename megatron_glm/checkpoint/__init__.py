@@ -1,7 +1,13 @@
 """Checkpoints: atomic save / verified load / resume, safe loading, resharding and format conversion."""
 
-from megatron_glm.checkpoint.manager import CheckpointManager, list_checkpoints, read_meta, verify_checkpoint
+from megatron_glm.checkpoint.manager import (
+    CheckpointManager,
+    check_save_dir,
+    list_checkpoints,
+    read_meta,
+    verify_checkpoint,
+)
 from megatron_glm.checkpoint.safe_load import safe_checkpoint_engine, safe_torch_load
 
-__all__ = ["CheckpointManager", "list_checkpoints", "read_meta", "safe_checkpoint_engine", "safe_torch_load",
-           "verify_checkpoint"]
+__all__ = ["CheckpointManager", "check_save_dir", "list_checkpoints", "read_meta", "safe_checkpoint_engine",
+           "safe_torch_load", "verify_checkpoint"]

@@ -15,6 +15,7 @@ when the newest is incomplete or corrupt.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -90,6 +91,50 @@ def write_manifest(step_dir: Path, tag: str, hash_files: bool = True) -> None:
     write_text_atomic(step_dir / MANIFEST, json.dumps({"tag": tag, "files": files}, indent=1))
 
 
+def remove_checkpoint(path: Path) -> None:
+    """Delete a step directory as atomically as it was written: renamed out of ``global_step*`` first.
+
+    A kill during the deletion leaves a ``.trash.*`` folder (removed by the next save), never a half-deleted
+    checkpoint under its final name.
+    """
+    trash = path.with_name(f".trash.{path.name}.{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_leftovers(directory: Path) -> list[str]:
+    """Remove ``.trash.*`` folders of interrupted deletions and ``.tmp.*`` folders of interrupted saves."""
+    removed = []
+    if directory.is_dir():
+        for p in directory.iterdir():
+            if p.is_dir() and (p.name.startswith(".trash.") or p.name.startswith(".tmp.global_step")):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+    return removed
+
+
+def check_save_dir(directory: str | Path) -> Path:
+    """Create ``directory`` if needed and prove it is writable; :class:`CheckpointError` in one line if not."""
+    directory = Path(directory)
+    probe = directory / f".write-test.{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(f"--save {directory}: cannot write there ({exc.strerror or exc})") from None
+    return directory
+
+
+def _is_disk_full(exc: BaseException, directory: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:  # torch's C++ writer says only "file write failed": ask the file system
+        return shutil.disk_usage(directory).free < (1 << 20)
+    except OSError:
+        return False
+
+
 def tag_for(step: int) -> str:
     return f"global_step{step}"
 
@@ -110,8 +155,11 @@ def list_checkpoints(directory: str | Path) -> list[str]:
     return tags
 
 
-def verify_checkpoint(path: str | Path) -> str | None:
-    """``None`` when the step directory matches its manifest, else the reason it does not."""
+def verify_checkpoint(path: str | Path, hash_files: bool = True) -> str | None:
+    """``None`` when the step directory matches its manifest, else the reason it does not.
+
+    ``hash_files=False`` checks presence and sizes only.
+    """
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -128,9 +176,22 @@ def verify_checkpoint(path: str | Path) -> str | None:
         size = f.stat().st_size
         if size != info["size"]:
             return f"{f}: truncated or altered ({size} bytes, manifest says {info['size']})"
-        if info.get("sha256") and _sha256(f) != info["sha256"]:
+        if hash_files and info.get("sha256") and _sha256(f) != info["sha256"]:
             return f"{f}: corrupt (sha256 differs from the manifest)"
     return None
+
+
+def _latest_problem(directory: Path, tags: list[str]) -> str:
+    """Why ``latest`` cannot be followed (missing, or naming an absent checkpoint), or ``""``."""
+    if not tags:
+        return ""
+    latest = directory / LATEST
+    if not latest.is_file():
+        return f"{latest} is missing; using the newest complete checkpoint, {tags[0]}"
+    named = latest.read_text(encoding="utf-8").strip()
+    if named not in tags:
+        return f"{latest} names {named!r}, which is not a complete checkpoint; using {tags[0]}"
+    return ""
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -151,6 +212,8 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.hash_files = hash_files
         self.log = log
+        self.bad_tags: set[str] = set()
+        """Checkpoints found corrupt while loading (never counted as kept when pruning)."""
 
     # ------------------------------------------------------------------ save
     def save(self, engine: Any, step: int, meta: dict[str, Any], rng_state: dict[str, Any]) -> Path:
@@ -162,33 +225,75 @@ class CheckpointManager:
         tmp = self.save_dir / tmp_tag
         final = self.save_dir / tag
         if _rank() == 0:
-            self.save_dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            check_save_dir(self.save_dir)
+            remove_leftovers(self.save_dir)
         _barrier()
-        engine.save_checkpoint(str(self.save_dir), tag=tmp_tag, client_state={}, save_latest=False)
-        rng_dir = tmp / "rng"
-        rng_dir.mkdir(parents=True, exist_ok=True)
-        part = rng_dir / f".rank{_rank():05d}.pt.part"
-        torch.save(rng_state, part)
-        os.replace(part, rng_dir / f"rank{_rank():05d}.pt")
-        _barrier()
+        error: BaseException | None = None
+        try:
+            engine.save_checkpoint(str(self.save_dir), tag=tmp_tag, client_state={}, save_latest=False)
+            rng_dir = tmp / "rng"
+            rng_dir.mkdir(parents=True, exist_ok=True)
+            part = rng_dir / f".rank{_rank():05d}.pt.part"
+            torch.save(rng_state, part)
+            os.replace(part, rng_dir / f"rank{_rank():05d}.pt")
+        except (OSError, RuntimeError) as exc:
+            error = exc
+        if _all_ok(error is None) and _rank() == 0:
+            try:
+                write_text_atomic(tmp / META, json.dumps(meta, indent=1, sort_keys=True, default=str))
+                write_manifest(tmp, tag, hash_files=self.hash_files)
+            except OSError as exc:
+                error = exc
+        if not _all_ok(error is None):
+            self._fail_save(tag, tmp, error)
         if _rank() == 0:
-            write_text_atomic(tmp / META, json.dumps(meta, indent=1, sort_keys=True, default=str))
-            write_manifest(tmp, tag, hash_files=self.hash_files)
             if final.exists():
-                shutil.rmtree(final)
+                remove_checkpoint(final)
             os.replace(tmp, final)
             write_text_atomic(self.save_dir / LATEST, tag)
             self._prune()
         _barrier()
         return final
 
+    def _fail_save(self, tag: str, tmp: Path, error: BaseException | None) -> None:
+        """Remove the partial checkpoint and raise one line that says why (the disk is full, ...)."""
+        assert self.save_dir is not None
+        full = error is not None and _is_disk_full(error, self.save_dir)
+        _barrier()
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        previous = list_checkpoints(self.save_dir)
+        kept = f"the previous checkpoint {previous[0]} is intact" if previous else "no earlier checkpoint exists"
+        if full:
+            reason = "the disk is full (no space left on device)"
+        elif error is not None:
+            reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        else:
+            reason = "another rank failed to write its part"
+        raise CheckpointError(f"cannot save checkpoint {tag} in {self.save_dir}: {reason}; removed the partial "
+                              f"{tmp.name}, {kept}")
+
     def _prune(self) -> None:
+        """Keep the newest ``keep_last`` checkpoints that verify; a corrupt one never counts as kept.
+
+        Verification here checks presence and sizes (hashing every kept checkpoint at each save would cost
+        as much as writing it); checkpoints already found corrupt while loading are known bad.
+        """
         if self.keep_last <= 0 or self.save_dir is None:
             return
-        tags = sorted((t for t in list_checkpoints(self.save_dir)), key=lambda t: int(TAG_RE.match(t).group(1)))
-        for old in tags[:-self.keep_last]:
-            shutil.rmtree(self.save_dir / old, ignore_errors=True)
+        tags = sorted(list_checkpoints(self.save_dir), key=lambda t: int(TAG_RE.match(t).group(1)), reverse=True)
+        good = [t for t in tags if t not in self.bad_tags
+                and verify_checkpoint(self.save_dir / t, hash_files=False) is None]
+        keep = set(good[:self.keep_last])
+        oldest_kept = min((int(TAG_RE.match(t).group(1)) for t in keep), default=0)
+        for old in tags:
+            if old in keep:
+                continue
+            if old in good or int(TAG_RE.match(old).group(1)) < oldest_kept or old in self.bad_tags:
+                if old not in good:
+                    self.log(f"removing corrupt checkpoint {old}")
+                remove_checkpoint(self.save_dir / old)
 
     # ------------------------------------------------------------------ load
     def load(self, engine: Any, load_dir: str | Path, expect: dict[str, Any] | None = None
@@ -203,10 +308,15 @@ class CheckpointManager:
         candidates: list[str] = []
         problems: list[str] = []
         if _rank() == 0:
-            for tag in list_checkpoints(load_dir):
+            tags = list_checkpoints(load_dir)
+            latest_note = _latest_problem(load_dir, tags)
+            if latest_note:
+                self.log(f"warning: {latest_note}")
+            for tag in tags:
                 reason = verify_checkpoint(load_dir / tag)
                 if reason:
                     problems.append(reason)
+                    self.bad_tags.add(tag)
                     self.log(f"warning: skipping checkpoint {tag}: {reason}")
                 else:
                     candidates.append(tag)
@@ -241,5 +351,6 @@ class CheckpointManager:
                 error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if _all_ok(not error):
                 return meta, rng_state
+            self.bad_tags.add(tag)
             self.log(f"warning: checkpoint {tag} failed to load ({error or 'on another rank'}); trying an older one")
         raise CheckpointError(f"no checkpoint in {load_dir} could be loaded (tried {', '.join(candidates)})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -45,18 +46,42 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu", *, mmap: bool =
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    if mmap and not zipfile.is_zipfile(path) and _is_legacy_torch_file(path):
+        mmap = False  # the pre-1.6 (non-zip) format cannot be mapped; it is still read as data only
     try:
         with torch.serialization.safe_globals(_deepspeed_safe_types()):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "Unsupported global" in str(exc) or "weights_only" in str(exc):
-            raise CheckpointError(f"{path}: refuses to load: it contains objects other than tensors and plain "
-                                  f"data ({first})") from None
-        raise CheckpointError(f"{path}: corrupt checkpoint file ({first})") from None
+        text = str(exc)
+        if "Unsupported global" in text or "weights_only" in text or "GLOBAL" in text:
+            raise CheckpointError(f"{path}: refused: {_unsafe_reason(text)}; a checkpoint must hold only "
+                                  f"tensors and plain data, so this file is not loaded") from None
+        raise CheckpointError(f"{path}: corrupt checkpoint file ({_first_line(exc)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint file ({first})") from None
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint file ({_first_line(exc)})") from None
+
+
+_GLOBAL_RE = re.compile(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)")
+
+
+def _unsafe_reason(text: str) -> str:
+    """What the pickle wanted to import, without PyTorch's advice to retry unsafely."""
+    found = _GLOBAL_RE.search(text)
+    if found:
+        return f"it would import and run {found.group(1)}"
+    return "it contains objects other than tensors and plain data"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _is_legacy_torch_file(path: Path) -> bool:
+    """Whether ``path`` starts like a pre-1.6 ``torch.save`` file (a pickle, not a zip archive)."""
+    with path.open("rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and head[1] in (2, 3, 4, 5)  # pickle protocol marker
 
 
 def safe_checkpoint_engine(config_params: Any = None) -> Any:

@@ -63,6 +63,7 @@ FLAG_ALIASES: dict[str, tuple[str, Any]] = {
     "--save": ("checkpoint.save", None),
     "--load": ("checkpoint.load", None),
     "--save-interval": ("checkpoint.save_interval", None),
+    "--override-checkpoint-config": ("checkpoint.override_config", True),
     "--log-interval": ("logging.log_interval", None),
     "--tensorboard-dir": ("logging.tensorboard_dir", None),
     "--data-path": ("data.data_path", None),
@@ -174,8 +175,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return _flatten(data, str(path))
 
 
-def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
-    """Split command-line tokens into (yaml path or None, {dotted path: raw value})."""
+def parse_overrides(argv: list[str], flags: dict[str, str] | None = None) -> tuple[str | None, dict[str, Any]]:
+    """Split command-line tokens into (yaml path or None, {dotted path: raw value}).
+
+    ``flags``, when given, receives the spelling used on the command line for each dotted path.
+    """
     paths = leaf_paths()
     config_path: str | None = None
     assignments: dict[str, Any] = {}
@@ -210,6 +214,8 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
                 spelled = [f"--{p}" for p in paths] + list(FLAG_ALIASES)
                 raise ConfigError(f"unknown option {flag}{_suggest(flag, spelled)}")
         tp = paths[path][1]
+        if flags is not None:
+            flags[path] = flag
         if typing.get_origin(tp) is list:
             assignments[path] = values
         elif len(values) == 1:
@@ -229,26 +235,33 @@ def _is_number(token: str) -> bool:
     return True
 
 
-def build_config(assignments: dict[str, Any], source: str = "config") -> GLMConfig:
-    """Make a :class:`GLMConfig` from dotted assignments (a named model size is applied first)."""
+def build_config(assignments: dict[str, Any], source: str = "config",
+                 sources: dict[str, str] | None = None) -> GLMConfig:
+    """Make a :class:`GLMConfig` from dotted assignments (a named model size is applied first).
+
+    Errors name ``sources[key]`` (where that value came from, e.g. ``command line (--lr)``) or ``source``.
+    """
     paths = leaf_paths()
+    sources = sources or {}
     for key in assignments:
         if key not in paths:
-            raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key, list(paths))}")
+            raise ConfigError(f"{sources.get(key, source)}: unknown key '{key}'{_suggest(key, list(paths))}")
     cfg = GLMConfig()
     size = assignments.get("model.size", "")
     merged: dict[str, Any] = {}
     if size:
         if size not in MODEL_SIZES:
-            raise ConfigError(f"{source}: model.size '{size}' is not one of {', '.join(MODEL_SIZES)}")
+            raise ConfigError(f"{sources.get('model.size', source)}: model.size '{size}' is not one of "
+                              f"{', '.join(MODEL_SIZES)}")
         merged.update({f"model.{k}": v for k, v in MODEL_SIZES[size].items()})
     merged.update(assignments)
     for path, raw in merged.items():
         f, tp = paths[path]
-        value = _coerce(raw, tp, f"{source}: {path}")
+        where = sources.get(path, source)
+        value = _coerce(raw, tp, f"{where}: {path}")
         choices = f.metadata.get("choices")
         if choices and value not in choices:
-            raise ConfigError(f"{source}: {path} must be one of {', '.join(choices)}, got {value!r}")
+            raise ConfigError(f"{where}: {path} must be one of {', '.join(choices)}, got {value!r}")
         *parents, leaf = path.split(".")
         target: Any = cfg
         for p in parents:
@@ -259,7 +272,8 @@ def build_config(assignments: dict[str, Any], source: str = "config") -> GLMConf
 
 def load_config(argv: list[str]) -> GLMConfig:
     """Entry points call this with ``sys.argv[1:]``: ``--config FILE`` plus overrides."""
-    config_path, overrides = parse_overrides(argv)
+    flags: dict[str, str] = {}
+    config_path, overrides = parse_overrides(argv, flags)
     assignments: dict[str, Any] = {}
     source = "command line"
     if config_path:
@@ -267,7 +281,9 @@ def load_config(argv: list[str]) -> GLMConfig:
         source = config_path
         build_config(assignments, source)  # report YAML errors against the file
     assignments.update(overrides)
-    return build_config(assignments, source)
+    # A bad command-line value is blamed on the flag that gave it, not on the YAML file.
+    sources = {path: f"command line ({flags.get(path, '--' + path)})" for path in overrides}
+    return build_config(assignments, source, sources)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -134,6 +134,9 @@ class CheckpointConfig:
     load_weights_only: bool = opt(False, "With load: take only the model weights of its newest checkpoint (e.g. a "
                                          "converted one without optimizer state, or to fine-tune); optimizer, LR "
                                          "schedule, step and data position start fresh.")
+    override_config: bool = opt(False, "Resume even though the data (fingerprint or path), tokenizer, sequence "
+                                       "length, global batch, seed or split differ from the checkpoint's "
+                                       "(without it such a resume is refused with the list of differences).")
 
 
 @dataclass(kw_only=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from megatron_glm.config.finite import nonfinite_fields
 from megatron_glm.config.sections import GLMConfig
 from megatron_glm.errors import ConfigError
 
@@ -149,7 +150,7 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
 
 def validate(cfg: GLMConfig, world_size: int = 0) -> GLMConfig:
     """Raise :class:`ConfigError` listing every problem (one line, '; '-separated)."""
-    found = problems(cfg, world_size)
+    found = nonfinite_fields(cfg) + problems(cfg, world_size)
     if found:
         raise ConfigError("invalid configuration: " + "; ".join(found))
     return cfg

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import yaml
 
-from megatron_glm.checkpoint import CheckpointManager
+from megatron_glm.checkpoint import CheckpointManager, check_save_dir
+from megatron_glm.checkpoint.drift import run_identity
+from megatron_glm.checkpoint.manager import write_text_atomic
 from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import GLMConfig, config_to_dict, validate
 from megatron_glm.data.loader import build_data_iterator, build_pretraining_datasets
 from megatron_glm.data.tokenizer import GLMTokenizer
-from megatron_glm.errors import ConfigError
+from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.model import flops_per_token
 from megatron_glm.parallel import initialize_parallel_state
 from megatron_glm.training.distributed import init_distributed
@@ -46,9 +47,13 @@ def pretrain(cfg: GLMConfig) -> TrainState:
         f"{env.device.type}; {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, vocab "
         f"{cfg.model.vocab_size} (tokenizer {tokenizer.vocab_size}), seq {cfg.data.seq_length}, "
         f"precision {cfg.training.precision}")
-    if cfg.checkpoint.save and is_logger:
-        Path(cfg.checkpoint.save).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.checkpoint.save) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if cfg.checkpoint.save:  # every rank: a read-only or full save directory is reported by all, at once
+        save_dir = check_save_dir(cfg.checkpoint.save)
+        if is_logger:
+            try:
+                write_text_atomic(save_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            except OSError as exc:
+                raise CheckpointError(f"--save {save_dir}: cannot write config.yaml ({exc.strerror or exc})") from None
 
     # Data first: a missing or corrupt dataset is reported before minutes of model and engine set-up.
     train_ds, valid_ds, _ = build_pretraining_datasets(cfg, tokenizer, dp_size=ps.dp_size, is_rank0=is_logger,
@@ -82,6 +87,7 @@ def pretrain(cfg: GLMConfig) -> TrainState:
                       peak_flops=float(peak.item()), checkpoints=CheckpointManager(cfg.checkpoint.save,
                                                                                    cfg.checkpoint.keep_last, log=log),
                       logger=logger, log=log)
+    trainer.identity = run_identity(cfg, global_batch)
     if cfg.checkpoint.load and not cfg.checkpoint.load_weights_only:
         trainer.resume(cfg.checkpoint.load)
     log(f"set-up took {time.perf_counter() - started:.1f} s; training {cfg.training.train_iters} steps of "

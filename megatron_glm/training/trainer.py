@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_glm.checkpoint import CheckpointManager
+from megatron_glm.checkpoint.drift import identity_drift
 from megatron_glm.config import GLMConfig, config_to_dict
-from megatron_glm.errors import GLMError
+from megatron_glm.errors import CheckpointError, GLMError
 from megatron_glm.model.loss import add_group_sums, glm_loss_at, loss_positions
 from megatron_glm.model.pipeline import pipeline_batch
 from megatron_glm.parallel import ParallelState
@@ -71,6 +72,8 @@ class Trainer:
         self.state = TrainState()
         self._stop_signal = 0
         self._last_saved = -1
+        self.identity: dict[str, Any] = {}
+        """What a resume must share with this run (:func:`~megatron_glm.checkpoint.drift.run_identity`)."""
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -116,7 +119,7 @@ class Trainer:
                 "nonfinite_total": self.state.nonfinite_total,
                 "layout": {"tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size,
                            "zero_stage": self.engine.zero_optimization_stage()},
-                "config": config_to_dict(self.cfg)}
+                "config": config_to_dict(self.cfg), "identity": self.identity}
 
     def save(self) -> None:
         path = self.checkpoints.save(self.engine, self.state.step, self.meta(), get_rng_state(self.model.rng_tracker))
@@ -132,6 +135,7 @@ class Trainer:
             self.log(f"warning: no checkpoint in {load_dir}; starting from scratch")
             return False
         meta, rng = loaded
+        self._check_drift(load_dir, meta)
         self.state = TrainState(step=int(meta["step"]), consumed_samples=int(meta["consumed_samples"]),
                                 nonfinite_total=int(meta.get("nonfinite_total", 0)))
         set_rng_state(rng, self.model.rng_tracker)
@@ -139,6 +143,20 @@ class Trainer:
         self._last_saved = self.state.step
         self.log(f"resumed from {load_dir} at step {self.state.step} ({self.state.consumed_samples} samples)")
         return True
+
+    def _check_drift(self, load_dir: str, meta: dict[str, Any]) -> None:
+        """Refuse to resume a different run (other data, tokenizer, seq length, batch, seed or split)."""
+        if not self.identity:
+            return
+        drift = identity_drift(meta, self.identity)
+        if not drift:
+            return
+        if self.cfg.checkpoint.override_config:
+            self.log(f"warning: resuming {load_dir} although it differs ({'; '.join(drift)}): "
+                     f"--override-checkpoint-config given")
+            return
+        raise CheckpointError(f"{load_dir}: this run differs from the checkpoint's: {'; '.join(drift)}; resume "
+                              f"with the same settings, or pass --override-checkpoint-config to continue anyway")
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum

@@ -93,7 +93,7 @@ def test_layout_mismatch_and_empty_dir(tmp_path: Path) -> None:
 def test_safe_load_refuses_code(tmp_path: Path) -> None:
     bad = tmp_path / "evil.pt"
     torch.save({"x": collections.OrderedDict(a=1), "obj": FakeEngine()}, bad)
-    with pytest.raises(CheckpointError, match="evil.pt: refuses to load"):
+    with pytest.raises(CheckpointError, match="evil.pt: refused: it would import and run "):
         safe_torch_load(bad)
     trunc = tmp_path / "t.pt"
     torch.save({"w": torch.zeros(1000)}, trunc)
