@@ -25,12 +25,26 @@ class CheckpointError(GLMError):
     """A checkpoint is missing, incomplete, corrupt or incompatible."""
 
 
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` as one line; an error re-raised from a DataLoader worker ("Caught DataError in
+    DataLoader worker process 0. Original Traceback ...") gives back the worker's own message."""
+    text = str(exc)
+    if "\nOriginal Traceback" in text:
+        last = next((line for line in reversed(text.splitlines()) if line.strip()), text)
+        name = type(exc).__name__
+        for prefix in (f"{type(exc).__module__}.{name}: ", f"{name}: "):
+            if last.startswith(prefix):
+                return last[len(prefix):]
+        return last
+    return " ".join(text.split("\n")) if "\n" in text else text
+
+
 def run_cli(main: Callable[[], T]) -> T:
     """Run an entry point's ``main``; report :class:`GLMError` as ``error: ...`` and exit 2."""
     try:
         return main()
     except GLMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

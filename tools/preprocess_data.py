@@ -7,9 +7,11 @@ Example (the embedded pydoc corpus, one sequence per sentence, EOD after every d
     python tools/preprocess_data.py --input data/pydoc.jsonl --tokenizer-model data/pydoc_bpe.model \\
         --output-prefix data/pydoc --split-sentences --append-eod --workers 2
 
-writes ``data/pydoc_text_sentence.bin/.idx``. Bad lines (invalid JSON or UTF-8, missing keys,
-non-string values, empty documents) are skipped and reported with their line numbers; ``--strict``
-stops at the first one.
+writes ``data/pydoc_text_sentence.bin/.idx`` (and a ``.meta.json`` sidecar). Inputs may be gzip or zstandard
+compressed JSONL/text or Parquet (``--json-keys`` names the text column). Bad lines (invalid JSON or UTF-8,
+missing keys, non-string values, lone surrogates, empty documents) are skipped and reported with their line
+numbers; ``--strict`` stops at the first one; more than ``--max-bad-fraction`` bad, or no document at all,
+is an error and nothing is written. A run that was killed resumes from its finished units when rerun.
 """
 
 from __future__ import annotations
@@ -27,9 +29,14 @@ from megatron_glm.errors import run_cli
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("input")
-    group.add_argument("--input", nargs="+", required=True, help="JSONL or text file(s) or glob(s)")
-    group.add_argument("--input-format", choices=("jsonl", "text"), default="jsonl", help="text: one document a line")
-    group.add_argument("--json-keys", nargs="+", default=["text"], help="JSONL keys to tokenize (default: text)")
+    group.add_argument("--input", nargs="+", required=True,
+                       help="JSONL / text (plain, .gz, .zst) or Parquet file(s) or glob(s), mixed freely")
+    group.add_argument("--input-format", choices=("auto", "jsonl", "text"), default="auto",
+                       help="auto (default): by extension, else by the first line; text: one document a line")
+    group.add_argument("--json-keys", nargs="+", default=["text"],
+                       help="JSONL keys (Parquet columns) to tokenize (default: text)")
+    group.add_argument("--max-bad-fraction", type=float, default=0.5,
+                       help="fail, writing nothing, when more of the records are bad (default: 0.5)")
     group.add_argument("--split-sentences", action="store_true", help="store one sequence per sentence")
     group.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
     group = parser.add_argument_group("tokenizer")
@@ -58,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         strict=args.strict,
         log_interval=args.log_interval,
         chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
+        max_bad_fraction=args.max_bad_fraction,
     )
     summary = preprocess(config, log=lambda line: print(line, flush=True))
     for line in summary.report():

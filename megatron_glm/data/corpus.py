@@ -29,7 +29,7 @@ __all__ = [
     "write_jsonl",
 ]
 
-INPUT_FORMATS = ("jsonl", "text")
+INPUT_FORMATS = ("auto", "jsonl", "text")
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
@@ -60,7 +60,8 @@ class LineProblem(NamedTuple):
 
 
 #: Kinds of bad input, in the order summaries list them.
-PROBLEM_KINDS = ("invalid_utf8", "invalid_json", "missing_key", "not_a_string", "empty_document")
+PROBLEM_KINDS = ("invalid_utf8", "invalid_json", "missing_key", "not_a_string", "invalid_unicode",
+                 "empty_document")
 
 
 def parse_line(raw: bytes, input_format: str, keys: Sequence[str]) -> tuple[list[str] | None, LineProblem | None]:
@@ -91,24 +92,38 @@ def parse_line(raw: bytes, input_format: str, keys: Sequence[str]) -> tuple[list
         value = record[key]
         if not isinstance(value, str):
             return None, LineProblem("not_a_string", f"key {key!r} is {type(value).__name__}, expected a string")
+        if b"\\u" in raw and _has_surrogate(value):
+            return None, LineProblem("invalid_unicode", f"key {key!r} holds a lone surrogate escape (\\ud800-"
+                                                        f"\\udfff), which is no character")
         texts.append(value)
     return texts, None
 
 
+def _has_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate (only a JSON ``\\uXXXX`` escape can put one there)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def iter_texts(
-    paths: Sequence[str], input_format: str = "jsonl", key: str = "text", strict: bool = False
+    paths: Sequence[str], input_format: str = "auto", key: str = "text", strict: bool = False
 ) -> Iterator[str]:
-    """Texts of every usable line of ``paths`` (bad lines are skipped, or fatal with ``strict``)."""
+    """Texts of every usable record of ``paths`` (any container of :mod:`~megatron_glm.data.sources`); bad
+    records are skipped, or fatal with ``strict``."""
+    from megatron_glm.data.sources import describe, iter_records, plan_units
+
     if input_format not in INPUT_FORMATS:
         raise DataError(f"--input-format {input_format!r}: expected one of {', '.join(INPUT_FORMATS)}")
-    for path in paths:
-        with open(path, "rb") as stream:
-            for lineno, raw in enumerate(stream, 1):
-                texts, problem = parse_line(raw, input_format, [key])
-                if problem is not None and strict:
-                    raise DataError(f"{path}:{lineno}: {problem.message}")
-                if texts is not None and texts[0]:
-                    yield texts[0]
+    sources = [describe(path, input_format) for path in paths]
+    for unit in plan_units(sources, 1 << 62):
+        for lineno, (texts, problem) in enumerate(iter_records(unit, [key]), 1):
+            if problem is not None and strict:
+                raise DataError(f"{unit.path}:{lineno}: {problem.message}")
+            if texts is not None and texts[0]:
+                yield texts[0]
 
 
 def pydoc_documents() -> list[tuple[str, str]]:

@@ -203,8 +203,12 @@ def build_windows(
     seed: int,
     num_samples: Sequence[int] = (0, 0, 0),
     build_cache: bool = True,
+    vocab_size: int = 0,
 ) -> list[Windows | None]:
-    """Windows of the train, valid and test splits of ``data`` (a :class:`DataConfig`); None if empty."""
+    """Windows of the train, valid and test splits of ``data`` (a :class:`DataConfig`); None if empty.
+
+    ``vocab_size`` (the tokenizer's) bounds the token ids: checked on open and in every window.
+    """
     pairs = parse_data_path(data.data_path)
     datasets = [(w, IndexedDataset(prefix)) for w, prefix in pairs]
     out: list[Windows | None] = []
@@ -218,6 +222,7 @@ def build_windows(
                 ds, (lo, hi), data.seq_length, cls_id=special.cls, eos_id=special.eos,
                 pack=data.pack_documents, seed=seed, name=name, cache_dir=data.cache_dir,
                 num_samples=int(num_samples[split_index] * weight) + 1, build_cache=build_cache,
+                vocab_size=vocab_size,
             )
             if len(windows):
                 parts.append((weight, windows))
@@ -256,7 +261,7 @@ def build_pretraining_datasets(
     special = tokenizer if isinstance(tokenizer, SpecialTokens) else SpecialTokens.from_tokenizer(tokenizer)
     num_samples = split_num_samples(cfg, dp_size)
     windows = build_windows(cfg.data, special, seed=cfg.training.seed, num_samples=num_samples,
-                            build_cache=is_rank0)
+                            build_cache=is_rank0, vocab_size=int(getattr(tokenizer, "vocab_size", 0)))
     if barrier is not None:
         barrier()
     sampler = BlankInfilling(cfg.data.objective, special, cfg.data.seq_length)

@@ -1,11 +1,19 @@
-"""Corpus preprocessing: JSONL/text -> tokens -> Megatron ``.bin/.idx`` datasets.
+"""Corpus preprocessing: JSONL/text (plain, gzip, zstandard) or Parquet -> tokens -> Megatron ``.bin/.idx``.
 
-The input files are cut into chunks of about ``chunk_bytes`` at line boundaries. Each worker process
-reads its chunks straight from the files, tokenizes them and writes one shard dataset per chunk and
-key; the parent only merges finished shards, in input order, into the outputs (a file copy plus
-index arithmetic). So no token passes through a pipe, the workers scale with cores, memory is
-bounded by the chunk size whatever the input size, and the output bytes are the same for any number
-of workers. Outputs get their final names only when everything succeeded.
+The inputs are cut into work units (:mod:`megatron_glm.data.sources`: byte ranges of about ``chunk_bytes``
+at line boundaries for plain files, a whole compressed file, a Parquet row group). Each worker process
+reads its units straight from the files, tokenizes them and writes one shard dataset per unit and key;
+the parent only merges finished shards, in input order, into the outputs (a file copy plus index
+arithmetic). So no token passes through a pipe, the workers scale with cores, memory is bounded by the
+unit size whatever the input size (a huge document is tokenized in pieces), and the output bytes are the
+same for any number of workers and whatever the container.
+
+Surviving a kill: shards live in ``{output_prefix}.shards/`` next to a ``plan.json`` describing the inputs
+and options; a finished unit gets a ``NNNNNN.done.json``. Rerunning the same command after a crash or
+``kill -9`` reuses the finished units and does the rest; a changed input or option restarts cleanly.
+Outputs get their final names only when everything succeeded, then the shard folder is removed.
+Input that is mostly bad (above ``max_bad_fraction``) or gives no document at all is an error, and
+nothing is written.
 
 Outputs: ``{output_prefix}_{key}_{sentence|document}.bin/.idx`` per JSON key (``text`` for plain
 text input). With ``split_sentences`` each sentence is one sequence (see
@@ -15,25 +23,37 @@ pieces concatenate to the document, so decoding a document's sequences gives its
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fcntl
+import glob
+import hashlib
+import json
 import multiprocessing
 import os
 import shutil
-import tempfile
+import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from itertools import chain, pairwise
+from dataclasses import asdict, dataclass, field
+from itertools import pairwise
+from typing import Any
 
 import numpy as np
 
-from megatron_glm.data.corpus import INPUT_FORMATS, PROBLEM_KINDS, LineProblem, expand_inputs, parse_line
-from megatron_glm.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
+from megatron_glm.data.corpus import INPUT_FORMATS, PROBLEM_KINDS, LineProblem, expand_inputs
+from megatron_glm.data.dataset_meta import meta_path, write_dataset_meta
+from megatron_glm.data.indexed_dataset import IndexedDatasetBuilder, best_dtype, bin_path, idx_path
 from megatron_glm.data.sentence_split import split_sentences
+from megatron_glm.data.sources import SourceFile, WorkUnit, describe, iter_records, plan_units
 from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.errors import DataError
 
-__all__ = ["PreprocessConfig", "PreprocessSummary", "Problem", "output_prefix_for", "plan_chunks", "preprocess"]
+__all__ = ["PreprocessConfig", "PreprocessSummary", "Problem", "output_prefix_for", "plan_chunks", "preprocess",
+           "shard_dir_for"]
 
 #: Bad lines reported individually (by file and line number); the rest are only counted.
 MAX_REPORTED = 10
@@ -51,8 +71,9 @@ class PreprocessConfig:
     """Path of the sentencepiece model (:class:`GLMTokenizer`)."""
     json_keys: list[str] = field(default_factory=lambda: ["text"])
     """JSONL keys to tokenize, each into its own dataset; a line missing one is skipped for all."""
-    input_format: str = "jsonl"
-    """``jsonl`` (one JSON object a line) or ``text`` (one document a line)."""
+    input_format: str = "auto"
+    """``auto`` (per file, by extension or content), ``jsonl`` (one JSON object a line) or ``text`` (one
+    document a line); Parquet files are always read by column (the JSON keys name the columns)."""
     workers: int = 1
     """Worker processes; 1 runs in this process."""
     split_sentences: bool = False
@@ -64,7 +85,9 @@ class PreprocessConfig:
     log_interval: int = 10000
     """Print a progress line every this many documents (checked as chunks finish)."""
     chunk_bytes: int = 8 << 20
-    """Input bytes per work unit (also what bounds each worker's memory)."""
+    """Input bytes per work unit of a plain file (also what bounds each worker's memory)."""
+    max_bad_fraction: float = 0.5
+    """Fail (writing nothing) when more than this fraction of the non-blank records is bad."""
 
     def validate(self) -> None:
         if self.input_format not in INPUT_FORMATS:
@@ -81,9 +104,13 @@ class PreprocessConfig:
             raise DataError(f"--log-interval {self.log_interval}: expected at least 1")
         if self.chunk_bytes < 1:
             raise DataError(f"chunk_bytes {self.chunk_bytes}: expected at least 1")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise DataError(f"--max-bad-fraction {self.max_bad_fraction}: expected a fraction in [0, 1]")
         directory = os.path.dirname(os.path.abspath(self.output_prefix))
         if not os.path.isdir(directory):
             raise DataError(f"--output-prefix {self.output_prefix}: directory {directory} does not exist")
+        if not os.access(directory, os.W_OK):
+            raise DataError(f"--output-prefix {self.output_prefix}: directory {directory} is not writable")
 
 
 @dataclass(frozen=True)
@@ -119,6 +146,17 @@ class PreprocessSummary:
     problems: list[Problem] = field(default_factory=list)
     """The first :data:`MAX_REPORTED` bad lines."""
     seconds: float = 0.0
+    resumed_units: int = 0
+    """Work units reused from an interrupted run."""
+    max_token_id: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def bad_fraction(self) -> float:
+        """Bad records over non-blank records."""
+        return sum(self.skipped.values()) / max(1, self.lines - self.blank_lines)
+
+    def kinds(self) -> str:
+        return ", ".join(f"{self.skipped[k]} {k}" for k in PROBLEM_KINDS if self.skipped.get(k))
 
     @property
     def total_tokens(self) -> int:
@@ -139,8 +177,8 @@ class PreprocessSummary:
             lines.append(f"  {prefix}.bin/.idx: {self.sequences[key]:,} sequences, {self.tokens[key]:,} tokens")
         skipped = sum(self.skipped.values())
         if skipped:
-            kinds = ", ".join(f"{self.skipped[k]} {k}" for k in PROBLEM_KINDS if self.skipped.get(k))
-            lines.append(f"skipped {skipped} bad line(s) of {self.lines:,}: {kinds}")
+            lines.append(f"skipped {skipped} bad line(s) of {self.lines:,} ({self.bad_fraction:.1%} of the non-blank "
+                         f"ones): {self.kinds()}")
             lines.extend(f"  {problem}" for problem in self.problems)
             if skipped > len(self.problems):
                 lines.append(f"  ... and {skipped - len(self.problems)} more")
@@ -152,36 +190,14 @@ def output_prefix_for(output_prefix: str, key: str, split_sentences: bool) -> st
     return f"{output_prefix}_{key}_{'sentence' if split_sentences else 'document'}"
 
 
-@dataclass(frozen=True)
-class _Chunk:
-    index: int
-    file_index: int
-    path: str
-    start: int
-    end: int
+def plan_chunks(paths: Sequence[str | SourceFile], chunk_bytes: int) -> list[WorkUnit]:
+    """The work units of ``paths`` (see :func:`megatron_glm.data.sources.plan_units`)."""
+    return plan_units(paths, chunk_bytes)
 
 
-def plan_chunks(paths: Sequence[str], chunk_bytes: int) -> list[_Chunk]:
-    """Cut every file into byte ranges of about ``chunk_bytes`` that start at line starts."""
-    chunks: list[_Chunk] = []
-    for file_index, path in enumerate(paths):
-        size = os.path.getsize(path)
-        bounds = [0]
-        with open(path, "rb") as stream:
-            target = chunk_bytes
-            while target < size:
-                stream.seek(target - 1)
-                stream.readline()  # the boundary is just after the newline ending this line
-                bound = stream.tell()
-                if bound >= size:
-                    break
-                bounds.append(bound)
-                target = bound + chunk_bytes
-        bounds.append(size)
-        for start, end in pairwise(bounds):
-            if end > start or size == 0:
-                chunks.append(_Chunk(len(chunks), file_index, path, start, end))
-    return chunks
+def shard_dir_for(output_prefix: str) -> str:
+    """Where the shards of an unfinished run live (kept after a kill so that a rerun resumes)."""
+    return os.path.abspath(output_prefix) + ".shards"
 
 
 @dataclass
@@ -194,36 +210,79 @@ class _ChunkResult:
     documents: int = 0
     tokens: dict[str, int] = field(default_factory=dict)
     sequences: dict[str, int] = field(default_factory=dict)
-    skipped: Counter = field(default_factory=Counter)
-    problems: list[tuple[int, LineProblem]] = field(default_factory=list)
-    """(line number within the chunk, problem) for the first few bad lines."""
+    max_token_id: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    problems: list[tuple[int, str, str]] = field(default_factory=list)
+    """(line number within the unit, kind, message) for the first few bad lines."""
 
 
 @dataclass(frozen=True)
 class _Job:
     tokenizer_model: str
     keys: tuple[str, ...]
-    input_format: str
     split_sentences: bool
     append_eod: bool
     strict: bool
     shard_dir: str
 
 
+#: The tokenizer of this worker process (set by ``_init_worker``; one per process, never shared).
 _WORKER: dict[str, object] = {}
 
+#: Characters above which a document is tokenized in pieces cut before whitespace (bounds the memory of
+#: sentencepiece's id list, ~36 bytes a token, for a huge document).
+PIECE_CHARS = 1 << 20
 
-def _init_worker(job: _Job) -> None:
+
+def _die_with_parent() -> None:
+    """Linux: a worker is killed when the parent dies (``kill -9`` leaves no orphan tokenizing on)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _init_worker(job: _Job, in_pool: bool = False) -> None:
+    if in_pool:
+        _die_with_parent()
     tokenizer = GLMTokenizer(job.tokenizer_model)
-    _WORKER.update(job=job, tokenizer=tokenizer, dtype=best_dtype(tokenizer.vocab_size))
+    encode = tokenizer._encode_plain  # corpus text: command tokens written in it stay text
+    # Pieces cut before a whitespace character tokenize like the whole text with sentencepiece's
+    # whitespace pre-splitting (and no dummy prefix); check that on probes before relying on it.
+    probes = ("hello world again", "a  b\nc d", "x.\ty 12 34")
+    splittable = all(encode(p) == encode(p[: p.index(" ")]) + encode(p[p.index(" ") :]) for p in probes)
+    _WORKER.update(job=job, tokenizer=tokenizer, dtype=best_dtype(tokenizer.vocab_size), encode=encode,
+                   splittable=splittable)
 
 
-def _process_chunk(chunk: _Chunk) -> _ChunkResult:
+def _cuts(text: str, piece: int) -> list[int]:
+    """Positions (just before a space) that cut ``text`` into pieces of about ``piece`` characters."""
+    cuts, start = [], 0
+    while len(text) - start > piece:
+        cut = text.rfind(" ", start + piece // 2, start + piece)
+        if cut <= start:
+            cut = text.find(" ", start + piece)
+            if cut < 0:
+                break
+        cuts.append(cut)
+        start = cut
+    return cuts
+
+
+def _encode(text: str, dtype: np.dtype) -> np.ndarray:
+    """Token ids of ``text`` as an array, in pieces for a huge text (same ids, bounded memory)."""
+    encode = _WORKER["encode"]
+    if len(text) <= PIECE_CHARS or not _WORKER["splittable"]:
+        return np.array(encode(text), dtype=dtype)  # type: ignore[operator]
+    bounds = [0, *_cuts(text, PIECE_CHARS), len(text)]
+    pieces = [np.array(encode(text[a:b]), dtype=dtype) for a, b in pairwise(bounds)]  # type: ignore[operator]
+    return np.concatenate(pieces)
+
+
+def _process_chunk(chunk: WorkUnit) -> _ChunkResult:
     job: _Job = _WORKER["job"]  # type: ignore[assignment]
     tokenizer: GLMTokenizer = _WORKER["tokenizer"]  # type: ignore[assignment]
     dtype: np.dtype = _WORKER["dtype"]  # type: ignore[assignment]
-    encode = tokenizer._encode_plain  # corpus text: command tokens written in it stay text
-    eod = tokenizer.eos_id
+    eod = np.array([tokenizer.eos_id], dtype=dtype)
     keys, split, append_eod = job.keys, job.split_sentences, job.append_eod
     result = _ChunkResult(
         chunk.index, {key: os.path.join(job.shard_dir, f"{chunk.index:06d}_{k}") for k, key in enumerate(keys)}
@@ -231,64 +290,159 @@ def _process_chunk(chunk: _Chunk) -> _ChunkResult:
     builders = {key: IndexedDatasetBuilder(result.shard_prefixes[key], dtype) for key in keys}
     tokens = dict.fromkeys(keys, 0)
     sequences = dict.fromkeys(keys, 0)
+    top = dict.fromkeys(keys, -1)
+    skipped: Counter = Counter()
 
     def problem(lineno: int, issue: LineProblem) -> bool:
-        result.skipped[issue.kind] += 1
+        skipped[issue.kind] += 1
         if len(result.problems) < MAX_REPORTED:
-            result.problems.append((lineno, issue))
+            result.problems.append((lineno, issue.kind, issue.message))
         return job.strict
 
+    lineno = 0
     try:
-        with open(chunk.path, "rb") as stream:
-            stream.seek(chunk.start)
-            position, lineno = chunk.start, 0
-            for raw in stream:
-                if position >= chunk.end:
+        for texts, issue in iter_records(chunk, keys):
+            lineno += 1
+            if texts is None:
+                if issue is None:
+                    result.blank_lines += 1
+                elif problem(lineno, issue):
                     break
-                position += len(raw)
-                lineno += 1
-                texts, issue = parse_line(raw, job.input_format, keys)
-                if texts is None:
-                    if issue is None:
-                        result.blank_lines += 1
-                    elif problem(lineno, issue):
-                        break
-                    continue
-                if split:
-                    encoded = [[ids for ids in map(encode, split_sentences(text)) if ids] for text in texts]
-                else:
-                    encoded = [encode(text) for text in texts]
-                empty = next((key for key, ids in zip(keys, encoded) if not ids), None)
-                if empty is not None:
-                    if problem(lineno, LineProblem("empty_document", f"key {empty!r} has no tokens")):
-                        break
-                    continue
-                for key, ids in zip(keys, encoded):
-                    if split:
-                        if append_eod:
-                            ids[-1].append(eod)
-                        lengths = [len(sentence) for sentence in ids]
-                        flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=sum(lengths))
-                        builders[key].add_document(flat, lengths)
-                        tokens[key] += len(flat)
-                        sequences[key] += len(ids)
-                    else:
-                        if append_eod:
-                            ids.append(eod)
-                        builders[key].add_document(np.array(ids, dtype=dtype), (len(ids),))
-                        tokens[key] += len(ids)
-                        sequences[key] += 1
-                result.documents += 1
-            result.lines = lineno
-            result.bytes = position - chunk.start
+                continue
+            if split:
+                encoded = [[ids for ids in (_encode(s, dtype) for s in split_sentences(text)) if len(ids)]
+                           for text in texts]
+            else:
+                encoded = [_encode(text, dtype) for text in texts]
+            del texts
+            empty = next((key for key, ids in zip(keys, encoded) if not len(ids)), None)
+            if empty is not None:
+                if problem(lineno, LineProblem("empty_document", f"key {empty!r} has no tokens")):
+                    break
+                continue
+            for key, ids in zip(keys, encoded):
+                pieces = ids if split else [ids]
+                if append_eod:
+                    pieces[-1] = np.concatenate([pieces[-1], eod])
+                lengths = [len(piece) for piece in pieces]
+                flat = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+                builders[key].add_document(flat, lengths)
+                tokens[key] += len(flat)
+                sequences[key] += len(pieces)
+                top[key] = max(top[key], int(flat.max()))
+            result.documents += 1
+        result.lines = lineno
+        result.bytes = chunk.input_bytes
         for builder in builders.values():
             builder.finalize()
     except BaseException:
         for builder in builders.values():
             builder.abort()
         raise
-    result.tokens, result.sequences = tokens, sequences
+    result.tokens, result.sequences, result.max_token_id = tokens, sequences, top
+    result.skipped = dict(skipped)
+    _write_json(os.path.join(job.shard_dir, f"{chunk.index:06d}.done.json"), asdict(result))
     return result
+
+
+def _write_json(path: str, record: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as out:
+        json.dump(record, out)
+    os.replace(tmp, path)
+
+
+def _read_done(path: str) -> _ChunkResult | None:
+    try:
+        with open(path, encoding="utf-8") as stream:
+            record = json.load(stream)
+        result = _ChunkResult(**record)
+    except (OSError, ValueError, TypeError):
+        return None
+    if not all(os.path.isfile(bin_path(p)) and os.path.isfile(idx_path(p)) for p in result.shard_prefixes.values()):
+        return None
+    result.problems = [tuple(p) for p in result.problems]  # type: ignore[misc]
+    return result
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _plan_record(config: PreprocessConfig, sources: Sequence[SourceFile], keys: Sequence[str]) -> dict[str, Any]:
+    """What the shards depend on: an interrupted run's shards are reused only when this is unchanged."""
+    inputs = []
+    for source in sources:
+        stat = os.stat(source.path)
+        inputs.append([os.path.abspath(source.path), stat.st_size, stat.st_mtime_ns, source.container,
+                       source.record_format])
+    return {"version": 2, "inputs": inputs, "tokenizer_sha256": _file_sha256(config.tokenizer_model),
+            "keys": list(keys), "split_sentences": config.split_sentences, "append_eod": config.append_eod,
+            "strict": config.strict, "chunk_bytes": config.chunk_bytes}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(final_prefixes: Sequence[str]) -> None:
+    """Remove ``{final}.bin.tmpPID*`` / ``.idx.tmpPID`` files of writers that are no longer running."""
+    for prefix in final_prefixes:
+        for path in glob.glob(glob.escape(prefix) + ".bin.tmp*") + glob.glob(glob.escape(prefix) + ".idx.tmp*"):
+            digits = path.rsplit(".tmp", 1)[1].split(".")[0]
+            if digits.isdigit() and not _pid_alive(int(digits)):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+
+
+def _open_shard_dir(config: PreprocessConfig, plan: dict[str, Any], log: Callable[[str], None]) -> tuple[str, Any]:
+    """The shard folder, locked for this run, emptied unless it holds an interrupted run of the same plan."""
+    shard_dir = shard_dir_for(config.output_prefix)
+    try:
+        os.makedirs(shard_dir, exist_ok=True)
+        lock = open(os.path.join(shard_dir, "lock"), "w")  # noqa: SIM115 - closed by the caller
+    except OSError as exc:
+        raise DataError(f"--output-prefix {config.output_prefix}: cannot create {shard_dir} "
+                        f"({exc.strerror or exc})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        lock.close()
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise DataError(f"--output-prefix {config.output_prefix}: another preprocessing run is writing it "
+                            f"(it holds {shard_dir}/lock)") from None
+        raise
+    plan_file = os.path.join(shard_dir, "plan.json")
+    previous = None
+    with contextlib.suppress(OSError, ValueError), open(plan_file, encoding="utf-8") as stream:
+        previous = json.load(stream)
+    if previous != plan:
+        stale = [n for n in os.listdir(shard_dir) if n != "lock"]
+        if stale and previous is not None:
+            log(f"restarting: the inputs or options changed since the interrupted run in {shard_dir}")
+        for name in stale:
+            path = os.path.join(shard_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+        _write_json(plan_file, plan)
+    else:  # same plan: drop what an interrupted writer left half-done
+        for name in os.listdir(shard_dir):
+            if ".tmp" in name:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(shard_dir, name))
+    return shard_dir, lock
 
 
 def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> PreprocessSummary:
@@ -296,48 +450,57 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> 
     config.validate()
     start = time.perf_counter()
     paths = expand_inputs(config.inputs)
+    sources = [describe(path, config.input_format) for path in paths]
+    keys = tuple(config.json_keys)
+    texts_files = [s.path for s in sources if s.record_format == "text"]
+    if texts_files and keys != ("text",):
+        raise DataError(f"{texts_files[0]}: plain text holds one document a line (key 'text'); --json-keys "
+                        f"{' '.join(keys)} does not apply to it")
     tokenizer = GLMTokenizer(config.tokenizer_model)  # fail early on a bad model
     dtype = best_dtype(tokenizer.vocab_size)
-    keys = tuple(config.json_keys)
     summary = PreprocessSummary(files=len(paths))
     summary.outputs = {key: output_prefix_for(config.output_prefix, key, config.split_sentences) for key in keys}
     summary.tokens = dict.fromkeys(keys, 0)
     summary.sequences = dict.fromkeys(keys, 0)
-    chunks = plan_chunks(paths, config.chunk_bytes)
-    total_bytes = sum(os.path.getsize(p) for p in paths)
+    summary.max_token_id = dict.fromkeys(keys, -1)
+    chunks = plan_chunks(sources, config.chunk_bytes)
+    total_bytes = sum(s.size for s in sources)
+    _remove_stale_temporaries(list(summary.outputs.values()))
+    shard_dir, lock = _open_shard_dir(config, _plan_record(config, sources, keys), log)
+    done = {c.index: r for c in chunks if (r := _read_done(os.path.join(shard_dir, f"{c.index:06d}.done.json")))}
+    summary.resumed_units = len(done)
     log(
-        f"preprocessing {len(paths)} file(s), {total_bytes / 1e6:,.1f} MB in {len(chunks)} chunk(s) with "
+        f"preprocessing {len(paths)} file(s), {total_bytes / 1e6:,.1f} MB in {len(chunks)} unit(s) with "
         f"{config.workers} worker(s); tokenizer vocab {tokenizer.vocab_size} -> {dtype} tokens"
     )
-    shard_dir = tempfile.mkdtemp(
-        prefix=os.path.basename(config.output_prefix) + ".shards-",
-        dir=os.path.dirname(os.path.abspath(config.output_prefix)),
-    )
+    if done:
+        log(f"resuming an interrupted run: {len(done)} of {len(chunks)} unit(s) already done in {shard_dir}")
     job = _Job(
         tokenizer_model=config.tokenizer_model,
         keys=keys,
-        input_format=config.input_format,
         split_sentences=config.split_sentences,
         append_eod=config.append_eod,
         strict=config.strict,
         shard_dir=shard_dir,
     )
+    todo = [c for c in chunks if c.index not in done]
     outputs = {key: IndexedDatasetBuilder(prefix, dtype) for key, prefix in summary.outputs.items()}
     file_lines = [0] * len(paths)
     next_log = config.log_interval
     pool = None
     try:
-        if config.workers == 1 or len(chunks) <= 1:
+        if config.workers == 1 or len(todo) <= 1:
             _init_worker(job)
-            results = map(_process_chunk, chunks)
+            fresh = map(_process_chunk, todo)
         else:
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else None)
-            pool = context.Pool(min(config.workers, len(chunks)), initializer=_init_worker, initargs=(job,))
-            results = pool.imap(_process_chunk, chunks, chunksize=1)
+            pool = context.Pool(min(config.workers, len(todo)), initializer=_init_worker, initargs=(job, True))
+            fresh = pool.imap(_process_chunk, todo, chunksize=1)
+        results = (done[c.index] if c.index in done else next(fresh) for c in chunks)
         for chunk, result in zip(chunks, results):
-            for lineno, issue in result.problems:
-                found = Problem(chunk.path, file_lines[chunk.file_index] + lineno, issue.kind, issue.message)
+            for lineno, kind, message in result.problems:
+                found = Problem(chunk.path, file_lines[chunk.file_index] + lineno, kind, message)
                 if config.strict:
                     raise DataError(f"{found} (--strict)")
                 if len(summary.problems) < MAX_REPORTED:
@@ -345,10 +508,9 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> 
             file_lines[chunk.file_index] += result.lines
             for key in keys:
                 outputs[key].add_index(result.shard_prefixes[key])
-                for suffix in (".bin", ".idx"):
-                    os.remove(result.shard_prefixes[key] + suffix)
                 summary.tokens[key] += result.tokens[key]
                 summary.sequences[key] += result.sequences[key]
+                summary.max_token_id[key] = max(summary.max_token_id[key], result.max_token_id[key])
             summary.lines += result.lines
             summary.blank_lines += result.blank_lines
             summary.bytes += result.bytes
@@ -362,8 +524,18 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> 
             pool.close()
             pool.join()
             pool = None
-        for builder in outputs.values():
+        _check_usable(summary, paths, config.max_bad_fraction)
+        for key, builder in outputs.items():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(meta_path(summary.outputs[key]))  # a sidecar of earlier outputs must not outlive them
             builder.finalize()
+            write_dataset_meta(summary.outputs[key], vocab_size=tokenizer.vocab_size,
+                               max_token_id=summary.max_token_id[key])
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise DataError(f"--output-prefix {config.output_prefix}: cannot write ({exc.strerror}); nothing was "
+                            f"written under the final names") from None
+        raise
     finally:
         if pool is not None:
             pool.terminate()
@@ -371,8 +543,24 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> 
         for builder in outputs.values():
             builder.abort()
         _WORKER.clear()
-        shutil.rmtree(shard_dir, ignore_errors=True)
+        interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt)
+        if not interrupted:  # kept only when interrupted (Ctrl-C, or kill -9 never gets here): a rerun resumes
+            shutil.rmtree(shard_dir, ignore_errors=True)
+        lock.close()
     summary.seconds = time.perf_counter() - start
-    if summary.documents == 0:
-        log(f"warning: no document was written from {', '.join(paths)}")
     return summary
+
+
+def _check_usable(summary: PreprocessSummary, paths: Sequence[str], max_bad_fraction: float) -> None:
+    """No document at all, or more bad records than ``max_bad_fraction``: an error, and nothing is written."""
+    first = f"; first: {summary.problems[0]}" if summary.problems else ""
+    bad = sum(summary.skipped.values())
+    if summary.documents == 0:
+        what = f"{bad} bad record(s) ({summary.kinds()})" if bad else "no records"
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        raise DataError(f"no usable document in {shown}: {summary.lines:,} line(s), {what}{first}; nothing was "
+                        f"written")
+    if summary.bad_fraction > max_bad_fraction:
+        raise DataError(f"{bad:,} of {summary.lines - summary.blank_lines:,} non-blank records are bad "
+                        f"({summary.bad_fraction:.1%}: {summary.kinds()}), above --max-bad-fraction "
+                        f"{max_bad_fraction:g}{first}; nothing was written (wrong --input-format or --json-keys?)")

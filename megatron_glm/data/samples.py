@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from megatron_glm.data.dataset_meta import read_dataset_meta
 from megatron_glm.data.indexed_dataset import IndexedDataset, bin_path
 from megatron_glm.errors import DataError
 
@@ -161,6 +162,18 @@ def cached_array(path: str, build: Callable[[], np.ndarray], write: bool) -> np.
     return array
 
 
+def check_token_bound(prefix: str, vocab_size: int) -> None:
+    """Refuse a dataset whose recorded largest token id (its ``.meta.json``) does not fit ``vocab_size``."""
+    record = read_dataset_meta(prefix)
+    if record is None:
+        return
+    top = int(record.get("max_token_id", -1))
+    if top >= vocab_size:
+        raise DataError(f"{prefix}: its token ids go up to {top} (tokenizer of {record.get('vocab_size')} ids at "
+                        f"preprocessing) but this run's tokenizer has {vocab_size} ids; use the tokenizer it was "
+                        f"made with, or preprocess again")
+
+
 def _digest(*parts: Any) -> str:
     h = hashlib.sha256()
     for part in parts:
@@ -209,9 +222,14 @@ class DocumentWindows:
         cache_dir: str = "",
         num_samples: int = 0,
         build_cache: bool = True,
+        vocab_size: int = 0,
     ) -> None:
         ds = dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
         self.prefix = ds.prefix
+        self.vocab_size = int(vocab_size)
+        """Token ids must be below this (0: unchecked); checked on open (the sidecar's bound) and per window."""
+        if self.vocab_size:
+            check_token_bound(ds.prefix, self.vocab_size)
         self.seq_length = int(seq_length)
         self.width = self.seq_length - 1
         self.cls_id, self.eos_id = int(cls_id), int(eos_id)
@@ -360,6 +378,8 @@ class DocumentWindows:
             if take_text > 0:
                 begin = int(doc_start[doc]) + offset
                 out[filled : filled + take_text] = flat[begin : begin + take_text]
+                if self.vocab_size:
+                    self._check_ids(out[filled : filled + take_text], doc, offset)
                 if sentences:
                     starts.append(self._sentence_starts(doc, offset, offset + take_text) + (filled - offset))
                 filled += take_text
@@ -378,6 +398,18 @@ class DocumentWindows:
         if sentences:
             sentence_starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
         return Window(out[:filled], sentence_starts, epoch)
+
+    def _check_ids(self, ids: np.ndarray, doc: int, offset: int) -> None:
+        """Guard of the batch path: a token id outside the vocabulary (a corrupt ``.bin``) is an error naming
+        the dataset and the document, in every parallel layout (a vocab-parallel embedding would silently
+        treat it as another shard's)."""
+        top, low = int(ids.max()), int(ids.min())
+        if top >= self.vocab_size or low < 0:
+            bad = top if top >= self.vocab_size else low
+            where = offset + int(np.argmax((ids >= self.vocab_size) | (ids < 0)))
+            raise DataError(f"{bin_path(self.prefix)}: document {int(self.doc_ids[doc])} holds token id {bad} at "
+                            f"token {where}, outside the tokenizer's {self.vocab_size} ids; the file is corrupt or "
+                            f"was made with another tokenizer (preprocess again)")
 
     def _sentence_starts(self, doc: int, lo: int, hi: int) -> np.ndarray:
         """Document-local token offsets in ``[lo, hi)`` where a sentence (sequence) begins."""

@@ -102,7 +102,7 @@ def train_sentencepiece(
     *,
     model_type: str = "bpe",
     character_coverage: float = 0.9995,
-    input_format: str = "jsonl",
+    input_format: str = "auto",
     json_key: str = "text",
     max_sentence_length: int = 4192,
     input_sentence_size: int = 0,
