@@ -40,7 +40,7 @@ def test_non_utf8_corpus_fails_with_one_summary_line(tmp_path, spm_model):
     """Latin-1 bytes where UTF-8 was expected (most lines bad): an error above the threshold, nothing written."""
     corpus = tmp_path / "latin1.jsonl"
     lines = [json.dumps({"text": f"caf\u00e9 number {i}"}, ensure_ascii=False).encode("latin-1") for i in range(30)]
-    corpus.write_bytes(b"\n".join(lines[:28] + [b'{"text": "fine one"}', b'{"text": "fine two"}']) + b"\n")
+    corpus.write_bytes(b"\n".join([*lines[:28], b'{"text": "fine one"}', b'{"text": "fine two"}']) + b"\n")
     proc = _tool("--input", str(corpus), "--tokenizer-model", str(spm_model), "--output-prefix", str(tmp_path / "o"))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
