@@ -16,7 +16,7 @@ import sys
 import yaml
 
 from megatron_glm.config import config_to_dict, help_text, load_config, validate
-from megatron_glm.errors import run_cli
+from megatron_glm.errors import GLMError, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,9 +34,16 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         print(f"configuration is valid for world size {world_size}")
         return 0
+    from megatron_glm.training.failures import lost_peer_message
     from megatron_glm.training.run import pretrain  # heavy imports (torch, deepspeed) only when training
 
-    pretrain(cfg)
+    try:
+        pretrain(cfg)
+    except (RuntimeError, ConnectionError) as exc:  # a peer rank died: one line, not a gloo traceback
+        message = lost_peer_message(exc)
+        if message is None:
+            raise
+        raise GLMError(message) from None
     return 0
 
 
