@@ -7,7 +7,8 @@ is not the last moves the hypothesis to the next blank's ``[sop]``; one that clo
 finishes it, with score ``sum log p / length ** length_penalty`` (``length``: tokens generated,
 ``[eop]`` included). At each step the ``2 * num_beams`` best continuations are examined in order;
 search stops once ``num_beams`` hypotheses are finished (HF's ``early_stopping=True``) and returns the
-best. Ties are broken by ``torch.topk``'s order, so the result is a pure function of the logits.
+best. With ``no_repeat_ngram_size`` a token that would repeat an n-gram of its blank's answer is excluded.
+Ties are broken by ``torch.topk``'s order, so the result is a pure function of the logits.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from megatron_glm.generation.decoder import Stepper, agree
 from megatron_glm.generation.infill import InfillResult, InfillTokens, _banned
-from megatron_glm.generation.sampling import GenerationConfig, ban
+from megatron_glm.generation.sampling import GenerationConfig, ban, ban_repeats
 from megatron_glm.parallel import ParallelState
 
 
@@ -49,6 +50,7 @@ def beam_search(model: torch.nn.Module, prompt: list[int], blanks: list[int], to
         if banned is None:
             banned = _banned(config, logits.shape[-1], logits.device)
         logp = torch.log_softmax(ban(logits, banned), dim=-1)
+        logp = ban_repeats(logp, [h.answers[h.current] for h in beams], config.no_repeat_ngram_size)
         for r, h in enumerate(beams):
             if h.count >= limit:  # answer full: [eop] is forced
                 logp[r] = float("-inf")

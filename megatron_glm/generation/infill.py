@@ -27,7 +27,7 @@ import torch
 
 from megatron_glm.errors import GLMError
 from megatron_glm.generation.decoder import Stepper, agree
-from megatron_glm.generation.sampling import GenerationConfig, ban, next_tokens
+from megatron_glm.generation.sampling import GenerationConfig, ban, ban_repeats, next_tokens
 from megatron_glm.parallel import ParallelState
 
 
@@ -165,7 +165,9 @@ def _sample(model: torch.nn.Module, prompts: list[list[int]], blanks: list[list[
         logits = stepper.step(tok, pos, bpos)
         if banned is None:
             banned = _banned(config, logits.shape[-1], logits.device)
-        chosen = agree(next_tokens(ban(logits, banned), config, generator), ps).tolist()
+        current_answers = [[] if done[i] else answers[i][current[i]] for i in range(b)]
+        logits = ban_repeats(ban(logits, banned), current_answers, config.no_repeat_ngram_size)
+        chosen = agree(next_tokens(logits, config, generator), ps).tolist()
         for i in range(b):
             if done[i]:
                 continue

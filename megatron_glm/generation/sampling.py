@@ -25,6 +25,8 @@ class GenerationConfig:
     blank's answer (an ``[eop]`` is forced when it is reached). ``banned_ids`` are never generated
     (e.g. the padded vocabulary rows, or ``[eop]`` to force full-length answers in benchmarks).
     ``use_cache``: KV cache (True) or recompute the whole sequence at every step (False, the reference).
+    ``no_repeat_ngram_size`` ``n > 0``: within one blank's answer no n-gram of tokens occurs twice (a token
+    that would complete an n-gram already in the answer is not generated); 0: off.
     """
 
     strategy: str = "greedy"
@@ -37,6 +39,7 @@ class GenerationConfig:
     seed: int = 1234
     use_cache: bool = True
     banned_ids: Sequence[int] = field(default_factory=tuple)
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -50,6 +53,8 @@ class GenerationConfig:
             problems.append(f"top_k must be >= 0 (0: off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.no_repeat_ngram_size < 0:
+            problems.append(f"no_repeat_ngram_size must be >= 0 (0: off), got {self.no_repeat_ngram_size}")
         if self.strategy == "beam" and self.num_beams < 2:
             problems.append(f"beam search needs num_beams >= 2, got {self.num_beams}")
         if problems:
@@ -62,6 +67,30 @@ def ban(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
         return logits
     logits = logits.clone()
     logits[:, banned] = float("-inf")
+    return logits
+
+
+def repeated_ngram_tokens(answer: Sequence[int], n: int) -> list[int]:
+    """Tokens that would complete an ``n``-gram already present in ``answer`` (``n <= 0``: none)."""
+    if n <= 0 or len(answer) < n - 1:
+        return []
+    if n == 1:
+        return sorted(set(answer))
+    prefix = list(answer[len(answer) - n + 1:])
+    return sorted({answer[i + n - 1] for i in range(len(answer) - n + 1) if list(answer[i:i + n - 1]) == prefix})
+
+
+def ban_repeats(logits: torch.Tensor, answers: Sequence[Sequence[int]], n: int) -> torch.Tensor:
+    """``logits [b, V]`` with row ``r``'s :func:`repeated_ngram_tokens` of ``answers[r]`` set to -inf."""
+    if n <= 0:
+        return logits
+    rows = [(r, repeated_ngram_tokens(a, n)) for r, a in enumerate(answers)]
+    if not any(t for _, t in rows):
+        return logits
+    logits = logits.clone()
+    for r, tokens in rows:
+        if tokens:
+            logits[r, tokens] = float("-inf")
     return logits
 
 

@@ -1,0 +1,10 @@
+"""Fine-tuning GLM on tasks read from JSON lines: seq2seq (a ``[gMASK]`` blank) and cloze / multiple choice.
+
+- :mod:`.config`: :class:`FinetuneConfig` (the task options next to the pretraining config).
+- :mod:`.tasks`: reading task files (one-line, line-numbered errors).
+- :mod:`.encode`: examples -> fixed-length GLM rows (Part A / Part B), datasets, collation.
+- :mod:`.loss`: the task losses (seq2seq cross entropy with label smoothing, cross entropy over choices).
+- :mod:`.metrics`: accuracy / macro F1, ROUGE (``rouge-score``), BLEU (``sacrebleu``).
+- :mod:`.evaluate`: cloze scoring, seq2seq generation, overlapping-window perplexity.
+- :mod:`.run`: ``finetune(cfg, task_cfg)``, what ``finetune_glm.py`` runs.
+"""

@@ -1,0 +1,106 @@
+"""Task losses on the rows of :mod:`megatron_glm.finetune.encode`, for the plain and the pipeline engine.
+
+- seq2seq: GLM's masked cross entropy over the target tokens (label smoothing while training).
+- cloze: each choice's score is the sum (or mean) of its tokens' log-probabilities in the blank; the loss
+  is the cross entropy of the example's scores against its label (mean over examples), as GLM trains
+  multiple-choice tasks. The returned :class:`~megatron_glm.model.loss.GLMLoss` then has one "token" per
+  example, held by the example's first row, so the trainer's loss sums and counts stay exact averages.
+
+In evaluation mode :class:`TaskLoss` also counts cloze predictions (a confusion matrix over choice
+indices) for accuracy and macro F1; :meth:`TaskLoss.pop_counts` hands them over.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megatron_glm.finetune.encode import ROW_ANSWER, ROW_PAD
+from megatron_glm.model.loss import GLMLoss, add_group_sums, glm_loss, glm_loss_at, loss_positions
+from megatron_glm.parallel import ParallelState
+
+_EXCLUDED = -1.0e4  # score of a padding choice: finite (no NaN gradients), never chosen
+
+
+def choice_scores(token_loss: GLMLoss, objective: torch.Tensor, num_choices: int, scoring: str = "sum"
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(scores [b, C], target [b], has_answer [b])`` from the per-row cross entropy of a cloze batch."""
+    logp = -token_loss.sample_sum
+    if scoring == "mean":
+        logp = logp / token_loss.sample_tokens.clamp(min=1.0)
+    b = objective.shape[0] // num_choices
+    valid = (objective != ROW_PAD).view(b, num_choices)
+    scores = torch.where(valid, logp.view(b, num_choices), torch.full_like(logp.view(b, num_choices), _EXCLUDED))
+    answer = (objective == ROW_ANSWER).view(b, num_choices)
+    return scores, answer.float().argmax(dim=1), answer.any(dim=1)
+
+
+def cloze_loss(token_loss: GLMLoss, objective: torch.Tensor, num_choices: int, scoring: str = "sum"
+               ) -> tuple[GLMLoss, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, scores, target, has_answer)``: cross entropy over the choices, mean over real examples."""
+    scores, target, has = choice_scores(token_loss, objective, num_choices, scoring)
+    per_example = F.cross_entropy(scores, target, reduction="none") * has.float()
+    count = has.float()
+    loss = per_example.sum() / count.sum().clamp(min=1.0)
+    first = lambda t: F.pad(t.detach().unsqueeze(1), (0, num_choices - 1)).reshape(-1)
+    return GLMLoss(loss, token_loss.per_token, first(per_example), first(count)), scores, target, has
+
+
+class TaskLoss:
+    """The task's loss: ``forward(engine, batch)`` on the plain engine, ``__call__(logits, labels)`` as the
+    pipeline's ``loss_fn`` (``labels = (labels, loss_mask, objective)``, see ``pipeline_batch``).
+
+    ``module``: whose ``training`` flag selects training behaviour (label smoothing; no counting).
+    ``pop`` returns the per-group ``[loss sum, count]`` sums the pipeline trainer logs.
+    """
+
+    def __init__(self, task: str, ps: ParallelState, *, num_choices: int = 0, scoring: str = "sum",
+                 label_smoothing: float = 0.0, module: Any = None) -> None:
+        self.task, self.ps, self.num_choices, self.scoring = task, ps, num_choices, scoring
+        self.label_smoothing, self.module = label_smoothing, module
+        self.objectives: dict[int, list[float]] = {}
+        self.confusion = torch.zeros(max(num_choices, 1), max(num_choices, 1), dtype=torch.float64)
+
+    @property
+    def training(self) -> bool:
+        return bool(self.module is not None and self.module.training)
+
+    def _smoothing(self) -> float:
+        return self.label_smoothing if self.task == "seq2seq" and self.training else 0.0
+
+    def _finish(self, base: GLMLoss, objective: torch.Tensor) -> GLMLoss:
+        if self.task == "seq2seq":
+            return base
+        out, scores, target, has = cloze_loss(base, objective, self.num_choices, self.scoring)
+        if not self.training:
+            predicted = scores.detach().argmax(dim=1)
+            for t, p in zip(target[has].tolist(), predicted[has].tolist()):
+                self.confusion[t, p] += 1
+        return out
+
+    def forward(self, engine: Any, batch: dict[str, torch.Tensor]) -> GLMLoss:
+        """Loss of a batch dict; the head runs on the loss positions only."""
+        positions = loss_positions(batch["loss_mask"])
+        logits = engine(batch["input_ids"], batch["position_ids"], batch["sep"], logit_positions=positions)
+        base = glm_loss_at(logits, positions, batch["labels"], batch["loss_mask"], self.ps,
+                           label_smoothing=self._smoothing())
+        return self._finish(base, batch["objective"])
+
+    def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        target, loss_mask, objective = labels
+        base = glm_loss(logits, target, loss_mask, self.ps, label_smoothing=self._smoothing())
+        out = self._finish(base, objective)
+        add_group_sums(self.objectives, out.by_group(objective))
+        return out.loss
+
+    def pop(self) -> dict[int, list[float]]:
+        out, self.objectives = self.objectives, {}
+        return out
+
+    def pop_counts(self) -> torch.Tensor:
+        """The cloze confusion matrix ``[label, prediction]`` counted since the last call."""
+        out = self.confusion
+        self.confusion = torch.zeros_like(out)
+        return out
