@@ -31,7 +31,7 @@ import torch
 from megatron_glm.data.loader import MicroBatchSampler
 from megatron_glm.errors import DataError
 from megatron_glm.finetune.config import FinetuneConfig
-from megatron_glm.finetune.tasks import ClozeExample, Seq2SeqExample
+from megatron_glm.finetune.tasks import BLANKS, ClozeExample, Seq2SeqExample
 from megatron_glm.generation import InfillTokens, encode_prompt
 
 ROW_TASK, ROW_ANSWER, ROW_PAD = 3, 4, 5
@@ -77,17 +77,18 @@ class TaskEncoder:
         return f"{self.path}:{line}" if self.path else f"line {line}"
 
     def part_a(self, text: str, line: int = 0) -> list[int]:
-        """``[CLS]`` + the text's tokens (its blanks kept, ``[gMASK]`` appended without one), truncated by
-        the rule of ``source_truncation`` to ``source_length + 2`` tokens."""
+        """``[CLS]`` + the text's tokens (its blanks kept, ``[gMASK]`` appended without one); the text's
+        tokens (blanks included) are limited to ``source_length`` by the rule of ``source_truncation``."""
         ids = encode_prompt(self.tokenizer, text, self.tokens)
-        limit = self.cfg.source_length + 2
-        excess = len(ids) - limit
+        appended = int(not any(b in text for b in BLANKS))  # the [gMASK] encode_prompt added
+        excess = len(ids) - 1 - appended - self.cfg.source_length
         if excess <= 0:
             return ids
         rule = self.cfg.source_truncation
         if rule == "error":
-            raise DataError(f"{self._where(line)}: source has {len(ids) - 2} tokens, more than --source-length "
-                            f"{self.cfg.source_length} (raise it or pass --source-truncation left/right)")
+            raise DataError(f"{self._where(line)}: source has {len(ids) - 1 - appended} tokens, more than "
+                            f"--source-length {self.cfg.source_length} (raise it or pass --source-truncation "
+                            f"left/right)")
         removable = [i for i, t in enumerate(ids) if i > 0 and t not in self.tokens.blanks]
         drop = set(removable[:excess] if rule == "left" else removable[len(removable) - excess:])
         return [t for i, t in enumerate(ids) if i not in drop]

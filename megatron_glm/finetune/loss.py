@@ -62,6 +62,7 @@ class TaskLoss:
         self.label_smoothing, self.module = label_smoothing, module
         self.objectives: dict[int, list[float]] = {}
         self.confusion = torch.zeros(max(num_choices, 1), max(num_choices, 1), dtype=torch.float64)
+        self.last_scores: torch.Tensor | None = None
 
     @property
     def training(self) -> bool:
@@ -74,6 +75,7 @@ class TaskLoss:
         if self.task == "seq2seq":
             return base
         out, scores, target, has = cloze_loss(base, objective, self.num_choices, self.scoring)
+        self.last_scores = scores.detach()  # [examples, choices] of the latest batch
         if not self.training:
             predicted = scores.detach().argmax(dim=1)
             for t, p in zip(target[has].tolist(), predicted[has].tolist()):
