@@ -6,12 +6,20 @@ Usage::
     python tools/evaluate.py --load CKPT --split-name test --eval-iters 50 --micro-batch-size 8
     python tools/evaluate.py --load CKPT --cloze lambada.jsonl [--cloze-blank "[gMASK]"] [--no-loss]
     torchrun --nproc_per_node 2 tools/evaluate.py --load CKPT                         # tensor parallel 2
+    python tools/evaluate.py --task cloze --valid-data F.jsonl --load CKPT --output R.json   # choice accuracy
+    python tools/evaluate.py --task seq2seq --valid-data F.jsonl --load CKPT --num-beams 4 --output R.json
+    python tools/evaluate.py --task ppl --valid-data wiki.txt --load CKPT --overlap 32 --output R.json
 
 The loss uses the checkpoint's own data config (data path, split, sequence length, objective mixture,
 seed), so the held-out samples are exactly those training validated on; ``--data-path``,
 ``--tokenizer-model``, ``--split`` and ``--seq-length`` override it. ``--cloze`` reads JSON lines
 ``{"context": ..., "target": ...}`` and reports the share of targets predicted exactly (greedy). Prints
 a human summary and, with ``--json``, one JSON line.
+
+``--task`` evaluates a fine-tuning task file instead (the format of ``finetune_glm.py``, the same metric
+names: ``accuracy`` / ``f1_macro`` / ``valid_loss`` for cloze, ``rouge1`` / ``rouge2`` / ``rougeL`` /
+``bleu`` / ``valid_loss`` for seq2seq), or, with ``ppl``, the perplexity of a raw text file over
+overlapping windows (``ppl_token``, ``ppl_word``). ``--output`` writes the results as one JSON object.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,7 +36,8 @@ from megatron_glm.config import GLMConfig, build_config
 from megatron_glm.config.loader import leaf_paths
 from megatron_glm.data.loader import SPLITS, build_data_iterator, build_pretraining_datasets
 from megatron_glm.data.tokenizer import GLMTokenizer
-from megatron_glm.errors import ConfigError, GLMError, run_cli
+from megatron_glm.errors import ConfigError, DataError, GLMError, run_cli
+from megatron_glm.finetune import config as task_options
 from megatron_glm.generation.evaluate import cloze_accuracy, evaluate_loss, read_cloze_jsonl
 from megatron_glm.generation.loading import init_inference, load_model
 
@@ -46,7 +56,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cloze", default="", help="JSONL of {context, target} for cloze accuracy")
     p.add_argument("--cloze-blank", default="[MASK]", help="blank token before the target (default [MASK])")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    p.add_argument("--task", choices=(*task_options.TASKS, "ppl"), default="",
+                   help="evaluate a task file (cloze, seq2seq) or a raw text's perplexity (ppl) instead")
+    p.add_argument("--valid-data", default="", help="with --task: the task file (JSON lines) or raw text file")
+    p.add_argument("--output", default="", help="with --task: write the results to this JSON file")
+    p.add_argument("--window", type=int, default=0, help="ppl: window length (default: the model's positions)")
+    p.add_argument("--overlap", type=int, default=32, help="ppl: context tokens carried into each window (32)")
+    task_options.add_arguments(p, skip=("task", "train_data", "valid_data"))
     return p.parse_args(argv)
+
+
+def task_results(args: argparse.Namespace, model, tokenizer: GLMTokenizer, ps) -> dict[str, float]:
+    """``--task``: cloze / seq2seq metrics of ``--valid-data``, or its perplexity (``ppl``)."""
+    from megatron_glm.finetune.evaluate import evaluate_task, perplexity
+
+    if not args.valid_data:
+        raise GLMError("--task needs --valid-data FILE")
+    if args.task == "ppl":
+        try:
+            text = Path(args.valid_data).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{args.valid_data}: cannot read the text file ({exc})") from None
+        ids = tokenizer.encode(text, allow_special=False)
+        if not ids:
+            raise DataError(f"{args.valid_data}: no text to evaluate")
+        window = args.window or model.config.max_sequence_length
+        if not 4 <= window <= model.config.max_sequence_length or not 0 <= args.overlap <= window - 4:
+            raise ConfigError(f"--window must be in [4, {model.config.max_sequence_length}] and --overlap in "
+                              f"[0, window - 4], got {window} and {args.overlap}")
+        return perplexity(model, tokenizer, ids, len(text.split()), window=window, overlap=args.overlap,
+                          batch_size=args.micro_batch_size or 8, ps=ps)
+    fields = {k: getattr(args, k) for k in vars(task_options.FinetuneConfig()) if hasattr(args, k)}
+    cfg = task_options.FinetuneConfig(**{**fields, "task": args.task})
+    cfg.check(need_train=False)
+    if cfg.seq_length > model.config.max_sequence_length:
+        raise ConfigError(f"--source-length + --target-length + 3 = {cfg.seq_length} exceeds the model's "
+                          f"{model.config.max_sequence_length} positions")
+    return evaluate_task(model, tokenizer, cfg, args.valid_data, micro_batch_size=args.micro_batch_size or 8, ps=ps)
+
+
+def write_json_atomic(path: str, values: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as out:
+        json.dump(values, out, indent=1, default=str)
+        out.write("\n")
+    os.replace(tmp, path)
 
 
 def data_config(meta: dict, args: argparse.Namespace, tokenizer_path: str) -> GLMConfig:
@@ -92,6 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = GLMTokenizer(tokenizer_path)
     speak = ps.tp_rank == 0 and ps.dp_rank == 0
     results: dict[str, object] = {"checkpoint": meta.get("step_dir"), "step": meta.get("step")}
+    if args.task:
+        results.update({"task": args.task, "data": args.valid_data, **task_results(args, model, tokenizer, ps)})
+        if speak:
+            print(f"{args.task} ({args.valid_data}): " + "  ".join(
+                f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float)))
+            if args.output:
+                write_json_atomic(args.output, results)
+            if args.json:
+                print(json.dumps(results, default=str))
+        return 0
     if not args.no_loss:
         cfg = data_config(meta, args, tokenizer_path)
         if cfg.data.seq_length > model.config.max_sequence_length:

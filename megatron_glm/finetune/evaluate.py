@@ -21,9 +21,18 @@ import torch
 import torch.distributed as dist
 
 from megatron_glm.finetune.config import FinetuneConfig
-from megatron_glm.finetune.encode import TaskDataset, TaskEncoder, glm_row, stack_rows, task_batches
+from megatron_glm.finetune.encode import (
+    TaskDataset,
+    TaskEncoder,
+    encode_examples,
+    glm_row,
+    num_choices,
+    stack_rows,
+    task_batches,
+)
 from megatron_glm.finetune.loss import TaskLoss
-from megatron_glm.finetune.tasks import Seq2SeqExample
+from megatron_glm.finetune.metrics import classification_metrics, generation_metrics
+from megatron_glm.finetune.tasks import Seq2SeqExample, read_task_file
 from megatron_glm.generation import GenerationConfig, generate
 from megatron_glm.model.loss import glm_loss
 from megatron_glm.parallel import ParallelState
@@ -53,9 +62,10 @@ def generate_targets(model: torch.nn.Module, encoder: TaskEncoder, examples: Seq
 
 
 @torch.no_grad()
-def evaluate_cloze(model: torch.nn.Module, dataset: TaskDataset, loss: TaskLoss, *, micro_batch_size: int,
-                   dp_rank: int = 0, dp_size: int = 1) -> tuple[torch.Tensor, float, float]:
-    """``(confusion [label, prediction], loss sum, examples)`` of this data-parallel rank's share."""
+def evaluate_rows(model: torch.nn.Module, dataset: TaskDataset, loss: TaskLoss, *, micro_batch_size: int,
+                  dp_rank: int = 0, dp_size: int = 1) -> tuple[torch.Tensor, float, float]:
+    """``(cloze confusion [label, prediction], loss sum, loss count)`` over this data-parallel rank's share of
+    a held-out :class:`TaskDataset` (the count is examples for cloze, target tokens for seq2seq)."""
     device = next(model.parameters()).device
     was = model.training
     model.eval()
@@ -113,6 +123,30 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, ids: Sequence[int], words
     loss = nll / tokens if tokens else float("nan")
     return {"nll": nll, "tokens": tokens, "words": float(words), "loss": loss,
             "ppl_token": math.exp(min(loss, 50.0)), "ppl_word": math.exp(min(nll / max(words, 1), 50.0))}
+
+
+def evaluate_task(model: torch.nn.Module, tokenizer: Any, cfg: FinetuneConfig, path: str, *,
+                  micro_batch_size: int = 8, ps: ParallelState | None = None) -> dict[str, float]:
+    """Zero-shot (or any checkpoint's) task metrics on a task file, one process or tensor parallel:
+    cloze ``accuracy`` (``f1_macro`` when all examples share their choices), ``count``, ``valid_loss``;
+    seq2seq ``valid_loss``, ``rouge1``, ``rouge2``, ``rougeL``, ``bleu``, ``count``."""
+    ps = ps or getattr(model, "parallel_state", None) or ParallelState()
+    examples = read_task_file(path, cfg.task)
+    choices = num_choices(examples) if cfg.task == "cloze" else 1
+    encoder = TaskEncoder(tokenizer, cfg, path)
+    dataset = TaskDataset(encode_examples(encoder, examples, cfg.task, choices), rows_per_example=choices,
+                          seq_length=cfg.seq_length, pad=tokenizer.pad_id, shuffle=False)
+    loss = TaskLoss(cfg.task, ps, num_choices=choices, scoring=cfg.cloze_scoring, module=model)
+    confusion, total, count = evaluate_rows(model, dataset, loss, micro_batch_size=micro_batch_size)
+    out: dict[str, float] = {"valid_loss": total / count if count else float("nan")}
+    if cfg.task == "cloze":
+        out.update(classification_metrics(confusion, classes=len({ex.choices for ex in examples}) == 1))
+        return out
+    chosen = examples[:cfg.eval_generate or None]
+    vocab_rows = model.config.vocab_size
+    texts = generate_targets(model, encoder, chosen, generation_config(cfg, tokenizer, vocab_rows), ps)
+    out.update(generation_metrics(texts, [ex.target for ex in chosen]))
+    return out
 
 
 def gather_strings(values: list[tuple[int, str]], group: Any = None) -> list[tuple[int, str]]:

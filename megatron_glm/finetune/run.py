@@ -37,7 +37,7 @@ from megatron_glm.finetune.metrics import classification_metrics, generation_met
 from megatron_glm.finetune.tasks import read_task_file
 from megatron_glm.model import flops_per_token
 from megatron_glm.parallel import initialize_parallel_state
-from megatron_glm.training.distributed import init_distributed
+from megatron_glm.training.distributed import init_distributed, launcher_world_size
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.rng import seed_everything
 from megatron_glm.training.setup import build_engine, build_model
@@ -139,20 +139,14 @@ class FinetuneTrainer(Trainer):
 def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     """Fine-tune as configured; returns the final state. One process per device (deepspeed/torchrun)."""
     task.check(need_train=True)
-    env = init_distributed(cfg.training.local_rank)
     started = time.perf_counter()
     cfg = task_config(cfg, task)
-    validate(cfg, env.world_size)
-    p = cfg.parallel
-    ps = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
-    is_logger = env.rank == 0
-    log = print if is_logger else (lambda *_: None)
+    validate(cfg, launcher_world_size())
     tokenizer = GLMTokenizer(cfg.data.tokenizer_model)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer {cfg.data.tokenizer_model} has {tokenizer.vocab_size} tokens, more than the "
                           f"checkpoint's {cfg.model.vocab_size} embedding rows")
-
-    # Data first: a malformed task file is reported before model and engine set-up.
+    # Data first: a malformed task file is reported before distributed, model and engine set-up.
     train_examples = read_task_file(task.train_data, task.task)
     valid_examples = read_task_file(task.valid_data, task.task) if task.valid_data else []
     choices = num_choices(train_examples + valid_examples) if task.task == "cloze" else 1
@@ -164,6 +158,13 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     if valid_examples:
         valid_ds = TaskDataset(encode_examples(TaskEncoder(tokenizer, task, task.valid_data), valid_examples,
                                                task.task, choices), shuffle=False, **rows)
+
+    env = init_distributed(cfg.training.local_rank)
+    validate(cfg, env.world_size)
+    p = cfg.parallel
+    ps = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    is_logger = env.rank == 0
+    log = print if is_logger else (lambda *_: None)
     mbs = cfg.training.micro_batch_size
     eval_steps = -(-len(valid_examples) // (mbs * ps.dp_size))
     cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, eval_iters=max(eval_steps, 1)))

@@ -20,7 +20,7 @@ from megatron_glm.finetune.encode import (
     stack_rows,
 )
 from megatron_glm.finetune.evaluate import (
-    evaluate_cloze,
+    evaluate_rows,
     generate_targets,
     generation_config,
     perplexity,
@@ -87,9 +87,9 @@ def test_cloze_scores_equal_one_forward_per_choice(scoring: str) -> None:
     labels = torch.tensor([e[3] for e in examples])
     expected = torch.nn.functional.cross_entropy(ref, labels)
     assert abs(float(out.loss) - float(expected)) < 1e-5
-    # evaluate_cloze counts exactly the brute-force argmax predictions (two examples per micro-batch, padded)
+    # evaluate_rows counts exactly the brute-force argmax predictions (two examples per micro-batch, padded)
     ds = TaskDataset(rows, rows_per_example=width, seq_length=length, pad=TOKENS.pad, shuffle=False)
-    confusion, _, count = evaluate_cloze(model, ds, loss, micro_batch_size=2)
+    confusion, _, count = evaluate_rows(model, ds, loss, micro_batch_size=2)
     assert count == len(examples)
     expected_confusion = torch.zeros(width, width, dtype=torch.float64)
     for t, p in zip(labels.tolist(), ref.argmax(dim=1).tolist()):
