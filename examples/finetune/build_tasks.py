@@ -12,6 +12,7 @@ Held-out items come from held-out documents (every ``--valid-every``-th topic), 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -34,7 +35,7 @@ def prose_pairs(text: str, max_chars: int) -> list[tuple[str, str]]:
             continue  # code blocks and headings
         sentences = [" ".join(s.split()) for s in split_sentences(paragraph)]
         ok = [s if 25 <= len(s) <= max_chars and len(s.split()) >= 5 and _PROSE.match(s) else None for s in sentences]
-        pairs += [(a, b) for a, b in zip(ok, ok[1:]) if a and b]
+        pairs += [(a, b) for a, b in itertools.pairwise(ok) if a and b]
     return pairs
 
 
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     docs = pydoc_documents()
     split = {"train": [], "valid": []}
     for i, (_, text) in enumerate(docs):
-        split["valid" if i % args.valid_every == args.valid_every - 1 else "train"].append(prose_pairs(text, args.max_chars))
+        held_out = i % args.valid_every == args.valid_every - 1
+        split["valid" if held_out else "train"].append(prose_pairs(text, args.max_chars))
     os.makedirs(args.output, exist_ok=True)
     for name, doc_pairs in split.items():
         cloze, seq2seq = [], []

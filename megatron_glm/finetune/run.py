@@ -107,7 +107,8 @@ class FinetuneTrainer(Trainer):
             base = super().evaluate()
         finally:
             self.logger = logger
-        values: dict[str, Any] = {k: base[k] for k in ("valid_loss", "valid_ppl") if k in base}
+        keep = ("valid_loss", "valid_ppl") if self.task.task == "seq2seq" else ("valid_loss",)  # ppl: per token
+        values: dict[str, Any] = {k: base[k] for k in keep if k in base}
         values.update(self._cloze_metrics() if self.task.task == "cloze" else self._seq2seq_metrics())
         self.logger.log(self.state.step, values, prefix="[eval] ")
         self.last_eval_step = self.state.step
