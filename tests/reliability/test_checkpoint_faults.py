@@ -215,3 +215,24 @@ def test_malicious_pickle_is_refused_by_every_loader(tmp_path):
         mgr.load(FakeEngine(), tmp_path / "ck")
     assert not sentinel.exists()
     json.loads((step / "manifest.json").read_text())
+
+
+def test_legacy_torch_format_is_read_not_called_corrupt(tmp_path):
+    """A pre-1.6 (non-zip) torch file is data too: read (without mmap), not reported as truncated or corrupt."""
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.arange(4.0)}, legacy, _use_new_zipfile_serialization=False)
+    for mmap in (False, True):
+        assert torch.equal(safe_torch_load(legacy, mmap=mmap)["w"], torch.arange(4.0))
+
+
+@pytest.mark.slow
+def test_read_only_save_directory_in_a_run(tiny_corpus, tmp_path):
+    from tests.training.conftest import launch, train_args
+
+    ro = tmp_path / "ro"
+    with tmpfs(ro, size="1m", read_only=True):
+        proc = launch(train_args(tiny_corpus, "--train-iters", "1", "--micro-batch-size", "2", "--global-batch-size",
+                                 "2", "--save", str(ro / "run")), launcher="python", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1] == f"error: --save {ro / 'run'}: cannot write there (Read-only file system)"
+    assert "Traceback" not in proc.stderr
