@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_glm.config import ModelConfig
+from megatron_glm.model.loss import GLMLoss, glm_loss_at, glm_loss_fused, loss_positions
 from megatron_glm.model.masks import AttentionMask, prepare_attention_mask
 from megatron_glm.model.transformer import GLMTransformer, KVCacheLike
 from megatron_glm.parallel import (
@@ -105,7 +106,8 @@ class GLMModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | AttentionMask | None = None, *,
-                kv_cache: KVCacheLike | None = None, logit_positions: torch.Tensor | None = None) -> torch.Tensor:
+                kv_cache: KVCacheLike | None = None, logit_positions: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> torch.Tensor | GLMLoss:
         """Logits ``[b, s, V/tp]`` (last stage) or hidden states ``[b, s, H]`` (other stages).
 
         ``input_ids``: token ids ``[b, s]`` on the first stage, the previous stage's hidden states
@@ -121,7 +123,14 @@ class GLMModel(nn.Module):
         ``logit_positions`` (training, optional): flat indices into ``b * s`` (e.g. the loss positions from
         :func:`~megatron_glm.model.loss.loss_positions`); the head then runs on those rows only and the
         logits are ``[n, V/tp]``. GLM's loss covers Part B only, so Part A rows never need the head.
+
+        ``labels`` and ``loss_mask`` (training, last stage, optional, both ``[b, s]``): return the
+        :class:`~megatron_glm.model.loss.GLMLoss` instead of logits, the head run on the loss rows only;
+        with ``config.head_chunk_size > 0`` fused into the cross entropy in chunks of that many rows
+        (:func:`~megatron_glm.model.loss.glm_loss_fused`, no ``[n, V]`` logits stored).
         """
+        if (labels is None) != (loss_mask is None):
+            raise ValueError("labels and loss_mask must be given together")
         if attention_mask is None:
             raise ValueError("attention_mask is required ([b] sep values or a [b, 1, s, s] boolean mask)")
         if self.pre_process:
@@ -141,6 +150,8 @@ class GLMModel(nn.Module):
             h = self.transformer(h, mask, self.rng_tracker, kv_cache=kv_cache)
         if not self.post_process:
             return h
+        if labels is not None:
+            return self.head_loss(h, labels, loss_mask)
         if logit_positions is not None:
             h = h.reshape(b * s, h.shape[-1]).index_select(0, logit_positions)
         return self.logits(h)
@@ -152,6 +163,19 @@ class GLMModel(nn.Module):
         """
         for layer in self.transformer.layers.values():
             layer.compile(**kwargs)
+
+    def head_loss(self, h: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> GLMLoss:
+        """The GLM loss of final hidden states ``h [b, s, H]``: the head on the ``loss_mask`` rows only,
+        fused and chunked when ``config.head_chunk_size > 0``."""
+        b, s = labels.shape
+        positions = loss_positions(loss_mask)
+        rows = h.reshape(b * s, h.shape[-1]).index_select(0, positions)
+        chunk = self.config.head_chunk_size
+        if chunk <= 0:
+            return glm_loss_at(self.logits(rows), positions, labels, loss_mask, self.parallel_state)
+        rows = copy_to_tensor_parallel_region(rows, self.parallel_state.tp_group)
+        return glm_loss_fused(rows, self.word_embeddings.weight, positions, labels, loss_mask, self.parallel_state,
+                              chunk=chunk)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tied head: ``h @ word_embeddings.T`` for this rank's vocabulary slice."""

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from megatron_glm.parallel import ParallelState, vocab_parallel_cross_entropy
+from megatron_glm.parallel import ParallelState, fused_head_cross_entropy, vocab_parallel_cross_entropy
 
 
 @dataclass
@@ -79,6 +79,28 @@ def glm_loss_at(logits: torch.Tensor, positions: torch.Tensor, labels: torch.Ten
     per_token = flat.index_add(0, positions, token_loss * mask.reshape(-1).index_select(0, positions)).view(b, s)
     sample_sum, sample_tokens = per_token.sum(dim=-1), mask.sum(dim=-1)
     loss = sample_sum.sum() / sample_tokens.sum().clamp(min=1.0)
+    return GLMLoss(loss, per_token, sample_sum, sample_tokens)
+
+
+def glm_loss_fused(rows: torch.Tensor, head_weight: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
+                   loss_mask: torch.Tensor, parallel_state: ParallelState | None = None, *, chunk: int = 1024,
+                   label_smoothing: float = 0.0) -> GLMLoss:
+    """:func:`glm_loss_at` with the tied head fused into the loss, ``chunk`` rows at a time
+    (:func:`~megatron_glm.parallel.fused_head_cross_entropy`): the ``[n, V/tp]`` logits are never stored.
+
+    ``rows [n, H]``: final hidden states at ``positions`` (already through ``copy_to_tensor_parallel_region``);
+    ``head_weight [V/tp, H]``. Same loss and gradients as the unfused head; ``per_token`` carries no gradient.
+    """
+    group = (parallel_state or ParallelState()).tp_group
+    b, s = labels.shape
+    mask = loss_mask.to(torch.float32)
+    row_mask = mask.reshape(-1).index_select(0, positions)
+    total, token_loss = fused_head_cross_entropy(rows, head_weight, labels.reshape(-1).index_select(0, positions),
+                                                 row_mask, group, chunk=chunk, label_smoothing=label_smoothing)
+    flat = torch.zeros(b * s, dtype=torch.float32, device=rows.device)
+    per_token = flat.index_add(0, positions, token_loss * row_mask).view(b, s)
+    sample_sum, sample_tokens = per_token.sum(dim=-1), mask.sum(dim=-1)
+    loss = total / sample_tokens.sum().clamp(min=1.0)
     return GLMLoss(loss, per_token, sample_sum, sample_tokens)
 
 

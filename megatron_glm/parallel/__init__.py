@@ -4,6 +4,7 @@ Knows nothing about GLM.
 """
 
 from megatron_glm.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_glm.parallel.fused_head_loss import fused_head_cross_entropy
 from megatron_glm.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron_glm.parallel.mappings import (
     copy_to_tensor_parallel_region,
@@ -23,7 +24,8 @@ from megatron_glm.parallel.state import ParallelState, initialize_parallel_state
 
 __all__ = [
     "MODEL_PARALLEL_RNG", "ColumnParallelLinear", "ParallelState", "RNGStatesTracker", "RowParallelLinear",
-    "VocabParallelEmbedding", "copy_to_tensor_parallel_region", "gather_from_tensor_parallel_region",
+    "VocabParallelEmbedding", "copy_to_tensor_parallel_region", "fused_head_cross_entropy",
+    "gather_from_tensor_parallel_region",
     "initialize_parallel_state", "model_parallel_seed", "normal_init", "rank_grid",
     "reduce_from_tensor_parallel_region", "scatter_to_tensor_parallel_region", "shard", "stable_seed",
     "unshard", "vocab_parallel_cross_entropy",

@@ -17,7 +17,7 @@ from megatron_glm.checkpoint import CheckpointManager
 from megatron_glm.checkpoint.drift import identity_drift
 from megatron_glm.config import GLMConfig, config_to_dict
 from megatron_glm.errors import CheckpointError, GLMError
-from megatron_glm.model.loss import add_group_sums, glm_loss_at, loss_positions
+from megatron_glm.model.loss import add_group_sums
 from megatron_glm.model.pipeline import pipeline_batch
 from megatron_glm.parallel import ParallelState
 from megatron_glm.training.metrics import MetricsLogger
@@ -84,9 +84,9 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _forward(self, batch: Batch) -> Any:
-        positions = loss_positions(batch["loss_mask"])  # the head runs on Part B (loss) rows only
-        logits = self.engine(batch["input_ids"], batch["position_ids"], batch["sep"], logit_positions=positions)
-        return glm_loss_at(logits, positions, batch["labels"], batch["loss_mask"], self.ps)
+        # The model runs the head on Part B (loss) rows only (fused with the loss when model.head_chunk_size > 0).
+        return self.engine(batch["input_ids"], batch["position_ids"], batch["sep"], labels=batch["labels"],
+                           loss_mask=batch["loss_mask"])
 
     def _all_finite(self, value: torch.Tensor) -> bool:
         flag = torch.tensor([1.0 if bool(torch.isfinite(value).all()) else 0.0], device=self.device)
