@@ -31,6 +31,7 @@ FLAG_ALIASES: dict[str, tuple[str, Any]] = {
     "--make-vocab-size-divisible-by": ("model.make_vocab_size_divisible_by", None),
     "--checkpoint-activations": ("model.checkpoint_activations", True),
     "--checkpoint-num-layers": ("model.checkpoint_num_layers", None),
+    "--recompute-granularity": ("model.recompute_granularity", None),
     "--seq-length": ("data.seq_length", None),
     "--tensor-model-parallel-size": ("parallel.tensor_model_parallel_size", None),
     "--pipeline-model-parallel-size": ("parallel.pipeline_model_parallel_size", None),

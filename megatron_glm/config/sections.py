@@ -36,6 +36,10 @@ class ModelConfig:
                               choices=("sdpa", "flex", "eager"))
     checkpoint_activations: bool = opt(False, "Recompute layer activations in backward to save memory.")
     checkpoint_num_layers: int = opt(1, "Layers per activation-checkpoint chunk.")
+    recompute_granularity: str = opt("", "Activation recomputation (Megatron's flag): '' none (full when "
+                                         "checkpoint_activations), full (whole layers, checkpoint_num_layers at a "
+                                         "time) or selective (the attention core only: scores, softmax, dropout).",
+                                     choices=("", "full", "selective"))
     head_chunk_size: int = opt(0, "Training: fuse the tied head into the cross entropy, this many loss rows at a "
                                   "time, so the [n, V] logits are never stored (0: one unfused head).")
 

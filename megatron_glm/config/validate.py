@@ -80,6 +80,9 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
                        f"({m.max_sequence_length})")
         if m.checkpoint_num_layers <= 0:
             out.append(f"model.checkpoint_num_layers must be positive, got {m.checkpoint_num_layers}")
+        if m.checkpoint_activations and m.recompute_granularity == "selective":
+            out.append("model.checkpoint_activations (full recomputation) conflicts with "
+                       "model.recompute_granularity 'selective'; set one of them")
         if m.head_chunk_size < 0:
             out.append(f"model.head_chunk_size must be >= 0 (0: unfused head), got {m.head_chunk_size}")
     for name in ("hidden_dropout", "attention_dropout"):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_glm.model.masks import AttentionMask
+from megatron_glm.model.recompute import checkpointed
 from megatron_glm.parallel import ColumnParallelLinear, ParallelState, RNGStatesTracker, RowParallelLinear
 from megatron_glm.parallel.random import MODEL_PARALLEL_RNG, InitMethod
 
@@ -87,6 +88,7 @@ class ParallelSelfAttention(nn.Module):
         self.num_heads_per_rank = num_heads // parallel_state.tp_size
         self.head_dim = hidden_size // num_heads
         self.attention_dropout, self.impl = attention_dropout, impl
+        self.recompute_core = False  # selective recomputation: keep only q, k, v for backward
         self.query_key_value = ColumnParallelLinear(hidden_size, 3 * hidden_size, stride=3, init_method=qkv_init,
                                                     parallel_state=parallel_state, params_dtype=params_dtype,
                                                     device=device)
@@ -111,6 +113,12 @@ class ParallelSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
             impl = "sdpa" if impl == "flex" else impl
-        ctx = attention_core(q, k, v, mask, impl, p, tracker)
+        if self.recompute_core and kv_cache is None and self.training and torch.is_grad_enabled():
+            def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return attention_core(q, k, v, mask, impl, p, tracker)
+
+            ctx = checkpointed(core, tracker, q, k, v)
+        else:
+            ctx = attention_core(q, k, v, mask, impl, p, tracker)
         ctx = ctx.transpose(1, 2).reshape(b, s, self.num_heads_per_rank * self.head_dim)
         return self.output_dropout(self.dense(ctx))

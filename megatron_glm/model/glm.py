@@ -85,7 +85,8 @@ class GLMModel(nn.Module):
             attention_dropout=config.attention_dropout, hidden_dropout=config.hidden_dropout,
             attention_impl=config.attention_impl, block_position_encoding=config.block_position_encoding,
             checkpoint_activations=config.checkpoint_activations,
-            checkpoint_num_layers=config.checkpoint_num_layers, layer_start=layer_start, layer_end=layer_end,
+            checkpoint_num_layers=config.checkpoint_num_layers,
+            recompute_granularity=config.recompute_granularity, layer_start=layer_start, layer_end=layer_end,
             pre_process=pre_process, post_process=post_process, init_for=init_for, parallel_state=ps,
             params_dtype=params_dtype, device=device)
         self.rng_tracker = self._new_tracker(device)

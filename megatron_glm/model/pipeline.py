@@ -55,7 +55,8 @@ def _transformer(config: ModelConfig, ps: ParallelState, seed: int, dtype: torch
         max_sequence_length=config.max_sequence_length, layernorm_epsilon=config.layernorm_epsilon,
         attention_dropout=config.attention_dropout, hidden_dropout=config.hidden_dropout,
         attention_impl=config.attention_impl, block_position_encoding=config.block_position_encoding,
-        checkpoint_activations=config.checkpoint_activations, checkpoint_num_layers=1, layer_start=start,
+        checkpoint_activations=config.checkpoint_activations, checkpoint_num_layers=1,
+        recompute_granularity=config.recompute_granularity, layer_start=start,
         layer_end=end, pre_process=pre, post_process=post, init_for=lambda n: init_method_for(n, config, seed),
         parallel_state=ps, params_dtype=dtype, device=device)
 

@@ -13,10 +13,10 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from megatron_glm.model.attention import LayerKVCache, ParallelSelfAttention
 from megatron_glm.model.masks import AttentionMask
+from megatron_glm.model.recompute import checkpointed
 from megatron_glm.parallel import ColumnParallelLinear, ParallelState, RNGStatesTracker, RowParallelLinear
 from megatron_glm.parallel.random import InitMethod
 
@@ -78,32 +78,6 @@ class GLMLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def checkpointed(fn, tracker: RNGStatesTracker | None, *args: torch.Tensor) -> torch.Tensor:
-    """``fn(*args)`` under non-reentrant activation checkpointing with identical dropout on recompute.
-
-    ``torch.utils.checkpoint`` restores the default RNG state(s) for the recompute; the tracker's
-    forked states (attention dropout) are restored here too, then put back to where the forward left them.
-    """
-    if tracker is None:
-        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
-    before = tracker.get_states()
-    calls = 0
-
-    def run(*inner: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            return fn(*inner)
-        after = tracker.get_states()
-        tracker.set_states(before)
-        try:
-            return fn(*inner)
-        finally:
-            tracker.set_states(after)
-
-    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True)
-
-
 class GLMTransformer(nn.Module):
     """Position embeddings (first stage), layers ``[layer_start, layer_end)``, final LayerNorm (last stage).
 
@@ -114,7 +88,8 @@ class GLMTransformer(nn.Module):
     def __init__(self, *, num_layers: int, hidden_size: int, num_heads: int, max_sequence_length: int,
                  layernorm_epsilon: float, attention_dropout: float, hidden_dropout: float, attention_impl: str,
                  block_position_encoding: bool, checkpoint_activations: bool, checkpoint_num_layers: int,
-                 layer_start: int, layer_end: int, pre_process: bool, post_process: bool,
+                 recompute_granularity: str = "", layer_start: int, layer_end: int, pre_process: bool,
+                 post_process: bool,
                  init_for: Callable[[str], InitMethod], parallel_state: ParallelState, params_dtype: torch.dtype,
                  device: torch.device | str | None) -> None:
         super().__init__()
@@ -140,6 +115,10 @@ class GLMTransformer(nn.Module):
                 hidden_size, num_heads, layernorm_epsilon=layernorm_epsilon, attention_dropout=attention_dropout,
                 hidden_dropout=hidden_dropout, attention_impl=attention_impl, init=init,
                 parallel_state=parallel_state, params_dtype=params_dtype, device=device)
+        if recompute_granularity == "full":
+            self.checkpoint_activations = True
+        for layer in self.layers.values():
+            layer.attention.recompute_core = recompute_granularity == "selective"
         if post_process:
             self.final_layernorm = nn.LayerNorm(hidden_size, eps=layernorm_epsilon, dtype=params_dtype,
                                                 device=device)
