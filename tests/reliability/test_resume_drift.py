@@ -42,6 +42,12 @@ def test_identity_compares_content_not_paths(tiny_corpus, tmp_path):
                                                                   **{"training.seed": 7}), 8))
     assert len(drift) == 3 and drift[0].startswith("data (fingerprint): checkpoint pydoc_text_sentence [")
     assert drift[1:] == ["global batch: checkpoint 4, now 8", "seed: checkpoint 1234, now 7"]
+    other_tok = tmp_path / "tok.model"
+    other_tok.write_bytes(Path(tiny_corpus["tokenizer"]).read_bytes() + b"x")
+    drift = identity_drift({"identity": saved}, run_identity(_cfg(moved, str(other_tok), **{
+        "data.seq_length": 32, "data.split": "90,10,0"}), 4))
+    assert [d.split(":")[0] for d in drift] == ["tokenizer (sha256)", "seq length", "split"]
+    assert drift[1:] == ["seq length: checkpoint 64, now 32", "split: checkpoint '949,50,1', now '90,10,0'"]
 
 
 @pytest.mark.slow
