@@ -15,6 +15,8 @@ Evaluation (every ``--eval-interval`` steps and at the end) logs one ``[eval]`` 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,6 @@ import torch.distributed as dist
 import yaml
 
 from megatron_glm.checkpoint import CheckpointManager, check_save_dir
-from megatron_glm.checkpoint.drift import run_identity
 from megatron_glm.checkpoint.manager import list_checkpoints, write_text_atomic
 from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import GLMConfig, config_to_dict, validate
@@ -77,6 +78,22 @@ def task_config(cfg: GLMConfig, task: FinetuneConfig) -> GLMConfig:
     data = dataclasses.replace(cfg.data, seq_length=task.seq_length, tokenizer_model=tok, num_workers=0)
     return dataclasses.replace(cfg, model=m, data=data,
                                checkpoint=dataclasses.replace(cfg.checkpoint, load_weights_only=True))
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def task_identity(cfg: GLMConfig, task: FinetuneConfig, global_batch: int) -> dict[str, Any]:
+    """What a resumed fine-tuning run must share with the run that saved (the training file by sha256 in
+    place of a dataset; see :mod:`megatron_glm.checkpoint.drift`)."""
+    return {"data": [[1.0, os.path.abspath(task.train_data), _sha256(task.train_data)]],
+            "tokenizer_sha256": _sha256(cfg.data.tokenizer_model), "seq_length": cfg.data.seq_length,
+            "global_batch_size": int(global_batch), "seed": cfg.training.seed, "split": cfg.data.split}
 
 
 class _Capture:
@@ -212,7 +229,7 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
         checkpoints=CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last, log=log), logger=logger,
         log=log, task=task, task_loss=task_loss, encoder=TaskEncoder(tokenizer, task, task.valid_data),
         valid_examples=valid_examples, classes=classes, vocab_rows=cfg.model.vocab_size)
-    trainer.identity = run_identity(cfg, global_batch)
+    trainer.identity = task_identity(cfg, task, global_batch)
     if resuming:
         trainer.resume(cfg.checkpoint.save)
     log(f"set-up took {time.perf_counter() - started:.1f} s; training {cfg.training.train_iters} steps of "

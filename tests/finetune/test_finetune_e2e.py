@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from tests.finetune.conftest import finetune, read_metrics
+from tests.training.conftest import run_tool
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +50,14 @@ def test_cloze_tp2_pp2_match_tp1_and_resume_is_exact(finetune_setup: dict, tmp_p
     out = finetune(_args(s, "cloze", save, "--train-iters", "6"))
     assert "resumed from" in out.stdout
     assert _losses(save) == tp1
+    # tools/evaluate.py on the fine-tuned checkpoint reproduces the run's last evaluation.
+    report = tmp_path / "r.json"
+    run_tool("tools/evaluate.py", "--task", "cloze", "--valid-data", str(s["tasks"] / "next_sentence_valid.jsonl"),
+             "--load", str(tmp_path / "tp1"), "--source-length", "40", "--target-length", "40",
+             "--source-truncation", "left", "--output", str(report))
+    got = json.loads(report.read_text())
+    assert got["step"] == 6 and got["count"] == 8 and got["accuracy"] == evals[0][6]["accuracy"]
+    assert abs(got["valid_loss"] - evals[0][6]["valid_loss"]) < 1e-5
 
 
 def test_seq2seq_pipeline_matches_and_reports_generation_metrics(finetune_setup: dict, tmp_path: Path) -> None:
@@ -63,6 +73,22 @@ def test_seq2seq_pipeline_matches_and_reports_generation_metrics(finetune_setup:
     assert 0 <= row["rougeL"] <= 100
     _, pp_evals = read_metrics(tmp_path / "pp2")
     assert abs(pp_evals[3]["valid_loss"] - row["valid_loss"]) < 1e-5
+    # The same generation metrics from tools/evaluate.py on the saved checkpoint; and a perplexity report.
+    report = tmp_path / "r.json"
+    run_tool("tools/evaluate.py", "--task", "seq2seq", "--valid-data", str(s["tasks"] / "continue_valid.jsonl"),
+             "--load", str(tmp_path / "tp1"), "--source-length", "40", "--target-length", "40",
+             "--source-truncation", "left", "--num-beams", "2", "--no-repeat-ngram-size", "2",
+             "--output", str(report))
+    got = json.loads(report.read_text())
+    for key in ("rouge1", "rouge2", "rougeL", "bleu"):
+        assert abs(got[key] - row[key]) < 1e-9, (key, got, row)
+    text = tmp_path / "raw.txt"
+    text.write_text(" ".join(json.loads(line)["target"] for line in
+                             (s["tasks"] / "continue_train.jsonl").read_text().splitlines()[:20]))
+    run_tool("tools/evaluate.py", "--task", "ppl", "--valid-data", str(text), "--load", str(tmp_path / "tp1"),
+             "--window", "64", "--overlap", "16", "--output", str(report))
+    ppl = json.loads(report.read_text())
+    assert ppl["words"] == len(text.read_text().split()) and ppl["ppl_word"] > ppl["ppl_token"] > 1
 
 
 def test_malformed_task_file_is_one_line_error(finetune_setup: dict, tmp_path: Path) -> None:
