@@ -46,6 +46,7 @@ __all__ = [
     "build_pretraining_datasets",
     "build_windows",
     "collate",
+    "loader_generator",
     "split_num_samples",
 ]
 
@@ -170,7 +171,12 @@ def build_data_iterator(
     total_samples: int | None = None,
     pin_memory: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Iterator of this rank's micro-batches (dicts of tensors), resumed at ``consumed_samples``."""
+    """Iterator of this rank's micro-batches (dicts of tensors), resumed at ``consumed_samples``.
+
+    Building it draws nothing from the global RNG: the DataLoader's base seed (worker seeds) comes from
+    its own generator keyed by (dataset seed, consumed_samples, dp_rank). So a resumed run, which builds its
+    iterator after restoring the RNG state, sees the same dropout masks as an uninterrupted one.
+    """
     sampler = MicroBatchSampler(consumed_samples, micro_batch_size, dp_rank, dp_size, total_samples)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -180,8 +186,15 @@ def build_data_iterator(
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if num_workers else None,
+        generator=loader_generator(getattr(dataset, "seed", 0), consumed_samples, dp_rank),
     )
     return iter(loader)
+
+
+def loader_generator(seed: int, consumed_samples: int, dp_rank: int) -> torch.Generator:
+    """A private generator for a DataLoader, a pure function of where the iterator starts."""
+    key = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(consumed_samples), int(dp_rank)])
+    return torch.Generator().manual_seed(int(key.generate_state(1, np.uint64)[0] >> 1))
 
 
 # -- building from the config --------------------------------------------------------------------

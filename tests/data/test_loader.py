@@ -113,6 +113,21 @@ def test_same_samples_for_any_worker_count(corpus, tmp_path) -> None:
     assert same_batches(runs[0], runs[1]) and same_batches(runs[0], runs[2])
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_building_an_iterator_draws_nothing_from_the_global_rng(corpus, tmp_path, workers) -> None:
+    """Dropout masks must not depend on when the iterator is built (exact resume)."""
+    cfg = config(corpus, tmp_path)
+    train = build_pretraining_datasets(cfg, SP)[0]
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    it = build_data_iterator(train, consumed_samples=8, micro_batch_size=4, num_workers=workers)
+    next(it)
+    assert torch.equal(torch.get_rng_state(), before)
+    # The worker seeds are a function of where the iterator starts, not of the global state.
+    seeds = [build_data_iterator(train, consumed_samples=c, micro_batch_size=4)._base_seed for c in (8, 8, 16)]
+    assert seeds[0] == seeds[1] != seeds[2]
+
+
 def test_restart_and_dp_layout_give_the_same_samples(corpus, tmp_path) -> None:
     cfg = config(corpus, tmp_path)
     train = build_pretraining_datasets(cfg, SP)[0]
