@@ -148,3 +148,19 @@ def test_cli_dry_run_prints_config() -> None:
     proc = _cli("--dry-run", "--model-size", "glm-base")
     assert proc.returncode == 0, proc.stderr
     assert "hidden_size: 768" in proc.stdout and "configuration is valid" in proc.stdout
+
+
+def test_stop_control_flags_and_skip_ranges() -> None:
+    from megatron_glm.config.ranges import in_ranges, parse_iteration_ranges
+
+    cfg = load_config(["--exit-interval", "50", "--exit-duration-in-mins", "230.5",
+                       "--skip-train-iteration-range", "101-200", "7-7", "150-260"])
+    assert cfg.training.exit_interval == 50 and cfg.training.exit_duration_in_mins == 230.5
+    ranges = parse_iteration_ranges(cfg.training.skip_train_iteration_range)
+    assert ranges == [(7, 7), (101, 260)]
+    assert [s for s in (6, 7, 8, 100, 101, 260, 261) if in_ranges(s, ranges)] == [7, 101, 260]
+    for bad in ("5", "9-3", "0-4", "a-b"):
+        cfg.training.skip_train_iteration_range = [bad]
+        with pytest.raises(ConfigError, match=f"training.skip_train_iteration_range: expected ranges of steps like "
+                                              f"'101-200' with 1 <= start <= end, got '{bad}'"):
+            validate(cfg)

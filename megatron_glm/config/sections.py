@@ -127,6 +127,12 @@ class TrainingConfig:
     eval_interval: int = opt(1000, "Evaluate on the validation split every N steps (0: never).")
     eval_iters: int = opt(10, "Micro-batches per evaluation.")
     max_nonfinite_steps: int = opt(20, "Stop with an error after this many consecutive non-finite steps.")
+    exit_interval: int = opt(0, "Save and stop cleanly after a step divisible by N (0: never); resume with --load.")
+    exit_duration_in_mins: float = opt(0.0, "Save and stop after the first step that ends past this many minutes "
+                                            "since pretrain() started (all ranks agree; 0: no limit).")
+    skip_train_iteration_range: list[str] = opt([], "Steps to step over, as inclusive ranges 'A-B' (1-based): their "
+                                                    "samples are consumed without a forward pass or an update; the "
+                                                    "LR schedule counts updates, so it does not advance either.")
 
 
 @dataclass(kw_only=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from megatron_glm.config.finite import nonfinite_fields
+from megatron_glm.config.ranges import parse_iteration_ranges
 from megatron_glm.config.sections import GLMConfig
 from megatron_glm.errors import ConfigError
 
@@ -111,6 +112,12 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
 
     if t.train_iters < 0:
         out.append(f"training.train_iters must be >= 0, got {t.train_iters}")
+    if t.exit_interval < 0 or t.exit_duration_in_mins < 0:
+        out.append("training.exit_interval and training.exit_duration_in_mins must be >= 0")
+    try:
+        parse_iteration_ranges(t.skip_train_iteration_range)
+    except ConfigError as exc:
+        out.append(str(exc))
     if o.lr < 0 or o.min_lr < 0 or o.min_lr > o.lr:
         out.append(f"optimizer: need 0 <= min_lr ({o.min_lr}) <= lr ({o.lr})")
     if not 0.0 <= o.lr_warmup_fraction <= 1.0:

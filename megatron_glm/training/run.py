@@ -20,6 +20,7 @@ from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.model import flops_per_token
 from megatron_glm.parallel import initialize_parallel_state
 from megatron_glm.training.distributed import init_distributed
+from megatron_glm.training.lifeline import die_with_parent, launched_by_launcher
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.rng import seed_everything
 from megatron_glm.training.setup import DTYPES, build_engine, build_model, resolve_vocab_size
@@ -33,6 +34,8 @@ def pretrain(cfg: GLMConfig) -> TrainState:
         raise ConfigError("data.data_path is empty: pass --data-path PREFIX (see tools/preprocess_data.py)")
     if not cfg.data.tokenizer_model:
         raise ConfigError("data.tokenizer_model is empty: pass --tokenizer-model PATH.model")
+    if launched_by_launcher():
+        die_with_parent()  # a killed launcher takes its workers down (no orphans writing checkpoints)
     env = init_distributed(cfg.training.local_rank)
     validate(cfg, env.world_size)
     started = time.perf_counter()
@@ -86,7 +89,7 @@ def pretrain(cfg: GLMConfig) -> TrainState:
                       accumulation_steps=accum, global_batch_size=global_batch, flops_per_sample=flops_sample,
                       peak_flops=float(peak.item()), checkpoints=CheckpointManager(cfg.checkpoint.save,
                                                                                    cfg.checkpoint.keep_last, log=log),
-                      logger=logger, log=log)
+                      logger=logger, log=log, started=started)
     trainer.identity = run_identity(cfg, global_batch)
     if cfg.checkpoint.load and not cfg.checkpoint.load_weights_only:
         trainer.resume(cfg.checkpoint.load)

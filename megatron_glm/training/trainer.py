@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron_glm.checkpoint import CheckpointManager
 from megatron_glm.checkpoint.drift import identity_drift
 from megatron_glm.config import GLMConfig, config_to_dict
+from megatron_glm.config.ranges import in_ranges, parse_iteration_ranges
 from megatron_glm.errors import CheckpointError, GLMError
 from megatron_glm.model.loss import add_group_sums
 from megatron_glm.model.pipeline import pipeline_batch
@@ -63,13 +64,16 @@ class Trainer:
                  train_batches: Callable[[int], Iterator[Batch]],
                  valid_batches: Callable[[], Iterator[Batch]] | None,
                  accumulation_steps: int, global_batch_size: int, flops_per_sample: float, peak_flops: float,
-                 checkpoints: CheckpointManager, logger: MetricsLogger, log: Callable[[str], None] = print) -> None:
+                 checkpoints: CheckpointManager, logger: MetricsLogger, log: Callable[[str], None] = print,
+                 started: float | None = None) -> None:
         self.cfg, self.ps, self.engine, self.device = cfg, ps, engine, device
         self.train_batches, self.valid_batches = train_batches, valid_batches
         self.accum, self.global_batch = accumulation_steps, global_batch_size
         self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
         self.checkpoints, self.logger, self.log = checkpoints, logger, log
         self.state = TrainState()
+        self.started = time.perf_counter() if started is None else started  # for exit_duration_in_mins
+        self.skip_ranges = parse_iteration_ranges(cfg.training.skip_train_iteration_range)
         self._stop_signal = 0
         self._last_saved = -1
         self.identity: dict[str, Any] = {}
@@ -161,10 +165,25 @@ class Trainer:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
 
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor([float(self._stop_signal)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+    def _stop_reason(self) -> str:
+        """Why to save and stop after this step ("" to go on); one collective, so every rank agrees."""
+        t = self.cfg.training
+        minutes = (time.perf_counter() - self.started) / 60.0
+        over_time = bool(t.exit_duration_in_mins) and minutes > t.exit_duration_in_mins
+        flags = torch.tensor([float(self._stop_signal), 1.0 if over_time else 0.0], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0].item() > 0:
+            return f"received signal {self._stop_signal or 'on another rank'}"
+        if flags[1].item() > 0:
+            return f"exit duration of {t.exit_duration_in_mins:g} min reached"
+        if t.exit_interval and self.state.step % t.exit_interval == 0 and self.state.step < t.train_iters:
+            return f"exit interval {t.exit_interval} reached"
+        return ""
+
+    def skip_step(self, batches: Iterator[Any]) -> None:
+        """Consume one step's micro-batches without a forward pass or an update (bad-data ranges)."""
+        for _ in range(self.accum):
+            next(batches)
 
     # ----------------------------------------------------------------- loop
     @property
@@ -216,22 +235,18 @@ class Trainer:
         window_start, window_steps, window = time.perf_counter(), 0, StepStats()
         try:
             while st.step < t.train_iters:
-                stats = self.train_step(batches)
-                st.step += 1
-                st.consumed_samples += self.global_batch
-                window_steps += 1
-                window.merge(stats)
-                if stats.nonfinite:
-                    st.nonfinite_total += stats.nonfinite
-                    st.nonfinite_streak += 1
-                    self.log(f"warning: step {st.step}: {stats.nonfinite} non-finite micro-batch loss(es) skipped")
-                    if st.nonfinite_streak >= t.max_nonfinite_steps:
-                        raise GLMError(f"{st.nonfinite_streak} consecutive steps with non-finite loss (limit "
-                                       f"training.max_nonfinite_steps={t.max_nonfinite_steps}); lower the "
-                                       f"learning rate or check the data")
+                if in_ranges(st.step + 1, self.skip_ranges):
+                    self.skip_step(batches)
+                    st.step += 1
+                    st.consumed_samples += self.global_batch
+                    self.log(f"step {st.step}: skipped (training.skip_train_iteration_range), "
+                             f"{self.global_batch} samples consumed")
+                    if not window_steps:
+                        window_start = time.perf_counter()
                 else:
-                    st.nonfinite_streak = 0
-                if st.step % cfg.logging.log_interval == 0 or st.step == t.train_iters:
+                    self._train_and_log(self.train_step(batches), window)
+                    window_steps += 1
+                if window_steps and (st.step % cfg.logging.log_interval == 0 or st.step == t.train_iters):
                     elapsed = time.perf_counter() - window_start
                     self._log_step(window, elapsed / window_steps)
                     window_start, window_steps, window = time.perf_counter(), 0, StepStats()
@@ -241,9 +256,9 @@ class Trainer:
                 if cfg.checkpoint.save and cfg.checkpoint.save_interval and st.step % cfg.checkpoint.save_interval == 0:
                     self.save()
                     window_start = time.perf_counter()
-                if self._stop_requested():
-                    self.log(f"received signal {self._stop_signal or 'on another rank'}: saving and stopping at "
-                             f"step {st.step}")
+                reason = self._stop_reason()
+                if reason:
+                    self.log(f"{reason}: saving and stopping at step {st.step}")
                     break
             if cfg.checkpoint.save and self._last_saved != st.step:
                 self.save()
@@ -251,6 +266,23 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return st
+
+    def _train_and_log(self, stats: StepStats, window: StepStats) -> None:
+        """Account one trained step: position, window of logged stats, the non-finite streak."""
+        st, t = self.state, self.cfg.training
+        st.step += 1
+        st.consumed_samples += self.global_batch
+        window.merge(stats)
+        if stats.nonfinite:
+            st.nonfinite_total += stats.nonfinite
+            st.nonfinite_streak += 1
+            self.log(f"warning: step {st.step}: {stats.nonfinite} non-finite micro-batch loss(es) skipped")
+            if st.nonfinite_streak >= t.max_nonfinite_steps:
+                raise GLMError(f"{st.nonfinite_streak} consecutive steps with non-finite loss (limit "
+                               f"training.max_nonfinite_steps={t.max_nonfinite_steps}); lower the "
+                               f"learning rate or check the data")
+        else:
+            st.nonfinite_streak = 0
 
     def _log_step(self, stats: StepStats, step_time: float) -> None:
         """Log the averages of a window of steps (loss: mean over its micro-batches and DP ranks)."""

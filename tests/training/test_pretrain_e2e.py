@@ -49,33 +49,6 @@ def test_dp2_zero_stages_train(zero: str, tiny_corpus: dict, tmp_path: Path) -> 
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]) - 0.6, losses
 
 
-def test_resume_after_kill_matches_uninterrupted(tiny_corpus: dict, tmp_path: Path) -> None:
-    """20 steps straight vs. kill -9 of the whole job after the step-10 checkpoint, then resume."""
-    common = ["--train-iters", "20", "--micro-batch-size", "2", "--global-batch-size", "4",
-              "--model.hidden_dropout", "0.1", "--model.attention_dropout", "0.1"]  # dropout: RNG restored too
-    save = tmp_path / "killed"
-    args = train_args(tiny_corpus, *common, "--tensor-model-parallel-size", "2", "--save", str(save),
-                      "--save-interval", "10")
-    straight_tp = tmp_path / "straight_tp"
-    launch(train_args(tiny_corpus, *common, "--tensor-model-parallel-size", "2", "--save", str(straight_tp)), nproc=2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    job = subprocess.Popen([torchrun, "--nproc_per_node", "2", "pretrain_glm.py", *args], cwd=ROOT, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not (save / "latest").exists():
-        assert job.poll() is None, "the job ended before its first checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-    assert (save / "latest").read_text() == "global_step10"
-    launch([*args, "--load", str(save)], nproc=2)
-    resumed, straight = _losses(save), _losses(straight_tp)
-    assert len(resumed) == 20
-    assert resumed == straight, (resumed, straight)  # bitwise: data position, LR, RNG all restored
-
-
 def test_truncated_checkpoint_falls_back(tiny_corpus: dict, tmp_path: Path) -> None:
     save = tmp_path / "ck"
     args = train_args(tiny_corpus, "--train-iters", "4", "--micro-batch-size", "2", "--global-batch-size", "2",
