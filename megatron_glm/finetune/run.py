@@ -42,7 +42,8 @@ from megatron_glm.parallel import initialize_parallel_state
 from megatron_glm.training.distributed import init_distributed, launcher_world_size
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.rng import seed_everything
-from megatron_glm.training.setup import build_engine, build_model
+from megatron_glm.training.setup import DTYPES, build_engine, build_model
+from megatron_glm.training.throughput import matmul_peak_flops
 from megatron_glm.training.trainer import Trainer, TrainState
 
 ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length",
@@ -221,11 +222,13 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
                             dp_size=ps.dp_size)
 
     flops_sample = flops_per_token(cfg.model, task.seq_length) * task.seq_length * choices
+    peak = torch.tensor([matmul_peak_flops(DTYPES[cfg.training.precision], env.device, n=1024, seconds=0.3)])
+    dist.all_reduce(peak)
     logger = MetricsLogger(cfg.checkpoint.save, cfg.logging.tensorboard_dir, enabled=is_logger)
     trainer = FinetuneTrainer(
         cfg, ps, engine, env.device, train_batches=train_batches,
         valid_batches=valid_batches if valid_ds is not None else None, accumulation_steps=accum,
-        global_batch_size=global_batch, flops_per_sample=flops_sample, peak_flops=0.0,
+        global_batch_size=global_batch, flops_per_sample=flops_sample, peak_flops=float(peak.item()),
         checkpoints=CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last, log=log), logger=logger,
         log=log, task=task, task_loss=task_loss, encoder=TaskEncoder(tokenizer, task, task.valid_data),
         valid_examples=valid_examples, classes=classes, vocab_rows=cfg.model.vocab_size)
