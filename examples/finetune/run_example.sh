@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Worked example: pretrain glm-tiny on the embedded corpus, evaluate it zero-shot on two tasks built from
-# held-out documents of the same corpus, fine-tune on each task, evaluate again, and check the gains.
+# the same corpus (held-out sentences), fine-tune on each task, evaluate again, and check the gains.
 #
 #   bash examples/finetune/run_example.sh               # 1,181 s measured on a 2-core machine shared with 4 jobs
 #   PRETRAIN_STEPS=100 FINETUNE_STEPS=100 bash examples/finetune/run_example.sh
