@@ -106,7 +106,7 @@ def test_flipped_bytes_fail_under_tensor_parallelism(tiny_corpus, tmp_path):
         _flip_document(prefix, doc, 60000)
     corpus = {**tiny_corpus, "data_path": prefix}
     proc = launch(train_args(corpus, "--train-iters", "3", "--micro-batch-size", "2", "--global-batch-size", "2",
-                             "--tensor-model-parallel-size", "2"), nproc=2, check=False, timeout=300)
+                             "--tensor-model-parallel-size", "2"), nproc=2, check=False, timeout=600)
     assert proc.returncode != 0, proc.stdout[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert errors, proc.stderr[-3000:]
