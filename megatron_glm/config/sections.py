@@ -40,6 +40,9 @@ class ModelConfig:
                                          "checkpoint_activations), full (whole layers, checkpoint_num_layers at a "
                                          "time) or selective (the attention core only: scores, softmax, dropout).",
                                      choices=("", "full", "selective"))
+    sequence_parallel: bool = opt(False, "Under tensor parallelism, run norms, dropouts and residuals on sequence "
+                                         "shards (Megatron's): all-gather / reduce-scatter instead of all-reduce; "
+                                         "needs seq_length divisible by the TP size, no pipeline.")
     head_chunk_size: int = opt(0, "Training: fuse the tied head into the cross entropy, this many loss rows at a "
                                   "time, so the [n, V] logits are never stored (0: one unfused head).")
 

@@ -84,6 +84,12 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
         if m.checkpoint_activations and m.recompute_granularity == "selective":
             out.append("model.checkpoint_activations (full recomputation) conflicts with "
                        "model.recompute_granularity 'selective'; set one of them")
+        if m.sequence_parallel and tp > 1 and d.seq_length % tp:
+            out.append(f"model.sequence_parallel needs data.seq_length ({d.seq_length}) divisible by "
+                       f"parallel.tensor_model_parallel_size ({tp})")
+        if m.sequence_parallel and pp > 1:
+            out.append("model.sequence_parallel is not supported with pipeline parallelism yet "
+                       f"(parallel.pipeline_model_parallel_size is {pp})")
         if m.head_chunk_size < 0:
             out.append(f"model.head_chunk_size must be >= 0 (0: unfused head), got {m.head_chunk_size}")
     for name in ("hidden_dropout", "attention_dropout"):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_glm.model import sequence_parallel as sp
 from megatron_glm.model.masks import AttentionMask
 from megatron_glm.model.recompute import checkpointed
 from megatron_glm.parallel import ColumnParallelLinear, ParallelState, RNGStatesTracker, RowParallelLinear
@@ -97,15 +98,18 @@ class ParallelSelfAttention(nn.Module):
         self.output_dropout = nn.Dropout(hidden_dropout)
 
     def forward(self, x: torch.Tensor, mask: AttentionMask, tracker: RNGStatesTracker | None = None,
-                kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+                kv_cache: LayerKVCache | None = None, sequence_parallel: bool = False) -> torch.Tensor:
         """``x [b, s, H]`` -> ``[b, s, H]``.
 
         ``kv_cache`` (generation): this layer's cache. The new keys/values ``[b, h_r, s, d]`` are appended
         with ``kv_cache.update(k, v)``, which returns all keys/values so far ``[b, h_r, past + s, d]``;
         ``mask.bool_mask`` is then ``[b, 1, s, past + s]`` (flex falls back to sdpa).
+
+        ``sequence_parallel``: ``x`` and the result are this rank's sequence shard ``[b, s/tp, H]``; the QKV
+        projection all-gathers the sequence, the output projection reduce-scatters it.
         """
-        b, s, _ = x.shape
-        qkv = self.query_key_value(x)  # [b, s, 3 * h_r * d] laid out as [q_r; k_r; v_r]
+        qkv = self.query_key_value(x, sequence_parallel)  # [b, s, 3 * h_r * d] laid out as [q_r; k_r; v_r]
+        b, s, _ = qkv.shape
         qkv = qkv.view(b, s, 3, self.num_heads_per_rank, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [b, h_r, s, d]
         p = self.attention_dropout if self.training else 0.0
@@ -121,4 +125,4 @@ class ParallelSelfAttention(nn.Module):
         else:
             ctx = attention_core(q, k, v, mask, impl, p, tracker)
         ctx = ctx.transpose(1, 2).reshape(b, s, self.num_heads_per_rank * self.head_dim)
-        return self.output_dropout(self.dense(ctx))
+        return sp.dropout(self.output_dropout, self.dense(ctx, sequence_parallel), tracker, sequence_parallel)

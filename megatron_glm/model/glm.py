@@ -33,8 +33,10 @@ from megatron_glm.parallel import (
     RNGStatesTracker,
     VocabParallelEmbedding,
     copy_to_tensor_parallel_region,
+    gather_from_sequence_parallel_region,
     model_parallel_seed,
     normal_init,
+    scatter_to_sequence_parallel_region,
     stable_seed,
 )
 from megatron_glm.parallel.random import InitMethod
@@ -90,6 +92,8 @@ class GLMModel(nn.Module):
             pre_process=pre_process, post_process=post_process, init_for=init_for, parallel_state=ps,
             params_dtype=params_dtype, device=device)
         self.rng_tracker = self._new_tracker(device)
+        # Sequence parallelism applies to training/eval forwards; generation (a KV cache) runs without it.
+        self.sequence_parallel = config.sequence_parallel and ps.tp_size > 1
 
     @classmethod
     def from_pretrained(cls, path: str, *, device: torch.device | str | None = None,
@@ -112,7 +116,8 @@ class GLMModel(nn.Module):
         """Logits ``[b, s, V/tp]`` (last stage) or hidden states ``[b, s, H]`` (other stages).
 
         ``input_ids``: token ids ``[b, s]`` on the first stage, the previous stage's hidden states
-        ``[b, s, H]`` otherwise. ``position_ids``: ``[b, 2, s]`` (position, block position).
+        ``[b, s, H]`` otherwise (``[b, s/tp, H]``, this rank's sequence shard, with ``config.sequence_parallel``,
+        which is also what a non-last stage returns). ``position_ids``: ``[b, 2, s]`` (position, block position).
         ``attention_mask``: ``[b]`` integer ``sep`` (Part A length) or boolean ``[b, 1, s, s]``
         (True = may attend).
 
@@ -142,10 +147,18 @@ class GLMModel(nn.Module):
             h = input_ids
         if h.device.type != self.rng_tracker.device.type:  # moved with .to(); reseed on the new device
             self.rng_tracker = self._new_tracker(h.device)
-        b, s = h.shape[:2]
+        group = self.parallel_state.tp_group
+        seq_parallel = self.sequence_parallel and kv_cache is None
+        b, s = h.shape[0], h.shape[1] * (self.parallel_state.tp_size if seq_parallel and not self.pre_process else 1)
         if kv_cache is None:
             mask = prepare_attention_mask(attention_mask, b, s, h.device)
-            h = self.transformer(h, mask, self.rng_tracker)
+            if seq_parallel:
+                h = scatter_to_sequence_parallel_region(h, group) if self.pre_process else h
+                h = self.transformer(h, mask, self.rng_tracker, sequence_parallel=True)
+                if self.post_process:
+                    h = gather_from_sequence_parallel_region(h, group, reduce_grad=False)
+            else:
+                h = self.transformer(h, mask, self.rng_tracker)
         else:
             mask = prepare_attention_mask(attention_mask, b, s, h.device, kv_seq=kv_cache.length + s)
             h = self.transformer(h, mask, self.rng_tracker, kv_cache=kv_cache)

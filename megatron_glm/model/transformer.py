@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_glm.model import sequence_parallel as sp
 from megatron_glm.model.attention import LayerKVCache, ParallelSelfAttention
 from megatron_glm.model.masks import AttentionMask
 from megatron_glm.model.recompute import checkpointed
@@ -46,8 +47,11 @@ class ParallelMLP(nn.Module):
                                                params_dtype=params_dtype, device=device)
         self.dropout = nn.Dropout(hidden_dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh")))
+    def forward(self, x: torch.Tensor, tracker: RNGStatesTracker | None = None,
+                sequence_parallel: bool = False) -> torch.Tensor:
+        """``x [b, s, H]``, or this rank's sequence shard ``[b, s/tp, H]`` with ``sequence_parallel``."""
+        y = F.gelu(self.dense_h_to_4h(x, sequence_parallel), approximate="tanh")
+        return sp.dropout(self.dropout, self.dense_4h_to_h(y, sequence_parallel), tracker, sequence_parallel)
 
 
 class GLMLayer(nn.Module):
@@ -58,6 +62,7 @@ class GLMLayer(nn.Module):
                  parallel_state: ParallelState, params_dtype: torch.dtype,
                  device: torch.device | str | None) -> None:
         super().__init__()
+        self.tp_group = parallel_state.tp_group
         ln = dict(eps=layernorm_epsilon, dtype=params_dtype, device=device)
         self.input_layernorm = nn.LayerNorm(hidden_size, **ln)
         self.attention = ParallelSelfAttention(
@@ -70,12 +75,15 @@ class GLMLayer(nn.Module):
                                params_dtype=params_dtype, device=device)
 
     def forward(self, h: torch.Tensor, mask: AttentionMask, tracker: RNGStatesTracker | None = None,
-                kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+                kv_cache: LayerKVCache | None = None, sequence_parallel: bool = False) -> torch.Tensor:
+        """``sequence_parallel``: ``h`` is this rank's sequence shard ``[b, s/tp, H]`` (no ``kv_cache``)."""
+        x = sp.layer_norm(self.input_layernorm, h, self.tp_group, sequence_parallel)
         if kv_cache is None:
-            h = h + self.attention(self.input_layernorm(h), mask, tracker)
+            h = h + self.attention(x, mask, tracker, sequence_parallel=sequence_parallel)
         else:
-            h = h + self.attention(self.input_layernorm(h), mask, tracker, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+            h = h + self.attention(x, mask, tracker, kv_cache)
+        x = sp.layer_norm(self.post_attention_layernorm, h, self.tp_group, sequence_parallel)
+        return h + self.mlp(x, tracker, sequence_parallel)
 
 
 class GLMTransformer(nn.Module):
@@ -94,6 +102,7 @@ class GLMTransformer(nn.Module):
                  device: torch.device | str | None) -> None:
         super().__init__()
         self.pre_process, self.post_process = pre_process, post_process
+        self.tp_group = parallel_state.tp_group
         self.checkpoint_activations, self.checkpoint_num_layers = checkpoint_activations, checkpoint_num_layers
         self.layer_start, self.layer_end = layer_start, layer_end
         self.embedding_dropout = nn.Dropout(hidden_dropout)
@@ -133,8 +142,12 @@ class GLMTransformer(nn.Module):
         return self.embedding_dropout(h)
 
     def forward(self, h: torch.Tensor, mask: AttentionMask, tracker: RNGStatesTracker | None = None,
-                kv_cache: KVCacheLike | None = None) -> torch.Tensor:
-        """``kv_cache`` (generation): ``kv_cache.layer(i)`` is global layer ``i``'s :class:`LayerKVCache`."""
+                kv_cache: KVCacheLike | None = None, sequence_parallel: bool = False) -> torch.Tensor:
+        """``kv_cache`` (generation): ``kv_cache.layer(i)`` is global layer ``i``'s :class:`LayerKVCache`.
+
+        ``sequence_parallel``: ``h`` (and the result) is this rank's sequence shard ``[b, s/tp, H]``.
+        """
+        sp_kw = {"sequence_parallel": True} if sequence_parallel else {}
         layers = list(self.layers.values())
         if kv_cache is not None:
             for key, layer in self.layers.items():
@@ -146,14 +159,16 @@ class GLMTransformer(nn.Module):
 
                 def run(x: torch.Tensor, chunk: list[GLMLayer] = chunk) -> torch.Tensor:
                     for layer in chunk:
-                        x = layer(x, mask, tracker)
+                        x = layer(x, mask, tracker, **sp_kw)
                     return x
 
                 h = checkpointed(run, tracker, h)
         else:
             for layer in layers:
-                h = layer(h, mask, tracker)
-        return self.final_layernorm(h) if self.post_process else h
+                h = layer(h, mask, tracker, **sp_kw)
+        if not self.post_process:
+            return h
+        return sp.layer_norm(self.final_layernorm, h, self.tp_group, sequence_parallel)
 
 
 def _embedding(rows: int, dim: int, init: InitMethod, dtype: torch.dtype,

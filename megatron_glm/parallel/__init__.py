@@ -19,14 +19,35 @@ from megatron_glm.parallel.random import (
     normal_init,
     stable_seed,
 )
+from megatron_glm.parallel.sequence_parallel import (
+    gather_from_sequence_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 from megatron_glm.parallel.sharding import shard, unshard
 from megatron_glm.parallel.state import ParallelState, initialize_parallel_state, rank_grid
 
 __all__ = [
-    "MODEL_PARALLEL_RNG", "ColumnParallelLinear", "ParallelState", "RNGStatesTracker", "RowParallelLinear",
-    "VocabParallelEmbedding", "copy_to_tensor_parallel_region", "fused_head_cross_entropy",
+    "MODEL_PARALLEL_RNG",
+    "ColumnParallelLinear",
+    "ParallelState",
+    "RNGStatesTracker",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "copy_to_tensor_parallel_region",
+    "fused_head_cross_entropy",
+    "gather_from_sequence_parallel_region",
     "gather_from_tensor_parallel_region",
-    "initialize_parallel_state", "model_parallel_seed", "normal_init", "rank_grid",
-    "reduce_from_tensor_parallel_region", "scatter_to_tensor_parallel_region", "shard", "stable_seed",
-    "unshard", "vocab_parallel_cross_entropy",
+    "initialize_parallel_state",
+    "model_parallel_seed",
+    "normal_init",
+    "rank_grid",
+    "reduce_from_tensor_parallel_region",
+    "reduce_scatter_to_sequence_parallel_region",
+    "scatter_to_sequence_parallel_region",
+    "scatter_to_tensor_parallel_region",
+    "shard",
+    "stable_seed",
+    "unshard",
+    "vocab_parallel_cross_entropy",
 ]

@@ -18,6 +18,10 @@ from megatron_glm.parallel.mappings import (
     scatter_to_tensor_parallel_region,
 )
 from megatron_glm.parallel.random import InitMethod
+from megatron_glm.parallel.sequence_parallel import (
+    gather_from_sequence_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 from megatron_glm.parallel.sharding import shard
 from megatron_glm.parallel.state import ParallelState
 
@@ -65,8 +69,13 @@ class ColumnParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_tensor_parallel_region(x, self.ps.tp_group)
+    def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        """``sequence_parallel``: ``x [b, s/tp, in]`` is this rank's sequence shard; it is all-gathered
+        (gradient reduce-scattered) instead of copied (gradient all-reduced)."""
+        if sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, self.ps.tp_group)
+        else:
+            x = copy_to_tensor_parallel_region(x, self.ps.tp_group)
         y = F.linear(x, self.weight, self.bias)
         return gather_from_tensor_parallel_region(y, self.ps.tp_group) if self.gather_output else y
 
@@ -93,11 +102,18 @@ class RowParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        """``sequence_parallel``: the partial results are reduce-scattered along the sequence (dim 1) instead
+        of all-reduced, and the bias is added to this rank's shard (its gradient all-reduced)."""
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel_region(x, self.ps.tp_group)
-        y = reduce_from_tensor_parallel_region(F.linear(x, self.weight), self.ps.tp_group)
-        return y + self.bias if self.bias is not None else y
+        if sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel_region(F.linear(x, self.weight), self.ps.tp_group)
+            bias = None if self.bias is None else copy_to_tensor_parallel_region(self.bias, self.ps.tp_group)
+        else:
+            y = reduce_from_tensor_parallel_region(F.linear(x, self.weight), self.ps.tp_group)
+            bias = self.bias
+        return y + bias if bias is not None else y
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, tp={self.ps.tp_size}, bias={self.bias is not None}"
