@@ -33,6 +33,7 @@ FLAG_ALIASES: dict[str, tuple[str, Any]] = {
     "--checkpoint-num-layers": ("model.checkpoint_num_layers", None),
     "--recompute-granularity": ("model.recompute_granularity", None),
     "--sequence-parallel": ("model.sequence_parallel", True),
+    "--compile": ("training.compile", True),
     "--seq-length": ("data.seq_length", None),
     "--tensor-model-parallel-size": ("parallel.tensor_model_parallel_size", None),
     "--pipeline-model-parallel-size": ("parallel.pipeline_model_parallel_size", None),

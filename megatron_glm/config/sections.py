@@ -129,6 +129,8 @@ class TrainingConfig:
     local_rank: int = opt(-1, "Set by the deepspeed launcher.")
     eval_interval: int = opt(1000, "Evaluate on the validation split every N steps (0: never).")
     eval_iters: int = opt(10, "Micro-batches per evaluation.")
+    compile: bool = opt(False, "torch.compile the transformer layers (first step pays the compilation, reported "
+                               "separately in the log).")
     max_nonfinite_steps: int = opt(20, "Stop with an error after this many consecutive non-finite steps.")
     exit_interval: int = opt(0, "Save and stop cleanly after a step divisible by N (0: never); resume with --load.")
     exit_duration_in_mins: float = opt(0.0, "Save and stop after the first step that ends past this many minutes "

@@ -12,6 +12,7 @@ from megatron_glm.checkpoint import safe_checkpoint_engine
 from megatron_glm.config import GLMConfig, pad_vocab_size
 from megatron_glm.errors import ConfigError
 from megatron_glm.model import GLMModel
+from megatron_glm.model.compile import compile_layers
 from megatron_glm.model.pipeline import build_pipeline_model
 from megatron_glm.parallel import ParallelState
 from megatron_glm.training.deepspeed_config import batch_sizes, build_deepspeed_config
@@ -49,9 +50,13 @@ def build_model(cfg: GLMConfig, ps: ParallelState, device: torch.device) -> torc
     """This rank's model: a :class:`GLMModel`, or its pipeline stage (a DeepSpeed ``PipelineModule``) when
     ``pp_size > 1``. Parameters are fp32 here; DeepSpeed casts them for bf16/fp16."""
     if ps.pp_size > 1:
-        return build_pipeline_model(cfg.model, ps, seed=cfg.training.seed,
-                                    partition_method=cfg.parallel.pipeline_partition_method, device=device)
-    return GLMModel(cfg.model, ps, seed=cfg.training.seed, device=device)
+        model = build_pipeline_model(cfg.model, ps, seed=cfg.training.seed,
+                                     partition_method=cfg.parallel.pipeline_partition_method, device=device)
+    else:
+        model = GLMModel(cfg.model, ps, seed=cfg.training.seed, device=device)
+    if cfg.training.compile:
+        compile_layers(model)
+    return model
 
 
 def build_engine(cfg: GLMConfig, ps: ParallelState, model: torch.nn.Module) -> tuple[Any, int, int]:

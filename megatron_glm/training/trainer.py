@@ -233,6 +233,7 @@ class Trainer:
         if self.pipelined:
             batches = map(pipeline_batch, batches)
         window_start, window_steps, window = time.perf_counter(), 0, StepStats()
+        compiling = t.compile  # the first step of this process compiles: timed apart from the steady state
         try:
             while st.step < t.train_iters:
                 if in_ranges(st.step + 1, self.skip_ranges):
@@ -246,6 +247,12 @@ class Trainer:
                 else:
                     self._train_and_log(self.train_step(batches), window)
                     window_steps += 1
+                    if compiling:
+                        compiling = False
+                        self.log(f"first step (includes torch.compile): {time.perf_counter() - window_start:.1f} s; "
+                                 f"excluded from step times")
+                        if st.step % cfg.logging.log_interval and st.step != t.train_iters:
+                            window_start, window_steps = time.perf_counter(), 0
                 if window_steps and (st.step % cfg.logging.log_interval == 0 or st.step == t.train_iters):
                     elapsed = time.perf_counter() - window_start
                     self._log_step(window, elapsed / window_steps)
