@@ -95,13 +95,19 @@ def main() -> None:
     ap.add_argument("--loss-positions", action="store_true",
                     help="run our head on the loss positions only, as pretrain_glm.py does (MFU then counts the "
                          "head on those rows only, for both models)")
+    ap.add_argument("--head-chunk", type=int, default=0,
+                    help="with --loss-positions: the fused chunked head + loss (model.head_chunk_size) in chunks of "
+                         "this many rows (0: unfused)")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"),
+                    help="parameters and matmul peak (fp32 on CPUs without bf16 matmul units)")
     args = ap.parse_args()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     cfg = build_config({"model.size": "glm-base"}).model
     cfg = dataclasses.replace(cfg, num_layers=args.layers, hidden_dropout=0.0, attention_dropout=0.0,
-                              attention_impl=args.attention)
+                              attention_impl=args.attention, head_chunk_size=args.head_chunk)
     batch = make_batch(args.batch, args.seq, cfg.vocab_size)
     tokens = args.batch * args.seq
     # Model FLOPs: every layer and the head on every token (the standard count); with --loss-positions the
@@ -111,12 +117,13 @@ def main() -> None:
     flops = flops_per_token(cfg, args.seq) * tokens
     if args.loss_positions:
         flops -= head * (tokens - loss_tokens)
+    where = "loss" if args.loss_positions else "all"
     print(f"glm-base shape, {args.layers} layers, batch {args.batch} x seq {args.seq} ({loss_tokens} loss tokens), "
-          f"bf16 params, {args.threads} threads, attention {args.attention}, compile {not args.no_compile}, head on "
-          f"{'loss' if args.loss_positions else 'all'} positions; {flops / 1e9:.0f} model GFLOP/step; "
+          f"{args.dtype} params, {args.threads} threads, attention {args.attention}, compile {not args.no_compile}, "
+          f"head on {where} positions (fused chunks {args.head_chunk or 'off'}); {flops / 1e9:.0f} model GFLOP/step; "
           f"load average {os.getloadavg()[0]:.1f}")
 
-    model = GLMModel(cfg, params_dtype=torch.bfloat16).train()
+    model = GLMModel(cfg, params_dtype=dtype).train()
     loss_fn = glm_loss
     if not args.no_compile:
         model.compile_layers()
@@ -130,6 +137,9 @@ def main() -> None:
         if not args.loss_positions:
             logits = model(batch["ids"], batch["pos"], batch["sep"])
             loss_fn(logits, batch["labels"], batch["loss_mask"]).loss.backward()
+        elif args.head_chunk:
+            model(batch["ids"], batch["pos"], batch["sep"], labels=batch["labels"],
+                  loss_mask=batch["loss_mask"]).loss.backward()
         else:
             logits = model(batch["ids"], batch["pos"], batch["sep"], logit_positions=positions)
             loss_at(logits, positions, batch["labels"], batch["loss_mask"]).loss.backward()
@@ -137,7 +147,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
 
     naive = NaiveGLM(args.layers, cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size,
-                     cfg.max_sequence_length + 1).to(torch.bfloat16).train()
+                     cfg.max_sequence_length + 1).to(dtype).train()
     nopt = torch.optim.AdamW(naive.parameters(), lr=1e-4)
 
     def naive_step() -> None:
@@ -157,12 +167,12 @@ def main() -> None:
     # Interleave peak samples and both models so they see the same machine load (shared CPUs are noisy).
     peaks, ours, theirs = [], [], []
     for _ in range(args.steps):
-        peaks.append(matmul_peak_flops(torch.bfloat16, "cpu", n=2048, seconds=0.05))
+        peaks.append(matmul_peak_flops(dtype, "cpu", n=2048, seconds=0.05))
         ours.append(timed(step))
         if not args.skip_naive:
             theirs.append(timed(naive_step))
     peak = median(peaks)
-    print(f"bf16 matmul peak (median of {len(peaks)} samples): {peak / 1e9:.0f} GFLOP/s "
+    print(f"{args.dtype} matmul peak (median of {len(peaks)} samples): {peak / 1e9:.0f} GFLOP/s "
           f"(min {min(peaks) / 1e9:.0f}, max {max(peaks) / 1e9:.0f})")
     fast = median(ours)
     report("megatron_glm", fast, tokens, flops, peak)

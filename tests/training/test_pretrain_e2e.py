@@ -106,3 +106,19 @@ def test_sigterm_saves_and_stops(tiny_corpus: dict, tmp_path: Path) -> None:
     assert "received signal 15" in out
     step = int((save / "latest").read_text().removeprefix("global_step"))
     assert 3 <= step < 100000 and metrics(save)[step]["step"] == step
+
+
+def test_performance_levers_match_plain_run(tiny_corpus: dict, tmp_path: Path) -> None:
+    """--compile (TP1), and TP2 with --sequence-parallel, the fused chunked head and selective recompute,
+    reproduce the plain TP1 losses in fp32."""
+    common = ["--train-iters", "4", "--micro-batch-size", "2", "--global-batch-size", "2"]
+    launch(train_args(tiny_corpus, *common, "--save", str(tmp_path / "plain")), nproc=1)
+    compiled = launch(train_args(tiny_corpus, *common, "--compile", "--save", str(tmp_path / "compiled")), nproc=1)
+    assert "first step (includes torch.compile)" in compiled.stdout
+    launch(train_args(tiny_corpus, *common, "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                      "--model.head_chunk_size", "16", "--recompute-granularity", "selective",
+                      "--save", str(tmp_path / "levers")), nproc=2)
+    plain, comp, levers = (_losses(tmp_path / n) for n in ("plain", "compiled", "levers"))
+    assert len(plain) == 4
+    assert max(abs(a - b) for a, b in zip(plain, comp, strict=True)) < 1e-5, (plain, comp)
+    assert max(abs(a - b) for a, b in zip(plain, levers, strict=True)) < 1e-5, (plain, levers)
