@@ -8,8 +8,7 @@ import torch
 from megatron_glm.model import GLMModel, full_state_dict
 from megatron_glm.model.compile import compile_layers, graph_breaks, is_compiled
 from megatron_glm.model.masks import prepare_attention_mask
-from megatron_glm.parallel import ParallelState, initialize_parallel_state
-from megatron_glm.testing import run_distributed
+from megatron_glm.parallel import ParallelState
 from tests.model.helpers import make_batch, tiny_config
 
 
@@ -43,14 +42,3 @@ def test_compiled_equals_eager(fields: dict) -> None:
     eager, compiled = _loss_grads(cfg, ParallelState(), False), _loss_grads(cfg, ParallelState(), True)
     assert eager["loss"] > 1.0
     assert _max_diff(compiled, eager) <= 1e-5
-
-
-def _tp_compiled(rank: int, world: int) -> float:
-    ps = initialize_parallel_state(tp_size=world)
-    ref = _loss_grads(tiny_config(), ParallelState(), False)
-    return _max_diff(_loss_grads(tiny_config(sequence_parallel=True), ps, True), ref)
-
-
-@pytest.mark.slow
-def test_compiled_tp2_sequence_parallel_equals_eager_tp1() -> None:
-    assert max(run_distributed(_tp_compiled, 2, timeout=600)) <= 1e-5
