@@ -9,7 +9,6 @@ fresh.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,7 @@ from torch import nn
 
 from megatron_glm.checkpoint.reshard import split_full
 from megatron_glm.errors import CheckpointError
-
-_PIPE_PREFIX = re.compile(r"^(tied_modules\.[^.]+\.|\d+\.)")
-
-
-def original_name(local_name: str) -> str:
-    """The original GLM name of a parameter of a :class:`GLMModel` or of a GLM ``PipelineModule`` stage."""
-    return _PIPE_PREFIX.sub("", local_name, count=1)
+from megatron_glm.model.layout import original_name
 
 
 def load_model_weights(model: nn.Module, source: str | Path | Any, tp_size: int, tp_rank: int) -> str:
@@ -33,7 +26,7 @@ def load_model_weights(model: nn.Module, source: str | Path | Any, tp_size: int,
     from megatron_glm.checkpoint.convert import open_source  # the formats import the model; keep this lazy
 
     src = open_source(source) if isinstance(source, (str, Path)) else source
-    available = set(src.names())
+    available, layout = set(src.names()), src.info.layout
     with torch.no_grad():
         for local, param in model.named_parameters():
             name = original_name(local)
@@ -41,7 +34,7 @@ def load_model_weights(model: nn.Module, source: str | Path | Any, tp_size: int,
                 raise CheckpointError(f"{src.info.path}: has no tensor {name} (needed by this model)")
             full = src.tensor(name)
             try:
-                value = split_full(name, full, tp_rank, tp_size)
+                value = split_full(layout[name], full, tp_rank, tp_size)
             except (ValueError, RuntimeError) as exc:
                 raise CheckpointError(f"{src.info.path}: {name} of shape {list(full.shape)} cannot be split for "
                                       f"tensor-parallel size {tp_size} ({exc})") from None

@@ -1,22 +1,25 @@
-"""The GLM model: embeddings, layers, attention mask, tied head, loss, full state dicts."""
+"""The GLM model: its tensor layout, embeddings, layers, attention mask, tied head, loss, full state dicts."""
 
 from megatron_glm.model.attention import ATTENTION_IMPLS, ParallelSelfAttention, attention_core, eager_attention
 from megatron_glm.model.glm import GLMModel, all_reduce_tied_embedding_grads, flops_per_token, init_method_for
+from megatron_glm.model.layout import ModelLayout, PipeLayer, TensorSpec
 from megatron_glm.model.loss import GLMLoss, compiled_glm_loss, glm_loss, glm_loss_at, glm_loss_fused, loss_positions
 from megatron_glm.model.masks import AttentionMask, glm_mask_mod, prepare_attention_mask, sep_to_mask
-from megatron_glm.model.state_dict import GLM_PARTITIONS, full_state_dict, glm_partition, load_full_state_dict
+from megatron_glm.model.state_dict import full_state_dict, load_full_state_dict
 from megatron_glm.model.transformer import GLMLayer, GLMTransformer, ParallelMLP
 
 __all__ = [
     "ATTENTION_IMPLS",
-    "GLM_PARTITIONS",
     "AttentionMask",
     "GLMLayer",
     "GLMLoss",
     "GLMModel",
     "GLMTransformer",
+    "ModelLayout",
     "ParallelMLP",
     "ParallelSelfAttention",
+    "PipeLayer",
+    "TensorSpec",
     "all_reduce_tied_embedding_grads",
     "attention_core",
     "compiled_glm_loss",
@@ -27,7 +30,6 @@ __all__ = [
     "glm_loss_at",
     "glm_loss_fused",
     "glm_mask_mod",
-    "glm_partition",
     "init_method_for",
     "load_full_state_dict",
     "loss_positions",

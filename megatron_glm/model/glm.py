@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_glm.config import ModelConfig
+from megatron_glm.model.layout import ModelLayout
 from megatron_glm.model.loss import GLMLoss, glm_loss_at, glm_loss_fused, loss_positions
 from megatron_glm.model.masks import AttentionMask, prepare_attention_mask
 from megatron_glm.model.transformer import GLMTransformer, KVCacheLike
@@ -41,16 +42,11 @@ from megatron_glm.parallel import (
 )
 from megatron_glm.parallel.random import InitMethod
 
-OUTPUT_PROJECTIONS = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
 
-
-def init_method_for(name: str, config: ModelConfig, seed: int) -> InitMethod:
-    """The init of parameter ``name`` (original GLM state-dict name): N(0, init_std), output projections
-    N(0, init_std / sqrt(2 L)); drawn for the full tensor from a generator seeded by (seed, name)."""
-    std = config.init_std
-    if name.endswith(OUTPUT_PROJECTIONS):
-        std = std / (2.0 * config.num_layers) ** 0.5
-    return normal_init(std, stable_seed(seed, name))
+def init_method_for(name: str, layout: ModelLayout, seed: int) -> InitMethod:
+    """The init of parameter ``name`` (original GLM state-dict name) as the layout says: N(0, init_std), output
+    projections N(0, init_std / sqrt(2 L)); drawn for the full tensor from a generator seeded by (seed, name)."""
+    return normal_init(layout.init_std(name), stable_seed(seed, name))
 
 
 class GLMModel(nn.Module):
@@ -75,8 +71,9 @@ class GLMModel(nn.Module):
         layer_end = config.num_layers if layer_end is None else layer_end
         _check(config, ps, layer_start, layer_end)
         self.config, self.parallel_state, self.seed = config, ps, seed
+        self.layout = ModelLayout(config)
         self.pre_process, self.post_process = pre_process, post_process
-        init_for = lambda name: init_method_for(name, config, seed)
+        init_for = lambda name: init_method_for(name, self.layout, seed)
         if pre_process or post_process:
             self.word_embeddings = VocabParallelEmbedding(
                 config.vocab_size, config.hidden_size, init_method=init_for("word_embeddings.weight"),

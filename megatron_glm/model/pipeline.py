@@ -26,6 +26,7 @@ from torch import nn
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.model.glm import init_method_for
+from megatron_glm.model.layout import ModelLayout
 from megatron_glm.model.loss import add_group_sums, glm_loss
 from megatron_glm.model.masks import prepare_attention_mask
 from megatron_glm.model.transformer import GLMTransformer
@@ -57,7 +58,8 @@ def _transformer(config: ModelConfig, ps: ParallelState, seed: int, dtype: torch
         attention_impl=config.attention_impl, block_position_encoding=config.block_position_encoding,
         checkpoint_activations=config.checkpoint_activations, checkpoint_num_layers=1,
         recompute_granularity=config.recompute_granularity, layer_start=start,
-        layer_end=end, pre_process=pre, post_process=post, init_for=lambda n: init_method_for(n, config, seed),
+        layer_end=end, pre_process=pre, post_process=post,
+        init_for=lambda n: init_method_for(n, ModelLayout(config), seed),
         parallel_state=ps, params_dtype=dtype, device=device)
 
 
@@ -68,7 +70,8 @@ class WordEmbeddingPipe(nn.Module):
         super().__init__()
         self.ps = ps
         self.word_embeddings = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, init_method=init_method_for("word_embeddings.weight", config, seed),
+            config.vocab_size, config.hidden_size,
+            init_method=init_method_for("word_embeddings.weight", ModelLayout(config), seed),
             parallel_state=ps, params_dtype=dtype, device=device)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

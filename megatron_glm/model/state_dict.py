@@ -1,46 +1,28 @@
 """Full (unsharded) state dicts for tensor-parallel GLM models, with the original GLM key names.
 
-Sharded parameters carry ``partition_dim`` / ``partition_stride`` (set by the parallel layers);
-:data:`GLM_PARTITIONS` records the same layout by name so checkpoint tools can reshard files without
-building a model. Both functions below are collective over the tensor-parallel group.
+How each tensor is split over tensor-parallel ranks comes from the model's layout
+(:class:`~megatron_glm.model.layout.ModelLayout`). Both functions below are collective over the
+tensor-parallel group.
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from megatron_glm.errors import CheckpointError
+from megatron_glm.model.layout import ModelLayout
 from megatron_glm.parallel import ParallelState, shard, unshard
-
-# name pattern -> (split dim, stride); every other GLM tensor is replicated over tensor-parallel ranks.
-GLM_PARTITIONS: dict[str, tuple[int, int]] = {
-    r"word_embeddings\.weight": (0, 1),
-    r"transformer\.layers\.\d+\.attention\.query_key_value\.(weight|bias)": (0, 3),
-    r"transformer\.layers\.\d+\.attention\.dense\.weight": (1, 1),
-    r"transformer\.layers\.\d+\.mlp\.dense_h_to_4h\.(weight|bias)": (0, 1),
-    r"transformer\.layers\.\d+\.mlp\.dense_4h_to_h\.weight": (1, 1),
-}
-
-
-def glm_partition(name: str) -> tuple[int, int] | None:
-    """``(dim, stride)`` along which tensor ``name`` is split over tensor-parallel ranks, or ``None``."""
-    for pattern, spec in GLM_PARTITIONS.items():
-        if re.fullmatch(pattern, name):
-            return spec
-    return None
-
-
-def _partition(t: torch.Tensor) -> tuple[int, int] | None:
-    dim = getattr(t, "partition_dim", None)
-    return None if dim is None else (dim, getattr(t, "partition_stride", 1))
 
 
 def _parallel_state(model: nn.Module, parallel_state: ParallelState | None) -> ParallelState:
     return parallel_state or getattr(model, "parallel_state", None) or ParallelState()
+
+
+def _partitions(model: nn.Module) -> dict[str, tuple[int, int] | None]:
+    layout: ModelLayout = model.layout
+    return {s.name: s.partition for s in layout}
 
 
 def full_state_dict(model: nn.Module, parallel_state: ParallelState | None = None, *,
@@ -51,12 +33,13 @@ def full_state_dict(model: nn.Module, parallel_state: ParallelState | None = Non
     Collective: every tensor-parallel rank must call it.
     """
     ps = _parallel_state(model, parallel_state)
+    partitions = _partitions(model)
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict(keep_vars=True).items():
         value = t.detach()
         if grads:
             value = t.grad if t.grad is not None else torch.zeros_like(value)
-        spec = _partition(t)
+        spec = partitions[name]
         if ps.tp_size > 1 and spec is not None:
             parts = [torch.empty_like(value) for _ in range(ps.tp_size)]
             dist.all_gather(parts, value.contiguous(), group=ps.tp_group)
@@ -75,6 +58,7 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
     """
     ps = _parallel_state(model, parallel_state)
     own = model.state_dict(keep_vars=True)
+    partitions = _partitions(model)
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     if strict and missing:
@@ -86,7 +70,7 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
         if name not in state_dict:
             continue
         full = state_dict[name]
-        spec = _partition(t)
+        spec = partitions[name]
         if ps.tp_size > 1 and spec is not None:
             try:
                 full = shard(full, spec[0], ps.tp_rank, ps.tp_size, spec[1])

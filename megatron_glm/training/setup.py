@@ -11,8 +11,9 @@ import torch
 from megatron_glm.checkpoint import safe_checkpoint_engine
 from megatron_glm.config import GLMConfig, pad_vocab_size
 from megatron_glm.errors import ConfigError
-from megatron_glm.model import GLMModel
+from megatron_glm.model import GLMModel, ModelLayout
 from megatron_glm.model.compile import compile_layers
+from megatron_glm.model.layout import original_name
 from megatron_glm.model.pipeline import build_pipeline_model
 from megatron_glm.parallel import ParallelState
 from megatron_glm.training.deepspeed_config import batch_sizes, build_deepspeed_config
@@ -35,13 +36,14 @@ def resolve_vocab_size(cfg: GLMConfig, tokenizer_vocab: int) -> GLMConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(m, vocab_size=size))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on weight matrices only, none on biases, norms and 1-D parameters."""
+def param_groups(model: torch.nn.Module, layout: ModelLayout, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay where the layout says so (weight matrices, embeddings), none on biases and
+    norms. Parameters keep the model's order (the layout's), which checkpoint conversion relies on."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith(".bias") or "layernorm" in name else decay).append(p)
+        (decay if layout[original_name(name)].weight_decay else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -68,7 +70,8 @@ def build_engine(cfg: GLMConfig, ps: ParallelState, model: torch.nn.Module) -> t
 
     o = cfg.optimizer
     fused = {"fused": True} if next(model.parameters()).device.type in ("cuda", "cpu") else {}
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
+    groups = param_groups(model, ModelLayout(cfg.model), o.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
                                   eps=o.adam_eps, **fused)
     scheduler = LRScheduler(optimizer, LRSchedule.from_config(o, cfg.training.train_iters))
     ds_config = build_deepspeed_config(cfg, ps.dp_size)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_glm.model import GLMModel, glm_partition
+from megatron_glm.model import GLMModel, ModelLayout
 from megatron_glm.parallel import shard
 from tests.model.helpers import make_batch, random_full_state_dict, tiny_config
 
@@ -23,10 +23,11 @@ def write_glm_files(out: Path, full: dict[str, torch.Tensor], tp: int) -> list[d
     """Original-format files ``out/mp_rank_XX_model_states.pt`` ({"module": shard}); returns the shards."""
     out.mkdir(parents=True, exist_ok=True)
     shards = []
+    layout = ModelLayout(tiny_config(vocab_size=full["word_embeddings.weight"].shape[0]))
     for r in range(tp):
         sd = {}
         for name, t in full.items():
-            spec = glm_partition(name)
+            spec = layout[name].partition
             sd[name] = shard(t, spec[0], r, tp, spec[1]).clone() if spec else t.clone()
         torch.save({"module": sd}, out / f"mp_rank_{r:02d}_model_states.pt")
         shards.append(sd)

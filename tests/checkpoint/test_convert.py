@@ -14,8 +14,9 @@ from megatron_glm.checkpoint.convert import ConvertOptions, convert_checkpoint, 
 from megatron_glm.checkpoint.reshard import merge_shards, split_full
 from megatron_glm.checkpoint.safe_load import safe_torch_load
 from megatron_glm.errors import CheckpointError
-from megatron_glm.model import GLMModel
+from megatron_glm.model import GLMModel, ModelLayout
 from tests.checkpoint.helpers import logits_of, reference_model, write_glm_files
+from tests.model.helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 QUIET = lambda *_: None
@@ -28,11 +29,11 @@ def convert(src: Path, dst: Path, **kw: object):
 def test_merge_split_qkv_is_per_rank_q_k_v() -> None:
     h, tp = 8, 2
     full = torch.arange(3 * h * 2, dtype=torch.float32).view(3 * h, 2)
-    name = "transformer.layers.0.attention.query_key_value.weight"
-    shards = [split_full(name, full, r, tp) for r in range(tp)]
+    spec = ModelLayout(tiny_config())["transformer.layers.0.attention.query_key_value.weight"]
+    shards = [split_full(spec, full, r, tp) for r in range(tp)]
     q, k, v = full.chunk(3)
     assert torch.equal(shards[0], torch.cat([q[:4], k[:4], v[:4]]))
-    assert torch.equal(merge_shards(name, shards), full)
+    assert torch.equal(merge_shards(spec, shards), full)
 
 
 def test_tp_round_trip_is_bitwise_and_logits_match(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 from megatron_glm.checkpoint.manager import write_manifest
 from megatron_glm.generation import GenerationConfig, generate
 from megatron_glm.generation.loading import load_model
-from megatron_glm.model import full_state_dict, glm_partition
+from megatron_glm.model import ModelLayout, full_state_dict
 from megatron_glm.parallel import initialize_parallel_state, shard
 from megatron_glm.testing import run_distributed
 from tests.generation.helpers import PROMPTS, TOKENS, full_weights, tiny_model
@@ -25,10 +25,11 @@ def write_checkpoint(root: Path, weights: dict[str, torch.Tensor], tp: int, step
     """A training-checkpoint layout (``global_stepN/mp_rank_XX_model_states.pt`` + meta.json + latest)."""
     step_dir = root / f"global_step{step}"
     step_dir.mkdir(parents=True)
+    layout = ModelLayout(tiny_config())
     for r in range(tp):
         module = {}
         for name, t in weights.items():
-            spec = glm_partition(name)
+            spec = layout[name].partition
             module[name] = shard(t, spec[0], r, tp, spec[1]) if spec else t
         torch.save({"module": module}, step_dir / f"mp_rank_{r:02d}_model_states.pt")
     meta = {"step": step, "layout": {"tp": tp, "pp": 1, "dp": 1},

@@ -17,7 +17,6 @@ from megatron_glm.model import (
     flops_per_token,
     full_state_dict,
     glm_loss,
-    glm_partition,
     load_full_state_dict,
     prepare_attention_mask,
     sep_to_mask,
@@ -59,10 +58,10 @@ def test_state_dict_names_shapes_and_partitions() -> None:
     assert sd["transformer.position_embeddings.weight"].shape == (p, h)
     assert sd["transformer.layers.1.attention.query_key_value.weight"].shape == (3 * h, h)
     assert sd["transformer.layers.1.mlp.dense_4h_to_h.weight"].shape == (h, 4 * h)
-    # The name-based layout (for checkpoint tools) agrees with the parameters' own attributes.
+    # The layout (for checkpoint tools) agrees with the parameters' own attributes.
     for name, t in model.state_dict(keep_vars=True).items():
         own = None if getattr(t, "partition_dim", None) is None else (t.partition_dim, t.partition_stride)
-        assert glm_partition(name) == own, name
+        assert model.layout[name].partition == own, name
     # Original checkpoints load strictly at TP = 1.
     GLMModel(cfg, seed=99).load_state_dict(sd, strict=True)
 

@@ -21,9 +21,10 @@ import torch
 
 from megatron_glm.checkpoint.reshard import merge_shards, split_full
 from megatron_glm.checkpoint.safe_load import safe_torch_load
-from megatron_glm.checkpoint.stream import SourceInfo, glm_tensor_names, iter_layers
+from megatron_glm.checkpoint.stream import SourceInfo, iter_layers
 from megatron_glm.config import ModelConfig
 from megatron_glm.errors import CheckpointError
+from megatron_glm.model.layout import ModelLayout, layer_index
 
 from .common import model_config_from_dict
 
@@ -70,7 +71,8 @@ class GLMOriginalSource:
         sd0 = self._sd(0)
         notes: list[str] = []
         config = self._config(path, rank_dir, sd0, tp, num_attention_heads, notes)
-        self._names = glm_tensor_names(config)
+        self.layout = ModelLayout(config)
+        self._names = self.layout.names()
         missing_t = [n for n in self._names if n not in sd0]
         if missing_t:
             raise CheckpointError(f"{self.files[0]}: not a GLM checkpoint ({len(missing_t)} GLM tensors missing, "
@@ -104,7 +106,7 @@ class GLMOriginalSource:
         if "word_embeddings.weight" not in sd0:
             raise CheckpointError(f"{self.files[0]}: not a GLM checkpoint (no word_embeddings.weight)")
         rows, hidden = sd0["word_embeddings.weight"].shape
-        layers = {int(m.group(1)) for k in sd0 if (m := re.match(r"transformer\.layers\.(\d+)\.", k))}
+        layers = {i for k in sd0 if (i := layer_index(k)) is not None}
         pos = sd0.get("transformer.position_embeddings.weight")
         if pos is None or not layers:
             raise CheckpointError(f"{self.files[0]}: not a GLM checkpoint (no position embeddings or layers)")
@@ -120,7 +122,7 @@ class GLMOriginalSource:
         return list(self._names)
 
     def tensor(self, name: str) -> torch.Tensor:
-        return merge_shards(name, [self._sd(t)[name] for t in range(self.info.tp)])
+        return merge_shards(self.layout[name], [self._sd(t)[name] for t in range(self.info.tp)])
 
     module_tensor = tensor
 
@@ -137,12 +139,12 @@ def write_glm_original(src: Any, out: Path, tp: int, config: ModelConfig, *, ite
     tag = str(iteration)
     rank_dir = out / tag
     rank_dir.mkdir(parents=True, exist_ok=True)
-    names = src.names()
+    names, layout = src.names(), ModelLayout(config)
     for t in range(tp):
         module: OrderedDict[str, torch.Tensor] = OrderedDict()
         for _, run in iter_layers(names):
             for name in run:
-                module[name] = split_full(name, transform(name, src.tensor(name)), t, tp).clone()
+                module[name] = split_full(layout[name], transform(name, src.tensor(name)), t, tp).clone()
             src.release()
         torch.save({"module": module}, rank_dir / f"mp_rank_{t:02d}_model_states.pt")
         del module

@@ -24,12 +24,13 @@ from megatron_glm.checkpoint.manager import (
     verify_checkpoint,
     write_manifest,
 )
-from megatron_glm.checkpoint.reshard import merge_shards, shard_shape, split_full
+from megatron_glm.checkpoint.reshard import merge_shards, split_full
 from megatron_glm.checkpoint.safe_load import safe_torch_load
-from megatron_glm.checkpoint.stream import SourceInfo, glm_tensor_names, iter_layers, layer_index
+from megatron_glm.checkpoint.stream import SourceInfo, iter_layers
 from megatron_glm.checkpoint.zero import ZeroReader, write_zero12_file
 from megatron_glm.config import ModelConfig
 from megatron_glm.errors import CheckpointError
+from megatron_glm.model.layout import ModelLayout
 
 from .common import DTYPES, model_config_from_dict, tokenizer_files
 
@@ -59,22 +60,6 @@ def model_file(step: Path, tp_rank: int, zero_stage: int) -> Path:
 def layer_file(step: Path, index: int, tp_rank: int) -> Path:
     """DeepSpeed's per-layer file of a pipeline checkpoint."""
     return step / f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"
-
-
-def pipe_saved_layers(num_layers: int) -> int:
-    """Pipe layers with a file: word embedding, positions, the transformer layers, final norm (the tied head
-    has none; its weight is the word embedding's)."""
-    return num_layers + 3
-
-
-def pipe_layer_of(name: str, num_layers: int) -> int:
-    """The pipe layer index holding tensor ``name`` (see megatron_glm/model/pipeline.py)."""
-    if name.startswith("word_embeddings."):
-        return 0
-    if name.startswith("transformer.final_layernorm."):
-        return num_layers + 2
-    layer = layer_index(name)
-    return 1 if layer is None else layer + 2
 
 
 def optim_files(step: Path, tp_rank: int, dp: int) -> list[Path]:
@@ -110,7 +95,7 @@ class NativeSource:
                                meta=meta, tokenizer_files=tokenizer_files(tok))
         self.step = step
         if pp > 1:
-            wanted = [layer_file(step, i, t) for t in range(tp) for i in range(pipe_saved_layers(config.num_layers))]
+            wanted = [layer_file(step, p.index, t) for t in range(tp) for p in self.info.layout.saved_pipe_layers]
         else:
             wanted = [model_file(step, t, stage) for t in range(tp)]
         missing = [f.name for f in wanted if not f.is_file()]
@@ -136,7 +121,7 @@ class NativeSource:
                 self.zero.append(ZeroReader(files, self.param_shapes))
         self.bf16_optimizer = bool(self.zero) and self.zero[0].files[0].name.startswith("bf16_")
         self.precision = ((meta.get("config") or {}).get("training") or {}).get("precision", "fp32")
-        self._names = glm_tensor_names(config)
+        self._names = self.info.layout.names()
         module = first["module"]
         missing_t = [n for n in self._names if n not in module]
         if missing_t:
@@ -148,8 +133,8 @@ class NativeSource:
         if t not in self._models:
             if self.info.pp > 1:  # pipeline: one file per pipe layer, keys are already the original names
                 module: dict[str, Any] = {}
-                for i in range(pipe_saved_layers(self.info.config.num_layers)):
-                    module.update(safe_torch_load(layer_file(self.step, i, t), mmap=True))
+                for p in self.info.layout.saved_pipe_layers:
+                    module.update(safe_torch_load(layer_file(self.step, p.index, t), mmap=True))
                 extras_file = self.step / "mp_rank_00_model_states.pt"
                 extras = safe_torch_load(extras_file, mmap=True) if extras_file.is_file() else {}
                 self._models[t] = {**{k: v for k, v in extras.items() if k != "module"}, "module": module,
@@ -167,20 +152,22 @@ class NativeSource:
             z.release()
 
     def module_tensor(self, name: str) -> torch.Tensor:
+        spec = self.info.layout[name]
         if self.info.zero_stage == 3:
-            return self.tensor(name).to(DTYPES.get(self.precision, torch.float32))
-        return merge_shards(name, [self._model(t)["module"][name] for t in range(self.info.tp)])
+            return self.tensor(name).to(DTYPES.get(self.precision, torch.float32) if spec.dtype == "params"
+                                        else torch.float32)
+        return merge_shards(spec, [self._model(t)["module"][name] for t in range(self.info.tp)])
 
     def tensor(self, name: str) -> torch.Tensor:
         if self.zero:
-            return merge_shards(name, [z.fp32(name) for z in self.zero])
+            return merge_shards(self.info.layout[name], [z.fp32(name) for z in self.zero])
         return self.module_tensor(name)
 
     def optimizer_state(self, name: str) -> dict[str, torch.Tensor] | None:
         if not self.zero or not self.zero[0].has_moments:
             return None
         per_rank = [{"fp32": z.fp32(name), **z.moments(name)} for z in self.zero]
-        return {k: merge_shards(name, [r[k] for r in per_rank]) for k in per_rank[0]}
+        return {k: merge_shards(self.info.layout[name], [r[k] for r in per_rank]) for k in per_rank[0]}
 
     def optimizer_note(self) -> str | None:
         """Why the optimizer state cannot be carried to a new layout (``None`` when it can)."""
@@ -235,17 +222,18 @@ def write_native(src: NativeSource | Any, out: Path, target: NativeTarget, *, tr
     step = out / tag
     step.mkdir(parents=True, exist_ok=True)
     tp, dp, cfg = target.tp, target.dp, target.config
+    layout = ModelLayout(cfg)
     extras = src.model_extras() if hasattr(src, "model_extras") else {}
     names = src.names()
-    shapes_in = extras.get("param_shapes") or _default_param_groups(names)
+    shapes_in = extras.get("param_shapes") or layout.param_groups(names)
     groups = [[n for n in g if n in set(names)] for g in shapes_in]
     if target.pp > 1:
-        _write_pipeline_layers(src, step, names, target, transform)
+        _write_pipeline_layers(src, step, layout, target, transform)
     for t in range(tp if target.pp == 1 else 0):
         module: OrderedDict[str, torch.Tensor] = OrderedDict()
         for _, run in iter_layers(names):
             for name in run:
-                module[name] = split_full(name, transform(name, src.module_tensor(name)), t, tp).clone()
+                module[name] = split_full(layout[name], transform(name, src.module_tensor(name)), t, tp).clone()
             src.release()
         state = dict(extras)
         state.update({
@@ -261,7 +249,7 @@ def write_native(src: NativeSource | Any, out: Path, target: NativeTarget, *, tr
         _tmp_save(state, step / f"mp_rank_{t:02d}_model_states.pt")
         del module, state
     if target.carry_optimizer:
-        _write_optimizer(src, step, groups, target, transform)
+        _write_optimizer(src, step, groups, layout, target, transform)
         src.release()
     same_layout = (src.info.tp, src.info.dp) == (tp, dp) and Path(src.info.path, "rng").is_dir()
     if same_layout:
@@ -286,27 +274,18 @@ def write_native(src: NativeSource | Any, out: Path, target: NativeTarget, *, tr
     return meta
 
 
-def _write_pipeline_layers(src: Any, step: Path, names: list[str], target: NativeTarget,
+def _write_pipeline_layers(src: Any, step: Path, layout: ModelLayout, target: NativeTarget,
                            transform: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
     """Weights-only pipeline layout: DeepSpeed's ``layer_XX-model_YY`` files, one per pipe layer and TP rank."""
-    per_layer: dict[int, list[str]] = {}
-    for name in names:
-        per_layer.setdefault(pipe_layer_of(name, target.config.num_layers), []).append(name)
-    for index in range(pipe_saved_layers(target.config.num_layers)):
-        full = {n: transform(n, src.module_tensor(n)) for n in per_layer.get(index, [])}
+    for pipe in layout.saved_pipe_layers:
+        full = {n: transform(n, src.module_tensor(n)) for n in pipe.names}
         for t in range(target.tp):
-            shard = OrderedDict((n, split_full(n, v, t, target.tp).clone()) for n, v in full.items())
-            _tmp_save(shard, layer_file(step, index, t))
+            shard = OrderedDict((n, split_full(layout[n], v, t, target.tp).clone()) for n, v in full.items())
+            _tmp_save(shard, layer_file(step, pipe.index, t))
         src.release()
 
 
-def _default_param_groups(names: list[str]) -> list[list[str]]:
-    """Our trainer's AdamW groups: weight matrices (decay) first, then biases and norms."""
-    decay = [n for n in names if not (n.endswith(".bias") or "layernorm" in n)]
-    return [decay, [n for n in names if n not in set(decay)]]
-
-
-def _write_optimizer(src: Any, step: Path, groups: list[list[str]], target: NativeTarget,
+def _write_optimizer(src: Any, step: Path, groups: list[list[str]], layout: ModelLayout, target: NativeTarget,
                      transform: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
     """ZeRO-1/2 files for every (dp, tp) rank of the target, from the source's full per-parameter state."""
     global_state, step_count = src.zero_globals()
@@ -323,11 +302,10 @@ def _write_optimizer(src: Any, step: Path, groups: list[list[str]], target: Nati
         return cache[name]
 
     for t in range(target.tp):
-        shard_groups = [[(n, torch.Size(shard_shape(n, _full_shape(n, target.config), target.tp))) for n in g]
-                        for g in groups]
+        shard_groups = [[(n, torch.Size(layout[n].shard_shape(target.tp))) for n in g] for g in groups]
 
         def state_of(name: str, t: int = t) -> dict[str, torch.Tensor]:
-            return {k: split_full(name, v, t, target.tp) for k, v in full_state(name).items()}
+            return {k: split_full(layout[name], v, t, target.tp) for k, v in full_state(name).items()}
 
         for d in range(target.dp):
             write_zero12_file(step / f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt", shard_groups, d,
@@ -341,8 +319,3 @@ def _resize_state(name: str, t: torch.Tensor, transform: Callable[[str, torch.Te
     out = transform(name, t)
     return out.to(torch.float32)
 
-
-def _full_shape(name: str, config: ModelConfig) -> tuple[int, ...]:
-    from megatron_glm.checkpoint.stream import glm_tensor_shape
-
-    return glm_tensor_shape(name, config)

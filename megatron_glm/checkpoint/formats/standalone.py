@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from megatron_glm.checkpoint.stream import SourceInfo, check_names, iter_layers
+from megatron_glm.checkpoint.stream import SourceInfo, iter_layers
 from megatron_glm.config import ModelConfig
 from megatron_glm.errors import CheckpointError
+from megatron_glm.model.layout import ModelLayout
 
 from .common import DTYPE_NAMES, DTYPES, model_config_from_dict
 
@@ -60,13 +61,11 @@ class StandaloneSource:
         if missing:
             raise CheckpointError(f"{path}: missing weight shards: {', '.join(missing)}")
         self.path, self.weight_map = path, weight_map
-        check_names(list(weight_map), config, str(path))
         tok = [str(p) for p in sorted(path.glob("tokenizer*")) if p.is_file()]
         self.info = SourceInfo(format="safetensors", path=str(path), config=config, tokenizer_files=tok)
+        self.info.layout.check_names(weight_map, str(path))
         self._open: dict[str, Any] = {}
-        from megatron_glm.checkpoint.stream import glm_tensor_names
-
-        self._names = glm_tensor_names(config)
+        self._names = self.info.layout.names()
 
     def names(self) -> list[str]:
         return list(self._names)
@@ -95,6 +94,7 @@ def write_standalone(src: Any, out: Path, config: ModelConfig, *, transform: Cal
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
+    layout = ModelLayout(config)
     pending: dict[str, torch.Tensor] = {}
     pending_bytes = 0
     files: list[str] = []
@@ -113,7 +113,8 @@ def write_standalone(src: Any, out: Path, config: ModelConfig, *, transform: Cal
 
     for _, run in iter_layers(src.names()):
         for name in run:
-            t = transform(name, src.tensor(name)).to(dtype).contiguous().clone()
+            keep = dtype if layout[name].dtype == "params" else torch.float32
+            t = transform(name, src.tensor(name)).to(keep).contiguous().clone()
             size = t.numel() * t.element_size()
             if pending and pending_bytes + size > max_shard_bytes:
                 flush()
