@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from megatron_glm.batch import OBJECTIVE_NAMES
 from megatron_glm.config.sections import ObjectiveConfig
 
 __all__ = [
@@ -54,8 +55,7 @@ __all__ = [
     "truncated_poisson_pmf",
 ]
 
-TOKEN, SENTENCE, DOCUMENT = 0, 1, 2
-OBJECTIVE_NAMES = ("token", "sentence", "document")
+TOKEN, SENTENCE, DOCUMENT = (OBJECTIVE_NAMES.index(n) for n in ("token", "sentence", "document"))
 
 #: Context masking (``context_mask_ratio``) picks Part A tokens within this distance of a blank.
 CONTEXT_MASK_RANGE = 3

@@ -1,9 +1,17 @@
 """The GLM model: its tensor layout, embeddings, layers, attention mask, tied head, loss, full state dicts."""
 
 from megatron_glm.model.attention import ATTENTION_IMPLS, ParallelSelfAttention, attention_core, eager_attention
-from megatron_glm.model.glm import GLMModel, all_reduce_tied_embedding_grads, flops_per_token, init_method_for
+from megatron_glm.model.glm import GLMModel, GLMPart, flops_per_token, init_method_for, new_rng_tracker
 from megatron_glm.model.layout import ModelLayout, PipeLayer, TensorSpec
-from megatron_glm.model.loss import GLMLoss, compiled_glm_loss, glm_loss, glm_loss_at, glm_loss_fused, loss_positions
+from megatron_glm.model.loss import (
+    GLMLoss,
+    add_group_sums,
+    compiled_glm_loss,
+    glm_loss,
+    glm_loss_at,
+    glm_loss_fused,
+    loss_positions,
+)
 from megatron_glm.model.masks import AttentionMask, glm_mask_mod, prepare_attention_mask, sep_to_mask
 from megatron_glm.model.state_dict import full_state_dict, load_full_state_dict
 from megatron_glm.model.transformer import GLMLayer, GLMTransformer, ParallelMLP
@@ -14,13 +22,14 @@ __all__ = [
     "GLMLayer",
     "GLMLoss",
     "GLMModel",
+    "GLMPart",
     "GLMTransformer",
     "ModelLayout",
     "ParallelMLP",
     "ParallelSelfAttention",
     "PipeLayer",
     "TensorSpec",
-    "all_reduce_tied_embedding_grads",
+    "add_group_sums",
     "attention_core",
     "compiled_glm_loss",
     "eager_attention",
@@ -33,6 +42,7 @@ __all__ = [
     "init_method_for",
     "load_full_state_dict",
     "loss_positions",
+    "new_rng_tracker",
     "prepare_attention_mask",
     "sep_to_mask",
 ]

@@ -1,30 +1,19 @@
-"""The GLM model: embeddings, transformer stack, tied vocab-parallel head.
+"""The GLM model: embeddings, transformer stack, tied vocab-parallel head; and its pipeline parts.
 
-A pipeline stage is the same class with ``pre_process`` / ``post_process`` and a layer range:
-
-- ``pre_process=True`` (first stage): holds ``word_embeddings`` and the position tables; ``forward`` takes
-  token ids ``[b, s]`` and ``position_ids [b, 2, s]``.
-- ``pre_process=False``: ``forward``'s first argument is the previous stage's hidden states ``[b, s, H]``
-  (batch first, params dtype); ``position_ids`` is ignored (may be ``None``).
-- ``post_process=True`` (last stage): holds ``final_layernorm`` and the head, returns logits
-  ``[b, s, V/tp]``; otherwise ``forward`` returns hidden states ``[b, s, H]`` for the next stage.
-- A last stage without ``pre_process`` still holds ``word_embeddings`` (the tied head weight, same init);
-  its gradient must be summed with the first stage's over ``parallel_state.embedding_group``
-  (:func:`all_reduce_tied_embedding_grads`).
-
-Every stage receives the same ``attention_mask`` (``[b]`` sep values or ``[b, 1, s, s]`` bool) and builds
-its mask itself.
+:class:`GLMModel` is the whole model (training without pipeline parallelism, evaluation, generation).
+:class:`GLMPart` is one layer of the model's pipeline order (``ModelLayout.pipe_layers``, by index): the
+same modules with the same original names, built by the same constructors, so a chain of every part computes
+what the whole model computes (``megatron_glm.training.pipeline`` hands the parts to DeepSpeed's pipeline).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from megatron_glm.config import ModelConfig
-from megatron_glm.model.layout import ModelLayout
+from megatron_glm.model.layout import VOCAB_TENSOR, ModelLayout, PipeLayer
 from megatron_glm.model.loss import GLMLoss, glm_loss_at, glm_loss_fused, loss_positions
 from megatron_glm.model.masks import AttentionMask, prepare_attention_mask
 from megatron_glm.model.transformer import GLMTransformer, KVCacheLike
@@ -49,46 +38,50 @@ def init_method_for(name: str, layout: ModelLayout, seed: int) -> InitMethod:
     return normal_init(layout.init_std(name), stable_seed(seed, name))
 
 
+def word_embedding(config: ModelConfig, layout: ModelLayout, ps: ParallelState, seed: int, params_dtype: torch.dtype,
+                   device: torch.device | str | None) -> VocabParallelEmbedding:
+    """The vocab-parallel word embedding (also the tied head's weight)."""
+    return VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                  init_method=init_method_for(VOCAB_TENSOR, layout, seed), parallel_state=ps,
+                                  params_dtype=params_dtype, device=device)
+
+
+def tied_logits(h: torch.Tensor, weight: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+    """The tied head: ``h @ word_embeddings.T`` for this rank's vocabulary slice."""
+    return F.linear(copy_to_tensor_parallel_region(h, ps.tp_group), weight)
+
+
+def new_rng_tracker(seed: int, ps: ParallelState, device: torch.device | str | None) -> RNGStatesTracker:
+    """The tensor-parallel dropout stream (``model_parallel_seed(seed, tp_rank)``) on ``device``."""
+    tracker = RNGStatesTracker(torch.device(device) if device is not None else "cpu")
+    tracker.add(MODEL_PARALLEL_RNG, model_parallel_seed(seed, ps.tp_rank))
+    return tracker
+
+
 class GLMModel(nn.Module):
-    """GLM (Du et al. 2022) with tensor parallelism and pipeline-stage construction.
+    """GLM (Du et al. 2022) with tensor parallelism.
 
     Args:
         config: the architecture; ``vocab_size`` must already be resolved (> 0, divisible by the TP size).
         parallel_state: groups and ranks (``None``: single process).
-        pre_process / post_process: this stage holds the embeddings / the final norm and head.
-        layer_start, layer_end: the global layer range held (default: all layers).
         seed: initialisation seed (weights identical for every TP size and pipeline split) and the seed of
             the tensor-parallel dropout stream (``model_parallel_seed(seed, tp_rank)``).
         params_dtype, device: parameter dtype and device (``None``: CPU).
     """
 
-    def __init__(self, config: ModelConfig, parallel_state: ParallelState | None = None, *,
-                 pre_process: bool = True, post_process: bool = True, layer_start: int = 0,
-                 layer_end: int | None = None, seed: int = 1234, params_dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(self, config: ModelConfig, parallel_state: ParallelState | None = None, *, seed: int = 1234,
+                 params_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
         super().__init__()
         ps = parallel_state or ParallelState()
-        layer_end = config.num_layers if layer_end is None else layer_end
-        _check(config, ps, layer_start, layer_end)
+        check_config(config, ps)
         self.config, self.parallel_state, self.seed = config, ps, seed
         self.layout = ModelLayout(config)
-        self.pre_process, self.post_process = pre_process, post_process
-        init_for = lambda name: init_method_for(name, self.layout, seed)
-        if pre_process or post_process:
-            self.word_embeddings = VocabParallelEmbedding(
-                config.vocab_size, config.hidden_size, init_method=init_for("word_embeddings.weight"),
-                parallel_state=ps, params_dtype=params_dtype, device=device)
+        self.word_embeddings = word_embedding(config, self.layout, ps, seed, params_dtype, device)
         self.transformer = GLMTransformer(
-            num_layers=config.num_layers, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
-            max_sequence_length=config.max_sequence_length, layernorm_epsilon=config.layernorm_epsilon,
-            attention_dropout=config.attention_dropout, hidden_dropout=config.hidden_dropout,
-            attention_impl=config.attention_impl, block_position_encoding=config.block_position_encoding,
-            checkpoint_activations=config.checkpoint_activations,
-            checkpoint_num_layers=config.checkpoint_num_layers,
-            recompute_granularity=config.recompute_granularity, layer_start=layer_start, layer_end=layer_end,
-            pre_process=pre_process, post_process=post_process, init_for=init_for, parallel_state=ps,
+            config, layer_start=0, layer_end=config.num_layers, pre_process=True, post_process=True,
+            init_for=lambda name: init_method_for(name, self.layout, seed), parallel_state=ps,
             params_dtype=params_dtype, device=device)
-        self.rng_tracker = self._new_tracker(device)
+        self.rng_tracker = new_rng_tracker(seed, ps, device)
         # Sequence parallelism applies to training/eval forwards; generation (a KV cache) runs without it.
         self.sequence_parallel = config.sequence_parallel and ps.tp_size > 1
 
@@ -101,20 +94,13 @@ class GLMModel(nn.Module):
 
         return load_pretrained(cls, path, device=device, dtype=dtype)
 
-    def _new_tracker(self, device: torch.device | str | None) -> RNGStatesTracker:
-        tracker = RNGStatesTracker(torch.device(device) if device is not None else "cpu")
-        tracker.add(MODEL_PARALLEL_RNG, model_parallel_seed(self.seed, self.parallel_state.tp_rank))
-        return tracker
-
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | AttentionMask | None = None, *,
                 kv_cache: KVCacheLike | None = None, logit_positions: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> torch.Tensor | GLMLoss:
-        """Logits ``[b, s, V/tp]`` (last stage) or hidden states ``[b, s, H]`` (other stages).
+        """Logits ``[b, s, V/tp]`` (or the loss, with ``labels`` and ``loss_mask``).
 
-        ``input_ids``: token ids ``[b, s]`` on the first stage, the previous stage's hidden states
-        ``[b, s, H]`` otherwise (``[b, s/tp, H]``, this rank's sequence shard, with ``config.sequence_parallel``,
-        which is also what a non-last stage returns). ``position_ids``: ``[b, 2, s]`` (position, block position).
+        ``input_ids``: token ids ``[b, s]``. ``position_ids``: ``[b, 2, s]`` (position, block position).
         ``attention_mask``: ``[b]`` integer ``sep`` (Part A length) or boolean ``[b, 1, s, s]``
         (True = may attend).
 
@@ -127,7 +113,7 @@ class GLMModel(nn.Module):
         :func:`~megatron_glm.model.loss.loss_positions`); the head then runs on those rows only and the
         logits are ``[n, V/tp]``. GLM's loss covers Part B only, so Part A rows never need the head.
 
-        ``labels`` and ``loss_mask`` (training, last stage, optional, both ``[b, s]``): return the
+        ``labels`` and ``loss_mask`` (training, optional, both ``[b, s]``): return the
         :class:`~megatron_glm.model.loss.GLMLoss` instead of logits, the head run on the loss rows only;
         with ``config.head_chunk_size > 0`` fused into the cross entropy in chunks of that many rows
         (:func:`~megatron_glm.model.loss.glm_loss_fused`, no ``[n, V]`` logits stored).
@@ -136,31 +122,25 @@ class GLMModel(nn.Module):
             raise ValueError("labels and loss_mask must be given together")
         if attention_mask is None:
             raise ValueError("attention_mask is required ([b] sep values or a [b, 1, s, s] boolean mask)")
-        if self.pre_process:
-            if position_ids is None:
-                raise ValueError("position_ids [b, 2, s] is required on the first stage")
-            h = self.transformer.embed(self.word_embeddings(input_ids), position_ids)
-        else:
-            h = input_ids
+        if position_ids is None:
+            raise ValueError("position_ids [b, 2, s] is required")
+        h = self.transformer.embed(self.word_embeddings(input_ids), position_ids)
         if h.device.type != self.rng_tracker.device.type:  # moved with .to(); reseed on the new device
-            self.rng_tracker = self._new_tracker(h.device)
+            self.rng_tracker = new_rng_tracker(self.seed, self.parallel_state, h.device)
         group = self.parallel_state.tp_group
         seq_parallel = self.sequence_parallel and kv_cache is None
-        b, s = h.shape[0], h.shape[1] * (self.parallel_state.tp_size if seq_parallel and not self.pre_process else 1)
+        b, s = h.shape[:2]
         if kv_cache is None:
             mask = prepare_attention_mask(attention_mask, b, s, h.device)
             if seq_parallel:
-                h = scatter_to_sequence_parallel_region(h, group) if self.pre_process else h
+                h = scatter_to_sequence_parallel_region(h, group)
                 h = self.transformer(h, mask, self.rng_tracker, sequence_parallel=True)
-                if self.post_process:
-                    h = gather_from_sequence_parallel_region(h, group, reduce_grad=False)
+                h = gather_from_sequence_parallel_region(h, group, reduce_grad=False)
             else:
                 h = self.transformer(h, mask, self.rng_tracker)
         else:
             mask = prepare_attention_mask(attention_mask, b, s, h.device, kv_seq=kv_cache.length + s)
             h = self.transformer(h, mask, self.rng_tracker, kv_cache=kv_cache)
-        if not self.post_process:
-            return h
         if labels is not None:
             return self.head_loss(h, labels, loss_mask)
         if logit_positions is not None:
@@ -190,34 +170,67 @@ class GLMModel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tied head: ``h @ word_embeddings.T`` for this rank's vocabulary slice."""
-        h = copy_to_tensor_parallel_region(h, self.parallel_state.tp_group)
-        return F.linear(h, self.word_embeddings.weight)
+        return tied_logits(h, self.word_embeddings.weight, self.parallel_state)
 
 
-def _check(config: ModelConfig, ps: ParallelState, layer_start: int, layer_end: int) -> None:
+class GLMPart(nn.Module):
+    """Pipe layer ``pipe`` of the model (see :class:`~megatron_glm.model.layout.ModelLayout`), holding exactly
+    the tensors the layout puts there under their original names, initialised as in :class:`GLMModel`.
+    ``tracker``: the tensor-parallel dropout stream, shared by the parts of one pipeline stage.
+
+    - ``word_embedding`` / ``head``: ``word_embeddings`` (the tied weight); :meth:`embed_tokens` and
+      :meth:`logits`. A head built on another stage than the word embedding starts from the same weights;
+      the pipeline keeps the two identical (broadcast, gradients summed).
+    - ``position_embeddings``: :meth:`embed_positions` adds the position tables (then embedding dropout).
+    - ``layer``: :meth:`run_layers` on ``[b, s, H]`` hidden states with a ``[b]`` sep or boolean mask.
+    - ``final_norm``: :meth:`final_norm`.
+    """
+
+    def __init__(self, pipe: PipeLayer, config: ModelConfig, parallel_state: ParallelState | None = None, *,
+                 seed: int = 1234, tracker: RNGStatesTracker | None = None,
+                 params_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        parallel_state = parallel_state or ParallelState()
+        check_config(config, parallel_state)
+        self.pipe, self.parallel_state = pipe, parallel_state
+        self.tracker = tracker or new_rng_tracker(seed, parallel_state, device)  # shared by a stage's layers
+        self.layout = layout = ModelLayout(config)
+        if pipe.kind in ("word_embedding", "head"):
+            self.word_embeddings = word_embedding(config, layout, parallel_state, seed, params_dtype, device)
+            return
+        start = end = 0 if pipe.kind == "position_embeddings" else config.num_layers
+        if pipe.kind == "layer":
+            start, end = pipe.layer, pipe.layer + 1
+        self.transformer = GLMTransformer(
+            config, layer_start=start, layer_end=end, pre_process=pipe.kind == "position_embeddings",
+            post_process=pipe.kind == "final_norm", init_for=lambda name: init_method_for(name, layout, seed),
+            parallel_state=parallel_state, params_dtype=params_dtype, device=device)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(input_ids)
+
+    def embed_positions(self, word: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.transformer.embed(word, position_ids)
+
+    def run_layers(self, h: torch.Tensor, attention_mask: torch.Tensor | AttentionMask) -> torch.Tensor:
+        mask = prepare_attention_mask(attention_mask, h.shape[0], h.shape[1], h.device)
+        return self.transformer(h, mask, self.tracker)
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.transformer.final_layernorm(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return tied_logits(h, self.word_embeddings.weight, self.parallel_state)
+
+
+def check_config(config: ModelConfig, ps: ParallelState) -> None:
+    """One-line errors for a config the model cannot be built from."""
     if config.vocab_size <= 0:
         raise ValueError("config.vocab_size must be resolved (> 0) before building the model")
     if config.vocab_size % ps.tp_size:
         raise ValueError(f"vocab_size {config.vocab_size} is not divisible by the tensor-parallel size {ps.tp_size}")
     if config.hidden_size % config.num_attention_heads:
         raise ValueError(f"hidden_size {config.hidden_size} is not divisible by {config.num_attention_heads} heads")
-    if not 0 <= layer_start <= layer_end <= config.num_layers:
-        raise ValueError(f"layer range [{layer_start}, {layer_end}) is outside [0, {config.num_layers})")
-
-
-def all_reduce_tied_embedding_grads(model: GLMModel) -> None:
-    """Sum the word-embedding gradient of the first and last pipeline stage (tied head).
-
-    Call after backward on every rank of a pipeline with ``pp_size > 1``; a no-op otherwise.
-    """
-    ps = model.parallel_state
-    group = ps.embedding_group
-    if ps.pp_size == 1 or group is None or not (model.pre_process or model.post_process):
-        return
-    grad = model.word_embeddings.weight.grad
-    if grad is None:
-        grad = model.word_embeddings.weight.grad = torch.zeros_like(model.word_embeddings.weight)
-    dist.all_reduce(grad, group=group)
 
 
 def flops_per_token(config: ModelConfig, seq_length: int, *, training: bool = True,

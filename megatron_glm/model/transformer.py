@@ -1,6 +1,6 @@
 """GLM transformer: pre-LayerNorm layers, the MLP, and the layer stack with activation checkpointing.
 
-A stack holds layers ``[layer_start, layer_end)`` of the full model (a pipeline stage) and keeps their
+A stack holds layers ``[layer_start, layer_end)`` of the model (all of them, or a pipeline part) and keeps their
 *global* indices: ``layers`` is a ``ModuleDict`` keyed by ``str(i)``, so state-dict names
 (``transformer.layers.{i}.…``) and initialisation seeds do not depend on the pipeline split.
 """
@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_glm.model import sequence_parallel as sp
+from megatron_glm.config import ModelConfig
 from megatron_glm.model.attention import LayerKVCache, ParallelSelfAttention
+from megatron_glm.model.layout import LAYER_PREFIX
 from megatron_glm.model.masks import AttentionMask
 from megatron_glm.model.recompute import checkpointed
 from megatron_glm.parallel import ColumnParallelLinear, ParallelState, RNGStatesTracker, RowParallelLinear
@@ -93,17 +95,17 @@ class GLMTransformer(nn.Module):
     ``layers.{i}``, ``final_layernorm``.
     """
 
-    def __init__(self, *, num_layers: int, hidden_size: int, num_heads: int, max_sequence_length: int,
-                 layernorm_epsilon: float, attention_dropout: float, hidden_dropout: float, attention_impl: str,
-                 block_position_encoding: bool, checkpoint_activations: bool, checkpoint_num_layers: int,
-                 recompute_granularity: str = "", layer_start: int, layer_end: int, pre_process: bool,
-                 post_process: bool,
-                 init_for: Callable[[str], InitMethod], parallel_state: ParallelState, params_dtype: torch.dtype,
-                 device: torch.device | str | None) -> None:
+    def __init__(self, config: ModelConfig, *, layer_start: int, layer_end: int, pre_process: bool,
+                 post_process: bool, init_for: Callable[[str], InitMethod], parallel_state: ParallelState,
+                 params_dtype: torch.dtype, device: torch.device | str | None) -> None:
         super().__init__()
+        hidden_size, max_sequence_length = config.hidden_size, config.max_sequence_length
+        layernorm_epsilon, hidden_dropout = config.layernorm_epsilon, config.hidden_dropout
+        block_position_encoding = config.block_position_encoding
         self.pre_process, self.post_process = pre_process, post_process
         self.tp_group = parallel_state.tp_group
-        self.checkpoint_activations, self.checkpoint_num_layers = checkpoint_activations, checkpoint_num_layers
+        self.checkpoint_activations = config.checkpoint_activations
+        self.checkpoint_num_layers = config.checkpoint_num_layers
         self.layer_start, self.layer_end = layer_start, layer_end
         self.embedding_dropout = nn.Dropout(hidden_dropout)
         self.block_position_encoding = block_position_encoding
@@ -117,17 +119,18 @@ class GLMTransformer(nn.Module):
                     params_dtype, device)
         self.layers = nn.ModuleDict()
         for i in range(layer_start, layer_end):
-            prefix = f"transformer.layers.{i}."
+            prefix = LAYER_PREFIX.format(i)
             names = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
             init = {n: init_for(prefix + n + ".weight") for n in names}
             self.layers[str(i)] = GLMLayer(
-                hidden_size, num_heads, layernorm_epsilon=layernorm_epsilon, attention_dropout=attention_dropout,
-                hidden_dropout=hidden_dropout, attention_impl=attention_impl, init=init,
+                hidden_size, config.num_attention_heads, layernorm_epsilon=layernorm_epsilon,
+                attention_dropout=config.attention_dropout, hidden_dropout=hidden_dropout,
+                attention_impl=config.attention_impl, init=init,
                 parallel_state=parallel_state, params_dtype=params_dtype, device=device)
-        if recompute_granularity == "full":
+        if config.recompute_granularity == "full":
             self.checkpoint_activations = True
         for layer in self.layers.values():
-            layer.attention.recompute_core = recompute_granularity == "selective"
+            layer.attention.recompute_core = config.recompute_granularity == "selective"
         if post_process:
             self.final_layernorm = nn.LayerNorm(hidden_size, eps=layernorm_epsilon, dtype=params_dtype,
                                                 device=device)

@@ -61,7 +61,8 @@ def pretrain(cfg: GLMConfig) -> TrainState:
     # Data first: a missing or corrupt dataset is reported before minutes of model and engine set-up.
     train_ds, valid_ds, _ = build_pretraining_datasets(cfg, tokenizer, dp_size=ps.dp_size, is_rank0=is_logger,
                                                        barrier=dist.barrier)
-    model = build_model(cfg, ps, env.device)
+    built = build_model(cfg, ps, env.device)
+    model = built.module
     if cfg.checkpoint.load and cfg.checkpoint.load_weights_only:
         loaded = load_model_weights(model, cfg.checkpoint.load, ps.tp_size, ps.tp_rank)
         log(f"loaded model weights only from {loaded}; optimizer and schedule start fresh")
@@ -84,7 +85,8 @@ def pretrain(cfg: GLMConfig) -> TrainState:
     dist.all_reduce(peak)
     flops_sample = flops_per_token(dataclasses.replace(cfg.model), cfg.data.seq_length) * cfg.data.seq_length
     logger = MetricsLogger(cfg.checkpoint.save, cfg.logging.tensorboard_dir, enabled=is_logger)
-    trainer = Trainer(cfg, ps, engine, env.device, train_batches=train_batches,
+    trainer = Trainer(cfg, ps, engine, env.device, rng_tracker=built.rng_tracker, pipeline_loss=built.loss,
+                      train_batches=train_batches,
                       valid_batches=valid_batches if valid_ds is not None else None,
                       accumulation_steps=accum, global_batch_size=global_batch, flops_per_sample=flops_sample,
                       peak_flops=float(peak.item()), checkpoints=CheckpointManager(cfg.checkpoint.save,

@@ -14,11 +14,11 @@ from megatron_glm.errors import ConfigError
 from megatron_glm.model import GLMModel, ModelLayout
 from megatron_glm.model.compile import compile_layers
 from megatron_glm.model.layout import original_name
-from megatron_glm.model.pipeline import build_pipeline_model
 from megatron_glm.parallel import ParallelState
 from megatron_glm.training.deepspeed_config import batch_sizes, build_deepspeed_config
 from megatron_glm.training.distributed import DeepSpeedMPU
 from megatron_glm.training.lr_schedule import LRSchedule, LRScheduler
+from megatron_glm.training.pipeline import TrainingModel, build_pipeline_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,17 +48,18 @@ def param_groups(model: torch.nn.Module, layout: ModelLayout, weight_decay: floa
     return [g for g in groups if g["params"]]
 
 
-def build_model(cfg: GLMConfig, ps: ParallelState, device: torch.device) -> torch.nn.Module:
+def build_model(cfg: GLMConfig, ps: ParallelState, device: torch.device) -> TrainingModel:
     """This rank's model: a :class:`GLMModel`, or its pipeline stage (a DeepSpeed ``PipelineModule``) when
     ``pp_size > 1``. Parameters are fp32 here; DeepSpeed casts them for bf16/fp16."""
     if ps.pp_size > 1:
-        model = build_pipeline_model(cfg.model, ps, seed=cfg.training.seed,
+        built = build_pipeline_model(cfg.model, ps, seed=cfg.training.seed,
                                      partition_method=cfg.parallel.pipeline_partition_method, device=device)
     else:
         model = GLMModel(cfg.model, ps, seed=cfg.training.seed, device=device)
+        built = TrainingModel(module=model, rng_tracker=model.rng_tracker)
     if cfg.training.compile:
-        compile_layers(model)
-    return model
+        compile_layers(built.module)
+    return built
 
 
 def build_engine(cfg: GLMConfig, ps: ParallelState, model: torch.nn.Module) -> tuple[Any, int, int]:

@@ -13,19 +13,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_glm.batch import OBJECTIVE_NAMES, Batch
 from megatron_glm.checkpoint import CheckpointManager
 from megatron_glm.checkpoint.drift import identity_drift
 from megatron_glm.config import GLMConfig, config_to_dict
 from megatron_glm.config.ranges import in_ranges, parse_iteration_ranges
 from megatron_glm.errors import CheckpointError, GLMError
 from megatron_glm.model.loss import add_group_sums
-from megatron_glm.model.pipeline import pipeline_batch
-from megatron_glm.parallel import ParallelState
+from megatron_glm.parallel import ParallelState, RNGStatesTracker
 from megatron_glm.training.metrics import MetricsLogger
+from megatron_glm.training.pipeline import PipelineLoss, pipeline_batch
 from megatron_glm.training.rng import get_rng_state, set_rng_state
-
-OBJECTIVES = {0: "token", 1: "sentence", 2: "document"}
-Batch = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -58,9 +56,14 @@ class StepStats:
 
 
 class Trainer:
-    """Runs ``cfg.training.train_iters`` optimizer steps on a DeepSpeed engine wrapping a GLM model."""
+    """Runs ``cfg.training.train_iters`` optimizer steps on a DeepSpeed engine wrapping a GLM model.
+
+    ``rng_tracker``: the model's tensor-parallel dropout stream (saved with checkpoints). ``pipeline_loss``:
+    the pipeline engine's loss function (it keeps the per-objective sums); ``None`` without pipelining.
+    """
 
     def __init__(self, cfg: GLMConfig, ps: ParallelState, engine: Any, device: torch.device, *,
+                 rng_tracker: RNGStatesTracker, pipeline_loss: PipelineLoss | None = None,
                  train_batches: Callable[[int], Iterator[Batch]],
                  valid_batches: Callable[[], Iterator[Batch]] | None,
                  accumulation_steps: int, global_batch_size: int, flops_per_sample: float, peak_flops: float,
@@ -71,6 +74,7 @@ class Trainer:
         self.accum, self.global_batch = accumulation_steps, global_batch_size
         self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
         self.checkpoints, self.logger, self.log = checkpoints, logger, log
+        self.rng_tracker, self.pipeline_loss = rng_tracker, pipeline_loss
         self.state = TrainState()
         self.started = time.perf_counter() if started is None else started  # for exit_duration_in_mins
         self.skip_ranges = parse_iteration_ranges(cfg.training.skip_train_iteration_range)
@@ -80,10 +84,6 @@ class Trainer:
         """What a resume must share with this run (:func:`~megatron_glm.checkpoint.drift.run_identity`)."""
 
     # ----------------------------------------------------------------- helpers
-    @property
-    def model(self) -> Any:
-        return self.engine.module
-
     def _to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
@@ -106,11 +106,11 @@ class Trainer:
 
     def _reduce_objectives(self, per_obj: dict[int, list[float]]) -> dict[str, float]:
         flat = []
-        for k in OBJECTIVES:
+        for k in range(len(OBJECTIVE_NAMES)):
             flat += per_obj.get(k, [0.0, 0.0])
         flat = self._world_sum(flat)
         out = {}
-        for i, name in OBJECTIVES.items():
+        for i, name in enumerate(OBJECTIVE_NAMES):
             loss_sum, tokens = flat[2 * i], flat[2 * i + 1]
             if tokens > 0:
                 out[f"loss_{name}"] = loss_sum / tokens
@@ -126,7 +126,7 @@ class Trainer:
                 "config": config_to_dict(self.cfg), "identity": self.identity}
 
     def save(self) -> None:
-        path = self.checkpoints.save(self.engine, self.state.step, self.meta(), get_rng_state(self.model.rng_tracker))
+        path = self.checkpoints.save(self.engine, self.state.step, self.meta(), get_rng_state(self.rng_tracker))
         self._last_saved = self.state.step
         self.log(f"saved checkpoint {path}")
 
@@ -142,7 +142,7 @@ class Trainer:
         self._check_drift(load_dir, meta)
         self.state = TrainState(step=int(meta["step"]), consumed_samples=int(meta["consumed_samples"]),
                                 nonfinite_total=int(meta.get("nonfinite_total", 0)))
-        set_rng_state(rng, self.model.rng_tracker)
+        set_rng_state(rng, self.rng_tracker)
         self.logger.rewind(self.state.step)
         self._last_saved = self.state.step
         self.log(f"resumed from {load_dir} at step {self.state.step} ({self.state.consumed_samples} samples)")
@@ -188,7 +188,7 @@ class Trainer:
     # ----------------------------------------------------------------- loop
     @property
     def pipelined(self) -> bool:
-        return self.ps.pp_size > 1
+        return self.pipeline_loss is not None
 
     def _pipeline_step(self, batches: Iterator[Any]) -> StepStats:
         """One step of DeepSpeed's pipeline schedule (1F1B over ``accum`` micro-batches)."""
@@ -197,10 +197,10 @@ class Trainer:
         stats.micro_batches = self.accum
         if self._all_finite(loss.detach().float()):
             stats.loss_sum = float(loss) * self.accum  # the engine's mean over micro-batches and DP ranks
-            stats.objectives = self.model.glm_loss.pop()
+            stats.objectives = self.pipeline_loss.pop()
         else:  # the pipeline engine cannot skip a micro-batch: the step is counted, not undone
             stats.nonfinite = self.accum
-            self.model.glm_loss.pop()
+            self.pipeline_loss.pop()
         return stats
 
     def train_step(self, batches: Iterator[Any]) -> StepStats:
@@ -321,9 +321,9 @@ class Trainer:
         batches = self.valid_batches()
         per_obj: dict[int, list[float]] = {}  # every sample has an objective: the totals are their sums
         if self.pipelined:
-            self.model.glm_loss.pop()
+            self.pipeline_loss.pop()
             self.engine.eval_batch(map(pipeline_batch, batches), num_micro_batches=self.cfg.training.eval_iters)
-            per_obj = self.model.glm_loss.pop()
+            per_obj = self.pipeline_loss.pop()
         for _ in range(0 if self.pipelined else self.cfg.training.eval_iters):
             try:
                 batch = self._to_device(next(batches))

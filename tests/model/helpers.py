@@ -46,3 +46,21 @@ def random_full_state_dict(model: torch.nn.Module, seed: int) -> dict[str, torch
         base = 1.0 if name.endswith("layernorm.weight") else 0.0
         out[name] = base + 0.05 * torch.randn(t.shape, generator=g)
     return out
+
+
+def pipe_parts(cfg: ModelConfig, ps=None, seed: int = 1234) -> list:
+    """Every pipe layer of the layout as a :class:`GLMPart` (one shared dropout stream), in pipe order."""
+    from megatron_glm.model import GLMPart, ModelLayout, new_rng_tracker
+    from megatron_glm.parallel import ParallelState
+
+    ps = ps or ParallelState()
+    tracker = new_rng_tracker(seed, ps, None)
+    return [GLMPart(p, cfg, ps, seed=seed, tracker=tracker) for p in ModelLayout(cfg).pipe_layers]
+
+
+def run_parts(parts: list, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The pipeline's forward, one part after the other: word and position embeddings, layers, norm, head."""
+    h = parts[1].embed_positions(parts[0].embed_tokens(batch["input_ids"]), batch["position_ids"])
+    for part in parts[2:-2]:
+        h = part.run_layers(h, batch["sep"])
+    return parts[-1].logits(parts[-2].final_norm(h))

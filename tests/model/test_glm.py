@@ -14,6 +14,8 @@ from megatron_glm.config import MODEL_SIZES, build_config
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model import (
     GLMModel,
+    GLMPart,
+    ModelLayout,
     flops_per_token,
     full_state_dict,
     glm_loss,
@@ -21,7 +23,7 @@ from megatron_glm.model import (
     prepare_attention_mask,
     sep_to_mask,
 )
-from tests.model.helpers import SEQ, VOCAB, make_batch, random_full_state_dict, tiny_config
+from tests.model.helpers import SEQ, VOCAB, make_batch, pipe_parts, random_full_state_dict, run_parts, tiny_config
 from tests.model.reference import reference_logits, reference_mask
 
 LAYER_KEYS = [
@@ -81,7 +83,7 @@ def test_init_scheme_is_seeded_by_name() -> None:
     # Same seed -> same weights; a layer built alone (pipeline stage) gets the same tensors.
     again = GLMModel(cfg, seed=7).state_dict()
     assert all(torch.equal(sd[k], again[k]) for k in sd)
-    stage = GLMModel(cfg, seed=7, pre_process=False, post_process=False, layer_start=2, layer_end=3).state_dict()
+    stage = GLMPart(ModelLayout(cfg).pipe_layers[2 + 2], cfg, seed=7).state_dict()
     assert list(stage) == expected_keys(range(2, 3), first=False, last=False)
     assert all(torch.equal(stage[k], sd[k]) for k in stage)
     other = GLMModel(cfg, seed=8).state_dict()
@@ -217,26 +219,23 @@ def test_flex_matches_sdpa_on_cuda() -> None:
         torch.testing.assert_close(g, results[1][1][name], rtol=1e-3, atol=1e-5, msg=name)
 
 
-def test_pipeline_halves_chained_equal_the_whole_model() -> None:
+def test_pipe_parts_chained_equal_the_whole_model() -> None:
+    """The pipeline's parts (what DeepSpeed's stages hold), run one after the other, are the whole model."""
     cfg = dataclasses.replace(tiny_config(), num_layers=3)
     batch = make_batch(8)
     whole = GLMModel(cfg)
-    first = GLMModel(cfg, post_process=False, layer_end=1)
-    last = GLMModel(cfg, pre_process=False, layer_start=1)
-    assert list(first.state_dict()) == expected_keys(range(0, 1), last=False)
-    assert list(last.state_dict()) == expected_keys(range(1, 3), first=False)
+    parts = pipe_parts(cfg)
+    keys = [k for p in parts for k in p.state_dict()]
+    assert keys == [*expected_keys(range(3)), "word_embeddings.weight"]  # the head holds the tied copy
+    assert list(parts[2].state_dict()) == expected_keys(range(0, 1), first=False, last=False)
     ref_logits, ref_grads = _loss_and_grads(whole, batch)
-    hidden = first(batch["input_ids"], batch["position_ids"], batch["sep"])
-    assert hidden.shape == (3, SEQ, cfg.hidden_size)
-    received = hidden.detach().requires_grad_()  # what a pipeline does between stages
-    logits = last(received, None, batch["sep"])
+    logits = run_parts(parts, batch)
     glm_loss(logits, batch["labels"], batch["loss_mask"]).loss.backward()
-    hidden.backward(received.grad)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
-    stage_grads = {n: p.grad for m in (first, last) for n, p in m.named_parameters() if n != "word_embeddings.weight"}
-    tied = first.word_embeddings.weight.grad + last.word_embeddings.weight.grad  # all-reduced in a pipeline
-    assert set(stage_grads) | {"word_embeddings.weight"} == set(ref_grads)
-    for name, g in stage_grads.items():
+    part_grads = {n: p.grad for m in parts[1:-1] for n, p in m.named_parameters()}
+    tied = parts[0].word_embeddings.weight.grad + parts[-1].word_embeddings.weight.grad  # all-reduced in a pipeline
+    assert set(part_grads) | {"word_embeddings.weight"} == set(ref_grads)
+    for name, g in part_grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=0, atol=1e-6, msg=name)
     torch.testing.assert_close(tied, ref_grads["word_embeddings.weight"], rtol=0, atol=1e-6)
 
@@ -308,7 +307,7 @@ def test_load_full_state_dict_reports_problems() -> None:
         load_full_state_dict(model, {**sd, "extra.weight": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="shape"):
         load_full_state_dict(model, {**sd, "word_embeddings.weight": torch.zeros(VOCAB + 1, 64)})
-    stage = GLMModel(tiny_config(), pre_process=False, layer_start=1)
+    stage = GLMPart(ModelLayout(tiny_config()).pipe_layers[2 + 1], tiny_config())
     load_full_state_dict(stage, sd, ignore_unexpected=True)
     assert torch.equal(stage.state_dict()["transformer.layers.1.mlp.dense_h_to_4h.weight"],
                        sd["transformer.layers.1.mlp.dense_h_to_4h.weight"])
@@ -317,8 +316,8 @@ def test_load_full_state_dict_reports_problems() -> None:
 def test_constructor_rejects_bad_configs() -> None:
     with pytest.raises(ValueError, match="vocab_size"):
         GLMModel(tiny_config(vocab_size=0))
-    with pytest.raises(ValueError, match="layer range"):
-        GLMModel(tiny_config(), layer_start=1, layer_end=5)
+    with pytest.raises(ValueError, match="not divisible by 5 heads"):
+        GLMModel(tiny_config(num_attention_heads=5))
 
 
 def test_named_sizes_match_the_reference() -> None:

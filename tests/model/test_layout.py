@@ -12,7 +12,7 @@ import torch
 from megatron_glm.checkpoint.convert import ConvertOptions, convert_checkpoint, open_source
 from megatron_glm.checkpoint.formats.native import layer_file
 from megatron_glm.checkpoint.safe_load import safe_torch_load
-from megatron_glm.model import GLMModel, ModelLayout, TensorSpec, layout
+from megatron_glm.model import GLMModel, GLMPart, ModelLayout, TensorSpec, layout
 from tests.checkpoint.helpers import write_glm_files
 from tests.model.helpers import tiny_config
 
@@ -46,9 +46,10 @@ def test_layout_describes_the_built_model(overrides: dict) -> None:
     assert kinds == ["word_embedding", "position_embeddings", *["layer"] * cfg.num_layers, "final_norm", "head"]
     assert all(lay[n].pipe_layer == p.index for p in lay.pipe_layers for n in p.names)
     assert lay.pipe_layers[-1].names == ()
-    # A pipeline stage holds the layout's tensors of its layers.
-    stage = GLMModel(cfg, pre_process=False, post_process=False, layer_start=1, layer_end=2).state_dict()
-    assert list(stage) == [n for n in lay.names() if lay[n].layer == 1]
+    # Each pipeline part holds the layout's tensors of its pipe layer (the head: the tied word embedding).
+    for pipe in lay.pipe_layers:
+        held = list(GLMPart(pipe, cfg).state_dict())
+        assert held == (list(pipe.names) if pipe.kind != "head" else ["word_embeddings.weight"]), pipe
 
 
 def _with_extra_bias(original):

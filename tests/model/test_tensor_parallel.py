@@ -13,7 +13,7 @@ import torch
 from megatron_glm.model import GLMModel, full_state_dict, glm_loss, load_full_state_dict
 from megatron_glm.parallel import ParallelState, gather_from_tensor_parallel_region, initialize_parallel_state
 from megatron_glm.testing import run_distributed
-from tests.model.helpers import make_batch, random_full_state_dict, tiny_config
+from tests.model.helpers import make_batch, pipe_parts, random_full_state_dict, run_parts, tiny_config
 
 ATOL = 1e-5
 
@@ -53,20 +53,16 @@ def _tp_checks(rank: int, world: int) -> dict[str, float]:
             out[f"{impl}/{tag}/grads"] = _max_diff(rg, pg)
             scale = max(g.abs().max().item() for g in rg.values())
             assert scale > 1e-3, f"gradients too small to compare ({scale})"
-    # Pipeline halves under TP equal the TP = 1 whole model (tied embedding gradients summed).
+    # The pipeline's parts under TP, chained, equal the TP = 1 whole model (tied embedding gradients summed).
     cfg = tiny_config()
     whole = GLMModel(cfg, seed=5)
-    first = GLMModel(cfg, ps, seed=5, post_process=False, layer_end=1)
-    last = GLMModel(cfg, ps, seed=5, pre_process=False, layer_start=1)
+    parts = pipe_parts(cfg, ps, seed=5)
     rl, rg = _step(whole, batch, ParallelState())
-    hidden = first(batch["input_ids"], batch["position_ids"], batch["sep"])
-    received = hidden.detach().requires_grad_()
-    logits = last(received, None, batch["sep"])
+    logits = run_parts(parts, batch)
     glm_loss(logits, batch["labels"], batch["loss_mask"], ps).loss.backward()
-    hidden.backward(received.grad)
-    grads = {**full_state_dict(first, ps, grads=True), **full_state_dict(last, ps, grads=True)}
-    grads["word_embeddings.weight"] = (full_state_dict(first, ps, grads=True)["word_embeddings.weight"]
-                                       + full_state_dict(last, ps, grads=True)["word_embeddings.weight"])
+    grads = {k: v for p in parts[1:-1] for k, v in full_state_dict(p, ps, grads=True).items()}
+    grads["word_embeddings.weight"] = (full_state_dict(parts[0], ps, grads=True)["word_embeddings.weight"]
+                                       + full_state_dict(parts[-1], ps, grads=True)["word_embeddings.weight"])
     out["pipeline/logits"] = (gather_from_tensor_parallel_region(logits.detach(), ps.tp_group) - rl).abs().max().item()
     out["pipeline/grads"] = _max_diff({k: grads[k] for k in rg}, rg)
     # Activation checkpointing with dropout under TP reproduces the per-rank attention-dropout stream.

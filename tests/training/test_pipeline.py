@@ -48,13 +48,13 @@ def test_pp2_tp2xpp2_pp2xdp2_match_pp1(tiny_corpus: dict, tmp_path: Path) -> Non
 def _tied_after_training(rank: int, world: int) -> dict:
     import deepspeed
 
-    from megatron_glm.model.pipeline import build_pipeline_model, pipeline_batch
+    from megatron_glm.training.pipeline import build_pipeline_model, pipeline_batch
     from megatron_glm.parallel import initialize_parallel_state
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = build_config({"model.size": "glm-tiny", "model.vocab_size": 128, "model.hidden_dropout": 0.0})
     ps = initialize_parallel_state(1, 2)
-    module = build_pipeline_model(cfg.model, ps, seed=3)
+    module = build_pipeline_model(cfg.model, ps, seed=3).module
     opt = torch.optim.AdamW(module.parameters(), lr=1e-2)
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds)

@@ -1,0 +1,127 @@
+"""GLM on DeepSpeed's pipeline engine: the model's pipe layers as ``LayerSpec`` / ``TiedLayerSpec``, the batch
+as the engine wants it, and the loss function that keeps per-objective sums.
+
+The pipe order and what each layer holds come from the model's layout
+(:attr:`megatron_glm.model.ModelLayout.pipe_layers`); each layer is a :class:`megatron_glm.model.GLMPart`,
+so its state-dict keys (and DeepSpeed's ``layer_XX`` files) carry the original GLM names and its weights
+are those of the whole model. Activations between layers are tuples of tensors: ``(ids, position_ids, sep)``
+into the first layer, then ``(hidden, sep)``, logits out of the head. DeepSpeed keeps the tied word embedding
+identical on the first and last stage (broadcast at start, gradients all-reduced). Activation checkpointing
+runs inside each transformer layer (``model.checkpoint_activations``), restoring the tensor-parallel dropout
+stream on recompute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_glm.batch import Batch
+from megatron_glm.config import ModelConfig
+from megatron_glm.model import GLMPart, ModelLayout, PipeLayer, add_group_sums, glm_loss, new_rng_tracker
+from megatron_glm.parallel import ParallelState, RNGStatesTracker
+
+TIED_KEY = "word_embeddings"
+TIED_WEIGHT = "word_embeddings.weight"
+
+
+class PipeStage(GLMPart):
+    """A :class:`GLMPart` with the engine's tuple activations."""
+
+    def __init__(self, pipe: PipeLayer, config: ModelConfig, ps: ParallelState, seed: int,
+                 tracker: RNGStatesTracker, dtype: torch.dtype, device: Any) -> None:
+        super().__init__(pipe, config, ps, seed=seed, tracker=tracker, params_dtype=dtype, device=device)
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        kind = self.pipe.kind
+        if kind == "word_embedding":
+            ids, position_ids, sep = inputs
+            return self.embed_tokens(ids), position_ids, sep
+        if kind == "position_embeddings":
+            word, position_ids, sep = inputs
+            return self.embed_positions(word, position_ids), sep
+        if kind == "layer":
+            h, sep = inputs
+            return self.run_layers(h, sep), sep
+        if kind == "final_norm":
+            return self.final_norm(inputs[0])
+        raise RuntimeError("the tied head runs through head_forward")
+
+
+class GLMLayerPipe(PipeStage):
+    """A transformer layer (the class name DeepSpeed partitions and checkpoints by)."""
+
+
+def head_forward(stage: PipeStage, h: torch.Tensor) -> torch.Tensor:
+    """The tied head on the last stage: logits for this rank's vocabulary slice."""
+    return stage.logits(h)
+
+
+class PipelineLoss:
+    """``loss_fn`` of the pipeline: the GLM loss, keeping per-objective sums for logging."""
+
+    def __init__(self, ps: ParallelState) -> None:
+        self.ps = ps
+        self.objectives: dict[int, list[float]] = {}
+
+    def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        target, loss_mask, objective = labels
+        out = glm_loss(logits, target, loss_mask, self.ps)
+        add_group_sums(self.objectives, out.by_group(objective))
+        return out.loss
+
+    def pop(self) -> dict[int, list[float]]:
+        """Per-objective ``[loss sum, tokens]`` since the last call."""
+        out, self.objectives = self.objectives, {}
+        return out
+
+
+@dataclass
+class TrainingModel:
+    """What training builds on one rank: the module (a ``GLMModel``, or this rank's pipeline stage, a
+    ``deepspeed.pipe.PipelineModule``), its tensor-parallel dropout stream, and the pipeline's loss
+    function (``None`` without pipelining: the trainer computes the loss itself)."""
+
+    module: Any
+    rng_tracker: RNGStatesTracker
+    loss: PipelineLoss | None = None
+
+
+def build_pipeline_model(config: ModelConfig, ps: ParallelState, *, seed: int = 1234,
+                         partition_method: str = "uniform", params_dtype: torch.dtype = torch.float32,
+                         device: Any = None) -> TrainingModel:
+    """This rank's pipeline stage of the model, one ``LayerSpec`` per pipe layer of the layout.
+
+    ``partition_method``: ``uniform`` balances transformer layers, ``parameters`` balances parameter counts.
+    Must be called after ``torch.distributed`` is initialised, on every rank (Megatron rank order).
+    """
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    if config.vocab_size <= 0:
+        raise ValueError("config.vocab_size must be resolved (> 0) before building the model")
+    tracker = new_rng_tracker(seed, ps, device)
+    common = (config, ps, seed, tracker, params_dtype, device)
+    specs: list[Any] = []
+    for pipe in ModelLayout(config).pipe_layers:
+        if pipe.kind == "word_embedding":
+            specs.append(TiedLayerSpec(TIED_KEY, PipeStage, pipe, *common, tied_weight_attr=TIED_WEIGHT))
+        elif pipe.kind == "head":
+            specs.append(TiedLayerSpec(TIED_KEY, PipeStage, pipe, *common, forward_fn=head_forward,
+                                       tied_weight_attr=TIED_WEIGHT))
+        else:
+            specs.append(LayerSpec(GLMLayerPipe if pipe.kind == "layer" else PipeStage, pipe, *common))
+    topology = PipeModelDataParallelTopology(num_pp=ps.pp_size, num_mp=ps.tp_size, num_dp=ps.dp_size)
+    loss = PipelineLoss(ps)
+    method = f"type:{GLMLayerPipe.__name__}" if partition_method == "uniform" else partition_method
+    module = PipelineModule(specs, topology=topology, loss_fn=loss, partition_method=method,
+                            checkpointable_layers=[GLMLayerPipe.__name__])
+    return TrainingModel(module=module, rng_tracker=tracker, loss=loss)
+
+
+def pipeline_batch(batch: Batch) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """A micro-batch as the pipeline engine wants it: ``(inputs, labels)``."""
+    return ((batch["input_ids"], batch["position_ids"], batch["sep"]),
+            (batch["labels"], batch["loss_mask"], batch["objective"]))
