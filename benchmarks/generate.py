@@ -25,10 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from megatron_glm.config import build_config
+from megatron_glm.dtypes import DTYPES, SHORT_NAMES
 from megatron_glm.generation import GenerationConfig, InfillTokens, generate
 from megatron_glm.model import GLMModel
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,7 +41,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="prompts generated together")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=SHORT_NAMES, default="fp32")
     p.add_argument("--load", default="", help="benchmark a checkpoint instead of a random model")
     return p.parse_args()
 

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_glm.checkpoint.convert import FORMATS, ConvertOptions, convert_checkpoint
+from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.errors import run_cli
 
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="Directory to create (must not exist).")
     p.add_argument("--format", choices=FORMATS, default="native",
                    help="native: training checkpoint (resumable); glm: original GLM mp_rank files; "
-                        "safetensors: standalone model for GLMModel.from_pretrained.")
+                        "safetensors: standalone model for megatron_glm.checkpoint.load_pretrained.")
     p.add_argument("--target-tp", type=int, default=1, help="Tensor-parallel size of the output.")
     p.add_argument("--target-pp", type=int, default=1, help="Pipeline-parallel size of the output (1 for now).")
     p.add_argument("--target-dp", type=int, default=None,
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                           keep_optimizer=not args.no_optimizer, verify=not args.no_verify,
                           verify_logits=args.verify_logits, num_attention_heads=args.num_attention_heads,
                           tokenizer_model=args.tokenizer_model, max_shard_bytes=args.max_shard_size)
-    r = convert_checkpoint(args.input, args.output, opts)
+    r = convert_checkpoint(args.input, args.output, opts, tokenizer_vocab=lambda p: GLMTokenizer(p).vocab_size)
     print(f"converted {r.source} ({r.source_layout}) -> {r.output} ({r.target_layout}): {r.tensors} tensors "
           f"in {r.seconds:.1f} s")
     if r.optimizer:

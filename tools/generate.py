@@ -22,15 +22,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch
 import torch.distributed as dist
 
 from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.dtypes import DTYPES, SHORT_NAMES
 from megatron_glm.errors import GLMError, run_cli
 from megatron_glm.generation import GenerationConfig, InfillTokens, encode_prompt, fill_text, generate
 from megatron_glm.generation.loading import init_inference, load_model
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234, help="sampling seed")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the full sequence at every step")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameter dtype (default fp32)")
+    p.add_argument("--dtype", choices=SHORT_NAMES, default="fp32", help="parameter dtype (default fp32)")
     p.add_argument("--show-tokens", action="store_true", help="also print each blank's answer token ids")
     return p.parse_args(argv)
 

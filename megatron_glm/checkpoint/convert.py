@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from megatron_glm.checkpoint.formats.common import DTYPES, tokenizer_vocab_size
 from megatron_glm.checkpoint.formats.glm_original import GLMOriginalSource, find_rank_dir, write_glm_original
 from megatron_glm.checkpoint.formats.native import NativeSource, NativeTarget, write_native
 from megatron_glm.checkpoint.formats.standalone import StandaloneSource, is_standalone, write_standalone
@@ -26,6 +25,7 @@ from megatron_glm.checkpoint.reshard import check_divisible, resize_vocab
 from megatron_glm.checkpoint.stream import OPTIMIZER_KEYS
 from megatron_glm.checkpoint.verify import compare_checksums, source_logits, stream_checksums
 from megatron_glm.config import pad_vocab_size
+from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import CheckpointError
 
 FORMATS = ("native", "glm", "safetensors")
@@ -80,12 +80,13 @@ def open_source(path: str | Path, *, num_attention_heads: int | None = None) -> 
                           f"original GLM checkpoint with mp_rank_XX_model_states.pt, nor a standalone model)")
 
 
-def _target_vocab(src: Any, opts: ConvertOptions, notes: list[str]) -> int:
+def _target_vocab(src: Any, opts: ConvertOptions, notes: list[str],
+                  tokenizer_vocab: Callable[[str], int] | None) -> int:
     cfg = src.info.config
     tok_vocab = None
     tok = opts.tokenizer_model or (src.info.tokenizer_files[0] if src.info.tokenizer_files else None)
-    if tok:
-        tok_vocab = tokenizer_vocab_size(tok)
+    if tok and tokenizer_vocab is not None:
+        tok_vocab = tokenizer_vocab(tok)
     vocab = opts.vocab_size or cfg.vocab_size
     if tok_vocab is not None and vocab < tok_vocab:
         raise CheckpointError(f"vocab size {vocab} is too small for the tokenizer ({tok_vocab} tokens, {tok})")
@@ -119,8 +120,12 @@ def _check_target(src: Any, opts: ConvertOptions) -> None:
 
 
 def convert_checkpoint(input_path: str | Path, output: str | Path, opts: ConvertOptions,
-                       log: Callable[[str], None] = print) -> ConvertReport:
-    """Convert ``input_path`` into ``output`` (which must not exist); verify; return a report."""
+                       log: Callable[[str], None] = print, *,
+                       tokenizer_vocab: Callable[[str], int] | None = None) -> ConvertReport:
+    """Convert ``input_path`` into ``output`` (which must not exist); verify; return a report.
+
+    ``tokenizer_vocab(path)``: the vocabulary size of a tokenizer file (the entry point passes the data
+    package's tokenizer); with it the target vocab is checked against the checkpoint's tokenizer."""
     started = time.perf_counter()
     output = Path(output)
     if output.exists() and any(output.iterdir()) if output.is_dir() else output.exists():
@@ -129,7 +134,7 @@ def convert_checkpoint(input_path: str | Path, output: str | Path, opts: Convert
     _check_target(src, opts)
     info = src.info
     notes = list(info.notes)
-    vocab = _target_vocab(src, opts, notes)
+    vocab = _target_vocab(src, opts, notes, tokenizer_vocab)
     tcfg = dataclasses.replace(info.config, vocab_size=vocab)
     dtype = DTYPES[opts.dtype] if opts.dtype else None
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from megatron_glm.generation.decoder import Stepper, agree
-from megatron_glm.generation.infill import InfillResult, InfillTokens, _banned
-from megatron_glm.generation.sampling import GenerationConfig, ban, ban_repeats
+from megatron_glm.generation.prompt import InfillResult, InfillTokens
+from megatron_glm.generation.sampling import GenerationConfig, ban, ban_repeats, banned_ids
 from megatron_glm.parallel import ParallelState
 
 
@@ -48,7 +48,7 @@ def beam_search(model: torch.nn.Module, prompt: list[int], blanks: list[int], to
         tok, pos, bpos = torch.tensor([h.feed for h in beams], dtype=torch.long).unbind(1)
         logits = stepper.step(tok, pos, bpos)
         if banned is None:
-            banned = _banned(config, logits.shape[-1], logits.device)
+            banned = banned_ids(config, logits.shape[-1], logits.device)
         logp = torch.log_softmax(ban(logits, banned), dim=-1)
         logp = ban_repeats(logp, [h.answers[h.current] for h in beams], config.no_repeat_ngram_size)
         for r, h in enumerate(beams):

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,10 +19,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_glm.data.blank_infilling import OBJECTIVE_NAMES
+from megatron_glm.batch import Batch
 from megatron_glm.errors import DataError
-from megatron_glm.model import glm_loss
+from megatron_glm.model import GLMLoss, glm_loss
 from megatron_glm.parallel import ParallelState, gather_from_tensor_parallel_region
+from megatron_glm.training.evaluation import accumulate_losses, summarize_losses
 
 
 def _ps(model: torch.nn.Module, parallel_state: ParallelState | None) -> ParallelState:
@@ -47,32 +47,13 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tens
     ps = _ps(model, parallel_state)
     device = next(model.parameters()).device
     model.eval()
-    sums = [0.0, 0.0] + [0.0, 0.0] * len(OBJECTIVE_NAMES)
-    iterator = iter(batches)
-    for _ in range(num_batches):
-        try:
-            batch = {k: v.to(device) for k, v in next(iterator).items()}
-        except StopIteration:
-            break
-        logits = model(batch["input_ids"], batch["position_ids"], batch["sep"])
-        out = glm_loss(logits, batch["labels"], batch["loss_mask"], ps)
-        sums[0] += float(out.sample_sum.sum())
-        sums[1] += float(out.sample_tokens.sum())
-        if "objective" in batch:
-            for k, (s, n) in out.by_group(batch["objective"]).items():
-                sums[2 + 2 * k] += s
-                sums[3 + 2 * k] += n
-    sums = _dp_sum(sums, ps, device)
-    result: dict[str, float] = {"tokens": sums[1]}
-    if sums[1]:
-        result["loss"] = sums[0] / sums[1]
-        result["ppl"] = math.exp(min(result["loss"], 50.0))
-    for k, name in enumerate(OBJECTIVE_NAMES):
-        s, n = sums[2 + 2 * k], sums[3 + 2 * k]
-        if n:
-            result[f"loss_{name}"] = s / n
-            result[f"ppl_{name}"] = math.exp(min(s / n, 50.0))
-    return result
+
+    def forward(batch: Batch) -> GLMLoss:
+        b = {k: v.to(device) for k, v in batch.items()}
+        return glm_loss(model(b["input_ids"], b["position_ids"], b["sep"]), b["labels"], b["loss_mask"], ps)
+
+    sums = accumulate_losses(forward, iter(batches), num_batches)
+    return summarize_losses(sums, lambda v: _dp_sum(v, ps, device))
 
 
 @dataclass(frozen=True)

@@ -18,87 +18,17 @@ computes the same full-vocabulary logits and takes tensor-parallel rank 0's toke
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from megatron_glm.errors import GLMError
+from megatron_glm.generation.beam import beam_search
 from megatron_glm.generation.decoder import Stepper, agree
-from megatron_glm.generation.sampling import GenerationConfig, ban, ban_repeats, next_tokens
+from megatron_glm.generation.prompt import InfillResult, InfillTokens, blank_positions
+from megatron_glm.generation.sampling import GenerationConfig, ban, ban_repeats, banned_ids, next_tokens
 from megatron_glm.parallel import ParallelState
-
-
-@dataclass(frozen=True)
-class InfillTokens:
-    """Command-token ids used by generation."""
-
-    cls: int
-    pad: int
-    sop: int
-    eop: int
-    gmask: int
-    blanks: tuple[int, ...]
-    """Ids that mark a blank (``[MASK]``, ``[sMASK]``, ``[gMASK]``)."""
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer: Any) -> InfillTokens:
-        return cls(cls=tokenizer.cls_id, pad=tokenizer.pad_id, sop=tokenizer.sop_id, eop=tokenizer.eop_id,
-                   gmask=tokenizer.gmask_id, blanks=(tokenizer.mask_id, tokenizer.smask_id, tokenizer.gmask_id))
-
-
-@dataclass
-class InfillResult:
-    """One prompt's Part A (``prompt``), its blank positions and one answer (token ids) per blank."""
-
-    prompt: list[int]
-    blanks: list[int]
-    answers: list[list[int]]
-    score: float | None = None
-    """Beam search: the length-normalised log-probability of the returned hypothesis."""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def filled(self) -> list[int]:
-        """The prompt with every blank replaced by its answer."""
-        out: list[int] = []
-        answers = dict(zip(self.blanks, self.answers))
-        for p, t in enumerate(self.prompt):
-            out.extend(answers.get(p, [t]))
-        return out
-
-
-_BLANK_TEXT = re.compile(r"(\[MASK\]|\[sMASK\]|\[gMASK\])")
-
-
-def encode_prompt(tokenizer: Any, text: str, tokens: InfillTokens | None = None) -> list[int]:
-    """``[CLS]`` + the tokens of ``text`` (``[MASK]``, ``[sMASK]``, ``[gMASK]`` written in it become blanks);
-    ``[gMASK]`` is appended when the text has no blank.
-
-    Spaces right before a blank are dropped: in training a masked span carries its own leading space
-    (``green▁apples▁in`` -> ``green [MASK] ▁in``), so ``"green [MASK] in"`` is encoded the same way and the
-    answer brings the space back.
-    """
-    tokens = tokens or InfillTokens.from_tokenizer(tokenizer)
-    ids = [tokens.cls]
-    parts = _BLANK_TEXT.split(text)
-    for i, part in enumerate(parts):
-        if i % 2:
-            ids.extend(tokenizer.encode(part))
-            continue
-        if i + 1 < len(parts):
-            part = part.rstrip(" ")
-        if part:
-            ids.extend(tokenizer.encode(part))
-    if not any(t in tokens.blanks for t in ids):
-        ids.append(tokens.gmask)
-    return ids
-
-
-def blank_positions(ids: Sequence[int], tokens: InfillTokens) -> list[int]:
-    """Positions of the blanks of ``ids``, left to right."""
-    return [p for p, t in enumerate(ids) if t in tokens.blanks]
 
 
 def _check(model: torch.nn.Module, prompts: Sequence[Sequence[int]], tokens: InfillTokens,
@@ -120,11 +50,6 @@ def _check(model: torch.nn.Module, prompts: Sequence[Sequence[int]], tokens: Inf
     return blanks
 
 
-def _banned(config: GenerationConfig, vocab: int, device: torch.device) -> torch.Tensor:
-    ids = [i for i in config.banned_ids if 0 <= i < vocab]
-    return torch.tensor(sorted(set(ids)), dtype=torch.long, device=device)
-
-
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], tokens: InfillTokens,
              config: GenerationConfig, parallel_state: ParallelState | None = None) -> list[InfillResult]:
@@ -139,8 +64,6 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], tokens: I
     model.eval()
     try:
         if config.strategy == "beam":
-            from megatron_glm.generation.beam import beam_search
-
             return [beam_search(model, list(p), b, tokens, config, ps) for p, b in zip(prompts, blanks)]
         return _sample(model, [list(p) for p in prompts], blanks, tokens, config, ps)
     finally:
@@ -164,7 +87,7 @@ def _sample(model: torch.nn.Module, prompts: list[list[int]], blanks: list[list[
         tok, pos, bpos = torch.tensor(feed, dtype=torch.long).unbind(1)
         logits = stepper.step(tok, pos, bpos)
         if banned is None:
-            banned = _banned(config, logits.shape[-1], logits.device)
+            banned = banned_ids(config, logits.shape[-1], logits.device)
         current_answers = [[] if done[i] else answers[i][current[i]] for i in range(b)]
         logits = ban_repeats(ban(logits, banned), current_answers, config.no_repeat_ngram_size)
         chosen = agree(next_tokens(logits, config, generator), ps).tolist()
@@ -195,12 +118,3 @@ def fill_text(tokenizer: Any, result: InfillResult, tokens: InfillTokens | None 
     if ids and ids[0] == tokens.cls:
         ids = ids[1:]
     return tokenizer.decode(ids)
-
-
-def fill_blanks(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], config: GenerationConfig,
-                parallel_state: ParallelState | None = None) -> list[str]:
-    """Texts with ``[MASK]`` / ``[sMASK]`` / ``[gMASK]`` blanks -> the texts with the blanks filled."""
-    tokens = InfillTokens.from_tokenizer(tokenizer)
-    prompts = [encode_prompt(tokenizer, t, tokens) for t in texts]
-    results = generate(model, prompts, tokens, config, parallel_state)
-    return [fill_text(tokenizer, r, tokens) for r in results]

@@ -75,7 +75,3 @@ class KVCache:
         """Keep batch rows ``index`` (``[b']`` long, may repeat rows) of every layer."""
         for cache in self._layers.values():
             cache.reorder(index)
-
-    def reset(self) -> None:
-        """Forget everything (buffers are freed)."""
-        self._layers.clear()

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megatron_glm.checkpoint.convert import open_source
 from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model import GLMModel
 from megatron_glm.parallel import ParallelState, initialize_parallel_state
+from megatron_glm.parallel.launch import start_process_group
 
 
 def load_model(path: str | os.PathLike[str], parallel_state: ParallelState | None = None, *,
@@ -51,17 +51,7 @@ def load_model(path: str | os.PathLike[str], parallel_state: ParallelState | Non
 def init_inference(tp_size: int | None = None) -> tuple[ParallelState, torch.device]:
     """Parallel state and device for a tool: one process, or ``torchrun --nproc_per_node N`` with TP = N
     (``tp_size``, default the world size). NCCL and ``cuda:LOCAL_RANK`` on GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()) \
-        if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    else:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # checkpoint loading imports deepspeed: no GPU warning
-    if world == 1:
-        return ParallelState(), device
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    tp = world if tp_size is None else tp_size
-    return initialize_parallel_state(tp_size=tp), device
+    env = start_process_group(single_process_group=False)
+    if env.world_size == 1:
+        return ParallelState(), env.device
+    return initialize_parallel_state(tp_size=env.world_size if tp_size is None else tp_size), env.device

@@ -118,3 +118,9 @@ def next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch
         return logits.argmax(dim=-1)
     probs = torch.softmax(filter_logits(logits, config.temperature, config.top_k, config.top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def banned_ids(config: GenerationConfig, vocab: int, device: torch.device) -> torch.Tensor:
+    """The ids ``config`` bans that exist in a vocabulary of ``vocab`` (sorted, on ``device``)."""
+    ids = [i for i in config.banned_ids if 0 <= i < vocab]
+    return torch.tensor(sorted(set(ids)), dtype=torch.long, device=device)

@@ -85,15 +85,6 @@ class GLMModel(nn.Module):
         # Sequence parallelism applies to training/eval forwards; generation (a KV cache) runs without it.
         self.sequence_parallel = config.sequence_parallel and ps.tp_size > 1
 
-    @classmethod
-    def from_pretrained(cls, path: str, *, device: torch.device | str | None = None,
-                        dtype: torch.dtype | None = None) -> GLMModel:
-        """A single-process model from a standalone directory (``config.json`` + ``model.safetensors``, as
-        written by ``tools/convert_checkpoint.py --format safetensors``); no DeepSpeed needed. Eval mode."""
-        from megatron_glm.checkpoint.formats.standalone import load_pretrained
-
-        return load_pretrained(cls, path, device=device, dtype=dtype)
-
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | AttentionMask | None = None, *,
                 kv_cache: KVCacheLike | None = None, logit_positions: torch.Tensor | None = None,

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -19,12 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def find_free_port() -> int:
-    """A TCP port on localhost that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_glm.parallel.launch import find_free_port
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable[..., Any], args: tuple) -> None:

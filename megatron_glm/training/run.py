@@ -16,6 +16,7 @@ from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import GLMConfig, config_to_dict, validate
 from megatron_glm.data.loader import build_data_iterator, build_pretraining_datasets
 from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.model import flops_per_token
 from megatron_glm.parallel import initialize_parallel_state
@@ -23,7 +24,7 @@ from megatron_glm.training.distributed import init_distributed
 from megatron_glm.training.lifeline import die_with_parent, launched_by_launcher
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.rng import seed_everything
-from megatron_glm.training.setup import DTYPES, build_engine, build_model, resolve_vocab_size
+from megatron_glm.training.setup import build_engine, build_model, resolve_vocab_size
 from megatron_glm.training.throughput import matmul_peak_flops
 from megatron_glm.training.trainer import Trainer, TrainState
 

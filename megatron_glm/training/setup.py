@@ -20,8 +20,6 @@ from megatron_glm.training.distributed import DeepSpeedMPU
 from megatron_glm.training.lr_schedule import LRSchedule, LRScheduler
 from megatron_glm.training.pipeline import TrainingModel, build_pipeline_model
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def resolve_vocab_size(cfg: GLMConfig, tokenizer_vocab: int) -> GLMConfig:
     """A copy of ``cfg`` whose ``model.vocab_size`` is set (padded) and checked against the tokenizer."""

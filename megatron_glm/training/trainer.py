@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import resource
 import signal
 import time
@@ -21,6 +20,7 @@ from megatron_glm.config.ranges import in_ranges, parse_iteration_ranges
 from megatron_glm.errors import CheckpointError, GLMError
 from megatron_glm.model.loss import add_group_sums
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
+from megatron_glm.training.evaluation import accumulate_losses, summarize_losses
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.pipeline import PipelineLoss, pipeline_batch
 from megatron_glm.training.rng import get_rng_state, set_rng_state
@@ -103,18 +103,6 @@ class Trainer:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
-
-    def _reduce_objectives(self, per_obj: dict[int, list[float]]) -> dict[str, float]:
-        flat = []
-        for k in range(len(OBJECTIVE_NAMES)):
-            flat += per_obj.get(k, [0.0, 0.0])
-        flat = self._world_sum(flat)
-        out = {}
-        for i, name in enumerate(OBJECTIVE_NAMES):
-            loss_sum, tokens = flat[2 * i], flat[2 * i + 1]
-            if tokens > 0:
-                out[f"loss_{name}"] = loss_sum / tokens
-        return out
 
     # ----------------------------------------------------------------- state
     def meta(self) -> dict[str, Any]:
@@ -295,7 +283,8 @@ class Trainer:
         """Log the averages of a window of steps (loss: mean over its micro-batches and DP ranks)."""
         loss_sum, micro = self._world_sum([stats.loss_sum, stats.micro_batches - stats.nonfinite])
         values: dict[str, Any] = {"loss": loss_sum / micro if micro else float("nan")}
-        values.update(self._reduce_objectives(stats.objectives))
+        summary = summarize_losses(stats.objectives, self._world_sum)
+        values.update({f"loss_{n}": summary[f"loss_{n}"] for n in OBJECTIVE_NAMES if f"loss_{n}" in summary})
         opt = self.engine.optimizer
         values["lr"] = stats.lr
         norm = self.engine.get_global_grad_norm()
@@ -319,27 +308,15 @@ class Trainer:
         assert self.valid_batches is not None
         self.engine.eval()
         batches = self.valid_batches()
-        per_obj: dict[int, list[float]] = {}  # every sample has an objective: the totals are their sums
         if self.pipelined:
             self.pipeline_loss.pop()
             self.engine.eval_batch(map(pipeline_batch, batches), num_micro_batches=self.cfg.training.eval_iters)
-            per_obj = self.pipeline_loss.pop()
-        for _ in range(0 if self.pipelined else self.cfg.training.eval_iters):
-            try:
-                batch = self._to_device(next(batches))
-            except StopIteration:
-                break
-            add_group_sums(per_obj, self._forward(batch).by_group(batch["objective"]))
-        total = [sum(v[0] for v in per_obj.values()), sum(v[1] for v in per_obj.values())]
-        loss_sum, tokens = self._world_sum(total)
-        values: dict[str, Any] = {}
-        if tokens:
-            values["valid_loss"] = loss_sum / tokens
-            values["valid_ppl"] = math.exp(min(values["valid_loss"], 50.0))
-        for k, v in self._reduce_objectives(per_obj).items():
-            name = k.removeprefix("loss_")
-            values[f"valid_loss_{name}"] = v
-            values[f"valid_ppl_{name}"] = math.exp(min(v, 50.0))
+            sums = self.pipeline_loss.pop()
+        else:
+            sums = accumulate_losses(lambda b: self._forward(self._to_device(b)), batches,
+                                     self.cfg.training.eval_iters)
+        summary = summarize_losses(sums, self._world_sum)
+        values = {f"valid_{k}": v for k, v in summary.items() if k != "tokens"}
         self.logger.log(self.state.step, values, prefix="[eval] ")
         self.engine.train()
         return values

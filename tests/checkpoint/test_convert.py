@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_glm.checkpoint import load_pretrained
 from megatron_glm.checkpoint.convert import ConvertOptions, convert_checkpoint, open_source
 from megatron_glm.checkpoint.reshard import merge_shards, split_full
 from megatron_glm.checkpoint.safe_load import safe_torch_load
 from megatron_glm.errors import CheckpointError
-from megatron_glm.model import GLMModel, ModelLayout
+from megatron_glm.model import ModelLayout
 from tests.checkpoint.helpers import logits_of, reference_model, write_glm_files
 from tests.model.helpers import tiny_config
 
@@ -67,7 +68,7 @@ def test_safetensors_export_loads_with_from_pretrained(tmp_path: Path) -> None:
     assert len(set(index["weight_map"].values())) > 1
     cfg = json.loads((tmp_path / "st" / "config.json").read_text())
     assert (cfg["num_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["vocab_size"]) == (2, 64, 4, 128)
-    loaded = GLMModel.from_pretrained(str(tmp_path / "st"))
+    loaded = load_pretrained(str(tmp_path / "st"))
     assert (logits_of(loaded) - logits_of(model)).abs().max() == 0.0
     # re-import into our format gives the same logits again
     r = convert(tmp_path / "st", tmp_path / "back", format="glm", target_tp=1, verify_logits=True)
@@ -80,7 +81,7 @@ def test_bf16_safetensors_export(tmp_path: Path) -> None:
     _, full = reference_model()
     write_glm_files(tmp_path / "glm", full, tp=1)
     convert(tmp_path / "glm", tmp_path / "st", format="safetensors", dtype="bf16")
-    m = GLMModel.from_pretrained(str(tmp_path / "st"))
+    m = load_pretrained(str(tmp_path / "st"))
     assert m.word_embeddings.weight.dtype == torch.bfloat16
     assert torch.equal(m.word_embeddings.weight, full["word_embeddings.weight"].bfloat16())
 

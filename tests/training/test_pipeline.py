@@ -48,8 +48,8 @@ def test_pp2_tp2xpp2_pp2xdp2_match_pp1(tiny_corpus: dict, tmp_path: Path) -> Non
 def _tied_after_training(rank: int, world: int) -> dict:
     import deepspeed
 
-    from megatron_glm.training.pipeline import build_pipeline_model, pipeline_batch
     from megatron_glm.parallel import initialize_parallel_state
+    from megatron_glm.training.pipeline import build_pipeline_model, pipeline_batch
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = build_config({"model.size": "glm-tiny", "model.vocab_size": 128, "model.hidden_dropout": 0.0})

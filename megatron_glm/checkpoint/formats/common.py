@@ -1,4 +1,4 @@
-"""Helpers shared by the formats: configs from dicts, tokenizer look-up, tensor dtype names."""
+"""Helpers shared by the formats: configs from dicts, tokenizer files."""
 
 from __future__ import annotations
 
@@ -6,14 +6,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from megatron_glm.config import ModelConfig
 from megatron_glm.errors import CheckpointError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-          "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def model_config_from_dict(fields: dict[str, Any], where: str) -> ModelConfig:
@@ -23,13 +17,6 @@ def model_config_from_dict(fields: dict[str, Any], where: str) -> ModelConfig:
     if missing:
         raise CheckpointError(f"{where}: model config lacks {', '.join(missing)}")
     return ModelConfig(**{k: v for k, v in fields.items() if k in names})
-
-
-def tokenizer_vocab_size(path: str | Path) -> int:
-    """Vocabulary size of a GLM tokenizer model (base pieces + command tokens)."""
-    from megatron_glm.data.tokenizer import GLMTokenizer
-
-    return GLMTokenizer(str(path)).vocab_size
 
 
 def tokenizer_files(model_path: str | Path | None) -> list[str]:

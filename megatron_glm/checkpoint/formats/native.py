@@ -29,10 +29,11 @@ from megatron_glm.checkpoint.safe_load import safe_torch_load
 from megatron_glm.checkpoint.stream import SourceInfo, iter_layers
 from megatron_glm.checkpoint.zero import ZeroReader, write_zero12_file
 from megatron_glm.config import ModelConfig
+from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model.layout import ModelLayout
 
-from .common import DTYPES, model_config_from_dict, tokenizer_files
+from .common import model_config_from_dict, tokenizer_files
 
 
 def find_step_dir(path: Path) -> Path:

@@ -1,7 +1,7 @@
 """Standalone model: ``model.safetensors`` (or shards ``model-0000i-of-0000N.safetensors`` with
 ``model.safetensors.index.json``), ``config.json`` with the model fields, and the tokenizer files.
 
-Loadable without DeepSpeed: :func:`load_pretrained` (``GLMModel.from_pretrained``).
+Loadable without DeepSpeed: :func:`load_pretrained` (``megatron_glm.checkpoint.load_pretrained``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import torch
 
 from megatron_glm.checkpoint.stream import SourceInfo, iter_layers
 from megatron_glm.config import ModelConfig
+from megatron_glm.dtypes import DTYPE_NAMES, DTYPES
 from megatron_glm.errors import CheckpointError
-from megatron_glm.model.layout import ModelLayout
+from megatron_glm.model import GLMModel, ModelLayout
 
-from .common import DTYPE_NAMES, DTYPES, model_config_from_dict
+from .common import model_config_from_dict
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -140,13 +141,15 @@ def write_standalone(src: Any, out: Path, config: ModelConfig, *, transform: Cal
     return names
 
 
-def load_pretrained(cls: type, path: str | Path, *, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None) -> Any:
-    """Build ``cls`` (a GLM model class) from a standalone directory: one tensor in memory at a time."""
+def load_pretrained(path: str | Path, *, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> GLMModel:
+    """A single-process :class:`GLMModel` in eval mode from a standalone directory (``config.json`` +
+    ``model.safetensors``, as ``tools/convert_checkpoint.py --format safetensors`` writes it); no DeepSpeed
+    needed. One tensor in memory at a time; ``dtype`` defaults to the export's ``torch_dtype``."""
     src = StandaloneSource(path)
     config = src.info.config
     dtype = dtype or DTYPES.get(src.raw_config.get("torch_dtype", "float32"), torch.float32)
-    model = cls(config, params_dtype=dtype, device=device)
+    model = GLMModel(config, params_dtype=dtype, device=device)
     own = model.state_dict()
     extra = [k for k in own if k not in src.weight_map]
     if extra:
