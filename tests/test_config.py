@@ -134,6 +134,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     bad = _yaml(tmp_path, "training:\n  micro_batch: 4\n")
     cases = (["--config", bad], ["--hidden-size", "10", "--num-attention-heads", "3"], ["--config", "missing.yaml"])
@@ -144,6 +145,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
         assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_dry_run_prints_config() -> None:
     proc = _cli("--dry-run", "--model-size", "glm-base")
     assert proc.returncode == 0, proc.stderr

@@ -122,6 +122,7 @@ def test_clear_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
 
 
+@pytest.mark.slow
 def test_cli_reports_one_line_errors(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--input", str(tmp_path / "none"),
                            "--output", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
