@@ -33,8 +33,9 @@ class _Hypothesis:
 
 
 def beam_search(model: torch.nn.Module, prompt: list[int], blanks: list[int], tokens: InfillTokens,
-                config: GenerationConfig, ps: ParallelState) -> InfillResult:
+                config: GenerationConfig, parallel_state: ParallelState) -> InfillResult:
     """The best fill of ``prompt``'s ``blanks`` found by beam search (``config.num_beams`` beams)."""
+    ps = parallel_state
     width, limit = config.num_beams, config.max_new_tokens
     stepper = Stepper(model, [prompt], tokens.pad, use_cache=config.use_cache, parallel_state=ps,
                       capacity=len(blanks) * (limit + 1))

@@ -30,7 +30,8 @@ def _ps(model: torch.nn.Module, parallel_state: ParallelState | None) -> Paralle
     return parallel_state or getattr(model, "parallel_state", None) or ParallelState()
 
 
-def _dp_sum(values: list[float], ps: ParallelState, device: torch.device) -> list[float]:
+def _dp_sum(values: list[float], parallel_state: ParallelState, device: torch.device) -> list[float]:
+    ps = parallel_state
     if ps.dp_size == 1 or ps.dp_group is None:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)

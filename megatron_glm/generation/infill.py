@@ -71,8 +71,9 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], tokens: I
 
 
 def _sample(model: torch.nn.Module, prompts: list[list[int]], blanks: list[list[int]], tokens: InfillTokens,
-            config: GenerationConfig, ps: ParallelState) -> list[InfillResult]:
+            config: GenerationConfig, parallel_state: ParallelState) -> list[InfillResult]:
     """Greedy / sampling over a padded batch, one token per row per step."""
+    ps = parallel_state
     b, limit = len(prompts), config.max_new_tokens
     stepper = Stepper(model, prompts, tokens.pad, use_cache=config.use_cache, parallel_state=ps,
                       capacity=max(len(bl) for bl in blanks) * (limit + 1))

@@ -23,8 +23,14 @@ class InfillTokens:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> InfillTokens:
-        return cls(cls=tokenizer.cls_id, pad=tokenizer.pad_id, sop=tokenizer.sop_id, eop=tokenizer.eop_id,
-                   gmask=tokenizer.gmask_id, blanks=(tokenizer.mask_id, tokenizer.smask_id, tokenizer.gmask_id))
+        return cls(
+            cls=tokenizer.cls_id,
+            pad=tokenizer.pad_id,
+            sop=tokenizer.sop_id,
+            eop=tokenizer.eop_id,
+            gmask=tokenizer.gmask_id,
+            blanks=(tokenizer.mask_id, tokenizer.smask_id, tokenizer.gmask_id),
+        )
 
 
 @dataclass

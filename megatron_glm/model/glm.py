@@ -38,23 +38,23 @@ def init_method_for(name: str, layout: ModelLayout, seed: int) -> InitMethod:
     return normal_init(layout.init_std(name), stable_seed(seed, name))
 
 
-def word_embedding(config: ModelConfig, layout: ModelLayout, ps: ParallelState, seed: int, params_dtype: torch.dtype,
-                   device: torch.device | str | None) -> VocabParallelEmbedding:
+def word_embedding(config: ModelConfig, layout: ModelLayout, parallel_state: ParallelState, seed: int,
+                   params_dtype: torch.dtype, device: torch.device | str | None) -> VocabParallelEmbedding:
     """The vocab-parallel word embedding (also the tied head's weight)."""
     return VocabParallelEmbedding(config.vocab_size, config.hidden_size,
-                                  init_method=init_method_for(VOCAB_TENSOR, layout, seed), parallel_state=ps,
-                                  params_dtype=params_dtype, device=device)
+                                  init_method=init_method_for(VOCAB_TENSOR, layout, seed),
+                                  parallel_state=parallel_state, params_dtype=params_dtype, device=device)
 
 
-def tied_logits(h: torch.Tensor, weight: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+def tied_logits(h: torch.Tensor, weight: torch.Tensor, parallel_state: ParallelState) -> torch.Tensor:
     """The tied head: ``h @ word_embeddings.T`` for this rank's vocabulary slice."""
-    return F.linear(copy_to_tensor_parallel_region(h, ps.tp_group), weight)
+    return F.linear(copy_to_tensor_parallel_region(h, parallel_state.tp_group), weight)
 
 
-def new_rng_tracker(seed: int, ps: ParallelState, device: torch.device | str | None) -> RNGStatesTracker:
+def new_rng_tracker(seed: int, parallel_state: ParallelState, device: torch.device | str | None) -> RNGStatesTracker:
     """The tensor-parallel dropout stream (``model_parallel_seed(seed, tp_rank)``) on ``device``."""
     tracker = RNGStatesTracker(torch.device(device) if device is not None else "cpu")
-    tracker.add(MODEL_PARALLEL_RNG, model_parallel_seed(seed, ps.tp_rank))
+    tracker.add(MODEL_PARALLEL_RNG, model_parallel_seed(seed, parallel_state.tp_rank))
     return tracker
 
 
@@ -214,8 +214,9 @@ class GLMPart(nn.Module):
         return tied_logits(h, self.word_embeddings.weight, self.parallel_state)
 
 
-def check_config(config: ModelConfig, ps: ParallelState) -> None:
+def check_config(config: ModelConfig, parallel_state: ParallelState) -> None:
     """One-line errors for a config the model cannot be built from."""
+    ps = parallel_state
     if config.vocab_size <= 0:
         raise ValueError("config.vocab_size must be resolved (> 0) before building the model")
     if config.vocab_size % ps.tp_size:

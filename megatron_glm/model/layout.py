@@ -91,12 +91,14 @@ class PipeLayer:
 def embedding_tensors(config: ModelConfig) -> list[TensorSpec]:
     """Pipe layers 0 and 1: the word embedding (vocab-parallel, tied head) and the position tables."""
     h, p = config.hidden_size, config.max_sequence_length + 1
-    out = [TensorSpec(VOCAB_TENSOR, (config.vocab_size, h), "embedding", 0, init="normal",
-                      pipe_layer=0),
-           TensorSpec("transformer.position_embeddings.weight", (p, h), "embedding", init="normal", pipe_layer=1)]
+    out = [
+        TensorSpec(VOCAB_TENSOR, (config.vocab_size, h), "embedding", 0, init="normal", pipe_layer=0),
+        TensorSpec("transformer.position_embeddings.weight", (p, h), "embedding", init="normal", pipe_layer=1),
+    ]
     if config.block_position_encoding:
-        out.append(TensorSpec("transformer.block_position_embeddings.weight", (p, h), "embedding", init="normal",
-                              pipe_layer=1))
+        out.append(
+            TensorSpec("transformer.block_position_embeddings.weight", (p, h), "embedding", init="normal", pipe_layer=1)
+        )
     return out
 
 
@@ -123,8 +125,10 @@ def layer_tensors(config: ModelConfig) -> list[TensorSpec]:
 def final_tensors(config: ModelConfig) -> list[TensorSpec]:
     """Pipe layer L+2: the final LayerNorm."""
     h = config.hidden_size
-    return [TensorSpec("transformer.final_layernorm.weight", (h,), "norm", init="ones"),
-            TensorSpec("transformer.final_layernorm.bias", (h,), "bias")]
+    return [
+        TensorSpec("transformer.final_layernorm.weight", (h,), "norm", init="ones"),
+        TensorSpec("transformer.final_layernorm.bias", (h,), "bias"),
+    ]
 
 
 class ModelLayout:
@@ -136,15 +140,21 @@ class ModelLayout:
         specs = list(embedding_tensors(config))
         for i in range(n):
             prefix = LAYER_PREFIX.format(i)
-            specs += [dataclasses.replace(s, name=prefix + s.name, layer=i, pipe_layer=i + 2)
-                      for s in layer_tensors(config)]
+            specs += [
+                dataclasses.replace(s, name=prefix + s.name, layer=i, pipe_layer=i + 2) for s in layer_tensors(config)
+            ]
         specs += [dataclasses.replace(s, pipe_layer=n + 2) for s in final_tensors(config)]
         self.tensors: dict[str, TensorSpec] = {s.name: s for s in specs}
         kinds = ["word_embedding", "position_embeddings", *["layer"] * n, "final_norm", "head"]
         self.pipe_layers = [
-            PipeLayer(index=k, kind=kind, layer=k - 2 if kind == "layer" else None,
-                      names=tuple(s.name for s in specs if s.pipe_layer == k and kind != "head"))
-            for k, kind in enumerate(kinds)]
+            PipeLayer(
+                index=k,
+                kind=kind,
+                layer=k - 2 if kind == "layer" else None,
+                names=tuple(s.name for s in specs if s.pipe_layer == k and kind != "head"),
+            )
+            for k, kind in enumerate(kinds)
+        ]
 
     def names(self) -> list[str]:
         """Every tensor name, in the model's state-dict order."""
@@ -188,11 +198,13 @@ class ModelLayout:
         missing = [n for n in self.tensors if n not in have]
         extra = [n for n in have if n not in self.tensors]
         if missing:
-            raise CheckpointError(f"{where}: not a complete GLM checkpoint: {len(missing)} tensors missing, "
-                                  f"e.g. {missing[:3]}")
+            raise CheckpointError(
+                f"{where}: not a complete GLM checkpoint: {len(missing)} tensors missing, e.g. {missing[:3]}"
+            )
         if extra:
-            raise CheckpointError(f"{where}: {len(extra)} tensors that a GLM model does not have, "
-                                  f"e.g. {sorted(extra)[:3]}")
+            raise CheckpointError(
+                f"{where}: {len(extra)} tensors that a GLM model does not have, e.g. {sorted(extra)[:3]}"
+            )
 
 
 def layer_index(name: str) -> int | None:

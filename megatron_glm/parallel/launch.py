@@ -35,8 +35,9 @@ def launcher_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def start_process_group(local_rank_flag: int = -1, *, timeout_minutes: int = 30,
-                        single_process_group: bool = True) -> DistributedEnv:
+def start_process_group(
+    local_rank_flag: int = -1, *, timeout_minutes: int = 30, single_process_group: bool = True
+) -> DistributedEnv:
     """Device ``cuda:LOCAL_RANK`` with NCCL, else CPU with gloo; start the default process group.
 
     Without a launcher (world size 1) a private one-process group is started when ``single_process_group``
@@ -54,9 +55,11 @@ def start_process_group(local_rank_flag: int = -1, *, timeout_minutes: int = 30,
     if world == 1 and not single_process_group:
         return DistributedEnv(rank=0, world_size=1, local_rank=local_rank, device=device, backend=backend)
     if "MASTER_ADDR" not in os.environ:  # plain `python`: a private one-process group
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port()), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0")
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        )
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(
+            backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout_minutes)
+        )
     return DistributedEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)

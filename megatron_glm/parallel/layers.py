@@ -33,7 +33,9 @@ def _divide(n: int, d: int, what: str) -> int:
 
 
 def _sharded_parameter(shape: tuple[int, int], dim: int, stride: int, init_method: InitMethod | None,
-                       ps: ParallelState, dtype: torch.dtype, device: torch.device | str | None) -> nn.Parameter:
+                       parallel_state: ParallelState, dtype: torch.dtype,
+                       device: torch.device | str | None) -> nn.Parameter:
+    ps = parallel_state
     full = torch.empty(shape, dtype=torch.float32)
     if init_method is not None:
         init_method(full)

@@ -25,10 +25,10 @@ class DeepSpeedMPU:
     its data-parallel group is ours. Needs a state built by ``initialize_parallel_state`` (real groups).
     """
 
-    def __init__(self, ps: ParallelState) -> None:
-        if ps.tp_group is None or ps.dp_group is None:
+    def __init__(self, parallel_state: ParallelState) -> None:
+        if parallel_state.tp_group is None or parallel_state.dp_group is None:
             raise ValueError("DeepSpeedMPU needs process groups: build the state with initialize_parallel_state")
-        self.ps = ps
+        self.ps = parallel_state
 
     def get_model_parallel_rank(self) -> int:
         return self.ps.tp_rank

@@ -30,9 +30,9 @@ TIED_WEIGHT = "word_embeddings.weight"
 class PipeStage(GLMPart):
     """A :class:`GLMPart` with the engine's tuple activations."""
 
-    def __init__(self, pipe: PipeLayer, config: ModelConfig, ps: ParallelState, seed: int,
+    def __init__(self, pipe: PipeLayer, config: ModelConfig, parallel_state: ParallelState, seed: int,
                  tracker: RNGStatesTracker, dtype: torch.dtype, device: Any) -> None:
-        super().__init__(pipe, config, ps, seed=seed, tracker=tracker, params_dtype=dtype, device=device)
+        super().__init__(pipe, config, parallel_state, seed=seed, tracker=tracker, params_dtype=dtype, device=device)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> Any:
         kind = self.pipe.kind
@@ -62,8 +62,8 @@ def head_forward(stage: PipeStage, h: torch.Tensor) -> torch.Tensor:
 class PipelineLoss:
     """``loss_fn`` of the pipeline: the GLM loss, keeping per-objective sums for logging."""
 
-    def __init__(self, ps: ParallelState) -> None:
-        self.ps = ps
+    def __init__(self, parallel_state: ParallelState) -> None:
+        self.ps = parallel_state
         self.objectives: dict[int, list[float]] = {}
 
     def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -89,7 +89,7 @@ class TrainingModel:
     loss: PipelineLoss | None = None
 
 
-def build_pipeline_model(config: ModelConfig, ps: ParallelState, *, seed: int = 1234,
+def build_pipeline_model(config: ModelConfig, parallel_state: ParallelState, *, seed: int = 1234,
                          partition_method: str = "uniform", params_dtype: torch.dtype = torch.float32,
                          device: Any = None) -> TrainingModel:
     """This rank's pipeline stage of the model, one ``LayerSpec`` per pipe layer of the layout.
@@ -99,6 +99,8 @@ def build_pipeline_model(config: ModelConfig, ps: ParallelState, *, seed: int = 
     """
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    ps = parallel_state
 
     if config.vocab_size <= 0:
         raise ValueError("config.vocab_size must be resolved (> 0) before building the model")

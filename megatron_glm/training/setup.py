@@ -46,9 +46,10 @@ def param_groups(model: torch.nn.Module, layout: ModelLayout, weight_decay: floa
     return [g for g in groups if g["params"]]
 
 
-def build_model(cfg: GLMConfig, ps: ParallelState, device: torch.device) -> TrainingModel:
+def build_model(cfg: GLMConfig, parallel_state: ParallelState, device: torch.device) -> TrainingModel:
     """This rank's model: a :class:`GLMModel`, or its pipeline stage (a DeepSpeed ``PipelineModule``) when
     ``pp_size > 1``. Parameters are fp32 here; DeepSpeed casts them for bf16/fp16."""
+    ps = parallel_state
     if ps.pp_size > 1:
         built = build_pipeline_model(cfg.model, ps, seed=cfg.training.seed,
                                      partition_method=cfg.parallel.pipeline_partition_method, device=device)
@@ -60,8 +61,9 @@ def build_model(cfg: GLMConfig, ps: ParallelState, device: torch.device) -> Trai
     return built
 
 
-def build_engine(cfg: GLMConfig, ps: ParallelState, model: torch.nn.Module) -> tuple[Any, int, int]:
+def build_engine(cfg: GLMConfig, parallel_state: ParallelState, model: torch.nn.Module) -> tuple[Any, int, int]:
     """``(engine, accumulation_steps, global_batch_size)``: AdamW + our LR schedule inside DeepSpeed."""
+    ps = parallel_state
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 

@@ -62,14 +62,14 @@ class Trainer:
     the pipeline engine's loss function (it keeps the per-objective sums); ``None`` without pipelining.
     """
 
-    def __init__(self, cfg: GLMConfig, ps: ParallelState, engine: Any, device: torch.device, *,
+    def __init__(self, cfg: GLMConfig, parallel_state: ParallelState, engine: Any, device: torch.device, *,
                  rng_tracker: RNGStatesTracker, pipeline_loss: PipelineLoss | None = None,
                  train_batches: Callable[[int], Iterator[Batch]],
                  valid_batches: Callable[[], Iterator[Batch]] | None,
                  accumulation_steps: int, global_batch_size: int, flops_per_sample: float, peak_flops: float,
                  checkpoints: CheckpointManager, logger: MetricsLogger, log: Callable[[str], None] = print,
                  started: float | None = None) -> None:
-        self.cfg, self.ps, self.engine, self.device = cfg, ps, engine, device
+        self.cfg, self.ps, self.engine, self.device = cfg, parallel_state, engine, device
         self.train_batches, self.valid_batches = train_batches, valid_batches
         self.accum, self.global_batch = accumulation_steps, global_batch_size
         self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops

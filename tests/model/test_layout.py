@@ -61,8 +61,9 @@ def _with_extra_bias(original):
     return layer_tensors
 
 
-def test_an_option_added_to_the_layout_alone_is_carried_everywhere(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_option_added_to_the_layout_alone_is_carried_everywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The only edit is the layout's per-layer list: TP resharding, PP conversion and the safetensors export
     carry the new tensor bitwise (the converter's own checksum verification included)."""
     monkeypatch.setattr(layout, "layer_tensors", _with_extra_bias(layout.layer_tensors))
@@ -76,8 +77,9 @@ def test_an_option_added_to_the_layout_alone_is_carried_everywhere(tmp_path: Pat
     assert original[1][extra_names[0]].shape == (2 * cfg.hidden_size,)
 
     def convert(src: str, dst: str, **kw: object) -> None:
-        convert_checkpoint(tmp_path / src, tmp_path / dst, ConvertOptions(num_attention_heads=4, **kw),
-                           log=lambda *_: None)
+        convert_checkpoint(
+            tmp_path / src, tmp_path / dst, ConvertOptions(num_attention_heads=4, **kw), log=lambda *_: None
+        )
 
     convert("glm2", "tp4", target_tp=4)
     convert("tp4", "pp2", target_tp=2, target_pp=2)
