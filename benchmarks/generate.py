@@ -75,8 +75,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = build(args)
     vocab = model.config.vocab_size
-    ids = [vocab - k for k in range(1, 7)]  # command tokens taken from the top rows
-    tokens = InfillTokens(cls=ids[0], pad=ids[1], sop=ids[2], eop=ids[3], gmask=ids[4], blanks=(ids[4], ids[5]))
+    ids = [vocab - k for k in range(1, 9)]  # command tokens taken from the top rows
+    tokens = InfillTokens(pad=ids[1], eos=ids[1], cls=ids[0], mask=ids[5], smask=ids[6], gmask=ids[4], sop=ids[2],
+                          eop=ids[3], dblock=ids[7])
     g = torch.Generator().manual_seed(0)
     prompts = [[tokens.cls, *torch.randint(0, vocab - 16, (args.prompt_length - 2,), generator=g).tolist(),
                 tokens.gmask] for _ in range(args.batch)]

@@ -43,6 +43,7 @@ import numpy as np
 
 from megatron_glm.batch import OBJECTIVE_NAMES
 from megatron_glm.config.sections import ObjectiveConfig
+from megatron_glm.tokens import CommandTokens
 
 __all__ = [
     "DOCUMENT",
@@ -63,24 +64,8 @@ CONTEXT_MASK_RANGE = 3
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 
-@dataclass(frozen=True)
-class SpecialTokens:
-    """The command-token ids the objectives need (taken from a tokenizer, or given in tests)."""
-
-    pad: int
-    eos: int
-    cls: int
-    mask: int
-    smask: int
-    gmask: int
-    sop: int
-    eop: int
-    dblock: int
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer: Any) -> SpecialTokens:
-        """Read ``pad_id, eos_id, cls_id, ...`` from a :class:`~megatron_glm.data.tokenizer.GLMTokenizer`."""
-        return cls(**{name: int(getattr(tokenizer, f"{name}_id")) for name in cls.__dataclass_fields__})
+SpecialTokens = CommandTokens
+"""The command-token ids the objectives need (the package-wide bundle)."""
 
 
 @dataclass(frozen=True)

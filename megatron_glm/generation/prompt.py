@@ -8,29 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from megatron_glm.tokens import CommandTokens
 
-@dataclass(frozen=True)
-class InfillTokens:
-    """Command-token ids used by generation."""
-
-    cls: int
-    pad: int
-    sop: int
-    eop: int
-    gmask: int
-    blanks: tuple[int, ...]
-    """Ids that mark a blank (``[MASK]``, ``[sMASK]``, ``[gMASK]``)."""
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer: Any) -> InfillTokens:
-        return cls(
-            cls=tokenizer.cls_id,
-            pad=tokenizer.pad_id,
-            sop=tokenizer.sop_id,
-            eop=tokenizer.eop_id,
-            gmask=tokenizer.gmask_id,
-            blanks=(tokenizer.mask_id, tokenizer.smask_id, tokenizer.gmask_id),
-        )
+InfillTokens = CommandTokens
+"""The command-token ids generation uses (the package-wide bundle)."""
 
 
 @dataclass

@@ -9,7 +9,7 @@ from megatron_glm.model import GLMModel, load_full_state_dict
 from tests.model.helpers import VOCAB, random_full_state_dict, tiny_config
 
 # Command tokens at the top of the 128-row test vocabulary.
-TOKENS = InfillTokens(cls=120, pad=121, sop=122, eop=123, gmask=124, blanks=(125, 126, 124))
+TOKENS = InfillTokens(pad=121, eos=121, cls=120, mask=125, smask=126, gmask=124, sop=122, eop=123, dblock=127)
 MASK, SMASK, GMASK = 125, 126, 124
 #: Prompts of different lengths: two blanks, a trailing [gMASK], three blanks.
 PROMPTS = [

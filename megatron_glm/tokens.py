@@ -1,0 +1,31 @@
+"""GLM's command-token ids, as one bundle for the objectives (data) and for generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class CommandTokens:
+    """The command-token ids (taken from a tokenizer, or given in tests and benchmarks)."""
+
+    pad: int
+    eos: int
+    cls: int
+    mask: int
+    smask: int
+    gmask: int
+    sop: int
+    eop: int
+    dblock: int
+
+    @property
+    def blanks(self) -> tuple[int, int, int]:
+        """Ids that mark a blank: ``[MASK]``, ``[sMASK]``, ``[gMASK]``."""
+        return (self.mask, self.smask, self.gmask)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> CommandTokens:
+        """Read ``pad_id, eos_id, cls_id, ...`` from a :class:`~megatron_glm.data.tokenizer.GLMTokenizer`."""
+        return cls(**{f.name: int(getattr(tokenizer, f"{f.name}_id")) for f in fields(cls)})
