@@ -31,6 +31,7 @@ from megatron_glm.errors import CheckpointError
 
 ROLES = ("embedding", "weight", "bias", "norm")
 INITS = ("normal", "scaled_normal", "ones", "zeros")
+DTYPE_ROLES = ("params", "fp32")
 PIPE_KINDS = ("word_embedding", "position_embeddings", "layer", "final_norm", "head")
 LAYER_PREFIX = "transformer.layers.{}."
 VOCAB_TENSOR = "word_embeddings.weight"
@@ -60,6 +61,13 @@ class TensorSpec:
     dtype: str = "params"
     layer: int | None = None
     pipe_layer: int = 0
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES or self.init not in INITS or self.dtype not in DTYPE_ROLES:
+            raise ValueError(
+                f"{self.name}: role {self.role!r} / init {self.init!r} / dtype {self.dtype!r} not in "
+                f"{ROLES} / {INITS} / {DTYPE_ROLES}"
+            )
 
     @property
     def partition(self) -> tuple[int, int] | None:
@@ -145,7 +153,8 @@ class ModelLayout:
             ]
         specs += [dataclasses.replace(s, pipe_layer=n + 2) for s in final_tensors(config)]
         self.tensors: dict[str, TensorSpec] = {s.name: s for s in specs}
-        kinds = ["word_embedding", "position_embeddings", *["layer"] * n, "final_norm", "head"]
+        first, positions, layer, final, head = PIPE_KINDS
+        kinds = [first, positions, *[layer] * n, final, head]
         self.pipe_layers = [
             PipeLayer(
                 index=k,

@@ -29,8 +29,6 @@ class ParallelState:
     dp_size: int = 1
     dp_rank: int = 0
     dp_group: Any = None
-    embedding_group: Any = None
-    """First and last pipeline stage of this rank's (tp, dp) position (tied word embeddings)."""
 
     @property
     def world_size(self) -> int:
@@ -90,10 +88,8 @@ def initialize_parallel_state(tp_size: int = 1, pp_size: int = 1) -> ParallelSta
     for d in range(dp_size):
         for t in range(tp_size):
             make([grid[p][d][t] for p in range(pp_size)], "pp")
-            make(sorted({grid[0][d][t], grid[-1][d][t]}), "emb")
     pp_rank, rem = divmod(rank, dp_size * tp_size)
     dp_rank, tp_rank = divmod(rem, tp_size)
     return ParallelState(tp_size=tp_size, tp_rank=tp_rank, tp_group=mine.get("tp"),
                          pp_size=pp_size, pp_rank=pp_rank, pp_group=mine.get("pp"),
-                         dp_size=dp_size, dp_rank=dp_rank, dp_group=mine.get("dp"),
-                         embedding_group=mine.get("emb"))
+                         dp_size=dp_size, dp_rank=dp_rank, dp_group=mine.get("dp"))
