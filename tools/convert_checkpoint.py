@@ -13,55 +13,45 @@ model.safetensors). Every conversion re-reads what it wrote and compares shapes,
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_glm.checkpoint.convert import FORMATS, ConvertOptions, convert_checkpoint
+from megatron_glm.checkpoint.convert import CONVERT_FLAGS, ConvertRun, convert_checkpoint
+from megatron_glm.config import help_text, load_config
 from megatron_glm.data.tokenizer import GLMTokenizer
-from megatron_glm.errors import run_cli
+from megatron_glm.errors import ConfigError, run_cli
 
 
 def parse_size(text: str) -> int:
+    """``2GB`` / ``500MB`` / ``64KB`` / a plain byte count -> bytes."""
     units = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
     for suffix, mult in units.items():
         if text.upper().endswith(suffix):
-            return int(float(text[:-2]) * mult)
+            try:
+                return int(float(text[:-2]) * mult)
+            except ValueError:
+                break
+    if not text.isdigit():
+        raise ConfigError(f"--max-shard-size: expected a size like 2GB, 500MB or a byte count, got {text!r}")
     return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", required=True, help="Checkpoint to read (format detected).")
-    p.add_argument("--output", required=True, help="Directory to create (must not exist).")
-    p.add_argument("--format", choices=FORMATS, default="native",
-                   help="native: training checkpoint (resumable); glm: original GLM mp_rank files; "
-                        "safetensors: standalone model for megatron_glm.checkpoint.load_pretrained.")
-    p.add_argument("--target-tp", type=int, default=1, help="Tensor-parallel size of the output.")
-    p.add_argument("--target-pp", type=int, default=1, help="Pipeline-parallel size of the output (1 for now).")
-    p.add_argument("--target-dp", type=int, default=None,
-                   help="native: data-parallel size of the output (default: keeps the world size when it divides).")
-    p.add_argument("--vocab-size", type=int, default=None, help="Re-pad the vocabulary to this many rows.")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="Weights dtype for glm/safetensors (default: fp32 master weights for safetensors, "
-                        "as stored for glm).")
-    p.add_argument("--no-optimizer", action="store_true", help="native: write model weights only.")
-    p.add_argument("--no-verify", action="store_true", help="Skip re-reading and checksumming the output.")
-    p.add_argument("--verify-logits", action="store_true",
-                   help="Also run a forward pass on a fixed input before and after and report the max difference.")
-    p.add_argument("--num-attention-heads", type=int, default=None,
-                   help="For original GLM checkpoints without config.json (default: hidden / 64).")
-    p.add_argument("--tokenizer-model", default=None, help="Tokenizer to check the vocab against and to export.")
-    p.add_argument("--max-shard-size", type=parse_size, default=2 * 2**30, help="safetensors shard size (e.g. 2GB).")
-    args = p.parse_args(argv)
-    opts = ConvertOptions(format=args.format, target_tp=args.target_tp, target_pp=args.target_pp,
-                          target_dp=args.target_dp, vocab_size=args.vocab_size, dtype=args.dtype,
-                          keep_optimizer=not args.no_optimizer, verify=not args.no_verify,
-                          verify_logits=args.verify_logits, num_attention_heads=args.num_attention_heads,
-                          tokenizer_model=args.tokenizer_model, max_shard_bytes=args.max_shard_size)
-    r = convert_checkpoint(args.input, args.output, opts, tokenizer_vocab=lambda p: GLMTokenizer(p).vocab_size)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        print(help_text(ConvertRun, CONVERT_FLAGS))
+        return 0
+    for i, token in enumerate(argv[:-1]):  # sizes with units ("2GB") become bytes
+        if token == "--max-shard-size":
+            argv[i + 1] = str(parse_size(argv[i + 1]))
+    run = load_config(argv, root=ConvertRun, aliases=CONVERT_FLAGS)
+    if not run.input or not run.output:
+        raise ConfigError("--input and --output are required (see --help)")
+    opts = run.convert
+    r = convert_checkpoint(run.input, run.output, opts, tokenizer_vocab=lambda p: GLMTokenizer(p).vocab_size)
     print(f"converted {r.source} ({r.source_layout}) -> {r.output} ({r.target_layout}): {r.tensors} tensors "
           f"in {r.seconds:.1f} s")
     if r.optimizer:

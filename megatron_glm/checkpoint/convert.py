@@ -25,7 +25,8 @@ from megatron_glm.checkpoint.reshard import check_divisible, resize_vocab
 from megatron_glm.checkpoint.stream import OPTIMIZER_KEYS
 from megatron_glm.checkpoint.verify import compare_checksums, source_logits, stream_checksums
 from megatron_glm.config import pad_vocab_size
-from megatron_glm.dtypes import DTYPES
+from megatron_glm.config.sections import opt
+from megatron_glm.dtypes import DTYPES, SHORT_NAMES
 from megatron_glm.errors import CheckpointError
 
 FORMATS = ("native", "glm", "safetensors")
@@ -33,20 +34,45 @@ FORMATS = ("native", "glm", "safetensors")
 
 @dataclasses.dataclass(kw_only=True)
 class ConvertOptions:
-    """What to write."""
+    """What to write (the ``convert`` section of ``tools/convert_checkpoint.py``'s options)."""
 
-    format: str = "native"
-    target_tp: int = 1
-    target_pp: int = 1
-    target_dp: int | None = None
-    vocab_size: int | None = None
-    dtype: str | None = None
-    keep_optimizer: bool = True
-    verify: bool = True
-    verify_logits: bool = False
-    num_attention_heads: int | None = None
-    tokenizer_model: str | None = None
-    max_shard_bytes: int = 2 * 2**30
+    format: str = opt("native", "native: training checkpoint (resumable); glm: original GLM mp_rank files; "
+                                "safetensors: standalone model for megatron_glm.checkpoint.load_pretrained.",
+                      choices=FORMATS)
+    target_tp: int = opt(1, "Tensor-parallel size of the output.")
+    target_pp: int = opt(1, "Pipeline-parallel size of the output (native format only).")
+    target_dp: int = opt(0, "native: data-parallel size of the output (0: keep the world size when it divides).")
+    vocab_size: int = opt(0, "Re-pad the vocabulary to this many rows (0: keep).")
+    dtype: str = opt("", "Weights dtype for glm/safetensors (empty: fp32 master weights for safetensors, as "
+                         "stored for glm).", choices=("", *SHORT_NAMES))
+    keep_optimizer: bool = opt(True, "native: carry the optimizer state when the layout allows (false: weights "
+                                     "only).")
+    verify: bool = opt(True, "Re-read the output and compare every tensor's shape, dtype and sha256.")
+    verify_logits: bool = opt(False, "Also run a forward pass on a fixed input before and after and report the "
+                                     "max difference.")
+    num_attention_heads: int = opt(0, "For original GLM checkpoints without config.json (0: hidden / 64).")
+    tokenizer_model: str = opt("", "Tokenizer to check the vocab against and to export (empty: the checkpoint's).")
+    max_shard_bytes: int = opt(2 * 2**30, "safetensors: largest shard in bytes (the tool's --max-shard-size "
+                                          "also takes 2GB, 500MB, ...).")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ConvertRun:
+    """``tools/convert_checkpoint.py``'s options: what to read, where to write, and how."""
+
+    input: str = opt("", "Checkpoint to read (format detected).")
+    output: str = opt("", "Directory to create (must not exist).")
+    convert: ConvertOptions = dataclasses.field(default_factory=ConvertOptions)
+
+
+#: The converter's flag spellings -> (dotted path, constant for valueless flags or None).
+CONVERT_FLAGS: dict[str, tuple[str, object]] = {
+    **{f"--{name.replace('_', '-')}": (f"convert.{name}", None) for name in (
+        "format", "target_tp", "target_pp", "target_dp", "vocab_size", "dtype", "num_attention_heads",
+        "tokenizer_model")},
+    "--no-optimizer": ("convert.keep_optimizer", False), "--no-verify": ("convert.verify", False),
+    "--verify-logits": ("convert.verify_logits", True), "--max-shard-size": ("convert.max_shard_bytes", None),
+}
 
 
 @dataclasses.dataclass
@@ -115,7 +141,7 @@ def _check_target(src: Any, opts: ConvertOptions) -> None:
     tp = opts.target_tp
     check_divisible("number of attention heads", cfg.num_attention_heads, tp, "choose a --target-tp that divides it")
     check_divisible("MLP size 4 x hidden", 4 * cfg.hidden_size, tp)
-    if opts.dtype and opts.dtype not in DTYPES:
+    if opts.dtype and opts.dtype not in SHORT_NAMES:
         raise CheckpointError(f"unknown dtype {opts.dtype!r} (fp32, bf16, fp16)")
 
 
@@ -130,7 +156,7 @@ def convert_checkpoint(input_path: str | Path, output: str | Path, opts: Convert
     output = Path(output)
     if output.exists() and any(output.iterdir()) if output.is_dir() else output.exists():
         raise CheckpointError(f"{output}: already exists; choose a new output directory")
-    src = open_source(input_path, num_attention_heads=opts.num_attention_heads)
+    src = open_source(input_path, num_attention_heads=opts.num_attention_heads or None)
     _check_target(src, opts)
     info = src.info
     notes = list(info.notes)

@@ -1,4 +1,8 @@
-"""Build a :class:`GLMConfig` from YAML and command-line overrides, strictly.
+"""Build a typed config from YAML and command-line overrides, strictly.
+
+The root is :class:`GLMConfig` (training) unless an entry point names another dataclass of sections
+(``root=``, e.g. the checkpoint converter's options) with its own flag spellings (``aliases=``): every tool
+gets the same dotted flags, YAML files, strict checking and generated help.
 
 Precedence: defaults < named model size (``model.size``) < YAML file < command line.
 Command-line overrides use dotted paths (``--model.hidden_size 1024``) or the Megatron/GLM spellings
@@ -181,12 +185,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return _flatten(data, str(path))
 
 
-def parse_overrides(argv: list[str], flags: dict[str, str] | None = None) -> tuple[str | None, dict[str, Any]]:
+def parse_overrides(argv: list[str], flags: dict[str, str] | None = None, *, root: type = GLMConfig,
+                    aliases: dict[str, tuple[str, Any]] | None = None) -> tuple[str | None, dict[str, Any]]:
     """Split command-line tokens into (yaml path or None, {dotted path: raw value}).
 
     ``flags``, when given, receives the spelling used on the command line for each dotted path.
     """
-    paths = leaf_paths()
+    paths = leaf_paths(root)
+    aliases = FLAG_ALIASES if aliases is None else aliases
     config_path: str | None = None
     assignments: dict[str, Any] = {}
     i = 0
@@ -207,8 +213,8 @@ def parse_overrides(argv: list[str], flags: dict[str, str] | None = None) -> tup
                 raise ConfigError("--config expects one YAML file path")
             config_path = values[0]
             continue
-        if flag in FLAG_ALIASES:
-            path, const = FLAG_ALIASES[flag]
+        if flag in aliases:
+            path, const = aliases[flag]
             if const is not None:
                 if values:
                     raise ConfigError(f"{flag} takes no value (got {' '.join(values)!r})")
@@ -217,7 +223,7 @@ def parse_overrides(argv: list[str], flags: dict[str, str] | None = None) -> tup
         else:
             path = flag[2:]
             if path not in paths:
-                spelled = [f"--{p}" for p in paths] + list(FLAG_ALIASES)
+                spelled = [f"--{p}" for p in paths] + list(aliases)
                 raise ConfigError(f"unknown option {flag}{_suggest(flag, spelled)}")
         tp = paths[path][1]
         if flags is not None:
@@ -242,17 +248,18 @@ def _is_number(token: str) -> bool:
 
 
 def build_config(assignments: dict[str, Any], source: str = "config",
-                 sources: dict[str, str] | None = None) -> GLMConfig:
-    """Make a :class:`GLMConfig` from dotted assignments (a named model size is applied first).
+                 sources: dict[str, str] | None = None, *, root: type = GLMConfig) -> Any:
+    """Make a ``root`` config (default :class:`GLMConfig`) from dotted assignments (a named model size is
+    applied first).
 
     Errors name ``sources[key]`` (where that value came from, e.g. ``command line (--lr)``) or ``source``.
     """
-    paths = leaf_paths()
+    paths = leaf_paths(root)
     sources = sources or {}
     for key in assignments:
         if key not in paths:
             raise ConfigError(f"{sources.get(key, source)}: unknown key '{key}'{_suggest(key, list(paths))}")
-    cfg = GLMConfig()
+    cfg = root()
     size = assignments.get("model.size", "")
     merged: dict[str, Any] = {}
     if size:
@@ -276,20 +283,21 @@ def build_config(assignments: dict[str, Any], source: str = "config",
     return cfg
 
 
-def load_config(argv: list[str]) -> GLMConfig:
+def load_config(argv: list[str], *, root: type = GLMConfig,
+                aliases: dict[str, tuple[str, Any]] | None = None) -> Any:
     """Entry points call this with ``sys.argv[1:]``: ``--config FILE`` plus overrides."""
     flags: dict[str, str] = {}
-    config_path, overrides = parse_overrides(argv, flags)
+    config_path, overrides = parse_overrides(argv, flags, root=root, aliases=aliases)
     assignments: dict[str, Any] = {}
     source = "command line"
     if config_path:
         assignments.update(load_yaml(config_path))
         source = config_path
-        build_config(assignments, source)  # report YAML errors against the file
+        build_config(assignments, source, root=root)  # report YAML errors against the file
     assignments.update(overrides)
     # A bad command-line value is blamed on the flag that gave it, not on the YAML file.
     sources = {path: f"command line ({flags.get(path, '--' + path)})" for path in overrides}
-    return build_config(assignments, source, sources)
+    return build_config(assignments, source, sources, root=root)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -297,15 +305,15 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def help_text() -> str:
+def help_text(root: type = GLMConfig, aliases: dict[str, tuple[str, Any]] | None = None) -> str:
     """Every option with its type, default and help, grouped by section."""
-    lines = ["options (YAML keys or --dotted.path VALUE; Megatron spellings also accepted):"]
-    aliases: dict[str, list[str]] = {}
-    for flag, (path, const) in FLAG_ALIASES.items():
-        aliases.setdefault(path, []).append(flag if const is None else f"{flag} (={const})")
-    for path, (f, tp) in leaf_paths().items():
+    lines = ["options (YAML keys or --dotted.path VALUE; the spellings in brackets also accepted):"]
+    spelled: dict[str, list[str]] = {}
+    for flag, (path, const) in (FLAG_ALIASES if aliases is None else aliases).items():
+        spelled.setdefault(path, []).append(flag if const is None else f"{flag} (={const})")
+    for path, (f, tp) in leaf_paths(root).items():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         tname = getattr(tp, "__name__", str(tp))
-        extra = f"  [{', '.join(aliases[path])}]" if path in aliases else ""
+        extra = f"  [{', '.join(spelled[path])}]" if path in spelled else ""
         lines.append(f"  --{path} ({tname}, default {default!r}){extra}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)

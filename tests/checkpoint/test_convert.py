@@ -127,3 +127,24 @@ def test_cli_reports_one_line_errors(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--input", str(tmp_path / "none"),
                            "--output", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_converter_options_come_from_the_typed_config(tmp_path: Path) -> None:
+    """Flags, their dotted paths and YAML give the same options; the help lists every field."""
+    from megatron_glm.checkpoint.convert import CONVERT_FLAGS, ConvertRun
+    from megatron_glm.config import help_text, load_config
+    from megatron_glm.errors import ConfigError
+
+    flags = ["--input", "a", "--output", "b", "--target-tp", "2", "--no-optimizer", "--dtype", "bf16"]
+    dotted = ["--input", "a", "--output", "b", "--convert.target_tp", "2", "--convert.keep_optimizer", "false",
+              "--convert.dtype", "bf16"]
+    yaml_file = tmp_path / "convert.yaml"
+    yaml_file.write_text("input: a\noutput: b\nconvert:\n  target_tp: 2\n  keep_optimizer: false\n  dtype: bf16\n")
+    runs = [load_config(argv, root=ConvertRun, aliases=CONVERT_FLAGS) for argv in (flags, dotted,
+                                                                                    ["--config", str(yaml_file)])]
+    assert runs[0] == runs[1] == runs[2]
+    assert (runs[0].convert.target_tp, runs[0].convert.keep_optimizer, runs[0].convert.dtype) == (2, False, "bf16")
+    text = help_text(ConvertRun, CONVERT_FLAGS)
+    assert all(f"--convert.{f.name} " in text for f in __import__("dataclasses").fields(ConvertOptions))
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_config(["--format", "zip"], root=ConvertRun, aliases=CONVERT_FLAGS)
