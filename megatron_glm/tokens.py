@@ -27,5 +27,9 @@ class CommandTokens:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> CommandTokens:
-        """Read ``pad_id, eos_id, cls_id, ...`` from a :class:`~megatron_glm.data.tokenizer.GLMTokenizer`."""
-        return cls(**{f.name: int(getattr(tokenizer, f"{f.name}_id")) for f in fields(cls)})
+        """Read ``pad_id, eos_id, cls_id, ...`` from a :class:`~megatron_glm.data.tokenizer.GLMTokenizer`.
+
+        A tokenizer for generation only may lack ``eos_id`` (then ``[pad]``, as in the original GLM) and
+        ``dblock_id`` (then -1: generation never uses it)."""
+        fallback = {"eos": getattr(tokenizer, "pad_id", -1), "dblock": -1}
+        return cls(**{f.name: int(getattr(tokenizer, f"{f.name}_id", fallback.get(f.name))) for f in fields(cls)})

@@ -39,7 +39,8 @@ from megatron_glm.finetune.metrics import classification_metrics, generation_met
 from megatron_glm.finetune.tasks import read_task_file
 from megatron_glm.model import flops_per_token
 from megatron_glm.parallel import initialize_parallel_state
-from megatron_glm.training.distributed import init_distributed, launcher_world_size
+from megatron_glm.parallel.launch import launcher_world_size
+from megatron_glm.training.distributed import init_distributed
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.rng import seed_everything
 from megatron_glm.training.setup import DTYPES, build_engine, build_model
@@ -201,7 +202,8 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
         f"{ps.dp_size}; {len(train_examples)} training / {len(valid_examples)} held-out examples, "
         f"{choices} row(s) of {task.seq_length} tokens each; from {cfg.checkpoint.load}")
 
-    model = build_model(cfg, ps, env.device)
+    built = build_model(cfg, ps, env.device)
+    model = built.module
     resuming = bool(cfg.checkpoint.save and list_checkpoints(cfg.checkpoint.save))
     if not resuming:
         loaded = load_model_weights(model, cfg.checkpoint.load, ps.tp_size, ps.tp_rank)
@@ -209,8 +211,7 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     task_loss = TaskLoss(task.task, ps, num_choices=choices, scoring=task.cloze_scoring,
                          label_smoothing=task.label_smoothing, module=model)
     if ps.pp_size > 1:
-        model.loss_fn = task_loss  # the pipeline engine calls module.loss_fn; the trainer pops module.glm_loss
-        model.glm_loss = task_loss
+        model.loss_fn = task_loss  # DeepSpeed's pipeline engine calls its module's loss_fn
     engine, accum, global_batch = build_engine(cfg, ps, model)
 
     def train_batches(consumed: int):
@@ -226,7 +227,8 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     dist.all_reduce(peak)
     logger = MetricsLogger(cfg.checkpoint.save, cfg.logging.tensorboard_dir, enabled=is_logger)
     trainer = FinetuneTrainer(
-        cfg, ps, engine, env.device, train_batches=train_batches,
+        cfg, ps, engine, env.device, rng_tracker=built.rng_tracker,
+        pipeline_loss=task_loss if ps.pp_size > 1 else None, train_batches=train_batches,
         valid_batches=valid_batches if valid_ds is not None else None, accumulation_steps=accum,
         global_batch_size=global_batch, flops_per_sample=flops_sample, peak_flops=float(peak.item()),
         checkpoints=CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last, log=log), logger=logger,

@@ -14,7 +14,7 @@ stream on recompute.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -57,6 +57,15 @@ class GLMLayerPipe(PipeStage):
 def head_forward(stage: PipeStage, h: torch.Tensor) -> torch.Tensor:
     """The tied head on the last stage: logits for this rank's vocabulary slice."""
     return stage.logits(h)
+
+
+class StageLoss(Protocol):
+    """What the pipeline engine's ``loss_fn`` must be for the trainer: the loss of the last stage's logits,
+    keeping per-objective ``[loss sum, tokens]`` that :meth:`pop` hands over (and resets)."""
+
+    def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor: ...
+
+    def pop(self) -> dict[int, list[float]]: ...
 
 
 class PipelineLoss:

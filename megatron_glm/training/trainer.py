@@ -22,7 +22,7 @@ from megatron_glm.model.loss import add_group_sums
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
 from megatron_glm.training.evaluation import accumulate_losses, summarize_losses
 from megatron_glm.training.metrics import MetricsLogger
-from megatron_glm.training.pipeline import PipelineLoss, pipeline_batch
+from megatron_glm.training.pipeline import StageLoss, pipeline_batch
 from megatron_glm.training.rng import get_rng_state, set_rng_state
 
 
@@ -59,11 +59,12 @@ class Trainer:
     """Runs ``cfg.training.train_iters`` optimizer steps on a DeepSpeed engine wrapping a GLM model.
 
     ``rng_tracker``: the model's tensor-parallel dropout stream (saved with checkpoints). ``pipeline_loss``:
-    the pipeline engine's loss function (it keeps the per-objective sums); ``None`` without pipelining.
+    the pipeline engine's loss function (it keeps the per-objective sums, see :class:`StageLoss`); ``None``
+    without pipelining.
     """
 
     def __init__(self, cfg: GLMConfig, parallel_state: ParallelState, engine: Any, device: torch.device, *,
-                 rng_tracker: RNGStatesTracker, pipeline_loss: PipelineLoss | None = None,
+                 rng_tracker: RNGStatesTracker, pipeline_loss: StageLoss | None = None,
                  train_batches: Callable[[int], Iterator[Batch]],
                  valid_batches: Callable[[], Iterator[Batch]] | None,
                  accumulation_steps: int, global_batch_size: int, flops_per_sample: float, peak_flops: float,
@@ -84,6 +85,11 @@ class Trainer:
         """What a resume must share with this run (:func:`~megatron_glm.checkpoint.drift.run_identity`)."""
 
     # ----------------------------------------------------------------- helpers
+    @property
+    def model(self) -> Any:
+        """The module the engine wraps (a ``GLMModel`` or this rank's pipeline stage)."""
+        return self.engine.module
+
     def _to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
