@@ -16,7 +16,6 @@ when the newest is incomplete or corrupt.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ import torch.distributed as dist
 
 from megatron_glm.checkpoint.safe_load import safe_torch_load
 from megatron_glm.errors import CheckpointError
+from megatron_glm.fileio import file_sha256
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
 LATEST = "latest"
@@ -66,14 +66,6 @@ def _all_ok(ok: bool) -> bool:
     return bool(flag.item())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -86,7 +78,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_manifest(step_dir: Path, tag: str, hash_files: bool = True) -> None:
     """Record every file of a step directory (size, sha256); written last, it marks the checkpoint complete."""
-    files = {str(f.relative_to(step_dir)): {"size": f.stat().st_size, "sha256": _sha256(f) if hash_files else ""}
+    files = {str(f.relative_to(step_dir)): {"size": f.stat().st_size, "sha256": file_sha256(f) if hash_files else ""}
              for f in sorted(step_dir.rglob("*")) if f.is_file() and f.name != MANIFEST}
     write_text_atomic(step_dir / MANIFEST, json.dumps({"tag": tag, "files": files}, indent=1))
 
@@ -176,7 +168,7 @@ def verify_checkpoint(path: str | Path, hash_files: bool = True) -> str | None:
         size = f.stat().st_size
         if size != info["size"]:
             return f"{f}: truncated or altered ({size} bytes, manifest says {info['size']})"
-        if hash_files and info.get("sha256") and _sha256(f) != info["sha256"]:
+        if hash_files and info.get("sha256") and file_sha256(f) != info["sha256"]:
             return f"{f}: corrupt (sha256 differs from the manifest)"
     return None
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from megatron_glm.data.indexed_dataset import bin_path, idx_path
 from megatron_glm.errors import DataError
+from megatron_glm.fileio import hash_file
 
 __all__ = ["META_SUFFIX", "dataset_fingerprint", "meta_path", "read_dataset_meta", "write_dataset_meta"]
 
@@ -34,10 +35,7 @@ def meta_path(prefix: str | os.PathLike[str]) -> str:
 
 
 def _fingerprint_files(idx: str, bin_size: int) -> str:
-    h = hashlib.sha256()
-    with open(idx, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 22), b""):
-            h.update(block)
+    h = hash_file(hashlib.sha256(), idx)
     h.update(str(bin_size).encode())
     return h.hexdigest()
 

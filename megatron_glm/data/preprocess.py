@@ -28,7 +28,6 @@ import ctypes
 import errno
 import fcntl
 import glob
-import hashlib
 import json
 import multiprocessing
 import os
@@ -51,6 +50,7 @@ from megatron_glm.data.sentence_split import split_sentences
 from megatron_glm.data.sources import SourceFile, WorkUnit, describe, iter_records, plan_units
 from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.errors import DataError
+from megatron_glm.fileio import file_sha256
 
 __all__ = ["PreprocessConfig", "PreprocessSummary", "Problem", "output_prefix_for", "plan_chunks", "preprocess",
            "shard_dir_for"]
@@ -365,12 +365,7 @@ def _read_done(path: str) -> _ChunkResult | None:
     return result
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+
 
 
 def _plan_record(config: PreprocessConfig, sources: Sequence[SourceFile], keys: Sequence[str]) -> dict[str, Any]:
@@ -380,7 +375,7 @@ def _plan_record(config: PreprocessConfig, sources: Sequence[SourceFile], keys: 
         stat = os.stat(source.path)
         inputs.append([os.path.abspath(source.path), stat.st_size, stat.st_mtime_ns, source.container,
                        source.record_format])
-    return {"version": 2, "inputs": inputs, "tokenizer_sha256": _file_sha256(config.tokenizer_model),
+    return {"version": 2, "inputs": inputs, "tokenizer_sha256": file_sha256(config.tokenizer_model),
             "keys": list(keys), "split_sentences": config.split_sentences, "append_eod": config.append_eod,
             "strict": config.strict, "chunk_bytes": config.chunk_bytes}
 

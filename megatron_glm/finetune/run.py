@@ -15,7 +15,6 @@ Evaluation (every ``--eval-interval`` steps and at the end) logs one ``[eval]`` 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import GLMConfig, config_to_dict, validate
 from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.errors import CheckpointError, ConfigError
+from megatron_glm.fileio import file_sha256
 from megatron_glm.finetune.config import FinetuneConfig
 from megatron_glm.finetune.encode import TaskDataset, TaskEncoder, encode_examples, num_choices, task_batches
 from megatron_glm.finetune.evaluate import gather_strings, generate_targets, generation_config
@@ -82,19 +82,14 @@ def task_config(cfg: GLMConfig, task: FinetuneConfig) -> GLMConfig:
                                checkpoint=dataclasses.replace(cfg.checkpoint, load_weights_only=True))
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+
 
 
 def task_identity(cfg: GLMConfig, task: FinetuneConfig, global_batch: int) -> dict[str, Any]:
     """What a resumed fine-tuning run must share with the run that saved (the training file by sha256 in
     place of a dataset; see :mod:`megatron_glm.checkpoint.drift`)."""
-    return {"data": [[1.0, os.path.abspath(task.train_data), _sha256(task.train_data)]],
-            "tokenizer_sha256": _sha256(cfg.data.tokenizer_model), "seq_length": cfg.data.seq_length,
+    return {"data": [[1.0, os.path.abspath(task.train_data), file_sha256(task.train_data)]],
+            "tokenizer_sha256": file_sha256(cfg.data.tokenizer_model), "seq_length": cfg.data.seq_length,
             "global_batch_size": int(global_batch), "seed": cfg.training.seed, "split": cfg.data.split}
 
 
