@@ -29,6 +29,7 @@ from megatron_glm.checkpoint.manager import list_checkpoints, write_text_atomic
 from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import GLMConfig, config_to_dict, validate
 from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.fileio import file_sha256
 from megatron_glm.finetune.config import FinetuneConfig
@@ -43,7 +44,7 @@ from megatron_glm.parallel.launch import launcher_world_size
 from megatron_glm.training.distributed import init_distributed
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.rng import seed_everything
-from megatron_glm.training.setup import DTYPES, build_engine, build_model
+from megatron_glm.training.setup import build_engine, build_model
 from megatron_glm.training.throughput import matmul_peak_flops
 from megatron_glm.training.trainer import Trainer, TrainState
 
