@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_glm.model import sequence_parallel as sp
 from megatron_glm.config import ModelConfig
+from megatron_glm.model import sequence_parallel as sp
 from megatron_glm.model.attention import LayerKVCache, ParallelSelfAttention
 from megatron_glm.model.layout import LAYER_PREFIX
 from megatron_glm.model.masks import AttentionMask
