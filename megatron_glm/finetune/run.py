@@ -42,6 +42,7 @@ from megatron_glm.model import flops_per_token
 from megatron_glm.parallel import initialize_parallel_state
 from megatron_glm.parallel.launch import launcher_world_size
 from megatron_glm.training.distributed import init_distributed
+from megatron_glm.training.lifeline import die_with_parent, launched_by_launcher
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.rng import seed_everything
 from megatron_glm.training.setup import build_engine, build_model
@@ -176,6 +177,8 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
         valid_ds = TaskDataset(encode_examples(TaskEncoder(tokenizer, task, task.valid_data), valid_examples,
                                                task.task, choices), shuffle=False, **rows)
 
+    if launched_by_launcher():
+        die_with_parent()  # a killed launcher takes its workers down (no orphans writing checkpoints)
     env = init_distributed(cfg.training.local_rank)
     validate(cfg, env.world_size)
     p = cfg.parallel
@@ -228,7 +231,7 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
         valid_batches=valid_batches if valid_ds is not None else None, accumulation_steps=accum,
         global_batch_size=global_batch, flops_per_sample=flops_sample, peak_flops=float(peak.item()),
         checkpoints=CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last, log=log), logger=logger,
-        log=log, task=task, task_loss=task_loss, encoder=TaskEncoder(tokenizer, task, task.valid_data),
+        log=log, started=started, task=task, task_loss=task_loss, encoder=TaskEncoder(tokenizer, task, task.valid_data),
         valid_examples=valid_examples, classes=classes, vocab_rows=cfg.model.vocab_size)
     trainer.identity = task_identity(cfg, task, global_batch)
     if resuming:
