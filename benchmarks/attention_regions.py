@@ -25,9 +25,10 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sep: list
     s = q.shape[2]
     outs = []
     for n, a in enumerate(sep):
-        part_a = F.scaled_dot_product_attention(q[n:n + 1, :, :a], k[n:n + 1, :, :a], v[n:n + 1, :, :a])
-        part_b = F.scaled_dot_product_attention(q[n:n + 1, :, a:], k[n:n + 1], v[n:n + 1],
-                                                attn_mask=causal_lower_right(s - a, s))
+        part_a = F.scaled_dot_product_attention(q[n : n + 1, :, :a], k[n : n + 1, :, :a], v[n : n + 1, :, :a])
+        part_b = F.scaled_dot_product_attention(
+            q[n : n + 1, :, a:], k[n : n + 1], v[n : n + 1], attn_mask=causal_lower_right(s - a, s)
+        )
         outs.append(torch.cat([part_a, part_b], dim=2))
     return torch.cat(outs)
 
@@ -47,8 +48,10 @@ def main() -> None:
     q, k, v = (torch.randn(shape, generator=g).requires_grad_() for _ in range(3))
     sep = torch.randint(args.seq // 4, 3 * args.seq // 4, (args.batch,), generator=g)
     mask = sep_to_mask(sep, args.seq)
-    fns = {"sdpa + bool mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-           "dense regions": lambda: split_attention(q, k, v, sep.tolist())}
+    fns = {
+        "sdpa + bool mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        "dense regions": lambda: split_attention(q, k, v, sep.tolist()),
+    }
     torch.testing.assert_close(fns["dense regions"](), fns["sdpa + bool mask"](), rtol=0, atol=1e-5)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(args.rounds):

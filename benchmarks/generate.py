@@ -52,15 +52,22 @@ def build(args: argparse.Namespace) -> GLMModel:
 
         model, _ = load_model(args.load, device=args.device, dtype=DTYPES[args.dtype])
         return model
-    cfg = build_config({"model.num_layers": args.layers, "model.hidden_size": args.hidden,
-                        "model.num_attention_heads": args.heads, "model.vocab_size": args.vocab,
-                        "model.max_sequence_length": max(512, args.prompt_length + 1, args.new_tokens + 2)}).model
+    cfg = build_config(
+        {
+            "model.num_layers": args.layers,
+            "model.hidden_size": args.hidden,
+            "model.num_attention_heads": args.heads,
+            "model.vocab_size": args.vocab,
+            "model.max_sequence_length": max(512, args.prompt_length + 1, args.new_tokens + 2),
+        }
+    ).model
     cfg = dataclasses.replace(cfg, hidden_dropout=0.0, attention_dropout=0.0)
     return GLMModel(cfg, seed=1, params_dtype=DTYPES[args.dtype], device=args.device).eval()
 
 
-def run(model: GLMModel, prompts: list[list[int]], tokens: InfillTokens, config: GenerationConfig
-        ) -> tuple[float, list[list[int]]]:
+def run(
+    model: GLMModel, prompts: list[list[int]], tokens: InfillTokens, config: GenerationConfig
+) -> tuple[float, list[list[int]]]:
     if model.parameters().__next__().device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -76,24 +83,38 @@ def main() -> None:
     model = build(args)
     vocab = model.config.vocab_size
     ids = [vocab - k for k in range(1, 9)]  # command tokens taken from the top rows
-    tokens = InfillTokens(pad=ids[1], eos=ids[1], cls=ids[0], mask=ids[5], smask=ids[6], gmask=ids[4], sop=ids[2],
-                          eop=ids[3], dblock=ids[7])
+    tokens = InfillTokens(
+        pad=ids[1],
+        eos=ids[1],
+        cls=ids[0],
+        mask=ids[5],
+        smask=ids[6],
+        gmask=ids[4],
+        sop=ids[2],
+        eop=ids[3],
+        dblock=ids[7],
+    )
     g = torch.Generator().manual_seed(0)
-    prompts = [[tokens.cls, *torch.randint(0, vocab - 16, (args.prompt_length - 2,), generator=g).tolist(),
-                tokens.gmask] for _ in range(args.batch)]
+    prompts = [
+        [tokens.cls, *torch.randint(0, vocab - 16, (args.prompt_length - 2,), generator=g).tolist(), tokens.gmask]
+        for _ in range(args.batch)
+    ]
     common = dict(max_new_tokens=args.new_tokens, banned_ids=tuple(ids))
     cached = GenerationConfig(use_cache=True, **common)
     full = GenerationConfig(use_cache=False, **common)
-    run(model, [[*p[:16], tokens.gmask] for p in prompts], tokens,
-        dataclasses.replace(cached, max_new_tokens=8))  # warm-up
+    run(
+        model, [[*p[:16], tokens.gmask] for p in prompts], tokens, dataclasses.replace(cached, max_new_tokens=8)
+    )  # warm-up
     t_cache, out_cache = run(model, prompts, tokens, cached)
     t_full, out_full = run(model, prompts, tokens, full)
     new = sum(len(a) for a in out_cache)
     if out_cache != out_full:
         print("warning: cached and recomputed generations differ (numerical ties?)")
     shape = "checkpoint " + args.load if args.load else f"{args.layers} layers x {args.hidden}, vocab {vocab}"
-    print(f"model: {shape}; {args.device} {args.dtype}, {args.threads} thread(s); batch {args.batch}, "
-          f"prompt {args.prompt_length} tokens, {args.new_tokens} new tokens each")
+    print(
+        f"model: {shape}; {args.device} {args.dtype}, {args.threads} thread(s); batch {args.batch}, "
+        f"prompt {args.prompt_length} tokens, {args.new_tokens} new tokens each"
+    )
     print(f"with KV cache:    {new / t_cache:9.1f} tokens/s ({t_cache:.2f} s)")
     print(f"full recompute:   {new / t_full:9.1f} tokens/s ({t_full:.2f} s)")
     print(f"ratio: {t_full / t_cache:.1f}x (goal >= 5x); outputs identical: {out_cache == out_full}")

@@ -44,11 +44,20 @@ def main() -> None:
     flops = flops_per_token(dataclasses.replace(base, num_layers=args.layers), args.seq) * tokens
     flops -= head * (tokens - loss_rows)
     peak = matmul_peak_flops(torch.bfloat16, "cuda", n=8192, seconds=1.0)
-    print(f"{torch.cuda.get_device_name()}: bf16 matmul peak {peak / 1e12:.0f} TFLOP/s; glm-2b shape, "
-          f"{args.layers} layers, {args.batch} x {args.seq} tokens ({loss_rows} loss rows), compile {args.compile}")
+    print(
+        f"{torch.cuda.get_device_name()}: bf16 matmul peak {peak / 1e12:.0f} TFLOP/s; glm-2b shape, "
+        f"{args.layers} layers, {args.batch} x {args.seq} tokens ({loss_rows} loss rows), compile {args.compile}"
+    )
     for kernel in args.kernels:
-        cfg = dataclasses.replace(base, num_layers=args.layers, max_sequence_length=args.seq, attention_impl=kernel,
-                                  hidden_dropout=0.0, attention_dropout=0.0, head_chunk_size=4096)
+        cfg = dataclasses.replace(
+            base,
+            num_layers=args.layers,
+            max_sequence_length=args.seq,
+            attention_impl=kernel,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            head_chunk_size=4096,
+        )
         model = GLMModel(cfg, device="cuda", params_dtype=torch.bfloat16).train()
         if args.compile:
             compile_layers(model)
@@ -73,9 +82,11 @@ def main() -> None:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         sec = sorted(times)[len(times) // 2]
-        print(f"{kernel:>6}: {sec * 1e3:7.1f} ms/step  {tokens / sec:9.0f} tokens/s  "
-              f"MFU {100 * flops / sec / peak:5.1f}%  peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-              f"  (warm-up {warm:.1f} s)")
+        print(
+            f"{kernel:>6}: {sec * 1e3:7.1f} ms/step  {tokens / sec:9.0f} tokens/s  "
+            f"MFU {100 * flops / sec / peak:5.1f}%  peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+            f"  (warm-up {warm:.1f} s)"
+        )
         del model, opt
         torch.cuda.empty_cache()
 

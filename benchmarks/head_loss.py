@@ -62,13 +62,17 @@ def main() -> None:
             fn()
             times[k].append(time.perf_counter() - t)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    print(f"head {args.rows} rows x {args.hidden} -> {args.vocab}, {args.dtype}, chunk {args.chunk}, "
-          f"{args.threads} threads, {args.rounds} interleaved rounds")
+    print(
+        f"head {args.rows} rows x {args.hidden} -> {args.vocab}, {args.dtype}, chunk {args.chunk}, "
+        f"{args.threads} threads, {args.rounds} interleaved rounds"
+    )
     for k in fns:
         h.grad = w.grad = None
         peak, _, _ = peak_memory(fns[k])
-        print(f"{k:>8}: {med[k] * 1e3:8.1f} ms fwd+bwd (min {min(times[k]) * 1e3:.1f}, max {max(times[k]) * 1e3:.1f})"
-              f"  peak {peak / 2**20:7.1f} MiB  loss {losses[k]:.6f}")
+        print(
+            f"{k:>8}: {med[k] * 1e3:8.1f} ms fwd+bwd (min {min(times[k]) * 1e3:.1f}, max {max(times[k]) * 1e3:.1f})"
+            f"  peak {peak / 2**20:7.1f} MiB  loss {losses[k]:.6f}"
+        )
     print(f"fused / unfused: speed {med['unfused'] / med['fused']:.2f}x")
 
 

@@ -33,8 +33,11 @@ OPTIONS: dict[str, dict[str, object]] = {
     "selective recompute": {"recompute_granularity": "selective"},
     "full recompute": {"checkpoint_activations": True},
     "sequence parallel": {"sequence_parallel": True},
-    "fused + selective + SP": {"head_chunk_size": 1024, "recompute_granularity": "selective",
-                               "sequence_parallel": True},
+    "fused + selective + SP": {
+        "head_chunk_size": 1024,
+        "recompute_granularity": "selective",
+        "sequence_parallel": True,
+    },
     "fused + full + SP": {"head_chunk_size": 1024, "checkpoint_activations": True, "sequence_parallel": True},
 }
 
@@ -49,8 +52,13 @@ def glm_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, torc
         pos[i, 0, n:] = n // 2
         pos[i, 1, n:] = torch.arange(1, seq - n + 1)
         loss_mask[i, n:] = 1
-    return {"ids": torch.randint(0, vocab, (batch, seq), generator=g), "pos": pos, "sep": sep,
-            "labels": torch.randint(0, vocab, (batch, seq), generator=g), "loss_mask": loss_mask}
+    return {
+        "ids": torch.randint(0, vocab, (batch, seq), generator=g),
+        "pos": pos,
+        "sep": sep,
+        "labels": torch.randint(0, vocab, (batch, seq), generator=g),
+        "loss_mask": loss_mask,
+    }
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -71,8 +79,9 @@ def _measure(rank: int, world: int, layers: int, seq: int, batch: int, names: li
             torch.manual_seed(3)  # the same hidden-dropout masks for every option (attention's: the model's seed)
 
             def forward(model: GLMModel = model) -> torch.Tensor:
-                return model(data["ids"], data["pos"], data["sep"], labels=data["labels"],
-                             loss_mask=data["loss_mask"]).loss
+                return model(
+                    data["ids"], data["pos"], data["sep"], labels=data["labels"], loss_mask=data["loss_mask"]
+                ).loss
 
             fwd_peak, kept, loss = peak_memory(forward)
             bwd_peak, _, _ = peak_memory(loss.backward)
@@ -90,8 +99,12 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tp", type=int, default=2)
-    ap.add_argument("--dtype", default="bf16", choices=tuple(DTYPES),
-                    help="parameter dtype (fp32 on CPUs without bf16 matmul units, where bf16 is very slow)")
+    ap.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=tuple(DTYPES),
+        help="parameter dtype (fp32 on CPUs without bf16 matmul units, where bf16 is very slow)",
+    )
     ap.add_argument("--options", nargs="*", default=list(OPTIONS), help=f"any of {list(OPTIONS)}")
     args = ap.parse_args()
     if args.layers < 2 or args.layers % 2:
@@ -99,11 +112,14 @@ def main() -> None:
     known = {f.name for f in dataclasses.fields(build_config({}).model)}
     names = [n for n in args.options if set(OPTIONS[n]) <= known]
     skipped = sorted(set(args.options) - set(names))
-    results = run_distributed(_measure, args.tp, args.layers, args.seq, args.batch, names, args.dtype,
-                              timeout=3000.0)[0]
+    results = run_distributed(_measure, args.tp, args.layers, args.seq, args.batch, names, args.dtype, timeout=3000.0)[
+        0
+    ]
     half = args.layers // 2
-    print(f"glm-large shape, seq {args.seq}, batch {args.batch}, TP={args.tp}, {args.dtype}, dropout 0.1; "
-          f"MiB per rank (rank 0) of forward + backward; {half} and {args.layers} layers measured")
+    print(
+        f"glm-large shape, seq {args.seq}, batch {args.batch}, TP={args.tp}, {args.dtype}, dropout 0.1; "
+        f"MiB per rank (rank 0) of forward + backward; {half} and {args.layers} layers measured"
+    )
     print(f"{'':>28} {'--- activations ---':>32}  {'--- peak fwd+bwd ---':>32}")
     head = f" {str(args.layers) + 'L':>7} {'/layer':>7} {'24L':>7} {'saved':>7}  "
     print(f"{'option':>28}" + head * 2 + f"{'loss':>9}")
@@ -114,8 +130,10 @@ def main() -> None:
             per_layer = (r[f"{kind}{args.layers}"] - r[f"{kind}{half}"]) / half
             est = r[f"{kind}{args.layers}"] + per_layer * (24 - args.layers)
             ref.setdefault(kind, est)
-            cells.append(f" {r[f'{kind}{args.layers}'] / 2**20:7.0f} {per_layer / 2**20:7.0f} {est / 2**20:7.0f} "
-                         f"{100 * (1 - est / ref[kind]):6.1f}%  ")
+            cells.append(
+                f" {r[f'{kind}{args.layers}'] / 2**20:7.0f} {per_layer / 2**20:7.0f} {est / 2**20:7.0f} "
+                f"{100 * (1 - est / ref[kind]):6.1f}%  "
+            )
         print(f"{name:>28}" + "".join(cells) + f"{r[f'loss{args.layers}']:9.5f}")
     print("MiB; 24L = the measured model plus (24 - layers) x the per-layer figure; saved = vs the first row")
     if skipped:

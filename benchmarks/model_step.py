@@ -77,8 +77,13 @@ def make_batch(batch: int, seq: int, vocab: int) -> dict[str, torch.Tensor]:
         pos[i, 0, n:] = n // 2
         pos[i, 1, n:] = torch.arange(1, seq - n + 1)
         loss_mask[i, n:] = 1
-    return {"ids": torch.randint(0, vocab, (batch, seq), generator=g), "pos": pos, "sep": sep,
-            "labels": torch.randint(0, vocab, (batch, seq), generator=g), "loss_mask": loss_mask}
+    return {
+        "ids": torch.randint(0, vocab, (batch, seq), generator=g),
+        "pos": pos,
+        "sep": sep,
+        "labels": torch.randint(0, vocab, (batch, seq), generator=g),
+        "loss_mask": loss_mask,
+    }
 
 
 def main() -> None:
@@ -92,22 +97,39 @@ def main() -> None:
     ap.add_argument("--attention", default="sdpa", choices=("sdpa", "eager"))
     ap.add_argument("--no-compile", action="store_true", help="do not torch.compile the layers and the loss")
     ap.add_argument("--skip-naive", action="store_true")
-    ap.add_argument("--loss-positions", action="store_true",
-                    help="run our head on the loss positions only, as pretrain_glm.py does (MFU then counts the "
-                         "head on those rows only, for both models)")
-    ap.add_argument("--head-chunk", type=int, default=0,
-                    help="with --loss-positions: the fused chunked head + loss (model.head_chunk_size) in chunks of "
-                         "this many rows (0: unfused)")
-    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"),
-                    help="parameters and matmul peak (fp32 on CPUs without bf16 matmul units)")
+    ap.add_argument(
+        "--loss-positions",
+        action="store_true",
+        help="run our head on the loss positions only, as pretrain_glm.py does (MFU then counts the "
+        "head on those rows only, for both models)",
+    )
+    ap.add_argument(
+        "--head-chunk",
+        type=int,
+        default=0,
+        help="with --loss-positions: the fused chunked head + loss (model.head_chunk_size) in chunks of "
+        "this many rows (0: unfused)",
+    )
+    ap.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=("bf16", "fp32"),
+        help="parameters and matmul peak (fp32 on CPUs without bf16 matmul units)",
+    )
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     cfg = build_config({"model.size": "glm-base"}).model
-    cfg = dataclasses.replace(cfg, num_layers=args.layers, hidden_dropout=0.0, attention_dropout=0.0,
-                              attention_impl=args.attention, head_chunk_size=args.head_chunk)
+    cfg = dataclasses.replace(
+        cfg,
+        num_layers=args.layers,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_impl=args.attention,
+        head_chunk_size=args.head_chunk,
+    )
     batch = make_batch(args.batch, args.seq, cfg.vocab_size)
     tokens = args.batch * args.seq
     # Model FLOPs: every layer and the head on every token (the standard count); with --loss-positions the
@@ -118,10 +140,12 @@ def main() -> None:
     if args.loss_positions:
         flops -= head * (tokens - loss_tokens)
     where = "loss" if args.loss_positions else "all"
-    print(f"glm-base shape, {args.layers} layers, batch {args.batch} x seq {args.seq} ({loss_tokens} loss tokens), "
-          f"{args.dtype} params, {args.threads} threads, attention {args.attention}, compile {not args.no_compile}, "
-          f"head on {where} positions (fused chunks {args.head_chunk or 'off'}); {flops / 1e9:.0f} model GFLOP/step; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"glm-base shape, {args.layers} layers, batch {args.batch} x seq {args.seq} ({loss_tokens} loss tokens), "
+        f"{args.dtype} params, {args.threads} threads, attention {args.attention}, compile {not args.no_compile}, "
+        f"head on {where} positions (fused chunks {args.head_chunk or 'off'}); {flops / 1e9:.0f} model GFLOP/step; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
 
     model = GLMModel(cfg, params_dtype=dtype).train()
     loss_fn = glm_loss
@@ -138,16 +162,20 @@ def main() -> None:
             logits = model(batch["ids"], batch["pos"], batch["sep"])
             loss_fn(logits, batch["labels"], batch["loss_mask"]).loss.backward()
         elif args.head_chunk:
-            model(batch["ids"], batch["pos"], batch["sep"], labels=batch["labels"],
-                  loss_mask=batch["loss_mask"]).loss.backward()
+            model(
+                batch["ids"], batch["pos"], batch["sep"], labels=batch["labels"], loss_mask=batch["loss_mask"]
+            ).loss.backward()
         else:
             logits = model(batch["ids"], batch["pos"], batch["sep"], logit_positions=positions)
             loss_at(logits, positions, batch["labels"], batch["loss_mask"]).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    naive = NaiveGLM(args.layers, cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size,
-                     cfg.max_sequence_length + 1).to(dtype).train()
+    naive = (
+        NaiveGLM(args.layers, cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size, cfg.max_sequence_length + 1)
+        .to(dtype)
+        .train()
+    )
     nopt = torch.optim.AdamW(naive.parameters(), lr=1e-4)
 
     def naive_step() -> None:
@@ -172,8 +200,10 @@ def main() -> None:
         if not args.skip_naive:
             theirs.append(timed(naive_step))
     peak = median(peaks)
-    print(f"{args.dtype} matmul peak (median of {len(peaks)} samples): {peak / 1e9:.0f} GFLOP/s "
-          f"(min {min(peaks) / 1e9:.0f}, max {max(peaks) / 1e9:.0f})")
+    print(
+        f"{args.dtype} matmul peak (median of {len(peaks)} samples): {peak / 1e9:.0f} GFLOP/s "
+        f"(min {min(peaks) / 1e9:.0f}, max {max(peaks) / 1e9:.0f})"
+    )
     fast = median(ours)
     report("megatron_glm", fast, tokens, flops, peak)
     if theirs:
@@ -194,8 +224,10 @@ def median(xs: list[float]) -> float:
 
 
 def report(name: str, seconds: float, tokens: int, flops: float, peak: float) -> None:
-    print(f"{name:>13}: {seconds * 1e3:7.0f} ms/step  {tokens / seconds:8.0f} tokens/s  "
-          f"{flops / seconds / 1e9:6.0f} GFLOP/s  MFU {100 * flops / seconds / peak:5.1f}%")
+    print(
+        f"{name:>13}: {seconds * 1e3:7.0f} ms/step  {tokens / seconds:8.0f} tokens/s  "
+        f"{flops / seconds / 1e9:6.0f} GFLOP/s  MFU {100 * flops / seconds / peak:5.1f}%"
+    )
 
 
 if __name__ == "__main__":

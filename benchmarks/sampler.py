@@ -44,8 +44,17 @@ from megatron_glm.data.loader import GLMDataset
 from megatron_glm.data.samples import DocumentWindows, KeyedRNG
 
 VOCAB = 30000
-SP = SpecialTokens(pad=VOCAB, eos=VOCAB + 1, cls=VOCAB + 2, mask=VOCAB + 3, smask=VOCAB + 4, gmask=VOCAB + 5,
-                   sop=VOCAB + 6, eop=VOCAB + 7, dblock=VOCAB + 8)
+SP = SpecialTokens(
+    pad=VOCAB,
+    eos=VOCAB + 1,
+    cls=VOCAB + 2,
+    mask=VOCAB + 3,
+    smask=VOCAB + 4,
+    gmask=VOCAB + 5,
+    sop=VOCAB + 6,
+    eop=VOCAB + 7,
+    dblock=VOCAB + 8,
+)
 
 
 def make_corpus(prefix: str, documents: int, seed: int = 0) -> None:
@@ -150,8 +159,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prefix = os.path.join(tmp, "bench")
         make_corpus(prefix, args.documents)
-        windows = DocumentWindows(prefix, (0, args.documents), L, cls_id=SP.cls, eos_id=SP.eos, seed=1,
-                                  cache_dir=tmp)
+        windows = DocumentWindows(prefix, (0, args.documents), L, cls_id=SP.cls, eos_id=SP.eos, seed=1, cache_dir=tmp)
         rows: list[tuple[str, tuple[float, float]]] = []
         pool = [windows.window(i, sentences=True) for i in range(500)]
         keyed = KeyedRNG()
@@ -170,9 +178,13 @@ def main() -> None:
             cfg = ObjectiveConfig(bert_prob=float(objective == TOKEN), gap_sentence_prob=float(objective == SENTENCE))
             ds = GLMDataset(windows, BlankInfilling(cfg, SP, L), seed=1, group_size=8)
             rows.append((f"dataset   {OBJECTIVE_NAMES[objective]}", rate(ds.__getitem__, args.seconds)))
-        for name, cfg in (("mixture (default: 0.5 token, 0.5 document)", ObjectiveConfig()),
-                          ("mixture (10B: 0.5 token, 0.3 sentence, 0.2 document)",
-                           ObjectiveConfig(gap_sentence_prob=0.3, gpt_min_ratio=0.25))):
+        for name, cfg in (
+            ("mixture (default: 0.5 token, 0.5 document)", ObjectiveConfig()),
+            (
+                "mixture (10B: 0.5 token, 0.3 sentence, 0.2 document)",
+                ObjectiveConfig(gap_sentence_prob=0.3, gpt_min_ratio=0.25),
+            ),
+        ):
             ds = GLMDataset(windows, BlankInfilling(cfg, SP, L), seed=1, group_size=8)
             rows.append((f"dataset   {name}", rate(ds.__getitem__, args.seconds)))
 

@@ -34,7 +34,7 @@ def one_line(exc: BaseException) -> str:
         name = type(exc).__name__
         for prefix in (f"{type(exc).__module__}.{name}: ", f"{name}: "):
             if last.startswith(prefix):
-                return last[len(prefix):]
+                return last[len(prefix) :]
         return last
     return " ".join(text.split("\n")) if "\n" in text else text
 

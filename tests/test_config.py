@@ -33,25 +33,28 @@ def test_yaml_then_overrides_precedence(tmp_path: Path) -> None:
     assert cfg.training.precision == "bf16"
 
 
-@pytest.mark.parametrize(("flag", "value", "path", "expected"), [
-    ("--num-layers", "3", "model.num_layers", 3),
-    ("--hidden-size", "96", "model.hidden_size", 96),
-    ("--num-attention-heads", "6", "model.num_attention_heads", 6),
-    ("--seq-length", "128", "data.seq_length", 128),
-    ("--tensor-model-parallel-size", "2", "parallel.tensor_model_parallel_size", 2),
-    ("--pipeline-model-parallel-size", "2", "parallel.pipeline_model_parallel_size", 2),
-    ("--micro-batch-size", "8", "training.micro_batch_size", 8),
-    ("--global-batch-size", "64", "training.global_batch_size", 64),
-    ("--lr", "0.5", "optimizer.lr", 0.5),
-    ("--train-iters", "7", "training.train_iters", 7),
-    ("--save", "ck", "checkpoint.save", "ck"),
-    ("--load", "ck2", "checkpoint.load", "ck2"),
-    ("--split", "98,2,0", "data.split", "98,2,0"),
-    ("--seed", "9", "training.seed", 9),
-    ("--deepspeed_config", "ds.json", "training.deepspeed_config", "ds.json"),
-    ("--local_rank", "1", "training.local_rank", 1),
-    ("--bert-prob", "0.25", "data.objective.bert_prob", 0.25),
-])
+@pytest.mark.parametrize(
+    ("flag", "value", "path", "expected"),
+    [
+        ("--num-layers", "3", "model.num_layers", 3),
+        ("--hidden-size", "96", "model.hidden_size", 96),
+        ("--num-attention-heads", "6", "model.num_attention_heads", 6),
+        ("--seq-length", "128", "data.seq_length", 128),
+        ("--tensor-model-parallel-size", "2", "parallel.tensor_model_parallel_size", 2),
+        ("--pipeline-model-parallel-size", "2", "parallel.pipeline_model_parallel_size", 2),
+        ("--micro-batch-size", "8", "training.micro_batch_size", 8),
+        ("--global-batch-size", "64", "training.global_batch_size", 64),
+        ("--lr", "0.5", "optimizer.lr", 0.5),
+        ("--train-iters", "7", "training.train_iters", 7),
+        ("--save", "ck", "checkpoint.save", "ck"),
+        ("--load", "ck2", "checkpoint.load", "ck2"),
+        ("--split", "98,2,0", "data.split", "98,2,0"),
+        ("--seed", "9", "training.seed", 9),
+        ("--deepspeed_config", "ds.json", "training.deepspeed_config", "ds.json"),
+        ("--local_rank", "1", "training.local_rank", 1),
+        ("--bert-prob", "0.25", "data.objective.bert_prob", 0.25),
+    ],
+)
 def test_megatron_flag_spellings(flag: str, value: str, path: str, expected: object) -> None:
     cfg = load_config([flag, value])
     section, *rest = path.split(".")
@@ -69,50 +72,81 @@ def test_launcher_style_and_lists() -> None:
 
 
 def test_named_sizes_match_reference() -> None:
-    published = {"glm-base": (12, 768, 12, 512), "glm-large": (24, 1024, 16, 512),
-                 "glm-large-chinese": (24, 1024, 16, 1024), "glm-2b": (36, 2048, 32, 1024),
-                 "glm-10b": (48, 4096, 64, 1024)}
+    published = {
+        "glm-base": (12, 768, 12, 512),
+        "glm-large": (24, 1024, 16, 512),
+        "glm-large-chinese": (24, 1024, 16, 1024),
+        "glm-2b": (36, 2048, 32, 1024),
+        "glm-10b": (48, 4096, 64, 1024),
+    }
     for name, (layers, hidden, heads, positions) in published.items():
         m = build_config({"model.size": name}).model
-        assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.max_sequence_length) == \
-            (layers, hidden, heads, positions)
+        assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.max_sequence_length) == (
+            layers,
+            hidden,
+            heads,
+            positions,
+        )
     assert set(published) | {"glm-tiny"} == set(MODEL_SIZES)
 
 
 def test_unknown_yaml_key_is_one_clear_error(tmp_path: Path) -> None:
     path = _yaml(tmp_path, "model:\n  hiden_size: 8\n")
-    with pytest.raises(ConfigError, match=r"cfg.yaml: unknown key 'model.hiden_size' \(did you mean "
-                                          r"'model.hidden_size'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"cfg.yaml: unknown key 'model.hiden_size' \(did you mean "
+        r"'model.hidden_size'\?\)",
+    ):
         load_config(["--config", path])
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--model.hidden_size", "x"], "model.hidden_size: expected int, got 'x'"),
-    (["--attention-dropout"], "expects one value"),
-    (["--bf16", "yes"], "takes no value"),
-    (["--model.attention_impl", "magic"], "must be one of sdpa, flex, eager"),
-    (["--model-size", "glm-huge"], "model.size 'glm-huge' is not one of"),
-    (["positional"], "unexpected argument"),
-    (["--config", "/no/such.yaml"], "config file not found: /no/such.yaml"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model.hidden_size", "x"], "model.hidden_size: expected int, got 'x'"),
+        (["--attention-dropout"], "expects one value"),
+        (["--bf16", "yes"], "takes no value"),
+        (["--model.attention_impl", "magic"], "must be one of sdpa, flex, eager"),
+        (["--model-size", "glm-huge"], "model.size 'glm-huge' is not one of"),
+        (["positional"], "unexpected argument"),
+        (["--config", "/no/such.yaml"], "config file not found: /no/such.yaml"),
+    ],
+)
 def test_bad_values(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(argv)
 
 
 def test_validation_reports_every_problem_at_once() -> None:
-    cfg = load_config(["--hidden-size", "100", "--num-attention-heads", "16", "--tensor-model-parallel-size",
-                       "3", "--num-layers", "3", "--pipeline-model-parallel-size", "2", "--micro-batch-size", "4",
-                       "--global-batch-size", "10", "--model.vocab_size", "1000", "--seq-length", "1024"])
+    cfg = load_config(
+        [
+            "--hidden-size",
+            "100",
+            "--num-attention-heads",
+            "16",
+            "--tensor-model-parallel-size",
+            "3",
+            "--num-layers",
+            "3",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--micro-batch-size",
+            "4",
+            "--global-batch-size",
+            "10",
+            "--model.vocab_size",
+            "1000",
+            "--seq-length",
+            "1024",
+        ]
+    )
     found = problems(cfg, world_size=12)
     joined = "\n".join(found)
     assert "hidden_size (100) must be divisible by model.num_attention_heads (16)" in joined
     assert "num_attention_heads (16) must be divisible by parallel.tensor_model_parallel_size (3)" in joined
     assert "num_layers (3) must be divisible by parallel.pipeline_model_parallel_size (2)" in joined
-    assert "vocab_size (1000) must be divisible by parallel.tensor_model_parallel_size (3); pad it to 1152" \
-        in joined
-    assert "global_batch_size (10) must be divisible by micro_batch_size (4) x data-parallel size (2) = 8" \
-        in joined
+    assert "vocab_size (1000) must be divisible by parallel.tensor_model_parallel_size (3); pad it to 1152" in joined
+    assert "global_batch_size (10) must be divisible by micro_batch_size (4) x data-parallel size (2) = 8" in joined
     assert "seq_length (1024) exceeds model.max_sequence_length (512)" in joined
     assert len(found) == 6
     with pytest.raises(ConfigError) as info:
@@ -122,16 +156,21 @@ def test_validation_reports_every_problem_at_once() -> None:
 
 def test_batch_consistency_with_accumulation() -> None:
     cfg = load_config(["--micro-batch-size", "2", "--global-batch-size", "16", "--gradient-accumulation-steps", "2"])
-    assert any("!= micro_batch_size (2) x data-parallel size (2) x gradient_accumulation_steps (2)" in p
-               for p in problems(cfg, world_size=2))
+    assert any(
+        "!= micro_batch_size (2) x data-parallel size (2) x gradient_accumulation_steps (2)" in p
+        for p in problems(cfg, world_size=2)
+    )
     assert problems(cfg, world_size=4) == []
-    assert any("world size (3) must be divisible" in p
-               for p in problems(load_config(["--tensor-model-parallel-size", "2"]), world_size=3))
+    assert any(
+        "world size (3) must be divisible" in p
+        for p in problems(load_config(["--tensor-model-parallel-size", "2"]), world_size=3)
+    )
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "pretrain_glm.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_glm.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 @pytest.mark.slow
@@ -155,14 +194,27 @@ def test_cli_dry_run_prints_config() -> None:
 def test_stop_control_flags_and_skip_ranges() -> None:
     from megatron_glm.config.ranges import in_ranges, parse_iteration_ranges
 
-    cfg = load_config(["--exit-interval", "50", "--exit-duration-in-mins", "230.5",
-                       "--skip-train-iteration-range", "101-200", "7-7", "150-260"])
+    cfg = load_config(
+        [
+            "--exit-interval",
+            "50",
+            "--exit-duration-in-mins",
+            "230.5",
+            "--skip-train-iteration-range",
+            "101-200",
+            "7-7",
+            "150-260",
+        ]
+    )
     assert cfg.training.exit_interval == 50 and cfg.training.exit_duration_in_mins == 230.5
     ranges = parse_iteration_ranges(cfg.training.skip_train_iteration_range)
     assert ranges == [(7, 7), (101, 260)]
     assert [s for s in (6, 7, 8, 100, 101, 260, 261) if in_ranges(s, ranges)] == [7, 101, 260]
     for bad in ("5", "9-3", "0-4", "a-b"):
         cfg.training.skip_train_iteration_range = [bad]
-        with pytest.raises(ConfigError, match=f"training.skip_train_iteration_range: expected ranges of steps like "
-                                              f"'101-200' with 1 <= start <= end, got '{bad}'"):
+        with pytest.raises(
+            ConfigError,
+            match=f"training.skip_train_iteration_range: expected ranges of steps like "
+            f"'101-200' with 1 <= start <= end, got '{bad}'",
+        ):
             validate(cfg)

@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--input and --output are required (see --help)")
     opts = run.convert
     r = convert_checkpoint(run.input, run.output, opts, tokenizer_vocab=lambda p: GLMTokenizer(p).vocab_size)
-    print(f"converted {r.source} ({r.source_layout}) -> {r.output} ({r.target_layout}): {r.tensors} tensors "
-          f"in {r.seconds:.1f} s")
+    print(
+        f"converted {r.source} ({r.source_layout}) -> {r.output} ({r.target_layout}): {r.tensors} tensors "
+        f"in {r.seconds:.1f} s"
+    )
     if r.optimizer:
         print(f"optimizer state: {r.optimizer}")
     print(f"verified: {r.verified} merged tensors (shape, dtype, sha256)" if r.verified else "verification skipped")

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Write GLM pretraining samples as JSON lines (or decoded with --pretty).",
         epilog="Any pretraining data/objective flag is accepted too: --bert-prob, --gap-sentence-prob, "
-               "--gpt-infill-prob, --gpt-min-ratio, --avg-block-length, --no-shuffle-block, --seed, ...",
+        "--gpt-infill-prob, --gpt-min-ratio, --avg-block-length, --no-shuffle-block, --seed, ...",
     )
     parser.add_argument("--num", type=int, default=10, help="samples to write (default 10)")
     parser.add_argument("--start", type=int, default=0, help="global index of the first sample (default 0)")

@@ -56,8 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cloze", default="", help="JSONL of {context, target} for cloze accuracy")
     p.add_argument("--cloze-blank", default="[MASK]", help="blank token before the target (default [MASK])")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
-    p.add_argument("--task", choices=(*task_options.TASKS, "ppl"), default="",
-                   help="evaluate a task file (cloze, seq2seq) or a raw text's perplexity (ppl) instead")
+    p.add_argument(
+        "--task",
+        choices=(*task_options.TASKS, "ppl"),
+        default="",
+        help="evaluate a task file (cloze, seq2seq) or a raw text's perplexity (ppl) instead",
+    )
     p.add_argument("--valid-data", default="", help="with --task: the task file (JSON lines) or raw text file")
     p.add_argument("--output", default="", help="with --task: write the results to this JSON file")
     p.add_argument("--window", type=int, default=0, help="ppl: window length (default: the model's positions)")
@@ -82,16 +86,28 @@ def task_results(args: argparse.Namespace, model, tokenizer: GLMTokenizer, ps) -
             raise DataError(f"{args.valid_data}: no text to evaluate")
         window = args.window or model.config.max_sequence_length
         if not 4 <= window <= model.config.max_sequence_length or not 0 <= args.overlap <= window - 4:
-            raise ConfigError(f"--window must be in [4, {model.config.max_sequence_length}] and --overlap in "
-                              f"[0, window - 4], got {window} and {args.overlap}")
-        return perplexity(model, tokenizer, ids, len(text.split()), window=window, overlap=args.overlap,
-                          batch_size=args.micro_batch_size or 8, ps=ps)
+            raise ConfigError(
+                f"--window must be in [4, {model.config.max_sequence_length}] and --overlap in "
+                f"[0, window - 4], got {window} and {args.overlap}"
+            )
+        return perplexity(
+            model,
+            tokenizer,
+            ids,
+            len(text.split()),
+            window=window,
+            overlap=args.overlap,
+            batch_size=args.micro_batch_size or 8,
+            ps=ps,
+        )
     fields = {k: getattr(args, k) for k in vars(task_options.FinetuneConfig()) if hasattr(args, k)}
     cfg = task_options.FinetuneConfig(**{**fields, "task": args.task})
     cfg.check(need_train=False)
     if cfg.seq_length > model.config.max_sequence_length:
-        raise ConfigError(f"--source-length + --target-length + 3 = {cfg.seq_length} exceeds the model's "
-                          f"{model.config.max_sequence_length} positions")
+        raise ConfigError(
+            f"--source-length + --target-length + 3 = {cfg.seq_length} exceeds the model's "
+            f"{model.config.max_sequence_length} positions"
+        )
     return evaluate_task(model, tokenizer, cfg, args.valid_data, micro_batch_size=args.micro_batch_size or 8, ps=ps)
 
 
@@ -149,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.task:
         results.update({"task": args.task, "data": args.valid_data, **task_results(args, model, tokenizer, ps)})
         if speak:
-            print(f"{args.task} ({args.valid_data}): " + "  ".join(
-                f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float)))
+            print(
+                f"{args.task} ({args.valid_data}): "
+                + "  ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float))
+            )
             if args.output:
                 write_json_atomic(args.output, results)
             if args.json:
@@ -159,29 +177,42 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_loss:
         cfg = data_config(meta, args, tokenizer_path)
         if cfg.data.seq_length > model.config.max_sequence_length:
-            raise ConfigError(f"seq length {cfg.data.seq_length} exceeds the model's "
-                              f"{model.config.max_sequence_length} positions")
+            raise ConfigError(
+                f"seq length {cfg.data.seq_length} exceeds the model's {model.config.max_sequence_length} positions"
+            )
         datasets = build_pretraining_datasets(cfg, tokenizer, dp_size=ps.dp_size, is_rank0=False)
         dataset = datasets[SPLITS.index(args.split_name)]
         if dataset is None:
             raise GLMError(f"split {args.split_name!r} of {cfg.data.split!r} is empty in {cfg.data.data_path}")
-        batches = build_data_iterator(dataset, consumed_samples=0, micro_batch_size=cfg.training.micro_batch_size,
-                                      dp_rank=ps.dp_rank, dp_size=ps.dp_size)
+        batches = build_data_iterator(
+            dataset,
+            consumed_samples=0,
+            micro_batch_size=cfg.training.micro_batch_size,
+            dp_rank=ps.dp_rank,
+            dp_size=ps.dp_size,
+        )
         loss = evaluate_loss(model, batches, args.eval_iters, ps)
         results[args.split_name] = loss
         if speak:
-            parts = [f"{args.split_name}: loss {loss.get('loss', float('nan')):.4f} "
-                     f"ppl {loss.get('ppl', float('nan')):.2f} ({int(loss['tokens'])} target tokens)"]
-            parts += [f"  {k.removeprefix('loss_')}: loss {v:.4f} ppl {loss['ppl_' + k[5:]]:.2f}"
-                      for k, v in loss.items() if k.startswith("loss_")]
+            parts = [
+                f"{args.split_name}: loss {loss.get('loss', float('nan')):.4f} "
+                f"ppl {loss.get('ppl', float('nan')):.2f} ({int(loss['tokens'])} target tokens)"
+            ]
+            parts += [
+                f"  {k.removeprefix('loss_')}: loss {v:.4f} ppl {loss['ppl_' + k[5:]]:.2f}"
+                for k, v in loss.items()
+                if k.startswith("loss_")
+            ]
             print("\n".join(parts))
     if args.cloze:
         examples = read_cloze_jsonl(args.cloze)
         cloze = cloze_accuracy(model, tokenizer, examples, blank=args.cloze_blank, parallel_state=ps)
         results["cloze"] = cloze
         if speak:
-            print(f"cloze ({args.cloze}): accuracy {cloze['accuracy']:.4f} over {int(cloze['count'])} examples "
-                  f"(token accuracy {cloze['token_accuracy']:.4f})")
+            print(
+                f"cloze ({args.cloze}): accuracy {cloze['accuracy']:.4f} over {int(cloze['count'])} examples "
+                f"(token accuracy {cloze['token_accuracy']:.4f})"
+            )
     if speak and args.json:
         print(json.dumps(results, default=str))
     return 0

@@ -64,11 +64,18 @@ def generation_config(args: argparse.Namespace, tokenizer: GLMTokenizer, vocab_r
         raise GLMError("--num-beams does not combine with --temperature/--top-k/--top-p")
     strategy = "beam" if args.num_beams else ("sample" if sampling else "greedy")
     padding = tuple(range(tokenizer.vocab_size, vocab_rows))  # padded embedding rows are not tokens
-    return GenerationConfig(strategy=strategy, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature or 1.0, top_k=args.top_k or 0,
-                            top_p=1.0 if args.top_p is None else args.top_p, num_beams=max(1, args.num_beams),
-                            length_penalty=args.length_penalty, seed=args.seed, use_cache=not args.no_kv_cache,
-                            banned_ids=padding)
+    return GenerationConfig(
+        strategy=strategy,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature or 1.0,
+        top_k=args.top_k or 0,
+        top_p=1.0 if args.top_p is None else args.top_p,
+        num_beams=max(1, args.num_beams),
+        length_penalty=args.length_penalty,
+        seed=args.seed,
+        use_cache=not args.no_kv_cache,
+        banned_ids=padding,
+    )
 
 
 def _distributed() -> bool:
@@ -94,6 +101,7 @@ def read_prompts(args: argparse.Namespace):
     if args.prompt:
         lines = args.prompt
     elif args.prompt_file:
+
         def read() -> str:
             if args.prompt_file == "-":
                 return sys.stdin.read()
@@ -113,7 +121,7 @@ def read_prompts(args: argparse.Namespace):
             if line.strip():
                 yield [line]
     for i in range(0, len(lines), args.batch_size):
-        yield lines[i:i + args.batch_size]
+        yield lines[i : i + args.batch_size]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         raise GLMError("the checkpoint does not name its tokenizer: pass --tokenizer-model")
     tokenizer = GLMTokenizer(tokenizer_path)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise GLMError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model only "
-                       f"{model.config.vocab_size} rows: wrong --tokenizer-model?")
+        raise GLMError(
+            f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model only "
+            f"{model.config.vocab_size} rows: wrong --tokenizer-model?"
+        )
     config = generation_config(args, tokenizer, model.config.vocab_size)
     tokens = InfillTokens.from_tokenizer(tokenizer)
     speak = ps.tp_rank == 0 and ps.dp_rank == 0

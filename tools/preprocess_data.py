@@ -29,14 +29,27 @@ from megatron_glm.errors import run_cli
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("input")
-    group.add_argument("--input", nargs="+", required=True,
-                       help="JSONL / text (plain, .gz, .zst) or Parquet file(s) or glob(s), mixed freely")
-    group.add_argument("--input-format", choices=("auto", "jsonl", "text"), default="auto",
-                       help="auto (default): by extension, else by the first line; text: one document a line")
-    group.add_argument("--json-keys", nargs="+", default=["text"],
-                       help="JSONL keys (Parquet columns) to tokenize (default: text)")
-    group.add_argument("--max-bad-fraction", type=float, default=0.5,
-                       help="fail, writing nothing, when more of the records are bad (default: 0.5)")
+    group.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="JSONL / text (plain, .gz, .zst) or Parquet file(s) or glob(s), mixed freely",
+    )
+    group.add_argument(
+        "--input-format",
+        choices=("auto", "jsonl", "text"),
+        default="auto",
+        help="auto (default): by extension, else by the first line; text: one document a line",
+    )
+    group.add_argument(
+        "--json-keys", nargs="+", default=["text"], help="JSONL keys (Parquet columns) to tokenize (default: text)"
+    )
+    group.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.5,
+        help="fail, writing nothing, when more of the records are bad (default: 0.5)",
+    )
     group.add_argument("--split-sentences", action="store_true", help="store one sequence per sentence")
     group.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
     group = parser.add_argument_group("tokenizer")

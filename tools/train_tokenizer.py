@@ -25,14 +25,15 @@ from megatron_glm.errors import run_cli
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="JSONL / text (plain, .gz, .zst) or Parquet file(s) or globs")
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="JSONL / text (plain, .gz, .zst) or Parquet file(s) or globs"
+    )
     parser.add_argument(
         "--input-format",
         choices=("auto", "jsonl", "text"),
         default="auto",
         help="auto (default): by extension, else by the first line; jsonl: one JSON object a line; text: one "
-             "document a line",
+        "document a line",
     )
     parser.add_argument("--json-key", default="text", help="JSONL key holding the text (default: text)")
     parser.add_argument("--vocab-size", type=int, required=True, help="base pieces (command tokens come on top)")

@@ -37,8 +37,9 @@ def prose_runs(text: str, max_chars: int) -> list[list[str | None]]:
         if paragraph.startswith((" ", "\t")) or "***" in paragraph or "===" in paragraph:
             continue  # code blocks and headings
         sentences = [" ".join(s.split()) for s in split_sentences(paragraph)]
-        runs.append([s if 25 <= len(s) <= max_chars and len(s.split()) >= 5 and _PROSE.match(s) else None
-                     for s in sentences])
+        runs.append(
+            [s if 25 <= len(s) <= max_chars and len(s.split()) >= 5 and _PROSE.match(s) else None for s in sentences]
+        )
     return runs
 
 
@@ -64,8 +65,9 @@ def topic_tasks(docs: list[tuple[str, str]], args: argparse.Namespace, rng: rand
             split = "valid" if i % args.valid_every == args.valid_every - 1 else "train"
             choices = [names[doc_id], *rng.sample([n for d, n in names.items() if d != doc_id], 3)]
             rng.shuffle(choices)
-            out[f"cloze_{split}"].append({"text": f"{sentence} This is about [MASK].", "choices": choices,
-                                          "label": choices.index(names[doc_id])})
+            out[f"cloze_{split}"].append(
+                {"text": f"{sentence} This is about [MASK].", "choices": choices, "label": choices.index(names[doc_id])}
+            )
             out[f"name_{split}"].append({"source": f"{sentence} Topic:", "target": names[doc_id]})
     return out
 
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     for split in ("train", "valid"):
         order = list(range(len(topics[f"cloze_{split}"])))
         rng.shuffle(order)
-        order = order[:args.max_valid] if split == "valid" else order
+        order = order[: args.max_valid] if split == "valid" else order
         write(os.path.join(args.output, f"topic_cloze_{split}.jsonl"), [topics[f"cloze_{split}"][i] for i in order])
         write(os.path.join(args.output, f"topic_name_{split}.jsonl"), [topics[f"name_{split}"][i] for i in order])
         print(f"topic tasks, {split}: {len(order)} items per task")
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         order = list(range(len(cloze)))
         rng.shuffle(order)
         if name == "valid":
-            order = order[:args.max_valid]
+            order = order[: args.max_valid]
         write(os.path.join(args.output, f"next_sentence_{name}.jsonl"), [cloze[i] for i in order])
         write(os.path.join(args.output, f"continue_{name}.jsonl"), [seq2seq[i] for i in order])
         print(f"next-sentence tasks, {name}: {len(order)} items per task from {len(doc_pairs)} topics")

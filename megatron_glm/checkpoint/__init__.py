@@ -10,5 +10,13 @@ from megatron_glm.checkpoint.manager import (
 )
 from megatron_glm.checkpoint.safe_load import safe_checkpoint_engine, safe_torch_load
 
-__all__ = ["CheckpointManager", "check_save_dir", "list_checkpoints", "load_pretrained", "read_meta",
-           "safe_checkpoint_engine", "safe_torch_load", "verify_checkpoint"]
+__all__ = [
+    "CheckpointManager",
+    "check_save_dir",
+    "list_checkpoints",
+    "load_pretrained",
+    "read_meta",
+    "safe_checkpoint_engine",
+    "safe_torch_load",
+    "verify_checkpoint",
+]

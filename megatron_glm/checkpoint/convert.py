@@ -36,24 +36,31 @@ FORMATS = ("native", "glm", "safetensors")
 class ConvertOptions:
     """What to write (the ``convert`` section of ``tools/convert_checkpoint.py``'s options)."""
 
-    format: str = opt("native", "native: training checkpoint (resumable); glm: original GLM mp_rank files; "
-                                "safetensors: standalone model for megatron_glm.checkpoint.load_pretrained.",
-                      choices=FORMATS)
+    format: str = opt(
+        "native",
+        "native: training checkpoint (resumable); glm: original GLM mp_rank files; "
+        "safetensors: standalone model for megatron_glm.checkpoint.load_pretrained.",
+        choices=FORMATS,
+    )
     target_tp: int = opt(1, "Tensor-parallel size of the output.")
     target_pp: int = opt(1, "Pipeline-parallel size of the output (native format only).")
     target_dp: int = opt(0, "native: data-parallel size of the output (0: keep the world size when it divides).")
     vocab_size: int = opt(0, "Re-pad the vocabulary to this many rows (0: keep).")
-    dtype: str = opt("", "Weights dtype for glm/safetensors (empty: fp32 master weights for safetensors, as "
-                         "stored for glm).", choices=("", *SHORT_NAMES))
-    keep_optimizer: bool = opt(True, "native: carry the optimizer state when the layout allows (false: weights "
-                                     "only).")
+    dtype: str = opt(
+        "",
+        "Weights dtype for glm/safetensors (empty: fp32 master weights for safetensors, as stored for glm).",
+        choices=("", *SHORT_NAMES),
+    )
+    keep_optimizer: bool = opt(True, "native: carry the optimizer state when the layout allows (false: weights only).")
     verify: bool = opt(True, "Re-read the output and compare every tensor's shape, dtype and sha256.")
-    verify_logits: bool = opt(False, "Also run a forward pass on a fixed input before and after and report the "
-                                     "max difference.")
+    verify_logits: bool = opt(
+        False, "Also run a forward pass on a fixed input before and after and report the max difference."
+    )
     num_attention_heads: int = opt(0, "For original GLM checkpoints without config.json (0: hidden / 64).")
     tokenizer_model: str = opt("", "Tokenizer to check the vocab against and to export (empty: the checkpoint's).")
-    max_shard_bytes: int = opt(2 * 2**30, "safetensors: largest shard in bytes (the tool's --max-shard-size "
-                                          "also takes 2GB, 500MB, ...).")
+    max_shard_bytes: int = opt(
+        2 * 2**30, "safetensors: largest shard in bytes (the tool's --max-shard-size also takes 2GB, 500MB, ...)."
+    )
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -67,11 +74,23 @@ class ConvertRun:
 
 #: The converter's flag spellings -> (dotted path, constant for valueless flags or None).
 CONVERT_FLAGS: dict[str, tuple[str, object]] = {
-    **{f"--{name.replace('_', '-')}": (f"convert.{name}", None) for name in (
-        "format", "target_tp", "target_pp", "target_dp", "vocab_size", "dtype", "num_attention_heads",
-        "tokenizer_model")},
-    "--no-optimizer": ("convert.keep_optimizer", False), "--no-verify": ("convert.verify", False),
-    "--verify-logits": ("convert.verify_logits", True), "--max-shard-size": ("convert.max_shard_bytes", None),
+    **{
+        f"--{name.replace('_', '-')}": (f"convert.{name}", None)
+        for name in (
+            "format",
+            "target_tp",
+            "target_pp",
+            "target_dp",
+            "vocab_size",
+            "dtype",
+            "num_attention_heads",
+            "tokenizer_model",
+        )
+    },
+    "--no-optimizer": ("convert.keep_optimizer", False),
+    "--no-verify": ("convert.verify", False),
+    "--verify-logits": ("convert.verify_logits", True),
+    "--max-shard-size": ("convert.max_shard_bytes", None),
 }
 
 
@@ -102,12 +121,15 @@ def open_source(path: str | Path, *, num_attention_heads: int | None = None) -> 
         return StandaloneSource(path)
     if find_rank_dir(path) is not None:
         return GLMOriginalSource(path, num_attention_heads=num_attention_heads)
-    raise CheckpointError(f"{path}: not a checkpoint we can read (neither a megatron_glm training checkpoint, an "
-                          f"original GLM checkpoint with mp_rank_XX_model_states.pt, nor a standalone model)")
+    raise CheckpointError(
+        f"{path}: not a checkpoint we can read (neither a megatron_glm training checkpoint, an "
+        f"original GLM checkpoint with mp_rank_XX_model_states.pt, nor a standalone model)"
+    )
 
 
-def _target_vocab(src: Any, opts: ConvertOptions, notes: list[str],
-                  tokenizer_vocab: Callable[[str], int] | None) -> int:
+def _target_vocab(
+    src: Any, opts: ConvertOptions, notes: list[str], tokenizer_vocab: Callable[[str], int] | None
+) -> int:
     cfg = src.info.config
     tok_vocab = None
     tok = opts.tokenizer_model or (src.info.tokenizer_files[0] if src.info.tokenizer_files else None)
@@ -120,11 +142,15 @@ def _target_vocab(src: Any, opts: ConvertOptions, notes: list[str],
         notes.append("no tokenizer found: the vocab size was not checked against a tokenizer")
     if vocab % opts.target_tp:
         padded = pad_vocab_size(max(tok_vocab or 0, cfg.vocab_size), cfg.make_vocab_size_divisible_by, opts.target_tp)
-        raise CheckpointError(f"vocab size {vocab} is not divisible by the target tensor-parallel size "
-                              f"{opts.target_tp}; re-pad it with --vocab-size {padded}")
+        raise CheckpointError(
+            f"vocab size {vocab} is not divisible by the target tensor-parallel size "
+            f"{opts.target_tp}; re-pad it with --vocab-size {padded}"
+        )
     if vocab != cfg.vocab_size:
-        notes.append(f"vocab re-padded {cfg.vocab_size} -> {vocab} rows" +
-                     (" (new rows are zeros)" if vocab > cfg.vocab_size else ""))
+        notes.append(
+            f"vocab re-padded {cfg.vocab_size} -> {vocab} rows"
+            + (" (new rows are zeros)" if vocab > cfg.vocab_size else "")
+        )
     return vocab
 
 
@@ -145,9 +171,14 @@ def _check_target(src: Any, opts: ConvertOptions) -> None:
         raise CheckpointError(f"unknown dtype {opts.dtype!r} (fp32, bf16, fp16)")
 
 
-def convert_checkpoint(input_path: str | Path, output: str | Path, opts: ConvertOptions,
-                       log: Callable[[str], None] = print, *,
-                       tokenizer_vocab: Callable[[str], int] | None = None) -> ConvertReport:
+def convert_checkpoint(
+    input_path: str | Path,
+    output: str | Path,
+    opts: ConvertOptions,
+    log: Callable[[str], None] = print,
+    *,
+    tokenizer_vocab: Callable[[str], int] | None = None,
+) -> ConvertReport:
     """Convert ``input_path`` into ``output`` (which must not exist); verify; return a report.
 
     ``tokenizer_vocab(path)``: the vocabulary size of a tokenizer file (the entry point passes the data
@@ -171,10 +202,14 @@ def convert_checkpoint(input_path: str | Path, output: str | Path, opts: Convert
     world = info.tp * info.pp * info.dp
     per_replica = opts.target_tp * opts.target_pp
     target_dp = opts.target_dp or (world // per_replica if world % per_replica == 0 else 1)
-    report = ConvertReport(output=str(output), source=f"{info.format} {info.path}",
-                           source_layout=f"tp={info.tp} pp={info.pp} dp={info.dp} zero={info.zero_stage}",
-                           target_layout=f"{opts.format} tp={opts.target_tp} pp={opts.target_pp}" +
-                           (f" dp={target_dp}" if opts.format == "native" else ""), notes=notes)
+    report = ConvertReport(
+        output=str(output),
+        source=f"{info.format} {info.path}",
+        source_layout=f"tp={info.tp} pp={info.pp} dp={info.dp} zero={info.zero_stage}",
+        target_layout=f"{opts.format} tp={opts.target_tp} pp={opts.target_pp}"
+        + (f" dp={target_dp}" if opts.format == "native" else ""),
+        notes=notes,
+    )
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -187,30 +222,53 @@ def convert_checkpoint(input_path: str | Path, output: str | Path, opts: Convert
             carry = opts.keep_optimizer and note is None
             if not opts.keep_optimizer:
                 note = "dropped on request (--no-optimizer)"
-            report.optimizer = ("resharded (ZeRO-1/2 partitions for the new layout)" if carry else
-                                f"NOT carried: {note}; wrote a model-only checkpoint (start from it with "
-                                f"--checkpoint.load_weights_only true)")
+            report.optimizer = (
+                "resharded (ZeRO-1/2 partitions for the new layout)"
+                if carry
+                else f"NOT carried: {note}; wrote a model-only checkpoint (start from it with "
+                f"--checkpoint.load_weights_only true)"
+            )
             if dtype is not None:
                 notes.append("--dtype is ignored for the native format (weights keep the training dtype)")
                 dtype = None
-            write_native(src, tmp, NativeTarget(tp=opts.target_tp, dp=target_dp, config=tcfg, carry_optimizer=carry,
-                                                pp=opts.target_pp), transform=transform, log=log)
+            write_native(
+                src,
+                tmp,
+                NativeTarget(tp=opts.target_tp, dp=target_dp, config=tcfg, carry_optimizer=carry, pp=opts.target_pp),
+                transform=transform,
+                log=log,
+            )
         elif opts.format == "glm":
-            write_glm_original(src, tmp, opts.target_tp, tcfg, iteration=int(getattr(info, "meta", {}).get("step", 0)),
-                               transform=transform)
+            write_glm_original(
+                src,
+                tmp,
+                opts.target_tp,
+                tcfg,
+                iteration=int(getattr(info, "meta", {}).get("step", 0)),
+                transform=transform,
+            )
         else:
             tok = [opts.tokenizer_model] if opts.tokenizer_model else info.tokenizer_files
             if dtype is None:
                 dtype = torch.float32
-            write_standalone(src, tmp, tcfg, transform=transform, dtype=dtype, tokenizer_files=tok,
-                             max_shard_bytes=opts.max_shard_bytes)
+            write_standalone(
+                src,
+                tmp,
+                tcfg,
+                transform=transform,
+                dtype=dtype,
+                tokenizer_files=tok,
+                max_shard_bytes=opts.max_shard_bytes,
+            )
         report.tensors = len(src.names())
         if opts.verify:
             report.verified = _verify(src, tmp, opts, transform, carry)
         if opts.verify_logits:
             before = source_logits(src, min(info.config.vocab_size, vocab))
-            after = source_logits(open_source(tmp, num_attention_heads=info.config.num_attention_heads),
-                                  min(info.config.vocab_size, vocab))
+            after = source_logits(
+                open_source(tmp, num_attention_heads=info.config.num_attention_heads),
+                min(info.config.vocab_size, vocab),
+            )
             report.logits_max_diff = float((before - after).abs().max())
         os.replace(tmp, output)
     except BaseException:
@@ -220,8 +278,9 @@ def convert_checkpoint(input_path: str | Path, output: str | Path, opts: Convert
     return report
 
 
-def _verify(src: Any, out: Path, opts: ConvertOptions, transform: Callable[[str, torch.Tensor], torch.Tensor],
-            carry: bool) -> int:
+def _verify(
+    src: Any, out: Path, opts: ConvertOptions, transform: Callable[[str, torch.Tensor], torch.Tensor], carry: bool
+) -> int:
     """Re-read the written checkpoint, merge it, and compare every tensor's shape, dtype and sha256."""
     native = opts.format == "native"
     dst = open_source(out, num_attention_heads=src.info.config.num_attention_heads)

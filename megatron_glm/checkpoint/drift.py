@@ -33,8 +33,10 @@ def run_identity(cfg: Any, global_batch_size: int) -> dict[str, Any]:
 
     d = cfg.data
     return {
-        "data": [[weight, os.path.abspath(prefix), dataset_fingerprint(prefix)]
-                 for weight, prefix in parse_data_path(d.data_path)],
+        "data": [
+            [weight, os.path.abspath(prefix), dataset_fingerprint(prefix)]
+            for weight, prefix in parse_data_path(d.data_path)
+        ],
         "tokenizer_sha256": _file_sha256(d.tokenizer_model),
         "seq_length": d.seq_length,
         "global_batch_size": int(global_batch_size),
@@ -47,8 +49,11 @@ def _from_config(config: dict[str, Any]) -> dict[str, Any]:
     """The comparable part of an older checkpoint that recorded only its config."""
     data, training = config.get("data", {}), config.get("training", {})
     out: dict[str, Any] = {}
-    for key, value in (("seq_length", data.get("seq_length")), ("seed", training.get("seed")),
-                       ("split", data.get("split"))):
+    for key, value in (
+        ("seq_length", data.get("seq_length")),
+        ("seed", training.get("seed")),
+        ("split", data.get("split")),
+    ):
         if value is not None:
             out[key] = value
     return out
@@ -70,10 +75,16 @@ def identity_drift(meta: dict[str, Any], current: dict[str, Any]) -> list[str]:
             new = ", ".join(f"{os.path.basename(p)} [{_short(fp)}]" for _, p, fp in current["data"])
             out.append(f"data (fingerprint): checkpoint {old}, now {new}")
     if saved.get("tokenizer_sha256") and current.get("tokenizer_sha256") != saved["tokenizer_sha256"]:
-        out.append(f"tokenizer (sha256): checkpoint {_short(saved['tokenizer_sha256'])}, "
-                   f"now {_short(current.get('tokenizer_sha256') or 'unreadable')}")
-    for key, name in (("seq_length", "seq length"), ("global_batch_size", "global batch"), ("seed", "seed"),
-                      ("split", "split")):
+        out.append(
+            f"tokenizer (sha256): checkpoint {_short(saved['tokenizer_sha256'])}, "
+            f"now {_short(current.get('tokenizer_sha256') or 'unreadable')}"
+        )
+    for key, name in (
+        ("seq_length", "seq length"),
+        ("global_batch_size", "global batch"),
+        ("seed", "seed"),
+        ("split", "split"),
+    ):
         if key in saved and saved[key] != current.get(key):
             out.append(f"{name}: checkpoint {saved[key]!r}, now {current.get(key)!r}")
     return out

@@ -78,8 +78,11 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_manifest(step_dir: Path, tag: str, hash_files: bool = True) -> None:
     """Record every file of a step directory (size, sha256); written last, it marks the checkpoint complete."""
-    files = {str(f.relative_to(step_dir)): {"size": f.stat().st_size, "sha256": file_sha256(f) if hash_files else ""}
-             for f in sorted(step_dir.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    files = {
+        str(f.relative_to(step_dir)): {"size": f.stat().st_size, "sha256": file_sha256(f) if hash_files else ""}
+        for f in sorted(step_dir.rglob("*"))
+        if f.is_file() and f.name != MANIFEST
+    }
     write_text_atomic(step_dir / MANIFEST, json.dumps({"tag": tag, "files": files}, indent=1))
 
 
@@ -136,8 +139,11 @@ def list_checkpoints(directory: str | Path) -> list[str]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    tags = sorted((p.name for p in directory.iterdir() if p.is_dir() and TAG_RE.match(p.name)),
-                  key=lambda t: int(TAG_RE.match(t).group(1)), reverse=True)
+    tags = sorted(
+        (p.name for p in directory.iterdir() if p.is_dir() and TAG_RE.match(p.name)),
+        key=lambda t: int(TAG_RE.match(t).group(1)),
+        reverse=True,
+    )
     latest = directory / LATEST
     if latest.is_file():
         named = latest.read_text(encoding="utf-8").strip()
@@ -198,8 +204,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 class CheckpointManager:
     """Saves and restores a DeepSpeed engine plus our run state, atomically and verifiably."""
 
-    def __init__(self, save_dir: str | Path, keep_last: int = 0, hash_files: bool = True,
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, save_dir: str | Path, keep_last: int = 0, hash_files: bool = True, log: Callable[[str], None] = print
+    ) -> None:
         self.save_dir = Path(save_dir) if save_dir else None
         self.keep_last = keep_last
         self.hash_files = hash_files
@@ -263,8 +270,9 @@ class CheckpointManager:
             reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         else:
             reason = "another rank failed to write its part"
-        raise CheckpointError(f"cannot save checkpoint {tag} in {self.save_dir}: {reason}; removed the partial "
-                              f"{tmp.name}, {kept}")
+        raise CheckpointError(
+            f"cannot save checkpoint {tag} in {self.save_dir}: {reason}; removed the partial {tmp.name}, {kept}"
+        )
 
     def _prune(self) -> None:
         """Keep the newest ``keep_last`` checkpoints that verify; a corrupt one never counts as kept.
@@ -275,9 +283,10 @@ class CheckpointManager:
         if self.keep_last <= 0 or self.save_dir is None:
             return
         tags = sorted(list_checkpoints(self.save_dir), key=lambda t: int(TAG_RE.match(t).group(1)), reverse=True)
-        good = [t for t in tags if t not in self.bad_tags
-                and verify_checkpoint(self.save_dir / t, hash_files=False) is None]
-        keep = set(good[:self.keep_last])
+        good = [
+            t for t in tags if t not in self.bad_tags and verify_checkpoint(self.save_dir / t, hash_files=False) is None
+        ]
+        keep = set(good[: self.keep_last])
         oldest_kept = min((int(TAG_RE.match(t).group(1)) for t in keep), default=0)
         for old in tags:
             if old in keep:
@@ -288,8 +297,9 @@ class CheckpointManager:
                 remove_checkpoint(self.save_dir / old)
 
     # ------------------------------------------------------------------ load
-    def load(self, engine: Any, load_dir: str | Path, expect: dict[str, Any] | None = None
-             ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    def load(
+        self, engine: Any, load_dir: str | Path, expect: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """Restore the newest usable checkpoint of ``load_dir`` into ``engine``.
 
         Returns ``(meta, rng_state)``, or ``None`` when the directory holds no checkpoint at all.
@@ -322,18 +332,22 @@ class CheckpointManager:
             meta = read_meta(path)
             layout = meta.get("layout", {})
             if meta.get("weights_only"):
-                raise CheckpointError(f"{path}: holds model weights only (converted without optimizer state); "
-                                      f"start from it with --checkpoint.load_weights_only true")
+                raise CheckpointError(
+                    f"{path}: holds model weights only (converted without optimizer state); "
+                    f"start from it with --checkpoint.load_weights_only true"
+                )
             for key, want in (expect or {}).items():
                 if key in layout and layout[key] != want:
                     raise CheckpointError(
                         f"{path}: saved with {key}={layout[key]} but this run has {key}={want}; "
-                        f"reshard it with tools/convert_checkpoint.py or run with the saved layout")
+                        f"reshard it with tools/convert_checkpoint.py or run with the saved layout"
+                    )
             error = ""
             rng_state: dict[str, Any] = {}
             try:
-                loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+                loaded, _ = engine.load_checkpoint(
+                    str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
                 if loaded is None:
                     raise CheckpointError(f"{path}: DeepSpeed could not load it")
                 rng_file = path / "rng" / f"rank{_rank():05d}.pt"

@@ -26,14 +26,18 @@ def merge_shards(spec: TensorSpec, shards: list[torch.Tensor]) -> torch.Tensor:
         first = shards[0]
         for r, s in enumerate(shards[1:], 1):
             if s.shape != first.shape:
-                raise CheckpointError(f"{name}: replicated tensor has shape {list(s.shape)} on tensor-parallel rank "
-                                      f"{r} but {list(first.shape)} on rank 0")
+                raise CheckpointError(
+                    f"{name}: replicated tensor has shape {list(s.shape)} on tensor-parallel rank "
+                    f"{r} but {list(first.shape)} on rank 0"
+                )
         return first
     dim, stride = part
     for r, s in enumerate(shards):
         if s.shape != shards[0].shape:
-            raise CheckpointError(f"{name}: shard of tensor-parallel rank {r} has shape {list(s.shape)}, rank 0 has "
-                                  f"{list(shards[0].shape)}")
+            raise CheckpointError(
+                f"{name}: shard of tensor-parallel rank {r} has shape {list(s.shape)}, rank 0 has "
+                f"{list(shards[0].shape)}"
+            )
         if s.shape[dim] % stride:
             raise CheckpointError(f"{name}: shard dimension {dim} ({s.shape[dim]}) is not a multiple of {stride}")
     return unshard(list(shards), dim, stride)
@@ -46,8 +50,10 @@ def split_full(spec: TensorSpec, full: torch.Tensor, rank: int, size: int) -> to
         return full
     dim, stride = part
     if full.shape[dim] % (size * stride):
-        raise CheckpointError(f"{name}: dimension {dim} of size {full.shape[dim]} does not split into {size} "
-                              f"tensor-parallel ranks" + (f" x {stride} packed blocks" if stride > 1 else ""))
+        raise CheckpointError(
+            f"{name}: dimension {dim} of size {full.shape[dim]} does not split into {size} "
+            f"tensor-parallel ranks" + (f" x {stride} packed blocks" if stride > 1 else "")
+        )
     if stride == 1:
         return torch.chunk(full, size, dim=dim)[rank]
     return shard(full, dim, rank, size, stride)

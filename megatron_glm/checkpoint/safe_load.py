@@ -54,8 +54,10 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu", *, mmap: bool =
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Unsupported global" in text or "weights_only" in text or "GLOBAL" in text:
-            raise CheckpointError(f"{path}: refused: {_unsafe_reason(text)}; a checkpoint must hold only "
-                                  f"tensors and plain data, so this file is not loaded") from None
+            raise CheckpointError(
+                f"{path}: refused: {_unsafe_reason(text)}; a checkpoint must hold only "
+                f"tensors and plain data, so this file is not loaded"
+            ) from None
         raise CheckpointError(f"{path}: corrupt checkpoint file ({_first_line(exc)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint file ({_first_line(exc)})") from None

@@ -38,8 +38,9 @@ def compare_checksums(expected: Checksums, actual: Checksums, what: str) -> None
     for name, (shape, dtype, digest) in expected.items():
         got = actual[name]
         if got[0] != shape or got[1] != dtype:
-            raise CheckpointError(f"verification failed: {what}: {name} is {got[1]} {list(got[0])}, expected "
-                                  f"{dtype} {list(shape)}")
+            raise CheckpointError(
+                f"verification failed: {what}: {name} is {got[1]} {list(got[0])}, expected {dtype} {list(shape)}"
+            )
         if got[2] != digest:
             raise CheckpointError(f"verification failed: {what}: {name} differs from the source (checksum)")
 

@@ -36,11 +36,15 @@ def load_model_weights(model: nn.Module, source: str | Path | Any, tp_size: int,
             try:
                 value = split_full(layout[name], full, tp_rank, tp_size)
             except (ValueError, RuntimeError) as exc:
-                raise CheckpointError(f"{src.info.path}: {name} of shape {list(full.shape)} cannot be split for "
-                                      f"tensor-parallel size {tp_size} ({exc})") from None
+                raise CheckpointError(
+                    f"{src.info.path}: {name} of shape {list(full.shape)} cannot be split for "
+                    f"tensor-parallel size {tp_size} ({exc})"
+                ) from None
             if tuple(value.shape) != tuple(param.shape):
-                raise CheckpointError(f"{src.info.path}: {name} has shape {list(value.shape)} for tp rank {tp_rank}, "
-                                      f"the model expects {list(param.shape)}")
+                raise CheckpointError(
+                    f"{src.info.path}: {name} has shape {list(value.shape)} for tp rank {tp_rank}, "
+                    f"the model expects {list(param.shape)}"
+                )
             param.copy_(value)
     src.release()
     return src.info.path

@@ -43,7 +43,7 @@ def _range(parts: list[torch.Tensor], sizes: list[int], offset: int, numel: int)
         take = min(numel, sizes[k] - start)
         if parts[k].numel() < start + take:
             raise CheckpointError("ZeRO partitions are shorter than the parameters they should hold")
-        pieces.append(parts[k].reshape(-1)[start:start + take])
+        pieces.append(parts[k].reshape(-1)[start : start + take])
         offset, numel = offset + take, numel - take
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
@@ -66,12 +66,15 @@ class ZeroReader:
         count = osd.get("partition_count", self.dp)
         count = max(count) if isinstance(count, list) else count
         if count != self.dp:
-            raise CheckpointError(f"{files[0].parent}: ZeRO files say {count} data-parallel partitions but "
-                                  f"{self.dp} files were found")
+            raise CheckpointError(
+                f"{files[0].parent}: ZeRO files say {count} data-parallel partitions but {self.dp} files were found"
+            )
         pads = osd.get("param_alignment_paddings")
         if pads and any(any(p) for p in pads):
-            raise CheckpointError(f"{files[0]}: ZeRO parameter_alignment padding is not supported; save "
-                                  f"without zero_optimization.parameter_alignment")
+            raise CheckpointError(
+                f"{files[0]}: ZeRO parameter_alignment padding is not supported; save "
+                f"without zero_optimization.parameter_alignment"
+            )
         self._index = self._build_index()
 
     def _states(self) -> list[dict[str, Any]]:
@@ -118,7 +121,7 @@ class ZeroReader:
         for sd in sds:
             groups = list(sd["fp32_flat_groups"])
             pieces.append(_range(groups, [t.numel() for t in groups], offset, per_rank))
-        return torch.cat(pieces)[:shape.numel()].view(shape)
+        return torch.cat(pieces)[: shape.numel()].view(shape)
 
     def moments(self, name: str) -> dict[str, torch.Tensor]:
         """``exp_avg`` and ``exp_avg_sq`` of ``name`` (ZeRO-1/2 only)."""
@@ -127,8 +130,10 @@ class ZeroReader:
         g, offset, shape = self._lookup(name)
         sds = self._states()
         sizes = [self._partition_size(g)] * self.dp
-        return {key: _range([_base_state(sd, g)[key] for sd in sds], sizes, offset, shape.numel()).view(shape)
-                for key in ("exp_avg", "exp_avg_sq")}
+        return {
+            key: _range([_base_state(sd, g)[key] for sd in sds], sizes, offset, shape.numel()).view(shape)
+            for key in ("exp_avg", "exp_avg_sq")
+        }
 
     def step(self) -> Any:
         """The optimizer step count stored with group 0."""
@@ -159,9 +164,16 @@ def zero12_partitions(group_numels: list[int], dp: int) -> list[tuple[int, int]]
     return out
 
 
-def write_zero12_file(path: Path, groups: list[list[tuple[str, torch.Size]]], dp_rank: int, dp: int,
-                      state_of: Callable[[str], dict[str, torch.Tensor]], global_state: dict[str, Any],
-                      step: Any, ds_config: Any) -> None:
+def write_zero12_file(
+    path: Path,
+    groups: list[list[tuple[str, torch.Size]]],
+    dp_rank: int,
+    dp: int,
+    state_of: Callable[[str], dict[str, torch.Tensor]],
+    global_state: dict[str, Any],
+    step: Any,
+    ds_config: Any,
+) -> None:
     """Write data-parallel rank ``dp_rank``'s ZeRO-1/2 optimizer file for one tensor-parallel rank.
 
     ``groups``: per param group, ``(name, shard shape)`` in group order. ``state_of(name)`` returns this
@@ -181,24 +193,31 @@ def write_zero12_file(path: Path, groups: list[list[tuple[str, torch.Size]]], dp
             if a < b:
                 st = state_of(name)
                 for key, buf in bufs.items():
-                    buf[a - lo:b - lo] = st[key].reshape(-1)[a - offset:b - offset]
+                    buf[a - lo : b - lo] = st[key].reshape(-1)[a - offset : b - offset]
                 mapping[name] = fragment_address(numel=b - a, start=a - lo)
             offset += n
         padding = size if total <= lo else (hi - total if total < hi else 0)
-        fp32_groups.append(bufs["fp32"][:size - padding].clone())
+        fp32_groups.append(bufs["fp32"][: size - padding].clone())
         paddings.append(padding)
-        states[g] = {"step": step.clone() if torch.is_tensor(step) else step,
-                     "exp_avg": bufs["exp_avg"], "exp_avg_sq": bufs["exp_avg_sq"]}
+        states[g] = {
+            "step": step.clone() if torch.is_tensor(step) else step,
+            "exp_avg": bufs["exp_avg"],
+            "exp_avg_sq": bufs["exp_avg_sq"],
+        }
         mappings.append(mapping)
     param_groups = global_state.get("param_groups") or [{} for _ in groups]
     osd = {k: v for k, v in global_state.items() if k != "param_groups"}
-    osd.update({
-        "base_optimizer_state": {"state": states,
-                                 "param_groups": [{**pg, "params": [g]} for g, pg in enumerate(param_groups)]},
-        "single_partition_of_fp32_groups": fp32_groups,
-        "group_paddings": paddings,
-        "param_alignment_paddings": [[0] * len(grp) for grp in groups],
-        "partition_count": [dp] * len(groups),
-        "param_slice_mappings": mappings,
-    })
+    osd.update(
+        {
+            "base_optimizer_state": {
+                "state": states,
+                "param_groups": [{**pg, "params": [g]} for g, pg in enumerate(param_groups)],
+            },
+            "single_partition_of_fp32_groups": fp32_groups,
+            "group_paddings": paddings,
+            "param_alignment_paddings": [[0] * len(grp) for grp in groups],
+            "partition_count": [dp] * len(groups),
+            "param_slice_mappings": mappings,
+        }
+    )
     torch.save({"optimizer_state_dict": osd, "ds_config": ds_config, "ds_version": osd.get("ds_version")}, path)

@@ -154,8 +154,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def _flatten(data: Any, source: str, prefix: str = "") -> dict[str, Any]:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at '{prefix.rstrip('.') or 'top level'}', "
-                          f"got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping at '{prefix.rstrip('.') or 'top level'}', got {type(data).__name__}"
+        )
     out: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
@@ -185,8 +186,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return _flatten(data, str(path))
 
 
-def parse_overrides(argv: list[str], flags: dict[str, str] | None = None, *, root: type = GLMConfig,
-                    aliases: dict[str, tuple[str, Any]] | None = None) -> tuple[str | None, dict[str, Any]]:
+def parse_overrides(
+    argv: list[str],
+    flags: dict[str, str] | None = None,
+    *,
+    root: type = GLMConfig,
+    aliases: dict[str, tuple[str, Any]] | None = None,
+) -> tuple[str | None, dict[str, Any]]:
     """Split command-line tokens into (yaml path or None, {dotted path: raw value}).
 
     ``flags``, when given, receives the spelling used on the command line for each dotted path.
@@ -247,8 +253,13 @@ def _is_number(token: str) -> bool:
     return True
 
 
-def build_config(assignments: dict[str, Any], source: str = "config",
-                 sources: dict[str, str] | None = None, *, root: type = GLMConfig) -> Any:
+def build_config(
+    assignments: dict[str, Any],
+    source: str = "config",
+    sources: dict[str, str] | None = None,
+    *,
+    root: type = GLMConfig,
+) -> Any:
     """Make a ``root`` config (default :class:`GLMConfig`) from dotted assignments (a named model size is
     applied first).
 
@@ -264,8 +275,9 @@ def build_config(assignments: dict[str, Any], source: str = "config",
     merged: dict[str, Any] = {}
     if size:
         if size not in MODEL_SIZES:
-            raise ConfigError(f"{sources.get('model.size', source)}: model.size '{size}' is not one of "
-                              f"{', '.join(MODEL_SIZES)}")
+            raise ConfigError(
+                f"{sources.get('model.size', source)}: model.size '{size}' is not one of {', '.join(MODEL_SIZES)}"
+            )
         merged.update({f"model.{k}": v for k, v in MODEL_SIZES[size].items()})
     merged.update(assignments)
     for path, raw in merged.items():
@@ -283,8 +295,7 @@ def build_config(assignments: dict[str, Any], source: str = "config",
     return cfg
 
 
-def load_config(argv: list[str], *, root: type = GLMConfig,
-                aliases: dict[str, tuple[str, Any]] | None = None) -> Any:
+def load_config(argv: list[str], *, root: type = GLMConfig, aliases: dict[str, tuple[str, Any]] | None = None) -> Any:
     """Entry points call this with ``sys.argv[1:]``: ``--config FILE`` plus overrides."""
     flags: dict[str, str] = {}
     config_path, overrides = parse_overrides(argv, flags, root=root, aliases=aliases)

@@ -9,15 +9,15 @@ from megatron_glm.errors import ConfigError
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 
 
-def parse_iteration_ranges(specs: list[str], where: str = "training.skip_train_iteration_range"
-                           ) -> list[tuple[int, int]]:
+def parse_iteration_ranges(
+    specs: list[str], where: str = "training.skip_train_iteration_range"
+) -> list[tuple[int, int]]:
     """``["A-B", ...]`` -> sorted inclusive ``(A, B)`` pairs with ``1 <= A <= B``; overlaps are merged."""
     out: list[tuple[int, int]] = []
     for spec in specs:
         m = _RANGE.match(str(spec))
         if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
-            raise ConfigError(f"{where}: expected ranges of steps like '101-200' with 1 <= start <= end, "
-                              f"got {spec!r}")
+            raise ConfigError(f"{where}: expected ranges of steps like '101-200' with 1 <= start <= end, got {spec!r}")
         out.append((int(m.group(1)), int(m.group(2))))
     merged: list[tuple[int, int]] = []
     for a, b in sorted(out):

@@ -17,13 +17,19 @@ def opt(default: Any, help: str, **kwargs: Any) -> Any:
 class ModelConfig:
     """Architecture of the GLM transformer."""
 
-    size: str = opt("", "Named size to start from (glm-tiny, glm-base, glm-large, glm-large-chinese, "
-                        "glm-2b, glm-10b); explicit fields override it.")
+    size: str = opt(
+        "",
+        "Named size to start from (glm-tiny, glm-base, glm-large, glm-large-chinese, "
+        "glm-2b, glm-10b); explicit fields override it.",
+    )
     num_layers: int = opt(2, "Number of transformer layers.")
     hidden_size: int = opt(64, "Hidden size H.")
     num_attention_heads: int = opt(4, "Attention heads; must divide hidden_size.")
-    vocab_size: int = opt(0, "Rows of the word embedding (padded vocab). 0: the tokenizer's vocab padded "
-                             "to a multiple of make_vocab_size_divisible_by x tensor_model_parallel_size.")
+    vocab_size: int = opt(
+        0,
+        "Rows of the word embedding (padded vocab). 0: the tokenizer's vocab padded "
+        "to a multiple of make_vocab_size_divisible_by x tensor_model_parallel_size.",
+    )
     make_vocab_size_divisible_by: int = opt(128, "Pad the vocab to a multiple of this times the TP size.")
     max_sequence_length: int = opt(512, "Maximum position; the position tables have this + 1 rows.")
     hidden_dropout: float = opt(0.1, "Dropout after the attention/MLP output projections and embeddings.")
@@ -31,20 +37,31 @@ class ModelConfig:
     layernorm_epsilon: float = opt(1e-5, "LayerNorm epsilon.")
     init_std: float = opt(0.02, "Std of the normal init; output projections use init_std/sqrt(2L).")
     block_position_encoding: bool = opt(True, "Add the block-position embedding (row 1 of position_ids).")
-    attention_impl: str = opt("sdpa", "Attention kernel: sdpa (fused, default), flex (CUDA) or eager "
-                                      "(reference, materialises the scores).",
-                              choices=("sdpa", "flex", "eager"))
+    attention_impl: str = opt(
+        "sdpa",
+        "Attention kernel: sdpa (fused, default), flex (CUDA) or eager (reference, materialises the scores).",
+        choices=("sdpa", "flex", "eager"),
+    )
     checkpoint_activations: bool = opt(False, "Recompute layer activations in backward to save memory.")
     checkpoint_num_layers: int = opt(1, "Layers per activation-checkpoint chunk.")
-    recompute_granularity: str = opt("", "Activation recomputation (Megatron's flag): '' none (full when "
-                                         "checkpoint_activations), full (whole layers, checkpoint_num_layers at a "
-                                         "time) or selective (the attention core only: scores, softmax, dropout).",
-                                     choices=("", "full", "selective"))
-    sequence_parallel: bool = opt(False, "Under tensor parallelism, run norms, dropouts and residuals on sequence "
-                                         "shards (Megatron's): all-gather / reduce-scatter instead of all-reduce; "
-                                         "needs seq_length divisible by the TP size, no pipeline.")
-    head_chunk_size: int = opt(0, "Training: fuse the tied head into the cross entropy, this many loss rows at a "
-                                  "time, so the [n, V] logits are never stored (0: one unfused head).")
+    recompute_granularity: str = opt(
+        "",
+        "Activation recomputation (Megatron's flag): '' none (full when "
+        "checkpoint_activations), full (whole layers, checkpoint_num_layers at a "
+        "time) or selective (the attention core only: scores, softmax, dropout).",
+        choices=("", "full", "selective"),
+    )
+    sequence_parallel: bool = opt(
+        False,
+        "Under tensor parallelism, run norms, dropouts and residuals on sequence "
+        "shards (Megatron's): all-gather / reduce-scatter instead of all-reduce; "
+        "needs seq_length divisible by the TP size, no pipeline.",
+    )
+    head_chunk_size: int = opt(
+        0,
+        "Training: fuse the tied head into the cross entropy, this many loss rows at a "
+        "time, so the [n, V] logits are never stored (0: one unfused head).",
+    )
 
 
 @dataclass(kw_only=True)
@@ -54,8 +71,9 @@ class ParallelConfig:
     tensor_model_parallel_size: int = opt(1, "Tensor-parallel size (ranks that split each layer).")
     pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size (stages of layers).")
     data_parallel_size: int = opt(0, "Data-parallel size; 0 derives world_size / (tp x pp).")
-    pipeline_partition_method: str = opt("uniform", "Pipeline partitioning: uniform (layers) or parameters.",
-                                         choices=("uniform", "parameters"))
+    pipeline_partition_method: str = opt(
+        "uniform", "Pipeline partitioning: uniform (layers) or parameters.", choices=("uniform", "parameters")
+    )
 
 
 @dataclass(kw_only=True)
@@ -66,8 +84,11 @@ class ObjectiveConfig:
     gap_sentence_prob: float = opt(0.0, "Probability of the sentence-level ([sMASK]) objective.")
     gap_sentence_ratio: float = opt(0.15, "Fraction of tokens covered by sentence blanks.")
     mask_ratio: float = opt(0.15, "Fraction of tokens covered by token-level blanks.")
-    gpt_infill_prob: float = opt(0.5, "Document objective: probability that the span is a suffix (the original's "
-                                      "naming; packed documents always use a suffix).")
+    gpt_infill_prob: float = opt(
+        0.5,
+        "Document objective: probability that the span is a suffix (the original's "
+        "naming; packed documents always use a suffix).",
+    )
     gpt_min_ratio: float = opt(0.5, "Document objective: minimum span length as a fraction of the document.")
     avg_block_length: float = opt(3.0, "Poisson mean of token-level span lengths.")
     max_block_length: int = opt(39, "Longest token-level span.")
@@ -77,8 +98,9 @@ class ObjectiveConfig:
     single_span_prob: float = opt(0.0, "Token objective: probability of masking one span only.")
     task_mask: bool = opt(True, "Use [sMASK]/[gMASK] for sentence/document blanks (else [MASK]).")
     shuffle_block: bool = opt(True, "Shuffle the Part B spans (False: --no-shuffle-block).")
-    block_position: bool = opt(True, "Emit block positions 1..k+1 in Part B (False: --no-block-position, all 1 "
-                                     "in Part B as the original).")
+    block_position: bool = opt(
+        True, "Emit block positions 1..k+1 in Part B (False: --no-block-position, all 1 in Part B as the original)."
+    )
     sentinel_token: bool = opt(False, "Original --sentinel-token variant (not supported yet; must stay false).")
     per_sample: bool = opt(False, "Choose the objective per sample instead of once per micro-batch.")
 
@@ -129,15 +151,22 @@ class TrainingConfig:
     local_rank: int = opt(-1, "Set by the deepspeed launcher.")
     eval_interval: int = opt(1000, "Evaluate on the validation split every N steps (0: never).")
     eval_iters: int = opt(10, "Micro-batches per evaluation.")
-    compile: bool = opt(False, "torch.compile the transformer layers (first step pays the compilation, reported "
-                               "separately in the log).")
+    compile: bool = opt(
+        False, "torch.compile the transformer layers (first step pays the compilation, reported separately in the log)."
+    )
     max_nonfinite_steps: int = opt(20, "Stop with an error after this many consecutive non-finite steps.")
     exit_interval: int = opt(0, "Save and stop cleanly after a step divisible by N (0: never); resume with --load.")
-    exit_duration_in_mins: float = opt(0.0, "Save and stop after the first step that ends past this many minutes "
-                                            "since pretrain() started (all ranks agree; 0: no limit).")
-    skip_train_iteration_range: list[str] = opt([], "Steps to step over, as inclusive ranges 'A-B' (1-based): their "
-                                                    "samples are consumed without a forward pass or an update; the "
-                                                    "LR schedule counts updates, so it does not advance either.")
+    exit_duration_in_mins: float = opt(
+        0.0,
+        "Save and stop after the first step that ends past this many minutes "
+        "since pretrain() started (all ranks agree; 0: no limit).",
+    )
+    skip_train_iteration_range: list[str] = opt(
+        [],
+        "Steps to step over, as inclusive ranges 'A-B' (1-based): their "
+        "samples are consumed without a forward pass or an update; the "
+        "LR schedule counts updates, so it does not advance either.",
+    )
 
 
 @dataclass(kw_only=True)
@@ -148,12 +177,18 @@ class CheckpointConfig:
     load: str = opt("", "Directory to resume from (its latest complete checkpoint).")
     save_interval: int = opt(0, "Save every N steps (0: only at the end).")
     keep_last: int = opt(3, "Keep the newest K checkpoints (0: keep all).")
-    load_weights_only: bool = opt(False, "With load: take only the model weights of its newest checkpoint (e.g. a "
-                                         "converted one without optimizer state, or to fine-tune); optimizer, LR "
-                                         "schedule, step and data position start fresh.")
-    override_config: bool = opt(False, "Resume even though the data (fingerprint or path), tokenizer, sequence "
-                                       "length, global batch, seed or split differ from the checkpoint's "
-                                       "(without it such a resume is refused with the list of differences).")
+    load_weights_only: bool = opt(
+        False,
+        "With load: take only the model weights of its newest checkpoint (e.g. a "
+        "converted one without optimizer state, or to fine-tune); optimizer, LR "
+        "schedule, step and data position start fresh.",
+    )
+    override_config: bool = opt(
+        False,
+        "Resume even though the data (fingerprint or path), tokenizer, sequence "
+        "length, global batch, seed or split differ from the checkpoint's "
+        "(without it such a resume is refused with the list of differences).",
+    )
 
 
 @dataclass(kw_only=True)

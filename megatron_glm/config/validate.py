@@ -47,49 +47,68 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
             return False
         return True
 
-    ok = all([positive(m.num_layers, "model.num_layers"), positive(m.hidden_size, "model.hidden_size"),
-              positive(m.num_attention_heads, "model.num_attention_heads"),
-              positive(p.tensor_model_parallel_size, "parallel.tensor_model_parallel_size"),
-              positive(p.pipeline_model_parallel_size, "parallel.pipeline_model_parallel_size"),
-              positive(t.micro_batch_size, "training.micro_batch_size"),
-              positive(d.seq_length, "data.seq_length"),
-              positive(m.max_sequence_length, "model.max_sequence_length")])
+    ok = all(
+        [
+            positive(m.num_layers, "model.num_layers"),
+            positive(m.hidden_size, "model.hidden_size"),
+            positive(m.num_attention_heads, "model.num_attention_heads"),
+            positive(p.tensor_model_parallel_size, "parallel.tensor_model_parallel_size"),
+            positive(p.pipeline_model_parallel_size, "parallel.pipeline_model_parallel_size"),
+            positive(t.micro_batch_size, "training.micro_batch_size"),
+            positive(d.seq_length, "data.seq_length"),
+            positive(m.max_sequence_length, "model.max_sequence_length"),
+        ]
+    )
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     if ok:
         if m.hidden_size % m.num_attention_heads:
-            out.append(f"model.hidden_size ({m.hidden_size}) must be divisible by "
-                       f"model.num_attention_heads ({m.num_attention_heads})")
+            out.append(
+                f"model.hidden_size ({m.hidden_size}) must be divisible by "
+                f"model.num_attention_heads ({m.num_attention_heads})"
+            )
         if m.num_attention_heads % tp:
-            out.append(f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
-                       f"parallel.tensor_model_parallel_size ({tp})")
+            out.append(
+                f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
+                f"parallel.tensor_model_parallel_size ({tp})"
+            )
         if m.num_layers % pp and p.pipeline_partition_method == "uniform":
-            out.append(f"model.num_layers ({m.num_layers}) must be divisible by "
-                       f"parallel.pipeline_model_parallel_size ({pp}) for uniform partitioning")
+            out.append(
+                f"model.num_layers ({m.num_layers}) must be divisible by "
+                f"parallel.pipeline_model_parallel_size ({pp}) for uniform partitioning"
+            )
         if m.num_layers < pp:
-            out.append(f"model.num_layers ({m.num_layers}) must be at least "
-                       f"parallel.pipeline_model_parallel_size ({pp})")
+            out.append(
+                f"model.num_layers ({m.num_layers}) must be at least parallel.pipeline_model_parallel_size ({pp})"
+            )
         if m.vocab_size < 0:
             out.append(f"model.vocab_size must be >= 0 (0 derives it from the tokenizer), got {m.vocab_size}")
         elif m.vocab_size and m.vocab_size % tp:
-            out.append(f"model.vocab_size ({m.vocab_size}) must be divisible by "
-                       f"parallel.tensor_model_parallel_size ({tp}); pad it to "
-                       f"{pad_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)}")
+            out.append(
+                f"model.vocab_size ({m.vocab_size}) must be divisible by "
+                f"parallel.tensor_model_parallel_size ({tp}); pad it to "
+                f"{pad_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)}"
+            )
         if m.make_vocab_size_divisible_by <= 0:
             out.append(f"model.make_vocab_size_divisible_by must be positive, got {m.make_vocab_size_divisible_by}")
         if d.seq_length > m.max_sequence_length:
-            out.append(f"data.seq_length ({d.seq_length}) exceeds model.max_sequence_length "
-                       f"({m.max_sequence_length})")
+            out.append(f"data.seq_length ({d.seq_length}) exceeds model.max_sequence_length ({m.max_sequence_length})")
         if m.checkpoint_num_layers <= 0:
             out.append(f"model.checkpoint_num_layers must be positive, got {m.checkpoint_num_layers}")
         if m.checkpoint_activations and m.recompute_granularity == "selective":
-            out.append("model.checkpoint_activations (full recomputation) conflicts with "
-                       "model.recompute_granularity 'selective'; set one of them")
+            out.append(
+                "model.checkpoint_activations (full recomputation) conflicts with "
+                "model.recompute_granularity 'selective'; set one of them"
+            )
         if m.sequence_parallel and tp > 1 and d.seq_length % tp:
-            out.append(f"model.sequence_parallel needs data.seq_length ({d.seq_length}) divisible by "
-                       f"parallel.tensor_model_parallel_size ({tp})")
+            out.append(
+                f"model.sequence_parallel needs data.seq_length ({d.seq_length}) divisible by "
+                f"parallel.tensor_model_parallel_size ({tp})"
+            )
         if m.sequence_parallel and pp > 1:
-            out.append("model.sequence_parallel is not supported with pipeline parallelism yet "
-                       f"(parallel.pipeline_model_parallel_size is {pp})")
+            out.append(
+                "model.sequence_parallel is not supported with pipeline parallelism yet "
+                f"(parallel.pipeline_model_parallel_size is {pp})"
+            )
         if m.head_chunk_size < 0:
             out.append(f"model.head_chunk_size must be >= 0 (0: unfused head), got {m.head_chunk_size}")
     for name in ("hidden_dropout", "attention_dropout"):
@@ -97,24 +116,32 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
             out.append(f"model.{name} must be in [0, 1), got {getattr(m, name)}")
 
     if world_size and tp * pp and world_size % (tp * pp):
-        out.append(f"world size ({world_size}) must be divisible by tensor ({tp}) x pipeline ({pp}) "
-                   f"parallel sizes")
+        out.append(f"world size ({world_size}) must be divisible by tensor ({tp}) x pipeline ({pp}) parallel sizes")
     dp = derived_data_parallel_size(cfg, world_size)
     if world_size and p.data_parallel_size and p.data_parallel_size != dp:
-        out.append(f"parallel.data_parallel_size ({p.data_parallel_size}) disagrees with world size "
-                   f"{world_size} / (tp {tp} x pp {pp}) = {dp}")
+        out.append(
+            f"parallel.data_parallel_size ({p.data_parallel_size}) disagrees with world size "
+            f"{world_size} / (tp {tp} x pp {pp}) = {dp}"
+        )
     if ok and dp > 0:
         per_step = t.micro_batch_size * dp
         if t.global_batch_size < 0 or t.gradient_accumulation_steps < 0:
             out.append("training.global_batch_size and training.gradient_accumulation_steps must be >= 0")
         elif t.global_batch_size and t.global_batch_size % per_step:
-            out.append(f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
-                       f"micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp}) = {per_step}")
-        elif t.global_batch_size and t.gradient_accumulation_steps and \
-                t.global_batch_size != per_step * t.gradient_accumulation_steps:
-            out.append(f"training.global_batch_size ({t.global_batch_size}) != micro_batch_size "
-                       f"({t.micro_batch_size}) x data-parallel size ({dp}) x gradient_accumulation_steps "
-                       f"({t.gradient_accumulation_steps})")
+            out.append(
+                f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
+                f"micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp}) = {per_step}"
+            )
+        elif (
+            t.global_batch_size
+            and t.gradient_accumulation_steps
+            and t.global_batch_size != per_step * t.gradient_accumulation_steps
+        ):
+            out.append(
+                f"training.global_batch_size ({t.global_batch_size}) != micro_batch_size "
+                f"({t.micro_batch_size}) x data-parallel size ({dp}) x gradient_accumulation_steps "
+                f"({t.gradient_accumulation_steps})"
+            )
 
     if t.train_iters < 0:
         out.append(f"training.train_iters must be >= 0, got {t.train_iters}")
@@ -131,17 +158,27 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
     if t.zero_stage not in (0, 1, 2, 3):
         out.append(f"training.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
     if pp > 1 and t.zero_stage > 1:
-        out.append(f"training.zero_stage {t.zero_stage} cannot be combined with pipeline parallelism "
-                   f"(DeepSpeed supports ZeRO 0/1 with pipelines)")
+        out.append(
+            f"training.zero_stage {t.zero_stage} cannot be combined with pipeline parallelism "
+            f"(DeepSpeed supports ZeRO 0/1 with pipelines)"
+        )
 
     ob = d.objective
-    for name in ("bert_prob", "gap_sentence_prob", "gpt_infill_prob", "block_mask_prob", "short_seq_prob",
-                 "single_span_prob"):
+    for name in (
+        "bert_prob",
+        "gap_sentence_prob",
+        "gpt_infill_prob",
+        "block_mask_prob",
+        "short_seq_prob",
+        "single_span_prob",
+    ):
         if not 0.0 <= getattr(ob, name) <= 1.0:
             out.append(f"data.objective.{name} must be in [0, 1], got {getattr(ob, name)}")
     if ob.bert_prob + ob.gap_sentence_prob > 1.0 + 1e-9:
-        out.append(f"data.objective.bert_prob + gap_sentence_prob must be <= 1 (the rest is the document "
-                   f"objective), got {ob.bert_prob + ob.gap_sentence_prob}")
+        out.append(
+            f"data.objective.bert_prob + gap_sentence_prob must be <= 1 (the rest is the document "
+            f"objective), got {ob.bert_prob + ob.gap_sentence_prob}"
+        )
     for name in ("gap_sentence_ratio", "mask_ratio", "gpt_min_ratio", "context_mask_ratio"):
         if not 0.0 <= getattr(ob, name) <= 1.0:
             out.append(f"data.objective.{name} must be in [0, 1], got {getattr(ob, name)}")

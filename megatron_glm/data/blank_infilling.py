@@ -101,9 +101,12 @@ class BlankInfilling:
         self.seq_length = int(seq_length)
         self._cdf = np.cumsum(truncated_poisson_pmf(objective.avg_block_length, objective.max_block_length))
         self._cdf[-1] = 1.0
-        self._mean_span = float(np.dot(np.arange(1, objective.max_block_length + 1),
-                                       truncated_poisson_pmf(objective.avg_block_length,
-                                                             objective.max_block_length)))
+        self._mean_span = float(
+            np.dot(
+                np.arange(1, objective.max_block_length + 1),
+                truncated_poisson_pmf(objective.avg_block_length, objective.max_block_length),
+            )
+        )
         # Spans to draw at once: enough for a full window almost always (more are drawn if not).
         self._pool = int(objective.mask_ratio * seq_length / self._mean_span * 1.5) + 8
         self._mask_of = {
@@ -363,8 +366,13 @@ class BlankInfilling:
     # -- layout --------------------------------------------------------------------------------------
 
     def _assemble(
-        self, tokens: np.ndarray, starts: np.ndarray, lens: np.ndarray, objective: int,
-        rng: np.random.Generator, keys: np.ndarray | None = None,
+        self,
+        tokens: np.ndarray,
+        starts: np.ndarray,
+        lens: np.ndarray,
+        objective: int,
+        rng: np.random.Generator,
+        keys: np.ndarray | None = None,
     ) -> dict[str, Any]:
         """Lay out Part A and Part B for spans (sorted, disjoint) of ``tokens``; pad to seq_length.
 
@@ -430,9 +438,7 @@ class BlankInfilling:
             "objective": objective,
         }
 
-    def _context_mask(
-        self, part_a: np.ndarray, mask_at: np.ndarray, n: int, rng: np.random.Generator
-    ) -> np.ndarray:
+    def _context_mask(self, part_a: np.ndarray, mask_at: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
         """Replace ``context_mask_ratio`` x n Part A tokens next to blanks by [dBLOCK]."""
         sp = self.special
         sep = len(part_a)

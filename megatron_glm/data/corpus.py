@@ -60,8 +60,7 @@ class LineProblem(NamedTuple):
 
 
 #: Kinds of bad input, in the order summaries list them.
-PROBLEM_KINDS = ("invalid_utf8", "invalid_json", "missing_key", "not_a_string", "invalid_unicode",
-                 "empty_document")
+PROBLEM_KINDS = ("invalid_utf8", "invalid_json", "missing_key", "not_a_string", "invalid_unicode", "empty_document")
 
 
 def parse_line(raw: bytes, input_format: str, keys: Sequence[str]) -> tuple[list[str] | None, LineProblem | None]:
@@ -93,8 +92,9 @@ def parse_line(raw: bytes, input_format: str, keys: Sequence[str]) -> tuple[list
         if not isinstance(value, str):
             return None, LineProblem("not_a_string", f"key {key!r} is {type(value).__name__}, expected a string")
         if b"\\u" in raw and _has_surrogate(value):
-            return None, LineProblem("invalid_unicode", f"key {key!r} holds a lone surrogate escape (\\ud800-"
-                                                        f"\\udfff), which is no character")
+            return None, LineProblem(
+                "invalid_unicode", f"key {key!r} holds a lone surrogate escape (\\ud800-\\udfff), which is no character"
+            )
         texts.append(value)
     return texts, None
 

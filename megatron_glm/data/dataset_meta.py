@@ -76,8 +76,10 @@ def read_dataset_meta(prefix: str | os.PathLike[str]) -> dict[str, Any] | None:
         raise DataError(f"{path}: unreadable dataset metadata ({exc}); delete it or preprocess again") from None
     actual = os.path.getsize(bin_path(prefix)), os.path.getsize(idx_path(prefix))
     if sizes != actual:
-        raise DataError(f"{path}: records .bin/.idx sizes {sizes[0]}/{sizes[1]} but the files have "
-                        f"{actual[0]}/{actual[1]} bytes; they do not belong together (preprocess again)")
+        raise DataError(
+            f"{path}: records .bin/.idx sizes {sizes[0]}/{sizes[1]} but the files have "
+            f"{actual[0]}/{actual[1]} bytes; they do not belong together (preprocess again)"
+        )
     return record
 
 

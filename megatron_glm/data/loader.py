@@ -139,8 +139,10 @@ class MicroBatchSampler:
             raise ValueError(f"need micro_batch_size > 0 and 0 <= dp_rank ({dp_rank}) < dp_size ({dp_size})")
         step = micro_batch_size * dp_size
         if consumed_samples < 0 or consumed_samples % step:
-            raise DataError(f"consumed_samples {consumed_samples} is not a multiple of micro_batch_size "
-                            f"({micro_batch_size}) x data-parallel size ({dp_size}) = {step}")
+            raise DataError(
+                f"consumed_samples {consumed_samples} is not a multiple of micro_batch_size "
+                f"({micro_batch_size}) x data-parallel size ({dp_size}) = {step}"
+            )
         self.consumed_samples = int(consumed_samples)
         self.micro_batch_size, self.dp_rank, self.dp_size = int(micro_batch_size), int(dp_rank), int(dp_size)
         self.total_samples = total_samples
@@ -232,28 +234,46 @@ def build_windows(
             if hi <= lo:
                 continue
             windows = DocumentWindows(
-                ds, (lo, hi), data.seq_length, cls_id=special.cls, eos_id=special.eos,
-                pack=data.pack_documents, seed=seed, name=name, cache_dir=data.cache_dir,
-                num_samples=int(num_samples[split_index] * weight) + 1, build_cache=build_cache,
+                ds,
+                (lo, hi),
+                data.seq_length,
+                cls_id=special.cls,
+                eos_id=special.eos,
+                pack=data.pack_documents,
+                seed=seed,
+                name=name,
+                cache_dir=data.cache_dir,
+                num_samples=int(num_samples[split_index] * weight) + 1,
+                build_cache=build_cache,
                 vocab_size=vocab_size,
             )
             if len(windows):
                 parts.append((weight, windows))
         if not parts:
             if name == "train":
-                raise DataError(f"split {data.split!r} leaves no training documents with text in "
-                                f"{', '.join(p for _, p in pairs)}")
+                raise DataError(
+                    f"split {data.split!r} leaves no training documents with text in {', '.join(p for _, p in pairs)}"
+                )
             out.append(None)
         elif len(parts) == 1:
             out.append(parts[0][1])
         else:
-            out.append(BlendedWindows([p for _, p in parts], [w for w, _ in parts], num_samples[split_index],
-                                      cache_dir=data.cache_dir, build_cache=build_cache))
+            out.append(
+                BlendedWindows(
+                    [p for _, p in parts],
+                    [w for w, _ in parts],
+                    num_samples[split_index],
+                    cache_dir=data.cache_dir,
+                    build_cache=build_cache,
+                )
+            )
     if data.objective.gap_sentence_prob > 0:
         for windows in out:
             if windows is not None and not windows.has_sentences:
-                raise DataError("the sentence objective (gap_sentence_prob > 0) needs sentence boundaries: "
-                                "preprocess the corpus with sentence splitting (one sequence per sentence)")
+                raise DataError(
+                    "the sentence objective (gap_sentence_prob > 0) needs sentence boundaries: "
+                    "preprocess the corpus with sentence splitting (one sequence per sentence)"
+                )
     return out
 
 
@@ -273,15 +293,27 @@ def build_pretraining_datasets(
     """
     special = tokenizer if isinstance(tokenizer, SpecialTokens) else SpecialTokens.from_tokenizer(tokenizer)
     num_samples = split_num_samples(cfg, dp_size)
-    windows = build_windows(cfg.data, special, seed=cfg.training.seed, num_samples=num_samples,
-                            build_cache=is_rank0, vocab_size=int(getattr(tokenizer, "vocab_size", 0)))
+    windows = build_windows(
+        cfg.data,
+        special,
+        seed=cfg.training.seed,
+        num_samples=num_samples,
+        build_cache=is_rank0,
+        vocab_size=int(getattr(tokenizer, "vocab_size", 0)),
+    )
     if barrier is not None:
         barrier()
     sampler = BlankInfilling(cfg.data.objective, special, cfg.data.seq_length)
     return [
-        None if w is None else GLMDataset(
-            w, sampler, seed=cfg.training.seed + k, group_size=cfg.training.micro_batch_size,
-            per_sample=cfg.data.objective.per_sample, num_samples=n,
+        None
+        if w is None
+        else GLMDataset(
+            w,
+            sampler,
+            seed=cfg.training.seed + k,
+            group_size=cfg.training.micro_batch_size,
+            per_sample=cfg.data.objective.per_sample,
+            num_samples=n,
         )
         for k, (w, n) in enumerate(zip(windows, num_samples))
     ]
@@ -306,9 +338,15 @@ def build_pretraining_data(
     datasets = build_pretraining_datasets(cfg, tokenizer, dp_size=dp_size, is_rank0=is_rank0, barrier=barrier)
     consumed = (consumed_train_samples, consumed_valid_samples, 0)
     return [
-        None if ds is None else build_data_iterator(
-            ds, consumed_samples=c, micro_batch_size=cfg.training.micro_batch_size, dp_rank=dp_rank,
-            dp_size=dp_size, num_workers=cfg.data.num_workers,
+        None
+        if ds is None
+        else build_data_iterator(
+            ds,
+            consumed_samples=c,
+            micro_batch_size=cfg.training.micro_batch_size,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            num_workers=cfg.data.num_workers,
         )
         for ds, c in zip(datasets, consumed)
     ]

@@ -52,8 +52,15 @@ from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.errors import DataError
 from megatron_glm.fileio import file_sha256
 
-__all__ = ["PreprocessConfig", "PreprocessSummary", "Problem", "output_prefix_for", "plan_chunks", "preprocess",
-           "shard_dir_for"]
+__all__ = [
+    "PreprocessConfig",
+    "PreprocessSummary",
+    "Problem",
+    "output_prefix_for",
+    "plan_chunks",
+    "preprocess",
+    "shard_dir_for",
+]
 
 #: Bad lines reported individually (by file and line number); the rest are only counted.
 MAX_REPORTED = 10
@@ -177,8 +184,10 @@ class PreprocessSummary:
             lines.append(f"  {prefix}.bin/.idx: {self.sequences[key]:,} sequences, {self.tokens[key]:,} tokens")
         skipped = sum(self.skipped.values())
         if skipped:
-            lines.append(f"skipped {skipped} bad line(s) of {self.lines:,} ({self.bad_fraction:.1%} of the non-blank "
-                         f"ones): {self.kinds()}")
+            lines.append(
+                f"skipped {skipped} bad line(s) of {self.lines:,} ({self.bad_fraction:.1%} of the non-blank "
+                f"ones): {self.kinds()}"
+            )
             lines.extend(f"  {problem}" for problem in self.problems)
             if skipped > len(self.problems):
                 lines.append(f"  ... and {skipped - len(self.problems)} more")
@@ -250,8 +259,9 @@ def _init_worker(job: _Job, in_pool: bool = False) -> None:
     # whitespace pre-splitting (and no dummy prefix); check that on probes before relying on it.
     probes = ("hello world again", "a  b\nc d", "x.\ty 12 34")
     splittable = all(encode(p) == encode(p[: p.index(" ")]) + encode(p[p.index(" ") :]) for p in probes)
-    _WORKER.update(job=job, tokenizer=tokenizer, dtype=best_dtype(tokenizer.vocab_size), encode=encode,
-                   splittable=splittable)
+    _WORKER.update(
+        job=job, tokenizer=tokenizer, dtype=best_dtype(tokenizer.vocab_size), encode=encode, splittable=splittable
+    )
 
 
 def _cuts(text: str, piece: int) -> list[int]:
@@ -310,8 +320,9 @@ def _process_chunk(chunk: WorkUnit) -> _ChunkResult:
                     break
                 continue
             if split:
-                encoded = [[ids for ids in (_encode(s, dtype) for s in split_sentences(text)) if len(ids)]
-                           for text in texts]
+                encoded = [
+                    [ids for ids in (_encode(s, dtype) for s in split_sentences(text)) if len(ids)] for text in texts
+                ]
             else:
                 encoded = [_encode(text, dtype) for text in texts]
             del texts
@@ -365,19 +376,24 @@ def _read_done(path: str) -> _ChunkResult | None:
     return result
 
 
-
-
-
 def _plan_record(config: PreprocessConfig, sources: Sequence[SourceFile], keys: Sequence[str]) -> dict[str, Any]:
     """What the shards depend on: an interrupted run's shards are reused only when this is unchanged."""
     inputs = []
     for source in sources:
         stat = os.stat(source.path)
-        inputs.append([os.path.abspath(source.path), stat.st_size, stat.st_mtime_ns, source.container,
-                       source.record_format])
-    return {"version": 2, "inputs": inputs, "tokenizer_sha256": file_sha256(config.tokenizer_model),
-            "keys": list(keys), "split_sentences": config.split_sentences, "append_eod": config.append_eod,
-            "strict": config.strict, "chunk_bytes": config.chunk_bytes}
+        inputs.append(
+            [os.path.abspath(source.path), stat.st_size, stat.st_mtime_ns, source.container, source.record_format]
+        )
+    return {
+        "version": 2,
+        "inputs": inputs,
+        "tokenizer_sha256": file_sha256(config.tokenizer_model),
+        "keys": list(keys),
+        "split_sentences": config.split_sentences,
+        "append_eod": config.append_eod,
+        "strict": config.strict,
+        "chunk_bytes": config.chunk_bytes,
+    }
 
 
 def _pid_alive(pid: int) -> bool:
@@ -407,15 +423,18 @@ def _open_shard_dir(config: PreprocessConfig, plan: dict[str, Any], log: Callabl
         os.makedirs(shard_dir, exist_ok=True)
         lock = open(os.path.join(shard_dir, "lock"), "w")  # noqa: SIM115 - closed by the caller
     except OSError as exc:
-        raise DataError(f"--output-prefix {config.output_prefix}: cannot create {shard_dir} "
-                        f"({exc.strerror or exc})") from None
+        raise DataError(
+            f"--output-prefix {config.output_prefix}: cannot create {shard_dir} ({exc.strerror or exc})"
+        ) from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         lock.close()
         if exc.errno in (errno.EAGAIN, errno.EACCES):
-            raise DataError(f"--output-prefix {config.output_prefix}: another preprocessing run is writing it "
-                            f"(it holds {shard_dir}/lock)") from None
+            raise DataError(
+                f"--output-prefix {config.output_prefix}: another preprocessing run is writing it "
+                f"(it holds {shard_dir}/lock)"
+            ) from None
         raise
     plan_file = os.path.join(shard_dir, "plan.json")
     previous = None
@@ -449,8 +468,10 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> 
     keys = tuple(config.json_keys)
     texts_files = [s.path for s in sources if s.record_format == "text"]
     if texts_files and keys != ("text",):
-        raise DataError(f"{texts_files[0]}: plain text holds one document a line (key 'text'); --json-keys "
-                        f"{' '.join(keys)} does not apply to it")
+        raise DataError(
+            f"{texts_files[0]}: plain text holds one document a line (key 'text'); --json-keys "
+            f"{' '.join(keys)} does not apply to it"
+        )
     tokenizer = GLMTokenizer(config.tokenizer_model)  # fail early on a bad model
     dtype = best_dtype(tokenizer.vocab_size)
     summary = PreprocessSummary(files=len(paths))
@@ -524,12 +545,15 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> 
             with contextlib.suppress(FileNotFoundError):
                 os.remove(meta_path(summary.outputs[key]))  # a sidecar of earlier outputs must not outlive them
             builder.finalize()
-            write_dataset_meta(summary.outputs[key], vocab_size=tokenizer.vocab_size,
-                               max_token_id=summary.max_token_id[key])
+            write_dataset_meta(
+                summary.outputs[key], vocab_size=tokenizer.vocab_size, max_token_id=summary.max_token_id[key]
+            )
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-            raise DataError(f"--output-prefix {config.output_prefix}: cannot write ({exc.strerror}); nothing was "
-                            f"written under the final names") from None
+            raise DataError(
+                f"--output-prefix {config.output_prefix}: cannot write ({exc.strerror}); nothing was "
+                f"written under the final names"
+            ) from None
         raise
     finally:
         if pool is not None:
@@ -553,9 +577,10 @@ def _check_usable(summary: PreprocessSummary, paths: Sequence[str], max_bad_frac
     if summary.documents == 0:
         what = f"{bad} bad record(s) ({summary.kinds()})" if bad else "no records"
         shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
-        raise DataError(f"no usable document in {shown}: {summary.lines:,} line(s), {what}{first}; nothing was "
-                        f"written")
+        raise DataError(f"no usable document in {shown}: {summary.lines:,} line(s), {what}{first}; nothing was written")
     if summary.bad_fraction > max_bad_fraction:
-        raise DataError(f"{bad:,} of {summary.lines - summary.blank_lines:,} non-blank records are bad "
-                        f"({summary.bad_fraction:.1%}: {summary.kinds()}), above --max-bad-fraction "
-                        f"{max_bad_fraction:g}{first}; nothing was written (wrong --input-format or --json-keys?)")
+        raise DataError(
+            f"{bad:,} of {summary.lines - summary.blank_lines:,} non-blank records are bad "
+            f"({summary.bad_fraction:.1%}: {summary.kinds()}), above --max-bad-fraction "
+            f"{max_bad_fraction:g}{first}; nothing was written (wrong --input-format or --json-keys?)"
+        )

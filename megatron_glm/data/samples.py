@@ -157,8 +157,10 @@ def cached_array(path: str, build: Callable[[], np.ndarray], write: bool) -> np.
         except OSError as exc:
             if os.path.exists(tmp):
                 os.remove(tmp)
-            raise DataError(f"{directory}: cannot write the sample-index cache ({exc.strerror}); "
-                            f"set data.cache_dir to a writable directory") from None
+            raise DataError(
+                f"{directory}: cannot write the sample-index cache ({exc.strerror}); "
+                f"set data.cache_dir to a writable directory"
+            ) from None
     return array
 
 
@@ -169,9 +171,11 @@ def check_token_bound(prefix: str, vocab_size: int) -> None:
         return
     top = int(record.get("max_token_id", -1))
     if top >= vocab_size:
-        raise DataError(f"{prefix}: its token ids go up to {top} (tokenizer of {record.get('vocab_size')} ids at "
-                        f"preprocessing) but this run's tokenizer has {vocab_size} ids; use the tokenizer it was "
-                        f"made with, or preprocess again")
+        raise DataError(
+            f"{prefix}: its token ids go up to {top} (tokenizer of {record.get('vocab_size')} ids at "
+            f"preprocessing) but this run's tokenizer has {vocab_size} ids; use the tokenizer it was "
+            f"made with, or preprocess again"
+        )
 
 
 def _digest(*parts: Any) -> str:
@@ -254,11 +258,24 @@ class DocumentWindows:
         else:
             self._chunks = stream // self.width + (stream % self.width > 1)
             self.samples_per_epoch = int(self._chunks.sum())
-        self.key = _digest("glm-windows", CACHE_VERSION, self.seq_length, self.pack, self.seed, self.name,
-                           lo, hi, self.cls_id, self.eos_id, self.text_len, self.doc_start)
+        self.key = _digest(
+            "glm-windows",
+            CACHE_VERSION,
+            self.seq_length,
+            self.pack,
+            self.seed,
+            self.name,
+            lo,
+            hi,
+            self.cls_id,
+            self.eos_id,
+            self.text_len,
+            self.doc_start,
+        )
         stem = os.path.basename(self.prefix)
-        self._cache_stem = os.path.join(cache_dir or os.path.dirname(os.path.abspath(self.prefix)),
-                                        f"{stem}-{name}-{self.key}")
+        self._cache_stem = os.path.join(
+            cache_dir or os.path.dirname(os.path.abspath(self.prefix)), f"{stem}-{name}-{self.key}"
+        )
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         if build_cache and self.samples_per_epoch:
             for epoch in range(self.epochs_for(num_samples)):
@@ -407,9 +424,11 @@ class DocumentWindows:
         if top >= self.vocab_size or low < 0:
             bad = top if top >= self.vocab_size else low
             where = offset + int(np.argmax((ids >= self.vocab_size) | (ids < 0)))
-            raise DataError(f"{bin_path(self.prefix)}: document {int(self.doc_ids[doc])} holds token id {bad} at "
-                            f"token {where}, outside the tokenizer's {self.vocab_size} ids; the file is corrupt or "
-                            f"was made with another tokenizer (preprocess again)")
+            raise DataError(
+                f"{bin_path(self.prefix)}: document {int(self.doc_ids[doc])} holds token id {bad} at "
+                f"token {where}, outside the tokenizer's {self.vocab_size} ids; the file is corrupt or "
+                f"was made with another tokenizer (preprocess again)"
+            )
 
     def _sentence_starts(self, doc: int, lo: int, hi: int) -> np.ndarray:
         """Document-local token offsets in ``[lo, hi)`` where a sentence (sequence) begins."""

@@ -34,8 +34,14 @@ __all__ = ["CONTAINERS", "SourceFile", "WorkUnit", "describe", "iter_records", "
 
 CONTAINERS = ("plain", "gzip", "zstd", "parquet")
 _MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"PAR1": "parquet"}
-_EXT_CONTAINER = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".parquet": "parquet",
-                  ".pq": "parquet"}
+_EXT_CONTAINER = {
+    ".gz": "gzip",
+    ".gzip": "gzip",
+    ".zst": "zstd",
+    ".zstd": "zstd",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 _EXT_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".txt": "text", ".text": "text"}
 _PARQUET_BATCH_ROWS = 256
 
@@ -80,8 +86,10 @@ def _container_of(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
     by_name = _EXT_CONTAINER.get(ext)
     if by_name is not None and by_name != by_content:
-        raise DataError(f"{path}: the name says {by_name} but the content is "
-                        f"{'plain text' if by_content == 'plain' else by_content} (first bytes {head!r})")
+        raise DataError(
+            f"{path}: the name says {by_name} but the content is "
+            f"{'plain text' if by_content == 'plain' else by_content} (first bytes {head!r})"
+        )
     return by_content
 
 
@@ -115,8 +123,9 @@ def _zstd_reader(stream: BinaryIO, path: str) -> Any:
     try:
         import zstandard
     except ImportError:
-        raise DataError(f"{path}: reading zstandard files needs the zstandard package "
-                        f"(pip install 'megatron_glm[corpora]')") from None
+        raise DataError(
+            f"{path}: reading zstandard files needs the zstandard package (pip install 'megatron_glm[corpora]')"
+        ) from None
     return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True), 1 << 20)
 
 
@@ -148,8 +157,9 @@ def _parquet_file(path: str) -> Any:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"{path}: reading Parquet needs the pyarrow package "
-                        f"(pip install 'megatron_glm[corpora]')") from None
+        raise DataError(
+            f"{path}: reading Parquet needs the pyarrow package (pip install 'megatron_glm[corpora]')"
+        ) from None
     try:
         return pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises its own ArrowInvalid / OSError types
@@ -212,8 +222,10 @@ def _parquet_records(unit: WorkUnit, keys: Sequence[str]) -> Iterator[tuple[list
     names = pf.schema_arrow.names
     missing = [key for key in keys if key not in names]
     if missing:
-        raise DataError(f"{unit.path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(names)}); "
-                        f"name the text column with --json-keys")
+        raise DataError(
+            f"{unit.path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(names)}); "
+            f"name the text column with --json-keys"
+        )
     try:
         batches = pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=[unit.start], columns=list(keys))
         for batch in batches:

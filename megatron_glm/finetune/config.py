@@ -19,21 +19,28 @@ SCORING = ("sum", "mean")
 class FinetuneConfig:
     """What task to fine-tune or evaluate on, and how its examples are laid out and scored."""
 
-    task: str = opt("", "Task: seq2seq ({source, target} lines) or cloze ({text, choices, label} lines).",
-                    choices=TASKS)
+    task: str = opt(
+        "", "Task: seq2seq ({source, target} lines) or cloze ({text, choices, label} lines).", choices=TASKS
+    )
     train_data: str = opt("", "Training examples (JSON lines).")
     valid_data: str = opt("", "Held-out examples (JSON lines), evaluated every --eval-interval steps and at the end.")
-    source_length: int = opt(96, "Most tokens of a source / cloze text (Part A without [CLS] and the appended "
-                                 "[gMASK]).")
-    target_length: int = opt(32, "Most tokens of a target (seq2seq) or of a choice (cloze); also the longest "
-                                 "generated answer.")
-    source_truncation: str = opt("error", "A source longer than source_length: error (name the line), left (drop "
-                                          "its first tokens) or right (drop its last tokens). Blanks are kept. "
-                                          "Targets are always cut to target_length (the [eop] is kept).",
-                                 choices=TRUNCATION)
+    source_length: int = opt(
+        96, "Most tokens of a source / cloze text (Part A without [CLS] and the appended [gMASK])."
+    )
+    target_length: int = opt(
+        32, "Most tokens of a target (seq2seq) or of a choice (cloze); also the longest generated answer."
+    )
+    source_truncation: str = opt(
+        "error",
+        "A source longer than source_length: error (name the line), left (drop "
+        "its first tokens) or right (drop its last tokens). Blanks are kept. "
+        "Targets are always cut to target_length (the [eop] is kept).",
+        choices=TRUNCATION,
+    )
     label_smoothing: float = opt(0.0, "Label smoothing of the seq2seq training loss (validation loss is plain).")
-    cloze_scoring: str = opt("sum", "A choice's score: sum of its tokens' log-probabilities or their mean.",
-                             choices=SCORING)
+    cloze_scoring: str = opt(
+        "sum", "A choice's score: sum of its tokens' log-probabilities or their mean.", choices=SCORING
+    )
     num_beams: int = opt(4, "Beam width for seq2seq evaluation (1: greedy).")
     length_penalty: float = opt(1.0, "Beam search: final score = log p / length ** length_penalty.")
     no_repeat_ngram_size: int = opt(0, "Generation never repeats an n-gram of this size within an answer (0: off).")

@@ -38,8 +38,16 @@ ROW_TASK, ROW_ANSWER, ROW_PAD = 3, 4, 5
 KEYS = ("input_ids", "labels", "loss_mask", "position_ids", "sep", "objective")
 
 
-def glm_row(part_a: Sequence[int], blank: int, labels_b: Sequence[int], *, start: int, length: int, pad: int,
-            objective: int = ROW_TASK) -> dict[str, np.ndarray]:
+def glm_row(
+    part_a: Sequence[int],
+    blank: int,
+    labels_b: Sequence[int],
+    *,
+    start: int,
+    length: int,
+    pad: int,
+    objective: int = ROW_TASK,
+) -> dict[str, np.ndarray]:
     """One row: Part A, then ``[start] labels_b[:-1]`` predicting ``labels_b`` at the blank ``blank``."""
     n, k = len(part_a), len(labels_b)
     if n + k > length:
@@ -52,13 +60,19 @@ def glm_row(part_a: Sequence[int], blank: int, labels_b: Sequence[int], *, start
     pos[0, :n] = np.arange(n)
     if k:
         ids[n] = start
-        ids[n + 1:n + k] = labels_b[:-1]
-        labels[n:n + k] = labels_b
-        mask[n:n + k] = 1.0
-        pos[0, n:n + k] = blank
-        pos[1, n:n + k] = np.arange(1, k + 1)
-    return {"input_ids": ids, "labels": labels, "loss_mask": mask, "position_ids": pos,
-            "sep": np.int64(n), "objective": np.int64(objective)}
+        ids[n + 1 : n + k] = labels_b[:-1]
+        labels[n : n + k] = labels_b
+        mask[n : n + k] = 1.0
+        pos[0, n : n + k] = blank
+        pos[1, n : n + k] = np.arange(1, k + 1)
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "loss_mask": mask,
+        "position_ids": pos,
+        "sep": np.int64(n),
+        "objective": np.int64(objective),
+    }
 
 
 def empty_row(length: int, pad: int) -> dict[str, np.ndarray]:
@@ -86,11 +100,13 @@ class TaskEncoder:
             return ids
         rule = self.cfg.source_truncation
         if rule == "error":
-            raise DataError(f"{self._where(line)}: source has {len(ids) - 1 - appended} tokens, more than "
-                            f"--source-length {self.cfg.source_length} (raise it or pass --source-truncation "
-                            f"left/right)")
+            raise DataError(
+                f"{self._where(line)}: source has {len(ids) - 1 - appended} tokens, more than "
+                f"--source-length {self.cfg.source_length} (raise it or pass --source-truncation "
+                f"left/right)"
+            )
         removable = [i for i, t in enumerate(ids) if i > 0 and t not in self.tokens.blanks]
-        drop = set(removable[:excess] if rule == "left" else removable[len(removable) - excess:])
+        drop = set(removable[:excess] if rule == "left" else removable[len(removable) - excess :])
         return [t for i, t in enumerate(ids) if i not in drop]
 
     def continuation(self, text: str) -> list[int]:
@@ -103,26 +119,38 @@ class TaskEncoder:
 
     def seq2seq(self, ex: Seq2SeqExample) -> list[dict[str, np.ndarray]]:
         a = self.part_a(ex.source, ex.line)
-        target = [*self.continuation(ex.target)[:self.cfg.target_length], self.tokens.eop]
-        return [glm_row(a, self.blank(a), target, start=self.tokens.sop, length=self.cfg.seq_length,
-                        pad=self.tokens.pad)]
+        target = [*self.continuation(ex.target)[: self.cfg.target_length], self.tokens.eop]
+        return [
+            glm_row(a, self.blank(a), target, start=self.tokens.sop, length=self.cfg.seq_length, pad=self.tokens.pad)
+        ]
 
     def choices(self, ex: ClozeExample) -> list[list[int]]:
         out = []
         for j, choice in enumerate(ex.choices):
             ids = self.continuation(choice)
             if len(ids) > self.cfg.target_length:
-                raise DataError(f"{self._where(ex.line)}: choice {j} has {len(ids)} tokens, more than "
-                                f"--target-length {self.cfg.target_length}")
+                raise DataError(
+                    f"{self._where(ex.line)}: choice {j} has {len(ids)} tokens, more than "
+                    f"--target-length {self.cfg.target_length}"
+                )
             out.append(ids)
         return out
 
     def cloze(self, ex: ClozeExample, num_choices: int) -> list[dict[str, np.ndarray]]:
         a = self.part_a(ex.text, ex.line)
         blank = a.index(self.tokenizer.mask_id)
-        rows = [glm_row(a, blank, ids, start=self.tokens.sop, length=self.cfg.seq_length, pad=self.tokens.pad,
-                        objective=ROW_ANSWER if j == ex.label else ROW_TASK)
-                for j, ids in enumerate(self.choices(ex))]
+        rows = [
+            glm_row(
+                a,
+                blank,
+                ids,
+                start=self.tokens.sop,
+                length=self.cfg.seq_length,
+                pad=self.tokens.pad,
+                objective=ROW_ANSWER if j == ex.label else ROW_TASK,
+            )
+            for j, ids in enumerate(self.choices(ex))
+        ]
         return rows + [empty_row(self.cfg.seq_length, self.tokens.pad)] * (num_choices - len(rows))
 
 
@@ -139,8 +167,16 @@ class TaskDataset(torch.utils.data.Dataset):
     data-parallel rank gets whole micro-batches.
     """
 
-    def __init__(self, encoded: list[dict[str, np.ndarray]], *, rows_per_example: int, seq_length: int, pad: int,
-                 shuffle: bool, seed: int = 0) -> None:
+    def __init__(
+        self,
+        encoded: list[dict[str, np.ndarray]],
+        *,
+        rows_per_example: int,
+        seq_length: int,
+        pad: int,
+        shuffle: bool,
+        seed: int = 0,
+    ) -> None:
         if not encoded:
             raise DataError("no examples")
         self.encoded, self.rows, self.shuffle, self.seed = encoded, rows_per_example, shuffle, int(seed)
@@ -171,8 +207,9 @@ def collate_rows(samples: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Te
     return {k: torch.from_numpy(np.concatenate([s[k] for s in samples])) for k in KEYS}
 
 
-def task_batches(dataset: TaskDataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+def task_batches(
+    dataset: TaskDataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1
+) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's micro-batches of ``micro_batch_size`` examples, resumed at ``consumed_samples`` examples."""
     sampler = MicroBatchSampler(consumed_samples, micro_batch_size, dp_rank, dp_size)
     return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0, collate_fn=collate_rows))
@@ -182,8 +219,9 @@ def num_choices(examples: Sequence[ClozeExample]) -> int:
     return max(len(ex.choices) for ex in examples)
 
 
-def encode_examples(encoder: TaskEncoder, examples: Sequence[Any], task: str, choices: int = 0
-                    ) -> list[dict[str, np.ndarray]]:
+def encode_examples(
+    encoder: TaskEncoder, examples: Sequence[Any], task: str, choices: int = 0
+) -> list[dict[str, np.ndarray]]:
     """Every example's stacked rows (errors name the example's line)."""
     if task == "seq2seq":
         return [stack_rows(encoder.seq2seq(ex)) for ex in examples]

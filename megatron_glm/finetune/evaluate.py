@@ -41,17 +41,33 @@ from megatron_glm.parallel import ParallelState
 def generation_config(cfg: FinetuneConfig, tokenizer: Any, vocab_rows: int) -> GenerationConfig:
     """Beam search (or greedy with one beam) as configured; padded vocabulary rows and the command tokens
     that cannot be part of an answer are never generated."""
-    commands = (tokenizer.pad_id, tokenizer.cls_id, tokenizer.mask_id, tokenizer.smask_id, tokenizer.gmask_id,
-                tokenizer.sop_id)
+    commands = (
+        tokenizer.pad_id,
+        tokenizer.cls_id,
+        tokenizer.mask_id,
+        tokenizer.smask_id,
+        tokenizer.gmask_id,
+        tokenizer.sop_id,
+    )
     banned = tuple(range(tokenizer.vocab_size, vocab_rows)) + commands
-    return GenerationConfig(strategy="beam" if cfg.num_beams > 1 else "greedy", max_new_tokens=cfg.target_length,
-                            num_beams=cfg.num_beams, length_penalty=cfg.length_penalty,
-                            no_repeat_ngram_size=cfg.no_repeat_ngram_size, banned_ids=banned)
+    return GenerationConfig(
+        strategy="beam" if cfg.num_beams > 1 else "greedy",
+        max_new_tokens=cfg.target_length,
+        num_beams=cfg.num_beams,
+        length_penalty=cfg.length_penalty,
+        no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+        banned_ids=banned,
+    )
 
 
 @torch.no_grad()
-def generate_targets(model: torch.nn.Module, encoder: TaskEncoder, examples: Sequence[Seq2SeqExample],
-                     config: GenerationConfig, ps: ParallelState | None = None) -> list[str]:
+def generate_targets(
+    model: torch.nn.Module,
+    encoder: TaskEncoder,
+    examples: Sequence[Seq2SeqExample],
+    config: GenerationConfig,
+    ps: ParallelState | None = None,
+) -> list[str]:
     """The generated target text of every example (collective under tensor parallelism)."""
     tokenizer = encoder.tokenizer
     prompts = [encoder.part_a(ex.source, ex.line) for ex in examples]
@@ -62,8 +78,15 @@ def generate_targets(model: torch.nn.Module, encoder: TaskEncoder, examples: Seq
 
 
 @torch.no_grad()
-def evaluate_rows(model: torch.nn.Module, dataset: TaskDataset, loss: TaskLoss, *, micro_batch_size: int,
-                  dp_rank: int = 0, dp_size: int = 1) -> tuple[torch.Tensor, float, float]:
+def evaluate_rows(
+    model: torch.nn.Module,
+    dataset: TaskDataset,
+    loss: TaskLoss,
+    *,
+    micro_batch_size: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+) -> tuple[torch.Tensor, float, float]:
     """``(cloze confusion [label, prediction], loss sum, loss count)`` over this data-parallel rank's share of
     a held-out :class:`TaskDataset` (the count is examples for cloze, target tokens for seq2seq)."""
     device = next(model.parameters()).device
@@ -73,8 +96,9 @@ def evaluate_rows(model: torch.nn.Module, dataset: TaskDataset, loss: TaskLoss, 
     loss.pop_counts()
     per_step = micro_batch_size * dp_size
     steps = -(-dataset.num_examples // per_step)
-    batches = task_batches(dataset, consumed_samples=0, micro_batch_size=micro_batch_size, dp_rank=dp_rank,
-                           dp_size=dp_size)
+    batches = task_batches(
+        dataset, consumed_samples=0, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size
+    )
     total = count = 0.0
     for _ in range(steps):
         batch = {k: v.to(device) for k, v in next(batches).items()}
@@ -100,8 +124,17 @@ def perplexity_windows(num_tokens: int, window: int, overlap: int) -> list[tuple
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, tokenizer: Any, ids: Sequence[int], words: int, *, window: int,
-               overlap: int, batch_size: int = 8, ps: ParallelState | None = None) -> dict[str, float]:
+def perplexity(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    ids: Sequence[int],
+    words: int,
+    *,
+    window: int,
+    overlap: int,
+    batch_size: int = 8,
+    ps: ParallelState | None = None,
+) -> dict[str, float]:
     """``nll`` (sum), ``tokens``, ``words``, ``loss``, ``ppl_token``, ``ppl_word`` of token ``ids``."""
     ps = ps or getattr(model, "parallel_state", None) or ParallelState()
     device = next(model.parameters()).device
@@ -110,23 +143,39 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, ids: Sequence[int], words
     rows = []
     for c0, c1, e in perplexity_windows(len(ids), window, overlap):
         part_a = [tokenizer.cls_id, *ids[c0:c1], tokenizer.gmask_id]
-        rows.append(glm_row(part_a, len(part_a) - 1, list(ids[c1:e]), start=tokenizer.sop_id, length=window,
-                            pad=tokenizer.pad_id))
+        rows.append(
+            glm_row(
+                part_a, len(part_a) - 1, list(ids[c1:e]), start=tokenizer.sop_id, length=window, pad=tokenizer.pad_id
+            )
+        )
     nll = tokens = 0.0
     for i in range(0, len(rows), batch_size):
-        batch = {k: torch.from_numpy(v).to(device) for k, v in stack_rows(rows[i:i + batch_size]).items()}
+        batch = {k: torch.from_numpy(v).to(device) for k, v in stack_rows(rows[i : i + batch_size]).items()}
         logits = model(batch["input_ids"], batch["position_ids"], batch["sep"])
         out = glm_loss(logits, batch["labels"], batch["loss_mask"], ps)
         nll += float(out.sample_sum.sum())
         tokens += float(out.sample_tokens.sum())
     model.train(was)
     loss = nll / tokens if tokens else float("nan")
-    return {"nll": nll, "tokens": tokens, "words": float(words), "loss": loss,
-            "ppl_token": math.exp(min(loss, 50.0)), "ppl_word": math.exp(min(nll / max(words, 1), 50.0))}
+    return {
+        "nll": nll,
+        "tokens": tokens,
+        "words": float(words),
+        "loss": loss,
+        "ppl_token": math.exp(min(loss, 50.0)),
+        "ppl_word": math.exp(min(nll / max(words, 1), 50.0)),
+    }
 
 
-def evaluate_task(model: torch.nn.Module, tokenizer: Any, cfg: FinetuneConfig, path: str, *,
-                  micro_batch_size: int = 8, ps: ParallelState | None = None) -> dict[str, float]:
+def evaluate_task(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    cfg: FinetuneConfig,
+    path: str,
+    *,
+    micro_batch_size: int = 8,
+    ps: ParallelState | None = None,
+) -> dict[str, float]:
     """Zero-shot (or any checkpoint's) task metrics on a task file, one process or tensor parallel:
     cloze ``accuracy`` (``f1_macro`` when all examples share their choices), ``count``, ``valid_loss``;
     seq2seq ``valid_loss``, ``rouge1``, ``rouge2``, ``rougeL``, ``bleu``, ``count``."""
@@ -134,15 +183,20 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Any, cfg: FinetuneConfig, p
     examples = read_task_file(path, cfg.task)
     choices = num_choices(examples) if cfg.task == "cloze" else 1
     encoder = TaskEncoder(tokenizer, cfg, path)
-    dataset = TaskDataset(encode_examples(encoder, examples, cfg.task, choices), rows_per_example=choices,
-                          seq_length=cfg.seq_length, pad=tokenizer.pad_id, shuffle=False)
+    dataset = TaskDataset(
+        encode_examples(encoder, examples, cfg.task, choices),
+        rows_per_example=choices,
+        seq_length=cfg.seq_length,
+        pad=tokenizer.pad_id,
+        shuffle=False,
+    )
     loss = TaskLoss(cfg.task, ps, num_choices=choices, scoring=cfg.cloze_scoring, module=model)
     confusion, total, count = evaluate_rows(model, dataset, loss, micro_batch_size=micro_batch_size)
     out: dict[str, float] = {"valid_loss": total / count if count else float("nan")}
     if cfg.task == "cloze":
         out.update(classification_metrics(confusion, classes=len({ex.choices for ex in examples}) == 1))
         return out
-    chosen = examples[:cfg.eval_generate or None]
+    chosen = examples[: cfg.eval_generate or None]
     vocab_rows = model.config.vocab_size
     texts = generate_targets(model, encoder, chosen, generation_config(cfg, tokenizer, vocab_rows), ps)
     out.update(generation_metrics(texts, [ex.target for ex in chosen]))

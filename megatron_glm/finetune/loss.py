@@ -24,8 +24,9 @@ from megatron_glm.parallel import ParallelState
 _EXCLUDED = -1.0e4  # score of a padding choice: finite (no NaN gradients), never chosen
 
 
-def choice_scores(token_loss: GLMLoss, objective: torch.Tensor, num_choices: int, scoring: str = "sum"
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def choice_scores(
+    token_loss: GLMLoss, objective: torch.Tensor, num_choices: int, scoring: str = "sum"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(scores [b, C], target [b], has_answer [b])`` from the per-row cross entropy of a cloze batch."""
     logp = -token_loss.sample_sum
     if scoring == "mean":
@@ -37,8 +38,9 @@ def choice_scores(token_loss: GLMLoss, objective: torch.Tensor, num_choices: int
     return scores, answer.float().argmax(dim=1), answer.any(dim=1)
 
 
-def cloze_loss(token_loss: GLMLoss, objective: torch.Tensor, num_choices: int, scoring: str = "sum"
-               ) -> tuple[GLMLoss, torch.Tensor, torch.Tensor, torch.Tensor]:
+def cloze_loss(
+    token_loss: GLMLoss, objective: torch.Tensor, num_choices: int, scoring: str = "sum"
+) -> tuple[GLMLoss, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, scores, target, has_answer)``: cross entropy over the choices, mean over real examples."""
     scores, target, has = choice_scores(token_loss, objective, num_choices, scoring)
     per_example = F.cross_entropy(scores, target, reduction="none") * has.float()
@@ -56,8 +58,16 @@ class TaskLoss:
     ``pop`` returns the per-group ``[loss sum, count]`` sums the pipeline trainer logs.
     """
 
-    def __init__(self, task: str, ps: ParallelState, *, num_choices: int = 0, scoring: str = "sum",
-                 label_smoothing: float = 0.0, module: Any = None) -> None:
+    def __init__(
+        self,
+        task: str,
+        ps: ParallelState,
+        *,
+        num_choices: int = 0,
+        scoring: str = "sum",
+        label_smoothing: float = 0.0,
+        module: Any = None,
+    ) -> None:
         self.task, self.ps, self.num_choices, self.scoring = task, ps, num_choices, scoring
         self.label_smoothing, self.module = label_smoothing, module
         self.objectives: dict[int, list[float]] = {}
@@ -86,8 +96,9 @@ class TaskLoss:
         """Loss of a batch dict; the head runs on the loss positions only."""
         positions = loss_positions(batch["loss_mask"])
         logits = engine(batch["input_ids"], batch["position_ids"], batch["sep"], logit_positions=positions)
-        base = glm_loss_at(logits, positions, batch["labels"], batch["loss_mask"], self.ps,
-                           label_smoothing=self._smoothing())
+        base = glm_loss_at(
+            logits, positions, batch["labels"], batch["loss_mask"], self.ps, label_smoothing=self._smoothing()
+        )
         return self._finish(base, batch["objective"])
 
     def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:

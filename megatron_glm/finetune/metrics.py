@@ -37,8 +37,10 @@ def generation_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> 
         import sacrebleu
         from rouge_score import rouge_scorer
     except ImportError:
-        raise GLMError("seq2seq metrics need rouge-score and sacrebleu: pip install '.[finetune]' "
-                       "(or pip install -r requirements-finetune.txt)") from None
+        raise GLMError(
+            "seq2seq metrics need rouge-score and sacrebleu: pip install '.[finetune]' "
+            "(or pip install -r requirements-finetune.txt)"
+        ) from None
     names = ("rouge1", "rouge2", "rougeL")
     scorer = rouge_scorer.RougeScorer(list(names), use_stemmer=True)
     sums = dict.fromkeys(names, 0.0)

@@ -49,8 +49,16 @@ from megatron_glm.training.setup import build_engine, build_model
 from megatron_glm.training.throughput import matmul_peak_flops
 from megatron_glm.training.trainer import Trainer, TrainState
 
-ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length",
-                "layernorm_epsilon", "block_position_encoding", "init_std")
+ARCHITECTURE = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "vocab_size",
+    "max_sequence_length",
+    "layernorm_epsilon",
+    "block_position_encoding",
+    "init_std",
+)
 
 
 def source_model(load: str) -> tuple[Any, str]:
@@ -77,22 +85,27 @@ def task_config(cfg: GLMConfig, task: FinetuneConfig) -> GLMConfig:
     if not tok:
         raise ConfigError(f"{cfg.checkpoint.load} does not name its tokenizer: pass --tokenizer-model PATH.model")
     if task.seq_length > m.max_sequence_length:
-        raise ConfigError(f"--source-length {task.source_length} + --target-length {task.target_length} + 3 = "
-                          f"{task.seq_length} exceeds the model's {m.max_sequence_length} positions")
+        raise ConfigError(
+            f"--source-length {task.source_length} + --target-length {task.target_length} + 3 = "
+            f"{task.seq_length} exceeds the model's {m.max_sequence_length} positions"
+        )
     data = dataclasses.replace(cfg.data, seq_length=task.seq_length, tokenizer_model=tok, num_workers=0)
-    return dataclasses.replace(cfg, model=m, data=data,
-                               checkpoint=dataclasses.replace(cfg.checkpoint, load_weights_only=True))
-
-
-
+    return dataclasses.replace(
+        cfg, model=m, data=data, checkpoint=dataclasses.replace(cfg.checkpoint, load_weights_only=True)
+    )
 
 
 def task_identity(cfg: GLMConfig, task: FinetuneConfig, global_batch: int) -> dict[str, Any]:
     """What a resumed fine-tuning run must share with the run that saved (the training file by sha256 in
     place of a dataset; see :mod:`megatron_glm.checkpoint.drift`)."""
-    return {"data": [[1.0, os.path.abspath(task.train_data), file_sha256(task.train_data)]],
-            "tokenizer_sha256": file_sha256(cfg.data.tokenizer_model), "seq_length": cfg.data.seq_length,
-            "global_batch_size": int(global_batch), "seed": cfg.training.seed, "split": cfg.data.split}
+    return {
+        "data": [[1.0, os.path.abspath(task.train_data), file_sha256(task.train_data)]],
+        "tokenizer_sha256": file_sha256(cfg.data.tokenizer_model),
+        "seq_length": cfg.data.seq_length,
+        "global_batch_size": int(global_batch),
+        "seed": cfg.training.seed,
+        "split": cfg.data.split,
+    }
 
 
 class _Capture:
@@ -106,8 +119,17 @@ class _Capture:
 class FinetuneTrainer(Trainer):
     """:class:`Trainer` whose loss is a :class:`TaskLoss` and whose evaluation adds the task metrics."""
 
-    def __init__(self, *args: Any, task: FinetuneConfig, task_loss: TaskLoss, encoder: TaskEncoder,
-                 valid_examples: list[Any], classes: bool, vocab_rows: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        task: FinetuneConfig,
+        task_loss: TaskLoss,
+        encoder: TaskEncoder,
+        valid_examples: list[Any],
+        classes: bool,
+        vocab_rows: int,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.task, self.task_loss, self.encoder = task, task_loss, encoder
         self.valid_examples, self.classes, self.vocab_rows = valid_examples, classes, vocab_rows
@@ -139,11 +161,13 @@ class FinetuneTrainer(Trainer):
     def _seq2seq_metrics(self) -> dict[str, float]:
         if self.pipelined:
             if not self._warned:
-                self.log("note: seq2seq generation metrics are not computed under pipeline parallelism; run "
-                         "tools/evaluate.py --task seq2seq on the saved checkpoint")
+                self.log(
+                    "note: seq2seq generation metrics are not computed under pipeline parallelism; run "
+                    "tools/evaluate.py --task seq2seq on the saved checkpoint"
+                )
                 self._warned = True
             return {}
-        examples = self.valid_examples[:self.task.eval_generate or None]
+        examples = self.valid_examples[: self.task.eval_generate or None]
         ps = self.ps
         mine = list(range(ps.dp_rank, len(examples), ps.dp_size))
         config = generation_config(self.task, self.encoder.tokenizer, self.vocab_rows)
@@ -162,20 +186,29 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     validate(cfg, launcher_world_size())
     tokenizer = GLMTokenizer(cfg.data.tokenizer_model)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"tokenizer {cfg.data.tokenizer_model} has {tokenizer.vocab_size} tokens, more than the "
-                          f"checkpoint's {cfg.model.vocab_size} embedding rows")
+        raise ConfigError(
+            f"tokenizer {cfg.data.tokenizer_model} has {tokenizer.vocab_size} tokens, more than the "
+            f"checkpoint's {cfg.model.vocab_size} embedding rows"
+        )
     # Data first: a malformed task file is reported before distributed, model and engine set-up.
     train_examples = read_task_file(task.train_data, task.task)
     valid_examples = read_task_file(task.valid_data, task.task) if task.valid_data else []
     choices = num_choices(train_examples + valid_examples) if task.task == "cloze" else 1
     classes = task.task == "cloze" and len({ex.choices for ex in train_examples + valid_examples}) == 1
     rows = dict(rows_per_example=choices, seq_length=task.seq_length, pad=tokenizer.pad_id)
-    train_ds = TaskDataset(encode_examples(TaskEncoder(tokenizer, task, task.train_data), train_examples,
-                                           task.task, choices), shuffle=True, seed=cfg.training.seed, **rows)
+    train_ds = TaskDataset(
+        encode_examples(TaskEncoder(tokenizer, task, task.train_data), train_examples, task.task, choices),
+        shuffle=True,
+        seed=cfg.training.seed,
+        **rows,
+    )
     valid_ds = None
     if valid_examples:
-        valid_ds = TaskDataset(encode_examples(TaskEncoder(tokenizer, task, task.valid_data), valid_examples,
-                                               task.task, choices), shuffle=False, **rows)
+        valid_ds = TaskDataset(
+            encode_examples(TaskEncoder(tokenizer, task, task.valid_data), valid_examples, task.task, choices),
+            shuffle=False,
+            **rows,
+        )
 
     if launched_by_launcher():
         die_with_parent()  # a killed launcher takes its workers down (no orphans writing checkpoints)
@@ -197,9 +230,11 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
             except OSError as exc:
                 raise CheckpointError(f"--save {save_dir}: cannot write config.yaml ({exc.strerror or exc})") from None
     seed_everything(cfg.training.seed, ps.pp_rank)
-    log(f"megatron_glm finetune ({task.task}): world {env.world_size} = tp {ps.tp_size} x pp {ps.pp_size} x dp "
+    log(
+        f"megatron_glm finetune ({task.task}): world {env.world_size} = tp {ps.tp_size} x pp {ps.pp_size} x dp "
         f"{ps.dp_size}; {len(train_examples)} training / {len(valid_examples)} held-out examples, "
-        f"{choices} row(s) of {task.seq_length} tokens each; from {cfg.checkpoint.load}")
+        f"{choices} row(s) of {task.seq_length} tokens each; from {cfg.checkpoint.load}"
+    )
 
     built = build_model(cfg, ps, env.device)
     model = built.module
@@ -207,37 +242,61 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     if not resuming:
         loaded = load_model_weights(model, cfg.checkpoint.load, ps.tp_size, ps.tp_rank)
         log(f"loaded model weights from {loaded}; optimizer and schedule start fresh")
-    task_loss = TaskLoss(task.task, ps, num_choices=choices, scoring=task.cloze_scoring,
-                         label_smoothing=task.label_smoothing, module=model)
+    task_loss = TaskLoss(
+        task.task,
+        ps,
+        num_choices=choices,
+        scoring=task.cloze_scoring,
+        label_smoothing=task.label_smoothing,
+        module=model,
+    )
     if ps.pp_size > 1:
         model.loss_fn = task_loss  # DeepSpeed's pipeline engine calls its module's loss_fn
     engine, accum, global_batch = build_engine(cfg, ps, model)
 
     def train_batches(consumed: int):
-        return task_batches(train_ds, consumed_samples=consumed, micro_batch_size=mbs, dp_rank=ps.dp_rank,
-                            dp_size=ps.dp_size)
+        return task_batches(
+            train_ds, consumed_samples=consumed, micro_batch_size=mbs, dp_rank=ps.dp_rank, dp_size=ps.dp_size
+        )
 
     def valid_batches():
-        return task_batches(valid_ds, consumed_samples=0, micro_batch_size=mbs, dp_rank=ps.dp_rank,
-                            dp_size=ps.dp_size)
+        return task_batches(valid_ds, consumed_samples=0, micro_batch_size=mbs, dp_rank=ps.dp_rank, dp_size=ps.dp_size)
 
     flops_sample = flops_per_token(cfg.model, task.seq_length) * task.seq_length * choices
     peak = torch.tensor([matmul_peak_flops(DTYPES[cfg.training.precision], env.device, n=1024, seconds=0.3)])
     dist.all_reduce(peak)
     logger = MetricsLogger(cfg.checkpoint.save, cfg.logging.tensorboard_dir, enabled=is_logger)
     trainer = FinetuneTrainer(
-        cfg, ps, engine, env.device, rng_tracker=built.rng_tracker,
-        pipeline_loss=task_loss if ps.pp_size > 1 else None, train_batches=train_batches,
-        valid_batches=valid_batches if valid_ds is not None else None, accumulation_steps=accum,
-        global_batch_size=global_batch, flops_per_sample=flops_sample, peak_flops=float(peak.item()),
-        checkpoints=CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last, log=log), logger=logger,
-        log=log, started=started, task=task, task_loss=task_loss, encoder=TaskEncoder(tokenizer, task, task.valid_data),
-        valid_examples=valid_examples, classes=classes, vocab_rows=cfg.model.vocab_size)
+        cfg,
+        ps,
+        engine,
+        env.device,
+        rng_tracker=built.rng_tracker,
+        pipeline_loss=task_loss if ps.pp_size > 1 else None,
+        train_batches=train_batches,
+        valid_batches=valid_batches if valid_ds is not None else None,
+        accumulation_steps=accum,
+        global_batch_size=global_batch,
+        flops_per_sample=flops_sample,
+        peak_flops=float(peak.item()),
+        checkpoints=CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last, log=log),
+        logger=logger,
+        log=log,
+        started=started,
+        task=task,
+        task_loss=task_loss,
+        encoder=TaskEncoder(tokenizer, task, task.valid_data),
+        valid_examples=valid_examples,
+        classes=classes,
+        vocab_rows=cfg.model.vocab_size,
+    )
     trainer.identity = task_identity(cfg, task, global_batch)
     if resuming:
         trainer.resume(cfg.checkpoint.save)
-    log(f"set-up took {time.perf_counter() - started:.1f} s; training {cfg.training.train_iters} steps of "
-        f"{global_batch} examples (micro-batch {mbs} x accumulation {accum} x dp {ps.dp_size})")
+    log(
+        f"set-up took {time.perf_counter() - started:.1f} s; training {cfg.training.train_iters} steps of "
+        f"{global_batch} examples (micro-batch {mbs} x accumulation {accum} x dp {ps.dp_size})"
+    )
     state = trainer.train()
     if valid_ds is not None and trainer.last_eval_step != state.step:
         trainer.evaluate()

@@ -62,8 +62,7 @@ def _cloze(row: dict[str, Any], where: str, line: int) -> ClozeExample:
     if "choices" not in row:
         raise DataError(f"{where}: missing field 'choices'")
     choices = row["choices"]
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip()
-                                                                    for c in choices):
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
         raise DataError(f"{where}: field 'choices' must be a list of at least two non-empty strings")
     if "label" not in row:
         raise DataError(f"{where}: missing field 'label'")

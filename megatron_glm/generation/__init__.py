@@ -8,6 +8,17 @@ from megatron_glm.generation.prompt import InfillResult, InfillTokens, blank_pos
 from megatron_glm.generation.sampling import GenerationConfig, filter_logits, next_tokens
 
 __all__ = [
-    "GenerationConfig", "InfillResult", "InfillTokens", "KVCache", "Stepper", "beam_search", "blank_positions",
-    "encode_prompt", "fill_text", "filter_logits", "generate", "infill_mask", "next_tokens",
+    "GenerationConfig",
+    "InfillResult",
+    "InfillTokens",
+    "KVCache",
+    "Stepper",
+    "beam_search",
+    "blank_positions",
+    "encode_prompt",
+    "fill_text",
+    "filter_logits",
+    "generate",
+    "infill_mask",
+    "next_tokens",
 ]

@@ -32,13 +32,20 @@ class _Hypothesis:
     score: float
 
 
-def beam_search(model: torch.nn.Module, prompt: list[int], blanks: list[int], tokens: InfillTokens,
-                config: GenerationConfig, parallel_state: ParallelState) -> InfillResult:
+def beam_search(
+    model: torch.nn.Module,
+    prompt: list[int],
+    blanks: list[int],
+    tokens: InfillTokens,
+    config: GenerationConfig,
+    parallel_state: ParallelState,
+) -> InfillResult:
     """The best fill of ``prompt``'s ``blanks`` found by beam search (``config.num_beams`` beams)."""
     ps = parallel_state
     width, limit = config.num_beams, config.max_new_tokens
-    stepper = Stepper(model, [prompt], tokens.pad, use_cache=config.use_cache, parallel_state=ps,
-                      capacity=len(blanks) * (limit + 1))
+    stepper = Stepper(
+        model, [prompt], tokens.pad, use_cache=config.use_cache, parallel_state=ps, capacity=len(blanks) * (limit + 1)
+    )
     stepper.prefill()
     stepper.reorder([0] * width)
     start = _Hypothesis(0, 0, [[] for _ in blanks], (tokens.sop, blanks[0], 1), 0.0)
@@ -78,8 +85,9 @@ def beam_search(model: torch.nn.Module, prompt: list[int], blanks: list[int], to
                 survivors.append(_Hypothesis(nxt, 0, answers, (tokens.sop, blanks[nxt], 1), value))
             else:
                 answers[h.current].append(t)
-                survivors.append(_Hypothesis(h.current, h.count + 1, answers,
-                                             (t, blanks[h.current], h.count + 2), value))
+                survivors.append(
+                    _Hypothesis(h.current, h.count + 1, answers, (t, blanks[h.current], h.count + 2), value)
+                )
             parents.append(r)
         if len(finished) >= width or not survivors:
             break

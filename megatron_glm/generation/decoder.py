@@ -48,8 +48,16 @@ class Stepper:
     selects the KV-cache path. Tensor-parallel ranks get identical logits (all-gathered vocabulary).
     """
 
-    def __init__(self, model: torch.nn.Module, part_a: list[list[int]], pad_id: int, *, use_cache: bool,
-                 parallel_state: ParallelState | None = None, capacity: int = 256) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        part_a: list[list[int]],
+        pad_id: int,
+        *,
+        use_cache: bool,
+        parallel_state: ParallelState | None = None,
+        capacity: int = 256,
+    ) -> None:
         self.model = model
         self.ps = parallel_state or getattr(model, "parallel_state", None) or ParallelState()
         self.device = next(model.parameters()).device
@@ -58,8 +66,8 @@ class Stepper:
         self.a_ids = torch.full((b, a_pad), pad_id, dtype=torch.long)
         self.a_pos = torch.zeros(b, 2, a_pad, dtype=torch.long)
         for i, ids in enumerate(part_a):
-            self.a_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            self.a_pos[i, 0, :len(ids)] = torch.arange(len(ids))
+            self.a_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            self.a_pos[i, 0, : len(ids)] = torch.arange(len(ids))
         self.a_ids, self.a_pos = self.a_ids.to(self.device), self.a_pos.to(self.device)
         self.a_lens = torch.tensor([len(p) for p in part_a], dtype=torch.long, device=self.device)
         self.fed_ids = torch.zeros(b, 0, dtype=torch.long, device=self.device)

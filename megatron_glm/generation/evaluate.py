@@ -40,8 +40,12 @@ def _dp_sum(values: list[float], parallel_state: ParallelState, device: torch.de
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], num_batches: int,
-                  parallel_state: ParallelState | None = None) -> dict[str, float]:
+def evaluate_loss(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    num_batches: int,
+    parallel_state: ParallelState | None = None,
+) -> dict[str, float]:
     """``loss``, ``ppl``, ``tokens`` and ``loss_<objective>`` / ``ppl_<objective>`` over ``num_batches``
     batches (dicts with ``input_ids, position_ids, sep, labels, loss_mask`` and optionally ``objective``);
     summed over data-parallel ranks."""
@@ -90,20 +94,26 @@ def cloze_ids(tokenizer: Any, example: ClozeExample) -> tuple[list[int], list[in
     context = tokenizer.encode(example.context, allow_special=False)
     joined = example.context + ("" if example.context.endswith((" ", "\n")) else " ") + example.target.lstrip()
     full = tokenizer.encode(joined, allow_special=False)
-    if full[:len(context)] == context and len(full) > len(context):
-        return context, full[len(context):]
+    if full[: len(context)] == context and len(full) > len(context):
+        return context, full[len(context) :]
     return context, tokenizer.encode(example.target, allow_special=False)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 @torch.no_grad()
-def cloze_accuracy(model: torch.nn.Module, tokenizer: Any, examples: Sequence[ClozeExample], *,
-                   blank: str = "[MASK]", batch_size: int = 8,
-                   parallel_state: ParallelState | None = None) -> dict[str, float]:
+def cloze_accuracy(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[ClozeExample],
+    *,
+    blank: str = "[MASK]",
+    batch_size: int = 8,
+    parallel_state: ParallelState | None = None,
+) -> dict[str, float]:
     """``accuracy`` (whole target predicted greedily), ``token_accuracy`` and ``count`` over ``examples``.
 
     ``blank`` is the blank token of Part A (``[MASK]`` for token-level models, ``[gMASK]`` for
@@ -119,8 +129,8 @@ def cloze_accuracy(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Cl
         rows = []
         for ex in chunk:
             context, target = cloze_ids(tokenizer, ex)
-            target = target[:max_pos - 1]
-            part_a = [*[tokenizer.cls_id, *context][-(max_pos - 1):], blank_id]
+            target = target[: max_pos - 1]
+            part_a = [*[tokenizer.cls_id, *context][-(max_pos - 1) :], blank_id]
             rows.append((part_a, target))
         length = max(len(a) + len(t) for a, t in rows)
         ids = torch.full((len(rows), length), tokenizer.pad_id, dtype=torch.long)
@@ -130,20 +140,23 @@ def cloze_accuracy(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Cl
             n, k = len(a), len(t)
             ids[i, :n] = torch.tensor(a)
             ids[i, n] = tokenizer.sop_id
-            ids[i, n + 1:n + k] = torch.tensor(t[:-1], dtype=torch.long)
+            ids[i, n + 1 : n + k] = torch.tensor(t[:-1], dtype=torch.long)
             pos[i, 0, :n] = torch.arange(n)
-            pos[i, 0, n:n + k] = n - 1
-            pos[i, 1, n:n + k] = torch.arange(1, k + 1)
+            pos[i, 0, n : n + k] = n - 1
+            pos[i, 1, n : n + k] = torch.arange(1, k + 1)
         # Right padding is invisible to real tokens under the sep mask (Part B is causal).
         logits = model(ids.to(device), pos.to(device), sep.to(device))
         predicted = gather_from_tensor_parallel_region(logits, ps.tp_group).argmax(dim=-1).cpu()
         for i, (a, t) in enumerate(rows):
             n = len(a)
-            hits = predicted[i, n:n + len(t)].tolist()
+            hits = predicted[i, n : n + len(t)].tolist()
             ok = sum(int(p == q) for p, q in zip(hits, t))
             tokens_ok += ok
             tokens_all += len(t)
             correct += int(ok == len(t))
     count = len(examples)
-    return {"accuracy": correct / count if count else 0.0,
-            "token_accuracy": tokens_ok / tokens_all if tokens_all else 0.0, "count": float(count)}
+    return {
+        "accuracy": correct / count if count else 0.0,
+        "token_accuracy": tokens_ok / tokens_all if tokens_all else 0.0,
+        "count": float(count),
+    }

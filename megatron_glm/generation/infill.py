@@ -31,14 +31,17 @@ from megatron_glm.generation.sampling import GenerationConfig, ban, ban_repeats,
 from megatron_glm.parallel import ParallelState
 
 
-def _check(model: torch.nn.Module, prompts: Sequence[Sequence[int]], tokens: InfillTokens,
-           config: GenerationConfig) -> list[list[int]]:
+def _check(
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], tokens: InfillTokens, config: GenerationConfig
+) -> list[list[int]]:
     if not prompts:
         raise GLMError("no prompt to fill")
     max_seq = model.config.max_sequence_length
     if config.max_new_tokens + 1 > max_seq:
-        raise GLMError(f"max_new_tokens {config.max_new_tokens} needs block positions up to "
-                       f"{config.max_new_tokens + 1}, but the model has {max_seq} positions")
+        raise GLMError(
+            f"max_new_tokens {config.max_new_tokens} needs block positions up to "
+            f"{config.max_new_tokens + 1}, but the model has {max_seq} positions"
+        )
     blanks = []
     for i, p in enumerate(prompts):
         if len(p) > max_seq:
@@ -51,8 +54,13 @@ def _check(model: torch.nn.Module, prompts: Sequence[Sequence[int]], tokens: Inf
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], tokens: InfillTokens,
-             config: GenerationConfig, parallel_state: ParallelState | None = None) -> list[InfillResult]:
+def generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    tokens: InfillTokens,
+    config: GenerationConfig,
+    parallel_state: ParallelState | None = None,
+) -> list[InfillResult]:
     """Fill the blanks of every prompt (token ids, ``[CLS]`` first: see :func:`encode_prompt`).
 
     Greedy and sampling run the prompts as one padded batch; beam search runs them one at a time.
@@ -70,13 +78,25 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], tokens: I
         model.train(was_training)
 
 
-def _sample(model: torch.nn.Module, prompts: list[list[int]], blanks: list[list[int]], tokens: InfillTokens,
-            config: GenerationConfig, parallel_state: ParallelState) -> list[InfillResult]:
+def _sample(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    blanks: list[list[int]],
+    tokens: InfillTokens,
+    config: GenerationConfig,
+    parallel_state: ParallelState,
+) -> list[InfillResult]:
     """Greedy / sampling over a padded batch, one token per row per step."""
     ps = parallel_state
     b, limit = len(prompts), config.max_new_tokens
-    stepper = Stepper(model, prompts, tokens.pad, use_cache=config.use_cache, parallel_state=ps,
-                      capacity=max(len(bl) for bl in blanks) * (limit + 1))
+    stepper = Stepper(
+        model,
+        prompts,
+        tokens.pad,
+        use_cache=config.use_cache,
+        parallel_state=ps,
+        capacity=max(len(bl) for bl in blanks) * (limit + 1),
+    )
     answers: list[list[list[int]]] = [[[] for _ in bl] for bl in blanks]
     current, count, done = [0] * b, [0] * b, [False] * b
     feed = [[tokens.sop, bl[0], 1] for bl in blanks]

@@ -23,9 +23,13 @@ from megatron_glm.parallel import ParallelState, initialize_parallel_state
 from megatron_glm.parallel.launch import start_process_group
 
 
-def load_model(path: str | os.PathLike[str], parallel_state: ParallelState | None = None, *,
-               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
-               ) -> tuple[GLMModel, dict[str, Any]]:
+def load_model(
+    path: str | os.PathLike[str],
+    parallel_state: ParallelState | None = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[GLMModel, dict[str, Any]]:
     """``(model in eval mode, meta)`` on ``device`` with ``dtype`` parameters; dropout off.
 
     ``meta`` is the checkpoint's ``meta.json`` when it has one (``config`` holds the run's full config:
@@ -34,8 +38,7 @@ def load_model(path: str | os.PathLike[str], parallel_state: ParallelState | Non
     """
     ps = parallel_state or ParallelState()
     src = open_source(Path(path))
-    cfg = dataclasses.replace(src.info.config, hidden_dropout=0.0, attention_dropout=0.0,
-                              checkpoint_activations=False)
+    cfg = dataclasses.replace(src.info.config, hidden_dropout=0.0, attention_dropout=0.0, checkpoint_activations=False)
     if cfg.vocab_size % ps.tp_size:
         raise CheckpointError(f"{src.info.path}: vocab size {cfg.vocab_size} does not split over TP {ps.tp_size}")
     model = GLMModel(cfg, ps, seed=0, params_dtype=dtype, device=device)

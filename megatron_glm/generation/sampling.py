@@ -76,8 +76,8 @@ def repeated_ngram_tokens(answer: Sequence[int], n: int) -> list[int]:
         return []
     if n == 1:
         return sorted(set(answer))
-    prefix = list(answer[len(answer) - n + 1:])
-    return sorted({answer[i + n - 1] for i in range(len(answer) - n + 1) if list(answer[i:i + n - 1]) == prefix})
+    prefix = list(answer[len(answer) - n + 1 :])
+    return sorted({answer[i + n - 1] for i in range(len(answer) - n + 1) if list(answer[i : i + n - 1]) == prefix})
 
 
 def ban_repeats(logits: torch.Tensor, answers: Sequence[Sequence[int]], n: int) -> torch.Tensor:

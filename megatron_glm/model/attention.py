@@ -37,6 +37,8 @@ class LayerKVCache(Protocol):
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``[b, h_r, s, d]`` keys/values; return every cached key/value ``[b, h_r, past + s, d]``."""
         ...
+
+
 _flex_compiled: Any = None
 
 
@@ -49,8 +51,9 @@ def _flex_attention() -> Any:
     return _flex_compiled
 
 
-def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                    dropout_p: float = 0.0) -> torch.Tensor:
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float = 0.0
+) -> torch.Tensor:
     """Reference attention on ``[b, h, s, d]``: fp32 scores and softmax, explicit boolean mask."""
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
@@ -61,8 +64,15 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return torch.matmul(probs, v)
 
 
-def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, impl: str,
-                   dropout_p: float, tracker: RNGStatesTracker | None) -> torch.Tensor:
+def attention_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask,
+    impl: str,
+    dropout_p: float,
+    tracker: RNGStatesTracker | None,
+) -> torch.Tensor:
     """``softmax(q k^T / sqrt(d) + mask) v`` on ``[b, h, s, d]`` with the chosen kernel."""
     if impl == "flex" and (q.device.type != "cuda" or dropout_p > 0.0):
         impl = "sdpa"
@@ -78,9 +88,20 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
 class ParallelSelfAttention(nn.Module):
     """GLM self-attention. Submodules ``query_key_value`` and ``dense`` carry the original names."""
 
-    def __init__(self, hidden_size: int, num_heads: int, *, attention_dropout: float, hidden_dropout: float,
-                 impl: str, qkv_init: InitMethod, dense_init: InitMethod, parallel_state: ParallelState,
-                 params_dtype: torch.dtype, device: torch.device | str | None) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        *,
+        attention_dropout: float,
+        hidden_dropout: float,
+        impl: str,
+        qkv_init: InitMethod,
+        dense_init: InitMethod,
+        parallel_state: ParallelState,
+        params_dtype: torch.dtype,
+        device: torch.device | str | None,
+    ) -> None:
         super().__init__()
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
@@ -90,15 +111,34 @@ class ParallelSelfAttention(nn.Module):
         self.head_dim = hidden_size // num_heads
         self.attention_dropout, self.impl = attention_dropout, impl
         self.recompute_core = False  # selective recomputation: keep only q, k, v for backward
-        self.query_key_value = ColumnParallelLinear(hidden_size, 3 * hidden_size, stride=3, init_method=qkv_init,
-                                                    parallel_state=parallel_state, params_dtype=params_dtype,
-                                                    device=device)
-        self.dense = RowParallelLinear(hidden_size, hidden_size, input_is_parallel=True, init_method=dense_init,
-                                       parallel_state=parallel_state, params_dtype=params_dtype, device=device)
+        self.query_key_value = ColumnParallelLinear(
+            hidden_size,
+            3 * hidden_size,
+            stride=3,
+            init_method=qkv_init,
+            parallel_state=parallel_state,
+            params_dtype=params_dtype,
+            device=device,
+        )
+        self.dense = RowParallelLinear(
+            hidden_size,
+            hidden_size,
+            input_is_parallel=True,
+            init_method=dense_init,
+            parallel_state=parallel_state,
+            params_dtype=params_dtype,
+            device=device,
+        )
         self.output_dropout = nn.Dropout(hidden_dropout)
 
-    def forward(self, x: torch.Tensor, mask: AttentionMask, tracker: RNGStatesTracker | None = None,
-                kv_cache: LayerKVCache | None = None, sequence_parallel: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: AttentionMask,
+        tracker: RNGStatesTracker | None = None,
+        kv_cache: LayerKVCache | None = None,
+        sequence_parallel: bool = False,
+    ) -> torch.Tensor:
         """``x [b, s, H]`` -> ``[b, s, H]``.
 
         ``kv_cache`` (generation): this layer's cache. The new keys/values ``[b, h_r, s, d]`` are appended
@@ -118,6 +158,7 @@ class ParallelSelfAttention(nn.Module):
             k, v = kv_cache.update(k, v)
             impl = "sdpa" if impl == "flex" else impl
         if self.recompute_core and kv_cache is None and self.training and torch.is_grad_enabled():
+
             def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 return attention_core(q, k, v, mask, impl, p, tracker)
 

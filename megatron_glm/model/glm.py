@@ -38,12 +38,23 @@ def init_method_for(name: str, layout: ModelLayout, seed: int) -> InitMethod:
     return normal_init(layout.init_std(name), stable_seed(seed, name))
 
 
-def word_embedding(config: ModelConfig, layout: ModelLayout, parallel_state: ParallelState, seed: int,
-                   params_dtype: torch.dtype, device: torch.device | str | None) -> VocabParallelEmbedding:
+def word_embedding(
+    config: ModelConfig,
+    layout: ModelLayout,
+    parallel_state: ParallelState,
+    seed: int,
+    params_dtype: torch.dtype,
+    device: torch.device | str | None,
+) -> VocabParallelEmbedding:
     """The vocab-parallel word embedding (also the tied head's weight)."""
-    return VocabParallelEmbedding(config.vocab_size, config.hidden_size,
-                                  init_method=init_method_for(VOCAB_TENSOR, layout, seed),
-                                  parallel_state=parallel_state, params_dtype=params_dtype, device=device)
+    return VocabParallelEmbedding(
+        config.vocab_size,
+        config.hidden_size,
+        init_method=init_method_for(VOCAB_TENSOR, layout, seed),
+        parallel_state=parallel_state,
+        params_dtype=params_dtype,
+        device=device,
+    )
 
 
 def tied_logits(h: torch.Tensor, weight: torch.Tensor, parallel_state: ParallelState) -> torch.Tensor:
@@ -69,8 +80,15 @@ class GLMModel(nn.Module):
         params_dtype, device: parameter dtype and device (``None``: CPU).
     """
 
-    def __init__(self, config: ModelConfig, parallel_state: ParallelState | None = None, *, seed: int = 1234,
-                 params_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        parallel_state: ParallelState | None = None,
+        *,
+        seed: int = 1234,
+        params_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         ps = parallel_state or ParallelState()
         check_config(config, ps)
@@ -78,17 +96,31 @@ class GLMModel(nn.Module):
         self.layout = ModelLayout(config)
         self.word_embeddings = word_embedding(config, self.layout, ps, seed, params_dtype, device)
         self.transformer = GLMTransformer(
-            config, layer_start=0, layer_end=config.num_layers, pre_process=True, post_process=True,
-            init_for=lambda name: init_method_for(name, self.layout, seed), parallel_state=ps,
-            params_dtype=params_dtype, device=device)
+            config,
+            layer_start=0,
+            layer_end=config.num_layers,
+            pre_process=True,
+            post_process=True,
+            init_for=lambda name: init_method_for(name, self.layout, seed),
+            parallel_state=ps,
+            params_dtype=params_dtype,
+            device=device,
+        )
         self.rng_tracker = new_rng_tracker(seed, ps, device)
         # Sequence parallelism applies to training/eval forwards; generation (a KV cache) runs without it.
         self.sequence_parallel = config.sequence_parallel and ps.tp_size > 1
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | AttentionMask | None = None, *,
-                kv_cache: KVCacheLike | None = None, logit_positions: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> torch.Tensor | GLMLoss:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | AttentionMask | None = None,
+        *,
+        kv_cache: KVCacheLike | None = None,
+        logit_positions: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | GLMLoss:
         """Logits ``[b, s, V/tp]`` (or the loss, with ``labels`` and ``loss_mask``).
 
         ``input_ids``: token ids ``[b, s]``. ``position_ids``: ``[b, 2, s]`` (position, block position).
@@ -156,8 +188,9 @@ class GLMModel(nn.Module):
         if chunk <= 0:
             return glm_loss_at(self.logits(rows), positions, labels, loss_mask, self.parallel_state)
         rows = copy_to_tensor_parallel_region(rows, self.parallel_state.tp_group)
-        return glm_loss_fused(rows, self.word_embeddings.weight, positions, labels, loss_mask, self.parallel_state,
-                              chunk=chunk)
+        return glm_loss_fused(
+            rows, self.word_embeddings.weight, positions, labels, loss_mask, self.parallel_state, chunk=chunk
+        )
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tied head: ``h @ word_embeddings.T`` for this rank's vocabulary slice."""
@@ -177,9 +210,17 @@ class GLMPart(nn.Module):
     - ``final_norm``: :meth:`final_norm`.
     """
 
-    def __init__(self, pipe: PipeLayer, config: ModelConfig, parallel_state: ParallelState | None = None, *,
-                 seed: int = 1234, tracker: RNGStatesTracker | None = None,
-                 params_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        pipe: PipeLayer,
+        config: ModelConfig,
+        parallel_state: ParallelState | None = None,
+        *,
+        seed: int = 1234,
+        tracker: RNGStatesTracker | None = None,
+        params_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         parallel_state = parallel_state or ParallelState()
         check_config(config, parallel_state)
@@ -193,9 +234,16 @@ class GLMPart(nn.Module):
         if pipe.kind == "layer":
             start, end = pipe.layer, pipe.layer + 1
         self.transformer = GLMTransformer(
-            config, layer_start=start, layer_end=end, pre_process=pipe.kind == "position_embeddings",
-            post_process=pipe.kind == "final_norm", init_for=lambda name: init_method_for(name, layout, seed),
-            parallel_state=parallel_state, params_dtype=params_dtype, device=device)
+            config,
+            layer_start=start,
+            layer_end=end,
+            pre_process=pipe.kind == "position_embeddings",
+            post_process=pipe.kind == "final_norm",
+            init_for=lambda name: init_method_for(name, layout, seed),
+            parallel_state=parallel_state,
+            params_dtype=params_dtype,
+            device=device,
+        )
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings(input_ids)
@@ -225,8 +273,9 @@ def check_config(config: ModelConfig, parallel_state: ParallelState) -> None:
         raise ValueError(f"hidden_size {config.hidden_size} is not divisible by {config.num_attention_heads} heads")
 
 
-def flops_per_token(config: ModelConfig, seq_length: int, *, training: bool = True,
-                    num_layers: int | None = None) -> float:
+def flops_per_token(
+    config: ModelConfig, seq_length: int, *, training: bool = True, num_layers: int | None = None
+) -> float:
     """Model FLOPs per token (matmuls only, dense attention, no recomputation counted).
 
     Per layer forward: ``24 H^2`` (QKV, dense, MLP) ``+ 4 s H`` (scores and context); head ``2 H V``.

@@ -42,8 +42,14 @@ def add_group_sums(acc: dict[int, list[float]], sums: dict[int, tuple[float, flo
         entry[1] += n
 
 
-def glm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-             parallel_state: ParallelState | None = None, *, label_smoothing: float = 0.0) -> GLMLoss:
+def glm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    parallel_state: ParallelState | None = None,
+    *,
+    label_smoothing: float = 0.0,
+) -> GLMLoss:
     """Masked mean cross entropy of vocab-parallel ``logits [b, s, V/tp]`` against ``labels [b, s]``.
 
     Computed in fp32 whatever the logits' dtype; a batch with no masked token gives loss 0 (and zero
@@ -63,8 +69,15 @@ def loss_positions(loss_mask: torch.Tensor) -> torch.Tensor:
     return loss_mask.reshape(-1).nonzero().squeeze(-1)
 
 
-def glm_loss_at(logits: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-                parallel_state: ParallelState | None = None, *, label_smoothing: float = 0.0) -> GLMLoss:
+def glm_loss_at(
+    logits: torch.Tensor,
+    positions: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    parallel_state: ParallelState | None = None,
+    *,
+    label_smoothing: float = 0.0,
+) -> GLMLoss:
     """:func:`glm_loss` for logits computed at ``positions`` only (``[n, V/tp]``, see
     ``GLMModel.forward(logit_positions=...)``); every ``loss_mask`` token must be among the positions.
 
@@ -73,8 +86,9 @@ def glm_loss_at(logits: torch.Tensor, positions: torch.Tensor, labels: torch.Ten
     group = (parallel_state or ParallelState()).tp_group
     b, s = labels.shape
     mask = loss_mask.to(torch.float32)
-    token_loss = vocab_parallel_cross_entropy(logits, labels.reshape(-1).index_select(0, positions), group,
-                                              label_smoothing)
+    token_loss = vocab_parallel_cross_entropy(
+        logits, labels.reshape(-1).index_select(0, positions), group, label_smoothing
+    )
     flat = torch.zeros(b * s, dtype=torch.float32, device=logits.device)
     per_token = flat.index_add(0, positions, token_loss * mask.reshape(-1).index_select(0, positions)).view(b, s)
     sample_sum, sample_tokens = per_token.sum(dim=-1), mask.sum(dim=-1)
@@ -82,9 +96,17 @@ def glm_loss_at(logits: torch.Tensor, positions: torch.Tensor, labels: torch.Ten
     return GLMLoss(loss, per_token, sample_sum, sample_tokens)
 
 
-def glm_loss_fused(rows: torch.Tensor, head_weight: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
-                   loss_mask: torch.Tensor, parallel_state: ParallelState | None = None, *, chunk: int = 1024,
-                   label_smoothing: float = 0.0) -> GLMLoss:
+def glm_loss_fused(
+    rows: torch.Tensor,
+    head_weight: torch.Tensor,
+    positions: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    parallel_state: ParallelState | None = None,
+    *,
+    chunk: int = 1024,
+    label_smoothing: float = 0.0,
+) -> GLMLoss:
     """:func:`glm_loss_at` with the tied head fused into the loss, ``chunk`` rows at a time
     (:func:`~megatron_glm.parallel.fused_head_cross_entropy`): the ``[n, V/tp]`` logits are never stored.
 
@@ -95,8 +117,15 @@ def glm_loss_fused(rows: torch.Tensor, head_weight: torch.Tensor, positions: tor
     b, s = labels.shape
     mask = loss_mask.to(torch.float32)
     row_mask = mask.reshape(-1).index_select(0, positions)
-    total, token_loss = fused_head_cross_entropy(rows, head_weight, labels.reshape(-1).index_select(0, positions),
-                                                 row_mask, group, chunk=chunk, label_smoothing=label_smoothing)
+    total, token_loss = fused_head_cross_entropy(
+        rows,
+        head_weight,
+        labels.reshape(-1).index_select(0, positions),
+        row_mask,
+        group,
+        chunk=chunk,
+        label_smoothing=label_smoothing,
+    )
     flat = torch.zeros(b * s, dtype=torch.float32, device=rows.device)
     per_token = flat.index_add(0, positions, token_loss * row_mask).view(b, s)
     sample_sum, sample_tokens = per_token.sum(dim=-1), mask.sum(dim=-1)
@@ -107,8 +136,14 @@ def glm_loss_fused(rows: torch.Tensor, head_weight: torch.Tensor, positions: tor
 _compiled: Any = None
 
 
-def compiled_glm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-                      parallel_state: ParallelState | None = None, *, label_smoothing: float = 0.0) -> GLMLoss:
+def compiled_glm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    parallel_state: ParallelState | None = None,
+    *,
+    label_smoothing: float = 0.0,
+) -> GLMLoss:
     """:func:`glm_loss` through ``torch.compile``: the fp32 upcast, softmax statistics and gradient fuse
     into a few passes over the logits (about 3x faster on CPU); compiled on first call."""
     global _compiled  # one process-wide compiled function, not state

@@ -81,13 +81,17 @@ class AttentionMask:
         if self._block is None:
             from torch.nn.attention.flex_attention import create_block_mask
 
-            self._block = create_block_mask(self.mask_mod, self.batch, None, self.seq, self.seq,
-                                            device=self.device)
+            self._block = create_block_mask(self.mask_mod, self.batch, None, self.seq, self.seq, device=self.device)
         return self._block
 
 
-def prepare_attention_mask(attention_mask: torch.Tensor | AttentionMask, batch: int, seq: int,
-                           device: torch.device | str, kv_seq: int | None = None) -> AttentionMask:
+def prepare_attention_mask(
+    attention_mask: torch.Tensor | AttentionMask,
+    batch: int,
+    seq: int,
+    device: torch.device | str,
+    kv_seq: int | None = None,
+) -> AttentionMask:
     """Normalise the model's ``attention_mask`` argument (``[b]`` sep values or ``[b, 1, s, s]`` bool).
 
     ``kv_seq`` (generation with a KV cache): keys span ``kv_seq`` positions (cached + new); the mask must
@@ -98,8 +102,10 @@ def prepare_attention_mask(attention_mask: torch.Tensor | AttentionMask, batch: 
     device = torch.device(device)
     if kv_seq is not None and kv_seq != seq:
         if attention_mask.dim() != 4 or tuple(attention_mask.shape) != (batch, 1, seq, kv_seq):
-            raise ValueError(f"with a KV cache attention_mask must be a [{batch}, 1, {seq}, {kv_seq}] boolean "
-                             f"mask, got {list(attention_mask.shape)}")
+            raise ValueError(
+                f"with a KV cache attention_mask must be a [{batch}, 1, {seq}, {kv_seq}] boolean "
+                f"mask, got {list(attention_mask.shape)}"
+            )
         mask = attention_mask.to(device=device, dtype=torch.bool)
         return AttentionMask(dense_mask_mod(mask), batch, seq, device, _bool=mask)
     if attention_mask.dim() == 1:

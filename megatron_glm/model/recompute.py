@@ -12,8 +12,9 @@ from megatron_glm.parallel import RNGStatesTracker
 __all__ = ["checkpointed"]
 
 
-def checkpointed(fn: Callable[..., torch.Tensor], tracker: RNGStatesTracker | None,
-                 *args: torch.Tensor) -> torch.Tensor:
+def checkpointed(
+    fn: Callable[..., torch.Tensor], tracker: RNGStatesTracker | None, *args: torch.Tensor
+) -> torch.Tensor:
     """``fn(*args)`` under non-reentrant activation checkpointing with identical dropout on recompute.
 
     ``torch.utils.checkpoint`` restores the default RNG state(s) for the recompute; the tracker's

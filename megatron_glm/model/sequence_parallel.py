@@ -21,12 +21,18 @@ def layer_norm(ln: nn.LayerNorm, x: torch.Tensor, group: Any, sequence_parallel:
     """``ln(x)``; on a sequence shard its weight and bias gradients are summed over ``group``."""
     if not sequence_parallel:
         return ln(x)
-    return F.layer_norm(x, ln.normalized_shape, copy_to_tensor_parallel_region(ln.weight, group),
-                        copy_to_tensor_parallel_region(ln.bias, group), ln.eps)
+    return F.layer_norm(
+        x,
+        ln.normalized_shape,
+        copy_to_tensor_parallel_region(ln.weight, group),
+        copy_to_tensor_parallel_region(ln.bias, group),
+        ln.eps,
+    )
 
 
-def dropout(drop: nn.Dropout, x: torch.Tensor, tracker: RNGStatesTracker | None,
-            sequence_parallel: bool) -> torch.Tensor:
+def dropout(
+    drop: nn.Dropout, x: torch.Tensor, tracker: RNGStatesTracker | None, sequence_parallel: bool
+) -> torch.Tensor:
     """``drop(x)``; on a sequence shard drawn from the tracker's tensor-parallel stream."""
     active = sequence_parallel and tracker is not None and drop.training and drop.p > 0
     with tracker.fork(MODEL_PARALLEL_RNG) if active else contextlib.nullcontext():

@@ -25,8 +25,9 @@ def _partitions(model: nn.Module) -> dict[str, tuple[int, int] | None]:
     return {s.name: s.partition for s in layout}
 
 
-def full_state_dict(model: nn.Module, parallel_state: ParallelState | None = None, *,
-                    grads: bool = False) -> dict[str, torch.Tensor]:
+def full_state_dict(
+    model: nn.Module, parallel_state: ParallelState | None = None, *, grads: bool = False
+) -> dict[str, torch.Tensor]:
     """This model's (stage's) state dict with every tensor unsharded (detached copies, on its device).
 
     ``grads=True`` returns the full gradients instead (zeros where a gradient is ``None``).
@@ -48,9 +49,14 @@ def full_state_dict(model: nn.Module, parallel_state: ParallelState | None = Non
     return out
 
 
-def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
-                         parallel_state: ParallelState | None = None, *, strict: bool = True,
-                         ignore_unexpected: bool = False) -> None:
+def load_full_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    parallel_state: ParallelState | None = None,
+    *,
+    strict: bool = True,
+    ignore_unexpected: bool = False,
+) -> None:
     """Load full (unsharded) tensors into a tensor-parallel model, keeping this rank's shards.
 
     ``strict``: every key of the model must be present. Unexpected keys are an error unless
@@ -77,7 +83,9 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
             except ValueError as exc:
                 raise CheckpointError(f"{name}: {exc}") from None
         if tuple(full.shape) != tuple(t.shape):
-            raise CheckpointError(f"{name}: shape {list(full.shape)} does not fit this rank's "
-                                  f"{list(t.shape)} (tp {ps.tp_rank}/{ps.tp_size})")
+            raise CheckpointError(
+                f"{name}: shape {list(full.shape)} does not fit this rank's "
+                f"{list(t.shape)} (tp {ps.tp_rank}/{ps.tp_size})"
+            )
         local[name] = full
     model.load_state_dict(local, strict=False)

@@ -63,8 +63,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group: Any = None,
-                                 label_smoothing: float = 0.0) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, group: Any = None, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Per-token loss (fp32, shape of ``target``) for logits split over the vocabulary.
 
     The gradient returned to ``logits`` is fp32; autograd casts it to the logits' dtype.

@@ -27,8 +27,9 @@ def _all_reduce(x: torch.Tensor, group: Any, op: Any = None) -> torch.Tensor:
     return x
 
 
-def _chunk_loss(logits: torch.Tensor, target: torch.Tensor, start: int, vocab: int, group: Any,
-                label_smoothing: float) -> tuple[torch.Tensor, ...]:
+def _chunk_loss(
+    logits: torch.Tensor, target: torch.Tensor, start: int, vocab: int, group: Any, label_smoothing: float
+) -> tuple[torch.Tensor, ...]:
     """``(loss [c], exp(shifted) [c, V/tp], sum_exp [c], local target, outside)`` of fp32 logits ``[c, V/tp]``
     (overwritten in place)."""
     local_v = logits.shape[-1]
@@ -63,11 +64,10 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
         for i in range(0, n, chunk):
-            h_c, t_c = h[i:i + chunk], target[i:i + chunk]
+            h_c, t_c = h[i : i + chunk], target[i : i + chunk]
             logits = F.linear(h_c, weight).float()
-            loss, exp, sum_exp, local_target, outside = _chunk_loss(logits, t_c, start, vocab, group,
-                                                                    label_smoothing)
-            losses[i:i + chunk] = loss
+            loss, exp, sum_exp, local_target, outside = _chunk_loss(logits, t_c, start, vocab, group, label_smoothing)
+            losses[i : i + chunk] = loss
             if not need_grad:
                 continue
             # d(w_i * loss_i)/d logits = w_i * (softmax - (1 - eps) * one_hot - eps / V)
@@ -76,9 +76,9 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
                 grad.sub_(label_smoothing / vocab)
             hit = (~outside).to(grad.dtype) * (1.0 - label_smoothing)
             grad.scatter_add_(-1, local_target.unsqueeze(-1), -hit.unsqueeze(-1))
-            grad.mul_(row_weights[i:i + chunk].unsqueeze(-1))
+            grad.mul_(row_weights[i : i + chunk].unsqueeze(-1))
             grad = grad.to(h.dtype)
-            torch.matmul(grad, weight, out=grad_h[i:i + chunk])
+            torch.matmul(grad, weight, out=grad_h[i : i + chunk])
             if grad_w.dtype == h.dtype:
                 grad_w.addmm_(grad.t(), h_c)
             else:
@@ -99,9 +99,16 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         return grad_h * g, grad_w * g.to(grad_w.dtype), None, None, None, None, None, None
 
 
-def fused_head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                             row_weights: torch.Tensor, group: Any = None, *, chunk: int = 1024,
-                             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_head_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    row_weights: torch.Tensor,
+    group: Any = None,
+    *,
+    chunk: int = 1024,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum_i row_weights_i * loss_i, loss [n])`` for the logits ``h @ weight.T`` split over the vocabulary.
 
     ``h [n, H]``, ``weight [V/tp, H]`` (this rank's rows of the full ``[V, H]``), ``target [n]`` full-vocabulary
@@ -116,8 +123,10 @@ def fused_head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torc
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
         raise ValueError(f"h must be [n, H] and weight [V/tp, H], got {list(h.shape)} and {list(weight.shape)}")
     if target.shape != h.shape[:1] or row_weights.shape != h.shape[:1]:
-        raise ValueError(f"target and row_weights must be [{h.shape[0]}], got {list(target.shape)} and "
-                         f"{list(row_weights.shape)}")
+        raise ValueError(
+            f"target and row_weights must be [{h.shape[0]}], got {list(target.shape)} and {list(row_weights.shape)}"
+        )
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _FusedHeadCrossEntropy.apply(h, weight, target, row_weights.to(torch.float32), group, chunk,
-                                        label_smoothing, need_grad)
+    return _FusedHeadCrossEntropy.apply(
+        h, weight, target, row_weights.to(torch.float32), group, chunk, label_smoothing, need_grad
+    )

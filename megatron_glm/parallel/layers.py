@@ -32,9 +32,15 @@ def _divide(n: int, d: int, what: str) -> int:
     return n // d
 
 
-def _sharded_parameter(shape: tuple[int, int], dim: int, stride: int, init_method: InitMethod | None,
-                       parallel_state: ParallelState, dtype: torch.dtype,
-                       device: torch.device | str | None) -> nn.Parameter:
+def _sharded_parameter(
+    shape: tuple[int, int],
+    dim: int,
+    stride: int,
+    init_method: InitMethod | None,
+    parallel_state: ParallelState,
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+) -> nn.Parameter:
     ps = parallel_state
     full = torch.empty(shape, dtype=torch.float32)
     if init_method is not None:
@@ -56,16 +62,27 @@ class ColumnParallelLinear(nn.Module):
     With ``gather_output`` the full ``Y`` is returned on every rank.
     """
 
-    def __init__(self, input_size: int, output_size: int, *, bias: bool = True, gather_output: bool = False,
-                 init_method: InitMethod | None = None, stride: int = 1, parallel_state: ParallelState | None = None,
-                 params_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        bias: bool = True,
+        gather_output: bool = False,
+        init_method: InitMethod | None = None,
+        stride: int = 1,
+        parallel_state: ParallelState | None = None,
+        params_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         self.ps = parallel_state or ParallelState()
         self.input_size, self.output_size = input_size, output_size
         self.gather_output = gather_output
         self.output_size_per_partition = _divide(output_size, self.ps.tp_size, "output size")
-        self.weight = _sharded_parameter((output_size, input_size), 0, stride, init_method, self.ps,
-                                         params_dtype, device)
+        self.weight = _sharded_parameter(
+            (output_size, input_size), 0, stride, init_method, self.ps, params_dtype, device
+        )
         if bias:
             self.bias = _sharded_parameter((output_size,), 0, stride, None, self.ps, params_dtype, device)
         else:
@@ -89,16 +106,24 @@ class RowParallelLinear(nn.Module):
     """``Y = X A^T + b`` with ``A`` split along its input dimension; partial results are all-reduced,
     then the (replicated) bias is added once."""
 
-    def __init__(self, input_size: int, output_size: int, *, bias: bool = True, input_is_parallel: bool = False,
-                 init_method: InitMethod | None = None, parallel_state: ParallelState | None = None,
-                 params_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        bias: bool = True,
+        input_is_parallel: bool = False,
+        init_method: InitMethod | None = None,
+        parallel_state: ParallelState | None = None,
+        params_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         self.ps = parallel_state or ParallelState()
         self.input_size, self.output_size = input_size, output_size
         self.input_is_parallel = input_is_parallel
         self.input_size_per_partition = _divide(input_size, self.ps.tp_size, "input size")
-        self.weight = _sharded_parameter((output_size, input_size), 1, 1, init_method, self.ps,
-                                         params_dtype, device)
+        self.weight = _sharded_parameter((output_size, input_size), 1, 1, init_method, self.ps, params_dtype, device)
         if bias:
             self.bias = nn.Parameter(torch.zeros(output_size, dtype=params_dtype, device=device))
         else:
@@ -124,17 +149,25 @@ class RowParallelLinear(nn.Module):
 class VocabParallelEmbedding(nn.Module):
     """Embedding whose rows (the vocabulary) are split over tensor-parallel ranks."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *, init_method: InitMethod | None = None,
-                 parallel_state: ParallelState | None = None, params_dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        init_method: InitMethod | None = None,
+        parallel_state: ParallelState | None = None,
+        params_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         self.ps = parallel_state or ParallelState()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         per_rank = _divide(num_embeddings, self.ps.tp_size, "vocab size")
         self.vocab_start = self.ps.tp_rank * per_rank
         self.vocab_end = self.vocab_start + per_rank
-        self.weight = _sharded_parameter((num_embeddings, embedding_dim), 0, 1, init_method, self.ps,
-                                         params_dtype, device)
+        self.weight = _sharded_parameter(
+            (num_embeddings, embedding_dim), 0, 1, init_method, self.ps, params_dtype, device
+        )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.ps.tp_size == 1:

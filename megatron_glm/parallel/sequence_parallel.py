@@ -26,8 +26,10 @@ def _size(group: Any) -> int:
 def _split(x: torch.Tensor, group: Any) -> torch.Tensor:
     size = _size(group)
     if x.shape[SEQ_DIM] % size:
-        raise ValueError(f"sequence length {x.shape[SEQ_DIM]} is not divisible by the tensor-parallel size {size} "
-                         f"(needed by sequence parallelism)")
+        raise ValueError(
+            f"sequence length {x.shape[SEQ_DIM]} is not divisible by the tensor-parallel size {size} "
+            f"(needed by sequence parallelism)"
+        )
     return torch.chunk(x, size, dim=SEQ_DIM)[dist.get_rank(group)].contiguous()
 
 
@@ -41,8 +43,10 @@ def _gather(x: torch.Tensor, group: Any) -> torch.Tensor:
 def _reduce_scatter(x: torch.Tensor, group: Any) -> torch.Tensor:
     size = _size(group)
     if x.shape[SEQ_DIM] % size:
-        raise ValueError(f"sequence length {x.shape[SEQ_DIM]} is not divisible by the tensor-parallel size {size} "
-                         f"(needed by sequence parallelism)")
+        raise ValueError(
+            f"sequence length {x.shape[SEQ_DIM]} is not divisible by the tensor-parallel size {size} "
+            f"(needed by sequence parallelism)"
+        )
     parts = [p.contiguous() for p in torch.chunk(x, size, dim=SEQ_DIM)]
     out = torch.empty_like(parts[0])
     dist.reduce_scatter(out, parts, group=group)

@@ -47,8 +47,10 @@ class ParallelState:
         return self.pp_rank == self.pp_size - 1
 
     def __repr__(self) -> str:  # groups are opaque handles; keep the repr readable
-        return (f"ParallelState(rank={self.rank}, tp={self.tp_rank}/{self.tp_size}, "
-                f"pp={self.pp_rank}/{self.pp_size}, dp={self.dp_rank}/{self.dp_size})")
+        return (
+            f"ParallelState(rank={self.rank}, tp={self.tp_rank}/{self.tp_size}, "
+            f"pp={self.pp_rank}/{self.pp_size}, dp={self.dp_rank}/{self.dp_size})"
+        )
 
 
 def rank_grid(world_size: int, tp_size: int, pp_size: int) -> list[list[list[int]]]:
@@ -56,8 +58,10 @@ def rank_grid(world_size: int, tp_size: int, pp_size: int) -> list[list[list[int
     if tp_size <= 0 or pp_size <= 0 or world_size % (tp_size * pp_size):
         raise ValueError(f"world size {world_size} is not divisible by tp {tp_size} x pp {pp_size}")
     dp_size = world_size // (tp_size * pp_size)
-    return [[[p * dp_size * tp_size + d * tp_size + t for t in range(tp_size)] for d in range(dp_size)]
-            for p in range(pp_size)]
+    return [
+        [[p * dp_size * tp_size + d * tp_size + t for t in range(tp_size)] for d in range(dp_size)]
+        for p in range(pp_size)
+    ]
 
 
 def initialize_parallel_state(tp_size: int = 1, pp_size: int = 1) -> ParallelState:
@@ -90,6 +94,14 @@ def initialize_parallel_state(tp_size: int = 1, pp_size: int = 1) -> ParallelSta
             make([grid[p][d][t] for p in range(pp_size)], "pp")
     pp_rank, rem = divmod(rank, dp_size * tp_size)
     dp_rank, tp_rank = divmod(rem, tp_size)
-    return ParallelState(tp_size=tp_size, tp_rank=tp_rank, tp_group=mine.get("tp"),
-                         pp_size=pp_size, pp_rank=pp_rank, pp_group=mine.get("pp"),
-                         dp_size=dp_size, dp_rank=dp_rank, dp_group=mine.get("dp"))
+    return ParallelState(
+        tp_size=tp_size,
+        tp_rank=tp_rank,
+        tp_group=mine.get("tp"),
+        pp_size=pp_size,
+        pp_rank=pp_rank,
+        pp_group=mine.get("pp"),
+        dp_size=dp_size,
+        dp_rank=dp_rank,
+        dp_group=mine.get("dp"),
+    )

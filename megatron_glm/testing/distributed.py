@@ -22,8 +22,9 @@ from megatron_glm.parallel.launch import find_free_port
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable[..., Any], args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
@@ -42,14 +43,20 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     Raises ``RuntimeError`` with the failing rank's traceback, or on timeout (all children are killed).
     """
     with tempfile.TemporaryDirectory(prefix="glm-dist-") as out_dir:
-        ctx = mp.start_processes(_worker, args=(world_size, find_free_port(), out_dir, fn, args),
-                                 nprocs=world_size, join=False, start_method="spawn")
+        ctx = mp.start_processes(
+            _worker,
+            args=(world_size, find_free_port(), out_dir, fn, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
         deadline = time.monotonic() + timeout
         try:
             while not ctx.join(timeout=1.0):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{getattr(fn, '__name__', fn)} on {world_size} ranks timed out "
-                                       f"after {timeout:.0f} s")
+                    raise RuntimeError(
+                        f"{getattr(fn, '__name__', fn)} on {world_size} ranks timed out after {timeout:.0f} s"
+                    )
         except mp.ProcessRaisedException as exc:
             errors = sorted(Path(out_dir).glob("rank*.err"))
             detail = "\n".join(f"--- {p.stem} ---\n{p.read_text()}" for p in errors) or str(exc)

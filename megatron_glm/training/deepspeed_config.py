@@ -32,8 +32,10 @@ def read_json(path: str | Path) -> dict[str, Any]:
 
 def _agree(ds: dict[str, Any], key: str, value: Any, ours: str, source: str) -> None:
     if key in ds and ds[key] != "auto" and ds[key] != value:
-        raise ConfigError(f"{source}: {key} is {ds[key]!r} but {ours} gives {value!r}; "
-                          f"remove it from the JSON (it is filled from our config) or make them equal")
+        raise ConfigError(
+            f"{source}: {key} is {ds[key]!r} but {ours} gives {value!r}; "
+            f"remove it from the JSON (it is filled from our config) or make them equal"
+        )
     ds[key] = value
 
 
@@ -54,8 +56,10 @@ def build_deepspeed_config(cfg: GLMConfig, dp_size: int) -> dict[str, Any]:
         wanted = cfg.training.precision == name
         if section.get("enabled", False) not in (wanted, "auto") and "enabled" in section:
             flag = f"--{name}" if section["enabled"] else f"(precision is {cfg.training.precision})"
-            raise ConfigError(f"{source}: {name}.enabled is {section['enabled']} but training.precision is "
-                              f"{cfg.training.precision!r}; pass {flag} or edit the JSON")
+            raise ConfigError(
+                f"{source}: {name}.enabled is {section['enabled']} but training.precision is "
+                f"{cfg.training.precision!r}; pass {flag} or edit the JSON"
+            )
         section["enabled"] = wanted
     if cfg.training.precision == "fp16":
         ds["fp16"].setdefault("loss_scale", 0)  # dynamic loss scaling
@@ -63,16 +67,21 @@ def build_deepspeed_config(cfg: GLMConfig, dp_size: int) -> dict[str, Any]:
     zero = ds.setdefault("zero_optimization", {})
     zero.setdefault("stage", cfg.training.zero_stage)  # a JSON that names its stage keeps it
     if cfg.parallel.pipeline_model_parallel_size > 1 and zero["stage"] > 1:
-        raise ConfigError(f"{source}: ZeRO stage {zero['stage']} cannot be used with pipeline parallelism "
-                          f"(use stage 0 or 1)")
+        raise ConfigError(
+            f"{source}: ZeRO stage {zero['stage']} cannot be used with pipeline parallelism (use stage 0 or 1)"
+        )
     if cfg.parallel.pipeline_model_parallel_size > 1 and ds["bf16"]["enabled"] and zero["stage"] == 0:
-        raise ConfigError(f"{source}: bf16 with ZeRO stage 0 and pipeline parallelism is refused: DeepSpeed "
-                          f"0.19's bf16 optimizer cannot load such pipeline checkpoints (KeyError 0 in "
-                          f"load_checkpoint); use ZeRO stage 1 (--zero-stage 1 or ds_configs/zero1_bf16.json)")
+        raise ConfigError(
+            f"{source}: bf16 with ZeRO stage 0 and pipeline parallelism is refused: DeepSpeed "
+            f"0.19's bf16 optimizer cannot load such pipeline checkpoints (KeyError 0 in "
+            f"load_checkpoint); use ZeRO stage 1 (--zero-stage 1 or ds_configs/zero1_bf16.json)"
+        )
     for key in ("optimizer", "scheduler"):
         if key in ds:
-            raise ConfigError(f"{source}: remove the '{key}' section; megatron_glm builds AdamW and the "
-                              f"learning-rate schedule from the optimizer.* options")
+            raise ConfigError(
+                f"{source}: remove the '{key}' section; megatron_glm builds AdamW and the "
+                f"learning-rate schedule from the optimizer.* options"
+            )
     if zero.get("offload_optimizer", {}).get("device", "none") != "none":
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
     ds.setdefault("steps_per_print", 10**9)

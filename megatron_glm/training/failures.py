@@ -17,8 +17,15 @@ import torch.distributed as dist
 __all__ = ["LOST_PEER_MARKERS", "lost_peer_message"]
 
 #: Phrases of gloo / NCCL / TCP errors that mean "the process at the other end is gone".
-LOST_PEER_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
-                     "NCCL communicator was aborted", "remote process exited", "Socket Timeout")
+LOST_PEER_MARKERS = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "Connection refused",
+    "NCCL communicator was aborted",
+    "remote process exited",
+    "Socket Timeout",
+)
 
 
 def _lost_ranks(rank: int, world: int, grace_s: float) -> list[int] | None:
@@ -53,5 +60,7 @@ def lost_peer_message(exc: BaseException, grace_s: float = 3.0) -> str | None:
         who = f"rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))}"
     else:
         who = "another rank (all answered since; a network fault?)"
-    return (f"rank {rank} of {world}: lost contact with {who}, which exited or was killed (see its output); "
-            f"stopping this rank too")
+    return (
+        f"rank {rank} of {world}: lost contact with {who}, which exited or was killed (see its output); "
+        f"stopping this rank too"
+    )

@@ -30,8 +30,16 @@ TIED_WEIGHT = "word_embeddings.weight"
 class PipeStage(GLMPart):
     """A :class:`GLMPart` with the engine's tuple activations."""
 
-    def __init__(self, pipe: PipeLayer, config: ModelConfig, parallel_state: ParallelState, seed: int,
-                 tracker: RNGStatesTracker, dtype: torch.dtype, device: Any) -> None:
+    def __init__(
+        self,
+        pipe: PipeLayer,
+        config: ModelConfig,
+        parallel_state: ParallelState,
+        seed: int,
+        tracker: RNGStatesTracker,
+        dtype: torch.dtype,
+        device: Any,
+    ) -> None:
         super().__init__(pipe, config, parallel_state, seed=seed, tracker=tracker, params_dtype=dtype, device=device)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> Any:
@@ -98,9 +106,15 @@ class TrainingModel:
     loss: PipelineLoss | None = None
 
 
-def build_pipeline_model(config: ModelConfig, parallel_state: ParallelState, *, seed: int = 1234,
-                         partition_method: str = "uniform", params_dtype: torch.dtype = torch.float32,
-                         device: Any = None) -> TrainingModel:
+def build_pipeline_model(
+    config: ModelConfig,
+    parallel_state: ParallelState,
+    *,
+    seed: int = 1234,
+    partition_method: str = "uniform",
+    params_dtype: torch.dtype = torch.float32,
+    device: Any = None,
+) -> TrainingModel:
     """This rank's pipeline stage of the model, one ``LayerSpec`` per pipe layer of the layout.
 
     ``partition_method``: ``uniform`` balances transformer layers, ``parameters`` balances parameter counts.
@@ -120,19 +134,23 @@ def build_pipeline_model(config: ModelConfig, parallel_state: ParallelState, *, 
         if pipe.kind == "word_embedding":
             specs.append(TiedLayerSpec(TIED_KEY, PipeStage, pipe, *common, tied_weight_attr=TIED_WEIGHT))
         elif pipe.kind == "head":
-            specs.append(TiedLayerSpec(TIED_KEY, PipeStage, pipe, *common, forward_fn=head_forward,
-                                       tied_weight_attr=TIED_WEIGHT))
+            specs.append(
+                TiedLayerSpec(TIED_KEY, PipeStage, pipe, *common, forward_fn=head_forward, tied_weight_attr=TIED_WEIGHT)
+            )
         else:
             specs.append(LayerSpec(GLMLayerPipe if pipe.kind == "layer" else PipeStage, pipe, *common))
     topology = PipeModelDataParallelTopology(num_pp=ps.pp_size, num_mp=ps.tp_size, num_dp=ps.dp_size)
     loss = PipelineLoss(ps)
     method = f"type:{GLMLayerPipe.__name__}" if partition_method == "uniform" else partition_method
-    module = PipelineModule(specs, topology=topology, loss_fn=loss, partition_method=method,
-                            checkpointable_layers=[GLMLayerPipe.__name__])
+    module = PipelineModule(
+        specs, topology=topology, loss_fn=loss, partition_method=method, checkpointable_layers=[GLMLayerPipe.__name__]
+    )
     return TrainingModel(module=module, rng_tracker=tracker, loss=loss)
 
 
 def pipeline_batch(batch: Batch) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """A micro-batch as the pipeline engine wants it: ``(inputs, labels)``."""
-    return ((batch["input_ids"], batch["position_ids"], batch["sep"]),
-            (batch["labels"], batch["loss_mask"], batch["objective"]))
+    return (
+        (batch["input_ids"], batch["position_ids"], batch["sep"]),
+        (batch["labels"], batch["loss_mask"], batch["objective"]),
+    )

@@ -47,10 +47,12 @@ def pretrain(cfg: GLMConfig) -> TrainState:
     tokenizer = GLMTokenizer(cfg.data.tokenizer_model)
     cfg = resolve_vocab_size(cfg, tokenizer.vocab_size)
     seed_everything(cfg.training.seed, ps.pp_rank)
-    log(f"megatron_glm: world {env.world_size} = tp {ps.tp_size} x pp {ps.pp_size} x dp {ps.dp_size} on "
+    log(
+        f"megatron_glm: world {env.world_size} = tp {ps.tp_size} x pp {ps.pp_size} x dp {ps.dp_size} on "
         f"{env.device.type}; {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, vocab "
         f"{cfg.model.vocab_size} (tokenizer {tokenizer.vocab_size}), seq {cfg.data.seq_length}, "
-        f"precision {cfg.training.precision}")
+        f"precision {cfg.training.precision}"
+    )
     if cfg.checkpoint.save:  # every rank: a read-only or full save directory is reported by all, at once
         save_dir = check_save_dir(cfg.checkpoint.save)
         if is_logger:
@@ -60,8 +62,9 @@ def pretrain(cfg: GLMConfig) -> TrainState:
                 raise CheckpointError(f"--save {save_dir}: cannot write config.yaml ({exc.strerror or exc})") from None
 
     # Data first: a missing or corrupt dataset is reported before minutes of model and engine set-up.
-    train_ds, valid_ds, _ = build_pretraining_datasets(cfg, tokenizer, dp_size=ps.dp_size, is_rank0=is_logger,
-                                                       barrier=dist.barrier)
+    train_ds, valid_ds, _ = build_pretraining_datasets(
+        cfg, tokenizer, dp_size=ps.dp_size, is_rank0=is_logger, barrier=dist.barrier
+    )
     built = build_model(cfg, ps, env.device)
     model = built.module
     if cfg.checkpoint.load and cfg.checkpoint.load_weights_only:
@@ -74,30 +77,50 @@ def pretrain(cfg: GLMConfig) -> TrainState:
     mbs = cfg.training.micro_batch_size
 
     def train_batches(consumed: int):
-        return build_data_iterator(train_ds, consumed_samples=consumed, micro_batch_size=mbs, dp_rank=ps.dp_rank,
-                                   dp_size=ps.dp_size, num_workers=cfg.data.num_workers)
+        return build_data_iterator(
+            train_ds,
+            consumed_samples=consumed,
+            micro_batch_size=mbs,
+            dp_rank=ps.dp_rank,
+            dp_size=ps.dp_size,
+            num_workers=cfg.data.num_workers,
+        )
 
     def valid_batches():
-        return build_data_iterator(valid_ds, consumed_samples=0, micro_batch_size=mbs, dp_rank=ps.dp_rank,
-                                   dp_size=ps.dp_size, num_workers=0)
+        return build_data_iterator(
+            valid_ds, consumed_samples=0, micro_batch_size=mbs, dp_rank=ps.dp_rank, dp_size=ps.dp_size, num_workers=0
+        )
 
     dist.barrier()
     peak = torch.tensor([matmul_peak_flops(DTYPES[cfg.training.precision], env.device, n=1024, seconds=0.3)])
     dist.all_reduce(peak)
     flops_sample = flops_per_token(dataclasses.replace(cfg.model), cfg.data.seq_length) * cfg.data.seq_length
     logger = MetricsLogger(cfg.checkpoint.save, cfg.logging.tensorboard_dir, enabled=is_logger)
-    trainer = Trainer(cfg, ps, engine, env.device, rng_tracker=built.rng_tracker, pipeline_loss=built.loss,
-                      train_batches=train_batches,
-                      valid_batches=valid_batches if valid_ds is not None else None,
-                      accumulation_steps=accum, global_batch_size=global_batch, flops_per_sample=flops_sample,
-                      peak_flops=float(peak.item()), checkpoints=CheckpointManager(cfg.checkpoint.save,
-                                                                                   cfg.checkpoint.keep_last, log=log),
-                      logger=logger, log=log, started=started)
+    trainer = Trainer(
+        cfg,
+        ps,
+        engine,
+        env.device,
+        rng_tracker=built.rng_tracker,
+        pipeline_loss=built.loss,
+        train_batches=train_batches,
+        valid_batches=valid_batches if valid_ds is not None else None,
+        accumulation_steps=accum,
+        global_batch_size=global_batch,
+        flops_per_sample=flops_sample,
+        peak_flops=float(peak.item()),
+        checkpoints=CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last, log=log),
+        logger=logger,
+        log=log,
+        started=started,
+    )
     trainer.identity = run_identity(cfg, global_batch)
     if cfg.checkpoint.load and not cfg.checkpoint.load_weights_only:
         trainer.resume(cfg.checkpoint.load)
-    log(f"set-up took {time.perf_counter() - started:.1f} s; training {cfg.training.train_iters} steps of "
-        f"{global_batch} samples (micro-batch {mbs} x accumulation {accum} x dp {ps.dp_size})")
+    log(
+        f"set-up took {time.perf_counter() - started:.1f} s; training {cfg.training.train_iters} steps of "
+        f"{global_batch} samples (micro-batch {mbs} x accumulation {accum} x dp {ps.dp_size})"
+    )
     state = trainer.train()
     logger.close()
     log(f"done: step {state.step}, {state.consumed_samples} samples, {time.perf_counter() - started:.1f} s")

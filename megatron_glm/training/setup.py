@@ -27,8 +27,10 @@ def resolve_vocab_size(cfg: GLMConfig, tokenizer_vocab: int) -> GLMConfig:
     if m.vocab_size == 0:
         size = pad_vocab_size(tokenizer_vocab, m.make_vocab_size_divisible_by, tp)
     elif m.vocab_size < tokenizer_vocab:
-        raise ConfigError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's vocabulary "
-                          f"({tokenizer_vocab}); set it to 0 to derive it")
+        raise ConfigError(
+            f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's vocabulary "
+            f"({tokenizer_vocab}); set it to 0 to derive it"
+        )
     else:
         size = m.vocab_size
     return dataclasses.replace(cfg, model=dataclasses.replace(m, vocab_size=size))
@@ -51,8 +53,13 @@ def build_model(cfg: GLMConfig, parallel_state: ParallelState, device: torch.dev
     ``pp_size > 1``. Parameters are fp32 here; DeepSpeed casts them for bf16/fp16."""
     ps = parallel_state
     if ps.pp_size > 1:
-        built = build_pipeline_model(cfg.model, ps, seed=cfg.training.seed,
-                                     partition_method=cfg.parallel.pipeline_partition_method, device=device)
+        built = build_pipeline_model(
+            cfg.model,
+            ps,
+            seed=cfg.training.seed,
+            partition_method=cfg.parallel.pipeline_partition_method,
+            device=device,
+        )
     else:
         model = GLMModel(cfg.model, ps, seed=cfg.training.seed, device=device)
         built = TrainingModel(module=model, rng_tracker=model.rng_tracker)
@@ -72,13 +79,13 @@ def build_engine(cfg: GLMConfig, parallel_state: ParallelState, model: torch.nn.
     o = cfg.optimizer
     fused = {"fused": True} if next(model.parameters()).device.type in ("cuda", "cpu") else {}
     groups = param_groups(model, ModelLayout(cfg.model), o.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
-                                  eps=o.adam_eps, **fused)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, **fused)
     scheduler = LRScheduler(optimizer, LRSchedule.from_config(o, cfg.training.train_iters))
     ds_config = build_deepspeed_config(cfg, ps.dp_size)
     mpu = None if ps.pp_size > 1 else DeepSpeedMPU(ps)  # a PipelineModule brings its own grid
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, mpu=mpu)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
+    )
     engine.checkpoint_engine = safe_checkpoint_engine(engine._config)
     _, accum, global_batch = batch_sizes(cfg, ps.dp_size)
     return engine, accum, global_batch

@@ -7,8 +7,9 @@ import time
 import torch
 
 
-def matmul_peak_flops(dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", n: int = 2048,
-                      seconds: float = 1.0) -> float:
+def matmul_peak_flops(
+    dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", n: int = 2048, seconds: float = 1.0
+) -> float:
     """Best FLOP/s of an ``n x n x n`` matmul over about ``seconds`` of repeats (after a warm-up)."""
     device = torch.device(device)
     a = torch.randn(n, n, dtype=torch.float32, device=device).to(dtype)

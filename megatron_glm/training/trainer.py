@@ -63,13 +63,26 @@ class Trainer:
     without pipelining.
     """
 
-    def __init__(self, cfg: GLMConfig, parallel_state: ParallelState, engine: Any, device: torch.device, *,
-                 rng_tracker: RNGStatesTracker, pipeline_loss: StageLoss | None = None,
-                 train_batches: Callable[[int], Iterator[Batch]],
-                 valid_batches: Callable[[], Iterator[Batch]] | None,
-                 accumulation_steps: int, global_batch_size: int, flops_per_sample: float, peak_flops: float,
-                 checkpoints: CheckpointManager, logger: MetricsLogger, log: Callable[[str], None] = print,
-                 started: float | None = None) -> None:
+    def __init__(
+        self,
+        cfg: GLMConfig,
+        parallel_state: ParallelState,
+        engine: Any,
+        device: torch.device,
+        *,
+        rng_tracker: RNGStatesTracker,
+        pipeline_loss: StageLoss | None = None,
+        train_batches: Callable[[int], Iterator[Batch]],
+        valid_batches: Callable[[], Iterator[Batch]] | None,
+        accumulation_steps: int,
+        global_batch_size: int,
+        flops_per_sample: float,
+        peak_flops: float,
+        checkpoints: CheckpointManager,
+        logger: MetricsLogger,
+        log: Callable[[str], None] = print,
+        started: float | None = None,
+    ) -> None:
         self.cfg, self.ps, self.engine, self.device = cfg, parallel_state, engine, device
         self.train_batches, self.valid_batches = train_batches, valid_batches
         self.accum, self.global_batch = accumulation_steps, global_batch_size
@@ -95,8 +108,13 @@ class Trainer:
 
     def _forward(self, batch: Batch) -> Any:
         # The model runs the head on Part B (loss) rows only (fused with the loss when model.head_chunk_size > 0).
-        return self.engine(batch["input_ids"], batch["position_ids"], batch["sep"], labels=batch["labels"],
-                           loss_mask=batch["loss_mask"])
+        return self.engine(
+            batch["input_ids"],
+            batch["position_ids"],
+            batch["sep"],
+            labels=batch["labels"],
+            loss_mask=batch["loss_mask"],
+        )
 
     def _all_finite(self, value: torch.Tensor) -> bool:
         flag = torch.tensor([1.0 if bool(torch.isfinite(value).all()) else 0.0], device=self.device)
@@ -113,11 +131,19 @@ class Trainer:
     # ----------------------------------------------------------------- state
     def meta(self) -> dict[str, Any]:
         ps = self.ps
-        return {"step": self.state.step, "consumed_samples": self.state.consumed_samples,
-                "nonfinite_total": self.state.nonfinite_total,
-                "layout": {"tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size,
-                           "zero_stage": self.engine.zero_optimization_stage()},
-                "config": config_to_dict(self.cfg), "identity": self.identity}
+        return {
+            "step": self.state.step,
+            "consumed_samples": self.state.consumed_samples,
+            "nonfinite_total": self.state.nonfinite_total,
+            "layout": {
+                "tp": ps.tp_size,
+                "pp": ps.pp_size,
+                "dp": ps.dp_size,
+                "zero_stage": self.engine.zero_optimization_stage(),
+            },
+            "config": config_to_dict(self.cfg),
+            "identity": self.identity,
+        }
 
     def save(self) -> None:
         path = self.checkpoints.save(self.engine, self.state.step, self.meta(), get_rng_state(self.rng_tracker))
@@ -127,15 +153,19 @@ class Trainer:
     def resume(self, load_dir: str) -> bool:
         """Load the newest usable checkpoint of ``load_dir``; False when there is none."""
         ps = self.ps
-        loaded = self.checkpoints.load(self.engine, load_dir,
-                                       expect={"tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size})
+        loaded = self.checkpoints.load(
+            self.engine, load_dir, expect={"tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size}
+        )
         if loaded is None:
             self.log(f"warning: no checkpoint in {load_dir}; starting from scratch")
             return False
         meta, rng = loaded
         self._check_drift(load_dir, meta)
-        self.state = TrainState(step=int(meta["step"]), consumed_samples=int(meta["consumed_samples"]),
-                                nonfinite_total=int(meta.get("nonfinite_total", 0)))
+        self.state = TrainState(
+            step=int(meta["step"]),
+            consumed_samples=int(meta["consumed_samples"]),
+            nonfinite_total=int(meta.get("nonfinite_total", 0)),
+        )
         set_rng_state(rng, self.rng_tracker)
         self.logger.rewind(self.state.step)
         self._last_saved = self.state.step
@@ -150,11 +180,15 @@ class Trainer:
         if not drift:
             return
         if self.cfg.checkpoint.override_config:
-            self.log(f"warning: resuming {load_dir} although it differs ({'; '.join(drift)}): "
-                     f"--override-checkpoint-config given")
+            self.log(
+                f"warning: resuming {load_dir} although it differs ({'; '.join(drift)}): "
+                f"--override-checkpoint-config given"
+            )
             return
-        raise CheckpointError(f"{load_dir}: this run differs from the checkpoint's: {'; '.join(drift)}; resume "
-                              f"with the same settings, or pass --override-checkpoint-config to continue anyway")
+        raise CheckpointError(
+            f"{load_dir}: this run differs from the checkpoint's: {'; '.join(drift)}; resume "
+            f"with the same settings, or pass --override-checkpoint-config to continue anyway"
+        )
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
@@ -234,8 +268,10 @@ class Trainer:
                     self.skip_step(batches)
                     st.step += 1
                     st.consumed_samples += self.global_batch
-                    self.log(f"step {st.step}: skipped (training.skip_train_iteration_range), "
-                             f"{self.global_batch} samples consumed")
+                    self.log(
+                        f"step {st.step}: skipped (training.skip_train_iteration_range), "
+                        f"{self.global_batch} samples consumed"
+                    )
                     if not window_steps:
                         window_start = time.perf_counter()
                 else:
@@ -243,8 +279,10 @@ class Trainer:
                     window_steps += 1
                     if compiling:
                         compiling = False
-                        self.log(f"first step (includes torch.compile): {time.perf_counter() - window_start:.1f} s; "
-                                 f"excluded from step times")
+                        self.log(
+                            f"first step (includes torch.compile): {time.perf_counter() - window_start:.1f} s; "
+                            f"excluded from step times"
+                        )
                         if st.step % cfg.logging.log_interval and st.step != t.train_iters:
                             window_start, window_steps = time.perf_counter(), 0
                 if window_steps and (st.step % cfg.logging.log_interval == 0 or st.step == t.train_iters):
@@ -279,9 +317,11 @@ class Trainer:
             st.nonfinite_streak += 1
             self.log(f"warning: step {st.step}: {stats.nonfinite} non-finite micro-batch loss(es) skipped")
             if st.nonfinite_streak >= t.max_nonfinite_steps:
-                raise GLMError(f"{st.nonfinite_streak} consecutive steps with non-finite loss (limit "
-                               f"training.max_nonfinite_steps={t.max_nonfinite_steps}); lower the "
-                               f"learning rate or check the data")
+                raise GLMError(
+                    f"{st.nonfinite_streak} consecutive steps with non-finite loss (limit "
+                    f"training.max_nonfinite_steps={t.max_nonfinite_steps}); lower the "
+                    f"learning rate or check the data"
+                )
         else:
             st.nonfinite_streak = 0
 
@@ -300,10 +340,16 @@ class Trainer:
             values["loss_scale"] = float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 1.0)))
         samples_per_s = self.global_batch / step_time
         tokens_per_s = samples_per_s * self.cfg.data.seq_length
-        values.update({"step_time_s": step_time, "samples_per_s": samples_per_s, "tokens_per_s": tokens_per_s,
-                       "mfu": self.flops_per_sample * samples_per_s / self.peak_flops if self.peak_flops else 0.0,
-                       "peak_mem_mb": peak_memory_mb(self.device),
-                       "consumed_samples": self.state.consumed_samples})
+        values.update(
+            {
+                "step_time_s": step_time,
+                "samples_per_s": samples_per_s,
+                "tokens_per_s": tokens_per_s,
+                "mfu": self.flops_per_sample * samples_per_s / self.peak_flops if self.peak_flops else 0.0,
+                "peak_mem_mb": peak_memory_mb(self.device),
+                "consumed_samples": self.state.consumed_samples,
+            }
+        )
         if self.state.nonfinite_total:
             values["nonfinite_total"] = self.state.nonfinite_total
         self.logger.log(self.state.step, values)
@@ -319,8 +365,7 @@ class Trainer:
             self.engine.eval_batch(map(pipeline_batch, batches), num_micro_batches=self.cfg.training.eval_iters)
             sums = self.pipeline_loss.pop()
         else:
-            sums = accumulate_losses(lambda b: self._forward(self._to_device(b)), batches,
-                                     self.cfg.training.eval_iters)
+            sums = accumulate_losses(lambda b: self._forward(self._to_device(b)), batches, self.cfg.training.eval_iters)
         summary = summarize_losses(sums, self._world_sum)
         values = {f"valid_{k}": v for k, v in summary.items() if k != "tokens"}
         self.logger.log(self.state.step, values, prefix="[eval] ")

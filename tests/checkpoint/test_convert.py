@@ -55,8 +55,9 @@ def test_tp_round_trip_is_bitwise_and_logits_match(tmp_path: Path) -> None:
     from megatron_glm.checkpoint.verify import source_logits
 
     b = __import__("tests.model.helpers", fromlist=["make_batch"]).make_batch(1)
-    got = source_logits(open_source(tmp_path / "tp4"), 128, batch={k: b[k] for k in ("input_ids", "position_ids",
-                                                                                     "sep")})
+    got = source_logits(
+        open_source(tmp_path / "tp4"), 128, batch={k: b[k] for k in ("input_ids", "position_ids", "sep")}
+    )
     assert (got - logits_of(model)).abs().max() < 1e-5
 
 
@@ -124,8 +125,20 @@ def test_clear_errors(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_cli_reports_one_line_errors(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--input", str(tmp_path / "none"),
-                           "--output", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tools/convert_checkpoint.py",
+            "--input",
+            str(tmp_path / "none"),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -136,12 +149,24 @@ def test_converter_options_come_from_the_typed_config(tmp_path: Path) -> None:
     from megatron_glm.errors import ConfigError
 
     flags = ["--input", "a", "--output", "b", "--target-tp", "2", "--no-optimizer", "--dtype", "bf16"]
-    dotted = ["--input", "a", "--output", "b", "--convert.target_tp", "2", "--convert.keep_optimizer", "false",
-              "--convert.dtype", "bf16"]
+    dotted = [
+        "--input",
+        "a",
+        "--output",
+        "b",
+        "--convert.target_tp",
+        "2",
+        "--convert.keep_optimizer",
+        "false",
+        "--convert.dtype",
+        "bf16",
+    ]
     yaml_file = tmp_path / "convert.yaml"
     yaml_file.write_text("input: a\noutput: b\nconvert:\n  target_tp: 2\n  keep_optimizer: false\n  dtype: bf16\n")
-    runs = [load_config(argv, root=ConvertRun, aliases=CONVERT_FLAGS) for argv in (flags, dotted,
-                                                                                    ["--config", str(yaml_file)])]
+    runs = [
+        load_config(argv, root=ConvertRun, aliases=CONVERT_FLAGS)
+        for argv in (flags, dotted, ["--config", str(yaml_file)])
+    ]
     assert runs[0] == runs[1] == runs[2]
     assert (runs[0].convert.target_tp, runs[0].convert.keep_optimizer, runs[0].convert.dtype) == (2, False, "bf16")
     text = help_text(ConvertRun, CONVERT_FLAGS)

@@ -34,8 +34,9 @@ class FakeEngine:
 
 
 def _save(mgr: CheckpointManager, step: int) -> Path:
-    return mgr.save(FakeEngine(float(step)), step, {"step": step, "layout": {"tp": 1}},
-                    {"torch": torch.get_rng_state()})
+    return mgr.save(
+        FakeEngine(float(step)), step, {"step": step, "layout": {"tp": 1}}, {"torch": torch.get_rng_state()}
+    )
 
 
 def test_save_layout_latest_and_keep_last(tmp_path: Path) -> None:

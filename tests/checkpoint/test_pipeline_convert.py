@@ -24,13 +24,27 @@ def _first_losses(save: Path) -> list[float]:
 def test_pp2_to_pp1_and_back(tiny_corpus: dict, tmp_path: Path) -> None:
     common = ["--micro-batch-size", "2", "--global-batch-size", "4"]
     pp2 = tmp_path / "pp2"
-    launch(train_args(tiny_corpus, "--train-iters", "3", *common, "--pipeline-model-parallel-size", "2",
-                      "--save", str(pp2)), nproc=2)
-    out = convert("--input", str(pp2), "--output", str(tmp_path / "pp1"), "--target-pp", "1", "--target-dp", "1",
-                  "--verify-logits")
+    launch(
+        train_args(
+            tiny_corpus, "--train-iters", "3", *common, "--pipeline-model-parallel-size", "2", "--save", str(pp2)
+        ),
+        nproc=2,
+    )
+    out = convert(
+        "--input",
+        str(pp2),
+        "--output",
+        str(tmp_path / "pp1"),
+        "--target-pp",
+        "1",
+        "--target-dp",
+        "1",
+        "--verify-logits",
+    )
     assert "logits max |diff| before/after: 0" in out and "NOT carried: pipeline checkpoints" in out, out
-    convert("--input", str(tmp_path / "pp1"), "--output", str(tmp_path / "pp2b"), "--target-pp", "2",
-            "--target-dp", "1")
+    convert(
+        "--input", str(tmp_path / "pp1"), "--output", str(tmp_path / "pp2b"), "--target-pp", "2", "--target-dp", "1"
+    )
     original, back = pp2 / "global_step3", tmp_path / "pp2b" / "global_step3"
     layers = NativeSource(original).info.config.num_layers + 3
     for i in range(layers):  # the layer files carry the same tensors, bitwise
@@ -39,7 +53,20 @@ def test_pp2_to_pp1_and_back(tiny_corpus: dict, tmp_path: Path) -> None:
     # The same weights start a PP=1 run and a TP2 x PP2 run: identical losses.
     start = [*common, "--train-iters", "2", "--checkpoint.load_weights_only", "true"]
     launch(train_args(tiny_corpus, *start, "--load", str(tmp_path / "pp1"), "--save", str(tmp_path / "r1")), nproc=1)
-    launch(train_args(tiny_corpus, *start, "--load", str(pp2), "--pipeline-model-parallel-size", "2",
-                      "--tensor-model-parallel-size", "2", "--save", str(tmp_path / "r4")), nproc=4)
+    launch(
+        train_args(
+            tiny_corpus,
+            *start,
+            "--load",
+            str(pp2),
+            "--pipeline-model-parallel-size",
+            "2",
+            "--tensor-model-parallel-size",
+            "2",
+            "--save",
+            str(tmp_path / "r4"),
+        ),
+        nproc=4,
+    )
     r1, r4 = _first_losses(tmp_path / "r1"), _first_losses(tmp_path / "r4")
     assert len(r1) == 2 and max(abs(a - b) for a, b in zip(r1, r4)) < 1e-5, (r1, r4)

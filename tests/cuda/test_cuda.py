@@ -11,8 +11,7 @@ from megatron_glm.model.compile import compile_layers
 from megatron_glm.model.masks import prepare_attention_mask
 from tests.model.helpers import make_batch, random_full_state_dict, tiny_config
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def _cuda(batch: dict) -> dict:
@@ -23,8 +22,7 @@ def _cuda(batch: dict) -> dict:
 def test_flex_forward_backward_matches_sdpa(dtype: torch.dtype) -> None:
     batch = _cuda(make_batch(3, batch=2, seq=256))
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 256, 64, generator=g, device="cuda", dtype=dtype).requires_grad_()
-               for _ in range(3))
+    q, k, v = (torch.randn(2, 4, 256, 64, generator=g, device="cuda", dtype=dtype).requires_grad_() for _ in range(3))
     mask = prepare_attention_mask(batch["sep"], 2, 256, "cuda")
     outs = []
     for impl in ("sdpa", "flex"):
@@ -39,13 +37,19 @@ def test_flex_forward_backward_matches_sdpa(dtype: torch.dtype) -> None:
 
 def test_bf16_training_steps_reduce_the_loss() -> None:
     batch = _cuda(make_batch(5, seq=128))
-    model = GLMModel(tiny_config(head_chunk_size=32, attention_impl="flex"), device="cuda",
-                     params_dtype=torch.bfloat16).train()
+    model = GLMModel(
+        tiny_config(head_chunk_size=32, attention_impl="flex"), device="cuda", params_dtype=torch.bfloat16
+    ).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(8):
-        res = model(batch["input_ids"], batch["position_ids"], batch["sep"], labels=batch["labels"],
-                    loss_mask=batch["loss_mask"])
+        res = model(
+            batch["input_ids"],
+            batch["position_ids"],
+            batch["sep"],
+            labels=batch["labels"],
+            loss_mask=batch["loss_mask"],
+        )
         res.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -63,8 +67,8 @@ def test_bf16_kv_cache_generation_matches_full_forward() -> None:
         cache = KVCache(capacity=4)
         parts = [model(ids[:, :n], pos[:, :, :n], sep, kv_cache=cache).float()]
         for j in range(n, ids.shape[1]):
-            mask = sep_to_mask(sep, ids.shape[1])[:, :, j:j + 1, :j + 1]
-            parts.append(model(ids[:, j:j + 1], pos[:, :, j:j + 1], mask, kv_cache=cache).float())
+            mask = sep_to_mask(sep, ids.shape[1])[:, :, j : j + 1, : j + 1]
+            parts.append(model(ids[:, j : j + 1], pos[:, :, j : j + 1], mask, kv_cache=cache).float())
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=3e-2, atol=3e-2)
 
 
@@ -77,8 +81,13 @@ def test_compiled_equals_eager_on_cuda() -> None:
         load_full_state_dict(model, sd)
         if compiled:
             compile_layers(model)
-        res = model(batch["input_ids"], batch["position_ids"], batch["sep"], labels=batch["labels"],
-                    loss_mask=batch["loss_mask"])
+        res = model(
+            batch["input_ids"],
+            batch["position_ids"],
+            batch["sep"],
+            labels=batch["labels"],
+            loss_mask=batch["loss_mask"],
+        )
         res.loss.backward()
         results.append({"loss": res.loss.detach(), **full_state_dict(model, grads=True)})
     for k, v in results[0].items():

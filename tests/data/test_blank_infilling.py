@@ -100,8 +100,16 @@ def check(sample: dict, window: np.ndarray, L: int, mask_id: int | None = None, 
     return spans
 
 
-def run(objective: int, count: int, L: int = 128, cfg: ObjectiveConfig | None = None, docs: int = 1,
-        seed: int = 0, short: bool = False, with_sentences: bool = True):
+def run(
+    objective: int,
+    count: int,
+    L: int = 128,
+    cfg: ObjectiveConfig | None = None,
+    docs: int = 1,
+    seed: int = 0,
+    short: bool = False,
+    with_sentences: bool = True,
+):
     cfg = cfg or ObjectiveConfig()
     bi = BlankInfilling(cfg, SP, L)
     rng = np.random.default_rng(seed)

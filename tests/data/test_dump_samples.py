@@ -13,14 +13,25 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def dump(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tools/dump_samples.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "tools/dump_samples.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.slow
 def test_json_lines_and_pretty(pydoc_dataset, spm_model, tmp_path) -> None:
-    common = ["--data-path", pydoc_dataset["sentence"], "--tokenizer-model", str(spm_model),
-              "--seq-length", "64", "--gap-sentence-prob", "0.3", "--micro-batch-size", "1"]
+    common = [
+        "--data-path",
+        pydoc_dataset["sentence"],
+        "--tokenizer-model",
+        str(spm_model),
+        "--seq-length",
+        "64",
+        "--gap-sentence-prob",
+        "0.3",
+        "--micro-batch-size",
+        "1",
+    ]
     out = dump(*common, "--num", "12")
     assert out.returncode == 0, out.stderr
     records = [json.loads(line) for line in out.stdout.splitlines()]

@@ -55,8 +55,9 @@ def take(iterator, count):
 
 
 def same_batches(a, b) -> bool:
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-                                    for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
+    )
 
 
 def test_sampler_splits_global_batches_over_ranks() -> None:
@@ -108,8 +109,9 @@ def test_per_sample_objectives(corpus, tmp_path) -> None:
 def test_same_samples_for_any_worker_count(corpus, tmp_path) -> None:
     cfg = config(corpus, tmp_path)
     train = build_pretraining_datasets(cfg, SP)[0]
-    runs = [take(build_data_iterator(train, consumed_samples=0, micro_batch_size=4, num_workers=w), 8)
-            for w in (0, 1, 2)]
+    runs = [
+        take(build_data_iterator(train, consumed_samples=0, micro_batch_size=4, num_workers=w), 8) for w in (0, 1, 2)
+    ]
     assert same_batches(runs[0], runs[1]) and same_batches(runs[0], runs[2])
 
 
@@ -135,8 +137,7 @@ def test_restart_and_dp_layout_give_the_same_samples(corpus, tmp_path) -> None:
     # A fresh process (new dataset objects) resumed after 5 steps of 8 samples on 2 ranks.
     fresh = build_pretraining_datasets(cfg, SP, dp_size=2, is_rank0=False)[0]
     for rank in range(2):
-        resumed = take(build_data_iterator(fresh, consumed_samples=40, micro_batch_size=4, dp_rank=rank,
-                                           dp_size=2), 3)
+        resumed = take(build_data_iterator(fresh, consumed_samples=40, micro_batch_size=4, dp_rank=rank, dp_size=2), 3)
         assert same_batches(resumed, straight[10 + rank :: 2][:3])
     # Sample i is a function of i alone.
     assert all(np.array_equal(train[i]["input_ids"], fresh[i]["input_ids"]) for i in (0, 5, 77, 1000))

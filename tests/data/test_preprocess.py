@@ -194,8 +194,9 @@ def write_bad_corpus(tmp_path, copies: int = 3):
 def test_bad_lines_are_counted_and_located(tmp_path, spm_model, glm_tokenizer):
     paths = write_bad_corpus(tmp_path)
     for workers, chunk_bytes in ((1, 1 << 20), (2, 40)):
-        summary = run(tmp_path, paths, spm_model, f"bad{workers}", workers=workers, chunk_bytes=chunk_bytes,
-                      max_bad_fraction=0.9)
+        summary = run(
+            tmp_path, paths, spm_model, f"bad{workers}", workers=workers, chunk_bytes=chunk_bytes, max_bad_fraction=0.9
+        )
         assert summary.documents == 2 * 3 * 2
         assert summary.skipped == {
             "invalid_json": 12,

@@ -28,8 +28,10 @@ def random_documents(seed: int, count: int, eos_every: int = 2, max_sentences: i
     rng = np.random.default_rng(seed)
     docs = []
     for k in range(count):
-        sentences = [rng.integers(0, 100, int(rng.integers(1, 15))).tolist()
-                     for _ in range(int(rng.integers(1, max_sentences + 1)))]
+        sentences = [
+            rng.integers(0, 100, int(rng.integers(1, 15))).tolist()
+            for _ in range(int(rng.integers(1, max_sentences + 1)))
+        ]
         if k % eos_every == 0:
             sentences[-1].append(EOS)
         docs.append(sentences)
@@ -43,8 +45,17 @@ def text_of(doc: list[list[int]]) -> list[int]:
 
 def windows_for(ds, L, pack, tmp_path, lo=0, hi=None, **kw) -> DocumentWindows:
     hi = ds.num_documents if hi is None else hi
-    return DocumentWindows(ds, (lo, hi), L, cls_id=CLS, eos_id=EOS, pack=pack, seed=kw.pop("seed", 7),
-                           cache_dir=str(tmp_path / "cache"), **kw)
+    return DocumentWindows(
+        ds,
+        (lo, hi),
+        L,
+        cls_id=CLS,
+        eos_id=EOS,
+        pack=pack,
+        seed=kw.pop("seed", 7),
+        cache_dir=str(tmp_path / "cache"),
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("L", [8, 16, 33])
@@ -144,8 +155,9 @@ def test_caches_are_written_once_and_memory_mapped(make_indexed_dataset, tmp_pat
     assert not windows.flags.owndata and not windows.flags.writeable, "memory-mapped"
     assert {f: os.stat(cache / f).st_mtime_ns for f in os.listdir(cache)} == mtimes
     # No cache at all: the same windows, computed in memory.
-    lonely = DocumentWindows(ds, (0, 30), 16, cls_id=CLS, eos_id=EOS, seed=7, cache_dir=str(tmp_path / "none"),
-                             build_cache=False)
+    lonely = DocumentWindows(
+        ds, (0, 30), 16, cls_id=CLS, eos_id=EOS, seed=7, cache_dir=str(tmp_path / "none"), build_cache=False
+    )
     assert not (tmp_path / "none").exists()
     for j in range(0, 3 * len(w0), 7):
         assert np.array_equal(reader.window(j).tokens, w3.window(j).tokens)

@@ -25,10 +25,18 @@ def finetune_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     d = tmp_path_factory.mktemp("finetune")
     run_tool("tools/export_pydoc_corpus.py", "--output", str(d / "pydoc.jsonl"))
-    run_tool("tools/train_tokenizer.py", "--input", str(d / "pydoc.jsonl"), "--vocab-size", "2000",
-             "--model-prefix", str(d / "tok"), "--threads", "1")
-    run_tool("examples/finetune/build_tasks.py", "--output", str(d / "tasks"), "--max-chars", "80",
-             "--max-valid", "8")
+    run_tool(
+        "tools/train_tokenizer.py",
+        "--input",
+        str(d / "pydoc.jsonl"),
+        "--vocab-size",
+        "2000",
+        "--model-prefix",
+        str(d / "tok"),
+        "--threads",
+        "1",
+    )
+    run_tool("examples/finetune/build_tasks.py", "--output", str(d / "tasks"), "--max-chars", "80", "--max-valid", "8")
     config = build_config({"model.size": "glm-tiny", "model.vocab_size": 2048}).model
     weights = full_state_dict(GLMModel(config, seed=7))
 
@@ -42,8 +50,14 @@ def finetune_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         def release(self) -> None:
             pass
 
-    write_standalone(Source(), d / "base", config, transform=lambda _n, t: t, dtype=torch.float32,
-                     tokenizer_files=[str(d / "tok.model")])
+    write_standalone(
+        Source(),
+        d / "base",
+        config,
+        transform=lambda _n, t: t,
+        dtype=torch.float32,
+        tokenizer_files=[str(d / "tok.model")],
+    )
     return {"base": d / "base", "tasks": d / "tasks", "tokenizer": d / "tok.model"}
 
 
@@ -53,8 +67,15 @@ def finetune(args: list[str], nproc: int = 1, timeout: float = 600, check: bool 
     if nproc == 1:
         cmd = [PY, "finetune_glm.py", *args]
     else:
-        cmd = [str(Path(PY).parent / "torchrun"), "--nproc_per_node", str(nproc), "--master_port",
-               str(_free_port()), "finetune_glm.py", *args]
+        cmd = [
+            str(Path(PY).parent / "torchrun"),
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(_free_port()),
+            "finetune_glm.py",
+            *args,
+        ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check:
         tail = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

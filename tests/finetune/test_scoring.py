@@ -72,8 +72,18 @@ def test_cloze_scores_equal_one_forward_per_choice(scoring: str) -> None:
     length, width = 16, 4
     rows = []
     for part_a, blank, choices, label in examples:
-        r = [glm_row(part_a, blank, c, start=TOKENS.sop, length=length, pad=TOKENS.pad,
-                     objective=ROW_ANSWER if j == label else ROW_TASK) for j, c in enumerate(choices)]
+        r = [
+            glm_row(
+                part_a,
+                blank,
+                c,
+                start=TOKENS.sop,
+                length=length,
+                pad=TOKENS.pad,
+                objective=ROW_ANSWER if j == label else ROW_TASK,
+            )
+            for j, c in enumerate(choices)
+        ]
         rows.append(stack_rows(r + [empty_row(length, TOKENS.pad)] * (width - len(r))))
     batch = collate_rows(rows)
     loss = TaskLoss("cloze", ParallelState(), num_choices=width, scoring=scoring, module=model)
@@ -102,9 +112,18 @@ def test_cloze_loss_trains_towards_the_label() -> None:
     torch.manual_seed(0)
     model = tiny_model().train()
     examples = _examples(1, 4)
-    rows = [stack_rows([glm_row(a, b, c, start=TOKENS.sop, length=16, pad=TOKENS.pad,
-                                objective=ROW_ANSWER if j == lab else ROW_TASK) for j, c in enumerate(ch)]
-                       + [empty_row(16, TOKENS.pad)] * (4 - len(ch))) for a, b, ch, lab in examples]
+    rows = [
+        stack_rows(
+            [
+                glm_row(
+                    a, b, c, start=TOKENS.sop, length=16, pad=TOKENS.pad, objective=ROW_ANSWER if j == lab else ROW_TASK
+                )
+                for j, c in enumerate(ch)
+            ]
+            + [empty_row(16, TOKENS.pad)] * (4 - len(ch))
+        )
+        for a, b, ch, lab in examples
+    ]
     batch = collate_rows(rows)
     loss = TaskLoss("cloze", ParallelState(), num_choices=4, module=model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -143,7 +162,7 @@ def test_perplexity_equals_per_window_reference() -> None:
 
 
 def _ngrams(seq: list[int], n: int) -> list[tuple[int, ...]]:
-    return [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
 
 
 def test_repeated_ngram_tokens() -> None:
@@ -167,9 +186,13 @@ def test_no_repeat_ngram_never_repeats(strategy: str) -> None:
         beams = rng.choice([2, 3])
         banned = tuple(range(100, 128))  # unused and command ids except [eop] (answers may end early)
         for no_repeat in (n, 0):
-            config = GenerationConfig(strategy=strategy, num_beams=beams if strategy == "beam" else 1,
-                                      max_new_tokens=24, no_repeat_ngram_size=no_repeat,
-                                      banned_ids=tuple(t for t in banned if t != TOKENS.eop))
+            config = GenerationConfig(
+                strategy=strategy,
+                num_beams=beams if strategy == "beam" else 1,
+                max_new_tokens=24,
+                no_repeat_ngram_size=no_repeat,
+                banned_ids=tuple(t for t in banned if t != TOKENS.eop),
+            )
             for result in generate(model, prompts, TOKENS, config):
                 answer = result.answers[0]
                 grams = _ngrams(answer, n)
@@ -185,8 +208,10 @@ def test_kv_cache_generation_equals_recomputation_on_seq2seq_prompts() -> None:
     tok = WordTokenizer()
     enc = TaskEncoder(tok, FinetuneConfig(task="seq2seq", source_length=12, target_length=10))
     rng = random.Random(3)
-    examples = [Seq2SeqExample(" ".join(f"t{rng.randrange(50)}" for _ in range(rng.randint(2, 12))), "x", i + 1)
-                for i in range(4)]
+    examples = [
+        Seq2SeqExample(" ".join(f"t{rng.randrange(50)}" for _ in range(rng.randint(2, 12))), "x", i + 1)
+        for i in range(4)
+    ]
     cfg = FinetuneConfig(task="seq2seq", num_beams=3, no_repeat_ngram_size=2, target_length=10, length_penalty=0.7)
     cached = generation_config(cfg, tok, 128)
     recompute = GenerationConfig(**{**cached.__dict__, "use_cache": False})
@@ -197,10 +222,12 @@ def test_kv_cache_generation_equals_recomputation_on_seq2seq_prompts() -> None:
     assert all(abs(x.score - y.score) < 1e-4 for x, y in zip(a, b))
     assert generate_targets(model, enc, examples, cached) == [tok.decode(r.answers[0]) for r in a]
     greedy = GenerationConfig(strategy="greedy", max_new_tokens=10)
-    assert [r.answers for r in generate(model, prompts, enc.tokens, greedy)] == \
-        [r.answers for r in generate(model, prompts, enc.tokens, GenerationConfig(strategy="greedy",
-                                                                                  max_new_tokens=10,
-                                                                                  use_cache=False))]
+    assert [r.answers for r in generate(model, prompts, enc.tokens, greedy)] == [
+        r.answers
+        for r in generate(
+            model, prompts, enc.tokens, GenerationConfig(strategy="greedy", max_new_tokens=10, use_cache=False)
+        )
+    ]
 
 
 def test_classification_and_generation_metrics() -> None:

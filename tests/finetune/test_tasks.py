@@ -34,26 +34,44 @@ def _file(tmp_path: Path, rows: list, name: str = "task.jsonl") -> Path:
     return path
 
 
-@pytest.mark.parametrize(("task", "bad", "message"), [
-    ("cloze", {"choices": ["x", "y"], "label": 0}, "missing field 'text'"),
-    ("cloze", {"text": "a [MASK]", "label": 0}, "missing field 'choices'"),
-    ("cloze", {"text": "a [MASK]", "choices": ["x", "y"]}, "missing field 'label'"),
-    ("cloze", {"text": "a [MASK]", "choices": ["x", "y"], "label": 2},
-     "label 2 is out of range for 2 choices (0..1)"),
-    ("cloze", {"text": "a [MASK]", "choices": ["x", "y"], "label": -1},
-     "label -1 is out of range for 2 choices (0..1)"),
-    ("cloze", {"text": "no blank here", "choices": ["x", "y"], "label": 0},
-     "field 'text' must contain exactly one [MASK], found 0"),
-    ("cloze", {"text": "a [MASK]", "choices": ["x"], "label": 0},
-     "field 'choices' must be a list of at least two non-empty strings"),
-    ("cloze", {"text": "a [MASK]", "choices": ["x", "y"], "label": "0"},
-     "field 'label' must be an integer index into 'choices', got '0'"),
-    ("seq2seq", {"source": "a"}, "missing field 'target'"),
-    ("seq2seq", {"target": "a"}, "missing field 'source'"),
-    ("seq2seq", {"source": 3, "target": "a"}, "field 'source' must be a string, got int"),
-    ("seq2seq", "{not json", "not valid JSON"),
-    ("seq2seq", "[1, 2]", "expected a JSON object, got list"),
-])
+@pytest.mark.parametrize(
+    ("task", "bad", "message"),
+    [
+        ("cloze", {"choices": ["x", "y"], "label": 0}, "missing field 'text'"),
+        ("cloze", {"text": "a [MASK]", "label": 0}, "missing field 'choices'"),
+        ("cloze", {"text": "a [MASK]", "choices": ["x", "y"]}, "missing field 'label'"),
+        (
+            "cloze",
+            {"text": "a [MASK]", "choices": ["x", "y"], "label": 2},
+            "label 2 is out of range for 2 choices (0..1)",
+        ),
+        (
+            "cloze",
+            {"text": "a [MASK]", "choices": ["x", "y"], "label": -1},
+            "label -1 is out of range for 2 choices (0..1)",
+        ),
+        (
+            "cloze",
+            {"text": "no blank here", "choices": ["x", "y"], "label": 0},
+            "field 'text' must contain exactly one [MASK], found 0",
+        ),
+        (
+            "cloze",
+            {"text": "a [MASK]", "choices": ["x"], "label": 0},
+            "field 'choices' must be a list of at least two non-empty strings",
+        ),
+        (
+            "cloze",
+            {"text": "a [MASK]", "choices": ["x", "y"], "label": "0"},
+            "field 'label' must be an integer index into 'choices', got '0'",
+        ),
+        ("seq2seq", {"source": "a"}, "missing field 'target'"),
+        ("seq2seq", {"target": "a"}, "missing field 'source'"),
+        ("seq2seq", {"source": 3, "target": "a"}, "field 'source' must be a string, got int"),
+        ("seq2seq", "{not json", "not valid JSON"),
+        ("seq2seq", "[1, 2]", "expected a JSON object, got list"),
+    ],
+)
 def test_malformed_lines_name_file_and_line(tmp_path: Path, task: str, bad: object, message: str) -> None:
     good = GOOD_CLOZE if task == "cloze" else GOOD_S2S
     path = _file(tmp_path, [good, "", bad, good])  # a blank line is skipped but counted: the bad line is 3
@@ -77,11 +95,13 @@ def test_source_longer_than_limit_is_a_line_numbered_error_or_truncated(tmp_path
     strict = TaskEncoder(tok, FinetuneConfig(task="seq2seq", source_length=6, target_length=4), str(path))
     with pytest.raises(DataError) as info:
         encode_examples(strict, examples, "seq2seq")
-    assert str(info.value) == (f"{path}:2: source has 11 tokens, more than --source-length 6 (raise it or pass "
-                               f"--source-truncation left/right)")
+    assert str(info.value) == (
+        f"{path}:2: source has 11 tokens, more than --source-length 6 (raise it or pass --source-truncation left/right)"
+    )
     for rule, kept in (("left", ["w", "w", "w", "w", "[MASK]", "end"]), ("right", ["w"] * 5 + ["[MASK]"])):
-        enc = TaskEncoder(tok, FinetuneConfig(task="seq2seq", source_length=6, target_length=4,
-                                              source_truncation=rule), str(path))
+        enc = TaskEncoder(
+            tok, FinetuneConfig(task="seq2seq", source_length=6, target_length=4, source_truncation=rule), str(path)
+        )
         a = enc.part_a(examples[1].source, 2)
         assert a == [TOKENS.cls, *tok.encode(" ".join(kept))] and MASK in a and len(a) <= 6 + 2, (rule, a)
     cloze = _file(tmp_path, [{"text": "a [MASK]", "choices": ["x", "y y y y y"], "label": 0}], "c.jsonl")
@@ -98,10 +118,10 @@ def test_seq2seq_row_layout() -> None:
     (row,) = enc.seq2seq(read_examples("seq2seq", source="one two three", target="four five six seven")[0])
     n = 5  # [CLS] one two three [gMASK]
     assert row["input_ids"][:n].tolist() == [TOKENS.cls, *src, GMASK] and int(row["sep"]) == n
-    assert row["input_ids"][n:n + 4].tolist() == [TOKENS.sop, *tgt[:3]]  # target cut to 3, then [eop]
-    assert row["labels"][n:n + 4].tolist() == [*tgt[:3], TOKENS.eop]
+    assert row["input_ids"][n : n + 4].tolist() == [TOKENS.sop, *tgt[:3]]  # target cut to 3, then [eop]
+    assert row["labels"][n : n + 4].tolist() == [*tgt[:3], TOKENS.eop]
     assert row["loss_mask"].tolist() == [0] * n + [1] * 4 + [0] * (cfg.seq_length - n - 4)
-    assert row["position_ids"][0, n:n + 4].tolist() == [n - 1] * 4  # the [gMASK]'s position
+    assert row["position_ids"][0, n : n + 4].tolist() == [n - 1] * 4  # the [gMASK]'s position
     assert row["position_ids"][1].tolist() == [0] * n + [1, 2, 3, 4] + [0] * (cfg.seq_length - n - 4)
     assert len(row["input_ids"]) == cfg.seq_length == 5 + 3 + 3
 
@@ -119,23 +139,43 @@ def test_cloze_rows_pad_choices_and_mark_the_answer() -> None:
     rows = TaskEncoder(tok, cfg).cloze(ex, 3)
     assert [int(r["objective"]) for r in rows] == [ROW_TASK, ROW_ANSWER, ROW_PAD]
     n = 5  # [CLS] a b [MASK] c
-    assert rows[1]["input_ids"][:n + 2].tolist() == [TOKENS.cls, *tok.encode("a b"), MASK, *tok.encode("c"),
-                                                     TOKENS.sop, tok.encode("y")[0]]
-    assert rows[1]["labels"][n:n + 2].tolist() == tok.encode("y z") and rows[1]["loss_mask"].sum() == 2
-    assert rows[1]["position_ids"][0, n:n + 2].tolist() == [3, 3]
+    assert rows[1]["input_ids"][: n + 2].tolist() == [
+        TOKENS.cls,
+        *tok.encode("a b"),
+        MASK,
+        *tok.encode("c"),
+        TOKENS.sop,
+        tok.encode("y")[0],
+    ]
+    assert rows[1]["labels"][n : n + 2].tolist() == tok.encode("y z") and rows[1]["loss_mask"].sum() == 2
+    assert rows[1]["position_ids"][0, n : n + 2].tolist() == [3, 3]
     assert rows[2]["loss_mask"].sum() == 0
 
 
 def test_training_order_is_resumable_and_covers_each_epoch() -> None:
-    encoded = [{"input_ids": np.full((1, 4), i), "labels": np.zeros((1, 4), np.int64),
-                "loss_mask": np.zeros((1, 4), np.float32), "position_ids": np.zeros((1, 2, 4), np.int64),
-                "sep": np.ones(1, np.int64), "objective": np.full(1, ROW_TASK)} for i in range(7)]
+    encoded = [
+        {
+            "input_ids": np.full((1, 4), i),
+            "labels": np.zeros((1, 4), np.int64),
+            "loss_mask": np.zeros((1, 4), np.float32),
+            "position_ids": np.zeros((1, 2, 4), np.int64),
+            "sep": np.ones(1, np.int64),
+            "objective": np.full(1, ROW_TASK),
+        }
+        for i in range(7)
+    ]
     ds = TaskDataset(encoded, rows_per_example=1, seq_length=4, pad=0, shuffle=True, seed=3)
-    seen = [int(b["input_ids"][j, 0]) for b in _take(task_batches(ds, consumed_samples=0, micro_batch_size=2), 7)
-            for j in range(2)]
+    seen = [
+        int(b["input_ids"][j, 0])
+        for b in _take(task_batches(ds, consumed_samples=0, micro_batch_size=2), 7)
+        for j in range(2)
+    ]
     assert sorted(seen[:7]) == list(range(7)) and sorted(seen[7:14]) == list(range(7))
-    resumed = [int(b["input_ids"][j, 0]) for b in _take(task_batches(ds, consumed_samples=6, micro_batch_size=2), 4)
-               for j in range(2)]
+    resumed = [
+        int(b["input_ids"][j, 0])
+        for b in _take(task_batches(ds, consumed_samples=6, micro_batch_size=2), 4)
+        for j in range(2)
+    ]
     assert resumed == seen[6:14]
     valid = TaskDataset(encoded, rows_per_example=1, seq_length=4, pad=0, shuffle=False)
     batch = collate_rows([valid[5], valid[6], valid[7]])
@@ -147,7 +187,19 @@ def _take(it, n: int) -> list:
 
 
 def test_task_options_split_from_pretraining_flags() -> None:
-    task, rest = split_arguments(["--task", "cloze", "--train-data", "t.jsonl", "--lr", "1e-4", "--source-length",
-                                  "40", "--micro-batch-size", "2"])
+    task, rest = split_arguments(
+        [
+            "--task",
+            "cloze",
+            "--train-data",
+            "t.jsonl",
+            "--lr",
+            "1e-4",
+            "--source-length",
+            "40",
+            "--micro-batch-size",
+            "2",
+        ]
+    )
     assert (task.task, task.train_data, task.source_length) == ("cloze", "t.jsonl", 40)
     assert rest == ["--lr", "1e-4", "--micro-batch-size", "2"]

@@ -30,23 +30,76 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     docs = SENTENCES * 100
     random.Random(0).shuffle(docs)
     (d / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    run_tool("tools/train_tokenizer.py", "--input", str(d / "corpus.jsonl"), "--vocab-size", "450",
-             "--model-prefix", str(d / "tok"), "--threads", "1")
-    run_tool("tools/preprocess_data.py", "--input", str(d / "corpus.jsonl"), "--tokenizer-model",
-             str(d / "tok.model"), "--output-prefix", str(d / "data"), "--workers", "1")
-    launch(["--model-size", "glm-tiny", "--seq-length", "32", "--model.max_sequence_length", "64",
-            "--data-path", str(d / "data_text_document"), "--tokenizer-model", str(d / "tok.model"),
-            "--lr", "5e-3", "--model.hidden_dropout", "0", "--model.attention_dropout", "0",
-            "--bert-prob", "1.0", "--gap-sentence-prob", "0", "--train-iters", "900", "--micro-batch-size", "16",
-            "--global-batch-size", "16", "--log-interval", "100", "--eval-interval", "0",
-            "--data.num_workers", "0", "--save", str(d / "ckpt")], nproc=1)
+    run_tool(
+        "tools/train_tokenizer.py",
+        "--input",
+        str(d / "corpus.jsonl"),
+        "--vocab-size",
+        "450",
+        "--model-prefix",
+        str(d / "tok"),
+        "--threads",
+        "1",
+    )
+    run_tool(
+        "tools/preprocess_data.py",
+        "--input",
+        str(d / "corpus.jsonl"),
+        "--tokenizer-model",
+        str(d / "tok.model"),
+        "--output-prefix",
+        str(d / "data"),
+        "--workers",
+        "1",
+    )
+    launch(
+        [
+            "--model-size",
+            "glm-tiny",
+            "--seq-length",
+            "32",
+            "--model.max_sequence_length",
+            "64",
+            "--data-path",
+            str(d / "data_text_document"),
+            "--tokenizer-model",
+            str(d / "tok.model"),
+            "--lr",
+            "5e-3",
+            "--model.hidden_dropout",
+            "0",
+            "--model.attention_dropout",
+            "0",
+            "--bert-prob",
+            "1.0",
+            "--gap-sentence-prob",
+            "0",
+            "--train-iters",
+            "900",
+            "--micro-batch-size",
+            "16",
+            "--global-batch-size",
+            "16",
+            "--log-interval",
+            "100",
+            "--eval-interval",
+            "0",
+            "--data.num_workers",
+            "0",
+            "--save",
+            str(d / "ckpt"),
+        ],
+        nproc=1,
+    )
     return d
 
 
 def test_trained_model_fills_blanks_with_the_right_words(trained: Path) -> None:
-    prompts = ["alice keeps seven green [MASK] in a wooden basket.",
-               "the red train leaves the [MASK] at noon.",
-               "the quick brown fox [MASK] the lazy dog. our teacher drinks [MASK] before class."]
+    prompts = [
+        "alice keeps seven green [MASK] in a wooden basket.",
+        "the red train leaves the [MASK] at noon.",
+        "the quick brown fox [MASK] the lazy dog. our teacher drinks [MASK] before class.",
+    ]
     expected = [SENTENCES[1], SENTENCES[3], SENTENCES[0] + " " + SENTENCES[5]]
     args = ["tools/generate.py", "--load", str(trained / "ckpt"), "--max-new-tokens", "8"]
     for p in prompts:
@@ -61,8 +114,9 @@ def test_evaluate_reports_loss_per_objective_and_cloze(trained: Path) -> None:
     cloze = trained / "cloze.jsonl"
     rows = [{"context": s.rsplit(" ", 1)[0], "target": s.rsplit(" ", 1)[1]} for s in SENTENCES]
     cloze.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = run_tool("tools/evaluate.py", "--load", str(trained / "ckpt"), "--eval-iters", "4",
-                   "--cloze", str(cloze), "--json").stdout
+    out = run_tool(
+        "tools/evaluate.py", "--load", str(trained / "ckpt"), "--eval-iters", "4", "--cloze", str(cloze), "--json"
+    ).stdout
     result = json.loads(out.splitlines()[-1])
     assert result["step"] == 900
     assert result["valid"]["loss"] < 1.0 and "loss_token" in result["valid"], result

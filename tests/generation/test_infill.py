@@ -37,8 +37,8 @@ def test_cached_forward_equals_full_forward(impl: str) -> None:
         cache = KVCache(capacity=4)  # grows while decoding
         parts = [model(ids[:, :n], pos[:, :, :n], sep, kv_cache=cache)]
         for j in range(n, ids.shape[1]):
-            mask = sep_to_mask(sep, ids.shape[1])[:, :, j:j + 1, :j + 1]
-            parts.append(model(ids[:, j:j + 1], pos[:, :, j:j + 1], mask, kv_cache=cache))
+            mask = sep_to_mask(sep, ids.shape[1])[:, :, j : j + 1, : j + 1]
+            parts.append(model(ids[:, j : j + 1], pos[:, :, j : j + 1], mask, kv_cache=cache))
     assert cache.length == ids.shape[1]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=2e-5)
     with pytest.raises(ValueError, match="KV cache"):
@@ -66,8 +66,10 @@ def test_greedy_cache_equals_recompute(model, prompts) -> None:
 
 
 def test_sampling_and_beam_cache_equal_recompute(model) -> None:
-    for kw in (dict(strategy="sample", temperature=0.9, top_k=30, top_p=0.95, seed=3),
-               dict(strategy="beam", num_beams=3)):
+    for kw in (
+        dict(strategy="sample", temperature=0.9, top_k=30, top_p=0.95, seed=3),
+        dict(strategy="beam", num_beams=3),
+    ):
         cached = generate(model, PROMPTS, TOKENS, GenerationConfig(max_new_tokens=6, **kw))
         full = generate(model, PROMPTS, TOKENS, GenerationConfig(max_new_tokens=6, use_cache=False, **kw))
         assert [r.answers for r in cached] == [r.answers for r in full], kw
@@ -101,10 +103,10 @@ def test_positions_blocks_and_left_to_right_order(model) -> None:
     ids = torch.tensor([prompt + expect_ids])
     pos = torch.tensor([[list(range(len(prompt))) + expect_pos, [0] * len(prompt) + expect_block]])
     with torch.no_grad():
-        greedy = model(ids, pos, torch.tensor([len(prompt)]))[0, len(prompt):].argmax(-1).tolist()
+        greedy = model(ids, pos, torch.tensor([len(prompt)]))[0, len(prompt) :].argmax(-1).tolist()
     start = 0
     for answer in result.answers:  # after [sop] a1..ak the model chose a1..ak, then [eop] (forced at 5 tokens)
-        chosen = greedy[start:start + len(answer) + 1]
+        chosen = greedy[start : start + len(answer) + 1]
         assert chosen[:-1] == answer and (chosen[-1] == TOKENS.eop or len(answer) == 5)
         start += len(answer) + 1
     n1 = len(result.answers[0])

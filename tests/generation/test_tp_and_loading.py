@@ -17,8 +17,11 @@ from megatron_glm.testing import run_distributed
 from tests.generation.helpers import PROMPTS, TOKENS, full_weights, tiny_model
 from tests.model.helpers import tiny_config
 
-CONFIGS = {"greedy": {}, "sample": dict(strategy="sample", top_k=20, temperature=0.8, seed=5),
-           "beam": dict(strategy="beam", num_beams=2)}
+CONFIGS = {
+    "greedy": {},
+    "sample": dict(strategy="sample", top_k=20, temperature=0.8, seed=5),
+    "beam": dict(strategy="beam", num_beams=2),
+}
 
 
 def write_checkpoint(root: Path, weights: dict[str, torch.Tensor], tp: int, step: int = 7) -> Path:
@@ -32,8 +35,11 @@ def write_checkpoint(root: Path, weights: dict[str, torch.Tensor], tp: int, step
             spec = layout[name].partition
             module[name] = shard(t, spec[0], r, tp, spec[1]) if spec else t
         torch.save({"module": module}, step_dir / f"mp_rank_{r:02d}_model_states.pt")
-    meta = {"step": step, "layout": {"tp": tp, "pp": 1, "dp": 1},
-            "config": {"model": dataclasses.asdict(tiny_config()), "data": {"tokenizer_model": ""}}}
+    meta = {
+        "step": step,
+        "layout": {"tp": tp, "pp": 1, "dp": 1},
+        "config": {"model": dataclasses.asdict(tiny_config()), "data": {"tokenizer_model": ""}},
+    }
     (step_dir / "meta.json").write_text(json.dumps(meta))
     write_manifest(step_dir, step_dir.name)
     (root / "latest").write_text(step_dir.name)
@@ -52,10 +58,12 @@ def _tp_generate(rank: int, world: int, weights: dict[str, torch.Tensor], ckpt: 
     out = {}
     for name, kw in CONFIGS.items():
         cfg = GenerationConfig(max_new_tokens=5, **kw)
-        out[name] = {"cached": _answers(par, cfg, ps),
-                     "recomputed": _answers(par, dataclasses.replace(cfg, use_cache=False), ps),
-                     "loaded": _answers(loaded, cfg, ps),
-                     "tp1": _answers(ref, cfg)}
+        out[name] = {
+            "cached": _answers(par, cfg, ps),
+            "recomputed": _answers(par, dataclasses.replace(cfg, use_cache=False), ps),
+            "loaded": _answers(loaded, cfg, ps),
+            "tp1": _answers(ref, cfg),
+        }
     return out
 
 

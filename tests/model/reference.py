@@ -32,16 +32,26 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
 
 
-def reference_logits(sd: dict[str, torch.Tensor], num_layers: int, num_heads: int, input_ids: torch.Tensor,
-                     position_ids: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def reference_logits(
+    sd: dict[str, torch.Tensor],
+    num_layers: int,
+    num_heads: int,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    mask: torch.Tensor,
+    eps: float = 1e-5,
+) -> torch.Tensor:
     """Full-vocab logits ``[b, s, V]`` in fp64 from a full fp32 state dict and a ``[b, 1, s, s]`` 0/1 mask."""
     sd = {k: v.double() for k, v in sd.items()}
     mask = mask.double()
     b, s = input_ids.shape
     hidden = sd["word_embeddings.weight"].shape[1]
     d = hidden // num_heads
-    h = (sd["word_embeddings.weight"][input_ids] + sd["transformer.position_embeddings.weight"][position_ids[:, 0]]
-         + sd["transformer.block_position_embeddings.weight"][position_ids[:, 1]])
+    h = (
+        sd["word_embeddings.weight"][input_ids]
+        + sd["transformer.position_embeddings.weight"][position_ids[:, 0]]
+        + sd["transformer.block_position_embeddings.weight"][position_ids[:, 1]]
+    )
     for i in range(num_layers):
         p = f"transformer.layers.{i}."
         x = _layer_norm(h, sd[p + "input_layernorm.weight"], sd[p + "input_layernorm.bias"], eps)

@@ -18,8 +18,9 @@ def _loss_grads(cfg, ps: ParallelState, compiled: bool) -> dict[str, torch.Tenso
         assert compile_layers(model) == cfg.num_layers
         assert all(is_compiled(layer) for layer in model.transformer.layers.values())
     batch = make_batch(4)
-    res = model(batch["input_ids"], batch["position_ids"], batch["sep"], labels=batch["labels"],
-                loss_mask=batch["loss_mask"])
+    res = model(
+        batch["input_ids"], batch["position_ids"], batch["sep"], labels=batch["labels"], loss_mask=batch["loss_mask"]
+    )
     res.loss.backward()
     return {"loss": res.loss.detach(), **full_state_dict(model, ps, grads=True)}
 

@@ -30,8 +30,9 @@ def test_fused_matches_unfused_kernel(chunk: int, smoothing: float) -> None:
     assert not rows.requires_grad and rows.shape == (13,)
     grads = torch.autograd.grad(total * 0.7, (h, w))
     torch.testing.assert_close(total, ref, rtol=0, atol=1e-5)
-    torch.testing.assert_close(rows, vocab_parallel_cross_entropy(h @ w.t(), target, label_smoothing=smoothing),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        rows, vocab_parallel_cross_entropy(h @ w.t(), target, label_smoothing=smoothing), rtol=0, atol=1e-5
+    )
     for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
@@ -57,11 +58,19 @@ def _model_losses(tp: int, dtype: torch.dtype) -> dict[str, dict[str, torch.Tens
             logits = model(batch["input_ids"], batch["position_ids"], batch["sep"])
             res = glm_loss(logits, batch["labels"], batch["loss_mask"], ps)
         else:
-            res = model(batch["input_ids"], batch["position_ids"], batch["sep"], labels=batch["labels"],
-                        loss_mask=batch["loss_mask"])
+            res = model(
+                batch["input_ids"],
+                batch["position_ids"],
+                batch["sep"],
+                labels=batch["labels"],
+                loss_mask=batch["loss_mask"],
+            )
         res.loss.backward()
-        out[name] = {"loss": res.loss.detach().float(), "per_token": res.per_token.detach(),
-                     **{k: v.float() for k, v in full_state_dict(model, ps, grads=True).items()}}
+        out[name] = {
+            "loss": res.loss.detach().float(),
+            "per_token": res.per_token.detach(),
+            **{k: v.float() for k, v in full_state_dict(model, ps, grads=True).items()},
+        }
     return out
 
 
@@ -100,5 +109,6 @@ def test_config_rejects_negative_chunk() -> None:
     from megatron_glm.config import load_config, problems
 
     assert problems(load_config(["--model.head_chunk_size", "-1"])) == [
-        "model.head_chunk_size must be >= 0 (0: unfused head), got -1"]
+        "model.head_chunk_size must be >= 0 (0: unfused head), got -1"
+    ]
     assert problems(load_config(["--model.head_chunk_size", "512"])) == []

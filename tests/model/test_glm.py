@@ -27,12 +27,18 @@ from tests.model.helpers import SEQ, VOCAB, make_batch, pipe_parts, random_full_
 from tests.model.reference import reference_logits, reference_mask
 
 LAYER_KEYS = [
-    "input_layernorm.weight", "input_layernorm.bias",
-    "attention.query_key_value.weight", "attention.query_key_value.bias",
-    "attention.dense.weight", "attention.dense.bias",
-    "post_attention_layernorm.weight", "post_attention_layernorm.bias",
-    "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias",
-    "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias",
+    "input_layernorm.weight",
+    "input_layernorm.bias",
+    "attention.query_key_value.weight",
+    "attention.query_key_value.bias",
+    "attention.dense.weight",
+    "attention.dense.bias",
+    "post_attention_layernorm.weight",
+    "post_attention_layernorm.bias",
+    "mlp.dense_h_to_4h.weight",
+    "mlp.dense_h_to_4h.bias",
+    "mlp.dense_4h_to_h.weight",
+    "mlp.dense_4h_to_h.bias",
 ]
 
 
@@ -89,8 +95,9 @@ def test_init_scheme_is_seeded_by_name() -> None:
     other = GLMModel(cfg, seed=8).state_dict()
     assert not torch.equal(other["word_embeddings.weight"], sd["word_embeddings.weight"])
     # Different tensors get different draws.
-    assert not torch.equal(sd["transformer.layers.0.mlp.dense_h_to_4h.weight"],
-                           sd["transformer.layers.1.mlp.dense_h_to_4h.weight"])
+    assert not torch.equal(
+        sd["transformer.layers.0.mlp.dense_h_to_4h.weight"], sd["transformer.layers.1.mlp.dense_h_to_4h.weight"]
+    )
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
@@ -100,8 +107,14 @@ def test_logits_match_independent_reference(impl: str) -> None:
     sd = random_full_state_dict(model, seed=3)
     load_full_state_dict(model, sd)
     batch = make_batch(1)
-    ref = reference_logits(sd, cfg.num_layers, cfg.num_attention_heads, batch["input_ids"],
-                           batch["position_ids"], reference_mask(batch["sep"], SEQ))
+    ref = reference_logits(
+        sd,
+        cfg.num_layers,
+        cfg.num_attention_heads,
+        batch["input_ids"],
+        batch["position_ids"],
+        reference_mask(batch["sep"], SEQ),
+    )
     with torch.no_grad():
         logits = run(model, batch)
     assert logits.shape == (3, SEQ, VOCAB)
@@ -242,8 +255,13 @@ def test_pipe_parts_chained_equal_the_whole_model() -> None:
 
 @pytest.mark.parametrize("impl,every", [("sdpa", 1), ("eager", 2)])
 def test_activation_checkpointing_reproduces_dropout(impl: str, every: int) -> None:
-    cfg = dataclasses.replace(tiny_config(attention_impl=impl), hidden_dropout=0.1, attention_dropout=0.2,
-                              num_layers=4, checkpoint_num_layers=every)
+    cfg = dataclasses.replace(
+        tiny_config(attention_impl=impl),
+        hidden_dropout=0.1,
+        attention_dropout=0.2,
+        num_layers=4,
+        checkpoint_num_layers=every,
+    )
     batch = make_batch(9)
     model = GLMModel(cfg).train()
     tracker_states = model.rng_tracker.get_states()
@@ -309,8 +327,10 @@ def test_load_full_state_dict_reports_problems() -> None:
         load_full_state_dict(model, {**sd, "word_embeddings.weight": torch.zeros(VOCAB + 1, 64)})
     stage = GLMPart(ModelLayout(tiny_config()).pipe_layers[2 + 1], tiny_config())
     load_full_state_dict(stage, sd, ignore_unexpected=True)
-    assert torch.equal(stage.state_dict()["transformer.layers.1.mlp.dense_h_to_4h.weight"],
-                       sd["transformer.layers.1.mlp.dense_h_to_4h.weight"])
+    assert torch.equal(
+        stage.state_dict()["transformer.layers.1.mlp.dense_h_to_4h.weight"],
+        sd["transformer.layers.1.mlp.dense_h_to_4h.weight"],
+    )
 
 
 def test_constructor_rejects_bad_configs() -> None:
@@ -322,8 +342,10 @@ def test_constructor_rejects_bad_configs() -> None:
 
 def test_named_sizes_match_the_reference() -> None:
     published = {  # layers, hidden, heads, max positions, padded vocab
-        "glm-base": (12, 768, 12, 512, 30592), "glm-large": (24, 1024, 16, 512, 30592),
-        "glm-large-chinese": (24, 1024, 16, 1024, 50048), "glm-2b": (36, 2048, 32, 1024, 50304),
+        "glm-base": (12, 768, 12, 512, 30592),
+        "glm-large": (24, 1024, 16, 512, 30592),
+        "glm-large-chinese": (24, 1024, 16, 1024, 50048),
+        "glm-2b": (36, 2048, 32, 1024, 50304),
         "glm-10b": (48, 4096, 64, 1024, 50304),
     }
     assert set(MODEL_SIZES) == {"glm-tiny", *published}
@@ -331,8 +353,9 @@ def test_named_sizes_match_the_reference() -> None:
         m = build_config({"model.size": name}).model
         assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.max_sequence_length, m.vocab_size) == want
     tiny = build_config({"model.size": "glm-tiny", "model.vocab_size": VOCAB}).model
-    assert GLMModel(tiny)(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 2, 4, dtype=torch.long),
-                          torch.tensor([2])).shape == (1, 4, VOCAB)
+    assert GLMModel(tiny)(
+        torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 2, 4, dtype=torch.long), torch.tensor([2])
+    ).shape == (1, 4, VOCAB)
     # ~ 6 N per token for glm-10b (N ~ 9.9e9 incl. embeddings) plus attention.
     ten_b = build_config({"model.size": "glm-10b"}).model
     assert 5.5e10 < flops_per_token(ten_b, 1024) < 7.0e10

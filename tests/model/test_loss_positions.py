@@ -12,8 +12,9 @@ from megatron_glm.testing import run_distributed
 
 def _loss_and_grads(tp: int, rank: int = 0) -> dict:
     ps = initialize_parallel_state(tp_size=tp)
-    cfg = build_config({"model.size": "glm-tiny", "model.vocab_size": 256, "model.hidden_dropout": 0.0,
-                        "model.attention_dropout": 0.0}).model
+    cfg = build_config(
+        {"model.size": "glm-tiny", "model.vocab_size": 256, "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0}
+    ).model
     g = torch.Generator().manual_seed(0)
     b, s = 3, 24
     ids = torch.randint(0, 256, (b, s), generator=g)
@@ -30,8 +31,12 @@ def _loss_and_grads(tp: int, rank: int = 0) -> dict:
             at = loss_positions(loss_mask)
             res = glm_loss_at(model(ids, pos, sep, logit_positions=at), at, labels, loss_mask, ps)
         res.loss.backward()
-        out[name] = {"loss": res.loss.detach(), "per_token": res.per_token, "sample_sum": res.sample_sum,
-                     **{k: p.grad for k, p in model.named_parameters()}}
+        out[name] = {
+            "loss": res.loss.detach(),
+            "per_token": res.per_token,
+            "sample_sum": res.sample_sum,
+            **{k: p.grad for k, p in model.named_parameters()},
+        }
     return out
 
 

@@ -11,8 +11,7 @@ from tests.model.helpers import make_batch, tiny_config
 
 
 def _run(granularity: str, impl: str) -> tuple[dict[str, torch.Tensor], int]:
-    cfg = tiny_config(hidden_dropout=0.1, attention_dropout=0.2, attention_impl=impl,
-                      recompute_granularity=granularity)
+    cfg = tiny_config(hidden_dropout=0.1, attention_dropout=0.2, attention_impl=impl, recompute_granularity=granularity)
     model = GLMModel(cfg, seed=4).train()
     batch = make_batch(1, seq=32)
     torch.manual_seed(7)
@@ -48,5 +47,6 @@ def test_recompute_matches_no_recompute(impl: str) -> None:
 def test_selective_conflicts_with_checkpoint_activations() -> None:
     assert problems(load_config(["--checkpoint-activations", "--recompute-granularity", "selective"])) == [
         "model.checkpoint_activations (full recomputation) conflicts with model.recompute_granularity "
-        "'selective'; set one of them"]
+        "'selective'; set one of them"
+    ]
     assert problems(load_config(["--recompute-granularity", "selective"])) == []

@@ -20,11 +20,11 @@ VARIANTS = {
 
 def _loss_grads(model: GLMModel, batch: dict, ps: ParallelState) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    res = model(batch["input_ids"], batch["position_ids"], batch["sep"], labels=batch["labels"],
-                loss_mask=batch["loss_mask"])
+    res = model(
+        batch["input_ids"], batch["position_ids"], batch["sep"], labels=batch["labels"], loss_mask=batch["loss_mask"]
+    )
     res.loss.backward()
-    return {"loss": res.loss.detach(), "per_token": res.per_token.detach(),
-            **full_state_dict(model, ps, grads=True)}
+    return {"loss": res.loss.detach(), "per_token": res.per_token.detach(), **full_state_dict(model, ps, grads=True)}
 
 
 def _sp_checks(rank: int, world: int) -> dict[str, float]:
@@ -41,8 +41,9 @@ def _sp_checks(rank: int, world: int) -> dict[str, float]:
     # With dropout: full recomputation replays the sequence-shard dropout masks exactly.
     runs = []
     for ckpt in (False, True):
-        cfg = tiny_config(sequence_parallel=True, hidden_dropout=0.2, attention_dropout=0.1,
-                          checkpoint_activations=ckpt)
+        cfg = tiny_config(
+            sequence_parallel=True, hidden_dropout=0.2, attention_dropout=0.1, checkpoint_activations=ckpt
+        )
         model = GLMModel(cfg, ps, seed=3).train()
         torch.manual_seed(9)
         runs.append(_loss_grads(model, batch, ps))
@@ -58,7 +59,18 @@ def test_tp2_sequence_parallel_matches_tp1() -> None:
 
 def test_sequence_parallel_is_off_at_tp1_and_validated() -> None:
     assert not GLMModel(tiny_config(sequence_parallel=True)).sequence_parallel
-    cfg = load_config(["--sequence-parallel", "--tensor-model-parallel-size", "4", "--seq-length", "30",
-                       "--model.num_attention_heads", "4"])
-    assert "model.sequence_parallel needs data.seq_length (30) divisible by " \
-           "parallel.tensor_model_parallel_size (4)" in problems(cfg)
+    cfg = load_config(
+        [
+            "--sequence-parallel",
+            "--tensor-model-parallel-size",
+            "4",
+            "--seq-length",
+            "30",
+            "--model.num_attention_heads",
+            "4",
+        ]
+    )
+    assert (
+        "model.sequence_parallel needs data.seq_length (30) divisible by "
+        "parallel.tensor_model_parallel_size (4)" in problems(cfg)
+    )

@@ -61,8 +61,10 @@ def _tp_checks(rank: int, world: int) -> dict[str, float]:
     logits = run_parts(parts, batch)
     glm_loss(logits, batch["labels"], batch["loss_mask"], ps).loss.backward()
     grads = {k: v for p in parts[1:-1] for k, v in full_state_dict(p, ps, grads=True).items()}
-    grads["word_embeddings.weight"] = (full_state_dict(parts[0], ps, grads=True)["word_embeddings.weight"]
-                                       + full_state_dict(parts[-1], ps, grads=True)["word_embeddings.weight"])
+    grads["word_embeddings.weight"] = (
+        full_state_dict(parts[0], ps, grads=True)["word_embeddings.weight"]
+        + full_state_dict(parts[-1], ps, grads=True)["word_embeddings.weight"]
+    )
     out["pipeline/logits"] = (gather_from_tensor_parallel_region(logits.detach(), ps.tp_group) - rl).abs().max().item()
     out["pipeline/grads"] = _max_diff({k: grads[k] for k in rg}, rg)
     # Activation checkpointing with dropout under TP reproduces the per-rank attention-dropout stream.

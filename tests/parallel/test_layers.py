@@ -82,8 +82,9 @@ def _check_layers(rank: int, world: int) -> dict:
     x = _rand(2, 5, h, seed=1)
     # Column-parallel (with stride 3, as for fused QKV) with and without gather_output.
     for gather, stride in ((False, 1), (True, 1), (False, 3)):
-        layer = ColumnParallelLinear(h, out, gather_output=gather, stride=stride, init_method=normal_init(0.5, 7),
-                                     parallel_state=ps)
+        layer = ColumnParallelLinear(
+            h, out, gather_output=gather, stride=stride, init_method=normal_init(0.5, 7), parallel_state=ps
+        )
         dense = torch.nn.Linear(h, out)
         with torch.no_grad():
             normal_init(0.5, 7)(dense.weight)
@@ -101,8 +102,9 @@ def _check_layers(rank: int, world: int) -> dict:
         _close(layer.bias.grad, shard(dense.bias.grad, 0, ps.tp_rank, ps.tp_size, stride), "column b grad")
     # Row-parallel, input full or already split.
     for parallel_in in (False, True):
-        layer = RowParallelLinear(out, h, input_is_parallel=parallel_in, init_method=normal_init(0.5, 11),
-                                  parallel_state=ps)
+        layer = RowParallelLinear(
+            out, h, input_is_parallel=parallel_in, init_method=normal_init(0.5, 11), parallel_state=ps
+        )
         dense = torch.nn.Linear(out, h)
         with torch.no_grad():
             normal_init(0.5, 11)(dense.weight)

@@ -25,8 +25,9 @@ from tests.reliability.conftest import tmpfs
 
 
 def _save(mgr: CheckpointManager, step: int, engine: FakeEngine | None = None) -> Path:
-    return mgr.save(engine or FakeEngine(float(step)), step, {"step": step, "layout": {"tp": 1}},
-                    {"torch": torch.get_rng_state()})
+    return mgr.save(
+        engine or FakeEngine(float(step)), step, {"step": step, "layout": {"tp": 1}}, {"torch": torch.get_rng_state()}
+    )
 
 
 def _steps(directory: Path) -> list[str]:
@@ -83,8 +84,10 @@ def test_missing_latest_is_reported(tmp_path):
     assert f"warning: {tmp_path / 'latest'} is missing; using the newest complete checkpoint, global_step2" in logs
     (tmp_path / "latest").write_text("global_step9")
     mgr.load(FakeEngine(), tmp_path)
-    assert f"warning: {tmp_path / 'latest'} names 'global_step9', which is not a complete checkpoint; using " \
-           "global_step2" in logs
+    assert (
+        f"warning: {tmp_path / 'latest'} names 'global_step9', which is not a complete checkpoint; using "
+        "global_step2" in logs
+    )
 
 
 def test_read_only_save_directory(tmp_path):
@@ -109,8 +112,10 @@ def test_full_disk_keeps_the_previous_checkpoint_and_removes_the_partial_one(tmp
         names = _steps(disk)
         latest = (disk / "latest").read_text()
         intact = verify_checkpoint(disk / "global_step1")
-    assert message == (f"cannot save checkpoint global_step2 in {disk}: the disk is full (no space left on device); "
-                       f"removed the partial .tmp.global_step2, the previous checkpoint global_step1 is intact")
+    assert message == (
+        f"cannot save checkpoint global_step2 in {disk}: the disk is full (no space left on device); "
+        f"removed the partial .tmp.global_step2, the previous checkpoint global_step1 is intact"
+    )
     assert names == ["global_step1"] and latest == "global_step1" and intact is None
 
 
@@ -145,8 +150,9 @@ mgr.save(Slow(2.0), 2, {{"step": 2}}, {{}})
 def test_kill_during_a_checkpoint_write_never_exposes_it(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(_CHILD.format(root=str(REPO_ROOT)))
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ck"), "write"], cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "ck"), "write"], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while not (tmp_path / "ck" / ".tmp.global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists():
         assert time.time() < deadline and proc.poll() is None
@@ -166,8 +172,14 @@ def test_kill_during_a_checkpoint_write_never_exposes_it(tmp_path):
 def test_kill_during_pruning_leaves_no_half_deleted_checkpoint(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(_CHILD.format(root=str(REPO_ROOT)).replace("time.sleep(60)", "pass"))
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ck"), "prune"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ck"), "prune"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     ck = tmp_path / "ck"
     # global_step1 was renamed away before the deletion began: what is left under a final name is complete.
@@ -200,8 +212,10 @@ def test_malicious_pickle_is_refused_by_every_loader(tmp_path):
     # The original-GLM import.
     glm = tmp_path / "glm" / "1"
     glm.mkdir(parents=True)
-    torch.save({"module": {"word_embeddings.weight": torch.zeros(4, 2)}, "x": Evil(sentinel)},
-               glm / "mp_rank_00_model_states.pt")
+    torch.save(
+        {"module": {"word_embeddings.weight": torch.zeros(4, 2)}, "x": Evil(sentinel)},
+        glm / "mp_rank_00_model_states.pt",
+    )
     (tmp_path / "glm" / "latest_checkpointed_iteration.txt").write_text("1")
     with pytest.raises(CheckpointError, match=expected):
         GLMOriginalSource(tmp_path / "glm")
@@ -231,8 +245,21 @@ def test_read_only_save_directory_in_a_run(tiny_corpus, tmp_path):
 
     ro = tmp_path / "ro"
     with tmpfs(ro, size="1m", read_only=True):
-        proc = launch(train_args(tiny_corpus, "--train-iters", "1", "--micro-batch-size", "2", "--global-batch-size",
-                                 "2", "--save", str(ro / "run")), launcher="python", check=False)
+        proc = launch(
+            train_args(
+                tiny_corpus,
+                "--train-iters",
+                "1",
+                "--micro-batch-size",
+                "2",
+                "--global-batch-size",
+                "2",
+                "--save",
+                str(ro / "run"),
+            ),
+            launcher="python",
+            check=False,
+        )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.splitlines()[-1] == f"error: --save {ro / 'run'}: cannot write there (Read-only file system)"
     assert "Traceback" not in proc.stderr

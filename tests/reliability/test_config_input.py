@@ -15,8 +15,14 @@ TINY = str(REPO_ROOT / "examples" / "configs" / "glm-tiny.yaml")
 
 
 def _dry_run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "pretrain_glm.py", "--config", TINY, *args, "--dry-run"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "pretrain_glm.py", "--config", TINY, *args, "--dry-run"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
@@ -33,9 +39,11 @@ def test_every_float_field_must_be_finite():
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     message = str(info.value)
-    for part in ("model.init_std must be a finite number, got nan",
-                 "optimizer.adam_eps must be a finite number, got inf",
-                 "data.objective.mask_ratio must be a finite number, got -inf"):
+    for part in (
+        "model.init_std must be a finite number, got nan",
+        "optimizer.adam_eps must be a finite number, got inf",
+        "data.objective.mask_ratio must be a finite number, got -inf",
+    ):
         assert part in message
 
 

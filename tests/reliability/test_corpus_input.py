@@ -22,8 +22,9 @@ from tests.reliability.conftest import tmpfs
 
 
 def _run(tmp_path: Path, inputs: list[Path], spm_model: Path, name: str = "out", **kwargs):
-    config = PreprocessConfig(inputs=[str(p) for p in inputs], output_prefix=str(tmp_path / name),
-                              tokenizer_model=str(spm_model), **kwargs)
+    config = PreprocessConfig(
+        inputs=[str(p) for p in inputs], output_prefix=str(tmp_path / name), tokenizer_model=str(spm_model), **kwargs
+    )
     return preprocess(config, log=lambda _line: None)
 
 
@@ -32,8 +33,14 @@ def _outputs(directory: Path) -> list[str]:
 
 
 def _tool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tools/preprocess_data.py", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "tools/preprocess_data.py", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_non_utf8_corpus_fails_with_one_summary_line(tmp_path, spm_model):
@@ -44,8 +51,9 @@ def test_non_utf8_corpus_fails_with_one_summary_line(tmp_path, spm_model):
     proc = _tool("--input", str(corpus), "--tokenizer-model", str(spm_model), "--output-prefix", str(tmp_path / "o"))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
-    assert proc.stderr.startswith("error: 28 of 30 non-blank records are bad (93.3%: 28 invalid_utf8), above "
-                                  "--max-bad-fraction 0.5; first: ")
+    assert proc.stderr.startswith(
+        "error: 28 of 30 non-blank records are bad (93.3%: 28 invalid_utf8), above --max-bad-fraction 0.5; first: "
+    )
     assert "latin1.jsonl:1: invalid UTF-8 at byte" in proc.stderr and "nothing was written" in proc.stderr
     assert _outputs(tmp_path) == []
     # Consent through the threshold: the two good documents are written, the report says how much was bad.
@@ -56,13 +64,17 @@ def test_non_utf8_corpus_fails_with_one_summary_line(tmp_path, spm_model):
 
 def test_malformed_json_below_the_threshold_is_skipped_and_located(tmp_path, spm_model):
     corpus = tmp_path / "mixed.jsonl"
-    corpus.write_text('{"text": "one"}\n{"text": broken\n[1, 2]\n{"txt": "x"}\n{"text": 5}\n'
-                      + "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
+    corpus.write_text(
+        '{"text": "one"}\n{"text": broken\n[1, 2]\n{"txt": "x"}\n{"text": 5}\n'
+        + "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5))
+    )
     summary = _run(tmp_path, [corpus], spm_model)
     assert summary.documents == 6
     assert summary.skipped == {"invalid_json": 2, "missing_key": 1, "not_a_string": 1}
-    assert [str(p) for p in summary.problems][:2] == [f"{corpus}:2: invalid JSON (Expecting value at column 10)",
-                                                      f"{corpus}:3: expected a JSON object, got list"]
+    assert [str(p) for p in summary.problems][:2] == [
+        f"{corpus}:2: invalid JSON (Expecting value at column 10)",
+        f"{corpus}:3: expected a JSON object, got list",
+    ]
 
 
 def test_empty_corpus_is_an_error_and_writes_nothing(tmp_path, spm_model):
@@ -71,8 +83,11 @@ def test_empty_corpus_is_an_error_and_writes_nothing(tmp_path, spm_model):
     blank = tmp_path / "blank.jsonl"
     blank.write_text("\n  \n\n")
     for path in (empty, blank):
-        with pytest.raises(DataError, match=rf"^no usable document in {path}: \d+ line\(s\), no records; nothing "
-                                            "was written$"):
+        with pytest.raises(
+            DataError,
+            match=rf"^no usable document in {path}: \d+ line\(s\), no records; nothing "
+            "was written$",
+        ):
             _run(tmp_path, [path], spm_model)
     assert _outputs(tmp_path) == []
 
@@ -102,12 +117,15 @@ def test_gzip_corpus_is_read_not_reported_as_invalid_utf8(tmp_path, spm_model, g
 
 def test_lone_surrogate_is_reported_and_skipped(tmp_path, spm_model):
     corpus = tmp_path / "sur.jsonl"
-    corpus.write_text('{"text": "\\ud800"}\n{"text": "ok \\ud83d\\ude00 pair"}\n{"text": "x\\udfff y"}\n'
-                      '{"text": "plain"}\n{"text": "more"}\n')
+    corpus.write_text(
+        '{"text": "\\ud800"}\n{"text": "ok \\ud83d\\ude00 pair"}\n{"text": "x\\udfff y"}\n'
+        '{"text": "plain"}\n{"text": "more"}\n'
+    )
     summary = _run(tmp_path, [corpus], spm_model)
     assert summary.documents == 3 and summary.skipped == {"invalid_unicode": 2}
-    assert str(summary.problems[0]) == (f"{corpus}:1: key 'text' holds a lone surrogate escape (\\ud800-\\udfff), "
-                                        "which is no character")
+    assert str(summary.problems[0]) == (
+        f"{corpus}:1: key 'text' holds a lone surrogate escape (\\ud800-\\udfff), which is no character"
+    )
     # The tokenizer trainer reads through the same judge: it trains on the good lines instead of failing.
     assert list(iter_texts([str(corpus)])) == ["ok \U0001f600 pair", "plain", "more"]
     with (tmp_path / "sur.jsonl").open("a") as out:
@@ -120,8 +138,9 @@ def test_read_only_output_directory(tmp_path, pydoc_jsonl, spm_model):
     out = tmp_path / "ro"
     out.mkdir()
     with tmpfs(out, size="1m", read_only=True):
-        proc = _tool("--input", str(pydoc_jsonl), "--tokenizer-model", str(spm_model),
-                     "--output-prefix", str(out / "p"))
+        proc = _tool(
+            "--input", str(pydoc_jsonl), "--tokenizer-model", str(spm_model), "--output-prefix", str(out / "p")
+        )
     assert proc.returncode == 2
     assert proc.stderr == f"error: --output-prefix {out / 'p'}: directory {out} is not writable\n"
 
@@ -129,8 +148,9 @@ def test_read_only_output_directory(tmp_path, pydoc_jsonl, spm_model):
 def test_full_output_disk_is_one_line_and_leaves_nothing(tmp_path, pydoc_jsonl, spm_model):
     out = tmp_path / "full"
     with tmpfs(out, size="256k"):
-        proc = _tool("--input", str(pydoc_jsonl), "--tokenizer-model", str(spm_model),
-                     "--output-prefix", str(out / "p"))
+        proc = _tool(
+            "--input", str(pydoc_jsonl), "--tokenizer-model", str(spm_model), "--output-prefix", str(out / "p")
+        )
         left = sorted(os.listdir(out))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(f"error: --output-prefix {out / 'p'}: cannot write (No space left on device)")
@@ -140,8 +160,9 @@ def test_full_output_disk_is_one_line_and_leaves_nothing(tmp_path, pydoc_jsonl, 
 @pytest.mark.slow
 def test_huge_document_memory_is_bounded(tmp_path, spm_model, glm_tokenizer):
     """One 12 MB document: tokenized in pieces (same ids as whole), peak memory a few times the text, not ~15x."""
-    words = np.random.default_rng(0).choice(["alpha", "beta", "gamma", "delta", "list.", "tuple", "x = 1;"],
-                                            size=1_750_000)
+    words = np.random.default_rng(0).choice(
+        ["alpha", "beta", "gamma", "delta", "list.", "tuple", "x = 1;"], size=1_750_000
+    )
     text = " ".join(words.tolist())
     corpus = tmp_path / "huge.txt"
     corpus.write_text(text + "\n")
@@ -152,8 +173,14 @@ def test_huge_document_memory_is_bounded(tmp_path, spm_model, glm_tokenizer):
         " log=lambda _l: None)\n"
         "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, str(corpus), str(tmp_path / "h"), str(spm_model)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(corpus), str(tmp_path / "h"), str(spm_model)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     peak_mb = int(proc.stdout.split()[-1]) / 1024
     size_mb = len(text) / 2**20
     ids = IndexedDataset(tmp_path / "h_text_document")[0]

@@ -19,8 +19,12 @@ from tests.training.conftest import launch, train_args
 
 
 def _dataset(tmp_path: Path, pydoc_jsonl: Path, spm_model: Path) -> str:
-    config = PreprocessConfig(inputs=[str(pydoc_jsonl)], output_prefix=str(tmp_path / "pydoc"),
-                              tokenizer_model=str(spm_model), append_eod=True)
+    config = PreprocessConfig(
+        inputs=[str(pydoc_jsonl)],
+        output_prefix=str(tmp_path / "pydoc"),
+        tokenizer_model=str(spm_model),
+        append_eod=True,
+    )
     return preprocess(config, log=lambda _line: None).outputs["text"]
 
 
@@ -37,9 +41,18 @@ def _flip_document(prefix: str, doc: int, value: int = 65535) -> None:
 
 
 def _train_dataset(prefix: str, tokenizer, tmp_path: Path):
-    cfg = build_config({"model.size": "glm-tiny", "data.data_path": [prefix], "data.seq_length": 64,
-                        "data.split": "1", "data.cache_dir": str(tmp_path / "cache"), "training.train_iters": 4,
-                        "training.micro_batch_size": 2, "training.global_batch_size": 2})
+    cfg = build_config(
+        {
+            "model.size": "glm-tiny",
+            "data.data_path": [prefix],
+            "data.seq_length": 64,
+            "data.split": "1",
+            "data.cache_dir": str(tmp_path / "cache"),
+            "training.train_iters": 4,
+            "training.micro_batch_size": 2,
+            "training.global_batch_size": 2,
+        }
+    )
     return build_pretraining_datasets(cfg, tokenizer)[0]
 
 
@@ -51,25 +64,33 @@ def test_out_of_vocabulary_ids_name_the_dataset_and_document(tmp_path, pydoc_jso
         for i in range(len(train.windows)):
             train[i]
     assert str(info.value).startswith(f"{prefix}.bin: document 5 holds token id 65535 at token ")
-    assert str(info.value).endswith(f"outside the tokenizer's {glm_tokenizer.vocab_size} ids; the file is corrupt "
-                                    f"or was made with another tokenizer (preprocess again)")
+    assert str(info.value).endswith(
+        f"outside the tokenizer's {glm_tokenizer.vocab_size} ids; the file is corrupt "
+        f"or was made with another tokenizer (preprocess again)"
+    )
 
 
 def test_dataset_of_another_tokenizer_is_refused_on_open(tmp_path, pydoc_jsonl, spm_model):
     prefix = _dataset(tmp_path, pydoc_jsonl, spm_model)
     meta = read_dataset_meta(prefix)
     assert meta is not None and 3000 < meta["max_token_id"] < meta["vocab_size"]
-    with pytest.raises(DataError, match=rf"token ids go up to {meta['max_token_id']} .* but this run's tokenizer "
-                                        r"has 1000 ids"):
+    with pytest.raises(
+        DataError,
+        match=rf"token ids go up to {meta['max_token_id']} .* but this run's tokenizer "
+        r"has 1000 ids",
+    ):
         DocumentWindows(prefix, (0, 10), 64, cls_id=1, eos_id=2, vocab_size=1000, build_cache=False)
     assert dataset_fingerprint(prefix) == meta["fingerprint"]
 
 
-@pytest.mark.parametrize(("suffix", "action", "message"), [
-    (".bin", "truncate", r"\.bin: data file is \d+ bytes but .* points to \d+ bytes"),
-    (".idx", "truncate", r"\.idx: index is \d+ bytes but its header"),
-    (".idx", "magic", r"\.idx: not a Megatron index file"),
-])
+@pytest.mark.parametrize(
+    ("suffix", "action", "message"),
+    [
+        (".bin", "truncate", r"\.bin: data file is \d+ bytes but .* points to \d+ bytes"),
+        (".idx", "truncate", r"\.idx: index is \d+ bytes but its header"),
+        (".idx", "magic", r"\.idx: not a Megatron index file"),
+    ],
+)
 def test_truncated_or_corrupt_files(tmp_path, pydoc_jsonl, spm_model, suffix, action, message):
     prefix = _dataset(tmp_path, pydoc_jsonl, spm_model)
     path = Path(prefix + suffix)
@@ -105,8 +126,22 @@ def test_flipped_bytes_fail_under_tensor_parallelism(tiny_corpus, tmp_path):
     for doc in range(0, docs, 2):
         _flip_document(prefix, doc, 60000)
     corpus = {**tiny_corpus, "data_path": prefix}
-    proc = launch(train_args(corpus, "--train-iters", "3", "--micro-batch-size", "2", "--global-batch-size", "2",
-                             "--tensor-model-parallel-size", "2"), nproc=2, check=False, timeout=600)
+    proc = launch(
+        train_args(
+            corpus,
+            "--train-iters",
+            "3",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "2",
+            "--tensor-model-parallel-size",
+            "2",
+        ),
+        nproc=2,
+        check=False,
+        timeout=600,
+    )
     assert proc.returncode != 0, proc.stdout[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert errors, proc.stderr[-3000:]

@@ -21,8 +21,15 @@ def _copy_dataset(src: str, dst: Path) -> str:
 
 
 def _cfg(prefix: str, tokenizer: str, **extra):
-    return build_config({"model.size": "glm-tiny", "data.data_path": [prefix], "data.tokenizer_model": tokenizer,
-                         "data.seq_length": 64, **extra})
+    return build_config(
+        {
+            "model.size": "glm-tiny",
+            "data.data_path": [prefix],
+            "data.tokenizer_model": tokenizer,
+            "data.seq_length": 64,
+            **extra,
+        }
+    )
 
 
 def test_identity_compares_content_not_paths(tiny_corpus, tmp_path):
@@ -38,14 +45,17 @@ def test_identity_compares_content_not_paths(tiny_corpus, tmp_path):
     idx[34:42] = np.array([lengths[0] + lengths[1], 0], dtype="<i4").tobytes()
     (changed.parent / "changed.idx").write_bytes(bytes(idx))
     (changed.parent / "changed.meta.json").unlink()
-    drift = identity_drift({"identity": saved}, run_identity(_cfg(str(changed), tiny_corpus["tokenizer"],
-                                                                  **{"training.seed": 7}), 8))
+    drift = identity_drift(
+        {"identity": saved}, run_identity(_cfg(str(changed), tiny_corpus["tokenizer"], **{"training.seed": 7}), 8)
+    )
     assert len(drift) == 3 and drift[0].startswith("data (fingerprint): checkpoint pydoc_text_sentence [")
     assert drift[1:] == ["global batch: checkpoint 4, now 8", "seed: checkpoint 1234, now 7"]
     other_tok = tmp_path / "tok.model"
     other_tok.write_bytes(Path(tiny_corpus["tokenizer"]).read_bytes() + b"x")
-    drift = identity_drift({"identity": saved}, run_identity(_cfg(moved, str(other_tok), **{
-        "data.seq_length": 32, "data.split": "90,10,0"}), 4))
+    drift = identity_drift(
+        {"identity": saved},
+        run_identity(_cfg(moved, str(other_tok), **{"data.seq_length": 32, "data.split": "90,10,0"}), 4),
+    )
     assert [d.split(":")[0] for d in drift] == ["tokenizer (sha256)", "seq length", "split"]
     assert drift[1:] == ["seq length: checkpoint 64, now 32", "split: checkpoint '949,50,1', now '90,10,0'"]
 
@@ -71,6 +81,7 @@ def test_resume_on_a_changed_dataset_is_refused_unless_forced(tiny_corpus, tmp_p
         f"error: {save}: this run differs from the checkpoint's: data (fingerprint): checkpoint "
         f"pydoc_text_sentence [{was}], "
         f"now other [000000000000]; resume with the same settings, or pass --override-checkpoint-config to "
-        f"continue anyway")
+        f"continue anyway"
+    )
     forced = launch(train_args(corpus, *resume, "--override-checkpoint-config"), launcher="python")
     assert "--override-checkpoint-config given" in forced.stdout and "done: step 4" in forced.stdout

@@ -26,8 +26,9 @@ def test_flags_only_derives_zero1() -> None:
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "ds_configs").glob("*.json")))
 def test_shipped_configs_fill_in(name: str) -> None:
     data = json.loads((ROOT / "ds_configs" / name).read_text())
-    precision = "bf16" if data.get("bf16", {}).get("enabled") else "fp16" if data.get("fp16", {}).get("enabled") \
-        else "fp32"
+    precision = (
+        "bf16" if data.get("bf16", {}).get("enabled") else "fp16" if data.get("fp16", {}).get("enabled") else "fp32"
+    )
     args = ["--deepspeed_config", str(ROOT / "ds_configs" / name), "--micro-batch-size", "2"]
     if precision != "fp32":
         args.append(f"--{precision}")
@@ -39,8 +40,11 @@ def test_shipped_configs_fill_in(name: str) -> None:
 def test_mismatches_are_clear_errors(tmp_path: Path) -> None:
     p = tmp_path / "ds.json"
     p.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
-    with pytest.raises(ConfigError, match=r"ds.json: train_micro_batch_size_per_gpu is 8 but "
-                                          r"training.micro_batch_size gives 4"):
+    with pytest.raises(
+        ConfigError,
+        match=r"ds.json: train_micro_batch_size_per_gpu is 8 but "
+        r"training.micro_batch_size gives 4",
+    ):
         build_deepspeed_config(load_config(["--deepspeed_config", str(p)]), 1)
     p.write_text(json.dumps({"bf16": {"enabled": True}}))
     with pytest.raises(ConfigError, match=r"bf16.enabled is True but training.precision is 'fp32'; pass --bf16"):
@@ -53,7 +57,8 @@ def test_mismatches_are_clear_errors(tmp_path: Path) -> None:
         build_deepspeed_config(load_config(["--deepspeed_config", str(p)]), 1)
     with pytest.raises(ConfigError, match="deepspeed config not found"):
         build_deepspeed_config(load_config(["--deepspeed_config", str(tmp_path / "nope.json")]), 1)
-    cfg = load_config(["--deepspeed_config", str(ROOT / "ds_configs" / "zero2.json"),
-                       "--pipeline-model-parallel-size", "2"])
+    cfg = load_config(
+        ["--deepspeed_config", str(ROOT / "ds_configs" / "zero2.json"), "--pipeline-model-parallel-size", "2"]
+    )
     with pytest.raises(ConfigError, match="ZeRO stage 2 cannot be used with pipeline parallelism"):
         build_deepspeed_config(cfg, 1)

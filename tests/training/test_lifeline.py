@@ -42,8 +42,9 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("use_prctl", [True, False], ids=["prctl", "thread"])
 def test_worker_dies_with_its_launcher(use_prctl: bool) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, WORKER.format(use_prctl=use_prctl)],
-                                stdout=subprocess.PIPE, text=True, env=env)
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, WORKER.format(use_prctl=use_prctl)], stdout=subprocess.PIPE, text=True, env=env
+    )
     worker = int(launcher.stdout.readline())
     try:
         time.sleep(3.0)  # the worker imports and arms its guard

@@ -28,11 +28,24 @@ def _losses(save: Path) -> list[float]:
 @pytest.mark.slow
 def test_pp2_tp2xpp2_pp2xdp2_match_pp1(tiny_corpus: dict, tmp_path: Path) -> None:
     """Same global batches (8 samples as 4 micro-batches of 2), fp32: every layout gives PP=1's losses."""
-    common = ["--train-iters", "5", "--micro-batch-size", "2", "--global-batch-size", "8", "--eval-interval", "5",
-              "--eval-iters", "2"]
-    runs = {"pp1": ([], 1), "pp2": (["--pipeline-model-parallel-size", "2"], 2),
-            "tp2pp2": (["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2"], 4),
-            "pp2dp2": (["--pipeline-model-parallel-size", "2"], 4)}
+    common = [
+        "--train-iters",
+        "5",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--eval-interval",
+        "5",
+        "--eval-iters",
+        "2",
+    ]
+    runs = {
+        "pp1": ([], 1),
+        "pp2": (["--pipeline-model-parallel-size", "2"], 2),
+        "tp2pp2": (["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2"], 4),
+        "pp2dp2": (["--pipeline-model-parallel-size", "2"], 4),
+    }
     for name, (extra, nproc) in runs.items():
         launch(train_args(tiny_corpus, *common, *extra, "--save", str(tmp_path / name)), nproc=nproc)
     ref = _losses(tmp_path / "pp1")
@@ -40,8 +53,9 @@ def test_pp2_tp2xpp2_pp2xdp2_match_pp1(tiny_corpus: dict, tmp_path: Path) -> Non
     for name in ("pp2", "tp2pp2", "pp2dp2"):
         got = _losses(tmp_path / name)
         assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-5, (name, ref, got)
-    valid = {n: [r for r in (tmp_path / n / "metrics.jsonl").read_text().splitlines() if "valid_loss" in r]
-             for n in runs}
+    valid = {
+        n: [r for r in (tmp_path / n / "metrics.jsonl").read_text().splitlines() if "valid_loss" in r] for n in runs
+    }
     assert all(len(v) == 1 for v in valid.values())
 
 
@@ -63,9 +77,16 @@ def _tied_after_training(rank: int, world: int) -> dict:
         g = torch.Generator().manual_seed(0)
         while True:
             ids = torch.randint(0, 128, (2, 16), generator=g)
-            yield pipeline_batch({"input_ids": ids, "labels": ids, "loss_mask": torch.ones(2, 16),
-                                  "position_ids": torch.arange(16).expand(2, 2, 16).clone(),
-                                  "sep": torch.tensor([5, 9]), "objective": torch.zeros(2, dtype=torch.long)})
+            yield pipeline_batch(
+                {
+                    "input_ids": ids,
+                    "labels": ids,
+                    "loss_mask": torch.ones(2, 16),
+                    "position_ids": torch.arange(16).expand(2, 2, 16).clone(),
+                    "sep": torch.tensor([5, 9]),
+                    "objective": torch.zeros(2, dtype=torch.long),
+                }
+            )
 
     it = batches()
     before = module.tied_modules["word_embeddings"].word_embeddings.weight.detach().clone()
@@ -86,16 +107,29 @@ def test_tied_embedding_identical_on_first_and_last_stage() -> None:
 
 @pytest.mark.slow
 def test_pipeline_resume_after_kill(tiny_corpus: dict, tmp_path: Path) -> None:
-    common = ["--train-iters", "8", "--micro-batch-size", "2", "--global-batch-size", "4",
-              "--pipeline-model-parallel-size", "2"]
+    common = [
+        "--train-iters",
+        "8",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--pipeline-model-parallel-size",
+        "2",
+    ]
     straight = tmp_path / "straight"
     launch(train_args(tiny_corpus, *common, "--save", str(straight)), nproc=2)
     save = tmp_path / "killed"
     args = train_args(tiny_corpus, *common, "--save", str(save), "--save-interval", "4")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    job = subprocess.Popen([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
-                            "pretrain_glm.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
+    job = subprocess.Popen(
+        [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "pretrain_glm.py", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while not (save / "latest").exists():
         assert job.poll() is None and time.monotonic() < deadline, "no checkpoint before the job ended"
@@ -107,8 +141,9 @@ def test_pipeline_resume_after_kill(tiny_corpus: dict, tmp_path: Path) -> None:
 
 
 def test_bf16_zero0_pipeline_is_refused() -> None:
-    cfg = build_config({"parallel.pipeline_model_parallel_size": 2, "training.precision": "bf16",
-                        "training.zero_stage": 0})
+    cfg = build_config(
+        {"parallel.pipeline_model_parallel_size": 2, "training.precision": "bf16", "training.zero_stage": 0}
+    )
     with pytest.raises(ConfigError, match="bf16 with ZeRO stage 0 and pipeline parallelism is refused"):
         build_deepspeed_config(cfg, 1)
     ok = build_config({"parallel.pipeline_model_parallel_size": 2, "training.precision": "bf16"})

@@ -27,8 +27,11 @@ def test_tp2_and_dp2_match_tp1_and_loss_decreases(tiny_corpus: dict, tmp_path: P
     """Same global batches (4 samples as 2 micro-batches of 2): TP=2 and DP=2 reproduce TP=1 in fp32."""
     common = ["--train-iters", "8", "--micro-batch-size", "2", "--global-batch-size", "4"]
     launch(train_args(tiny_corpus, *common, "--save", str(tmp_path / "tp1")), nproc=1)
-    launch(train_args(tiny_corpus, *common, "--tensor-model-parallel-size", "2", "--save", str(tmp_path / "tp2")),
-           nproc=2, launcher="deepspeed")
+    launch(
+        train_args(tiny_corpus, *common, "--tensor-model-parallel-size", "2", "--save", str(tmp_path / "tp2")),
+        nproc=2,
+        launcher="deepspeed",
+    )
     launch(train_args(tiny_corpus, *common, "--save", str(tmp_path / "dp2")), nproc=2)
     tp1, tp2, dp2 = (_losses(tmp_path / n) for n in ("tp1", "tp2", "dp2"))
     assert len(tp1) == 8
@@ -42,8 +45,19 @@ def test_tp2_and_dp2_match_tp1_and_loss_decreases(tiny_corpus: dict, tmp_path: P
 @pytest.mark.parametrize("zero", ["zero1", "zero2", "zero3"])
 def test_dp2_zero_stages_train(zero: str, tiny_corpus: dict, tmp_path: Path) -> None:
     ds = str(ROOT / "ds_configs" / f"{zero}.json")
-    args = train_args(tiny_corpus, "--train-iters", "12", "--micro-batch-size", "4", "--global-batch-size", "8",
-                      "--deepspeed_config", ds, "--save", str(tmp_path / zero))
+    args = train_args(
+        tiny_corpus,
+        "--train-iters",
+        "12",
+        "--micro-batch-size",
+        "4",
+        "--global-batch-size",
+        "8",
+        "--deepspeed_config",
+        ds,
+        "--save",
+        str(tmp_path / zero),
+    )
     launch(args, nproc=2, launcher="deepspeed")
     losses = _losses(tmp_path / zero)
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]) - 0.6, losses
@@ -51,22 +65,63 @@ def test_dp2_zero_stages_train(zero: str, tiny_corpus: dict, tmp_path: Path) -> 
 
 def test_truncated_checkpoint_falls_back(tiny_corpus: dict, tmp_path: Path) -> None:
     save = tmp_path / "ck"
-    args = train_args(tiny_corpus, "--train-iters", "4", "--micro-batch-size", "2", "--global-batch-size", "2",
-                      "--save", str(save), "--save-interval", "2")
+    args = train_args(
+        tiny_corpus,
+        "--train-iters",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "2",
+        "--save",
+        str(save),
+        "--save-interval",
+        "2",
+    )
     launch(args, nproc=1)
     f = save / "global_step4" / "mp_rank_00_model_states.pt"
     os.truncate(f, f.stat().st_size // 3)
-    proc = launch(train_args(tiny_corpus, "--train-iters", "6", "--micro-batch-size", "2", "--global-batch-size",
-                             "2", "--save", str(save), "--load", str(save)), nproc=1)
+    proc = launch(
+        train_args(
+            tiny_corpus,
+            "--train-iters",
+            "6",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "2",
+            "--save",
+            str(save),
+            "--load",
+            str(save),
+        ),
+        nproc=1,
+    )
     assert "skipping checkpoint global_step4" in proc.stdout and "truncated" in proc.stdout
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
     assert (save / "latest").read_text() == "global_step6"
 
 
 def test_nonfinite_losses_stop_with_clear_error(tiny_corpus: dict, tmp_path: Path) -> None:
-    args = train_args(tiny_corpus, "--train-iters", "40", "--micro-batch-size", "2", "--global-batch-size", "2",
-                      "--lr", "1e6", "--clip-grad", "0", "--lr-warmup-iters", "0", "--lr-decay-style", "constant",
-                      "--training.max_nonfinite_steps", "3")
+    args = train_args(
+        tiny_corpus,
+        "--train-iters",
+        "40",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "2",
+        "--lr",
+        "1e6",
+        "--clip-grad",
+        "0",
+        "--lr-warmup-iters",
+        "0",
+        "--lr-decay-style",
+        "constant",
+        "--training.max_nonfinite_steps",
+        "3",
+    )
     proc = launch(args, nproc=1, launcher="python", check=False)
     assert proc.returncode == 2
     err = proc.stderr + proc.stdout
@@ -92,10 +147,25 @@ def test_golden_losses(tiny_corpus: dict, tmp_path: Path) -> None:
 
 def test_sigterm_saves_and_stops(tiny_corpus: dict, tmp_path: Path) -> None:
     save = tmp_path / "sig"
-    args = train_args(tiny_corpus, "--train-iters", "100000", "--micro-batch-size", "2", "--global-batch-size", "2",
-                      "--save", str(save))
-    job = subprocess.Popen([sys.executable, "pretrain_glm.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    args = train_args(
+        tiny_corpus,
+        "--train-iters",
+        "100000",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "2",
+        "--save",
+        str(save),
+    )
+    job = subprocess.Popen(
+        [sys.executable, "pretrain_glm.py", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.monotonic() + 300
     while not ((save / "metrics.jsonl").exists() and (save / "metrics.jsonl").read_text().count("\n") >= 3):
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()
@@ -113,9 +183,22 @@ def test_performance_levers_match_plain_run(tiny_corpus: dict, tmp_path: Path) -
     the plain TP1 losses in fp32 (one launch for all levers keeps the test short)."""
     common = ["--train-iters", "4", "--micro-batch-size", "2", "--global-batch-size", "2"]
     launch(train_args(tiny_corpus, *common, "--save", str(tmp_path / "plain")), nproc=1)
-    levers = launch(train_args(tiny_corpus, *common, "--tensor-model-parallel-size", "2", "--sequence-parallel",
-                               "--model.head_chunk_size", "16", "--checkpoint-activations", "--compile",
-                               "--save", str(tmp_path / "levers")), nproc=2)
+    levers = launch(
+        train_args(
+            tiny_corpus,
+            *common,
+            "--tensor-model-parallel-size",
+            "2",
+            "--sequence-parallel",
+            "--model.head_chunk_size",
+            "16",
+            "--checkpoint-activations",
+            "--compile",
+            "--save",
+            str(tmp_path / "levers"),
+        ),
+        nproc=2,
+    )
     assert "first step (includes torch.compile)" in levers.stdout
     plain, fast = _losses(tmp_path / "plain"), _losses(tmp_path / "levers")
     assert len(plain) == 4

@@ -36,17 +36,45 @@ EVALS = ["--eval-interval", "4", "--eval-iters", "2"]  # evaluations at 4 and 8 
 
 def base_args(corpus: dict[str, str], layout: str, *extra: str) -> list[str]:
     """The issue's flags (dropout on), 20 steps."""
-    return ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128",
-            "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "1e-3", "--seed", "1234",
-            "--split", "98,2,0", "--log-interval", "1", "--lr-decay-iters", "20", "--train-iters", "20",
-            "--data-path", corpus["data_path"], "--tokenizer-model", corpus["tokenizer"],
-            *LAYOUTS[layout][1], *extra]
+    return [
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "128",
+        "--micro-batch-size",
+        "4",
+        "--global-batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "1234",
+        "--split",
+        "98,2,0",
+        "--log-interval",
+        "1",
+        "--lr-decay-iters",
+        "20",
+        "--train-iters",
+        "20",
+        "--data-path",
+        corpus["data_path"],
+        "--tokenizer-model",
+        corpus["tokenizer"],
+        *LAYOUTS[layout][1],
+        *extra,
+    ]
 
 
 def _launch(corpus: dict, layout: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
     nproc = LAYOUTS[layout][0]
-    return launch(base_args(corpus, layout, *extra), nproc=nproc, launcher="python" if nproc == 1 else "torchrun",
-                  check=check)
+    return launch(
+        base_args(corpus, layout, *extra), nproc=nproc, launcher="python" if nproc == 1 else "torchrun", check=check
+    )
 
 
 def losses(save: Path) -> dict[int, float]:
@@ -93,13 +121,29 @@ def interrupt(corpus: dict, layout: str, args: list[str], save: Path, ending: st
     nproc = LAYOUTS[layout][0]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    job = subprocess.Popen([torchrun, "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
-                            "pretrain_glm.py", *base_args(corpus, layout, *args)], cwd=ROOT, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    job = subprocess.Popen(
+        [
+            torchrun,
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(_free_port()),
+            "pretrain_glm.py",
+            *base_args(corpus, layout, *args),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
-        ready = (lambda: (save / "latest").exists()) if ending.startswith("kill9") else \
-            (lambda: (save / "metrics.jsonl").exists() and len(losses(save)) >= 11)
+        ready = (
+            (lambda: (save / "latest").exists())
+            if ending.startswith("kill9")
+            else (lambda: (save / "metrics.jsonl").exists() and len(losses(save)) >= 11)
+        )
         while not ready():
             assert job.poll() is None, "the job ended before it could be interrupted"
             assert time.monotonic() < deadline, "the job made no progress"
@@ -125,11 +169,19 @@ def interrupt(corpus: dict, layout: str, args: list[str], save: Path, ending: st
             job.wait()
 
 
-def resume_case(corpus: dict, straight, tmp_path: Path, layout: str, workers: int, ending: str,
-                evals: bool = True) -> None:
+def resume_case(
+    corpus: dict, straight, tmp_path: Path, layout: str, workers: int, ending: str, evals: bool = True
+) -> None:
     save = tmp_path / "run"
-    args = ["--num-workers", str(workers), "--save", str(save), "--save-interval", "10",
-            *(EVALS if evals else ["--eval-interval", "0"])]
+    args = [
+        "--num-workers",
+        str(workers),
+        "--save",
+        str(save),
+        "--save-interval",
+        "10",
+        *(EVALS if evals else ["--eval-interval", "0"]),
+    ]
     if ending == "iters":  # the issue's B: --train-iters 10, then extended to 20
         _launch(corpus, layout, *args, "--train-iters", "10")
     else:

@@ -48,7 +48,7 @@ def find_rank_dir(path: Path) -> Path | None:
 
 def _strip_module_prefix(sd: dict[str, Any]) -> dict[str, Any]:
     if sd and all(k.startswith("module.") for k in sd):
-        return {k[len("module."):]: v for k, v in sd.items()}
+        return {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -60,8 +60,11 @@ class GLMOriginalSource:
         rank_dir = find_rank_dir(path)
         if rank_dir is None:
             raise CheckpointError(f"{path}: not a GLM checkpoint (no mp_rank_XX_model_states.pt)")
-        ranks = sorted(int(RANK_RE.match(p.name).group(1)) for p in rank_dir.glob("mp_rank_*_model_states.pt")
-                       if RANK_RE.match(p.name))
+        ranks = sorted(
+            int(RANK_RE.match(p.name).group(1))
+            for p in rank_dir.glob("mp_rank_*_model_states.pt")
+            if RANK_RE.match(p.name)
+        )
         tp = max(ranks) + 1
         missing = [f"mp_rank_{r:02d}_model_states.pt" for r in range(tp) if r not in ranks]
         if missing:
@@ -75,14 +78,14 @@ class GLMOriginalSource:
         self._names = self.layout.names()
         missing_t = [n for n in self._names if n not in sd0]
         if missing_t:
-            raise CheckpointError(f"{self.files[0]}: not a GLM checkpoint ({len(missing_t)} GLM tensors missing, "
-                                  f"e.g. {missing_t[:3]})")
+            raise CheckpointError(
+                f"{self.files[0]}: not a GLM checkpoint ({len(missing_t)} GLM tensors missing, e.g. {missing_t[:3]})"
+            )
         extra = [k for k in sd0 if k not in set(self._names)]
         if extra:
             notes.append(f"ignored {len(extra)} tensors that are not part of the GLM model: {extra[:4]}")
         tok = [str(p) for p in (path / "tokenizer.model", path / "tokenizer.vocab") if p.is_file()]
-        self.info = SourceInfo(format="glm", path=str(rank_dir), config=config, tp=tp, tokenizer_files=tok,
-                               notes=notes)
+        self.info = SourceInfo(format="glm", path=str(rank_dir), config=config, tp=tp, tokenizer_files=tok, notes=notes)
 
     def _sd(self, t: int) -> dict[str, torch.Tensor]:
         if t not in self._sds:
@@ -95,8 +98,9 @@ class GLMOriginalSource:
             self._sds[t] = _strip_module_prefix(sd)
         return self._sds[t]
 
-    def _config(self, path: Path, rank_dir: Path, sd0: dict[str, torch.Tensor], tp: int, heads: int | None,
-                notes: list[str]) -> ModelConfig:
+    def _config(
+        self, path: Path, rank_dir: Path, sd0: dict[str, torch.Tensor], tp: int, heads: int | None, notes: list[str]
+    ) -> ModelConfig:
         for cand in (rank_dir / CONFIG, path / CONFIG):
             if cand.is_file():
                 fields = json.loads(cand.read_text(encoding="utf-8"))
@@ -112,11 +116,18 @@ class GLMOriginalSource:
             raise CheckpointError(f"{self.files[0]}: not a GLM checkpoint (no position embeddings or layers)")
         if not heads:
             heads = max(1, hidden // 64)
-            notes.append(f"no {CONFIG}: assumed {heads} attention heads (head size 64); pass "
-                         f"--num-attention-heads if that is wrong")
-        return ModelConfig(num_layers=max(layers) + 1, hidden_size=hidden, num_attention_heads=heads,
-                           vocab_size=rows * tp, max_sequence_length=pos.shape[0] - 1,
-                           block_position_encoding="transformer.block_position_embeddings.weight" in sd0)
+            notes.append(
+                f"no {CONFIG}: assumed {heads} attention heads (head size 64); pass "
+                f"--num-attention-heads if that is wrong"
+            )
+        return ModelConfig(
+            num_layers=max(layers) + 1,
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            vocab_size=rows * tp,
+            max_sequence_length=pos.shape[0] - 1,
+            block_position_encoding="transformer.block_position_embeddings.weight" in sd0,
+        )
 
     def names(self) -> list[str]:
         return list(self._names)
@@ -133,8 +144,15 @@ class GLMOriginalSource:
         self._sds.clear()
 
 
-def write_glm_original(src: Any, out: Path, tp: int, config: ModelConfig, *, iteration: int,
-                       transform: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+def write_glm_original(
+    src: Any,
+    out: Path,
+    tp: int,
+    config: ModelConfig,
+    *,
+    iteration: int,
+    transform: Callable[[str, torch.Tensor], torch.Tensor],
+) -> None:
     """Write ``out/<iteration>/mp_rank_XX_model_states.pt`` for ``tp`` ranks, the trackers and config.json."""
     tag = str(iteration)
     rank_dir = out / tag

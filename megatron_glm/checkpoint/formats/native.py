@@ -92,8 +92,17 @@ class NativeSource:
         if pp > 1 and stage > 1:
             raise CheckpointError(f"{step}: pipeline checkpoint with ZeRO stage {stage} (DeepSpeed supports 0/1)")
         tok = ((meta.get("config") or {}).get("data") or {}).get("tokenizer_model")
-        self.info = SourceInfo(format="native", path=str(step), config=config, tp=tp, pp=pp, dp=dp, zero_stage=stage,
-                               meta=meta, tokenizer_files=tokenizer_files(tok))
+        self.info = SourceInfo(
+            format="native",
+            path=str(step),
+            config=config,
+            tp=tp,
+            pp=pp,
+            dp=dp,
+            zero_stage=stage,
+            meta=meta,
+            tokenizer_files=tokenizer_files(tok),
+        )
         self.step = step
         if pp > 1:
             wanted = [layer_file(step, p.index, t) for t in range(tp) for p in self.info.layout.saved_pipe_layers]
@@ -116,8 +125,9 @@ class NativeSource:
                     raise CheckpointError(f"{step}: missing ZeRO optimizer files: {', '.join(absent)}")
                 if not files or not self.param_shapes:
                     if stage == 3:
-                        raise CheckpointError(f"{step}: ZeRO-3 checkpoint without its optimizer files (the weights "
-                                              f"live there)")
+                        raise CheckpointError(
+                            f"{step}: ZeRO-3 checkpoint without its optimizer files (the weights live there)"
+                        )
                     break
                 self.zero.append(ZeroReader(files, self.param_shapes))
         self.bf16_optimizer = bool(self.zero) and self.zero[0].files[0].name.startswith("bf16_")
@@ -126,8 +136,10 @@ class NativeSource:
         module = first["module"]
         missing_t = [n for n in self._names if n not in module]
         if missing_t:
-            raise CheckpointError(f"{model_file(step, 0, stage)}: not a GLM checkpoint ({len(missing_t)} tensors "
-                                  f"missing, e.g. {missing_t[:3]})")
+            raise CheckpointError(
+                f"{model_file(step, 0, stage)}: not a GLM checkpoint ({len(missing_t)} tensors "
+                f"missing, e.g. {missing_t[:3]})"
+            )
 
     # ------------------------------------------------------------------ reading
     def _model(self, t: int) -> dict[str, Any]:
@@ -138,8 +150,11 @@ class NativeSource:
                     module.update(safe_torch_load(layer_file(self.step, p.index, t), mmap=True))
                 extras_file = self.step / "mp_rank_00_model_states.pt"
                 extras = safe_torch_load(extras_file, mmap=True) if extras_file.is_file() else {}
-                self._models[t] = {**{k: v for k, v in extras.items() if k != "module"}, "module": module,
-                                   "param_shapes": None}
+                self._models[t] = {
+                    **{k: v for k, v in extras.items() if k != "module"},
+                    "module": module,
+                    "param_shapes": None,
+                }
             else:
                 self._models[t] = safe_torch_load(model_file(self.step, t, self.info.zero_stage), mmap=True)
         return self._models[t]
@@ -155,8 +170,9 @@ class NativeSource:
     def module_tensor(self, name: str) -> torch.Tensor:
         spec = self.info.layout[name]
         if self.info.zero_stage == 3:
-            return self.tensor(name).to(DTYPES.get(self.precision, torch.float32) if spec.dtype == "params"
-                                        else torch.float32)
+            return self.tensor(name).to(
+                DTYPES.get(self.precision, torch.float32) if spec.dtype == "params" else torch.float32
+            )
         return merge_shards(spec, [self._model(t)["module"][name] for t in range(self.info.tp)])
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -174,8 +190,10 @@ class NativeSource:
         """Why the optimizer state cannot be carried to a new layout (``None`` when it can)."""
         stage = self.info.zero_stage
         if self.info.pp > 1:
-            return ("pipeline checkpoints keep ZeRO partitions in the pipeline module's parameter order; the "
-                    "optimizer state is not resharded")
+            return (
+                "pipeline checkpoints keep ZeRO partitions in the pipeline module's parameter order; the "
+                "optimizer state is not resharded"
+            )
         if stage == 0:
             return "ZeRO stage 0 keeps the optimizer inside the model files; resharding it is not implemented"
         if stage == 3:
@@ -211,8 +229,14 @@ def _tmp_save(obj: Any, path: Path) -> None:
     os.replace(part, path)
 
 
-def write_native(src: NativeSource | Any, out: Path, target: NativeTarget, *, transform: Callable[[str, torch.Tensor],
-                 torch.Tensor], log: Callable[[str], None] = print) -> dict[str, Any]:
+def write_native(
+    src: NativeSource | Any,
+    out: Path,
+    target: NativeTarget,
+    *,
+    transform: Callable[[str, torch.Tensor], torch.Tensor],
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Write ``src`` as our training checkpoint ``out/<tag>/`` (+ ``out/latest``) in ``target``'s layout.
 
     ``transform(name, full)`` adapts a full tensor (vocab re-padding, dtype). Returns the meta written.
@@ -237,13 +261,16 @@ def write_native(src: NativeSource | Any, out: Path, target: NativeTarget, *, tr
                 module[name] = split_full(layout[name], transform(name, src.module_tensor(name)), t, tp).clone()
             src.release()
         state = dict(extras)
-        state.update({
-            "module": module,
-            "param_shapes": [OrderedDict((n, torch.Size(module[n].shape)) for n in g) for g in groups],
-            "dp_world_size": dp, "mp_world_size": tp,
-            "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": tp},
-            "optimizer": None,
-        })
+        state.update(
+            {
+                "module": module,
+                "param_shapes": [OrderedDict((n, torch.Size(module[n].shape)) for n in g) for g in groups],
+                "dp_world_size": dp,
+                "mp_world_size": tp,
+                "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": tp},
+                "optimizer": None,
+            }
+        )
         state.setdefault("global_steps", step_no)
         state.setdefault("skipped_steps", 0)
         state.setdefault("buffer_names", [])
@@ -259,24 +286,38 @@ def write_native(src: NativeSource | Any, out: Path, target: NativeTarget, *, tr
     meta.setdefault("step", step_no)
     meta.setdefault("consumed_samples", 0)
     # a weights-only checkpoint has no ZeRO files: its model files are laid out as under ZeRO 0-2
-    meta["layout"] = {"tp": tp, "pp": target.pp, "dp": dp,
-                      "zero_stage": src.info.zero_stage if target.carry_optimizer else 0}
+    meta["layout"] = {
+        "tp": tp,
+        "pp": target.pp,
+        "dp": dp,
+        "zero_stage": src.info.zero_stage if target.carry_optimizer else 0,
+    }
     meta["weights_only"] = not target.carry_optimizer
     config = meta.setdefault("config", {})
     config["model"] = {**config.get("model", {}), **dataclasses.asdict(cfg)}
     par = config.setdefault("parallel", {})
-    par.update({"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": target.pp,
-                "data_parallel_size": dp})
-    meta["converted_from"] = {"path": src.info.path, "format": src.info.format, "tp": src.info.tp,
-                              "pp": src.info.pp, "dp": src.info.dp, "zero_stage": src.info.zero_stage}
+    par.update({"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": target.pp, "data_parallel_size": dp})
+    meta["converted_from"] = {
+        "path": src.info.path,
+        "format": src.info.format,
+        "tp": src.info.tp,
+        "pp": src.info.pp,
+        "dp": src.info.dp,
+        "zero_stage": src.info.zero_stage,
+    }
     (step / META).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str), encoding="utf-8")
     write_manifest(step, tag)
     (out / LATEST).write_text(tag, encoding="utf-8")
     return meta
 
 
-def _write_pipeline_layers(src: Any, step: Path, layout: ModelLayout, target: NativeTarget,
-                           transform: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+def _write_pipeline_layers(
+    src: Any,
+    step: Path,
+    layout: ModelLayout,
+    target: NativeTarget,
+    transform: Callable[[str, torch.Tensor], torch.Tensor],
+) -> None:
     """Weights-only pipeline layout: DeepSpeed's ``layer_XX-model_YY`` files, one per pipe layer and TP rank."""
     for pipe in layout.saved_pipe_layers:
         full = {n: transform(n, src.module_tensor(n)) for n in pipe.names}
@@ -286,8 +327,14 @@ def _write_pipeline_layers(src: Any, step: Path, layout: ModelLayout, target: Na
         src.release()
 
 
-def _write_optimizer(src: Any, step: Path, groups: list[list[str]], layout: ModelLayout, target: NativeTarget,
-                     transform: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+def _write_optimizer(
+    src: Any,
+    step: Path,
+    groups: list[list[str]],
+    layout: ModelLayout,
+    target: NativeTarget,
+    transform: Callable[[str, torch.Tensor], torch.Tensor],
+) -> None:
     """ZeRO-1/2 files for every (dp, tp) rank of the target, from the source's full per-parameter state."""
     global_state, step_count = src.zero_globals()
     ds_config = src.model_extras().get("ds_config")
@@ -309,8 +356,16 @@ def _write_optimizer(src: Any, step: Path, groups: list[list[str]], layout: Mode
             return {k: split_full(layout[name], v, t, target.tp) for k, v in full_state(name).items()}
 
         for d in range(target.dp):
-            write_zero12_file(step / f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt", shard_groups, d,
-                              target.dp, state_of, global_state, step_count, ds_config)
+            write_zero12_file(
+                step / f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt",
+                shard_groups,
+                d,
+                target.dp,
+                state_of,
+                global_state,
+                step_count,
+                ds_config,
+            )
             src.release()
             cache.clear()
 
@@ -319,4 +374,3 @@ def _resize_state(name: str, t: torch.Tensor, transform: Callable[[str, torch.Te
     """Optimizer tensors follow the weight's vocab re-padding but stay fp32."""
     out = transform(name, t)
     return out.to(torch.float32)
-

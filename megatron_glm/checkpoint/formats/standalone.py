@@ -88,9 +88,16 @@ class StandaloneSource:
         self._open.clear()
 
 
-def write_standalone(src: Any, out: Path, config: ModelConfig, *, transform: Callable[[str, torch.Tensor],
-                     torch.Tensor], dtype: torch.dtype, tokenizer_files: list[str],
-                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+def write_standalone(
+    src: Any,
+    out: Path,
+    config: ModelConfig,
+    *,
+    transform: Callable[[str, torch.Tensor], torch.Tensor],
+    dtype: torch.dtype,
+    tokenizer_files: list[str],
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> list[str]:
     """Write the standalone model; returns the weight files written. Shards hold whole tensors."""
     from safetensors.torch import save_file
 
@@ -131,8 +138,12 @@ def write_standalone(src: Any, out: Path, config: ModelConfig, *, transform: Cal
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
         (out / INDEX).write_text(json.dumps(index, indent=1), encoding="utf-8")
-    fields = {"architectures": ["GLMModel"], "model_type": "glm", "torch_dtype": DTYPE_NAMES[dtype],
-              **dataclasses.asdict(config)}
+    fields = {
+        "architectures": ["GLMModel"],
+        "model_type": "glm",
+        "torch_dtype": DTYPE_NAMES[dtype],
+        **dataclasses.asdict(config),
+    }
     fields.pop("size", None)
     (out / CONFIG).write_text(json.dumps(fields, indent=1), encoding="utf-8")
     for f in tokenizer_files:
@@ -141,8 +152,9 @@ def write_standalone(src: Any, out: Path, config: ModelConfig, *, transform: Cal
     return names
 
 
-def load_pretrained(path: str | Path, *, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None) -> GLMModel:
+def load_pretrained(
+    path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> GLMModel:
     """A single-process :class:`GLMModel` in eval mode from a standalone directory (``config.json`` +
     ``model.safetensors``, as ``tools/convert_checkpoint.py --format safetensors`` writes it); no DeepSpeed
     needed. One tensor in memory at a time; ``dtype`` defaults to the export's ``torch_dtype``."""
@@ -158,8 +170,9 @@ def load_pretrained(path: str | Path, *, device: torch.device | str | None = Non
         for name, param in own.items():
             t = src.tensor(name)
             if t.shape != param.shape:
-                raise CheckpointError(f"{path}: {name} has shape {list(t.shape)}, the model expects "
-                                      f"{list(param.shape)}")
+                raise CheckpointError(
+                    f"{path}: {name} has shape {list(t.shape)}, the model expects {list(param.shape)}"
+                )
             param.copy_(t)
     src.release()
     return model.eval()
