@@ -75,7 +75,33 @@ def test_repeated_list_flag_appends_and_a_new_command_line_replaces_yaml(tmp_pat
 
 def test_preprocess_megatron_flags(preprocess_tool: ModuleType) -> None:
     cfg = preprocess_tool.parse_args(
-        ["--input", "a.jsonl", "b/*.jsonl.gz", "--input", "c.parquet", "--input-format", "jsonl", "--json-keys", "text", "title", "--max-bad-fraction", "0.25", "--split-sentences", "--strict", "--tokenizer-model", "tok.model", "--append-eod", "--output-prefix", "out/p", "--workers", "3", "--log-interval", "7", "--chunk-mb", "0.5"]
+        [
+            "--input",
+            "a.jsonl",
+            "b/*.jsonl.gz",
+            "--input",
+            "c.parquet",
+            "--input-format",
+            "jsonl",
+            "--json-keys",
+            "text",
+            "title",
+            "--max-bad-fraction",
+            "0.25",
+            "--split-sentences",
+            "--strict",
+            "--tokenizer-model",
+            "tok.model",
+            "--append-eod",
+            "--output-prefix",
+            "out/p",
+            "--workers",
+            "3",
+            "--log-interval",
+            "7",
+            "--chunk-mb",
+            "0.5",
+        ]
     )
     assert cfg == PreprocessConfig(
         inputs=["a.jsonl", "b/*.jsonl.gz", "c.parquet"],
@@ -93,7 +119,9 @@ def test_preprocess_megatron_flags(preprocess_tool: ModuleType) -> None:
     )
     defaults = preprocess_tool.parse_args(["--input", "a", "--tokenizer-model", "t", "--output-prefix", "o"])
     assert dataclasses.replace(defaults, inputs=[], tokenizer_model="", output_prefix="") == PreprocessConfig()
-    chunked = preprocess_tool.parse_args(["--input", "a", "--tokenizer-model", "t", "--output-prefix", "o", "--chunk-mb=2"])
+    chunked = preprocess_tool.parse_args(
+        ["--input", "a", "--tokenizer-model", "t", "--output-prefix", "o", "--chunk-mb=2"]
+    )
     assert chunked.chunk_bytes == 2 << 20
 
 
@@ -138,7 +166,20 @@ def test_generate_flags_give_the_engine_config(generate_tool: ModuleType) -> Non
         [
             *["--load", "ck", "--tokenizer-model", "t.model", "--prompt"],
             "A [MASK] b",
-            *["--prompt", "C", "--max-new-tokens", "8", "--seed", "5", "--batch-size", "2", "--no-kv-cache", "--dtype", "bf16", "--show-tokens"],
+            *[
+                "--prompt",
+                "C",
+                "--max-new-tokens",
+                "8",
+                "--seed",
+                "5",
+                "--batch-size",
+                "2",
+                "--no-kv-cache",
+                "--dtype",
+                "bf16",
+                "--show-tokens",
+            ],
         ]
     )
     assert (run.load, run.tokenizer_model, run.prompt) == ("ck", "t.model", ["A [MASK] b", "C"])
@@ -204,13 +245,59 @@ def test_generate_help_lists_every_field(generate_tool: ModuleType, capsys: pyte
 
 def test_evaluate_flags(evaluate_tool: ModuleType) -> None:
     run = evaluate_tool.parse_args(
-        ["--load", "ck", "--eval-iters", "4", "--cloze", "c.jsonl", "--cloze-blank", "[gMASK]", "--json", "--data-path", "a", "b", "--split", "9,1,0", "--split-name", "test", "--seq-length", "64", "--micro-batch-size", "2", "--tokenizer-model", "t.model"]
+        [
+            "--load",
+            "ck",
+            "--eval-iters",
+            "4",
+            "--cloze",
+            "c.jsonl",
+            "--cloze-blank",
+            "[gMASK]",
+            "--json",
+            "--data-path",
+            "a",
+            "b",
+            "--split",
+            "9,1,0",
+            "--split-name",
+            "test",
+            "--seq-length",
+            "64",
+            "--micro-batch-size",
+            "2",
+            "--tokenizer-model",
+            "t.model",
+        ]
     )
     assert (run.load, run.eval_iters, run.cloze, run.cloze_blank, run.json) == ("ck", 4, "c.jsonl", "[gMASK]", True)
     assert (run.data_path, run.split, run.split_name, run.seq_length) == (["a", "b"], "9,1,0", "test", 64)
     assert (run.micro_batch_size, run.tokenizer_model, run.loss, run.task) == (2, "t.model", True, "")
     task = evaluate_tool.parse_args(
-        ["--task", "seq2seq", "--valid-data", "v.jsonl", "--load", "ck", "--source-length", "40", "--target-length", "16", "--source-truncation", "left", "--num-beams", "2", "--no-repeat-ngram-size", "2", "--cloze-scoring", "mean", "--length-penalty", "0.7", "--output", "r.json"]
+        [
+            "--task",
+            "seq2seq",
+            "--valid-data",
+            "v.jsonl",
+            "--load",
+            "ck",
+            "--source-length",
+            "40",
+            "--target-length",
+            "16",
+            "--source-truncation",
+            "left",
+            "--num-beams",
+            "2",
+            "--no-repeat-ngram-size",
+            "2",
+            "--cloze-scoring",
+            "mean",
+            "--length-penalty",
+            "0.7",
+            "--output",
+            "r.json",
+        ]
     )
     assert task.output == "r.json"
     cfg = task.task_config()
