@@ -35,9 +35,11 @@ LAYOUTS = {  # name -> (processes, flags)
 def run(corpus: dict, layout: str, save: Path, *extra: str, check: bool = True):
     nproc, flags = LAYOUTS[layout]
     args = [
-        *("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --micro-batch-size 2").split(),
-        *("--global-batch-size 4 --lr 1e-3 --seed 1234 --split 98,2,0 --log-interval 1 --train-iters 10").split(),
-        *("--lr-decay-iters 10 --eval-interval 0 --model.hidden_dropout 0 --model.attention_dropout 0").split(),
+        *shlex.split(
+            "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --micro-batch-size 2 "
+            "--global-batch-size 4 --lr 1e-3 --seed 1234 --split 98,2,0 --log-interval 1 --train-iters 10 "
+            "--lr-decay-iters 10 --eval-interval 0 --model.hidden_dropout 0 --model.attention_dropout 0"
+        ),
         *("--data-path", corpus["data_path"], "--tokenizer-model", corpus["tokenizer"], "--save", str(save)),
         *flags,
         *extra,
@@ -110,4 +112,3 @@ def test_resume_on_other_layouts_carries_optimizer_and_losses(tiny_corpus: dict,
 
     print(f"max |loss - straight loss| after each layout change: {diffs}")
     assert max(diffs.values()) < TOLERANCE, diffs
-
