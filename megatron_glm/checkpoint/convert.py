@@ -20,9 +20,10 @@ import torch
 
 from megatron_glm.checkpoint.formats.glm_original import GLMOriginalSource, find_rank_dir, write_glm_original
 from megatron_glm.checkpoint.formats.hf import HFSource, is_hf, write_hf
-from megatron_glm.checkpoint.formats.native import NativeSource, NativeTarget, write_native
+from megatron_glm.checkpoint.formats.native import NativeSource, NativeTarget, find_step_dir, write_native
 from megatron_glm.checkpoint.formats.standalone import StandaloneSource, is_standalone, write_standalone
-from megatron_glm.checkpoint.manager import META, list_checkpoints
+from megatron_glm.checkpoint.formats.universal import UniversalSource, is_universal, write_universal
+from megatron_glm.checkpoint.manager import META, list_checkpoints, read_meta
 from megatron_glm.checkpoint.reshard import check_divisible, resize_vocab
 from megatron_glm.checkpoint.stream import OPTIMIZER_KEYS
 from megatron_glm.checkpoint.verify import compare_checksums, source_logits, stream_checksums
@@ -31,7 +32,7 @@ from megatron_glm.config.sections import opt
 from megatron_glm.dtypes import DTYPES, SHORT_NAMES
 from megatron_glm.errors import CheckpointError
 
-FORMATS = ("native", "glm", "safetensors", "hf")
+FORMATS = ("native", "universal", "glm", "safetensors", "hf")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -40,9 +41,11 @@ class ConvertOptions:
 
     format: str = opt(
         "native",
-        "native: training checkpoint (resumable); glm: original GLM mp_rank files; "
-        "safetensors: standalone model for megatron_glm.checkpoint.load_pretrained; hf: HuggingFace folder in "
-        "THUDM's published layout with its transformers code (trust_remote_code).",
+        "native: training checkpoint (resumable) in the --target-* layout; universal: DeepSpeed's universal "
+        "checkpoint with the optimizer state, resumable by a run of any tp/dp/ZeRO-1-2 layout without "
+        "pipelining; glm: original GLM mp_rank files; safetensors: standalone model for "
+        "megatron_glm.checkpoint.load_pretrained; hf: HuggingFace folder in THUDM's published layout with its "
+        "transformers code (trust_remote_code).",
         choices=FORMATS,
     )
     target_tp: int = opt(1, "Tensor-parallel size of the output.")
@@ -121,7 +124,9 @@ def open_source(path: str | Path, *, num_attention_heads: int | None = None) -> 
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
     if (path / META).is_file() or list_checkpoints(path):
-        return NativeSource(path)
+        step = find_step_dir(path)
+        meta = read_meta(step)
+        return UniversalSource(step, meta) if is_universal(meta) else NativeSource(path)
     if is_hf(path):
         return HFSource(path)
     if is_standalone(path):
@@ -209,12 +214,17 @@ def convert_checkpoint(
     world = info.tp * info.pp * info.dp
     per_replica = opts.target_tp * opts.target_pp
     target_dp = opts.target_dp or (world // per_replica if world % per_replica == 0 else 1)
+    if opts.format == "universal":
+        target_layout = "universal (any tp/dp/ZeRO-1-2 layout without pipelining)"
+    else:
+        target_layout = f"{opts.format} tp={opts.target_tp} pp={opts.target_pp}" + (
+            f" dp={target_dp}" if opts.format == "native" else ""
+        )
     report = ConvertReport(
         output=str(output),
         source=f"{info.format} {info.path}",
         source_layout=f"tp={info.tp} pp={info.pp} dp={info.dp} zero={info.zero_stage}",
-        target_layout=f"{opts.format} tp={opts.target_tp} pp={opts.target_pp}"
-        + (f" dp={target_dp}" if opts.format == "native" else ""),
+        target_layout=target_layout,
         notes=notes,
     )
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
@@ -245,6 +255,16 @@ def convert_checkpoint(
                 transform=transform,
                 log=log,
             )
+        elif opts.format == "universal":
+            note = src.optimizer_note() if hasattr(src, "optimizer_note") else "the source has no optimizer state"
+            if note is not None:
+                raise CheckpointError(
+                    f"{info.path}: cannot write a universal checkpoint: {note}; use --format native "
+                    f"--no-optimizer for the weights alone"
+                )
+            carry, dtype = True, None
+            report.optimizer = "carried in full (DeepSpeed partitions it for the loading run's layout)"
+            write_universal(src, tmp, tcfg, transform=transform)
         elif opts.format == "glm":
             write_glm_original(
                 src,

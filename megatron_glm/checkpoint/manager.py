@@ -201,6 +201,36 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta_path}: cannot read checkpoint metadata ({exc})") from None
 
 
+def convert_hint(path: Path, expect: dict[str, Any]) -> str:
+    """The exact command that makes checkpoint ``path`` loadable by a run of layout ``expect``."""
+    out = f"{path.parent}_universal"
+    if expect.get("pp", 1) == 1:
+        return (
+            f"convert it once (optimizer state included) with: python tools/convert_checkpoint.py --input {path} "
+            f"--output {out} --format universal, then resume with --load {out}"
+        )
+    out = f"{path.parent}_tp{expect.get('tp', 1)}pp{expect['pp']}dp{expect.get('dp', 1)}"
+    return (
+        f"pipeline runs load only their own layout: python tools/convert_checkpoint.py --input {path} --output "
+        f"{out} --format native --target-tp {expect.get('tp', 1)} --target-pp {expect['pp']} --target-dp "
+        f"{expect.get('dp', 1)} writes the weights (the optimizer starts afresh), then resume with --load {out} "
+        f"--checkpoint.load_weights_only true"
+    )
+
+
+def universal_loadable(engine: Any, path: Path, expect: dict[str, Any]) -> None:
+    """Refuse, in one line, a run that DeepSpeed cannot load a universal checkpoint into."""
+    if expect.get("pp", 1) > 1:
+        raise CheckpointError(
+            f"{path}: a universal checkpoint resumes runs without pipeline parallelism; " + convert_hint(path, expect)
+        )
+    if engine.zero_optimization_stage() not in (1, 2):
+        raise CheckpointError(
+            f"{path}: a universal checkpoint loads into ZeRO stage 1 or 2 (this run has stage "
+            f"{engine.zero_optimization_stage()}); pass --zero-stage 1"
+        )
+
+
 class CheckpointManager:
     """Saves and restores a DeepSpeed engine plus our run state, atomically and verifiably."""
 
@@ -336,15 +366,20 @@ class CheckpointManager:
                     f"{path}: holds model weights only (converted without optimizer state); "
                     f"start from it with --checkpoint.load_weights_only true"
                 )
-            for key, want in (expect or {}).items():
-                if key in layout and layout[key] != want:
-                    raise CheckpointError(
-                        f"{path}: saved with {key}={layout[key]} but this run has {key}={want}; "
-                        f"reshard it with tools/convert_checkpoint.py or run with the saved layout"
-                    )
+            universal = meta.get("format") == "universal"
+            if universal:
+                universal_loadable(engine, path, expect or {})
+            else:
+                for key, want in (expect or {}).items():
+                    if key in layout and layout[key] != want:
+                        raise CheckpointError(
+                            f"{path}: saved with {key}={layout[key]} but this run has {key}={want}; "
+                            + convert_hint(path, expect or {})
+                        )
             error = ""
             rng_state: dict[str, Any] = {}
             try:
+                engine._config.load_universal_checkpoint = universal  # DeepSpeed reads it at load time
                 loaded, _ = engine.load_checkpoint(
                     str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
                 )
@@ -353,8 +388,10 @@ class CheckpointManager:
                 rng_file = path / "rng" / f"rank{_rank():05d}.pt"
                 if rng_file.is_file():
                     rng_state = safe_torch_load(rng_file)
-            except (CheckpointError, RuntimeError, KeyError, ValueError, OSError) as exc:
+            except (CheckpointError, RuntimeError, KeyError, ValueError, OSError, AssertionError) as exc:
                 error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            finally:
+                engine._config.load_universal_checkpoint = False
             if _all_ok(not error):
                 return meta, rng_state
             self.bad_tags.add(tag)

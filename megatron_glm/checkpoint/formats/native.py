@@ -31,7 +31,7 @@ from megatron_glm.checkpoint.zero import ZeroReader, write_zero12_file
 from megatron_glm.config import ModelConfig
 from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import CheckpointError
-from megatron_glm.model.layout import ModelLayout
+from megatron_glm.model.layout import ModelLayout, original_name
 
 from .common import model_config_from_dict, tokenizer_files
 
@@ -70,6 +70,68 @@ def optim_files(step: Path, tp_rank: int, dp: int) -> list[Path]:
         if any(f.is_file() for f in files):
             return files
     return []
+
+
+def pipeline_zero_readers(step: Path, tp: int, pp: int, dp: int) -> list[ZeroReader]:
+    """Per tensor-parallel rank, one reader over every pipeline stage's ZeRO-1 files (``[]`` without them).
+
+    DeepSpeed numbers a pipeline checkpoint's model-parallel files stage-major (``mp_rank = stage x tp +
+    tp_rank``); each stage's ``param_shapes`` carry the pipeline module's names (``{k}.`` or
+    ``tied_modules.{key}.`` prefixed), mapped back to the original names here.
+    """
+    readers = []
+    for t in range(tp):
+        stages = []
+        for s in range(pp):
+            mp = s * tp + t
+            files = optim_files(step, mp, dp)
+            if not files or not all(f.is_file() for f in files):
+                return []
+            shapes = safe_torch_load(step / f"mp_rank_{mp:02d}_model_states.pt", mmap=True).get("param_shapes")
+            if not shapes:
+                return []
+            renamed = [OrderedDict((original_name(n), v) for n, v in g.items()) for g in shapes]
+            stages.append(ZeroReader(files, renamed))
+        readers.append(StagedZeroReader(stages))
+    return readers
+
+
+class StagedZeroReader(ZeroReader):
+    """The ZeRO readers of a pipeline's stages seen as one (a tensor is read from the first stage holding it;
+    the tied word embedding, held by the first and last stage, is identical on both)."""
+
+    def __init__(self, stages: list[ZeroReader]) -> None:  # the stages hold the files
+        self.stages = stages
+        self.files, self.stage, self.dp = stages[0].files, stages[0].stage, stages[0].dp
+        self._owner = {}
+        for reader in stages:
+            for name in reader.names:
+                self._owner.setdefault(name, reader)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._owner)
+
+    def release(self) -> None:
+        for reader in self.stages:
+            reader.release()
+
+    def fp32(self, name: str) -> torch.Tensor:
+        return self._reader(name).fp32(name)
+
+    def moments(self, name: str) -> dict[str, torch.Tensor]:
+        return self._reader(name).moments(name)
+
+    def step(self) -> Any:
+        return self.stages[0].step()
+
+    def global_state(self) -> dict[str, Any]:
+        return self.stages[0].global_state()
+
+    def _reader(self, name: str) -> ZeroReader:
+        if name not in self._owner:
+            raise CheckpointError(f"{self.files[0].parent}: no pipeline stage's ZeRO state holds {name}")
+        return self._owner[name]
 
 
 class NativeSource:
@@ -117,6 +179,8 @@ class NativeSource:
             raise CheckpointError(f"{model_file(step, 0, stage)}: not a DeepSpeed model-states file (no 'module')")
         self.param_shapes = first.get("param_shapes")
         self.zero: list[ZeroReader] = []
+        if stage > 0 and pp > 1:
+            self.zero = pipeline_zero_readers(step, tp, pp, dp)
         if stage > 0 and pp == 1:
             for t in range(tp):
                 files = optim_files(step, t, dp)
@@ -189,11 +253,6 @@ class NativeSource:
     def optimizer_note(self) -> str | None:
         """Why the optimizer state cannot be carried to a new layout (``None`` when it can)."""
         stage = self.info.zero_stage
-        if self.info.pp > 1:
-            return (
-                "pipeline checkpoints keep ZeRO partitions in the pipeline module's parameter order; the "
-                "optimizer state is not resharded"
-            )
         if stage == 0:
             return "ZeRO stage 0 keeps the optimizer inside the model files; resharding it is not implemented"
         if stage == 3:
