@@ -20,11 +20,12 @@ a human summary and, with ``--json``, one JSON line.
 names: ``accuracy`` / ``f1_macro`` / ``valid_loss`` for cloze, ``rouge1`` / ``rouge2`` / ``rougeL`` /
 ``bleu`` / ``valid_loss`` for seq2seq), or, with ``ppl``, the perplexity of a raw text file over
 overlapping windows (``ppl_token``, ``ppl_word``). ``--output`` writes the results as one JSON object.
+Options may also come from ``--config FILE.yaml`` (keys as listed below) and dotted flags
+(``--finetune.num_beams 2``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -32,58 +33,36 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_glm.config import GLMConfig, build_config
+from megatron_glm.config import GLMConfig, build_config, help_text, load_config
 from megatron_glm.config.loader import leaf_paths
 from megatron_glm.data.loader import SPLITS, build_data_iterator, build_pretraining_datasets
 from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.errors import ConfigError, DataError, GLMError, run_cli
-from megatron_glm.finetune import config as task_options
+from megatron_glm.finetune.eval_options import EVALUATE_FLAGS, EvaluateRun
 from megatron_glm.generation.evaluate import cloze_accuracy, evaluate_loss, read_cloze_jsonl
 from megatron_glm.generation.loading import init_inference, load_model
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, help="checkpoint directory (training save dir or global_stepN)")
-    p.add_argument("--tokenizer-model", default="", help="sentencepiece model (default: the checkpoint's)")
-    p.add_argument("--data-path", nargs="+", default=None, help="dataset prefixes (default: the checkpoint's)")
-    p.add_argument("--split", default=None, help="train/valid/test weights (default: the checkpoint's)")
-    p.add_argument("--split-name", choices=SPLITS, default="valid", help="split to evaluate (default valid)")
-    p.add_argument("--seq-length", type=int, default=None, help="sample length (default: the checkpoint's)")
-    p.add_argument("--eval-iters", type=int, default=20, help="micro-batches to evaluate (default 20)")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="samples per batch (default: training's)")
-    p.add_argument("--no-loss", action="store_true", help="skip the loss evaluation")
-    p.add_argument("--cloze", default="", help="JSONL of {context, target} for cloze accuracy")
-    p.add_argument("--cloze-blank", default="[MASK]", help="blank token before the target (default [MASK])")
-    p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
-    p.add_argument(
-        "--task",
-        choices=(*task_options.TASKS, "ppl"),
-        default="",
-        help="evaluate a task file (cloze, seq2seq) or a raw text's perplexity (ppl) instead",
-    )
-    p.add_argument("--valid-data", default="", help="with --task: the task file (JSON lines) or raw text file")
-    p.add_argument("--output", default="", help="with --task: write the results to this JSON file")
-    p.add_argument("--window", type=int, default=0, help="ppl: window length (default: the model's positions)")
-    p.add_argument("--overlap", type=int, default=32, help="ppl: context tokens carried into each window (32)")
-    task_options.add_arguments(p, skip=("task", "train_data", "valid_data"))
-    return p.parse_args(argv)
+def parse_args(argv: list[str]) -> EvaluateRun:
+    """The typed options from the command line (flags, ``--config FILE.yaml``, dotted paths)."""
+    run = load_config(argv, root=EvaluateRun, aliases=EVALUATE_FLAGS)
+    run.check()
+    return run
 
 
-def task_results(args: argparse.Namespace, model, tokenizer: GLMTokenizer, ps) -> dict[str, float]:
+def task_results(args: EvaluateRun, model, tokenizer: GLMTokenizer, ps) -> dict[str, float]:
     """``--task``: cloze / seq2seq metrics of ``--valid-data``, or its perplexity (``ppl``)."""
     from megatron_glm.finetune.evaluate import evaluate_task, perplexity
 
-    if not args.valid_data:
-        raise GLMError("--task needs --valid-data FILE")
+    valid_data = args.finetune.valid_data
     if args.task == "ppl":
         try:
-            text = Path(args.valid_data).read_text(encoding="utf-8")
+            text = Path(valid_data).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise DataError(f"{args.valid_data}: cannot read the text file ({exc})") from None
+            raise DataError(f"{valid_data}: cannot read the text file ({exc})") from None
         ids = tokenizer.encode(text, allow_special=False)
         if not ids:
-            raise DataError(f"{args.valid_data}: no text to evaluate")
+            raise DataError(f"{valid_data}: no text to evaluate")
         window = args.window or model.config.max_sequence_length
         if not 4 <= window <= model.config.max_sequence_length or not 0 <= args.overlap <= window - 4:
             raise ConfigError(
@@ -100,15 +79,13 @@ def task_results(args: argparse.Namespace, model, tokenizer: GLMTokenizer, ps) -
             batch_size=args.micro_batch_size or 8,
             ps=ps,
         )
-    fields = {k: getattr(args, k) for k in vars(task_options.FinetuneConfig()) if hasattr(args, k)}
-    cfg = task_options.FinetuneConfig(**{**fields, "task": args.task})
-    cfg.check(need_train=False)
+    cfg = args.task_config()
     if cfg.seq_length > model.config.max_sequence_length:
         raise ConfigError(
             f"--source-length + --target-length + 3 = {cfg.seq_length} exceeds the model's "
             f"{model.config.max_sequence_length} positions"
         )
-    return evaluate_task(model, tokenizer, cfg, args.valid_data, micro_batch_size=args.micro_batch_size or 8, ps=ps)
+    return evaluate_task(model, tokenizer, cfg, valid_data, micro_batch_size=args.micro_batch_size or 8, ps=ps)
 
 
 def write_json_atomic(path: str, values: dict) -> None:
@@ -119,7 +96,7 @@ def write_json_atomic(path: str, values: dict) -> None:
     os.replace(tmp, path)
 
 
-def data_config(meta: dict, args: argparse.Namespace, tokenizer_path: str) -> GLMConfig:
+def data_config(meta: dict, args: EvaluateRun, tokenizer_path: str) -> GLMConfig:
     """The run's config from ``meta.json`` with this tool's overrides (unknown saved keys ignored)."""
     known = leaf_paths()
     flat: dict[str, object] = {}
@@ -151,9 +128,12 @@ def data_config(meta: dict, args: argparse.Namespace, tokenizer_path: str) -> GL
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        print(help_text(EvaluateRun, EVALUATE_FLAGS))
+        return 0
     args = parse_args(argv)
-    if args.no_loss and not args.cloze:
-        raise GLMError("nothing to do: --no-loss without --cloze")
     ps, device = init_inference()
     model, meta = load_model(args.load, ps, device=device)
     tokenizer_path = args.tokenizer_model or meta.get("config", {}).get("data", {}).get("tokenizer_model", "")
@@ -163,10 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     speak = ps.tp_rank == 0 and ps.dp_rank == 0
     results: dict[str, object] = {"checkpoint": meta.get("step_dir"), "step": meta.get("step")}
     if args.task:
-        results.update({"task": args.task, "data": args.valid_data, **task_results(args, model, tokenizer, ps)})
+        data = args.finetune.valid_data
+        results.update({"task": args.task, "data": data, **task_results(args, model, tokenizer, ps)})
         if speak:
             print(
-                f"{args.task} ({args.valid_data}): "
+                f"{args.task} ({data}): "
                 + "  ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float))
             )
             if args.output:
@@ -174,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(results, default=str))
         return 0
-    if not args.no_loss:
+    if args.loss:
         cfg = data_config(meta, args, tokenizer_path)
         if cfg.data.seq_length > model.config.max_sequence_length:
             raise ConfigError(

@@ -11,12 +11,12 @@ Usage::
 ``--load`` is a training save directory (newest complete ``global_stepN``), a ``global_stepN`` directory,
 or a standalone export. The tokenizer defaults to the one the checkpoint was trained with. Prints one
 filled text per prompt; ``--no-kv-cache`` recomputes the whole sequence at every step (same output,
-slower).
+slower). Options may also come from ``--config FILE.yaml`` (keys as listed by ``--help``) and dotted
+flags (``--generation.top_k 40``).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -24,58 +24,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch.distributed as dist
 
+from megatron_glm.config import help_text, load_config
 from megatron_glm.data.tokenizer import GLMTokenizer
-from megatron_glm.dtypes import DTYPES, SHORT_NAMES
+from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import GLMError, run_cli
-from megatron_glm.generation import GenerationConfig, InfillTokens, encode_prompt, fill_text, generate
+from megatron_glm.generation import InfillTokens, encode_prompt, fill_text, generate
 from megatron_glm.generation.loading import init_inference, load_model
+from megatron_glm.generation.options import GENERATE_FLAGS, GenerateRun
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, help="checkpoint directory (training save dir, global_stepN, export)")
-    p.add_argument("--tokenizer-model", default="", help="sentencepiece model (default: the checkpoint's)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
-    src.add_argument("--prompt-file", help="one prompt per line ('-': standard input)")
-    src.add_argument("--interactive", action="store_true", help="read prompts from the terminal")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
-    mode.add_argument("--num-beams", type=int, default=0, help="beam search with this many beams")
-    mode.add_argument("--sample", action="store_true", help="sample (implied by --temperature/--top-k/--top-p)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling probability mass")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer per blank (default 32)")
-    p.add_argument("--seed", type=int, default=1234, help="sampling seed")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
-    p.add_argument("--no-kv-cache", action="store_true", help="recompute the full sequence at every step")
-    p.add_argument("--dtype", choices=SHORT_NAMES, default="fp32", help="parameter dtype (default fp32)")
-    p.add_argument("--show-tokens", action="store_true", help="also print each blank's answer token ids")
-    return p.parse_args(argv)
-
-
-def generation_config(args: argparse.Namespace, tokenizer: GLMTokenizer, vocab_rows: int) -> GenerationConfig:
-    sampling = args.sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p))
-    if sampling and args.greedy:
-        raise GLMError("--greedy does not combine with --temperature/--top-k/--top-p")
-    if sampling and args.num_beams:
-        raise GLMError("--num-beams does not combine with --temperature/--top-k/--top-p")
-    strategy = "beam" if args.num_beams else ("sample" if sampling else "greedy")
-    padding = tuple(range(tokenizer.vocab_size, vocab_rows))  # padded embedding rows are not tokens
-    return GenerationConfig(
-        strategy=strategy,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature or 1.0,
-        top_k=args.top_k or 0,
-        top_p=1.0 if args.top_p is None else args.top_p,
-        num_beams=max(1, args.num_beams),
-        length_penalty=args.length_penalty,
-        seed=args.seed,
-        use_cache=not args.no_kv_cache,
-        banned_ids=padding,
-    )
+def parse_args(argv: list[str]) -> GenerateRun:
+    """The typed options from the command line (flags, ``--config FILE.yaml``, dotted paths)."""
+    run = load_config(argv, root=GenerateRun, aliases=GENERATE_FLAGS)
+    run.check()
+    run.generation.build()  # conflicting decoding flags fail before the model is loaded
+    return run
 
 
 def _distributed() -> bool:
@@ -96,7 +59,7 @@ def _from_rank0(read):
     return box[0]
 
 
-def read_prompts(args: argparse.Namespace):
+def read_prompts(args: GenerateRun):
     """Batches of prompts (lists of strings) from the flags, a file or the terminal."""
     if args.prompt:
         lines = args.prompt
@@ -125,9 +88,12 @@ def read_prompts(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        print(help_text(GenerateRun, GENERATE_FLAGS))
+        return 0
     args = parse_args(argv)
-    if args.batch_size < 1:
-        raise GLMError("--batch-size must be >= 1")
     ps, device = init_inference()
     model, meta = load_model(args.load, ps, device=device, dtype=DTYPES[args.dtype])
     tokenizer_path = args.tokenizer_model or meta.get("config", {}).get("data", {}).get("tokenizer_model", "")
@@ -139,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model only "
             f"{model.config.vocab_size} rows: wrong --tokenizer-model?"
         )
-    config = generation_config(args, tokenizer, model.config.vocab_size)
+    padding = range(tokenizer.vocab_size, model.config.vocab_size)  # padded embedding rows are not tokens
+    config = args.generation.build(banned_ids=padding)
     tokens = InfillTokens.from_tokenizer(tokenizer)
     speak = ps.tp_rank == 0 and ps.dp_rank == 0
     for texts in read_prompts(args):

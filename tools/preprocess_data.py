@@ -12,77 +12,64 @@ compressed JSONL/text or Parquet (``--json-keys`` names the text column). Bad li
 missing keys, non-string values, lone surrogates, empty documents) are skipped and reported with their line
 numbers; ``--strict`` stops at the first one; more than ``--max-bad-fraction`` bad, or no document at all,
 is an error and nothing is written. A run that was killed resumes from its finished units when rerun.
+Options may also come from ``--config FILE.yaml`` (keys as listed below) and dotted flags (``--workers 4``).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_glm.config import help_text, load_config
 from megatron_glm.data.preprocess import PreprocessConfig, preprocess
-from megatron_glm.errors import run_cli
+from megatron_glm.errors import ConfigError, run_cli
+
+#: Megatron's flag spellings -> (dotted path of :class:`PreprocessConfig`, constant for valueless flags or None).
+PREPROCESS_FLAGS: dict[str, tuple[str, object]] = {
+    "--input": ("inputs", None),
+    **{
+        f"--{name.replace('_', '-')}": (name, None)
+        for name in ("input_format", "json_keys", "max_bad_fraction", "tokenizer_model", "output_prefix", "workers")
+    },
+    "--log-interval": ("log_interval", None),
+    "--chunk-mb": ("chunk_bytes", None),  # given in MB: converted to bytes by parse_args
+    "--split-sentences": ("split_sentences", True),
+    "--strict": ("strict", True),
+    "--append-eod": ("append_eod", True),
+}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_argument_group("input")
-    group.add_argument(
-        "--input",
-        nargs="+",
-        required=True,
-        help="JSONL / text (plain, .gz, .zst) or Parquet file(s) or glob(s), mixed freely",
-    )
-    group.add_argument(
-        "--input-format",
-        choices=("auto", "jsonl", "text"),
-        default="auto",
-        help="auto (default): by extension, else by the first line; text: one document a line",
-    )
-    group.add_argument(
-        "--json-keys", nargs="+", default=["text"], help="JSONL keys (Parquet columns) to tokenize (default: text)"
-    )
-    group.add_argument(
-        "--max-bad-fraction",
-        type=float,
-        default=0.5,
-        help="fail, writing nothing, when more of the records are bad (default: 0.5)",
-    )
-    group.add_argument("--split-sentences", action="store_true", help="store one sequence per sentence")
-    group.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
-    group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-model", required=True, help="sentencepiece model file")
-    group.add_argument("--append-eod", action="store_true", help="append [eos] to every document")
-    group = parser.add_argument_group("output")
-    group.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_{sentence|document}.bin/.idx")
-    group = parser.add_argument_group("runtime")
-    group.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
-    group.add_argument("--log-interval", type=int, default=10000, help="progress line every N documents")
-    group.add_argument("--chunk-mb", type=float, default=8.0, help="input MB per work unit (default: 8)")
-    return parser.parse_args(argv)
+def _chunk_bytes(text: str) -> str:
+    try:
+        return str(max(1, int(float(text) * (1 << 20))))
+    except ValueError:
+        raise ConfigError(f"--chunk-mb: expected a number of MB, got {text!r}") from None
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    config = PreprocessConfig(
-        inputs=args.input,
-        output_prefix=args.output_prefix,
-        tokenizer_model=args.tokenizer_model,
-        json_keys=args.json_keys,
-        input_format=args.input_format,
-        workers=args.workers,
-        split_sentences=args.split_sentences,
-        append_eod=args.append_eod,
-        strict=args.strict,
-        log_interval=args.log_interval,
-        chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
-        max_bad_fraction=args.max_bad_fraction,
-    )
+def parse_args(argv: list[str]) -> PreprocessConfig:
+    """The typed options from the command line (Megatron's flags, ``--config FILE.yaml``, dotted paths)."""
+    argv = list(argv)
+    for i, token in enumerate(argv):  # --chunk-mb is in MB; the config holds bytes
+        if token == "--chunk-mb" and i + 1 < len(argv):
+            argv[i + 1] = _chunk_bytes(argv[i + 1])
+        elif token.startswith("--chunk-mb="):
+            argv[i] = "--chunk-mb=" + _chunk_bytes(token.partition("=")[2])
+    return load_config(argv, root=PreprocessConfig, aliases=PREPROCESS_FLAGS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        print(help_text(PreprocessConfig, PREPROCESS_FLAGS))
+        return 0
+    config = parse_args(argv)
     summary = preprocess(config, log=lambda line: print(line, flush=True))
     for line in summary.report():
         print(line)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Convert a checkpoint between formats and parallel layouts (what ``tools/convert_checkpoint.py`` runs).
 
 Any source (our training checkpoints in any tp/dp/ZeRO layout, the original GLM format, the standalone
-safetensors format) is read as a stream of full tensors and written in the target format and layout. The
-output is written to a temporary directory next to ``output`` and renamed when complete and verified.
+safetensors format, a HuggingFace folder in THUDM's layout) is read as a stream of full tensors and written in
+the target format and layout. The output is written to a temporary directory next to ``output`` and renamed
+when complete and verified.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from megatron_glm.checkpoint.formats.glm_original import GLMOriginalSource, find_rank_dir, write_glm_original
+from megatron_glm.checkpoint.formats.hf import HFSource, is_hf, write_hf
 from megatron_glm.checkpoint.formats.native import NativeSource, NativeTarget, write_native
 from megatron_glm.checkpoint.formats.standalone import StandaloneSource, is_standalone, write_standalone
 from megatron_glm.checkpoint.manager import META, list_checkpoints
@@ -29,7 +31,7 @@ from megatron_glm.config.sections import opt
 from megatron_glm.dtypes import DTYPES, SHORT_NAMES
 from megatron_glm.errors import CheckpointError
 
-FORMATS = ("native", "glm", "safetensors")
+FORMATS = ("native", "glm", "safetensors", "hf")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -39,7 +41,8 @@ class ConvertOptions:
     format: str = opt(
         "native",
         "native: training checkpoint (resumable); glm: original GLM mp_rank files; "
-        "safetensors: standalone model for megatron_glm.checkpoint.load_pretrained.",
+        "safetensors: standalone model for megatron_glm.checkpoint.load_pretrained; hf: HuggingFace folder in "
+        "THUDM's published layout with its transformers code (trust_remote_code).",
         choices=FORMATS,
     )
     target_tp: int = opt(1, "Tensor-parallel size of the output.")
@@ -48,7 +51,7 @@ class ConvertOptions:
     vocab_size: int = opt(0, "Re-pad the vocabulary to this many rows (0: keep).")
     dtype: str = opt(
         "",
-        "Weights dtype for glm/safetensors (empty: fp32 master weights for safetensors, as stored for glm).",
+        "Weights dtype for glm/safetensors/hf (empty: fp32 master weights for safetensors/hf, as stored for glm).",
         choices=("", *SHORT_NAMES),
     )
     keep_optimizer: bool = opt(True, "native: carry the optimizer state when the layout allows (false: weights only).")
@@ -59,8 +62,9 @@ class ConvertOptions:
     num_attention_heads: int = opt(0, "For original GLM checkpoints without config.json (0: hidden / 64).")
     tokenizer_model: str = opt("", "Tokenizer to check the vocab against and to export (empty: the checkpoint's).")
     max_shard_bytes: int = opt(
-        2 * 2**30, "safetensors: largest shard in bytes (the tool's --max-shard-size also takes 2GB, 500MB, ...)."
+        2 * 2**30, "safetensors/hf: largest shard in bytes (the tool's --max-shard-size also takes 2GB, 500MB, ...)."
     )
+    max_new_tokens: int = opt(32, "hf: answer length per blank written to generation_config.json ([eop] forced after).")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -85,6 +89,7 @@ CONVERT_FLAGS: dict[str, tuple[str, object]] = {
             "dtype",
             "num_attention_heads",
             "tokenizer_model",
+            "max_new_tokens",
         )
     },
     "--no-optimizer": ("convert.keep_optimizer", False),
@@ -117,13 +122,15 @@ def open_source(path: str | Path, *, num_attention_heads: int | None = None) -> 
         raise CheckpointError(f"{path}: no such checkpoint")
     if (path / META).is_file() or list_checkpoints(path):
         return NativeSource(path)
+    if is_hf(path):
+        return HFSource(path)
     if is_standalone(path):
         return StandaloneSource(path)
     if find_rank_dir(path) is not None:
         return GLMOriginalSource(path, num_attention_heads=num_attention_heads)
     raise CheckpointError(
         f"{path}: not a checkpoint we can read (neither a megatron_glm training checkpoint, an "
-        f"original GLM checkpoint with mp_rank_XX_model_states.pt, nor a standalone model)"
+        f"original GLM checkpoint with mp_rank_XX_model_states.pt, a standalone model, nor a HuggingFace GLM folder)"
     )
 
 
@@ -161,8 +168,8 @@ def _check_target(src: Any, opts: ConvertOptions) -> None:
         raise CheckpointError(f"--target-pp {opts.target_pp}: only the native format has pipeline layouts")
     if opts.target_pp < 1 or src.info.config.num_layers % opts.target_pp:
         raise CheckpointError(f"--target-pp {opts.target_pp} does not divide the {src.info.config.num_layers} layers")
-    if opts.format == "safetensors" and opts.target_tp != 1:
-        raise CheckpointError("the standalone safetensors format is unsharded: use --target-tp 1")
+    if opts.format in ("safetensors", "hf") and opts.target_tp != 1:
+        raise CheckpointError(f"the {opts.format} format is unsharded: use --target-tp 1")
     cfg = src.info.config
     tp = opts.target_tp
     check_divisible("number of attention heads", cfg.num_attention_heads, tp, "choose a --target-tp that divides it")
@@ -247,6 +254,21 @@ def convert_checkpoint(
                 iteration=int(getattr(info, "meta", {}).get("step", 0)),
                 transform=transform,
             )
+        elif opts.format == "hf":
+            tok = [opts.tokenizer_model] if opts.tokenizer_model else info.tokenizer_files
+            model_file = next((t for t in tok if not t.endswith(".vocab")), None)
+            if model_file is None:
+                notes.append("no tokenizer found: the hf export has no tokenizer files and generate() needs token ids")
+            write_hf(
+                src,
+                tmp,
+                tcfg,
+                transform=transform,
+                dtype=dtype or torch.float32,
+                tokenizer_model=model_file,
+                max_shard_bytes=opts.max_shard_bytes,
+                max_new_tokens=opts.max_new_tokens,
+            )
         else:
             tok = [opts.tokenizer_model] if opts.tokenizer_model else info.tokenizer_files
             if dtype is None:
@@ -285,7 +307,7 @@ def _verify(
     native = opts.format == "native"
     dst = open_source(out, num_attention_heads=src.info.config.num_attention_heads)
     get_src = (lambda n: transform(n, src.module_tensor(n))) if native else (lambda n: transform(n, src.tensor(n)))
-    if opts.format == "safetensors" and not opts.dtype:
+    if opts.format in ("safetensors", "hf") and not opts.dtype:
         get_src = lambda n: transform(n, src.tensor(n)).to(torch.float32)
     expected = stream_checksums(src, get_src)
     actual = stream_checksums(dst, dst.module_tensor)

@@ -6,7 +6,8 @@ gets the same dotted flags, YAML files, strict checking and generated help.
 
 Precedence: defaults < named model size (``model.size``) < YAML file < command line.
 Command-line overrides use dotted paths (``--model.hidden_size 1024``) or the Megatron/GLM spellings
-listed in :data:`FLAG_ALIASES`. Unknown keys are errors with a suggestion.
+listed in :data:`FLAG_ALIASES`. Unknown keys are errors with a suggestion. A list field takes several values
+after its flag, and a repeated flag adds to it. A field with ``required=True`` in its metadata must be given.
 """
 
 from __future__ import annotations
@@ -219,6 +220,7 @@ def parse_overrides(
     aliases = FLAG_ALIASES if aliases is None else aliases
     config_path: str | None = None
     assignments: dict[str, Any] = {}
+    repeated: set[str] = set()
     i = 0
     while i < len(argv):
         token = argv[i]
@@ -252,8 +254,9 @@ def parse_overrides(
         tp = paths[path][1]
         if flags is not None:
             flags[path] = flag
-        if typing.get_origin(tp) is list:
-            assignments[path] = values
+        if typing.get_origin(tp) is list:  # a repeated flag adds to the list (--prompt A --prompt B)
+            assignments[path] = [*assignments.get(path, []), *values] if path in repeated else values
+            repeated.add(path)
         elif len(values) == 1:
             assignments[path] = values[0]
         elif not values and tp is bool:
@@ -326,7 +329,25 @@ def load_config(argv: list[str], *, root: type = GLMConfig, aliases: dict[str, t
     assignments.update(overrides)
     # A bad command-line value is blamed on the flag that gave it, not on the YAML file.
     sources = {path: f"command line ({flags.get(path, '--' + path)})" for path in overrides}
-    return build_config(assignments, source, sources, root=root)
+    cfg = build_config(assignments, source, sources, root=root)
+    missing = [
+        path for path, (f, _tp) in leaf_paths(root).items() if f.metadata.get("required") and not _get(cfg, path)
+    ]
+    if missing:
+        spelled = {
+            path: flag
+            for flag, (path, const) in reversed((FLAG_ALIASES if aliases is None else aliases).items())
+            if const is None
+        }
+        names = ", ".join(spelled.get(path, f"--{path}") for path in missing)
+        raise ConfigError(f"missing required option{'s' if len(missing) > 1 else ''} {names} (see --help)")
+    return cfg
+
+
+def _get(cfg: Any, path: str) -> Any:
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -339,10 +360,14 @@ def help_text(root: type = GLMConfig, aliases: dict[str, tuple[str, Any]] | None
     lines = ["options (YAML keys or --dotted.path VALUE; the spellings in brackets also accepted):"]
     spelled: dict[str, list[str]] = {}
     for flag, (path, const) in (FLAG_ALIASES if aliases is None else aliases).items():
-        spelled.setdefault(path, []).append(flag if const is None else f"{flag} (={const})")
+        if flag != f"--{path}" or const is not None:
+            spelled.setdefault(path, []).append(flag if const is None else f"{flag} (={const})")
     for path, (f, tp) in leaf_paths(root).items():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        tname = getattr(tp, "__name__", str(tp))
+        tname = str(tp) if typing.get_origin(tp) else getattr(tp, "__name__", str(tp))
+        if typing.get_origin(tp) is list:
+            tname += ", several values or a repeated flag"
+        state = "required" if f.metadata.get("required") else f"default {default!r}"
         extra = f"  [{', '.join(spelled[path])}]" if path in spelled else ""
-        lines.append(f"  --{path} ({tname}, default {default!r}){extra}\n      {f.metadata.get('help', '')}")
+        lines.append(f"  --{path} ({tname}, {state}){extra}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 
@@ -11,6 +11,19 @@ def opt(default: Any, help: str, **kwargs: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
     return field(default=default, metadata={"help": help, **kwargs})
+
+
+_SAME = object()
+
+
+def opt_from(cls: type, name: str, *, default: Any = _SAME, note: str = "") -> Any:
+    """A field taking another config's field ``cls.name`` over (its default unless given, its help with
+    ``note`` appended, its choices), so that a tool's options do not restate the engine's facts."""
+    f = {f.name: f for f in fields(cls)}[name]
+    if default is _SAME:
+        default = f.default if f.default is not MISSING else f.default_factory()
+    meta = dict(f.metadata)
+    return opt(default, f"{meta.pop('help', '')} {note}".strip(), **meta)
 
 
 @dataclass(kw_only=True)

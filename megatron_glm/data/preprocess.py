@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from megatron_glm.config.sections import opt
 from megatron_glm.data.corpus import INPUT_FORMATS, PROBLEM_KINDS, LineProblem, expand_inputs
 from megatron_glm.data.dataset_meta import meta_path, write_dataset_meta
 from megatron_glm.data.indexed_dataset import IndexedDatasetBuilder, best_dtype, bin_path, idx_path
@@ -66,37 +67,50 @@ __all__ = [
 MAX_REPORTED = 10
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PreprocessConfig:
-    """What to preprocess and how (the flags of ``tools/preprocess_data.py``)."""
+    """What to preprocess and how (``tools/preprocess_data.py``'s options; ``--help`` shows this help)."""
 
-    inputs: list[str]
-    """Input files or glob patterns, processed in the order given (each glob sorted)."""
-    output_prefix: str
-    """Outputs are ``{output_prefix}_{key}_{sentence|document}.bin/.idx``."""
-    tokenizer_model: str
-    """Path of the sentencepiece model (:class:`GLMTokenizer`)."""
-    json_keys: list[str] = field(default_factory=lambda: ["text"])
-    """JSONL keys to tokenize, each into its own dataset; a line missing one is skipped for all."""
-    input_format: str = "auto"
-    """``auto`` (per file, by extension or content), ``jsonl`` (one JSON object a line) or ``text`` (one
-    document a line); Parquet files are always read by column (the JSON keys name the columns)."""
-    workers: int = 1
-    """Worker processes; 1 runs in this process."""
-    split_sentences: bool = False
-    """Store one sequence per sentence instead of one per document."""
-    append_eod: bool = False
-    """Append ``[eos]`` to the last sequence of every document."""
-    strict: bool = False
-    """Stop at the first bad line instead of skipping it."""
-    log_interval: int = 10000
-    """Print a progress line every this many documents (checked as chunks finish)."""
-    chunk_bytes: int = 8 << 20
-    """Input bytes per work unit of a plain file (also what bounds each worker's memory)."""
-    max_bad_fraction: float = 0.5
-    """Fail (writing nothing) when more than this fraction of the non-blank records is bad."""
+    inputs: list[str] = opt(
+        [],
+        "Input files or glob patterns: JSONL / text (plain, .gz, .zst) or Parquet, mixed freely; processed in "
+        "the order given (each glob sorted).",
+        required=True,
+    )
+    output_prefix: str = opt("", "Outputs are {output_prefix}_{key}_{sentence|document}.bin/.idx.", required=True)
+    tokenizer_model: str = opt("", "Path of the sentencepiece model.", required=True)
+    json_keys: list[str] = opt(
+        ["text"],
+        "JSONL keys (Parquet columns) to tokenize, each into its own dataset; a line missing one is skipped for all.",
+    )
+    input_format: str = opt(
+        "auto",
+        "auto (per file, by extension, else by the first line), jsonl (one JSON object a line) or text (one "
+        "document a line); Parquet files are always read by column (the JSON keys name the columns).",
+        choices=INPUT_FORMATS,
+    )
+    workers: int = opt(1, "Worker processes; 1 runs in this process.")
+    split_sentences: bool = opt(False, "Store one sequence per sentence instead of one per document.")
+    append_eod: bool = opt(False, "Append [eos] to the last sequence of every document.")
+    strict: bool = opt(False, "Stop at the first bad line instead of skipping it.")
+    log_interval: int = opt(10000, "Print a progress line every this many documents (checked as chunks finish).")
+    chunk_bytes: int = opt(
+        8 << 20,
+        "Input bytes per work unit of a plain file (also what bounds each worker's memory); the tool's "
+        "--chunk-mb gives it in MB.",
+    )
+    max_bad_fraction: float = opt(
+        0.5, "Fail (writing nothing) when more than this fraction of the non-blank records is bad."
+    )
 
     def validate(self) -> None:
+        for flag, value in (
+            ("--input", self.inputs),
+            ("--output-prefix", self.output_prefix),
+            ("--tokenizer-model", self.tokenizer_model),
+        ):
+            if not value:
+                raise DataError(f"{flag} is required")
         if self.input_format not in INPUT_FORMATS:
             raise DataError(f"--input-format {self.input_format!r}: expected one of {', '.join(INPUT_FORMATS)}")
         if self.input_format == "text":

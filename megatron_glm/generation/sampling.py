@@ -11,35 +11,34 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_glm.config.sections import opt
 from megatron_glm.errors import GLMError
 
 STRATEGIES = ("greedy", "sample", "beam")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GenerationConfig:
-    """How blanks are filled.
+    """How blanks are filled (the engine's settings; ``tools/generate.py``'s ``generation`` options build it)."""
 
-    ``strategy``: ``greedy`` (argmax), ``sample`` (temperature / top-k / top-p) or ``beam``
-    (deterministic beam search with ``num_beams`` and ``length_penalty``). ``max_new_tokens`` bounds each
-    blank's answer (an ``[eop]`` is forced when it is reached). ``banned_ids`` are never generated
-    (e.g. the padded vocabulary rows, or ``[eop]`` to force full-length answers in benchmarks).
-    ``use_cache``: KV cache (True) or recompute the whole sequence at every step (False, the reference).
-    ``no_repeat_ngram_size`` ``n > 0``: within one blank's answer no n-gram of tokens occurs twice (a token
-    that would complete an n-gram already in the answer is not generated); 0: off.
-    """
-
-    strategy: str = "greedy"
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    seed: int = 1234
-    use_cache: bool = True
-    banned_ids: Sequence[int] = field(default_factory=tuple)
-    no_repeat_ngram_size: int = 0
+    strategy: str = opt(
+        "greedy",
+        "greedy (argmax), sample (temperature / top-k / top-p) or beam (deterministic beam search).",
+        choices=STRATEGIES,
+    )
+    max_new_tokens: int = opt(32, "Longest answer per blank (an [eop] is forced when it is reached).")
+    temperature: float = opt(1.0, "Sampling temperature (> 0).")
+    top_k: int = opt(0, "Sample among the k most likely tokens (0: off).")
+    top_p: float = opt(1.0, "Nucleus sampling: the smallest set of tokens with this probability mass (1: off).")
+    num_beams: int = opt(1, "Beams of beam search (>= 2 with strategy beam).")
+    length_penalty: float = opt(1.0, "Beam search: final score = log p / length ** length_penalty.")
+    seed: int = opt(1234, "Sampling seed (the same tokens on every tensor-parallel rank and every run).")
+    use_cache: bool = opt(True, "KV cache; false recomputes the whole sequence at every step (same output, slower).")
+    banned_ids: Sequence[int] = field(
+        default_factory=tuple,
+        metadata={"help": "Ids never generated (e.g. the padded vocabulary rows, or [eop] for full-length answers)."},
+    )
+    no_repeat_ngram_size: int = opt(0, "n > 0: no n-gram of tokens occurs twice within one blank's answer (0: off).")
 
     def __post_init__(self) -> None:
         problems = []

@@ -42,6 +42,19 @@ def add_group_sums(acc: dict[int, list[float]], sums: dict[int, tuple[float, flo
         entry[1] += n
 
 
+def _scatter_rows(rows: torch.Tensor, positions: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    """Per-row values at flat ``positions`` scattered into a zero ``[b, s]`` fp32 tensor."""
+    flat = torch.zeros(b * s, dtype=torch.float32, device=rows.device)
+    return flat.index_add(0, positions, rows).view(b, s)
+
+
+def _reduce(per_token: torch.Tensor, mask: torch.Tensor, total: torch.Tensor | None = None) -> GLMLoss:
+    """The masked mean (``total``, when given, is the loss sum computed with its own gradient path)."""
+    sample_sum, sample_tokens = per_token.sum(dim=-1), mask.sum(dim=-1)
+    loss = (sample_sum.sum() if total is None else total) / sample_tokens.sum().clamp(min=1.0)
+    return GLMLoss(loss, per_token, sample_sum, sample_tokens)
+
+
 def glm_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -58,10 +71,7 @@ def glm_loss(
     group = (parallel_state or ParallelState()).tp_group
     token_loss = vocab_parallel_cross_entropy(logits, labels, group, label_smoothing)
     mask = loss_mask.to(torch.float32)
-    per_token = token_loss * mask
-    sample_sum, sample_tokens = per_token.sum(dim=-1), mask.sum(dim=-1)
-    loss = sample_sum.sum() / sample_tokens.sum().clamp(min=1.0)
-    return GLMLoss(loss, per_token, sample_sum, sample_tokens)
+    return _reduce(token_loss * mask, mask)
 
 
 def loss_positions(loss_mask: torch.Tensor) -> torch.Tensor:
@@ -89,11 +99,8 @@ def glm_loss_at(
     token_loss = vocab_parallel_cross_entropy(
         logits, labels.reshape(-1).index_select(0, positions), group, label_smoothing
     )
-    flat = torch.zeros(b * s, dtype=torch.float32, device=logits.device)
-    per_token = flat.index_add(0, positions, token_loss * mask.reshape(-1).index_select(0, positions)).view(b, s)
-    sample_sum, sample_tokens = per_token.sum(dim=-1), mask.sum(dim=-1)
-    loss = sample_sum.sum() / sample_tokens.sum().clamp(min=1.0)
-    return GLMLoss(loss, per_token, sample_sum, sample_tokens)
+    rows = token_loss * mask.reshape(-1).index_select(0, positions)
+    return _reduce(_scatter_rows(rows, positions, b, s), mask)
 
 
 def glm_loss_fused(
@@ -126,11 +133,7 @@ def glm_loss_fused(
         chunk=chunk,
         label_smoothing=label_smoothing,
     )
-    flat = torch.zeros(b * s, dtype=torch.float32, device=rows.device)
-    per_token = flat.index_add(0, positions, token_loss * row_mask).view(b, s)
-    sample_sum, sample_tokens = per_token.sum(dim=-1), mask.sum(dim=-1)
-    loss = total / sample_tokens.sum().clamp(min=1.0)
-    return GLMLoss(loss, per_token, sample_sum, sample_tokens)
+    return _reduce(_scatter_rows(token_loss * row_mask, positions, b, s), mask, total)
 
 
 _compiled: Any = None

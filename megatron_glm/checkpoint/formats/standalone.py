@@ -88,21 +88,22 @@ class StandaloneSource:
         self._open.clear()
 
 
-def write_standalone(
+def write_weight_shards(
     src: Any,
     out: Path,
-    config: ModelConfig,
+    layout: ModelLayout,
     *,
     transform: Callable[[str, torch.Tensor], torch.Tensor],
     dtype: torch.dtype,
-    tokenizer_files: list[str],
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    max_shard_bytes: int,
+    rename: Callable[[str], str] = lambda name: name,
 ) -> list[str]:
-    """Write the standalone model; returns the weight files written. Shards hold whole tensors."""
+    """``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` shards of at most ``max_shard_bytes`` (whole
+    tensors; a larger tensor gets a shard of its own) with ``model.safetensors.index.json``. Tensors are stored
+    under ``rename(name)``; ``fp32``-role tensors stay fp32, the rest become ``dtype``. Returns the files."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    layout = ModelLayout(config)
     pending: dict[str, torch.Tensor] = {}
     pending_bytes = 0
     files: list[str] = []
@@ -126,7 +127,7 @@ def write_standalone(
             size = t.numel() * t.element_size()
             if pending and pending_bytes + size > max_shard_bytes:
                 flush()
-            pending[name] = t
+            pending[rename(name)] = t
             pending_bytes += size
             total += size
         src.release()
@@ -138,6 +139,23 @@ def write_standalone(
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
         (out / INDEX).write_text(json.dumps(index, indent=1), encoding="utf-8")
+    return names
+
+
+def write_standalone(
+    src: Any,
+    out: Path,
+    config: ModelConfig,
+    *,
+    transform: Callable[[str, torch.Tensor], torch.Tensor],
+    dtype: torch.dtype,
+    tokenizer_files: list[str],
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> list[str]:
+    """Write the standalone model; returns the weight files written. Shards hold whole tensors."""
+    names = write_weight_shards(
+        src, out, ModelLayout(config), transform=transform, dtype=dtype, max_shard_bytes=max_shard_bytes
+    )
     fields = {
         "architectures": ["GLMModel"],
         "model_type": "glm",

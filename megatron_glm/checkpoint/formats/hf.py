@@ -1,0 +1,327 @@
+"""HuggingFace folders in THUDM's published layout (``config.json`` with ``auto_map``, weights, tokenizer, code).
+
+Export (``write_hf``): ``config.json`` with the family's keys and meaning, ``model.safetensors`` (or shards with
+``model.safetensors.index.json``) under the published tensor names, the remote code of
+``megatron_glm/hf`` (registered through ``auto_map``), ``tokenizer.model`` + ``tokenizer_config.json`` and
+``generation_config.json``. Writing needs no ``transformers``; loading the folder with it needs
+``trust_remote_code=True``.
+
+Import (``HFSource``): such a folder, ours or THUDM's: tensor names with or without the family's prefix
+(``glm.``), ``model.safetensors`` or ``pytorch_model.bin`` (read as data, ``weights_only``), sharded (index
+JSON) or not. Every tensor the layout needs is checked by name and shape when the folder is opened.
+
+A family (the published layout of one model architecture) is one :class:`HFFamily` in :data:`FAMILIES`:
+its config mapping both ways, its tensor names and its code files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_glm.checkpoint.safe_load import safe_torch_load
+from megatron_glm.checkpoint.stream import SourceInfo
+from megatron_glm.config import ModelConfig
+from megatron_glm.dtypes import DTYPE_NAMES
+from megatron_glm.errors import CheckpointError
+from megatron_glm.model.layout import ModelLayout
+
+from .standalone import DEFAULT_SHARD_BYTES, write_weight_shards
+
+CONFIG = "config.json"
+SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+GENERATION_CONFIG = "generation_config.json"
+TOKENIZER_MODEL, TOKENIZER_CONFIG = "tokenizer.model", "tokenizer_config.json"
+WEIGHT_FILES = (SAFE_INDEX, SAFE_WEIGHTS, BIN_INDEX, BIN_WEIGHTS)
+
+
+@dataclass(frozen=True)
+class HFFamily:
+    """One published HuggingFace layout: config keys both ways, tensor-name prefix, remote code."""
+
+    model_type: str
+    architectures: tuple[str, ...]
+    auto_map: dict[str, str]
+    tokenizer_class: str
+    code_files: tuple[str, ...]
+    prefix: str
+    """Prefix of every tensor name in the task-head classes (absent in the bare model's names)."""
+    to_config: Callable[[ModelConfig], dict[str, Any]]
+    from_config: Callable[[dict[str, Any], str], ModelConfig]
+    markers: tuple[str, ...] = field(default=())
+    """config.json keys that tell this family's HF layout from our standalone export."""
+
+    def hf_name(self, name: str) -> str:
+        return self.prefix + name
+
+    def our_name(self, hf_name: str) -> str:
+        return hf_name[len(self.prefix) :] if hf_name.startswith(self.prefix) else hf_name
+
+
+def _glm_to_config(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "num_layers": cfg.num_layers,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_attention_heads": cfg.num_attention_heads,
+        "embedding_dropout_prob": cfg.hidden_dropout,
+        "attention_dropout_prob": cfg.attention_dropout,
+        "output_dropout_prob": cfg.hidden_dropout,
+        "max_sequence_length": cfg.max_sequence_length,
+        "checkpoint_activations": cfg.checkpoint_activations,
+        "checkpoint_num_layers": cfg.checkpoint_num_layers,
+        "parallel_output": True,
+        "relative_encoding": False,
+        "block_position_encoding": cfg.block_position_encoding,
+        "output_predict": True,
+        "spell_length": None,
+        "spell_func": "lstm",
+        "attention_scale": 1.0,
+        "initializer_range": cfg.init_std,
+        "pool_token": "cls",
+        "layernorm_epsilon": cfg.layernorm_epsilon,
+        "gelu_approximate": "tanh",
+    }
+
+
+def _glm_from_config(raw: dict[str, Any], where: str) -> ModelConfig:
+    missing = [k for k in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size") if k not in raw]
+    if missing:
+        raise CheckpointError(f"{where}: GLM config lacks {', '.join(missing)}")
+    unsupported = {
+        "relative_encoding": (raw.get("relative_encoding", False), False),
+        "attention_scale": (float(raw.get("attention_scale", 1.0)), 1.0),
+        "spell_length": (raw.get("spell_length"), None),
+        "gelu_approximate": (raw.get("gelu_approximate", "tanh"), "tanh"),
+    }
+    for key, (value, wanted) in unsupported.items():
+        if value != wanted:
+            raise CheckpointError(f"{where}: {key} = {value!r} is not supported (megatron_glm models use {wanted!r})")
+    return ModelConfig(
+        num_layers=int(raw["num_layers"]),
+        hidden_size=int(raw["hidden_size"]),
+        num_attention_heads=int(raw["num_attention_heads"]),
+        vocab_size=int(raw["vocab_size"]),
+        max_sequence_length=int(raw.get("max_sequence_length", 512)),
+        block_position_encoding=bool(raw.get("block_position_encoding", True)),
+        hidden_dropout=float(raw.get("output_dropout_prob", 0.1)),
+        attention_dropout=float(raw.get("attention_dropout_prob", 0.1)),
+        layernorm_epsilon=float(raw.get("layernorm_epsilon", 1e-5)),  # THUDM's code fixes 1e-5
+        init_std=float(raw.get("initializer_range", 0.02)),
+    )
+
+
+GLM_FAMILY = HFFamily(
+    model_type="glm",
+    architectures=("GLMModel",),
+    auto_map={
+        "AutoConfig": "configuration_glm.GLMConfig",
+        "AutoModel": "modeling_glm.GLMModel",
+        "AutoModelForSeq2SeqLM": "modeling_glm.GLMForConditionalGeneration",
+        "AutoModelForMultipleChoice": "modeling_glm.GLMForMultipleChoice",
+    },
+    tokenizer_class="tokenization_glm.GLMTokenizer",
+    code_files=("configuration_glm.py", "modeling_glm.py", "tokenization_glm.py"),
+    prefix="glm.",
+    to_config=_glm_to_config,
+    from_config=_glm_from_config,
+    markers=("auto_map", "attention_dropout_prob", "output_dropout_prob", "embedding_dropout_prob"),
+)
+
+#: Published layouts by ``model_type``.
+FAMILIES: dict[str, HFFamily] = {GLM_FAMILY.model_type: GLM_FAMILY}
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    try:
+        raw = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def is_hf(path: Path) -> bool:
+    """A HuggingFace folder of a known family (not our standalone export, which shares ``config.json``)."""
+    raw = _read_config(path) if (path / CONFIG).is_file() else None
+    family = FAMILIES.get(str((raw or {}).get("model_type")))
+    if family is None or not any(k in raw for k in family.markers):
+        return False
+    return any((path / f).is_file() for f in WEIGHT_FILES)
+
+
+class HFSource:
+    """A HuggingFace folder read as full tensors by original GLM name."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        raw = _read_config(path)
+        if raw is None:
+            raise CheckpointError(f"{path / CONFIG}: cannot read the model config")
+        family = FAMILIES.get(str(raw.get("model_type")))
+        if family is None:
+            raise CheckpointError(
+                f"{path / CONFIG}: model_type {raw.get('model_type')!r} is not a layout we read ({', '.join(FAMILIES)})"
+            )
+        self.path, self.family, self.raw_config = path, family, raw
+        config = family.from_config(raw, str(path / CONFIG))
+        self.weight_map = self._weight_map(path)
+        layout = ModelLayout(config)
+        by_ours: dict[str, str] = {}
+        for hf_name in self.weight_map:
+            by_ours.setdefault(family.our_name(hf_name), hf_name)
+        self._hf_name = {}
+        self._open: dict[str, Any] = {}
+        for spec in layout:
+            hf_name = by_ours.get(spec.name)
+            if hf_name is None:
+                raise CheckpointError(
+                    f"{path}: missing tensor {family.hf_name(spec.name)} (expected shape {list(spec.shape)})"
+                )
+            shape = self._shape(hf_name)
+            if shape != tuple(spec.shape):
+                raise CheckpointError(f"{path}: tensor {hf_name} has shape {list(shape)}, expected {list(spec.shape)}")
+            self._hf_name[spec.name] = hf_name
+        self.release()
+        extra = sorted(n for n in by_ours if n not in layout)
+        notes = [f"ignored {len(extra)} tensors that are not part of the GLM model: {extra[:4]}"] if extra else []
+        tok = [str(path / TOKENIZER_MODEL)] if (path / TOKENIZER_MODEL).is_file() else []
+        self.info = SourceInfo(format="hf", path=str(path), config=config, tokenizer_files=tok, notes=notes)
+        self._names = layout.names()
+
+    @staticmethod
+    def _weight_map(path: Path) -> dict[str, str]:
+        for index in (SAFE_INDEX, BIN_INDEX):
+            if (path / index).is_file():
+                try:
+                    wm = json.loads((path / index).read_text(encoding="utf-8"))["weight_map"]
+                except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise CheckpointError(f"{path / index}: not a weight index ({exc})") from None
+                missing = sorted({f for f in wm.values() if not (path / f).is_file()})
+                if missing:
+                    raise CheckpointError(f"{path}: missing weight shards: {', '.join(missing)}")
+                return dict(wm)
+        if (path / SAFE_WEIGHTS).is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path / SAFE_WEIGHTS), framework="pt") as f:
+                return {k: SAFE_WEIGHTS for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        if (path / BIN_WEIGHTS).is_file():
+            return {k: BIN_WEIGHTS for k in HFSource._load_bin(path / BIN_WEIGHTS)}
+        raise CheckpointError(f"{path}: no weights ({', '.join(WEIGHT_FILES)})")
+
+    @staticmethod
+    def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+        sd = safe_torch_load(file, mmap=True)
+        if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+            raise CheckpointError(f"{file}: not a state dict of tensors")
+        return sd
+
+    def _file(self, fname: str) -> Any:
+        if fname not in self._open:
+            if fname.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                self._open[fname] = safe_open(str(self.path / fname), framework="pt")
+            else:
+                self._open[fname] = self._load_bin(self.path / fname)
+        return self._open[fname]
+
+    def _shape(self, hf_name: str) -> tuple[int, ...]:
+        f = self._file(self.weight_map[hf_name])
+        if isinstance(f, dict):
+            return tuple(f[hf_name].shape)
+        return tuple(f.get_slice(hf_name).get_shape())
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        hf_name = self._hf_name[name]
+        f = self._file(self.weight_map[hf_name])
+        return f[hf_name] if isinstance(f, dict) else f.get_tensor(hf_name)
+
+    module_tensor = tensor
+
+    def optimizer_state(self, name: str) -> None:
+        return None
+
+    def release(self) -> None:
+        self._open.clear()
+
+
+def _command_token_ids(tokenizer_model: str) -> tuple[dict[str, int], int]:
+    """``({"[sop]": id, ...}, tokens)`` of our tokenizer (the ids the model was trained with)."""
+    from megatron_glm.data.tokenizer import COMMAND_TOKENS, GLMTokenizer
+
+    tok = GLMTokenizer(tokenizer_model)
+    return {text: tok.command_tokens[stem] for stem, text in COMMAND_TOKENS}, tok.vocab_size
+
+
+def write_hf(
+    src: Any,
+    out: Path,
+    config: ModelConfig,
+    *,
+    transform: Callable[[str, torch.Tensor], torch.Tensor],
+    dtype: torch.dtype,
+    tokenizer_model: str | None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    max_new_tokens: int = 32,
+    family: HFFamily = GLM_FAMILY,
+) -> list[str]:
+    """Write the HuggingFace folder (see the module docstring); returns the weight files.
+
+    ``tokenizer_model``: our sentencepiece model (``None``: no tokenizer files, no token ids in the configs).
+    ``max_new_tokens``: the answer length of ``generation_config.json`` (tools/generate.py's default), written as
+    ``max_new_tokens + 1`` with ``forced_eos_token_id = [eop]``: the answer, then a forced ``[eop]``."""
+    from megatron_glm.hf import code_file
+
+    layout = ModelLayout(config)
+    files = write_weight_shards(
+        src, out, layout, transform=transform, dtype=dtype, max_shard_bytes=max_shard_bytes, rename=family.hf_name
+    )
+    fields: dict[str, Any] = {
+        "architectures": list(family.architectures),
+        "model_type": family.model_type,
+        "auto_map": dict(family.auto_map),
+        **family.to_config(config),
+        "torch_dtype": DTYPE_NAMES[dtype],
+    }
+    generation: dict[str, Any] = {"do_sample": False, "num_beams": 1, "use_cache": True}
+    if tokenizer_model:
+        ids, tokens = _command_token_ids(tokenizer_model)
+        fields.update(pad_token_id=ids["[pad]"], eos_token_id=ids["[eop]"], glm_command_tokens=ids)
+        generation.update(
+            pad_token_id=ids["[pad]"],
+            eos_token_id=ids["[eop]"],
+            forced_eos_token_id=ids["[eop]"],
+            max_new_tokens=max_new_tokens + 1,
+            suppress_tokens=list(range(tokens, config.vocab_size)),  # padded embedding rows are not tokens
+            renormalize_logits=True,
+            length_penalty=1.0,
+        )
+        shutil.copyfile(tokenizer_model, out / TOKENIZER_MODEL)
+        tok_cfg = {
+            "tokenizer_class": family.tokenizer_class.rsplit(".", 1)[-1],
+            "auto_map": {"AutoTokenizer": [family.tokenizer_class, None]},
+            "model_max_length": config.max_sequence_length,
+            "pad_token": "[pad]",
+            "eos_token": "[eos]",
+            "cls_token": "[CLS]",
+            "mask_token": "[MASK]",
+            "sep_token": "[SEP]",
+            "unk_token": "[UNK]",
+        }
+        (out / TOKENIZER_CONFIG).write_text(json.dumps(tok_cfg, indent=1), encoding="utf-8")
+    (out / CONFIG).write_text(json.dumps(fields, indent=1), encoding="utf-8")
+    (out / GENERATION_CONFIG).write_text(json.dumps(generation, indent=1), encoding="utf-8")
+    for name in family.code_files:
+        shutil.copyfile(code_file(name), out / name)
+    return files
