@@ -114,3 +114,76 @@ def family_reference_logits(
     h = _norm(h, sd, "transformer.final_layernorm", norm, eps)
     head = sd.get("output_layer.weight", sd["word_embeddings.weight"])
     return h @ head.T
+
+
+# -- the released layouts, read by their published names and packing (no package code) --------------------------
+
+
+def _per_head_qkv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Per-head packed ``[q_0; k_0; v_0; q_1; ...]`` rows -> ``[Q; K; V]`` (weight or bias)."""
+    rows = t.shape[0] // (3 * heads)
+    q = torch.cat([t[(3 * h) * rows : (3 * h + 1) * rows] for h in range(heads)])
+    k = torch.cat([t[(3 * h + 1) * rows : (3 * h + 2) * rows] for h in range(heads)])
+    v = torch.cat([t[(3 * h + 2) * rows : (3 * h + 3) * rows] for h in range(heads)])
+    return torch.cat([q, k, v])
+
+
+def chatglm6b_state_dict(theirs: dict[str, torch.Tensor], arch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """HF ChatGLM-6B tensors -> the reference's names: per-head QKV unpacked; ``lm_head.weight`` is the head only
+    when untied (tied: HF's code uses the word embedding); ``inv_freq`` buffers dropped."""
+    out = {}
+    for name, t in theirs.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if name == "lm_head.weight":
+            if arch["untie_embeddings_and_output_weights"]:
+                out["output_layer.weight"] = t
+            continue
+        if ".attention.query_key_value." in name:
+            t = _per_head_qkv(t, arch["num_attention_heads"])
+        out[name.removeprefix("transformer.") if name.startswith("transformer.word_") else name] = t
+    return out
+
+
+def chatglm2_state_dict(theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF ChatGLM2-6B tensors -> the reference's names (its QKV is already ``[Q; K of groups; V of groups]``)."""
+    out = {}
+    for name, t in theirs.items():
+        if name == "transformer.rotary_pos_emb.inv_freq":
+            continue
+        if name == "transformer.embedding.word_embeddings.weight":
+            name = "word_embeddings.weight"
+        elif name == "transformer.output_layer.weight":
+            name = "output_layer.weight"
+        else:
+            name = name.replace("transformer.encoder.", "transformer.").replace(".self_attention.", ".attention.")
+        out[name] = t
+    return out
+
+
+def sat_glm130b_state_dict(ranks: list[dict[str, torch.Tensor]], arch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """SAT GLM-130B tensor-parallel rank files -> full tensors by the reference's names.
+
+    Per rank: QKV packed per head over the rank's heads; ``dense_h_to_4h`` is the rank's ``[W1_r; W2_r]`` (GeGLU
+    halves of its slice of the inner dimension); row-parallel matrices split their columns; the vocabulary is split
+    over the embedding rows; norms and row-parallel biases replicated."""
+    heads = arch["num_attention_heads"] // len(ranks)
+    out = {}
+    for name in ranks[0]:
+        parts = [r[name] for r in ranks]
+        ours = "word_embeddings.weight" if name == "transformer.word_embeddings.weight" else name
+        if name.startswith("mixins."):
+            continue
+        if ".attention.query_key_value." in name:
+            qkv = [_per_head_qkv(p, heads).chunk(3) for p in parts]
+            out[ours] = torch.cat([torch.cat([x[i] for x in qkv]) for i in range(3)])
+        elif ".mlp.dense_h_to_4h." in name:
+            halves = [p.chunk(2) for p in parts]
+            out[ours] = torch.cat([torch.cat([x[i] for x in halves]) for i in range(2)])
+        elif name.endswith("word_embeddings.weight"):
+            out[ours] = torch.cat(parts)
+        elif name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
+            out[ours] = torch.cat(parts, dim=1)
+        else:
+            out[ours] = parts[0]
+    return out
