@@ -42,6 +42,14 @@ def _sharded_parameter(
     device: torch.device | str | None,
 ) -> nn.Parameter:
     ps = parallel_state
+    if device is not None and torch.device(device).type == "meta":  # shapes only (parameter counts, planning)
+        local_shape = list(shape)
+        local_shape[dim] //= ps.tp_size
+        param = nn.Parameter(torch.empty(local_shape, dtype=dtype, device="meta"))
+        param.tensor_model_parallel = ps.tp_size > 1
+        param.partition_dim = dim
+        param.partition_stride = stride if isinstance(stride, int) else tuple(stride)
+        return param
     full = torch.empty(shape, dtype=torch.float32)
     if init_method is not None:
         init_method(full)

@@ -296,3 +296,54 @@ def test_options_have_help_and_megatron_flags() -> None:
     assert all(path in leaf_paths() for path, _ in FLAG_ALIASES.values())
     with pytest.raises(ConfigError, match="position_embedding_type must be one of"):
         load_config(["--position-embedding-type", "alibi"])
+
+
+#: Published sizes (glm-family.md): GLM-130B ~130B, ChatGLM-6B ~6.2B, ChatGLM2-6B ~6.2B.
+PUBLISHED = {"glm-130b": 130e9, "chatglm-6b": 6.2e9, "chatglm2-6b": 6.2e9}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_named_sizes_build_on_meta_with_the_published_counts(name: str) -> None:
+    cfg = build_config({"model.size": name}).model
+    model = GLMModel(cfg, device="meta")
+    count = sum(p.numel() for p in model.parameters())
+    assert count == ModelLayout(cfg).parameter_count()
+    assert abs(count / PUBLISHED[name] - 1) < 0.02, count  # 128.70e9, 6.255e9, 6.244e9
+    h = cfg.hidden_size
+    # Closed forms from the published shapes (independent of the layout code).
+    if name == "glm-130b":
+        layer = 4 * h * h + 4 * h + 3 * h * cfg.ffn_hidden_size + 2 * cfg.ffn_hidden_size + h + 4 * h
+        assert count == 70 * layer + 150528 * h + 2 * h
+    if name == "chatglm2-6b":
+        qkv = (32 + 2 * 2) * 128
+        layer = qkv * h + qkv + 32 * 128 * h + 3 * 13696 * h + 2 * h
+        assert count == 28 * layer + 2 * 65024 * h + h
+
+
+ARGS = ["--tensor-model-parallel-size", "2", "--parallel.data_parallel_size", "4", "--bf16"]
+
+
+def test_dry_run_prints_count_and_memory_per_rank() -> None:
+    import subprocess
+    import sys
+
+    from megatron_glm.model.memory import estimate_memory
+
+    cfg = build_config({"model.size": "chatglm2-6b"}).model
+    one = estimate_memory(cfg, tp=1, pp=1, dp=1, zero_stage=0, precision="fp32")
+    assert one.stage_parameters == one.parameters and one.weights == 4 * one.parameters
+    assert one.optimizer == 8 * one.parameters  # fp32: exp_avg + exp_avg_sq only
+    split = estimate_memory(cfg, tp=2, pp=2, dp=4, zero_stage=1, precision="bf16")
+    assert split.stage_parameters < one.parameters / 3
+    assert split.optimizer == split.stage_parameters * 12 / 4 and split.grads == split.stage_parameters * 2
+    z3 = estimate_memory(cfg, tp=2, pp=1, dp=4, zero_stage=3, precision="bf16")
+    assert z3.weights == z3.grads == z3.stage_parameters * 2 / 4
+    out = subprocess.run(
+        [sys.executable, "pretrain_glm.py", "--dry-run", "--model.size", "chatglm2-6b", "--seq-length", "2048", *ARGS],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**__import__("os").environ, "WORLD_SIZE": "8"},
+    ).stdout
+    assert f"parameters: {one.parameters:,}" in out
+    assert "memory per rank (TP 2 x PP 1 x DP 4, ZeRO 1, bf16" in out and "optimizer states" in out
