@@ -352,6 +352,22 @@ def test_imported_logits_equal_the_reference_of_their_tensors(tmp_path: Path, re
     assert rel < 1e-5, rel
 
 
+@pytest.mark.parametrize("release", ["chatglm2-6b", "glm-130b-sat"])
+def test_round_trip_through_standalone_and_a_pipeline(tmp_path: Path, release: str) -> None:
+    """Their layout -> standalone safetensors -> native PP=2 -> theirs: still the same tensors."""
+    folder, theirs = RELEASES[release](tmp_path)
+    convert(folder, tmp_path / "standalone", format="safetensors")
+    convert(tmp_path / "standalone", tmp_path / "pp2", format="native", target_pp=2)
+    assert open_source(tmp_path / "pp2").info.pp == 2
+    if release == "glm-130b-sat":
+        convert(tmp_path / "pp2", tmp_path / "back", format="sat", target_tp=2)
+        for got, want in zip(read_sat_folder(tmp_path / "back"), theirs, strict=True):
+            assert_same_tensors(got, want)
+    else:
+        convert(tmp_path / "pp2", tmp_path / "back", format="hf")
+        assert_same_tensors(read_hf_folder(tmp_path / "back"), theirs)
+
+
 def test_release_configs_map_to_the_family_options(tmp_path: Path) -> None:
     for release, want in (
         ("chatglm-6b", dict(position_embedding_type="rope_2d", residual_style="post_ln_alpha", ffn_hidden_size=64)),

@@ -18,8 +18,10 @@ Tensors (SAT names; ours are the same but ``transformer.word_embeddings.weight``
 as SAT does; checked on import, recomputed on export). Tied output, no position table (a
 ``transformer.position_embeddings.weight`` that a SAT build carries is ignored with a note).
 
-The model is GLM-130B's architecture (rotary 1-D over the whole head, GeGLU, DeepNorm, LayerNorm, biases, tied
-head); exporting another architecture is a one-line error naming the first option that differs.
+The model is GLM-130B's architecture (rotary 1-D over the whole head, GeGLU ``x1 * gelu_erf(x2)`` with the exact
+GeLU as GLM-130B's code, DeepNorm, LayerNorm, biases, tied head); exporting another architecture is a one-line
+error naming the first option that differs. Our rotary uses exact fp32 frequencies, as SAT (the stored buffer is
+checked, not used). Inference-time masks and positions (SAT freezes positions at ``[gMASK]``) are the caller's.
 """
 
 from __future__ import annotations
