@@ -4,7 +4,8 @@
     deepspeed --num_gpus 2 pretrain_glm.py --config ... --tensor-model-parallel-size 2
     torchrun --nproc_per_node 2 pretrain_glm.py --config ...
 
-``--dry-run`` validates the configuration (for the launcher's world size) and prints it without training.
+``--dry-run`` validates the configuration (for the launcher's world size, else TP x PP x DP of the config) and
+prints it, the parameter count and the memory per rank (weights, grads, optimizer states), without training.
 ``--help`` lists every option.
 """
 
@@ -15,7 +16,7 @@ import sys
 
 import yaml
 
-from megatron_glm.config import config_to_dict, help_text, load_config, validate
+from megatron_glm.config import GLMConfig, config_to_dict, help_text, load_config, validate
 from megatron_glm.errors import GLMError, run_cli
 
 
@@ -28,11 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     dry_run = "--dry-run" in argv
     argv = [a for a in argv if a != "--dry-run"]
     cfg = load_config(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    p = cfg.parallel
+    planned = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * max(1, p.data_parallel_size)
+    world_size = int(os.environ.get("WORLD_SIZE", str(planned if dry_run else 1)))
     validate(cfg, world_size)
     if dry_run:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         print(f"configuration is valid for world size {world_size}")
+        print(dry_run_memory(cfg, world_size))
         return 0
     from megatron_glm.training.failures import lost_peer_message
     from megatron_glm.training.run import pretrain  # heavy imports (torch, deepspeed) only when training
@@ -45,6 +49,27 @@ def main(argv: list[str] | None = None) -> int:
             raise
         raise GLMError(message) from None
     return 0
+
+
+def dry_run_memory(cfg: GLMConfig, world_size: int) -> str:
+    """The parameter count and the memory per rank (weights, grads, optimizer states) of this run."""
+    from megatron_glm.config import derived_data_parallel_size
+    from megatron_glm.model.memory import estimate_memory
+
+    p, t = cfg.parallel, cfg.training
+    tp, pp, dp = (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        derived_data_parallel_size(cfg, world_size),
+    )
+    if cfg.model.vocab_size <= 0:
+        return "parameters: unknown until the tokenizer gives the vocabulary (set model.vocab_size to count them)"
+    est = estimate_memory(cfg.model, tp=tp, pp=pp, dp=dp, zero_stage=t.zero_stage, precision=t.precision)
+    return (
+        f"parameters: {est.parameters:,}\n"
+        f"memory per rank (TP {tp} x PP {pp} x DP {dp}, ZeRO {t.zero_stage}, {t.precision}; "
+        f"{est.stage_parameters:,} parameters on the largest rank): {est.describe()}"
+    )
 
 
 if __name__ == "__main__":

@@ -6,9 +6,14 @@ Examples (run from the repository root):
     python tools/convert_checkpoint.py --input ckpt/run --output export/glm --format safetensors --verify-logits
     python tools/convert_checkpoint.py --input blocklm-large-blank --output ckpt/imported --format native
 
+    python tools/convert_checkpoint.py --input glm-130b-sat --output ckpt/glm130b --format native --target-tp 8
+    python tools/convert_checkpoint.py --input ckpt/chatglm --output chatglm-hf --format hf --dtype fp16
+
 The input format is detected: one of our training checkpoints (a --save directory or one global_stepN
-directory), an original GLM checkpoint (mp_rank_XX_model_states.pt), or a standalone model (config.json +
-model.safetensors). Every conversion re-reads what it wrote and compares shapes, dtypes and checksums.
+directory), an original GLM checkpoint (mp_rank_XX_model_states.pt), GLM-130B's SwissArmyTransformer
+checkpoint (mp_rank files with SAT's names / model_config.json), a standalone model (config.json +
+model.safetensors), or a HuggingFace folder of the family (GLM, ChatGLM-6B, ChatGLM2-6B; --format hf writes
+the layout of the model's family). Every conversion re-reads what it wrote and compares shapes, dtypes and checksums.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from megatron_glm.checkpoint.formats.glm_original import GLMOriginalSource, find_rank_dir, write_glm_original
-from megatron_glm.checkpoint.formats.hf import HFSource, is_hf, write_hf
+from megatron_glm.checkpoint.formats.hf import HFSource, family_for, is_hf, write_hf
 from megatron_glm.checkpoint.formats.native import NativeSource, NativeTarget, find_step_dir, write_native
+from megatron_glm.checkpoint.formats.sat import SATSource, check_sat_architecture, is_sat, write_sat
 from megatron_glm.checkpoint.formats.standalone import StandaloneSource, is_standalone, write_standalone
 from megatron_glm.checkpoint.formats.universal import UniversalSource, is_universal, write_universal
 from megatron_glm.checkpoint.manager import META, list_checkpoints, read_meta
@@ -32,7 +33,7 @@ from megatron_glm.config.sections import opt
 from megatron_glm.dtypes import DTYPES, SHORT_NAMES
 from megatron_glm.errors import CheckpointError
 
-FORMATS = ("native", "universal", "glm", "safetensors", "hf")
+FORMATS = ("native", "universal", "glm", "safetensors", "hf", "sat")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -44,8 +45,9 @@ class ConvertOptions:
         "native: training checkpoint (resumable) in the --target-* layout; universal: DeepSpeed's universal "
         "checkpoint with the optimizer state, resumable by a run of any tp/dp/ZeRO-1-2 layout without "
         "pipelining; glm: original GLM mp_rank files; safetensors: standalone model for "
-        "megatron_glm.checkpoint.load_pretrained; hf: HuggingFace folder in THUDM's published layout with its "
-        "transformers code (trust_remote_code).",
+        "megatron_glm.checkpoint.load_pretrained; hf: HuggingFace folder in THUDM's published layout of the "
+        "model's family (GLM with its transformers code; ChatGLM-6B, ChatGLM2-6B); sat: GLM-130B's "
+        "SwissArmyTransformer mp_rank files.",
         choices=FORMATS,
     )
     target_tp: int = opt(1, "Tensor-parallel size of the output.")
@@ -54,7 +56,8 @@ class ConvertOptions:
     vocab_size: int = opt(0, "Re-pad the vocabulary to this many rows (0: keep).")
     dtype: str = opt(
         "",
-        "Weights dtype for glm/safetensors/hf (empty: fp32 master weights for safetensors/hf, as stored for glm).",
+        "Weights dtype for glm/sat/safetensors/hf (empty: fp32 master weights for safetensors/hf, as stored for "
+        "glm/sat).",
         choices=("", *SHORT_NAMES),
     )
     keep_optimizer: bool = opt(True, "native: carry the optimizer state when the layout allows (false: weights only).")
@@ -62,7 +65,9 @@ class ConvertOptions:
     verify_logits: bool = opt(
         False, "Also run a forward pass on a fixed input before and after and report the max difference."
     )
-    num_attention_heads: int = opt(0, "For original GLM checkpoints without config.json (0: hidden / 64).")
+    num_attention_heads: int = opt(
+        0, "For original GLM / SAT checkpoints without config.json / model_config.json (0: hidden / 64, SAT: / 128)."
+    )
     tokenizer_model: str = opt("", "Tokenizer to check the vocab against and to export (empty: the checkpoint's).")
     max_shard_bytes: int = opt(
         2 * 2**30, "safetensors/hf: largest shard in bytes (the tool's --max-shard-size also takes 2GB, 500MB, ...)."
@@ -131,11 +136,14 @@ def open_source(path: str | Path, *, num_attention_heads: int | None = None) -> 
         return HFSource(path)
     if is_standalone(path):
         return StandaloneSource(path)
+    if is_sat(path):
+        return SATSource(path, num_attention_heads=num_attention_heads)
     if find_rank_dir(path) is not None:
         return GLMOriginalSource(path, num_attention_heads=num_attention_heads)
     raise CheckpointError(
         f"{path}: not a checkpoint we can read (neither a megatron_glm training checkpoint, an "
-        f"original GLM checkpoint with mp_rank_XX_model_states.pt, a standalone model, nor a HuggingFace GLM folder)"
+        f"original GLM or SAT checkpoint with mp_rank_XX_model_states.pt, a standalone model, nor a HuggingFace "
+        f"folder of the GLM family)"
     )
 
 
@@ -178,7 +186,11 @@ def _check_target(src: Any, opts: ConvertOptions) -> None:
     cfg = src.info.config
     tp = opts.target_tp
     check_divisible("number of attention heads", cfg.num_attention_heads, tp, "choose a --target-tp that divides it")
-    check_divisible("MLP size 4 x hidden", 4 * cfg.hidden_size, tp)
+    check_divisible("MLP size", cfg.ffn_size, tp)
+    if opts.format == "sat":
+        check_sat_architecture(cfg)
+    if opts.format == "hf":
+        family_for(cfg)
     if opts.dtype and opts.dtype not in SHORT_NAMES:
         raise CheckpointError(f"unknown dtype {opts.dtype!r} (fp32, bf16, fp16)")
 
@@ -274,10 +286,27 @@ def convert_checkpoint(
                 iteration=int(getattr(info, "meta", {}).get("step", 0)),
                 transform=transform,
             )
+        elif opts.format == "sat":
+            write_sat(
+                src,
+                tmp,
+                opts.target_tp,
+                tcfg,
+                iteration=int(getattr(info, "meta", {}).get("step", 0)),
+                transform=transform,
+            )
         elif opts.format == "hf":
             tok = [opts.tokenizer_model] if opts.tokenizer_model else info.tokenizer_files
             model_file = next((t for t in tok if not t.endswith(".vocab")), None)
-            if model_file is None:
+            family = family_for(tcfg)
+            if not family.code_files:
+                notes.append(
+                    f"{family.name} layout: weights and config.json only; copy THUDM's published model and tokenizer "
+                    f"files ({', '.join(sorted(set(v.split('.')[0] + '.py' for v in family.auto_map.values())))}, "
+                    f"tokenizer) into the folder to load it with trust_remote_code"
+                )
+                model_file = None
+            elif model_file is None:
                 notes.append("no tokenizer found: the hf export has no tokenizer files and generate() needs token ids")
             write_hf(
                 src,
@@ -288,6 +317,7 @@ def convert_checkpoint(
                 tokenizer_model=model_file,
                 max_shard_bytes=opts.max_shard_bytes,
                 max_new_tokens=opts.max_new_tokens,
+                family=family,
             )
         else:
             tok = [opts.tokenizer_model] if opts.tokenizer_model else info.tokenizer_files

@@ -2,7 +2,8 @@
 
 Every GLM tensor is described by its :class:`~megatron_glm.model.layout.TensorSpec` (the model layout): along
 which dimension, and in how many packed blocks (``[q_r; k_r; v_r]`` for the fused QKV), it is split over
-tensor-parallel ranks. The vocabulary (rows of ``word_embeddings.weight``) can be re-padded on the way.
+tensor-parallel ranks. The vocabulary (rows of ``word_embeddings.weight`` and of an untied ``output_layer.weight``)
+can be re-padded on the way.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from megatron_glm.errors import CheckpointError
-from megatron_glm.model.layout import VOCAB_TENSOR, TensorSpec
+from megatron_glm.model.layout import OUTPUT_TENSOR, VOCAB_TENSOR, TensorSpec
 from megatron_glm.parallel.sharding import shard, unshard
 
 
@@ -38,8 +39,15 @@ def merge_shards(spec: TensorSpec, shards: list[torch.Tensor]) -> torch.Tensor:
                 f"{name}: shard of tensor-parallel rank {r} has shape {list(s.shape)}, rank 0 has "
                 f"{list(shards[0].shape)}"
             )
-        if s.shape[dim] % stride:
+        if isinstance(stride, int) and s.shape[dim] % stride:
             raise CheckpointError(f"{name}: shard dimension {dim} ({s.shape[dim]}) is not a multiple of {stride}")
+        if not isinstance(stride, int) and (
+            any(b % len(shards) for b in stride) or s.shape[dim] * len(shards) != sum(stride)
+        ):
+            raise CheckpointError(
+                f"{name}: shard dimension {dim} ({s.shape[dim]}) x {len(shards)} ranks does not hold the packed "
+                f"blocks {list(stride)}"
+            )
     return unshard(list(shards), dim, stride)
 
 
@@ -49,10 +57,15 @@ def split_full(spec: TensorSpec, full: torch.Tensor, rank: int, size: int) -> to
     if part is None or size == 1:
         return full
     dim, stride = part
-    if full.shape[dim] % (size * stride):
+    if isinstance(stride, int) and full.shape[dim] % (size * stride):
         raise CheckpointError(
             f"{name}: dimension {dim} of size {full.shape[dim]} does not split into {size} "
             f"tensor-parallel ranks" + (f" x {stride} packed blocks" if stride > 1 else "")
+        )
+    if not isinstance(stride, int) and (sum(stride) != full.shape[dim] or any(b % size for b in stride)):
+        raise CheckpointError(
+            f"{name}: dimension {dim} of size {full.shape[dim]} does not split into {size} tensor-parallel "
+            f"ranks x packed blocks {list(stride)}"
         )
     if stride == 1:
         return torch.chunk(full, size, dim=dim)[rank]
@@ -64,7 +77,7 @@ def resize_vocab(name: str, full: torch.Tensor, rows: int) -> torch.Tensor:
 
     New padding rows are zeros (their logits are 0; no tokenizer id reaches them).
     """
-    if name != VOCAB_TENSOR or full.shape[0] == rows:
+    if name not in (VOCAB_TENSOR, OUTPUT_TENSOR) or full.shape[0] == rows:
         return full
     if rows < full.shape[0]:
         return full[:rows]

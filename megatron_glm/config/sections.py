@@ -33,7 +33,7 @@ class ModelConfig:
     size: str = opt(
         "",
         "Named size to start from (glm-tiny, glm-base, glm-large, glm-large-chinese, "
-        "glm-2b, glm-10b); explicit fields override it.",
+        "glm-2b, glm-10b, glm-130b, chatglm-6b, chatglm2-6b); explicit fields override it.",
     )
     num_layers: int = opt(2, "Number of transformer layers.")
     hidden_size: int = opt(64, "Hidden size H.")
@@ -75,6 +75,93 @@ class ModelConfig:
         "Training: fuse the tied head into the cross entropy, this many loss rows at a "
         "time, so the [n, V] logits are never stored (0: one unfused head).",
     )
+    # -- GLM family architecture options (defaults: the 2021 GLM) ------------------------------------------
+    position_embedding_type: str = opt(
+        "learned_absolute",
+        "Positions: learned_absolute (position + block-position tables, GLM), rope (1-D rotary on "
+        "position_ids row 0, GLM-130B) or rope_2d (ChatGLM-6B: one half of each head's dims rotated by "
+        "the position, the other half by the block position). Rotary models have no position tables.",
+        choices=("learned_absolute", "rope", "rope_2d"),
+    )
+    rotary_percent: float = opt(
+        1.0, "Fraction of each head's dims that rotary rotates, in (0, 1] (ChatGLM2: 0.5; rope_2d: 1)."
+    )
+    rotary_base: float = opt(10000.0, "Rotary frequency base: theta_i = base^(-2i / rotary dims).")
+    rotary_interleaved: bool = opt(
+        False, "Rotate interleaved pairs (x[2i], x[2i+1]) as ChatGLM2, instead of the two halves (rotate-half)."
+    )
+    ffn_hidden_size: int = opt(
+        0, "MLP inner size (0: 4 x hidden_size). With a GLU activation dense_h_to_4h is 2 x this wide."
+    )
+    activation: str = opt(
+        "gelu",
+        "MLP activation: gelu (tanh GeLU, GLM), geglu (x1 * erf-gelu(x2) over the two halves of "
+        "dense_h_to_4h, GLM-130B) or swiglu (silu(x1) * x2, ChatGLM2).",
+        choices=("gelu", "geglu", "swiglu"),
+    )
+    normalization: str = opt(
+        "LayerNorm",
+        "Norm of every layer and the final norm: LayerNorm or RMSNorm (no bias).",
+        choices=("LayerNorm", "RMSNorm"),
+    )
+    residual_style: str = opt(
+        "pre_ln",
+        "Residual/norm placement: pre_ln (h + f(LN(h)), GLM); post_ln_alpha (x = LN(h); h = alpha x + "
+        "f(x), alpha = sqrt(2 L), ChatGLM-6B); deepnorm (the same forward, which is DeepNorm's post-LN "
+        "x = LN(alpha x + f(x)) chained, plus DeepNorm's init: Xavier-normal matrices, the value part of QKV, "
+        "attention dense and both MLP matrices scaled by beta = (2 L)^-0.5, GLM-130B).",
+        choices=("pre_ln", "post_ln_alpha", "deepnorm"),
+    )
+    num_query_groups: int = opt(
+        0, "Key/value groups for grouped-query attention (0: multi-head; 1: multi-query; ChatGLM2: 2)."
+    )
+    group_query_attention: bool = opt(
+        False, "Megatron's switch for grouped-query attention; needs num_query_groups > 0 (which alone suffices)."
+    )
+    kv_channels: int = opt(0, "Head dimension (0: hidden_size / num_attention_heads).")
+    add_qkv_bias: bool = opt(True, "Bias on the fused QKV projection.")
+    add_bias_linear: bool = opt(True, "Bias on the attention output and both MLP projections (--disable-bias-linear).")
+    attention_softmax_in_fp32: bool = opt(
+        False,
+        "Under bf16/fp16, compute attention scores and softmax in fp32 with the explicit kernel (fp32 "
+        "training already does; the fused kernels keep fp32 accumulators).",
+    )
+    apply_query_key_layer_scaling: bool = opt(
+        False,
+        "Scale scores by 1 / (sqrt(d) x layer number) in the compute dtype, multiply back in fp32 before "
+        "the fp32 softmax (GLM-130B, ChatGLM); a no-op in fp32 training.",
+    )
+    embedding_grad_shrink: float = opt(
+        1.0,
+        "GLM-130B's embedding gradient shrink alpha in (0, 1]: emb = alpha emb + (1 - alpha) emb.detach() "
+        "(forward unchanged, word-embedding gradient x alpha; 1: off; GLM-130B: 0.1).",
+    )
+    untie_embeddings_and_output_weights: bool = opt(
+        False, "A separate output layer (output_layer.weight [V, H]) instead of the tied word embedding."
+    )
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head dimension (``kv_channels`` or ``hidden_size / heads``)."""
+        return self.kv_channels or self.hidden_size // max(1, self.num_attention_heads)
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads (``num_attention_heads`` without grouped-query attention)."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        """The MLP inner size (``ffn_hidden_size`` or 4 H)."""
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def glu(self) -> bool:
+        return self.activation in ("geglu", "swiglu")
+
+    @property
+    def rotary(self) -> bool:
+        return self.position_embedding_type != "learned_absolute"
 
 
 @dataclass(kw_only=True)

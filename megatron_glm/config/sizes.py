@@ -1,4 +1,5 @@
-"""Named GLM model sizes, as data (published layers / hidden / heads / positions / padded vocab)."""
+"""Named GLM model sizes, as data (published layers / hidden / heads / positions / padded vocab and, for the
+later family, the architecture options of the release)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,52 @@ MODEL_SIZES = MappingProxyType(
         ),
         "glm-10b": dict(
             num_layers=48, hidden_size=4096, num_attention_heads=64, max_sequence_length=1024, vocab_size=50304
+        ),
+        # The later family (glm-family.md): shapes of the released checkpoints.
+        "glm-130b": dict(
+            num_layers=70,
+            hidden_size=12288,
+            num_attention_heads=96,
+            ffn_hidden_size=32768,
+            max_sequence_length=2048,
+            vocab_size=150528,
+            position_embedding_type="rope",
+            activation="geglu",
+            residual_style="deepnorm",
+            apply_query_key_layer_scaling=True,
+            attention_softmax_in_fp32=True,
+            embedding_grad_shrink=0.1,
+        ),
+        "chatglm-6b": dict(
+            num_layers=28,
+            hidden_size=4096,
+            num_attention_heads=32,
+            ffn_hidden_size=16384,
+            max_sequence_length=2048,
+            vocab_size=150528,
+            position_embedding_type="rope_2d",
+            residual_style="post_ln_alpha",
+            apply_query_key_layer_scaling=True,
+            attention_softmax_in_fp32=True,
+        ),
+        "chatglm2-6b": dict(
+            num_layers=28,
+            hidden_size=4096,
+            num_attention_heads=32,
+            kv_channels=128,
+            num_query_groups=2,
+            ffn_hidden_size=13696,
+            max_sequence_length=32768,
+            vocab_size=65024,
+            position_embedding_type="rope",
+            rotary_percent=0.5,
+            rotary_interleaved=True,
+            activation="swiglu",
+            normalization="RMSNorm",
+            add_bias_linear=False,
+            untie_embeddings_and_output_weights=True,
+            apply_query_key_layer_scaling=True,
+            attention_softmax_in_fp32=True,
         ),
     }
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from megatron_glm.config.finite import nonfinite_fields
 from megatron_glm.config.ranges import parse_iteration_ranges
-from megatron_glm.config.sections import GLMConfig
+from megatron_glm.config.sections import GLMConfig, ModelConfig
 from megatron_glm.errors import ConfigError
 
 
@@ -31,6 +31,52 @@ def batch_sizes(cfg: GLMConfig, dp_size: int) -> tuple[int, int, int]:
     else:
         accum = t.gradient_accumulation_steps or 1
     return micro, accum, micro * accum * dp_size
+
+
+def family_problems(m: ModelConfig, tp: int) -> list[str]:
+    """Inconsistent combinations of the architecture options (positive sizes already checked)."""
+    out: list[str] = []
+    if m.kv_channels < 0 or m.ffn_hidden_size < 0 or m.num_query_groups < 0:
+        out.append(
+            "model.kv_channels, model.ffn_hidden_size and model.num_query_groups must be >= 0 (0: the default), "
+            f"got {m.kv_channels}, {m.ffn_hidden_size}, {m.num_query_groups}"
+        )
+        return out
+    g, heads = m.num_query_groups, m.num_attention_heads
+    if g and heads % g:
+        out.append(f"model.num_query_groups ({g}) must divide model.num_attention_heads ({heads})")
+    if g and g % tp:
+        out.append(
+            f"model.num_query_groups ({g}) must be divisible by parallel.tensor_model_parallel_size ({tp}) "
+            "(each rank holds whole key/value groups)"
+        )
+    if m.group_query_attention and not g:
+        out.append("model.group_query_attention (--group-query-attention) needs model.num_query_groups > 0")
+    if m.ffn_hidden_size and m.ffn_hidden_size % tp:
+        out.append(
+            f"model.ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by "
+            f"parallel.tensor_model_parallel_size ({tp})"
+        )
+    if not 0.0 < m.rotary_percent <= 1.0:
+        out.append(f"model.rotary_percent must be in (0, 1], got {m.rotary_percent}")
+    elif m.rotary:
+        rotated = m.head_dim * m.rotary_percent
+        if m.position_embedding_type == "rope_2d" and m.rotary_percent != 1.0:
+            out.append(
+                f"model.rotary_percent must be 1 with rope_2d (each half of a head is rotated), got {m.rotary_percent}"
+            )
+        elif m.position_embedding_type == "rope_2d" and m.head_dim % 4:
+            out.append(f"model.position_embedding_type rope_2d needs a head dimension divisible by 4, got {m.head_dim}")
+        elif not rotated.is_integer() or int(rotated) % 2:
+            out.append(
+                f"model.rotary_percent ({m.rotary_percent}) x head dimension ({m.head_dim}) must be an even "
+                "whole number of rotated dims"
+            )
+    if m.rotary and m.rotary_base <= 0:
+        out.append(f"model.rotary_base must be positive, got {m.rotary_base}")
+    if not 0.0 < m.embedding_grad_shrink <= 1.0:
+        out.append(f"model.embedding_grad_shrink must be in (0, 1] (1: off), got {m.embedding_grad_shrink}")
+    return out
 
 
 def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
@@ -61,7 +107,7 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
     )
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     if ok:
-        if m.hidden_size % m.num_attention_heads:
+        if m.hidden_size % m.num_attention_heads and not m.kv_channels:
             out.append(
                 f"model.hidden_size ({m.hidden_size}) must be divisible by "
                 f"model.num_attention_heads ({m.num_attention_heads})"
@@ -111,6 +157,7 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
             )
         if m.head_chunk_size < 0:
             out.append(f"model.head_chunk_size must be >= 0 (0: unfused head), got {m.head_chunk_size}")
+        out += family_problems(m, tp)
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(m, name) < 1.0:
             out.append(f"model.{name} must be in [0, 1), got {getattr(m, name)}")

@@ -8,6 +8,10 @@ Kernels (``ModelConfig.attention_impl``):
   and when no attention dropout is active (flex has no dropout). Elsewhere it falls back to ``sdpa``.
 - ``eager``: the reference; materialises the scores, softmax in fp32.
 
+Under bf16/fp16, ``attention_softmax_in_fp32`` / ``apply_query_key_layer_scaling`` (GLM-130B, ChatGLM) use
+:func:`layer_scaled_attention` instead: scores in the compute dtype scaled down by the layer number, multiplied
+back and soft-maxed in fp32, as the originals do. In fp32 the kernels above already compute that.
+
 Attention-probability dropout runs under ``tracker.fork()``: heads are split over tensor-parallel
 ranks, so each rank draws its own stream.
 """
@@ -16,17 +20,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_glm.config import ModelConfig
 from megatron_glm.model import sequence_parallel as sp
 from megatron_glm.model.masks import AttentionMask
 from megatron_glm.model.recompute import checkpointed
 from megatron_glm.parallel import ColumnParallelLinear, ParallelState, RNGStatesTracker, RowParallelLinear
 from megatron_glm.parallel.random import MODEL_PARALLEL_RNG, InitMethod
+
+if TYPE_CHECKING:
+    from megatron_glm.model.rotary import RotaryPositions
 
 ATTENTION_IMPLS = ("sdpa", "flex", "eager")
 
@@ -64,6 +72,19 @@ def eager_attention(
     return torch.matmul(probs, v)
 
 
+def layer_scaled_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float, coeff: float
+) -> torch.Tensor:
+    """Megatron/GLM-130B attention in low precision: scores ``(q / (sqrt(d) coeff)) k^T`` in ``q``'s dtype,
+    multiplied back by ``coeff`` (the layer number with query-key layer scaling, else 1) in fp32, fp32 softmax."""
+    scores = torch.matmul(q * (1.0 / (math.sqrt(q.shape[-1]) * coeff)), k.transpose(-1, -2)).float() * coeff
+    scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+    probs = (torch.softmax(scores, dim=-1) * mask.any(dim=-1, keepdim=True)).to(v.dtype)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, v)
+
+
 def attention_core(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -72,30 +93,38 @@ def attention_core(
     impl: str,
     dropout_p: float,
     tracker: RNGStatesTracker | None,
+    fp32_coeff: float | None = None,
 ) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(d) + mask) v`` on ``[b, h, s, d]`` with the chosen kernel."""
-    if impl == "flex" and (q.device.type != "cuda" or dropout_p > 0.0):
+    """``softmax(q k^T / sqrt(d) + mask) v`` on ``[b, h, s, d]`` with the chosen kernel.
+
+    ``fp32_coeff`` (not ``None``): :func:`layer_scaled_attention` with that coefficient instead of ``impl``.
+    """
+    if fp32_coeff is None and impl == "flex" and (q.device.type != "cuda" or dropout_p > 0.0):
         impl = "sdpa"
-    if impl == "flex":
+    if fp32_coeff is None and impl == "flex":
         return _flex_attention()(q, k, v, block_mask=mask.block_mask)
     fork = tracker.fork(MODEL_PARALLEL_RNG) if (dropout_p > 0.0 and tracker is not None) else contextlib.nullcontext()
     with fork:
+        if fp32_coeff is not None:
+            return layer_scaled_attention(q, k, v, mask.bool_mask, dropout_p, fp32_coeff)
         if impl == "eager":
             return eager_attention(q, k, v, mask.bool_mask, dropout_p)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bool_mask, dropout_p=dropout_p)
 
 
 class ParallelSelfAttention(nn.Module):
-    """GLM self-attention. Submodules ``query_key_value`` and ``dense`` carry the original names."""
+    """GLM self-attention. Submodules ``query_key_value`` and ``dense`` carry the original names.
+
+    Multi-head, or grouped-query with ``config.num_query_groups`` key/value groups (query head ``i`` uses group
+    ``i // (heads / groups)``; each tensor-parallel rank holds whole groups). ``layer_number`` (1-based) is the
+    query-key layer-scaling coefficient.
+    """
 
     def __init__(
         self,
-        hidden_size: int,
-        num_heads: int,
+        config: ModelConfig,
+        layer_number: int,
         *,
-        attention_dropout: float,
-        hidden_dropout: float,
-        impl: str,
         qkv_init: InitMethod,
         dense_init: InitMethod,
         parallel_state: ParallelState,
@@ -103,33 +132,51 @@ class ParallelSelfAttention(nn.Module):
         device: torch.device | str | None,
     ) -> None:
         super().__init__()
+        impl, tp = config.attention_impl, parallel_state.tp_size
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
-        if num_heads % parallel_state.tp_size:
-            raise ValueError(f"{num_heads} heads do not split over tensor-parallel size {parallel_state.tp_size}")
-        self.num_heads_per_rank = num_heads // parallel_state.tp_size
-        self.head_dim = hidden_size // num_heads
-        self.attention_dropout, self.impl = attention_dropout, impl
+        heads, groups = config.num_attention_heads, config.query_groups
+        if heads % tp or groups % tp:
+            raise ValueError(f"{heads} heads / {groups} key-value groups do not split over tensor-parallel size {tp}")
+        self.num_heads_per_rank, self.groups_per_rank = heads // tp, groups // tp
+        self.head_dim = d = config.head_dim
+        self.attention_dropout, self.impl = config.attention_dropout, impl
+        self.layer_number = layer_number
+        self.layer_scaling = config.apply_query_key_layer_scaling
+        self.softmax_in_fp32 = config.attention_softmax_in_fp32 or config.apply_query_key_layer_scaling
         self.recompute_core = False  # selective recomputation: keep only q, k, v for backward
+        q_rows, kv_rows = heads * d, groups * d
+        stride: int | tuple[int, ...] = 3 if q_rows == kv_rows else (q_rows, kv_rows, kv_rows)
         self.query_key_value = ColumnParallelLinear(
-            hidden_size,
-            3 * hidden_size,
-            stride=3,
+            config.hidden_size,
+            q_rows + 2 * kv_rows,
+            bias=config.add_qkv_bias,
+            stride=stride,
             init_method=qkv_init,
             parallel_state=parallel_state,
             params_dtype=params_dtype,
             device=device,
         )
         self.dense = RowParallelLinear(
-            hidden_size,
-            hidden_size,
+            q_rows,
+            config.hidden_size,
+            bias=config.add_bias_linear,
             input_is_parallel=True,
             init_method=dense_init,
             parallel_state=parallel_state,
             params_dtype=params_dtype,
             device=device,
         )
-        self.output_dropout = nn.Dropout(hidden_dropout)
+        self.output_dropout = nn.Dropout(config.hidden_dropout)
+
+    def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[b, s, (h_r + 2 g_r) d]`` laid out as ``[q_r; k_r; v_r]`` -> ``[b, h_r, s, d]``, ``[b, g_r, s, d]`` x 2."""
+        b, s, _ = qkv.shape
+        h, g, d = self.num_heads_per_rank, self.groups_per_rank, self.head_dim
+        if h == g:
+            return qkv.view(b, s, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv.split([h * d, g * d, g * d], dim=-1)
+        return tuple(t.reshape(b, s, -1, d).transpose(1, 2) for t in (q, k, v))
 
     def forward(
         self,
@@ -138,32 +185,42 @@ class ParallelSelfAttention(nn.Module):
         tracker: RNGStatesTracker | None = None,
         kv_cache: LayerKVCache | None = None,
         sequence_parallel: bool = False,
+        rotary: RotaryPositions | None = None,
     ) -> torch.Tensor:
         """``x [b, s, H]`` -> ``[b, s, H]``.
 
-        ``kv_cache`` (generation): this layer's cache. The new keys/values ``[b, h_r, s, d]`` are appended
-        with ``kv_cache.update(k, v)``, which returns all keys/values so far ``[b, h_r, past + s, d]``;
-        ``mask.bool_mask`` is then ``[b, 1, s, past + s]`` (flex falls back to sdpa).
+        ``kv_cache`` (generation): this layer's cache. The new keys/values ``[b, g_r, s, d]`` (after the rotary
+        rotation) are appended with ``kv_cache.update(k, v)``, which returns all keys/values so far
+        ``[b, g_r, past + s, d]``; ``mask.bool_mask`` is then ``[b, 1, s, past + s]`` (flex falls back to sdpa).
 
         ``sequence_parallel``: ``x`` and the result are this rank's sequence shard ``[b, s/tp, H]``; the QKV
         projection all-gathers the sequence, the output projection reduce-scatters it.
+
+        ``rotary``: the rotation of this forward's positions (rotary models), applied to queries and keys.
         """
-        qkv = self.query_key_value(x, sequence_parallel)  # [b, s, 3 * h_r * d] laid out as [q_r; k_r; v_r]
+        qkv = self.query_key_value(x, sequence_parallel)
         b, s, _ = qkv.shape
-        qkv = qkv.view(b, s, 3, self.num_heads_per_rank, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [b, h_r, s, d]
+        q, k, v = self._split_qkv(qkv)
+        if rotary is not None:
+            q, k = rotary.apply(q), rotary.apply(k)
         p = self.attention_dropout if self.training else 0.0
         impl = self.impl
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
             impl = "sdpa" if impl == "flex" else impl
+        if self.groups_per_rank != self.num_heads_per_rank:
+            rep = self.num_heads_per_rank // self.groups_per_rank
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        coeff = None
+        if self.softmax_in_fp32 and q.dtype != torch.float32:  # in fp32 every kernel already is
+            coeff = float(self.layer_number) if self.layer_scaling else 1.0
         if self.recompute_core and kv_cache is None and self.training and torch.is_grad_enabled():
 
             def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return attention_core(q, k, v, mask, impl, p, tracker)
+                return attention_core(q, k, v, mask, impl, p, tracker, coeff)
 
             ctx = checkpointed(core, tracker, q, k, v)
         else:
-            ctx = attention_core(q, k, v, mask, impl, p, tracker)
+            ctx = attention_core(q, k, v, mask, impl, p, tracker, coeff)
         ctx = ctx.transpose(1, 2).reshape(b, s, self.num_heads_per_rank * self.head_dim)
         return sp.dropout(self.output_dropout, self.dense(ctx, sequence_parallel), tracker, sequence_parallel)

@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_glm.config import ModelConfig
-from megatron_glm.model.layout import VOCAB_TENSOR, ModelLayout, PipeLayer
+from megatron_glm.model.layout import OUTPUT_TENSOR, VOCAB_TENSOR, ModelLayout, PipeLayer
 from megatron_glm.model.loss import GLMLoss, glm_loss_at, glm_loss_fused, loss_positions
 from megatron_glm.model.masks import AttentionMask, prepare_attention_mask
 from megatron_glm.model.transformer import GLMTransformer, KVCacheLike
 from megatron_glm.parallel import (
     MODEL_PARALLEL_RNG,
+    ColumnParallelLinear,
     ParallelState,
     RNGStatesTracker,
     VocabParallelEmbedding,
@@ -29,13 +30,38 @@ from megatron_glm.parallel import (
     scatter_to_sequence_parallel_region,
     stable_seed,
 )
-from megatron_glm.parallel.random import InitMethod
+from megatron_glm.parallel.random import InitMethod, blockwise_normal_init
 
 
 def init_method_for(name: str, layout: ModelLayout, seed: int) -> InitMethod:
     """The init of parameter ``name`` (original GLM state-dict name) as the layout says: N(0, init_std), output
-    projections N(0, init_std / sqrt(2 L)); drawn for the full tensor from a generator seeded by (seed, name)."""
-    return normal_init(layout.init_std(name), stable_seed(seed, name))
+    projections N(0, init_std / sqrt(2 L)), DeepNorm's scaled Xavier per packed block; drawn for the full tensor
+    from a generator seeded by (seed, name)."""
+    stds = layout.block_init_stds(name)
+    if len(set(stds)) == 1:
+        return normal_init(stds[0], stable_seed(seed, name))
+    spec = layout[name]
+    return blockwise_normal_init(stds, spec.sizes_along_split(), spec.split_dim or 0, stable_seed(seed, name))
+
+
+def output_layer(
+    config: ModelConfig,
+    layout: ModelLayout,
+    parallel_state: ParallelState,
+    seed: int,
+    params_dtype: torch.dtype,
+    device: torch.device | str | None,
+) -> ColumnParallelLinear:
+    """The untied head ``output_layer.weight [V, H]``, vocab-parallel (``h @ W.T`` for this rank's slice)."""
+    return ColumnParallelLinear(
+        config.hidden_size,
+        config.vocab_size,
+        bias=False,
+        init_method=init_method_for(OUTPUT_TENSOR, layout, seed),
+        parallel_state=parallel_state,
+        params_dtype=params_dtype,
+        device=device,
+    )
 
 
 def word_embedding(
@@ -106,6 +132,8 @@ class GLMModel(nn.Module):
             params_dtype=params_dtype,
             device=device,
         )
+        if not self.layout.tied_head:
+            self.output_layer = output_layer(config, self.layout, ps, seed, params_dtype, device)
         self.rng_tracker = new_rng_tracker(seed, ps, device)
         # Sequence parallelism applies to training/eval forwards; generation (a KV cache) runs without it.
         self.sequence_parallel = config.sequence_parallel and ps.tp_size > 1
@@ -148,6 +176,7 @@ class GLMModel(nn.Module):
         if position_ids is None:
             raise ValueError("position_ids [b, 2, s] is required")
         h = self.transformer.embed(self.word_embeddings(input_ids), position_ids)
+        rotary = self.transformer.rotary_for(position_ids)
         if h.device.type != self.rng_tracker.device.type:  # moved with .to(); reseed on the new device
             self.rng_tracker = new_rng_tracker(self.seed, self.parallel_state, h.device)
         group = self.parallel_state.tp_group
@@ -157,13 +186,13 @@ class GLMModel(nn.Module):
             mask = prepare_attention_mask(attention_mask, b, s, h.device)
             if seq_parallel:
                 h = scatter_to_sequence_parallel_region(h, group)
-                h = self.transformer(h, mask, self.rng_tracker, sequence_parallel=True)
+                h = self.transformer(h, mask, self.rng_tracker, sequence_parallel=True, rotary=rotary)
                 h = gather_from_sequence_parallel_region(h, group, reduce_grad=False)
             else:
-                h = self.transformer(h, mask, self.rng_tracker)
+                h = self.transformer(h, mask, self.rng_tracker, rotary=rotary)
         else:
             mask = prepare_attention_mask(attention_mask, b, s, h.device, kv_seq=kv_cache.length + s)
-            h = self.transformer(h, mask, self.rng_tracker, kv_cache=kv_cache)
+            h = self.transformer(h, mask, self.rng_tracker, kv_cache=kv_cache, rotary=rotary)
         if labels is not None:
             return self.head_loss(h, labels, loss_mask)
         if logit_positions is not None:
@@ -188,13 +217,16 @@ class GLMModel(nn.Module):
         if chunk <= 0:
             return glm_loss_at(self.logits(rows), positions, labels, loss_mask, self.parallel_state)
         rows = copy_to_tensor_parallel_region(rows, self.parallel_state.tp_group)
-        return glm_loss_fused(
-            rows, self.word_embeddings.weight, positions, labels, loss_mask, self.parallel_state, chunk=chunk
-        )
+        return glm_loss_fused(rows, self.head_weight, positions, labels, loss_mask, self.parallel_state, chunk=chunk)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """This rank's ``[V/tp, H]`` head: the word embedding (tied) or ``output_layer.weight``."""
+        return self.word_embeddings.weight if self.layout.tied_head else self.output_layer.weight
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Tied head: ``h @ word_embeddings.T`` for this rank's vocabulary slice."""
-        return tied_logits(h, self.word_embeddings.weight, self.parallel_state)
+        """The head: ``h @ W.T`` for this rank's vocabulary slice (``W`` tied to the word embedding or not)."""
+        return tied_logits(h, self.head_weight, self.parallel_state)
 
 
 class GLMPart(nn.Module):
@@ -204,9 +236,12 @@ class GLMPart(nn.Module):
 
     - ``word_embedding`` / ``head``: ``word_embeddings`` (the tied weight); :meth:`embed_tokens` and
       :meth:`logits`. A head built on another stage than the word embedding starts from the same weights;
-      the pipeline keeps the two identical (broadcast, gradients summed).
-    - ``position_embeddings``: :meth:`embed_positions` adds the position tables (then embedding dropout).
-    - ``layer``: :meth:`run_layers` on ``[b, s, H]`` hidden states with a ``[b]`` sep or boolean mask.
+      the pipeline keeps the two identical (broadcast, gradients summed). An untied head holds
+      ``output_layer`` instead.
+    - ``position_embeddings``: :meth:`embed_positions` adds the position tables (none in rotary models), then
+      embedding dropout.
+    - ``layer``: :meth:`run_layers` on ``[b, s, H]`` hidden states with a ``[b]`` sep or boolean mask (and the
+      position ids in rotary models).
     - ``final_norm``: :meth:`final_norm`.
     """
 
@@ -227,6 +262,9 @@ class GLMPart(nn.Module):
         self.pipe, self.parallel_state = pipe, parallel_state
         self.tracker = tracker or new_rng_tracker(seed, parallel_state, device)  # shared by a stage's layers
         self.layout = layout = ModelLayout(config)
+        if pipe.kind == "head" and not layout.tied_head:
+            self.output_layer = output_layer(config, layout, parallel_state, seed, params_dtype, device)
+            return
         if pipe.kind in ("word_embedding", "head"):
             self.word_embeddings = word_embedding(config, layout, parallel_state, seed, params_dtype, device)
             return
@@ -251,15 +289,22 @@ class GLMPart(nn.Module):
     def embed_positions(self, word: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.embed(word, position_ids)
 
-    def run_layers(self, h: torch.Tensor, attention_mask: torch.Tensor | AttentionMask) -> torch.Tensor:
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        attention_mask: torch.Tensor | AttentionMask,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``position_ids [b, 2, s]``: needed by rotary models only."""
         mask = prepare_attention_mask(attention_mask, h.shape[0], h.shape[1], h.device)
-        return self.transformer(h, mask, self.tracker)
+        return self.transformer(h, mask, self.tracker, rotary=self.transformer.rotary_for(position_ids))
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.transformer.final_layernorm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return tied_logits(h, self.word_embeddings.weight, self.parallel_state)
+        weight = self.output_layer.weight if hasattr(self, "output_layer") else self.word_embeddings.weight
+        return tied_logits(h, weight, self.parallel_state)
 
 
 def check_config(config: ModelConfig, parallel_state: ParallelState) -> None:
@@ -269,8 +314,13 @@ def check_config(config: ModelConfig, parallel_state: ParallelState) -> None:
         raise ValueError("config.vocab_size must be resolved (> 0) before building the model")
     if config.vocab_size % ps.tp_size:
         raise ValueError(f"vocab_size {config.vocab_size} is not divisible by the tensor-parallel size {ps.tp_size}")
-    if config.hidden_size % config.num_attention_heads:
+    if config.hidden_size % config.num_attention_heads and not config.kv_channels:
         raise ValueError(f"hidden_size {config.hidden_size} is not divisible by {config.num_attention_heads} heads")
+    from megatron_glm.config.validate import family_problems
+
+    found = family_problems(config, ps.tp_size)
+    if found:
+        raise ValueError("; ".join(found))
 
 
 def flops_per_token(
@@ -278,9 +328,11 @@ def flops_per_token(
 ) -> float:
     """Model FLOPs per token (matmuls only, dense attention, no recomputation counted).
 
-    Per layer forward: ``24 H^2`` (QKV, dense, MLP) ``+ 4 s H`` (scores and context); head ``2 H V``.
-    Training (forward + backward) is three times the forward.
+    Per layer forward: ``2 x`` the matmul parameters (QKV, dense, MLP; ``24 H^2`` for GLM) ``+ 4 s nh hd``
+    (scores and context); head ``2 H V``. Training (forward + backward) is three times the forward.
     """
     h, layers = config.hidden_size, config.num_layers if num_layers is None else num_layers
-    forward = layers * (24 * h * h + 4 * seq_length * h) + 2 * h * config.vocab_size
+    q, kv, f = config.num_attention_heads * config.head_dim, config.query_groups * config.head_dim, config.ffn_size
+    matmul = h * (q + 2 * kv) + q * h + h * f * (3 if config.glu else 2)
+    forward = layers * (2 * matmul + 4 * seq_length * q) + 2 * h * config.vocab_size
     return 3.0 * forward if training else float(forward)

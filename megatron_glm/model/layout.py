@@ -11,17 +11,40 @@ Pipeline layers (DeepSpeed ``PipelineModule`` order; their files hold the origin
 
     0        word embedding (tied)     word_embeddings.weight
     1        position embeddings       transformer.{position,block_position}_embeddings.weight
+                                       (rotary models: no tensors; the layer only applies embedding dropout)
     2+i      transformer layer i       transformer.layers.{i}.*
-    L+2      final LayerNorm           transformer.final_layernorm.*
-    L+3      head (tied to layer 0)    (no tensors of its own: the word embedding's weight)
+    L+2      final norm                transformer.final_layernorm.*
+    L+3      head                      tied: no tensors of its own (the word embedding's weight);
+                                       untied: output_layer.weight [V, H], vocab-parallel
 
-An architecture option is one more entry in :func:`embedding_tensors`, :func:`layer_tensors` or
-:func:`final_tensors` (conditioned on its ``ModelConfig`` field) plus the module that owns the parameter.
+An architecture option is one more entry in :func:`embedding_tensors`, :func:`layer_tensors`,
+:func:`final_tensors` or :func:`head_tensors` (conditioned on its ``ModelConfig`` field) plus the module that owns
+the parameter.
+
+Packed tensors and the released layouts:
+
+- ``attention.query_key_value`` is ``[Q; K; V]`` over the rows: all query heads (``nh x hd`` rows, head-major),
+  then the keys of every key/value group (``g x hd``), then the values (``g x hd``); ``g = nh`` without
+  grouped-query attention. Tensor-parallel rank ``r`` holds ``[Q_r; K_r; V_r]`` (its heads, its groups:
+  ``block_sizes`` ``(nh hd, g hd, g hd)``, each block split in ``tp`` equal parts). Query head ``i`` attends
+  with key/value group ``i // (nh / g)``. This is ChatGLM2's packing exactly, and SAT's ChatGLM packing. The
+  per-head packing of HF ChatGLM-6B and SAT GLM-130B (``[q_0; k_0; v_0; q_1; ...]``, ``[nh, 3, hd, H]``) converts
+  as ``w.view(nh, 3, hd, H).transpose(0, 1).reshape(3 nh hd, H)`` (and back with ``view(3, nh, hd, H)
+  .transpose(0, 1)``); biases the same with ``H`` dropped.
+- With a GLU activation ``mlp.dense_h_to_4h`` is ``[W1; W2]`` (``2 x ffn`` rows, two blocks): rank ``r`` holds
+  ``[W1_r; W2_r]``, so its halves match. ``swiglu`` is ``silu(x W1) * (x W2)`` (ChatGLM2: the first half is the
+  gate), ``geglu`` is ``(x W1) * gelu(x W2)`` (GLM-130B: the second half goes through the exact GeLU) — the
+  released code's conventions, so their tensors load unchanged.
+- Rotary models keep ``position_ids [b, 2, s]``: ``rope`` uses row 0, ``rope_2d`` rotates the first half of each
+  head with row 0 and the second half with row 1 (rotate-half, frequencies of a ``hd / 2`` rotary), as
+  ChatGLM-6B. ``rotary_interleaved`` rotates pairs ``(x[2i], x[2i+1])`` (ChatGLM2; HF ChatGLM-6B and SAT use
+  rotate-half). No rotary tensor is stored (HF's ``inv_freq`` buffers are derived from ``rotary_base``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -30,11 +53,12 @@ from megatron_glm.config import ModelConfig
 from megatron_glm.errors import CheckpointError
 
 ROLES = ("embedding", "weight", "bias", "norm")
-INITS = ("normal", "scaled_normal", "ones", "zeros")
+INITS = ("normal", "scaled_normal", "xavier", "ones", "zeros")
 DTYPE_ROLES = ("params", "fp32")
 PIPE_KINDS = ("word_embedding", "position_embeddings", "layer", "final_norm", "head")
 LAYER_PREFIX = "transformer.layers.{}."
 VOCAB_TENSOR = "word_embeddings.weight"
+OUTPUT_TENSOR = "output_layer.weight"
 _LAYER_RE = re.compile(r"^transformer\.layers\.(\d+)\.")
 _PIPE_PREFIX_RE = re.compile(r"^(tied_modules\.[^.]+\.|\d+\.)")
 
@@ -46,8 +70,12 @@ class TensorSpec:
     ``role``: ``embedding`` / ``weight`` (decayed matrices), ``bias`` / ``norm`` (no weight decay).
     ``dtype``: ``params`` (the model's parameter dtype; cast on export) or ``fp32`` (always kept fp32).
     ``split_dim``: the dimension split over tensor-parallel ranks (``None``: replicated); ``blocks``: equal
-    blocks packed along it, each split separately (rank ``r`` holds ``[Q_r; K_r; V_r]`` for 3).
-    ``init``: ``normal`` N(0, init_std), ``scaled_normal`` N(0, init_std / sqrt(2 L)), ``ones``, ``zeros``.
+    blocks packed along it, each split separately (rank ``r`` holds ``[Q_r; K_r; V_r]`` for 3);
+    ``block_sizes``: unequal packed blocks instead (their full sizes along ``split_dim``, e.g. grouped-query
+    ``(nh hd, g hd, g hd)``), each split separately the same way.
+    ``init``: ``normal`` N(0, init_std), ``scaled_normal`` N(0, init_std / sqrt(2 L)), ``xavier`` N(0, 2 /
+    (fan_in + fan_out)) per packed block (DeepNorm), ``ones``, ``zeros``; ``init_scale``: per-block factors on
+    that std (DeepNorm's beta; empty: 1).
     ``layer``: the transformer layer (``None`` for embeddings and the final norm); ``pipe_layer``: the
     pipeline layer whose file holds it.
     """
@@ -61,6 +89,8 @@ class TensorSpec:
     dtype: str = "params"
     layer: int | None = None
     pipe_layer: int = 0
+    block_sizes: tuple[int, ...] = ()
+    init_scale: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.role not in ROLES or self.init not in INITS or self.dtype not in DTYPE_ROLES:
@@ -68,11 +98,26 @@ class TensorSpec:
                 f"{self.name}: role {self.role!r} / init {self.init!r} / dtype {self.dtype!r} not in "
                 f"{ROLES} / {INITS} / {DTYPE_ROLES}"
             )
+        if self.block_sizes and (self.split_dim is None or sum(self.block_sizes) != self.shape[self.split_dim]):
+            raise ValueError(f"{self.name}: block sizes {self.block_sizes} do not add up to the split dimension")
+        if self.init_scale and len(self.init_scale) != len(self.sizes_along_split()):
+            raise ValueError(f"{self.name}: {len(self.init_scale)} init scales for {self.blocks} blocks")
 
     @property
-    def partition(self) -> tuple[int, int] | None:
-        """``(dim, blocks)`` of the tensor-parallel split, or ``None`` when replicated."""
-        return None if self.split_dim is None else (self.split_dim, self.blocks)
+    def partition(self) -> tuple[int, int | tuple[int, ...]] | None:
+        """``(dim, blocks)`` of the tensor-parallel split (``blocks`` the number of equal packed blocks, or the
+        tuple of unequal block sizes), or ``None`` when replicated."""
+        if self.split_dim is None:
+            return None
+        return (self.split_dim, self.block_sizes or self.blocks)
+
+    def sizes_along_split(self) -> tuple[int, ...]:
+        """The full sizes of the packed blocks along the split dimension (one block for plain tensors)."""
+        if self.block_sizes:
+            return self.block_sizes
+        if self.split_dim is None:
+            return (self.shape[0],)
+        return (self.shape[self.split_dim] // self.blocks,) * self.blocks
 
     @property
     def weight_decay(self) -> bool:
@@ -97,12 +142,13 @@ class PipeLayer:
 
 
 def embedding_tensors(config: ModelConfig) -> list[TensorSpec]:
-    """Pipe layers 0 and 1: the word embedding (vocab-parallel, tied head) and the position tables."""
+    """Pipe layers 0 and 1: the word embedding (vocab-parallel, tied head) and the position tables (none with
+    rotary positions)."""
     h, p = config.hidden_size, config.max_sequence_length + 1
-    out = [
-        TensorSpec(VOCAB_TENSOR, (config.vocab_size, h), "embedding", 0, init="normal", pipe_layer=0),
-        TensorSpec("transformer.position_embeddings.weight", (p, h), "embedding", init="normal", pipe_layer=1),
-    ]
+    out = [TensorSpec(VOCAB_TENSOR, (config.vocab_size, h), "embedding", 0, init="normal", pipe_layer=0)]
+    if config.rotary:
+        return out
+    out.append(TensorSpec("transformer.position_embeddings.weight", (p, h), "embedding", init="normal", pipe_layer=1))
     if config.block_position_encoding:
         out.append(
             TensorSpec("transformer.block_position_embeddings.weight", (p, h), "embedding", init="normal", pipe_layer=1)
@@ -110,33 +156,69 @@ def embedding_tensors(config: ModelConfig) -> list[TensorSpec]:
     return out
 
 
-def layer_tensors(config: ModelConfig) -> list[TensorSpec]:
-    """One transformer layer's tensors, named relative to ``transformer.layers.{i}.``, in module order."""
+def _norm(name: str, config: ModelConfig) -> list[TensorSpec]:
     h = config.hidden_size
-    f = 4 * h
-    return [
-        TensorSpec("input_layernorm.weight", (h,), "norm", init="ones"),
-        TensorSpec("input_layernorm.bias", (h,), "bias"),
-        TensorSpec("attention.query_key_value.weight", (3 * h, h), "weight", 0, 3, init="normal"),
-        TensorSpec("attention.query_key_value.bias", (3 * h,), "bias", 0, 3),
-        TensorSpec("attention.dense.weight", (h, h), "weight", 1, init="scaled_normal"),
-        TensorSpec("attention.dense.bias", (h,), "bias"),
-        TensorSpec("post_attention_layernorm.weight", (h,), "norm", init="ones"),
-        TensorSpec("post_attention_layernorm.bias", (h,), "bias"),
-        TensorSpec("mlp.dense_h_to_4h.weight", (f, h), "weight", 0, init="normal"),
-        TensorSpec("mlp.dense_h_to_4h.bias", (f,), "bias", 0),
-        TensorSpec("mlp.dense_4h_to_h.weight", (h, f), "weight", 1, init="scaled_normal"),
-        TensorSpec("mlp.dense_4h_to_h.bias", (h,), "bias"),
-    ]
+    out = [TensorSpec(f"{name}.weight", (h,), "norm", init="ones")]
+    if config.normalization == "LayerNorm":
+        out.append(TensorSpec(f"{name}.bias", (h,), "bias"))
+    return out
+
+
+def layer_tensors(config: ModelConfig) -> list[TensorSpec]:
+    """One transformer layer's tensors, named relative to ``transformer.layers.{i}.``, in module order.
+
+    DeepNorm (``residual_style: deepnorm``): every matrix Xavier-normal, scaled by beta = (2 L)^-0.5 for the value
+    block of QKV, the attention output and both MLP matrices (Wang et al. 2022, as GLM-130B).
+    """
+    h, hd, f = config.hidden_size, config.head_dim, config.ffn_size
+    q, kv = config.num_attention_heads * hd, config.query_groups * hd
+    qkv = {"block_sizes": (q, kv, kv)} if q != kv else {"blocks": 3}
+    glu = {"blocks": 2} if config.glu else {}
+    f_in = 2 * f if config.glu else f
+    deepnorm = config.residual_style == "deepnorm"
+    beta = (2.0 * config.num_layers) ** -0.5
+    if deepnorm:
+        inits = {
+            "qkv": dict(init="xavier", init_scale=(1.0, 1.0, beta)),
+            "dense": dict(init="xavier", init_scale=(beta,)),
+            "h_to_4h": dict(init="xavier", init_scale=(beta,) * (2 if config.glu else 1)),
+            "4h_to_h": dict(init="xavier", init_scale=(beta,)),
+        }
+    else:
+        inits = {
+            "qkv": dict(init="normal"),
+            "dense": dict(init="scaled_normal"),
+            "h_to_4h": dict(init="normal"),
+            "4h_to_h": dict(init="scaled_normal"),
+        }
+    linear_bias = config.add_bias_linear
+    out = _norm("input_layernorm", config)
+    out.append(TensorSpec("attention.query_key_value.weight", (q + 2 * kv, h), "weight", 0, **qkv, **inits["qkv"]))
+    if config.add_qkv_bias:
+        out.append(TensorSpec("attention.query_key_value.bias", (q + 2 * kv,), "bias", 0, **qkv))
+    out.append(TensorSpec("attention.dense.weight", (h, q), "weight", 1, **inits["dense"]))
+    if linear_bias:
+        out.append(TensorSpec("attention.dense.bias", (h,), "bias"))
+    out += _norm("post_attention_layernorm", config)
+    out.append(TensorSpec("mlp.dense_h_to_4h.weight", (f_in, h), "weight", 0, **glu, **inits["h_to_4h"]))
+    if linear_bias:
+        out.append(TensorSpec("mlp.dense_h_to_4h.bias", (f_in,), "bias", 0, **glu))
+    out.append(TensorSpec("mlp.dense_4h_to_h.weight", (h, f), "weight", 1, **inits["4h_to_h"]))
+    if linear_bias:
+        out.append(TensorSpec("mlp.dense_4h_to_h.bias", (h,), "bias"))
+    return out
 
 
 def final_tensors(config: ModelConfig) -> list[TensorSpec]:
-    """Pipe layer L+2: the final LayerNorm."""
-    h = config.hidden_size
-    return [
-        TensorSpec("transformer.final_layernorm.weight", (h,), "norm", init="ones"),
-        TensorSpec("transformer.final_layernorm.bias", (h,), "bias"),
-    ]
+    """Pipe layer L+2: the final norm."""
+    return _norm("transformer.final_layernorm", config)
+
+
+def head_tensors(config: ModelConfig) -> list[TensorSpec]:
+    """Pipe layer L+3: the untied output layer (none when the head is tied to the word embedding)."""
+    if not config.untie_embeddings_and_output_weights:
+        return []
+    return [TensorSpec(OUTPUT_TENSOR, (config.vocab_size, config.hidden_size), "weight", 0, init="normal")]
 
 
 class ModelLayout:
@@ -152,6 +234,7 @@ class ModelLayout:
                 dataclasses.replace(s, name=prefix + s.name, layer=i, pipe_layer=i + 2) for s in layer_tensors(config)
             ]
         specs += [dataclasses.replace(s, pipe_layer=n + 2) for s in final_tensors(config)]
+        specs += [dataclasses.replace(s, pipe_layer=n + 3) for s in head_tensors(config)]
         self.tensors: dict[str, TensorSpec] = {s.name: s for s in specs}
         first, positions, layer, final, head = PIPE_KINDS
         kinds = [first, positions, *[layer] * n, final, head]
@@ -160,7 +243,7 @@ class ModelLayout:
                 index=k,
                 kind=kind,
                 layer=k - 2 if kind == "layer" else None,
-                names=tuple(s.name for s in specs if s.pipe_layer == k and kind != "head"),
+                names=tuple(s.name for s in specs if s.pipe_layer == k),
             )
             for k, kind in enumerate(kinds)
         ]
@@ -172,6 +255,10 @@ class ModelLayout:
     def __contains__(self, name: object) -> bool:
         return name in self.tensors
 
+    def parameter_count(self) -> int:
+        """Every parameter of the model (the tied head counted once)."""
+        return sum(math.prod(s.shape) for s in self)
+
     def __getitem__(self, name: str) -> TensorSpec:
         spec = self.tensors.get(name)
         if spec is None:
@@ -182,18 +269,39 @@ class ModelLayout:
         return iter(self.tensors.values())
 
     @property
+    def tied_head(self) -> bool:
+        """Whether the head is the word embedding's weight (no ``output_layer.weight``)."""
+        return not self.config.untie_embeddings_and_output_weights
+
+    @property
     def saved_pipe_layers(self) -> list[PipeLayer]:
-        """The pipeline layers with a file of their own (every one but the tied head)."""
-        return [p for p in self.pipe_layers if p.names]
+        """The pipeline layers with a file of their own: every one but the tied head (a rotary model's position
+        layer has an empty file, as DeepSpeed writes one for every module of the pipeline)."""
+        return [p for p in self.pipe_layers if p.names or p.kind == "position_embeddings"]
+
+    def block_init_stds(self, name: str) -> tuple[float, ...]:
+        """The standard deviation of each packed block (along the split dimension) of a normally initialised
+        tensor; one entry for a plain tensor."""
+        spec = self[name]
+        sizes = spec.sizes_along_split()
+        scale = spec.init_scale or (1.0,) * len(sizes)
+        if spec.init == "scaled_normal":
+            base = [self.config.init_std / (2.0 * self.config.num_layers) ** 0.5] * len(sizes)
+        elif spec.init == "normal":
+            base = [self.config.init_std] * len(sizes)
+        elif spec.init == "xavier":  # fan_out of a packed block is its own rows (the separate projections)
+            rows_split = spec.split_dim == 0
+            base = [(2.0 / (spec.shape[1] + (n if rows_split else spec.shape[0]))) ** 0.5 for n in sizes]
+        else:
+            raise ValueError(f"{name} is initialised to {spec.init}, not from a normal distribution")
+        return tuple(b * c for b, c in zip(base, scale, strict=True))
 
     def init_std(self, name: str) -> float:
-        """The standard deviation of a normally initialised tensor."""
-        spec = self[name]
-        if spec.init == "scaled_normal":
-            return self.config.init_std / (2.0 * self.config.num_layers) ** 0.5
-        if spec.init != "normal":
-            raise ValueError(f"{name} is initialised to {spec.init}, not from a normal distribution")
-        return self.config.init_std
+        """The standard deviation of a normally initialised tensor (one for the whole tensor)."""
+        stds = set(self.block_init_stds(name))
+        if len(stds) != 1:
+            raise ValueError(f"{name} has a different init std per packed block: use block_init_stds")
+        return stds.pop()
 
     def param_groups(self, names: Iterable[str]) -> list[list[str]]:
         """AdamW groups of ``names`` (layout order kept): weight-decayed tensors, then the rest."""

@@ -17,10 +17,13 @@ from torch import nn
 from megatron_glm.parallel import MODEL_PARALLEL_RNG, RNGStatesTracker, copy_to_tensor_parallel_region
 
 
-def layer_norm(ln: nn.LayerNorm, x: torch.Tensor, group: Any, sequence_parallel: bool) -> torch.Tensor:
-    """``ln(x)``; on a sequence shard its weight and bias gradients are summed over ``group``."""
+def layer_norm(ln: nn.LayerNorm | nn.RMSNorm, x: torch.Tensor, group: Any, sequence_parallel: bool) -> torch.Tensor:
+    """``ln(x)`` (LayerNorm or RMSNorm); on a sequence shard its weight and bias gradients are summed over
+    ``group``."""
     if not sequence_parallel:
         return ln(x)
+    if isinstance(ln, nn.RMSNorm):
+        return F.rms_norm(x, ln.normalized_shape, copy_to_tensor_parallel_region(ln.weight, group), ln.eps)
     return F.layer_norm(
         x,
         ln.normalized_shape,

@@ -1,4 +1,5 @@
-"""GLM transformer: pre-LayerNorm layers, the MLP, and the layer stack with activation checkpointing.
+"""GLM transformer: the layers (pre-LN or the post-LN alpha/DeepNorm residual), the MLP, and the layer stack with
+activation checkpointing.
 
 A stack holds layers ``[layer_start, layer_end)`` of the model (all of them, or a pipeline part) and keeps their
 *global* indices: ``layers`` is a ``ModuleDict`` keyed by ``str(i)``, so state-dict names
@@ -20,6 +21,7 @@ from megatron_glm.model.attention import LayerKVCache, ParallelSelfAttention
 from megatron_glm.model.layout import LAYER_PREFIX
 from megatron_glm.model.masks import AttentionMask
 from megatron_glm.model.recompute import checkpointed
+from megatron_glm.model.rotary import RotaryPositions
 from megatron_glm.parallel import ColumnParallelLinear, ParallelState, RNGStatesTracker, RowParallelLinear
 from megatron_glm.parallel.random import InitMethod
 
@@ -34,14 +36,25 @@ class KVCacheLike(Protocol):
     def layer(self, index: int) -> LayerKVCache: ...
 
 
+def make_norm(config: ModelConfig, dtype: torch.dtype, device: torch.device | str | None) -> nn.Module:
+    """``config.normalization`` over the hidden size: ``nn.LayerNorm`` (weight, bias) or ``nn.RMSNorm`` (weight)."""
+    if config.normalization == "RMSNorm":
+        return nn.RMSNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=dtype, device=device)
+    return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=dtype, device=device)
+
+
 class ParallelMLP(nn.Module):
-    """``H -> 4H`` (column-parallel) -> tanh-GeLU -> ``4H -> H`` (row-parallel) -> dropout."""
+    """``H -> ffn`` (column-parallel) -> activation -> ``ffn -> H`` (row-parallel) -> dropout.
+
+    ``gelu``: tanh GeLU. GLU activations (``dense_h_to_4h`` is ``[W1; W2]``, ``2 x ffn`` rows, each rank holding
+    ``[W1_r; W2_r]``): ``swiglu`` = ``silu(x W1) * x W2`` (ChatGLM2), ``geglu`` = ``x W1 * gelu(x W2)`` with the
+    exact GeLU (GLM-130B's GEGLU).
+    """
 
     def __init__(
         self,
-        hidden_size: int,
+        config: ModelConfig,
         *,
-        hidden_dropout: float,
         in_init: InitMethod,
         out_init: InitMethod,
         parallel_state: ParallelState,
@@ -49,45 +62,61 @@ class ParallelMLP(nn.Module):
         device: torch.device | str | None,
     ) -> None:
         super().__init__()
+        hidden, ffn, self.activation = config.hidden_size, config.ffn_size, config.activation
+        glu = config.glu
         self.dense_h_to_4h = ColumnParallelLinear(
-            hidden_size,
-            4 * hidden_size,
+            hidden,
+            2 * ffn if glu else ffn,
+            bias=config.add_bias_linear,
+            stride=2 if glu else 1,
             init_method=in_init,
             parallel_state=parallel_state,
             params_dtype=params_dtype,
             device=device,
         )
         self.dense_4h_to_h = RowParallelLinear(
-            4 * hidden_size,
-            hidden_size,
+            ffn,
+            hidden,
+            bias=config.add_bias_linear,
             input_is_parallel=True,
             init_method=out_init,
             parallel_state=parallel_state,
             params_dtype=params_dtype,
             device=device,
         )
-        self.dropout = nn.Dropout(hidden_dropout)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def _act(self, y: torch.Tensor) -> torch.Tensor:
+        if self.activation == "gelu":
+            return F.gelu(y, approximate="tanh")
+        y1, y2 = y.chunk(2, dim=-1)
+        if self.activation == "swiglu":
+            return F.silu(y1) * y2
+        return y1 * F.gelu(y2)
 
     def forward(
         self, x: torch.Tensor, tracker: RNGStatesTracker | None = None, sequence_parallel: bool = False
     ) -> torch.Tensor:
         """``x [b, s, H]``, or this rank's sequence shard ``[b, s/tp, H]`` with ``sequence_parallel``."""
-        y = F.gelu(self.dense_h_to_4h(x, sequence_parallel), approximate="tanh")
+        y = self._act(self.dense_h_to_4h(x, sequence_parallel))
         return sp.dropout(self.dropout, self.dense_4h_to_h(y, sequence_parallel), tracker, sequence_parallel)
 
 
 class GLMLayer(nn.Module):
-    """``h = h + Attn(LN1(h)); h = h + MLP(LN2(h))`` on batch-first hidden states ``[b, s, H]``."""
+    """One transformer layer on batch-first hidden states ``[b, s, H]``.
+
+    ``pre_ln`` (GLM): ``h = h + Attn(N1(h)); h = h + MLP(N2(h))``.
+    ``post_ln_alpha`` / ``deepnorm`` (ChatGLM-6B, GLM-130B): ``x = N1(h); h = alpha x + Attn(x);
+    x = N2(h); h = alpha x + MLP(x)`` with ``alpha = sqrt(2 L)``: chained over layers this is DeepNorm's post-LN
+    ``x = LN(alpha x + f(x))`` (the first norm normalises the embeddings, the final norm closes the last
+    sub-layer), the form and tensors of the released code. The two differ in their initialisation only (layout).
+    """
 
     def __init__(
         self,
-        hidden_size: int,
-        num_heads: int,
+        config: ModelConfig,
+        layer_number: int,
         *,
-        layernorm_epsilon: float,
-        attention_dropout: float,
-        hidden_dropout: float,
-        attention_impl: str,
         init: dict[str, InitMethod],
         parallel_state: ParallelState,
         params_dtype: torch.dtype,
@@ -95,24 +124,20 @@ class GLMLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.tp_group = parallel_state.tp_group
-        ln = dict(eps=layernorm_epsilon, dtype=params_dtype, device=device)
-        self.input_layernorm = nn.LayerNorm(hidden_size, **ln)
+        self.alpha = None if config.residual_style == "pre_ln" else (2.0 * config.num_layers) ** 0.5
+        self.input_layernorm = make_norm(config, params_dtype, device)
         self.attention = ParallelSelfAttention(
-            hidden_size,
-            num_heads,
-            attention_dropout=attention_dropout,
-            hidden_dropout=hidden_dropout,
-            impl=attention_impl,
+            config,
+            layer_number,
             qkv_init=init["attention.query_key_value"],
             dense_init=init["attention.dense"],
             parallel_state=parallel_state,
             params_dtype=params_dtype,
             device=device,
         )
-        self.post_attention_layernorm = nn.LayerNorm(hidden_size, **ln)
+        self.post_attention_layernorm = make_norm(config, params_dtype, device)
         self.mlp = ParallelMLP(
-            hidden_size,
-            hidden_dropout=hidden_dropout,
+            config,
             in_init=init["mlp.dense_h_to_4h"],
             out_init=init["mlp.dense_4h_to_h"],
             parallel_state=parallel_state,
@@ -127,19 +152,22 @@ class GLMLayer(nn.Module):
         tracker: RNGStatesTracker | None = None,
         kv_cache: LayerKVCache | None = None,
         sequence_parallel: bool = False,
+        rotary: RotaryPositions | None = None,
     ) -> torch.Tensor:
         """``sequence_parallel``: ``h`` is this rank's sequence shard ``[b, s/tp, H]`` (no ``kv_cache``)."""
         x = sp.layer_norm(self.input_layernorm, h, self.tp_group, sequence_parallel)
         if kv_cache is None:
-            h = h + self.attention(x, mask, tracker, sequence_parallel=sequence_parallel)
+            a = self.attention(x, mask, tracker, sequence_parallel=sequence_parallel, rotary=rotary)
         else:
-            h = h + self.attention(x, mask, tracker, kv_cache)
+            a = self.attention(x, mask, tracker, kv_cache, rotary=rotary)
+        h = h + a if self.alpha is None else self.alpha * x + a
         x = sp.layer_norm(self.post_attention_layernorm, h, self.tp_group, sequence_parallel)
-        return h + self.mlp(x, tracker, sequence_parallel)
+        m = self.mlp(x, tracker, sequence_parallel)
+        return h + m if self.alpha is None else self.alpha * x + m
 
 
 class GLMTransformer(nn.Module):
-    """Position embeddings (first stage), layers ``[layer_start, layer_end)``, final LayerNorm (last stage).
+    """Position embeddings (first stage), layers ``[layer_start, layer_end)``, final norm (last stage).
 
     Submodule names are the original GLM ones: ``position_embeddings``, ``block_position_embeddings``,
     ``layers.{i}``, ``final_layernorm``.
@@ -160,16 +188,16 @@ class GLMTransformer(nn.Module):
     ) -> None:
         super().__init__()
         hidden_size, max_sequence_length = config.hidden_size, config.max_sequence_length
-        layernorm_epsilon, hidden_dropout = config.layernorm_epsilon, config.hidden_dropout
-        block_position_encoding = config.block_position_encoding
+        self.config = config
         self.pre_process, self.post_process = pre_process, post_process
         self.tp_group = parallel_state.tp_group
         self.checkpoint_activations = config.checkpoint_activations
         self.checkpoint_num_layers = config.checkpoint_num_layers
         self.layer_start, self.layer_end = layer_start, layer_end
-        self.embedding_dropout = nn.Dropout(hidden_dropout)
-        self.block_position_encoding = block_position_encoding
-        if pre_process:
+        self.embedding_dropout = nn.Dropout(config.hidden_dropout)
+        self.block_position_encoding = config.block_position_encoding and not config.rotary
+        self.embedding_grad_shrink = config.embedding_grad_shrink
+        if pre_process and not config.rotary:
             self.position_embeddings = _embedding(
                 max_sequence_length + 1,
                 hidden_size,
@@ -177,7 +205,7 @@ class GLMTransformer(nn.Module):
                 params_dtype,
                 device,
             )
-            if block_position_encoding:
+            if self.block_position_encoding:
                 self.block_position_embeddings = _embedding(
                     max_sequence_length + 1,
                     hidden_size,
@@ -191,12 +219,8 @@ class GLMTransformer(nn.Module):
             names = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
             init = {n: init_for(prefix + n + ".weight") for n in names}
             self.layers[str(i)] = GLMLayer(
-                hidden_size,
-                config.num_attention_heads,
-                layernorm_epsilon=layernorm_epsilon,
-                attention_dropout=config.attention_dropout,
-                hidden_dropout=hidden_dropout,
-                attention_impl=config.attention_impl,
+                config,
+                i + 1,
                 init=init,
                 parallel_state=parallel_state,
                 params_dtype=params_dtype,
@@ -207,16 +231,30 @@ class GLMTransformer(nn.Module):
         for layer in self.layers.values():
             layer.attention.recompute_core = config.recompute_granularity == "selective"
         if post_process:
-            self.final_layernorm = nn.LayerNorm(hidden_size, eps=layernorm_epsilon, dtype=params_dtype, device=device)
+            self.final_layernorm = make_norm(config, params_dtype, device)
 
     def embed(self, word: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Word embeddings plus position (row 0) and block position (row 1) embeddings, then dropout."""
+        """Word embeddings (gradient shrunk by ``embedding_grad_shrink``) plus position (row 0) and block
+        position (row 1) embeddings (none for rotary models), then dropout."""
         if position_ids.dim() != 3 or position_ids.shape[1] != 2:
             raise ValueError(f"position_ids must be [b, 2, s], got {list(position_ids.shape)}")
+        alpha = self.embedding_grad_shrink
+        if alpha != 1.0:
+            word = alpha * word + (1.0 - alpha) * word.detach()
+        if self.config.rotary:
+            return self.embedding_dropout(word)
         h = word + self.position_embeddings(position_ids[:, 0])
         if self.block_position_encoding:
             h = h + self.block_position_embeddings(position_ids[:, 1])
         return self.embedding_dropout(h)
+
+    def rotary_for(self, position_ids: torch.Tensor | None) -> RotaryPositions | None:
+        """The rotation of ``position_ids [b, 2, s]`` for a rotary model (``None`` otherwise)."""
+        if not self.config.rotary:
+            return None
+        if position_ids is None:
+            raise ValueError("a rotary model's layers need position_ids [b, 2, s]")
+        return RotaryPositions(self.config, position_ids)
 
     def forward(
         self,
@@ -225,16 +263,20 @@ class GLMTransformer(nn.Module):
         tracker: RNGStatesTracker | None = None,
         kv_cache: KVCacheLike | None = None,
         sequence_parallel: bool = False,
+        rotary: RotaryPositions | None = None,
     ) -> torch.Tensor:
         """``kv_cache`` (generation): ``kv_cache.layer(i)`` is global layer ``i``'s :class:`LayerKVCache`.
 
         ``sequence_parallel``: ``h`` (and the result) is this rank's sequence shard ``[b, s/tp, H]``.
+        ``rotary``: the rotation of the positions (rotary models, :meth:`rotary_for`).
         """
-        sp_kw = {"sequence_parallel": True} if sequence_parallel else {}
+        sp_kw: dict[str, object] = {"sequence_parallel": True} if sequence_parallel else {}
+        if rotary is not None:
+            sp_kw["rotary"] = rotary
         layers = list(self.layers.values())
         if kv_cache is not None:
             for key, layer in self.layers.items():
-                h = layer(h, mask, tracker, kv_cache=kv_cache.layer(int(key)))
+                h = layer(h, mask, tracker, kv_cache=kv_cache.layer(int(key)), rotary=rotary)
         elif self.checkpoint_activations and self.training and torch.is_grad_enabled():
             k = self.checkpoint_num_layers
             for start in range(0, len(layers), k):

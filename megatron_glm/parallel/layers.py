@@ -22,7 +22,7 @@ from megatron_glm.parallel.sequence_parallel import (
     gather_from_sequence_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
-from megatron_glm.parallel.sharding import shard
+from megatron_glm.parallel.sharding import Stride, shard
 from megatron_glm.parallel.state import ParallelState
 
 
@@ -35,13 +35,21 @@ def _divide(n: int, d: int, what: str) -> int:
 def _sharded_parameter(
     shape: tuple[int, int],
     dim: int,
-    stride: int,
+    stride: Stride,
     init_method: InitMethod | None,
     parallel_state: ParallelState,
     dtype: torch.dtype,
     device: torch.device | str | None,
 ) -> nn.Parameter:
     ps = parallel_state
+    if device is not None and torch.device(device).type == "meta":  # shapes only (parameter counts, planning)
+        local_shape = list(shape)
+        local_shape[dim] //= ps.tp_size
+        param = nn.Parameter(torch.empty(local_shape, dtype=dtype, device="meta"))
+        param.tensor_model_parallel = ps.tp_size > 1
+        param.partition_dim = dim
+        param.partition_stride = stride if isinstance(stride, int) else tuple(stride)
+        return param
     full = torch.empty(shape, dtype=torch.float32)
     if init_method is not None:
         init_method(full)
@@ -51,14 +59,15 @@ def _sharded_parameter(
     param = nn.Parameter(local.to(device=device, dtype=dtype))
     param.tensor_model_parallel = ps.tp_size > 1
     param.partition_dim = dim
-    param.partition_stride = stride
+    param.partition_stride = stride if isinstance(stride, int) else tuple(stride)
     return param
 
 
 class ColumnParallelLinear(nn.Module):
     """``Y = X A^T + b`` with ``A`` split along its output dimension; rank r computes ``Y_r``.
 
-    ``stride`` > 1 shards a fused weight made of ``stride`` blocks per rank (``[q_r; k_r; v_r]``).
+    ``stride`` > 1 shards a fused weight made of ``stride`` blocks per rank (``[q_r; k_r; v_r]``); a tuple gives
+    unequal blocks by their full sizes (grouped-query ``[Q; K; V]``).
     With ``gather_output`` the full ``Y`` is returned on every rank.
     """
 
@@ -70,7 +79,7 @@ class ColumnParallelLinear(nn.Module):
         bias: bool = True,
         gather_output: bool = False,
         init_method: InitMethod | None = None,
-        stride: int = 1,
+        stride: Stride = 1,
         parallel_state: ParallelState | None = None,
         params_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,

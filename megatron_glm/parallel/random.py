@@ -28,9 +28,28 @@ def normal_init(std: float, seed: int) -> InitMethod:
     """Fill a tensor from N(0, std) using a private generator seeded with ``seed`` (drawn in fp32)."""
 
     def init(t: torch.Tensor) -> None:
+        if t.is_meta:
+            return
         gen = torch.Generator(device="cpu").manual_seed(seed)
         with torch.no_grad():
             values = torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+            t.copy_(values)
+
+    return init
+
+
+def blockwise_normal_init(stds: tuple[float, ...], sizes: tuple[int, ...], dim: int, seed: int) -> InitMethod:
+    """Like :func:`normal_init` for a tensor packed of blocks (full ``sizes`` along ``dim``) with their own
+    standard deviations: N(0, 1) drawn for the whole tensor, each block scaled by its std."""
+
+    def init(t: torch.Tensor) -> None:
+        if t.is_meta:
+            return
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        with torch.no_grad():
+            values = torch.empty(t.shape, dtype=torch.float32).normal_(0.0, 1.0, generator=gen)
+            for block, std in zip(torch.split(values, list(sizes), dim=dim), stds, strict=True):
+                block.mul_(std)
             t.copy_(values)
 
     return init

@@ -5,8 +5,9 @@ The pipe order and what each layer holds come from the model's layout
 (:attr:`megatron_glm.model.ModelLayout.pipe_layers`); each layer is a :class:`megatron_glm.model.GLMPart`,
 so its state-dict keys (and DeepSpeed's ``layer_XX`` files) carry the original GLM names and its weights
 are those of the whole model. Activations between layers are tuples of tensors: ``(ids, position_ids, sep)``
-into the first layer, then ``(hidden, sep)``, logits out of the head. DeepSpeed keeps the tied word embedding
-identical on the first and last stage (broadcast at start, gradients all-reduced). Activation checkpointing
+into the first layer, then ``(hidden, sep)`` (rotary models: ``(hidden, position_ids, sep)``), logits out of the
+head. DeepSpeed keeps the tied word embedding identical on the first and last stage (broadcast at start,
+gradients all-reduced); an untied head (``output_layer``) is a plain layer of the last stage. Activation checkpointing
 runs inside each transformer layer (``model.checkpoint_activations``), restoring the tensor-parallel dropout
 stream on recompute.
 """
@@ -42,19 +43,25 @@ class PipeStage(GLMPart):
     ) -> None:
         super().__init__(pipe, config, parallel_state, seed=seed, tracker=tracker, params_dtype=dtype, device=device)
 
-    def forward(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+    def forward(self, inputs: Any) -> Any:
         kind = self.pipe.kind
         if kind == "word_embedding":
             ids, position_ids, sep = inputs
             return self.embed_tokens(ids), position_ids, sep
         if kind == "position_embeddings":
             word, position_ids, sep = inputs
-            return self.embed_positions(word, position_ids), sep
+            h = self.embed_positions(word, position_ids)
+            return (h, position_ids, sep) if self.layout.config.rotary else (h, sep)
         if kind == "layer":
+            if self.layout.config.rotary:  # rotary layers need the positions: (hidden, position_ids, sep)
+                h, position_ids, sep = inputs
+                return self.run_layers(h, sep, position_ids), position_ids, sep
             h, sep = inputs
             return self.run_layers(h, sep), sep
         if kind == "final_norm":
             return self.final_norm(inputs[0])
+        if kind == "head" and not self.layout.tied_head:
+            return self.logits(inputs)
         raise RuntimeError("the tied head runs through head_forward")
 
 
@@ -130,10 +137,11 @@ def build_pipeline_model(
     tracker = new_rng_tracker(seed, ps, device)
     common = (config, ps, seed, tracker, params_dtype, device)
     specs: list[Any] = []
-    for pipe in ModelLayout(config).pipe_layers:
+    layout = ModelLayout(config)
+    for pipe in layout.pipe_layers:
         if pipe.kind == "word_embedding":
             specs.append(TiedLayerSpec(TIED_KEY, PipeStage, pipe, *common, tied_weight_attr=TIED_WEIGHT))
-        elif pipe.kind == "head":
+        elif pipe.kind == "head" and layout.tied_head:
             specs.append(
                 TiedLayerSpec(TIED_KEY, PipeStage, pipe, *common, forward_fn=head_forward, tied_weight_attr=TIED_WEIGHT)
             )

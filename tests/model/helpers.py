@@ -62,5 +62,81 @@ def run_parts(parts: list, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The pipeline's forward, one part after the other: word and position embeddings, layers, norm, head."""
     h = parts[1].embed_positions(parts[0].embed_tokens(batch["input_ids"]), batch["position_ids"])
     for part in parts[2:-2]:
-        h = part.run_layers(h, batch["sep"])
+        h = part.run_layers(h, batch["sep"], batch["position_ids"])
     return parts[-1].logits(parts[-2].final_norm(h))
+
+
+#: Tiny members of the GLM family (H 32, 2 layers; vocab 128): the options of each release at toy sizes, plus
+#: two extra combinations (multi-query with a partial rotate-half rotary; interleaved 2-D rotary).
+FAMILY = {
+    "glm-130b": dict(
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=48,
+        max_sequence_length=64,
+        position_embedding_type="rope",
+        activation="geglu",
+        residual_style="deepnorm",
+        apply_query_key_layer_scaling=True,
+        attention_softmax_in_fp32=True,
+        embedding_grad_shrink=0.1,
+    ),
+    "chatglm-6b": dict(
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        max_sequence_length=64,
+        position_embedding_type="rope_2d",
+        residual_style="post_ln_alpha",
+        apply_query_key_layer_scaling=True,
+        attention_softmax_in_fp32=True,
+    ),
+    "chatglm2-6b": dict(
+        hidden_size=32,
+        num_attention_heads=8,
+        kv_channels=8,
+        num_query_groups=4,
+        ffn_hidden_size=40,
+        max_sequence_length=64,
+        position_embedding_type="rope",
+        rotary_percent=0.5,
+        rotary_interleaved=True,
+        activation="swiglu",
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        untie_embeddings_and_output_weights=True,
+        apply_query_key_layer_scaling=True,
+        attention_softmax_in_fp32=True,
+    ),
+}
+EXTRA_VARIANTS = {
+    "mqa-rope-half": dict(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=1,
+        max_sequence_length=64,
+        position_embedding_type="rope",
+        rotary_percent=0.5,
+        activation="geglu",
+        normalization="RMSNorm",
+        add_qkv_bias=False,
+        untie_embeddings_and_output_weights=True,
+    ),
+    "rope2d-interleaved": dict(
+        hidden_size=32,
+        num_attention_heads=2,
+        kv_channels=12,
+        max_sequence_length=64,
+        position_embedding_type="rope_2d",
+        rotary_interleaved=True,
+        rotary_base=500.0,
+        activation="swiglu",
+        residual_style="deepnorm",
+    ),
+}
+
+
+def family_config(name: str, **overrides: object) -> ModelConfig:
+    """A tiny member of the family (:data:`FAMILY` or :data:`EXTRA_VARIANTS`), no dropout."""
+    options = {**FAMILY, **EXTRA_VARIANTS}[name]
+    return tiny_config(**{**options, **overrides})

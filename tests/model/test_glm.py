@@ -348,7 +348,8 @@ def test_named_sizes_match_the_reference() -> None:
         "glm-2b": (36, 2048, 32, 1024, 50304),
         "glm-10b": (48, 4096, 64, 1024, 50304),
     }
-    assert set(MODEL_SIZES) == {"glm-tiny", *published}
+    family = {"glm-130b", "chatglm-6b", "chatglm2-6b"}  # checked in tests/model/test_family.py
+    assert set(MODEL_SIZES) == {"glm-tiny", *published, *family}
     for name, want in published.items():
         m = build_config({"model.size": name}).model
         assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.max_sequence_length, m.vocab_size) == want

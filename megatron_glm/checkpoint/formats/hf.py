@@ -11,7 +11,10 @@ Import (``HFSource``): such a folder, ours or THUDM's: tensor names with or with
 JSON) or not. Every tensor the layout needs is checked by name and shape when the folder is opened.
 
 A family (the published layout of one model architecture) is one :class:`HFFamily` in :data:`FAMILIES`:
-its config mapping both ways, its tensor names and its code files.
+its config mapping both ways, its tensor names and packing, the tensors it stores that our model does not, its
+code files. GLM (``model_type: glm``) ships our remote code; ChatGLM-6B and ChatGLM2-6B (``model_type: chatglm``,
+told apart by their config keys; ``hf_chatglm``) are written for THUDM's published code, which the export does
+not include. Export picks the family whose architecture the model has (:func:`family_for`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,9 @@ from megatron_glm.dtypes import DTYPE_NAMES
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model.layout import ModelLayout
 
+from .hf_chatglm import CHATGLM2_FAMILY, CHATGLM_FAMILY
+from .hf_family import Derived, HFFamily
+from .packing import architecture_mismatch, multi_head_mismatch
 from .standalone import DEFAULT_SHARD_BYTES, write_weight_shards
 
 CONFIG = "config.json"
@@ -40,29 +45,6 @@ BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_MODEL, TOKENIZER_CONFIG = "tokenizer.model", "tokenizer_config.json"
 WEIGHT_FILES = (SAFE_INDEX, SAFE_WEIGHTS, BIN_INDEX, BIN_WEIGHTS)
-
-
-@dataclass(frozen=True)
-class HFFamily:
-    """One published HuggingFace layout: config keys both ways, tensor-name prefix, remote code."""
-
-    model_type: str
-    architectures: tuple[str, ...]
-    auto_map: dict[str, str]
-    tokenizer_class: str
-    code_files: tuple[str, ...]
-    prefix: str
-    """Prefix of every tensor name in the task-head classes (absent in the bare model's names)."""
-    to_config: Callable[[ModelConfig], dict[str, Any]]
-    from_config: Callable[[dict[str, Any], str], ModelConfig]
-    markers: tuple[str, ...] = field(default=())
-    """config.json keys that tell this family's HF layout from our standalone export."""
-
-    def hf_name(self, name: str) -> str:
-        return self.prefix + name
-
-    def our_name(self, hf_name: str) -> str:
-        return hf_name[len(self.prefix) :] if hf_name.startswith(self.prefix) else hf_name
 
 
 def _glm_to_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -118,6 +100,21 @@ def _glm_from_config(raw: dict[str, Any], where: str) -> ModelConfig:
     )
 
 
+GLM_ARCH: dict[str, Any] = {
+    "position_embedding_type": "learned_absolute",
+    "activation": "gelu",
+    "normalization": "LayerNorm",
+    "residual_style": "pre_ln",
+    "add_qkv_bias": True,
+    "add_bias_linear": True,
+    "untie_embeddings_and_output_weights": False,
+}
+
+
+def _glm_check(config: ModelConfig) -> str | None:
+    return architecture_mismatch(config, GLM_ARCH) or multi_head_mismatch(config)
+
+
 GLM_FAMILY = HFFamily(
     model_type="glm",
     architectures=("GLMModel",),
@@ -133,10 +130,30 @@ GLM_FAMILY = HFFamily(
     to_config=_glm_to_config,
     from_config=_glm_from_config,
     markers=("auto_map", "attention_dropout_prob", "output_dropout_prob", "embedding_dropout_prob"),
+    check=_glm_check,
 )
 
-#: Published layouts by ``model_type``.
-FAMILIES: dict[str, HFFamily] = {GLM_FAMILY.model_type: GLM_FAMILY}
+#: Published layouts by name (``glm``, ``chatglm-6b``, ``chatglm2-6b``).
+FAMILIES: dict[str, HFFamily] = {f.name: f for f in (GLM_FAMILY, CHATGLM_FAMILY, CHATGLM2_FAMILY)}
+
+
+def detect_family(raw: dict[str, Any]) -> HFFamily | None:
+    """The family of a ``config.json``: its ``model_type`` and one of the family's marker keys."""
+    for family in FAMILIES.values():
+        if raw.get("model_type") == family.model_type and any(k in raw for k in family.markers):
+            return family
+    return None
+
+
+def family_for(config: ModelConfig) -> HFFamily:
+    """The published layout that holds a model of ``config`` (one-line error naming what each family lacks)."""
+    reasons = []
+    for family in FAMILIES.values():
+        bad = family.check(config)
+        if bad is None:
+            return family
+        reasons.append(f"{family.name}: {bad}")
+    raise CheckpointError(f"no published HuggingFace layout holds this model ({'; '.join(reasons)})")
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:
@@ -150,8 +167,7 @@ def _read_config(path: Path) -> dict[str, Any] | None:
 def is_hf(path: Path) -> bool:
     """A HuggingFace folder of a known family (not our standalone export, which shares ``config.json``)."""
     raw = _read_config(path) if (path / CONFIG).is_file() else None
-    family = FAMILIES.get(str((raw or {}).get("model_type")))
-    if family is None or not any(k in raw for k in family.markers):
+    if raw is None or detect_family(raw) is None:
         return False
     return any((path / f).is_file() for f in WEIGHT_FILES)
 
@@ -164,36 +180,57 @@ class HFSource:
         raw = _read_config(path)
         if raw is None:
             raise CheckpointError(f"{path / CONFIG}: cannot read the model config")
-        family = FAMILIES.get(str(raw.get("model_type")))
+        family = detect_family(raw)
         if family is None:
             raise CheckpointError(
-                f"{path / CONFIG}: model_type {raw.get('model_type')!r} is not a layout we read ({', '.join(FAMILIES)})"
+                f"{path / CONFIG}: model_type {raw.get('model_type')!r} with these keys is not a layout we read "
+                f"({', '.join(FAMILIES)})"
             )
         self.path, self.family, self.raw_config = path, family, raw
         config = family.from_config(raw, str(path / CONFIG))
+        self.config = config
         self.weight_map = self._weight_map(path)
         layout = ModelLayout(config)
-        by_ours: dict[str, str] = {}
-        for hf_name in self.weight_map:
-            by_ours.setdefault(family.our_name(hf_name), hf_name)
         self._hf_name = {}
         self._open: dict[str, Any] = {}
         for spec in layout:
-            hf_name = by_ours.get(spec.name)
+            cands = family.candidates(spec.name)
+            hf_name = next((c for c in cands if c in self.weight_map), None)
             if hf_name is None:
-                raise CheckpointError(
-                    f"{path}: missing tensor {family.hf_name(spec.name)} (expected shape {list(spec.shape)})"
-                )
+                raise CheckpointError(f"{path}: missing tensor {cands[0]} (expected shape {list(spec.shape)})")
             shape = self._shape(hf_name)
             if shape != tuple(spec.shape):
                 raise CheckpointError(f"{path}: tensor {hf_name} has shape {list(shape)}, expected {list(spec.shape)}")
             self._hf_name[spec.name] = hf_name
+        notes: list[str] = []
+        derived = family.derived(config)
+        for d in derived:
+            self._check_derived(d, notes)
         self.release()
-        extra = sorted(n for n in by_ours if n not in layout)
-        notes = [f"ignored {len(extra)} tensors that are not part of the GLM model: {extra[:4]}"] if extra else []
+        known = set(self._hf_name.values()) | {d.name for d in derived}
+        extra = sorted(n for n in self.weight_map if n not in known)
+        if extra:
+            notes.append(f"ignored {len(extra)} tensors that are not part of the GLM model: {extra[:4]}")
         tok = [str(path / TOKENIZER_MODEL)] if (path / TOKENIZER_MODEL).is_file() else []
         self.info = SourceInfo(format="hf", path=str(path), config=config, tokenizer_files=tok, notes=notes)
         self._names = layout.names()
+
+    def _check_derived(self, d: Derived, notes: list[str]) -> None:
+        """A stored tensor that our model does not hold: checked against what export would write for it."""
+        if d.name not in self.weight_map:
+            notes.append(f"no {d.name}: it is derived (written on export)")
+            return
+        stored = self._raw(d.name)
+        want = d.make(self._raw(self._hf_name[d.after]))
+        if d.strict and (
+            stored.shape != want.shape or not torch.allclose(stored.float(), want.float(), rtol=1e-3, atol=0.0)
+        ):
+            raise CheckpointError(
+                f"{self.path}: tensor {d.name} does not hold the values this config derives (expected shape "
+                f"{list(want.shape)}, e.g. {want.flatten()[:3].tolist()})"
+            )
+        if not d.strict and (stored.shape != want.shape or not torch.equal(stored, want)):
+            notes.append(f"{d.name}: {d.note}")
 
     @staticmethod
     def _weight_map(path: Path) -> dict[str, str]:
@@ -242,10 +279,12 @@ class HFSource:
     def names(self) -> list[str]:
         return list(self._names)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        hf_name = self._hf_name[name]
+    def _raw(self, hf_name: str) -> torch.Tensor:
         f = self._file(self.weight_map[hf_name])
         return f[hf_name] if isinstance(f, dict) else f.get_tensor(hf_name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.family.ours(self.config, name, self._raw(self._hf_name[name]))
 
     module_tensor = tensor
 
@@ -274,7 +313,7 @@ def write_hf(
     tokenizer_model: str | None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     max_new_tokens: int = 32,
-    family: HFFamily = GLM_FAMILY,
+    family: HFFamily | None = None,
 ) -> list[str]:
     """Write the HuggingFace folder (see the module docstring); returns the weight files.
 
@@ -283,9 +322,18 @@ def write_hf(
     ``max_new_tokens + 1`` with ``forced_eos_token_id = [eop]``: the answer, then a forced ``[eop]``."""
     from megatron_glm.hf import code_file
 
+    family = family or family_for(config)
     layout = ModelLayout(config)
+    after: dict[str, list[Derived]] = {}
+    for d in family.derived(config):
+        after.setdefault(d.after, []).append(d)
+
+    def expand(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        own = (family.hf_name(name), family.theirs(config, name, t))
+        return [own] + [(d.name, d.make(t).clone()) for d in after.get(name, [])]
+
     files = write_weight_shards(
-        src, out, layout, transform=transform, dtype=dtype, max_shard_bytes=max_shard_bytes, rename=family.hf_name
+        src, out, layout, transform=transform, dtype=dtype, max_shard_bytes=max_shard_bytes, expand=expand
     )
     fields: dict[str, Any] = {
         "architectures": list(family.architectures),
@@ -294,6 +342,9 @@ def write_hf(
         **family.to_config(config),
         "torch_dtype": DTYPE_NAMES[dtype],
     }
+    if not family.code_files:  # written for the family's published code and tokenizer (not shipped here)
+        (out / CONFIG).write_text(json.dumps(fields, indent=1), encoding="utf-8")
+        return files
     generation: dict[str, Any] = {"do_sample": False, "num_beams": 1, "use_cache": True}
     if tokenizer_model:
         ids, tokens = _command_token_ids(tokenizer_model)

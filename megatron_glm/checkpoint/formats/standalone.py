@@ -97,10 +97,13 @@ def write_weight_shards(
     dtype: torch.dtype,
     max_shard_bytes: int,
     rename: Callable[[str], str] = lambda name: name,
+    expand: Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]] | None = None,
 ) -> list[str]:
     """``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` shards of at most ``max_shard_bytes`` (whole
     tensors; a larger tensor gets a shard of its own) with ``model.safetensors.index.json``. Tensors are stored
-    under ``rename(name)``; ``fp32``-role tensors stay fp32, the rest become ``dtype``. Returns the files."""
+    under ``rename(name)``; ``fp32``-role tensors stay fp32, the rest become ``dtype``. ``expand(name, t)`` instead
+    gives the stored ``(name, tensor)`` pairs for our tensor ``t`` (a repacked tensor and the ones derived from
+    it). Returns the files."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -124,12 +127,14 @@ def write_weight_shards(
         for name in run:
             keep = dtype if layout[name].dtype == "params" else torch.float32
             t = transform(name, src.tensor(name)).to(keep).contiguous().clone()
-            size = t.numel() * t.element_size()
-            if pending and pending_bytes + size > max_shard_bytes:
-                flush()
-            pending[rename(name)] = t
-            pending_bytes += size
-            total += size
+            for key, value in expand(name, t) if expand is not None else [(rename(name), t)]:
+                value = value.contiguous()
+                size = value.numel() * value.element_size()
+                if pending and pending_bytes + size > max_shard_bytes:
+                    flush()
+                pending[key] = value
+                pending_bytes += size
+                total += size
         src.release()
     flush()
     n = len(files)

@@ -1,0 +1,87 @@
+"""One published HuggingFace layout of the GLM family, as data: config keys both ways, tensor names, packing.
+
+A family maps our tensors (``megatron_glm.model.layout`` names) to the published names (``rename``; default: a
+prefix), converts a tensor's packing both ways (``to_theirs`` / ``to_ours``; default: unchanged) and lists the
+tensors the published layout holds that our model does not (:class:`Derived`: rotary ``inv_freq`` buffers, a tied
+head stored twice), which export recomputes and import checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from megatron_glm.config import ModelConfig
+
+TensorMap = Callable[[ModelConfig, str, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A tensor of the published layout that our model does not hold, made from one of ours (``after``).
+
+    Export writes ``make(t)`` next to our tensor ``after`` (``t``: as exported, in the export dtype). Import checks
+    a stored one against ``make`` of the stored ``after``: ``strict`` a mismatch beyond fp16 rounding is an error
+    naming the tensor, else a note (the value is not used)."""
+
+    name: str
+    after: str
+    make: Callable[[torch.Tensor], torch.Tensor]
+    strict: bool = True
+    note: str = ""
+    """Why a non-strict mismatch does not matter (for the note)."""
+
+
+def _no_derived(config: ModelConfig) -> list[Derived]:
+    return []
+
+
+@dataclass(frozen=True)
+class HFFamily:
+    """One published HuggingFace layout: config keys both ways, tensor names and packing, remote code."""
+
+    model_type: str
+    architectures: tuple[str, ...]
+    auto_map: dict[str, str]
+    tokenizer_class: str
+    """Our tokenizer's remote-code class ("": the export has no tokenizer files; the family's own is needed)."""
+    code_files: tuple[str, ...]
+    """Our remote code shipped in the export (``megatron_glm/hf``; empty: THUDM's published code is needed)."""
+    prefix: str
+    """Prefix of every tensor name in the task-head classes (absent in the bare model's names)."""
+    to_config: Callable[[ModelConfig], dict[str, Any]]
+    from_config: Callable[[dict[str, Any], str], ModelConfig]
+    markers: tuple[str, ...] = field(default=())
+    """config.json keys that tell this family's layout from our standalone export and from the other families."""
+    key: str = ""
+    """Name in :data:`FAMILIES` (default: ``model_type``)."""
+    check: Callable[[ModelConfig], str | None] = lambda config: None
+    """The first architecture option this layout cannot hold (``None``: it holds the model)."""
+    rename: Callable[[str], str] | None = None
+    """Our tensor name -> the published one (``None``: ``prefix + name``)."""
+    to_theirs: TensorMap | None = None
+    to_ours: TensorMap | None = None
+    derived: Callable[[ModelConfig], list[Derived]] = _no_derived
+
+    @property
+    def name(self) -> str:
+        return self.key or self.model_type
+
+    def hf_name(self, name: str) -> str:
+        return self.rename(name) if self.rename is not None else self.prefix + name
+
+    def candidates(self, name: str) -> list[str]:
+        """The published names under which our tensor ``name`` may be stored (first: the one we write)."""
+        return [self.hf_name(name), name] if self.rename is None and self.prefix else [self.hf_name(name)]
+
+    def our_name(self, hf_name: str) -> str:
+        return hf_name[len(self.prefix) :] if hf_name.startswith(self.prefix) else hf_name
+
+    def theirs(self, config: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
+        return self.to_theirs(config, name, t) if self.to_theirs is not None else t
+
+    def ours(self, config: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
+        return self.to_ours(config, name, t) if self.to_ours is not None else t

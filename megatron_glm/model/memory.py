@@ -1,0 +1,82 @@
+"""Parameter count and per-rank memory of a model under TP x PP x DP and a ZeRO stage, from the layout alone.
+
+Counted per rank: the weights (in the training dtype), their gradients (same dtype) and AdamW's state (fp32
+``exp_avg`` and ``exp_avg_sq``, plus fp32 master weights under bf16/fp16). ZeRO partitions the optimizer state
+over data-parallel ranks (stage >= 1), then the gradients (>= 2), then the weights (3). Pipeline stages hold
+uniform runs of transformer layers (as ``partition_method: uniform``); the first stage also holds the
+embeddings, the last the final norm and the head (the tied word embedding is on both). The figure is the most
+loaded stage. Not counted: activations, communication buffers, allocator overhead, DeepSpeed's flat-buffer
+padding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megatron_glm.config import ModelConfig
+from megatron_glm.model.layout import VOCAB_TENSOR, ModelLayout
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per rank on the most loaded pipeline stage."""
+
+    parameters: int  # the whole model (tied head counted once)
+    stage_parameters: int  # parameters of one tensor-parallel rank of the largest stage (before ZeRO)
+    weights: float
+    grads: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+    def describe(self) -> str:
+        gib = 1024.0**3
+        return (
+            f"weights {self.weights / gib:.2f} GiB, grads {self.grads / gib:.2f} GiB, optimizer states "
+            f"{self.optimizer / gib:.2f} GiB, total {self.total / gib:.2f} GiB (activations not counted)"
+        )
+
+
+def stage_of(pipe_index: int, config: ModelConfig, pp: int) -> list[int]:
+    """The pipeline stages holding pipe layer ``pipe_index`` (uniform layers; tied head on the last stage)."""
+    n = config.num_layers
+    if pipe_index < 2:
+        return [0]
+    if pipe_index >= n + 2:
+        return [pp - 1]
+    return [min(pp - 1, (pipe_index - 2) * pp // n)]
+
+
+def estimate_memory(
+    config: ModelConfig, *, tp: int, pp: int, dp: int, zero_stage: int, precision: str
+) -> MemoryEstimate:
+    """Parameter count and per-rank memory (see module doc)."""
+    layout = ModelLayout(config)
+    per_stage = [0] * pp
+    for pipe in layout.pipe_layers:
+        names = pipe.names
+        if pipe.kind == "head" and layout.tied_head and pp > 1:
+            names = (VOCAB_TENSOR,)  # the tied copy on the last stage
+        for stage in stage_of(pipe.index, config, pp):
+            for name in names:
+                spec = layout[name]
+                numel = math.prod(spec.shape)
+                per_stage[stage] += numel // tp if spec.split_dim is not None else numel
+    local = max(per_stage)
+    width = BYTES[precision]
+    optimizer = local * (8 + (4 if width != 4 else 0))
+    grads = local * width
+    weights = local * width
+    dp = max(1, dp)
+    if zero_stage >= 1:
+        optimizer /= dp
+    if zero_stage >= 2:
+        grads /= dp
+    if zero_stage >= 3:
+        weights /= dp
+    return MemoryEstimate(layout.parameter_count(), local, float(weights), float(grads), float(optimizer))
