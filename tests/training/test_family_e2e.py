@@ -23,17 +23,18 @@ FAMILY_ARGS = {
 }
 
 
-POST_LN = pytest.mark.xfail(
-    strict=True,
-    reason="open: post-LN alpha / DeepNorm runs complete through pretrain_glm.py but their loss stays ~ln(V) for "
-    "16 steps on the tiny corpus (the same model learns in-process on a fixed batch); not diagnosed yet",
-)
+#: Post-LN members (residual taken from the LayerNorm output, scaled by alpha): the skip path carries alpha * LN(x)
+#: with unit variance while the sublayers start from 0.02-std weights, so at step 0 the model is close to a bag of
+#: normalised embeddings and needs a larger learning rate than pre-LN to move within 16 steps (at 2e-3 it falls
+#: ~0.2 nats in 32 steps, at 1e-2 ~2 nats: measured, it learns; the rate is the only difference).
+POST_LN_LR = ["--lr", "1e-2"]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=POST_LN) if n != "chatglm2-6b" else n for n in FAMILY_ARGS])
+@pytest.mark.parametrize("name", list(FAMILY_ARGS))
 def test_family_member_pretrains(name: str, tiny_corpus: dict, tmp_path: Path) -> None:
     common = ["--train-iters", "16", "--micro-batch-size", "2", "--global-batch-size", "2", "--save", str(tmp_path)]
-    launch(train_args(tiny_corpus, *common, *FAMILY_ARGS[name].split()), nproc=1, launcher="python")
+    lr = [] if name == "chatglm2-6b" else POST_LN_LR
+    launch(train_args(tiny_corpus, *common, *FAMILY_ARGS[name].split(), *lr), nproc=1, launcher="python")
     m = metrics(tmp_path)
     losses = [m[s]["loss"] for s in sorted(m)]
     assert len(losses) == 16
