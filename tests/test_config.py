@@ -78,6 +78,10 @@ def test_named_sizes_match_reference() -> None:
         "glm-large-chinese": (24, 1024, 16, 1024),
         "glm-2b": (36, 2048, 32, 1024),
         "glm-10b": (48, 4096, 64, 1024),
+        # The later family (glm-family.md): layers, hidden, heads, sequence length.
+        "glm-130b": (70, 12288, 96, 2048),
+        "chatglm-6b": (28, 4096, 32, 2048),
+        "chatglm2-6b": (28, 4096, 32, 32768),
     }
     for name, (layers, hidden, heads, positions) in published.items():
         m = build_config({"model.size": name}).model

@@ -379,7 +379,8 @@ class CheckpointManager:
             error = ""
             rng_state: dict[str, Any] = {}
             try:
-                engine._config.load_universal_checkpoint = universal  # DeepSpeed reads it at load time
+                if universal:  # DeepSpeed reads this (private) config flag at load time
+                    engine._config.load_universal_checkpoint = True
                 loaded, _ = engine.load_checkpoint(
                     str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
                 )
@@ -391,7 +392,8 @@ class CheckpointManager:
             except (CheckpointError, RuntimeError, KeyError, ValueError, OSError, AssertionError) as exc:
                 error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             finally:
-                engine._config.load_universal_checkpoint = False
+                if universal:
+                    engine._config.load_universal_checkpoint = False
             if _all_ok(not error):
                 return meta, rng_state
             self.bad_tags.add(tag)
