@@ -87,7 +87,9 @@ def test_layout_mismatch_and_empty_dir(tmp_path: Path) -> None:
     mgr = CheckpointManager(tmp_path, log=lambda _: None)
     assert mgr.load(FakeEngine(), tmp_path / "nothing") is None
     _save(mgr, 3)
-    with pytest.raises(CheckpointError, match="saved with tp=1 but this run has tp=2; convert it once .* --format universal"):
+    with pytest.raises(
+        CheckpointError, match="saved with tp=1 but this run has tp=2; convert it once .* --format universal"
+    ):
         mgr.load(FakeEngine(), tmp_path, expect={"tp": 2})
 
 
