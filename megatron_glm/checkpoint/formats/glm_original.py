@@ -13,7 +13,7 @@ import dataclasses
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,24 +52,69 @@ def _strip_module_prefix(sd: dict[str, Any]) -> dict[str, Any]:
     return sd
 
 
-class GLMOriginalSource:
+def rank_files(path: Path, kind: str) -> tuple[Path, list[Path]]:
+    """The directory holding ``mp_rank_XX_model_states.pt`` under ``path`` and its files in rank order; a
+    missing directory or rank is a one-line :class:`CheckpointError` (``kind`` names the format)."""
+    rank_dir = find_rank_dir(path)
+    if rank_dir is None:
+        raise CheckpointError(f"{path}: not a {kind} checkpoint (no mp_rank_XX_model_states.pt)")
+    ranks = sorted(int(m.group(1)) for p in rank_dir.iterdir() if (m := RANK_RE.match(p.name)))
+    tp = max(ranks) + 1
+    missing = [f"mp_rank_{r:02d}_model_states.pt" for r in range(tp) if r not in ranks]
+    if missing:
+        raise CheckpointError(f"{rank_dir}: missing tensor-parallel ranks: {', '.join(missing)}")
+    return rank_dir, [rank_dir / f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
+
+
+class RankFilesSource:
+    """What every model-only checkpoint stored as one state dict per tensor-parallel rank shares: the tensor
+    names, no optimizer state, and a cache of loaded rank files (``_sds``) dropped by :meth:`release`."""
+
+    _names: list[str]
+    _sds: dict[int, dict[str, torch.Tensor]]
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def module_tensor(self, name: str) -> torch.Tensor:
+        return self.tensor(name)
+
+    def optimizer_state(self, name: str) -> None:
+        return None
+
+    def release(self) -> None:
+        self._sds.clear()
+
+
+def rank_modules(
+    src: Any,
+    layout: ModelLayout,
+    tp: int,
+    transform: Callable[[str, torch.Tensor], torch.Tensor],
+    convert: Callable[[str, torch.Tensor], tuple[str, torch.Tensor]] = lambda name, part: (name, part),
+) -> Iterator[tuple[int, OrderedDict[str, torch.Tensor]]]:
+    """``(rank, module)`` for each of ``tp`` ranks: every tensor of ``src`` transformed, split for the rank and
+    passed through ``convert`` (a release's name and packing), one transformer layer in memory at a time."""
+    for t in range(tp):
+        module: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for _, run in iter_layers(src.names()):
+            for name in run:
+                key, part = convert(name, split_full(layout[name], transform(name, src.tensor(name)), t, tp))
+                module[key] = part.clone()
+            src.release()
+        yield t, module
+
+
+class GLMOriginalSource(RankFilesSource):
     """Original-format checkpoint files, read as full tensors."""
 
     def __init__(self, path: str | Path, *, num_attention_heads: int | None = None) -> None:
         path = Path(path)
-        rank_dir = find_rank_dir(path)
-        if rank_dir is None:
-            raise CheckpointError(f"{path}: not a GLM checkpoint (no mp_rank_XX_model_states.pt)")
-        ranks = sorted(
-            int(RANK_RE.match(p.name).group(1))
-            for p in rank_dir.glob("mp_rank_*_model_states.pt")
-            if RANK_RE.match(p.name)
-        )
-        tp = max(ranks) + 1
-        missing = [f"mp_rank_{r:02d}_model_states.pt" for r in range(tp) if r not in ranks]
-        if missing:
-            raise CheckpointError(f"{rank_dir}: missing tensor-parallel ranks: {', '.join(missing)}")
-        self.files = [rank_dir / f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
+        rank_dir, self.files = rank_files(path, "GLM")
+        tp = len(self.files)
         self._sds: dict[int, dict[str, torch.Tensor]] = {}
         sd0 = self._sd(0)
         notes: list[str] = []
@@ -129,19 +174,8 @@ class GLMOriginalSource:
             block_position_encoding="transformer.block_position_embeddings.weight" in sd0,
         )
 
-    def names(self) -> list[str]:
-        return list(self._names)
-
     def tensor(self, name: str) -> torch.Tensor:
         return merge_shards(self.layout[name], [self._sd(t)[name] for t in range(self.info.tp)])
-
-    module_tensor = tensor
-
-    def optimizer_state(self, name: str) -> None:
-        return None
-
-    def release(self) -> None:
-        self._sds.clear()
 
 
 def write_glm_original(
@@ -157,13 +191,7 @@ def write_glm_original(
     tag = str(iteration)
     rank_dir = out / tag
     rank_dir.mkdir(parents=True, exist_ok=True)
-    names, layout = src.names(), ModelLayout(config)
-    for t in range(tp):
-        module: OrderedDict[str, torch.Tensor] = OrderedDict()
-        for _, run in iter_layers(names):
-            for name in run:
-                module[name] = split_full(layout[name], transform(name, src.tensor(name)), t, tp).clone()
-            src.release()
+    for t, module in rank_modules(src, ModelLayout(config), tp, transform):
         torch.save({"module": module}, rank_dir / f"mp_rank_{t:02d}_model_states.pt")
         del module
     (out / TRACKER).write_text(tag, encoding="utf-8")

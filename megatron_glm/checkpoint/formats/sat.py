@@ -27,22 +27,21 @@ checked, not used). Inference-time masks and positions (SAT freezes positions at
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megatron_glm.checkpoint.reshard import merge_shards, split_full
+from megatron_glm.checkpoint.reshard import merge_shards
 from megatron_glm.checkpoint.safe_load import safe_torch_load
-from megatron_glm.checkpoint.stream import SourceInfo, iter_layers
+from megatron_glm.checkpoint.stream import SourceInfo
 from megatron_glm.config import ModelConfig
 from megatron_glm.config.sizes import MODEL_SIZES
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model.layout import VOCAB_TENSOR, ModelLayout, layer_index
 
-from .glm_original import RANK_RE, _strip_module_prefix, find_rank_dir
+from .glm_original import RankFilesSource, _strip_module_prefix, find_rank_dir, rank_files, rank_modules
 from .packing import architecture_mismatch, multi_head_mismatch, ours_to_per_head, per_head_to_ours, rotary_inv_freq
 
 MODEL_CONFIG = "model_config.json"
@@ -117,20 +116,13 @@ def is_sat(path: Path) -> bool:
         return False
 
 
-class SATSource:
+class SATSource(RankFilesSource):
     """A SAT GLM-130B checkpoint read as full tensors by our names."""
 
     def __init__(self, path: str | Path, *, num_attention_heads: int | None = None) -> None:
         path = Path(path)
-        rank_dir = find_rank_dir(path)
-        if rank_dir is None:
-            raise CheckpointError(f"{path}: not a SAT checkpoint (no mp_rank_XX_model_states.pt)")
-        ranks = sorted(int(m.group(1)) for p in rank_dir.iterdir() if (m := RANK_RE.match(p.name)))
-        tp = max(ranks) + 1
-        missing = [f"mp_rank_{r:02d}_model_states.pt" for r in range(tp) if r not in ranks]
-        if missing:
-            raise CheckpointError(f"{rank_dir}: missing tensor-parallel ranks: {', '.join(missing)}")
-        self.files = [rank_dir / f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
+        rank_dir, self.files = rank_files(path, "SAT")
+        tp = len(self.files)
         self._sds: dict[int, dict[str, torch.Tensor]] = {}
         notes: list[str] = []
         config = self._config(path, rank_dir, tp, num_attention_heads, notes)
@@ -213,9 +205,6 @@ class SATSource:
         if extra:
             notes.append(f"ignored {len(extra)} tensors that are not part of the GLM-130B model: {extra[:4]}")
 
-    def names(self) -> list[str]:
-        return list(self._names)
-
     def tensor(self, name: str) -> torch.Tensor:
         spec = self.layout[name]
         shards = [self._sd(t)[sat_name(name)] for t in range(self.tp)]
@@ -223,14 +212,6 @@ class SATSource:
             heads = self.layout.config.num_attention_heads // self.tp
             shards = [per_head_to_ours(s, heads, sat_name(name)) for s in shards]
         return merge_shards(spec, shards)
-
-    module_tensor = tensor
-
-    def optimizer_state(self, name: str) -> None:
-        return None
-
-    def release(self) -> None:
-        self._sds.clear()
 
 
 def write_sat(
@@ -248,18 +229,13 @@ def write_sat(
     tag = str(iteration)
     rank_dir = out / tag
     rank_dir.mkdir(parents=True, exist_ok=True)
-    layout, heads = ModelLayout(config), config.num_attention_heads // tp
-    for t in range(tp):
-        module: OrderedDict[str, torch.Tensor] = OrderedDict()
-        dtype = None
-        for _, run in iter_layers(src.names()):
-            for name in run:
-                part = split_full(layout[name], transform(name, src.tensor(name)), t, tp)
-                if _is_qkv(name):
-                    part = ours_to_per_head(part, heads, name)
-                module[sat_name(name)] = part.clone()
-                dtype = dtype or part.dtype
-            src.release()
+    heads = config.num_attention_heads // tp
+
+    def to_sat(name: str, part: torch.Tensor) -> tuple[str, torch.Tensor]:
+        return sat_name(name), ours_to_per_head(part, heads, name) if _is_qkv(name) else part
+
+    for t, module in rank_modules(src, ModelLayout(config), tp, transform, to_sat):
+        dtype = next(iter(module.values())).dtype
         module[INV_FREQ] = rotary_inv_freq(config.head_dim, config.rotary_base, compute=torch.float32).to(dtype)
         torch.save({"module": module, "iteration": iteration}, rank_dir / f"mp_rank_{t:02d}_model_states.pt")
         del module
