@@ -277,24 +277,10 @@ def convert_checkpoint(
             carry, dtype = True, None
             report.optimizer = "carried in full (DeepSpeed partitions it for the loading run's layout)"
             write_universal(src, tmp, tcfg, transform=transform)
-        elif opts.format == "glm":
-            write_glm_original(
-                src,
-                tmp,
-                opts.target_tp,
-                tcfg,
-                iteration=int(getattr(info, "meta", {}).get("step", 0)),
-                transform=transform,
-            )
-        elif opts.format == "sat":
-            write_sat(
-                src,
-                tmp,
-                opts.target_tp,
-                tcfg,
-                iteration=int(getattr(info, "meta", {}).get("step", 0)),
-                transform=transform,
-            )
+        elif opts.format in ("glm", "sat"):  # one model state file per tensor-parallel rank
+            write_ranks = write_glm_original if opts.format == "glm" else write_sat
+            step = int(getattr(info, "meta", {}).get("step", 0))
+            write_ranks(src, tmp, opts.target_tp, tcfg, iteration=step, transform=transform)
         elif opts.format == "hf":
             tok = [opts.tokenizer_model] if opts.tokenizer_model else info.tokenizer_files
             model_file = next((t for t in tok if not t.endswith(".vocab")), None)

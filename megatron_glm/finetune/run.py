@@ -24,12 +24,11 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megatron_glm.checkpoint import CheckpointManager, check_save_dir
+from megatron_glm.checkpoint import check_save_dir
 from megatron_glm.checkpoint.manager import list_checkpoints, write_text_atomic
 from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import GLMConfig, config_to_dict, validate
 from megatron_glm.data.tokenizer import GLMTokenizer
-from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.fileio import file_sha256
 from megatron_glm.finetune.config import FinetuneConfig
@@ -43,10 +42,9 @@ from megatron_glm.parallel import initialize_parallel_state
 from megatron_glm.parallel.launch import launcher_world_size
 from megatron_glm.training.distributed import init_distributed
 from megatron_glm.training.lifeline import die_with_parent, launched_by_launcher
-from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.rng import seed_everything
+from megatron_glm.training.run import trainer_services
 from megatron_glm.training.setup import build_engine, build_model
-from megatron_glm.training.throughput import matmul_peak_flops
 from megatron_glm.training.trainer import Trainer, TrainState
 
 ARCHITECTURE = (
@@ -263,9 +261,7 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
         return task_batches(valid_ds, consumed_samples=0, micro_batch_size=mbs, dp_rank=ps.dp_rank, dp_size=ps.dp_size)
 
     flops_sample = flops_per_token(cfg.model, task.seq_length) * task.seq_length * choices
-    peak = torch.tensor([matmul_peak_flops(DTYPES[cfg.training.precision], env.device, n=1024, seconds=0.3)])
-    dist.all_reduce(peak)
-    logger = MetricsLogger(cfg.checkpoint.save, cfg.logging.tensorboard_dir, enabled=is_logger)
+    services = trainer_services(cfg, env.device, is_logger, log)
     trainer = FinetuneTrainer(
         cfg,
         ps,
@@ -278,11 +274,8 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
         accumulation_steps=accum,
         global_batch_size=global_batch,
         flops_per_sample=flops_sample,
-        peak_flops=float(peak.item()),
-        checkpoints=CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last, log=log),
-        logger=logger,
-        log=log,
         started=started,
+        **services,
         task=task,
         task_loss=task_loss,
         encoder=TaskEncoder(tokenizer, task, task.valid_data),
@@ -300,7 +293,7 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     state = trainer.train()
     if valid_ds is not None and trainer.last_eval_step != state.step:
         trainer.evaluate()
-    logger.close()
+    services["logger"].close()
     log(f"done: step {state.step}, {state.consumed_samples} examples, {time.perf_counter() - started:.1f} s")
     dist.barrier()
     dist.destroy_process_group()

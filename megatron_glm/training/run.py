@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,19 @@ from megatron_glm.training.rng import seed_everything
 from megatron_glm.training.setup import build_engine, build_model, resolve_vocab_size
 from megatron_glm.training.throughput import matmul_peak_flops
 from megatron_glm.training.trainer import Trainer, TrainState
+
+
+def trainer_services(cfg: GLMConfig, device: torch.device, is_logger: bool, log: Callable[[str], None]) -> dict:
+    """The trainer's keyword arguments that every entry point builds alike: the matmul peak (measured on every
+    rank, summed), the metrics logger, the checkpoint manager and the log function."""
+    peak = torch.tensor([matmul_peak_flops(DTYPES[cfg.training.precision], device, n=1024, seconds=0.3)])
+    dist.all_reduce(peak)
+    return {
+        "peak_flops": float(peak.item()),
+        "checkpoints": CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last, log=log),
+        "logger": MetricsLogger(cfg.checkpoint.save, cfg.logging.tensorboard_dir, enabled=is_logger),
+        "log": log,
+    }
 
 
 def pretrain(cfg: GLMConfig) -> TrainState:
@@ -92,10 +106,8 @@ def pretrain(cfg: GLMConfig) -> TrainState:
         )
 
     dist.barrier()
-    peak = torch.tensor([matmul_peak_flops(DTYPES[cfg.training.precision], env.device, n=1024, seconds=0.3)])
-    dist.all_reduce(peak)
     flops_sample = flops_per_token(dataclasses.replace(cfg.model), cfg.data.seq_length) * cfg.data.seq_length
-    logger = MetricsLogger(cfg.checkpoint.save, cfg.logging.tensorboard_dir, enabled=is_logger)
+    services = trainer_services(cfg, env.device, is_logger, log)
     trainer = Trainer(
         cfg,
         ps,
@@ -108,11 +120,8 @@ def pretrain(cfg: GLMConfig) -> TrainState:
         accumulation_steps=accum,
         global_batch_size=global_batch,
         flops_per_sample=flops_sample,
-        peak_flops=float(peak.item()),
-        checkpoints=CheckpointManager(cfg.checkpoint.save, cfg.checkpoint.keep_last, log=log),
-        logger=logger,
-        log=log,
         started=started,
+        **services,
     )
     trainer.identity = run_identity(cfg, global_batch)
     if cfg.checkpoint.load and not cfg.checkpoint.load_weights_only:
@@ -122,7 +131,7 @@ def pretrain(cfg: GLMConfig) -> TrainState:
         f"{global_batch} samples (micro-batch {mbs} x accumulation {accum} x dp {ps.dp_size})"
     )
     state = trainer.train()
-    logger.close()
+    services["logger"].close()
     log(f"done: step {state.step}, {state.consumed_samples} samples, {time.perf_counter() - started:.1f} s")
     dist.barrier()
     dist.destroy_process_group()
