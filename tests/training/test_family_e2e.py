@@ -66,17 +66,22 @@ def test_family_pipeline_with_checkpointing_matches_one_stage(name: str, tiny_co
     assert max(abs(one[s] - two[s]) for s in one) < 1e-5, (one, two)
 
 
-def test_family_resume_is_exact_under_tensor_parallelism(tiny_corpus: dict, tmp_path: Path) -> None:
-    """ChatGLM-6B's 2-D rotary and post-LN at TP=2 with dropout on: stopped at step 4 (--exit-interval) and
-    resumed, the run reproduces the straight run's losses bitwise and really trains steps 5-8."""
-    flags = ["--train-iters", "8", "--tensor-model-parallel-size", "2"]
+RESUME_LAYOUTS = {"glm-130b": 1, "chatglm-6b": 2, "chatglm2-6b": 1}  # TP size: the 2-D rotary one under TP=2
+
+
+@pytest.mark.parametrize("name", list(RESUME_LAYOUTS))
+def test_family_resume_is_exact(name: str, tiny_corpus: dict, tmp_path: Path) -> None:
+    """Dropout on: stopped at step 4 (--exit-interval) and resumed, each family member reproduces its straight
+    run's losses bitwise and really trains steps 5-8 (ChatGLM-6B's 2-D rotary and post-LN at TP=2)."""
+    tp = RESUME_LAYOUTS[name]
+    flags = ["--train-iters", "8", "--tensor-model-parallel-size", str(tp)]
     flags += ["--model.hidden_dropout", "0.1", "--model.attention_dropout", "0.1"]
-    _family_run(tiny_corpus, "chatglm-6b", tmp_path / "straight", *flags, nproc=2)
+    _family_run(tiny_corpus, name, tmp_path / "straight", *flags, nproc=tp)
     save = tmp_path / "stopped"
-    first = _family_run(tiny_corpus, "chatglm-6b", save, *flags, "--exit-interval", "4", nproc=2)
+    first = _family_run(tiny_corpus, name, save, *flags, "--exit-interval", "4", nproc=tp)
     assert "saving and stopping at step 4" in first.stdout
     assert (save / "latest").read_text().strip() == "global_step4"
-    second = _family_run(tiny_corpus, "chatglm-6b", save, *flags, "--load", str(save), nproc=2)
+    second = _family_run(tiny_corpus, name, save, *flags, "--load", str(save), nproc=tp)
     assert "at step 4 (16 samples)" in second.stdout
     assert sorted(int(s) for s in re.findall(r"^step\s+(\d+)\s+loss ", second.stdout, re.MULTILINE)) == [5, 6, 7, 8]
     assert _losses(save) == _losses(tmp_path / "straight")
