@@ -29,6 +29,8 @@ ARGS=(${CONFIG:+--config "$CONFIG"} --data-path "${DATA:?set DATA to a preproces
 
 # Node 0 hosts the rendezvous store (is_host): on one machine either agent could, and a store that lives on
 # the node that dies takes the survivors' agents down with a traceback instead of our one-line error.
+# The c10d rendezvous numbers the agents in the order they join, so global rank 0 (the one that logs
+# progress) may be on either node.
 node() {
   "$TORCHRUN" --nnodes 2 --nproc-per-node 2 --node-rank "$1" --rdzv-backend c10d \
     --rdzv-endpoint "127.0.0.1:$PORT" --rdzv-id "$JOB" --rdzv-conf "is_host=$([ "$1" = 0 ] && echo 1 || echo 0)" \

@@ -44,7 +44,10 @@ def run_cli(main: Callable[[], T]) -> T:
     try:
         return main()
     except GLMError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        # One write of the whole line: the ranks of a job share stderr, and print()'s separate write of the
+        # newline let two ranks' lines run together.
+        sys.stderr.write(f"error: {one_line(exc)}\n")
+        sys.stderr.flush()
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -92,7 +92,7 @@ def test_resume_on_other_layouts_carries_optimizer_and_losses(tiny_corpus: dict,
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]  # each worker's one line
     assert errors and "saved with dp=1 but this run has dp=2" in errors[0], refused.stderr[-3000:]
     line = errors[0]
-    command = re.search(r"with: (python tools/convert_checkpoint\.py .*?), then resume with --load (\S+)$", line)
+    command = re.search(r"with: (python tools/convert_checkpoint\.py [^,]*), then resume with --load (\S+)$", line)
     assert command, line
     run_tool(*shlex.split(command.group(1))[1:])
     universal = Path(command.group(2))
