@@ -1,0 +1,220 @@
+"""Our training step against the original GLM step on real GLM batches, interleaved in one run.
+
+Real batches: the embedded pydoc corpus (``tools/export_pydoc_corpus.py``) -> a BPE tokenizer
+(``tools/train_tokenizer.py``, ``--tokenizer-vocab`` pieces or the most the corpus allows) -> a
+sentence-split indexed dataset (``tools/preprocess_data.py``) -> our sampler (``GLMDataset``) with the GLM-10B
+objective mixture (token 0.5, sentence 0.3, document 0.2, ``gpt_min_ratio`` 0.25), one objective per
+micro-batch. The model is glm-base-shaped (H 768, 12 heads) with ``--layers`` layers and a ``--vocab`` row
+embedding (the tokenizer's vocabulary padded, as Megatron pads it), bf16 parameters, no dropout.
+
+Three steps (forward + backward + AdamW) run on the same batches, interleaved so they see the same load:
+
+- ``ours``: ``GLMModel`` the way ``pretrain_glm.py`` runs it: compiled layers, the head on the loss rows only
+  (``model.head_chunk_size``: fused and chunked), fused AdamW;
+- ``ours, full logits``: the same model with the head on every token and the compiled full-logit loss;
+- ``original``: :class:`benchmarks.original_glm.OriginalGLM` (full logits, eager attention with an additive
+  mask and fp32 softmax, masked mean cross entropy, ``torch.optim.AdamW`` defaults), same initial weights.
+
+Both models' first losses are printed (they must agree to bf16 rounding). Each round runs every batch once
+per step kind; the ratios are total original time / total ours time per round (median and range printed).
+
+    python benchmarks/glm_step.py                  # 6 layers x 768, vocab 32000, 4 x 512, bf16
+    python benchmarks/glm_step.py --head-chunk 0   # our head unfused
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.original_glm import OriginalGLM, original_loss  # noqa: E402
+from megatron_glm.config import ObjectiveConfig, build_config  # noqa: E402
+from megatron_glm.data.blank_infilling import BlankInfilling, SpecialTokens  # noqa: E402
+from megatron_glm.data.indexed_dataset import IndexedDataset  # noqa: E402
+from megatron_glm.data.loader import GLMDataset, collate  # noqa: E402
+from megatron_glm.data.samples import DocumentWindows  # noqa: E402
+from megatron_glm.data.tokenizer import GLMTokenizer  # noqa: E402
+from megatron_glm.model import GLMModel, compiled_glm_loss  # noqa: E402
+
+#: GLM-10B's objective mixture (reference §3): token 0.5, sentence 0.3, document 0.2.
+GLM_10B_MIXTURE = ObjectiveConfig(bert_prob=0.5, gap_sentence_prob=0.3, gpt_min_ratio=0.25)
+
+
+def _tool(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{args[0]} failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def train_tokenizer(corpus: Path, prefix: Path, vocab: int) -> int:
+    """Train a BPE tokenizer of ``vocab`` pieces, or of the most the corpus allows (sentencepiece says how
+    many); returns the pieces trained."""
+    args = ["tools/train_tokenizer.py", "--input", str(corpus), "--model-prefix", str(prefix), "--threads", "1"]
+    try:
+        _tool(*args, "--vocab-size", str(vocab))
+        return vocab
+    except RuntimeError as err:
+        most = re.search(r"value <= (\d+)", str(err))
+        if most is None:
+            raise
+        _tool(*args, "--vocab-size", most.group(1))
+        return int(most.group(1))
+
+
+def real_batches(workdir: Path, seq: int, batch: int, count: int, vocab: int) -> tuple[list[dict], str]:
+    """``count`` micro-batches of ``batch`` GLM samples from the pydoc corpus, and a one-line description."""
+    corpus = workdir / "pydoc.jsonl"
+    _tool("tools/export_pydoc_corpus.py", "--output", str(corpus))
+    pieces = train_tokenizer(corpus, workdir / "tok", vocab)
+    _tool(
+        "tools/preprocess_data.py",
+        "--input",
+        str(corpus),
+        "--tokenizer-model",
+        str(workdir / "tok.model"),
+        "--output-prefix",
+        str(workdir / "pydoc"),
+        "--split-sentences",
+        "--workers",
+        "1",
+    )
+    tokenizer = GLMTokenizer(workdir / "tok.model")
+    if tokenizer.vocab_size > vocab:
+        raise ValueError(f"--vocab {vocab} is smaller than the tokenizer's {tokenizer.vocab_size} ids")
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    data = IndexedDataset(str(workdir / "pydoc_text_sentence"))
+    windows = DocumentWindows(
+        data, (0, data.num_documents), seq, cls_id=special.cls, eos_id=special.eos, seed=1, cache_dir=str(workdir)
+    )
+    dataset = GLMDataset(windows, BlankInfilling(GLM_10B_MIXTURE, special, seq), seed=1, group_size=batch)
+    batches = [collate([dataset[k * batch + j] for j in range(batch)]) for k in range(count)]
+    loss_rows = sum(int(b["loss_mask"].sum()) for b in batches) / (count * batch * seq)
+    objectives = [int(b["objective"][0]) for b in batches]
+    desc = (
+        f"pydoc corpus, BPE {pieces} pieces + commands = {tokenizer.vocab_size} ids (embedding {vocab} rows), "
+        f"GLM-10B mixture, objectives per batch {objectives} (0 token, 1 sentence, 2 document), "
+        f"{100 * loss_rows:.0f}% of the tokens carry loss"
+    )
+    return batches, desc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--vocab", type=int, default=32000, help="embedding rows (the issue's vocab 32000)")
+    ap.add_argument("--tokenizer-vocab", type=int, default=32000, help="BPE pieces asked for (capped by the corpus)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batches", type=int, default=3, help="distinct real batches, each run once per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--head-chunk", type=int, default=1024, help="our fused head's chunk (0: unfused head)")
+    ap.add_argument("--no-compile", action="store_true", help="do not torch.compile our layers and loss")
+    ap.add_argument("--skip-full", action="store_true", help="do not run our full-logit step")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        batches, desc = real_batches(Path(tmp), args.seq, args.batch, args.batches, args.vocab)
+
+    cfg = build_config({"model.size": "glm-base"}).model
+    cfg = dataclasses.replace(
+        cfg,
+        num_layers=args.layers,
+        vocab_size=args.vocab,
+        max_sequence_length=args.seq,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        head_chunk_size=args.head_chunk,
+    )
+    dtype = torch.bfloat16
+    ours = GLMModel(cfg, params_dtype=dtype).train()
+    original = OriginalGLM(
+        args.layers, cfg.hidden_size, cfg.num_attention_heads, args.vocab, args.seq + 1, cfg.layernorm_epsilon
+    ).to(dtype)
+    original.load_state_dict(ours.state_dict())
+    original.train()
+    print(
+        f"glm-base shape, {args.layers} layers x {cfg.hidden_size}, vocab {args.vocab}, {args.batch} x {args.seq} "
+        f"tokens, bf16, {args.threads} threads, compile {not args.no_compile}, our head on the loss rows "
+        f"(fused chunks {args.head_chunk or 'off'}); {desc}; load average {os.getloadavg()[0]:.1f}"
+    )
+    with torch.no_grad():
+        b = batches[0]
+        a = ours(b["input_ids"], b["position_ids"], b["sep"], labels=b["labels"], loss_mask=b["loss_mask"]).loss
+        o = original_loss(original(b["input_ids"], b["position_ids"], b["sep"]), b["labels"], b["loss_mask"])
+    print(f"first-batch loss: ours {float(a):.4f}, original {float(o):.4f} (same weights; bf16 rounding apart)")
+
+    loss_fn = compiled_glm_loss
+    if not args.no_compile:
+        ours.compile_layers()
+    else:
+        from megatron_glm.model import glm_loss
+
+        loss_fn = glm_loss
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
+    ref_opt = torch.optim.AdamW(original.parameters(), lr=1e-4)
+
+    def ours_step(b: dict) -> None:
+        ours(b["input_ids"], b["position_ids"], b["sep"], labels=b["labels"], loss_mask=b["loss_mask"]).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def ours_full_step(b: dict) -> None:
+        logits = ours(b["input_ids"], b["position_ids"], b["sep"])
+        loss_fn(logits, b["labels"], b["loss_mask"]).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def original_step(b: dict) -> None:
+        original_loss(original(b["input_ids"], b["position_ids"], b["sep"]), b["labels"], b["loss_mask"]).backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+
+    steps = {"ours": ours_step, "original": original_step}
+    if not args.skip_full:
+        steps["ours, full logits"] = ours_full_step
+    t = time.perf_counter()
+    for b in batches:  # warm-up: compiles every shape (loss-row counts differ per batch)
+        for fn in steps.values():
+            fn(b)
+    print(f"warm-up (one step of each kind per batch, includes compilation): {time.perf_counter() - t:.1f} s")
+    rounds: list[dict[str, float]] = []
+    for _ in range(args.rounds):
+        spent = dict.fromkeys(steps, 0.0)
+        for b in batches:
+            for name, fn in steps.items():
+                t = time.perf_counter()
+                fn(b)
+                spent[name] += time.perf_counter() - t
+        rounds.append(spent)
+    tokens = args.batches * args.batch * args.seq
+    for name in steps:
+        per_step = sorted(r[name] / args.batches for r in rounds)
+        print(
+            f"{name:>18}: {per_step[len(per_step) // 2] * 1e3:7.0f} ms/step (min {per_step[0] * 1e3:.0f}, "
+            f"max {per_step[-1] * 1e3:.0f})  {tokens / args.batches / per_step[len(per_step) // 2]:6.0f} tokens/s"
+        )
+    for name in steps:
+        if name == "original":
+            continue
+        ratios = sorted(r["original"] / r[name] for r in rounds)
+        print(f"original / {name}: {ratios[len(ratios) // 2]:.2f}x (rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes share these cores)")
+
+
+if __name__ == "__main__":
+    main()
