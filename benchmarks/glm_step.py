@@ -15,8 +15,9 @@ Three steps (forward + backward + AdamW) run on the same batches, interleaved so
 - ``original``: :class:`benchmarks.original_glm.OriginalGLM` (full logits, eager attention with an additive
   mask and fp32 softmax, masked mean cross entropy, ``torch.optim.AdamW`` defaults), same initial weights.
 
-Both models' first losses are printed (they must agree to bf16 rounding). Each round runs every batch once
-per step kind; the ratios are total original time / total ours time per round (median and range printed).
+Both models' first losses are printed (they must agree to bf16 rounding). Each round runs each objective's
+batch once per step kind; a step's time is the mixture-weighted mean over the three batches (the expected step
+under the GLM-10B mixture); the ratios are per round (median and every round printed).
 
     python benchmarks/glm_step.py                  # 6 layers x 768, vocab 32000, 4 x 512, bf16
     python benchmarks/glm_step.py --head-chunk 0   # our head unfused
@@ -41,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.original_glm import OriginalGLM, original_loss  # noqa: E402
 from megatron_glm.config import ObjectiveConfig, build_config  # noqa: E402
-from megatron_glm.data.blank_infilling import BlankInfilling, SpecialTokens  # noqa: E402
+from megatron_glm.data.blank_infilling import OBJECTIVE_NAMES, BlankInfilling, SpecialTokens  # noqa: E402
 from megatron_glm.data.indexed_dataset import IndexedDataset  # noqa: E402
 from megatron_glm.data.loader import GLMDataset, collate  # noqa: E402
 from megatron_glm.data.samples import DocumentWindows  # noqa: E402
@@ -50,6 +51,8 @@ from megatron_glm.model import GLMModel, compiled_glm_loss  # noqa: E402
 
 #: GLM-10B's objective mixture (reference §3): token 0.5, sentence 0.3, document 0.2.
 GLM_10B_MIXTURE = ObjectiveConfig(bert_prob=0.5, gap_sentence_prob=0.3, gpt_min_ratio=0.25)
+#: The share of micro-batches of each objective under that mixture (token, sentence, document).
+MIXTURE_WEIGHTS = (0.5, 0.3, 0.2)
 
 
 def _tool(*args: str) -> str:
@@ -74,8 +77,9 @@ def train_tokenizer(corpus: Path, prefix: Path, vocab: int) -> int:
         return int(most.group(1))
 
 
-def real_batches(workdir: Path, seq: int, batch: int, count: int, vocab: int) -> tuple[list[dict], str]:
-    """``count`` micro-batches of ``batch`` GLM samples from the pydoc corpus, and a one-line description."""
+def real_batches(workdir: Path, seq: int, batch: int, vocab: int) -> tuple[list[dict], str]:
+    """One micro-batch of ``batch`` GLM samples per objective (token, sentence, document: the first batch of each
+    in the sampler's stream) from the pydoc corpus, and a one-line description."""
     corpus = workdir / "pydoc.jsonl"
     _tool("tools/export_pydoc_corpus.py", "--output", str(corpus))
     pieces = train_tokenizer(corpus, workdir / "tok", vocab)
@@ -100,13 +104,16 @@ def real_batches(workdir: Path, seq: int, batch: int, count: int, vocab: int) ->
         data, (0, data.num_documents), seq, cls_id=special.cls, eos_id=special.eos, seed=1, cache_dir=str(workdir)
     )
     dataset = GLMDataset(windows, BlankInfilling(GLM_10B_MIXTURE, special, seq), seed=1, group_size=batch)
-    batches = [collate([dataset[k * batch + j] for j in range(batch)]) for k in range(count)]
-    loss_rows = sum(int(b["loss_mask"].sum()) for b in batches) / (count * batch * seq)
-    objectives = [int(b["objective"][0]) for b in batches]
+    first: dict[int, int] = {}
+    for group in range(1000):
+        first.setdefault(dataset.choice(group * batch).objective, group)
+        if len(first) == len(OBJECTIVE_NAMES):
+            break
+    batches = [collate([dataset[first[o] * batch + j] for j in range(batch)]) for o in range(len(OBJECTIVE_NAMES))]
+    rows = ", ".join(f"{OBJECTIVE_NAMES[o]} {100 * float(b['loss_mask'].mean()):.0f}%" for o, b in enumerate(batches))
     desc = (
         f"pydoc corpus, BPE {pieces} pieces + commands = {tokenizer.vocab_size} ids (embedding {vocab} rows), "
-        f"GLM-10B mixture, objectives per batch {objectives} (0 token, 1 sentence, 2 document), "
-        f"{100 * loss_rows:.0f}% of the tokens carry loss"
+        f"GLM-10B mixture {MIXTURE_WEIGHTS}; loss rows per batch: {rows}"
     )
     return batches, desc
 
@@ -118,7 +125,6 @@ def main() -> None:
     ap.add_argument("--tokenizer-vocab", type=int, default=32000, help="BPE pieces asked for (capped by the corpus)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--batches", type=int, default=3, help="distinct real batches, each run once per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--head-chunk", type=int, default=1024, help="our fused head's chunk (0: unfused head)")
@@ -128,7 +134,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        batches, desc = real_batches(Path(tmp), args.seq, args.batch, args.batches, args.vocab)
+        batches, desc = real_batches(Path(tmp), args.seq, args.batch, args.vocab)
 
     cfg = build_config({"model.size": "glm-base"}).model
     cfg = dataclasses.replace(
@@ -192,27 +198,29 @@ def main() -> None:
         for fn in steps.values():
             fn(b)
     print(f"warm-up (one step of each kind per batch, includes compilation): {time.perf_counter() - t:.1f} s")
+    # Per round: each step kind's time on each objective's batch, weighted by the mixture (the expected step).
     rounds: list[dict[str, float]] = []
     for _ in range(args.rounds):
         spent = dict.fromkeys(steps, 0.0)
-        for b in batches:
+        for weight, b in zip(MIXTURE_WEIGHTS, batches):
             for name, fn in steps.items():
                 t = time.perf_counter()
                 fn(b)
-                spent[name] += time.perf_counter() - t
+                spent[name] += weight * (time.perf_counter() - t)
         rounds.append(spent)
-    tokens = args.batches * args.batch * args.seq
+    tokens = args.batch * args.seq
     for name in steps:
-        per_step = sorted(r[name] / args.batches for r in rounds)
+        per_step = sorted(r[name] for r in rounds)
+        mid = per_step[len(per_step) // 2]
         print(
-            f"{name:>18}: {per_step[len(per_step) // 2] * 1e3:7.0f} ms/step (min {per_step[0] * 1e3:.0f}, "
-            f"max {per_step[-1] * 1e3:.0f})  {tokens / args.batches / per_step[len(per_step) // 2]:6.0f} tokens/s"
+            f"{name:>18}: {mid * 1e3:7.0f} ms/step (min {per_step[0] * 1e3:.0f}, max {per_step[-1] * 1e3:.0f}), "
+            f"{tokens / mid:5.0f} tokens/s"
         )
     for name in steps:
-        if name == "original":
-            continue
-        ratios = sorted(r["original"] / r[name] for r in rounds)
-        print(f"original / {name}: {ratios[len(ratios) // 2]:.2f}x (rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+        if name != "original":
+            ratios = sorted(r["original"] / r[name] for r in rounds)
+            each = ", ".join(f"{x:.2f}" for x in ratios)
+            print(f"original / {name}: {ratios[len(ratios) // 2]:.2f}x (rounds {each})")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes share these cores)")
 
 
