@@ -17,7 +17,10 @@ Three steps (forward + backward + AdamW) run on the same batches, interleaved so
 
 Both models' first losses are printed (they must agree to bf16 rounding). Each round runs each objective's
 batch once per step kind; a step's time is the mixture-weighted mean over the three batches (the expected step
-under the GLM-10B mixture); the ratios are per round (median and every round printed).
+under the GLM-10B mixture); the ratios are per round (median and every round printed), in wall time and in
+this process's CPU time.
+A bf16 matmul peak is sampled each round: MFU and the bound on each ratio (the original's time over our model
+FLOPs run at that peak: no exact step can do better) are printed.
 
     python benchmarks/glm_step.py                  # 6 layers x 768, vocab 32000, 4 x 512, bf16
     python benchmarks/glm_step.py --head-chunk 0   # our head unfused
@@ -47,7 +50,8 @@ from megatron_glm.data.indexed_dataset import IndexedDataset  # noqa: E402
 from megatron_glm.data.loader import GLMDataset, collate  # noqa: E402
 from megatron_glm.data.samples import DocumentWindows  # noqa: E402
 from megatron_glm.data.tokenizer import GLMTokenizer  # noqa: E402
-from megatron_glm.model import GLMModel, compiled_glm_loss  # noqa: E402
+from megatron_glm.model import GLMModel, compiled_glm_loss, flops_per_token  # noqa: E402
+from megatron_glm.training.throughput import matmul_peak_flops  # noqa: E402
 
 #: GLM-10B's objective mixture (reference §3): token 0.5, sentence 0.3, document 0.2.
 GLM_10B_MIXTURE = ObjectiveConfig(bert_prob=0.5, gap_sentence_prob=0.3, gpt_min_ratio=0.25)
@@ -128,6 +132,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--head-chunk", type=int, default=1024, help="our fused head's chunk (0: unfused head)")
+    ap.add_argument(
+        "--last-layer-rows",
+        action="store_true",
+        help="model.last_layer_loss_rows: our last layer on the loss rows only (queries, attention output, MLP)",
+    )
     ap.add_argument("--no-compile", action="store_true", help="do not torch.compile our layers and loss")
     ap.add_argument("--skip-full", action="store_true", help="do not run our full-logit step")
     args = ap.parse_args()
@@ -145,6 +154,7 @@ def main() -> None:
         hidden_dropout=0.0,
         attention_dropout=0.0,
         head_chunk_size=args.head_chunk,
+        last_layer_loss_rows=args.last_layer_rows,
     )
     dtype = torch.bfloat16
     ours = GLMModel(cfg, params_dtype=dtype).train()
@@ -156,7 +166,8 @@ def main() -> None:
     print(
         f"glm-base shape, {args.layers} layers x {cfg.hidden_size}, vocab {args.vocab}, {args.batch} x {args.seq} "
         f"tokens, bf16, {args.threads} threads, compile {not args.no_compile}, our head on the loss rows "
-        f"(fused chunks {args.head_chunk or 'off'}); {desc}; load average {os.getloadavg()[0]:.1f}"
+        f"(fused chunks {args.head_chunk or 'off'}, "
+        f"last layer on them {args.last_layer_rows}); {desc}; load average {os.getloadavg()[0]:.1f}"
     )
     with torch.no_grad():
         b = batches[0]
@@ -198,30 +209,55 @@ def main() -> None:
         for fn in steps.values():
             fn(b)
     print(f"warm-up (one step of each kind per batch, includes compilation): {time.perf_counter() - t:.1f} s")
-    # Per round: each step kind's time on each objective's batch, weighted by the mixture (the expected step).
-    rounds: list[dict[str, float]] = []
+    # Per round: each step kind's time on each objective's batch, weighted by the mixture (the expected step);
+    # wall time and this process's CPU time (less sensitive to other processes on shared cores).
+    rounds: list[dict[str, tuple[float, float]]] = []
+    peaks = []
     for _ in range(args.rounds):
-        spent = dict.fromkeys(steps, 0.0)
+        peaks.append(matmul_peak_flops(torch.bfloat16, "cpu", n=2048, seconds=0.3))
+        spent = {name: [0.0, 0.0] for name in steps}
         for weight, b in zip(MIXTURE_WEIGHTS, batches):
             for name, fn in steps.items():
-                t = time.perf_counter()
+                wall, cpu = time.perf_counter(), time.process_time()
                 fn(b)
-                spent[name] += weight * (time.perf_counter() - t)
-        rounds.append(spent)
+                spent[name][0] += weight * (time.perf_counter() - wall)
+                spent[name][1] += weight * (time.process_time() - cpu)
+        rounds.append({name: (w, c) for name, (w, c) in spent.items()})
     tokens = args.batch * args.seq
+    # Model FLOPs (flops_per_token: every layer on every token, the head on the rows it runs on), mixture-weighted.
+    head = 3 * 2 * cfg.hidden_size * cfg.vocab_size
+    layers_flops = (flops_per_token(cfg, args.seq) - head) * tokens
+    loss_rows = sum(w * float(b["loss_mask"].sum()) for w, b in zip(MIXTURE_WEIGHTS, batches))
+    flops = {"ours": layers_flops + head * loss_rows, "original": layers_flops + head * tokens}
+    flops["ours, full logits"] = flops["original"]
+    peak = median(peaks)
+    print(
+        f"bf16 matmul peak ({args.threads} threads, one sample per round): {peak / 1e9:.0f} GFLOP/s "
+        f"(min {min(peaks) / 1e9:.0f}, max {max(peaks) / 1e9:.0f}); model GFLOP/step: "
+        + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in flops.items() if k in steps)
+    )
     for name in steps:
-        per_step = sorted(r[name] for r in rounds)
-        mid = per_step[len(per_step) // 2]
+        wall = sorted(r[name][0] for r in rounds)
+        cpu = sorted(r[name][1] for r in rounds)
         print(
-            f"{name:>18}: {mid * 1e3:7.0f} ms/step (min {per_step[0] * 1e3:.0f}, max {per_step[-1] * 1e3:.0f}), "
-            f"{tokens / mid:5.0f} tokens/s"
+            f"{name:>18}: wall {median(wall) * 1e3:6.0f} ms/step (min {wall[0] * 1e3:.0f}, max {wall[-1] * 1e3:.0f}), "
+            f"{tokens / median(wall):4.0f} tokens/s; CPU {median(cpu) * 1e3:6.0f} ms/step "
+            f"(min {cpu[0] * 1e3:.0f}, max {cpu[-1] * 1e3:.0f}); MFU {100 * flops[name] / median(wall) / peak:.0f}%"
         )
     for name in steps:
         if name != "original":
-            ratios = sorted(r["original"] / r[name] for r in rounds)
-            each = ", ".join(f"{x:.2f}" for x in ratios)
-            print(f"original / {name}: {ratios[len(ratios) // 2]:.2f}x (rounds {each})")
+            for k, kind in enumerate(("wall", "CPU")):
+                ratios = sorted(r["original"][k] / r[name][k] for r in rounds)
+                each = ", ".join(f"{x:.2f}" for x in ratios)
+                print(f"original / {name} ({kind} time): {median(ratios):.2f}x (rounds {each})")
+            # No exact step can beat its own FLOPs at the matmul peak: the most this ratio could be here.
+            bound = median([r["original"][0] for r in rounds]) / (flops[name] / peak)
+            print(f"  bound: original / ({name} model FLOPs at the matmul peak) = {bound:.2f}x")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes share these cores)")
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 if __name__ == "__main__":
