@@ -79,7 +79,8 @@ class ModelConfig:
         False,
         "Training with the head on the loss rows: the last layer computes its queries, attention output and "
         "MLP on those rows only (keys and values on every row), since nothing else reads them. Exact without "
-        "dropout; with dropout the masks of that layer are drawn over those rows only. Not with sequence parallelism.",
+        "dropout; with dropout the masks of that layer are drawn over those rows only. Ignored under sequence "
+        "or pipeline parallelism.",
     )
     # -- GLM family architecture options (defaults: the 2021 GLM) ------------------------------------------
     position_embedding_type: str = opt(
