@@ -6,8 +6,9 @@ glm-base-shaped model (H 768, 12 heads, 4H MLP, vocab 30592; ``--layers`` of the
 forward) per second / a bf16 matmul peak measured in the same run. ``--loss-positions`` runs our head on the
 loss (Part B) rows only, as ``pretrain_glm.py`` does, and then counts head FLOPs on those rows only.
 
-The reference is the same architecture written naively: plain ``nn.Linear`` layers, eager attention with
-a materialised additive ``[b, 1, s, s]`` mask and fp32 softmax, ``torch.optim.AdamW`` defaults.
+The reference ("naive") is the original GLM step, :class:`benchmarks.original_glm.OriginalGLM` (plain
+``nn.Linear`` layers, eager attention with a materialised additive ``[b, 1, s, s]`` mask and fp32 softmax,
+full-vocabulary logits, ``torch.optim.AdamW`` defaults) with the same initial weights.
 
     python benchmarks/model_step.py                # both models, prints MFU and the ratio
     python benchmarks/model_step.py --no-compile   # our model without torch.compile
@@ -17,54 +18,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.original_glm import OriginalGLM, original_loss
 from megatron_glm.config import build_config
-from megatron_glm.model import GLMModel, compiled_glm_loss, flops_per_token, glm_loss, glm_loss_at, loss_positions
+from megatron_glm.model import (
+    GLMModel,
+    compiled_glm_loss,
+    flops_per_token,
+    glm_loss,
+    glm_loss_at,
+    loss_positions,
+)
 from megatron_glm.training.throughput import matmul_peak_flops
-
-
-class NaiveLayer(nn.Module):
-    def __init__(self, h: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(h), nn.LayerNorm(h)
-        self.qkv, self.dense = nn.Linear(h, 3 * h), nn.Linear(h, h)
-        self.fc1, self.fc2 = nn.Linear(h, 4 * h), nn.Linear(4 * h, h)
-        self.drop = nn.Dropout(0.0)
-
-    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
-        b, s, h = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
-        scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(h // self.heads) + additive_mask
-        probs = self.drop(scores.softmax(-1).to(v.dtype))
-        x = x + self.drop(self.dense((probs @ v).transpose(1, 2).reshape(b, s, h)))
-        return x + self.drop(self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate="tanh")))
-
-
-class NaiveGLM(nn.Module):
-    def __init__(self, layers: int, h: int, heads: int, vocab: int, positions: int) -> None:
-        super().__init__()
-        self.word = nn.Embedding(vocab, h)
-        self.pos, self.block = nn.Embedding(positions, h), nn.Embedding(positions, h)
-        self.layers = nn.ModuleList(NaiveLayer(h, heads) for _ in range(layers))
-        self.final = nn.LayerNorm(h)
-
-    def forward(self, ids: torch.Tensor, position_ids: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
-        s = ids.shape[1]
-        i = torch.arange(s)
-        allowed = (i.view(1, 1, 1, s) < sep.view(-1, 1, 1, 1)) | (i.view(1, 1, 1, s) <= i.view(1, 1, s, 1))
-        additive = torch.zeros(allowed.shape).masked_fill(~allowed, -10000.0)
-        x = self.word(ids) + self.pos(position_ids[:, 0]) + self.block(position_ids[:, 1])
-        for layer in self.layers:
-            x = layer(x, additive)
-        return self.final(x) @ self.word.weight.T
 
 
 def make_batch(batch: int, seq: int, vocab: int) -> dict[str, torch.Tensor]:
@@ -171,17 +144,15 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    naive = (
-        NaiveGLM(args.layers, cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size, cfg.max_sequence_length + 1)
-        .to(dtype)
-        .train()
-    )
+    naive = OriginalGLM(
+        args.layers, cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size, cfg.max_sequence_length + 1
+    ).to(dtype)
+    naive.load_state_dict(model.state_dict())
+    naive.train()
     nopt = torch.optim.AdamW(naive.parameters(), lr=1e-4)
 
     def naive_step() -> None:
-        logits = naive(batch["ids"], batch["pos"], batch["sep"]).float()
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch["labels"].view(-1), reduction="none")
-        (loss * batch["loss_mask"].view(-1)).sum().div(batch["loss_mask"].sum()).backward()
+        original_loss(naive(batch["ids"], batch["pos"], batch["sep"]), batch["labels"], batch["loss_mask"]).backward()
         nopt.step()
         nopt.zero_grad(set_to_none=True)
 
@@ -195,7 +166,7 @@ def main() -> None:
     # Interleave peak samples and both models so they see the same machine load (shared CPUs are noisy).
     peaks, ours, theirs = [], [], []
     for _ in range(args.steps):
-        peaks.append(matmul_peak_flops(dtype, "cpu", n=2048, seconds=0.05))
+        peaks.append(matmul_peak_flops(dtype, "cpu", n=2048, seconds=0.3))
         ours.append(timed(step))
         if not args.skip_naive:
             theirs.append(timed(naive_step))

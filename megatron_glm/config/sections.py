@@ -75,6 +75,13 @@ class ModelConfig:
         "Training: fuse the tied head into the cross entropy, this many loss rows at a "
         "time, so the [n, V] logits are never stored (0: one unfused head).",
     )
+    last_layer_loss_rows: bool = opt(
+        False,
+        "Training with the head on the loss rows: the last layer computes its queries, attention output and "
+        "MLP on those rows only (keys and values on every row), since nothing else reads them. Exact without "
+        "dropout; with dropout the masks of that layer are drawn over those rows only. Ignored under sequence "
+        "or pipeline parallelism.",
+    )
     # -- GLM family architecture options (defaults: the 2021 GLM) ------------------------------------------
     position_embedding_type: str = opt(
         "learned_absolute",

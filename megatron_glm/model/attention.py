@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -45,6 +46,34 @@ class LayerKVCache(Protocol):
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``[b, h_r, s, d]`` keys/values; return every cached key/value ``[b, h_r, past + s, d]``."""
         ...
+
+
+@dataclass
+class QueryRows:
+    """The rows of a forward whose outputs are needed (e.g. the loss rows in the last layer): queries, the
+    output projection and the MLP run on these rows only; keys and values still cover every row.
+
+    ``flat [n]``: sorted flat indices into ``b * s``; ``index [b, m]``: each sample's rows (``m`` = the most
+    of any sample; padded with row 0); ``slot [n]``: where ``flat``'s rows are in the flattened ``[b * m]``.
+    """
+
+    flat: torch.Tensor
+    index: torch.Tensor
+    slot: torch.Tensor
+
+    @classmethod
+    def from_flat(cls, flat: torch.Tensor, batch: int, seq: int) -> QueryRows:
+        sample = torch.div(flat, seq, rounding_mode="floor")
+        counts = torch.bincount(sample, minlength=batch)
+        width = max(int(counts.max()), 1) if flat.numel() else 1
+        rank = torch.arange(flat.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts)[sample]
+        index = torch.zeros(batch, width, dtype=torch.long, device=flat.device)
+        index[sample, rank] = flat - sample * seq
+        return cls(flat, index, sample * width + rank)
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [b, s, ...]`` -> its rows ``[n, ...]``."""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.flat)
 
 
 _flex_compiled: Any = None
@@ -186,8 +215,9 @@ class ParallelSelfAttention(nn.Module):
         kv_cache: LayerKVCache | None = None,
         sequence_parallel: bool = False,
         rotary: RotaryPositions | None = None,
+        rows: QueryRows | None = None,
     ) -> torch.Tensor:
-        """``x [b, s, H]`` -> ``[b, s, H]``.
+        """``x [b, s, H]`` -> ``[b, s, H]`` (``[n, H]`` with ``rows``: the queries at those rows only).
 
         ``kv_cache`` (generation): this layer's cache. The new keys/values ``[b, g_r, s, d]`` (after the rotary
         rotation) are appended with ``kv_cache.update(k, v)``, which returns all keys/values so far
@@ -208,6 +238,12 @@ class ParallelSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
             impl = "sdpa" if impl == "flex" else impl
+        if rows is not None:  # queries (and their mask rows) at the needed rows only, per sample
+            m = rows.index.shape[1]
+            q = q.gather(2, rows.index[:, None, :, None].expand(b, q.shape[1], m, q.shape[3]))
+            rows_mask = mask.bool_mask.gather(2, rows.index[:, None, :, None].expand(b, 1, m, s))
+            mask = AttentionMask(mask.mask_mod, b, m, rows_mask.device, _bool=rows_mask)
+            impl = "sdpa" if impl == "flex" else impl
         if self.groups_per_rank != self.num_heads_per_rank:
             rep = self.num_heads_per_rank // self.groups_per_rank
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -222,5 +258,7 @@ class ParallelSelfAttention(nn.Module):
             ctx = checkpointed(core, tracker, q, k, v)
         else:
             ctx = attention_core(q, k, v, mask, impl, p, tracker, coeff)
-        ctx = ctx.transpose(1, 2).reshape(b, s, self.num_heads_per_rank * self.head_dim)
+        ctx = ctx.transpose(1, 2).reshape(b, ctx.shape[2], self.num_heads_per_rank * self.head_dim)
+        if rows is not None:
+            ctx = ctx.reshape(-1, ctx.shape[-1]).index_select(0, rows.slot)
         return sp.dropout(self.output_dropout, self.dense(ctx, sequence_parallel), tracker, sequence_parallel)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_glm.config import ModelConfig
+from megatron_glm.model.attention import QueryRows
 from megatron_glm.model.layout import OUTPUT_TENSOR, VOCAB_TENSOR, ModelLayout, PipeLayer
 from megatron_glm.model.loss import GLMLoss, glm_loss_at, glm_loss_fused, loss_positions
 from megatron_glm.model.masks import AttentionMask, prepare_attention_mask
@@ -182,6 +183,16 @@ class GLMModel(nn.Module):
         group = self.parallel_state.tp_group
         seq_parallel = self.sequence_parallel and kv_cache is None
         b, s = h.shape[:2]
+        rows = None
+        if self.config.last_layer_loss_rows and kv_cache is None and not seq_parallel:
+            needed = loss_positions(loss_mask) if labels is not None else logit_positions
+            rows = None if needed is None else QueryRows.from_flat(needed, b, s)
+        if rows is not None:
+            mask = prepare_attention_mask(attention_mask, b, s, h.device)
+            h = self.transformer(h, mask, self.rng_tracker, rotary=rotary, rows=rows)  # [n, H]: the needed rows
+            if labels is not None:
+                return self.head_loss_at(h, rows.flat, labels, loss_mask)
+            return self.logits(h)
         if kv_cache is None:
             mask = prepare_attention_mask(attention_mask, b, s, h.device)
             if seq_parallel:
@@ -212,7 +223,12 @@ class GLMModel(nn.Module):
         fused and chunked when ``config.head_chunk_size > 0``."""
         b, s = labels.shape
         positions = loss_positions(loss_mask)
-        rows = h.reshape(b * s, h.shape[-1]).index_select(0, positions)
+        return self.head_loss_at(h.reshape(b * s, h.shape[-1]).index_select(0, positions), positions, labels, loss_mask)
+
+    def head_loss_at(
+        self, rows: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
+    ) -> GLMLoss:
+        """:meth:`head_loss` of the final hidden states ``rows [n, H]`` at the loss ``positions``."""
         chunk = self.config.head_chunk_size
         if chunk <= 0:
             return glm_loss_at(self.logits(rows), positions, labels, loss_mask, self.parallel_state)

@@ -17,7 +17,7 @@ from torch import nn
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.model import sequence_parallel as sp
-from megatron_glm.model.attention import LayerKVCache, ParallelSelfAttention
+from megatron_glm.model.attention import LayerKVCache, ParallelSelfAttention, QueryRows
 from megatron_glm.model.layout import LAYER_PREFIX
 from megatron_glm.model.masks import AttentionMask
 from megatron_glm.model.recompute import checkpointed
@@ -153,13 +153,19 @@ class GLMLayer(nn.Module):
         kv_cache: LayerKVCache | None = None,
         sequence_parallel: bool = False,
         rotary: RotaryPositions | None = None,
+        rows: QueryRows | None = None,
     ) -> torch.Tensor:
-        """``sequence_parallel``: ``h`` is this rank's sequence shard ``[b, s/tp, H]`` (no ``kv_cache``)."""
+        """``sequence_parallel``: ``h`` is this rank's sequence shard ``[b, s/tp, H]`` (no ``kv_cache``).
+
+        ``rows``: only those rows' outputs are computed (``[n, H]``); keys and values still cover every row.
+        """
         x = sp.layer_norm(self.input_layernorm, h, self.tp_group, sequence_parallel)
         if kv_cache is None:
-            a = self.attention(x, mask, tracker, sequence_parallel=sequence_parallel, rotary=rotary)
+            a = self.attention(x, mask, tracker, sequence_parallel=sequence_parallel, rotary=rotary, rows=rows)
         else:
             a = self.attention(x, mask, tracker, kv_cache, rotary=rotary)
+        if rows is not None:
+            h, x = rows.select(h), rows.select(x)
         h = h + a if self.alpha is None else self.alpha * x + a
         x = sp.layer_norm(self.post_attention_layernorm, h, self.tp_group, sequence_parallel)
         m = self.mlp(x, tracker, sequence_parallel)
@@ -264,8 +270,12 @@ class GLMTransformer(nn.Module):
         kv_cache: KVCacheLike | None = None,
         sequence_parallel: bool = False,
         rotary: RotaryPositions | None = None,
+        rows: QueryRows | None = None,
     ) -> torch.Tensor:
         """``kv_cache`` (generation): ``kv_cache.layer(i)`` is global layer ``i``'s :class:`LayerKVCache`.
+
+        ``rows`` (no ``kv_cache``, no sequence parallelism): only those rows of the result are needed; the last
+        layer computes its queries, output projection and MLP on them only and the result is ``[n, H]``.
 
         ``sequence_parallel``: ``h`` (and the result) is this rank's sequence shard ``[b, s/tp, H]``.
         ``rotary``: the rotation of the positions (rotary models, :meth:`rotary_for`).
@@ -274,6 +284,11 @@ class GLMTransformer(nn.Module):
         if rotary is not None:
             sp_kw["rotary"] = rotary
         layers = list(self.layers.values())
+        last = None
+        if rows is not None:
+            if kv_cache is not None or sequence_parallel:
+                raise ValueError("rows needs a forward without a KV cache or sequence parallelism")
+            layers, last = layers[:-1], layers[-1] if layers else None
         if kv_cache is not None:
             for key, layer in self.layers.items():
                 h = layer(h, mask, tracker, kv_cache=kv_cache.layer(int(key)), rotary=rotary)
@@ -291,6 +306,8 @@ class GLMTransformer(nn.Module):
         else:
             for layer in layers:
                 h = layer(h, mask, tracker, **sp_kw)
+        if rows is not None:
+            h = rows.select(h) if last is None else last(h, mask, tracker, rotary=rotary, rows=rows)
         if not self.post_process:
             return h
         return sp.layer_norm(self.final_layernorm, h, self.tp_group, sequence_parallel)

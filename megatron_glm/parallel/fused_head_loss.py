@@ -6,7 +6,7 @@ kept and - when a gradient is needed - its gradient with respect to ``h`` and ``
 away. The loss is a weighted sum ``sum_i w_i * loss_i`` (a scalar), so those gradients are exact up to
 the scalar that backward multiplies them by: nothing of size ``[n, V]`` is kept for backward and nothing is
 recomputed. The peak extra memory is a few ``[chunk, V/tp]`` fp32 blocks plus one fp32 ``[V/tp, H]``
-gradient accumulator.
+gradient accumulator (none when all rows fit in one chunk: that chunk's gradient is the result).
 
 The gradient for ``h`` is this rank's partial sum over its vocabulary slice; pass ``h`` through
 ``copy_to_tensor_parallel_region`` first (as a column-parallel layer does) so backward all-reduces it.
@@ -62,7 +62,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         n = h.shape[0]
         losses = torch.empty(n, dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        grad_w = None  # fp32 sum of the chunks' weight gradients (one chunk: that chunk's, in its own dtype)
         for i in range(0, n, chunk):
             h_c, t_c = h[i : i + chunk], target[i : i + chunk]
             logits = F.linear(h_c, weight).float()
@@ -79,12 +79,18 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
             grad.mul_(row_weights[i : i + chunk].unsqueeze(-1))
             grad = grad.to(h.dtype)
             torch.matmul(grad, weight, out=grad_h[i : i + chunk])
-            if grad_w.dtype == h.dtype:
+            if grad_w is None:
+                grad_w = torch.matmul(grad.t(), h_c)
+                if n > chunk and grad_w.dtype != torch.float32:
+                    grad_w = grad_w.float()
+            elif grad_w.dtype == h.dtype:
                 grad_w.addmm_(grad.t(), h_c)
             else:
                 grad_w.add_(torch.matmul(grad.t(), h_c))
         total = (losses * row_weights).sum()
         if need_grad:
+            if grad_w is None:  # no rows
+                grad_w = torch.zeros_like(weight)
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         ctx.need_grad = need_grad
         ctx.mark_non_differentiable(losses)

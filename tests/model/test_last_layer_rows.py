@@ -1,0 +1,89 @@
+"""``model.last_layer_loss_rows``: the last layer on the loss rows only gives the same loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_glm.config import build_config
+from megatron_glm.model import GLMModel, loss_positions
+from megatron_glm.model.attention import QueryRows
+from megatron_glm.parallel import initialize_parallel_state
+from megatron_glm.testing import run_distributed
+
+B, S, V = 3, 24, 256
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    sep = torch.tensor([5, 11, 24])  # the last sample has no Part B: no loss rows at all
+    return {
+        "ids": torch.randint(0, V, (B, S), generator=g),
+        "labels": torch.randint(0, V, (B, S), generator=g),
+        "pos": torch.arange(S).expand(B, 2, S).clone(),
+        "sep": sep,
+        "loss_mask": (torch.arange(S)[None] >= sep[:, None]).float(),
+    }
+
+
+def _run(tp: int = 1, size: str = "glm-tiny", **overrides: object) -> dict[str, dict[str, torch.Tensor]]:
+    ps = initialize_parallel_state(tp_size=tp)
+    base = {"model.size": size, "model.vocab_size": V, "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0}
+    batch = _batch()
+    out = {}
+    for on in (False, True):
+        extra = {f"model.{k}": v for k, v in overrides.items()}
+        cfg = build_config({**base, **extra, "model.last_layer_loss_rows": on})
+        model = GLMModel(cfg.model, ps, seed=1)
+        seen: list[tuple[int, ...]] = []
+        last = list(model.transformer.layers.values())[-1]
+        last.mlp.register_forward_hook(lambda m, args, out, seen=seen: seen.append(tuple(args[0].shape)))
+        res = model(batch["ids"], batch["pos"], batch["sep"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+        res.loss.backward()
+        at = loss_positions(batch["loss_mask"])
+        with torch.no_grad():
+            logits = model(batch["ids"], batch["pos"], batch["sep"], logit_positions=at)
+        n = int(batch["loss_mask"].sum())
+        assert seen == ([(n, cfg.model.hidden_size)] * 2 if on else [(B, S, cfg.model.hidden_size)] * 2)
+        out[str(on)] = {
+            "loss": res.loss.detach(),
+            "per_token": res.per_token.detach(),
+            "logits": logits,
+            **{k: p.grad for k, p in model.named_parameters()},
+        }
+    return out
+
+
+def _assert_equal(out: dict[str, dict[str, torch.Tensor]]) -> None:
+    assert out["False"]["loss"] > 0
+    for k, ref in out["False"].items():
+        torch.testing.assert_close(out["True"][k], ref, rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"head_chunk_size": 7}, {"recompute_granularity": "selective"}, {"checkpoint_activations": True}],
+    ids=["plain", "fused-head", "selective", "full-recompute"],
+)
+def test_last_layer_on_loss_rows_equals_full_layer(overrides: dict) -> None:
+    _assert_equal(_run(**overrides))
+
+
+def test_last_layer_on_loss_rows_family_gqa_rotary() -> None:
+    _assert_equal(_run(size="glm-tiny", num_query_groups=2, position_embedding_type="rope"))
+
+
+def _check(rank: int, world: int) -> dict:
+    _assert_equal(_run(tp=world))
+    return {}
+
+
+def test_last_layer_on_loss_rows_tp2() -> None:
+    run_distributed(_check, 2)
+
+
+def test_query_rows_index_per_sample() -> None:
+    flat = torch.tensor([3, 4, 9, 10, 11])  # sample 0: rows 3, 4; sample 1 (s = 6): rows 3, 4, 5
+    rows = QueryRows.from_flat(flat, 3, 6)
+    assert rows.index.tolist() == [[3, 4, 0], [3, 4, 5], [0, 0, 0]]
+    assert rows.slot.tolist() == [0, 1, 3, 4, 5]
