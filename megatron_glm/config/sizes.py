@@ -5,6 +5,37 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
+#: The architecture options of each later family member (everything but its shape), as its release has them.
+FAMILY_OPTIONS = MappingProxyType(
+    {
+        "glm-130b": dict(
+            position_embedding_type="rope",
+            activation="geglu",
+            residual_style="deepnorm",
+            apply_query_key_layer_scaling=True,
+            attention_softmax_in_fp32=True,
+            embedding_grad_shrink=0.1,
+        ),
+        "chatglm-6b": dict(
+            position_embedding_type="rope_2d",
+            residual_style="post_ln_alpha",
+            apply_query_key_layer_scaling=True,
+            attention_softmax_in_fp32=True,
+        ),
+        "chatglm2-6b": dict(
+            position_embedding_type="rope",
+            rotary_percent=0.5,
+            rotary_interleaved=True,
+            activation="swiglu",
+            normalization="RMSNorm",
+            add_bias_linear=False,
+            untie_embeddings_and_output_weights=True,
+            apply_query_key_layer_scaling=True,
+            attention_softmax_in_fp32=True,
+        ),
+    }
+)
+
 MODEL_SIZES = MappingProxyType(
     {
         "glm-tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, max_sequence_length=512),
@@ -23,7 +54,7 @@ MODEL_SIZES = MappingProxyType(
         "glm-10b": dict(
             num_layers=48, hidden_size=4096, num_attention_heads=64, max_sequence_length=1024, vocab_size=50304
         ),
-        # The later family (glm-family.md): shapes of the released checkpoints.
+        # The later family (glm-family.md): shapes of the released checkpoints, plus their architecture options.
         "glm-130b": dict(
             num_layers=70,
             hidden_size=12288,
@@ -31,12 +62,7 @@ MODEL_SIZES = MappingProxyType(
             ffn_hidden_size=32768,
             max_sequence_length=2048,
             vocab_size=150528,
-            position_embedding_type="rope",
-            activation="geglu",
-            residual_style="deepnorm",
-            apply_query_key_layer_scaling=True,
-            attention_softmax_in_fp32=True,
-            embedding_grad_shrink=0.1,
+            **FAMILY_OPTIONS["glm-130b"],
         ),
         "chatglm-6b": dict(
             num_layers=28,
@@ -45,10 +71,7 @@ MODEL_SIZES = MappingProxyType(
             ffn_hidden_size=16384,
             max_sequence_length=2048,
             vocab_size=150528,
-            position_embedding_type="rope_2d",
-            residual_style="post_ln_alpha",
-            apply_query_key_layer_scaling=True,
-            attention_softmax_in_fp32=True,
+            **FAMILY_OPTIONS["chatglm-6b"],
         ),
         "chatglm2-6b": dict(
             num_layers=28,
@@ -59,15 +82,7 @@ MODEL_SIZES = MappingProxyType(
             ffn_hidden_size=13696,
             max_sequence_length=32768,
             vocab_size=65024,
-            position_embedding_type="rope",
-            rotary_percent=0.5,
-            rotary_interleaved=True,
-            activation="swiglu",
-            normalization="RMSNorm",
-            add_bias_linear=False,
-            untie_embeddings_and_output_weights=True,
-            apply_query_key_layer_scaling=True,
-            attention_softmax_in_fp32=True,
+            **FAMILY_OPTIONS["chatglm2-6b"],
         ),
     }
 )

@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from megatron_glm.config import ModelConfig, build_config
+from megatron_glm.config.sizes import FAMILY_OPTIONS
 
 VOCAB = 128
 SEQ = 16
@@ -74,22 +75,14 @@ FAMILY = {
         num_attention_heads=4,
         ffn_hidden_size=48,
         max_sequence_length=64,
-        position_embedding_type="rope",
-        activation="geglu",
-        residual_style="deepnorm",
-        apply_query_key_layer_scaling=True,
-        attention_softmax_in_fp32=True,
-        embedding_grad_shrink=0.1,
+        **FAMILY_OPTIONS["glm-130b"],
     ),
     "chatglm-6b": dict(
         hidden_size=32,
         num_attention_heads=4,
         ffn_hidden_size=64,
         max_sequence_length=64,
-        position_embedding_type="rope_2d",
-        residual_style="post_ln_alpha",
-        apply_query_key_layer_scaling=True,
-        attention_softmax_in_fp32=True,
+        **FAMILY_OPTIONS["chatglm-6b"],
     ),
     "chatglm2-6b": dict(
         hidden_size=32,
@@ -98,15 +91,7 @@ FAMILY = {
         num_query_groups=4,
         ffn_hidden_size=40,
         max_sequence_length=64,
-        position_embedding_type="rope",
-        rotary_percent=0.5,
-        rotary_interleaved=True,
-        activation="swiglu",
-        normalization="RMSNorm",
-        add_bias_linear=False,
-        untie_embeddings_and_output_weights=True,
-        apply_query_key_layer_scaling=True,
-        attention_softmax_in_fp32=True,
+        **FAMILY_OPTIONS["chatglm2-6b"],
     ),
 }
 EXTRA_VARIANTS = {
