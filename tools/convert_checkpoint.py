@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if not run.input or not run.output:
         raise ConfigError("--input and --output are required (see --help)")
     opts = run.convert
-    r = convert_checkpoint(run.input, run.output, opts, tokenizer_vocab=lambda p: GLMTokenizer(p).vocab_size)
+    r = convert_checkpoint(run.input, run.output, opts, open_tokenizer=GLMTokenizer)
     print(
         f"converted {r.source} ({r.source_layout}) -> {r.output} ({r.target_layout}): {r.tensors} tensors "
         f"in {r.seconds:.1f} s"

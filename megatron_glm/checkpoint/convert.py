@@ -147,14 +147,12 @@ def open_source(path: str | Path, *, num_attention_heads: int | None = None) -> 
     )
 
 
-def _target_vocab(
-    src: Any, opts: ConvertOptions, notes: list[str], tokenizer_vocab: Callable[[str], int] | None
-) -> int:
+def _target_vocab(src: Any, opts: ConvertOptions, notes: list[str], open_tokenizer: Callable[[str], Any] | None) -> int:
     cfg = src.info.config
     tok_vocab = None
     tok = opts.tokenizer_model or (src.info.tokenizer_files[0] if src.info.tokenizer_files else None)
-    if tok and tokenizer_vocab is not None:
-        tok_vocab = tokenizer_vocab(tok)
+    if tok and open_tokenizer is not None:
+        tok_vocab = open_tokenizer(tok).vocab_size
     vocab = opts.vocab_size or cfg.vocab_size
     if tok_vocab is not None and vocab < tok_vocab:
         raise CheckpointError(f"vocab size {vocab} is too small for the tokenizer ({tok_vocab} tokens, {tok})")
@@ -201,12 +199,13 @@ def convert_checkpoint(
     opts: ConvertOptions,
     log: Callable[[str], None] = print,
     *,
-    tokenizer_vocab: Callable[[str], int] | None = None,
+    open_tokenizer: Callable[[str], Any] | None = None,
 ) -> ConvertReport:
     """Convert ``input_path`` into ``output`` (which must not exist); verify; return a report.
 
-    ``tokenizer_vocab(path)``: the vocabulary size of a tokenizer file (the entry point passes the data
-    package's tokenizer); with it the target vocab is checked against the checkpoint's tokenizer."""
+    ``open_tokenizer(path)``: a tokenizer read from a file, with ``vocab_size`` and ``command_token_ids`` (the
+    entry point passes the data package's ``GLMTokenizer``); with it the target vocab is checked against the
+    checkpoint's tokenizer and an hf export carries the command-token ids."""
     started = time.perf_counter()
     output = Path(output)
     if output.exists() and any(output.iterdir()) if output.is_dir() else output.exists():
@@ -215,7 +214,7 @@ def convert_checkpoint(
     _check_target(src, opts)
     info = src.info
     notes = list(info.notes)
-    vocab = _target_vocab(src, opts, notes, tokenizer_vocab)
+    vocab = _target_vocab(src, opts, notes, open_tokenizer)
     tcfg = dataclasses.replace(info.config, vocab_size=vocab)
     dtype = DTYPES[opts.dtype] if opts.dtype else None
 
@@ -292,15 +291,16 @@ def convert_checkpoint(
                     f"tokenizer) into the folder to load it with trust_remote_code"
                 )
                 model_file = None
-            elif model_file is None:
+            elif model_file is None or open_tokenizer is None:
                 notes.append("no tokenizer found: the hf export has no tokenizer files and generate() needs token ids")
+                model_file = None
             write_hf(
                 src,
                 tmp,
                 tcfg,
                 transform=transform,
                 dtype=dtype or torch.float32,
-                tokenizer_model=model_file,
+                tokenizer=open_tokenizer(model_file) if model_file else None,
                 max_shard_bytes=opts.max_shard_bytes,
                 max_new_tokens=opts.max_new_tokens,
                 family=family,

@@ -98,6 +98,11 @@ class GLMTokenizer:
         texts = sorted(self._id_of_text, key=len, reverse=True)
         self._special = re.compile("(" + "|".join(re.escape(t) for t in texts) + ")")
 
+    @property
+    def command_token_ids(self) -> dict[str, int]:
+        """``{"[pad]": id, ..., "[SEP]": id}``: every command token's text and id."""
+        return dict(self._id_of_text)
+
     # -- encoding ------------------------------------------------------------------------------------
 
     def encode(self, text: str, *, allow_special: bool = True) -> list[int]:

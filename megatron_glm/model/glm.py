@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_glm.config import ModelConfig
+from megatron_glm.config.validate import family_problems
 from megatron_glm.model.attention import QueryRows
 from megatron_glm.model.layout import OUTPUT_TENSOR, VOCAB_TENSOR, ModelLayout, PipeLayer
 from megatron_glm.model.loss import GLMLoss, glm_loss_at, glm_loss_fused, loss_positions
@@ -319,7 +320,7 @@ class GLMPart(nn.Module):
         return self.transformer.final_layernorm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.output_layer.weight if hasattr(self, "output_layer") else self.word_embeddings.weight
+        weight = self.word_embeddings.weight if self.layout.tied_head else self.output_layer.weight
         return tied_logits(h, weight, self.parallel_state)
 
 
@@ -332,8 +333,6 @@ def check_config(config: ModelConfig, parallel_state: ParallelState) -> None:
         raise ValueError(f"vocab_size {config.vocab_size} is not divisible by the tensor-parallel size {ps.tp_size}")
     if config.hidden_size % config.num_attention_heads and not config.kv_channels:
         raise ValueError(f"hidden_size {config.hidden_size} is not divisible by {config.num_attention_heads} heads")
-    from megatron_glm.config.validate import family_problems
-
     found = family_problems(config, ps.tp_size)
     if found:
         raise ValueError("; ".join(found))

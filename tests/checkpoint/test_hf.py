@@ -65,7 +65,9 @@ def spm(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def convert(src: Path, dst: Path, **kw: object):
-    return convert_checkpoint(src, dst, ConvertOptions(num_attention_heads=4, **kw), log=QUIET)
+    return convert_checkpoint(
+        src, dst, ConvertOptions(num_attention_heads=4, **kw), log=QUIET, open_tokenizer=GLMTokenizer
+    )
 
 
 def export(tmp: Path, full: dict[str, torch.Tensor], spm: str, source: str = "tp2", **kw: object) -> Path:

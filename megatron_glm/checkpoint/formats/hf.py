@@ -295,14 +295,6 @@ class HFSource:
         self._open.clear()
 
 
-def _command_token_ids(tokenizer_model: str) -> tuple[dict[str, int], int]:
-    """``({"[sop]": id, ...}, tokens)`` of our tokenizer (the ids the model was trained with)."""
-    from megatron_glm.data.tokenizer import COMMAND_TOKENS, GLMTokenizer
-
-    tok = GLMTokenizer(tokenizer_model)
-    return {text: tok.command_tokens[stem] for stem, text in COMMAND_TOKENS}, tok.vocab_size
-
-
 def write_hf(
     src: Any,
     out: Path,
@@ -310,14 +302,15 @@ def write_hf(
     *,
     transform: Callable[[str, torch.Tensor], torch.Tensor],
     dtype: torch.dtype,
-    tokenizer_model: str | None,
+    tokenizer: Any | None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     max_new_tokens: int = 32,
     family: HFFamily | None = None,
 ) -> list[str]:
     """Write the HuggingFace folder (see the module docstring); returns the weight files.
 
-    ``tokenizer_model``: our sentencepiece model (``None``: no tokenizer files, no token ids in the configs).
+    ``tokenizer``: our ``GLMTokenizer`` (its ``model_path``, ``vocab_size`` and ``command_token_ids``; ``None``:
+    no tokenizer files, no token ids in the configs).
     ``max_new_tokens``: the answer length of ``generation_config.json`` (tools/generate.py's default), written as
     ``max_new_tokens + 1`` with ``forced_eos_token_id = [eop]``: the answer, then a forced ``[eop]``."""
     from megatron_glm.hf import code_file
@@ -346,8 +339,8 @@ def write_hf(
         (out / CONFIG).write_text(json.dumps(fields, indent=1), encoding="utf-8")
         return files
     generation: dict[str, Any] = {"do_sample": False, "num_beams": 1, "use_cache": True}
-    if tokenizer_model:
-        ids, tokens = _command_token_ids(tokenizer_model)
+    if tokenizer is not None:
+        ids, tokens = tokenizer.command_token_ids, tokenizer.vocab_size
         fields.update(pad_token_id=ids["[pad]"], eos_token_id=ids["[eop]"], glm_command_tokens=ids)
         generation.update(
             pad_token_id=ids["[pad]"],
@@ -358,7 +351,7 @@ def write_hf(
             renormalize_logits=True,
             length_penalty=1.0,
         )
-        shutil.copyfile(tokenizer_model, out / TOKENIZER_MODEL)
+        shutil.copyfile(tokenizer.model_path, out / TOKENIZER_MODEL)
         tok_cfg = {
             "tokenizer_class": family.tokenizer_class.rsplit(".", 1)[-1],
             "auto_map": {"AutoTokenizer": [family.tokenizer_class, None]},
