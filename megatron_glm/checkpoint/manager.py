@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_glm.checkpoint.safe_load import safe_torch_load
+from megatron_glm.checkpoint.safe_load import check_data_files, safe_torch_load
 from megatron_glm.errors import CheckpointError
 from megatron_glm.fileio import file_sha256
 
@@ -379,8 +379,9 @@ class CheckpointManager:
             error = ""
             rng_state: dict[str, Any] = {}
             try:
-                if universal:  # DeepSpeed reads this (private) config flag at load time
-                    engine._config.load_universal_checkpoint = True
+                if universal:  # DeepSpeed unpickles zero/ unrestricted: every file is read as data first
+                    check_data_files(path / "zero")
+                    engine._config.load_universal_checkpoint = True  # a (private) flag DeepSpeed reads at load
                 loaded, _ = engine.load_checkpoint(
                     str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
                 )

@@ -63,6 +63,14 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu", *, mmap: bool =
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint file ({_first_line(exc)})") from None
 
 
+def check_data_files(directory: str | Path) -> None:
+    """Read every ``.pt`` file under ``directory`` as data (storages mapped, then dropped), so that a loader we
+    cannot route through :func:`safe_torch_load` (DeepSpeed's universal-checkpoint loader unpickles with
+    ``weights_only=False``) only ever sees files that hold tensors and plain data."""
+    for file in sorted(Path(directory).rglob("*.pt")):
+        safe_torch_load(file, mmap=True)
+
+
 _GLOBAL_RE = re.compile(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)")
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -229,6 +230,38 @@ def test_malicious_pickle_is_refused_by_every_loader(tmp_path):
         mgr.load(FakeEngine(), tmp_path / "ck")
     assert not sentinel.exists()
     json.loads((step / "manifest.json").read_text())
+
+
+class UniversalLoadingEngine(FakeEngine):
+    """Loads the way DeepSpeed 0.19's universal-checkpoint path does: ``zero/**/*.pt`` unpickled unrestricted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._config = type("Config", (), {"load_universal_checkpoint": False})()
+
+    def zero_optimization_stage(self) -> int:
+        return 1
+
+    def load_checkpoint(self, load_dir: str, tag: str, **kw: Any) -> tuple[str | None, dict]:
+        if self._config.load_universal_checkpoint:
+            for file in sorted((Path(load_dir) / tag / "zero").rglob("*.pt")):
+                torch.load(file, weights_only=False)
+        return super().load_checkpoint(load_dir, tag, **kw)
+
+
+def test_malicious_pickle_in_a_universal_checkpoint_is_refused_before_deepspeed_reads_it(tmp_path):
+    sentinel = tmp_path / "pwned"
+    mgr = CheckpointManager(tmp_path / "ck", log=lambda _: None)
+    step = mgr.save(
+        FakeEngine(1.0), 1, {"step": 1, "layout": {"tp": 1}, "format": "universal"}, {"torch": torch.get_rng_state()}
+    )
+    (step / "zero" / "w").mkdir(parents=True)
+    torch.save({"param": torch.zeros(4), "x": Evil(sentinel)}, step / "zero" / "w" / "exp_avg.pt")
+    write_manifest(step, "global_step1")
+    assert verify_checkpoint(step) is None
+    with pytest.raises(CheckpointError, match="no checkpoint in .* could be loaded"):
+        mgr.load(UniversalLoadingEngine(), tmp_path / "ck")
+    assert not sentinel.exists()
 
 
 def test_legacy_torch_format_is_read_not_called_corrupt(tmp_path):
