@@ -76,11 +76,11 @@ class ModelConfig:
         "time, so the [n, V] logits are never stored (0: one unfused head).",
     )
     last_layer_loss_rows: bool = opt(
-        False,
+        True,
         "Training with the head on the loss rows: the last layer computes its queries, attention output and "
-        "MLP on those rows only (keys and values on every row), since nothing else reads them. Exact without "
-        "dropout; with dropout the masks of that layer are drawn over those rows only. Ignored under sequence "
-        "or pipeline parallelism.",
+        "MLP on those rows only (keys and values on every row), since nothing else reads them. Exact: its "
+        "dropout masks are drawn over every row and the rows' part kept (with attention dropout the attention "
+        "core runs on every row). Ignored under sequence or pipeline parallelism. false: the whole last layer.",
     )
     # -- GLM family architecture options (defaults: the 2021 GLM) ------------------------------------------
     position_embedding_type: str = opt(

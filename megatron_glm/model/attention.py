@@ -54,12 +54,17 @@ class QueryRows:
     output projection and the MLP run on these rows only; keys and values still cover every row.
 
     ``flat [n]``: sorted flat indices into ``b * s``; ``index [b, m]``: each sample's rows (``m`` = the most
-    of any sample; padded with row 0); ``slot [n]``: where ``flat``'s rows are in the flattened ``[b * m]``.
+    of any sample; padded with row 0); ``slot [n]``: where ``flat``'s rows are in the flattened ``[b * m]``;
+    ``seq``: ``s``.
+
+    Dropout on the rows (:meth:`dropout`) draws the whole ``[b, s, ...]`` mask and keeps the rows' part, so
+    the random streams and the kept rows' values are those of the full forward.
     """
 
     flat: torch.Tensor
     index: torch.Tensor
     slot: torch.Tensor
+    seq: int
 
     @classmethod
     def from_flat(cls, flat: torch.Tensor, batch: int, seq: int) -> QueryRows:
@@ -69,11 +74,19 @@ class QueryRows:
         rank = torch.arange(flat.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts)[sample]
         index = torch.zeros(batch, width, dtype=torch.long, device=flat.device)
         index[sample, rank] = flat - sample * seq
-        return cls(flat, index, sample * width + rank)
+        return cls(flat, index, sample * width + rank, seq)
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """``x [b, s, ...]`` -> its rows ``[n, ...]``."""
         return x.reshape(-1, *x.shape[2:]).index_select(0, self.flat)
+
+    def dropout(self, drop: nn.Dropout, y: torch.Tensor) -> torch.Tensor:
+        """``drop`` of the full ``[b, s, H]`` tensor at these rows, given its rows ``y [n, H]``: the mask is
+        drawn over ``[b, s, H]`` (the same draws as the full forward) and its rows applied to ``y``."""
+        if not drop.training or drop.p == 0.0:
+            return y
+        noise = drop(torch.ones(self.index.shape[0], self.seq, y.shape[-1], dtype=y.dtype, device=y.device))
+        return y * self.select(noise)
 
 
 _flex_compiled: Any = None
@@ -238,7 +251,11 @@ class ParallelSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
             impl = "sdpa" if impl == "flex" else impl
-        if rows is not None:  # queries (and their mask rows) at the needed rows only, per sample
+        # Queries (and their mask rows) at the needed rows only, per sample. With attention dropout every row
+        # is computed (the probabilities' mask is drawn over [b, h, s, s], as in the full forward) and the rows
+        # are taken from the result.
+        rows_core = rows if rows is not None and p == 0.0 else None
+        if rows_core is not None:
             m = rows.index.shape[1]
             q = q.gather(2, rows.index[:, None, :, None].expand(b, q.shape[1], m, q.shape[3]))
             rows_mask = mask.bool_mask.gather(2, rows.index[:, None, :, None].expand(b, 1, m, s))
@@ -259,6 +276,10 @@ class ParallelSelfAttention(nn.Module):
         else:
             ctx = attention_core(q, k, v, mask, impl, p, tracker, coeff)
         ctx = ctx.transpose(1, 2).reshape(b, ctx.shape[2], self.num_heads_per_rank * self.head_dim)
-        if rows is not None:
+        if rows is None:
+            return sp.dropout(self.output_dropout, self.dense(ctx, sequence_parallel), tracker, sequence_parallel)
+        if rows_core is not None:
             ctx = ctx.reshape(-1, ctx.shape[-1]).index_select(0, rows.slot)
-        return sp.dropout(self.output_dropout, self.dense(ctx, sequence_parallel), tracker, sequence_parallel)
+        else:
+            ctx = rows.select(ctx)
+        return rows.dropout(self.output_dropout, self.dense(ctx))

@@ -95,11 +95,18 @@ class ParallelMLP(nn.Module):
         return y1 * F.gelu(y2)
 
     def forward(
-        self, x: torch.Tensor, tracker: RNGStatesTracker | None = None, sequence_parallel: bool = False
+        self,
+        x: torch.Tensor,
+        tracker: RNGStatesTracker | None = None,
+        sequence_parallel: bool = False,
+        rows: QueryRows | None = None,
     ) -> torch.Tensor:
-        """``x [b, s, H]``, or this rank's sequence shard ``[b, s/tp, H]`` with ``sequence_parallel``."""
-        y = self._act(self.dense_h_to_4h(x, sequence_parallel))
-        return sp.dropout(self.dropout, self.dense_4h_to_h(y, sequence_parallel), tracker, sequence_parallel)
+        """``x [b, s, H]``, or this rank's sequence shard ``[b, s/tp, H]`` with ``sequence_parallel``, or the
+        rows ``[n, H]`` of a ``[b, s, H]`` input (``rows``: the dropout mask is drawn over ``[b, s, H]``)."""
+        y = self.dense_4h_to_h(self._act(self.dense_h_to_4h(x, sequence_parallel)), sequence_parallel)
+        if rows is not None:
+            return rows.dropout(self.dropout, y)
+        return sp.dropout(self.dropout, y, tracker, sequence_parallel)
 
 
 class GLMLayer(nn.Module):
@@ -168,7 +175,7 @@ class GLMLayer(nn.Module):
             h, x = rows.select(h), rows.select(x)
         h = h + a if self.alpha is None else self.alpha * x + a
         x = sp.layer_norm(self.post_attention_layernorm, h, self.tp_group, sequence_parallel)
-        m = self.mlp(x, tracker, sequence_parallel)
+        m = self.mlp(x, tracker, sequence_parallel, rows=rows)
         return h + m if self.alpha is None else self.alpha * x + m
 
 

@@ -26,9 +26,16 @@ def _batch() -> dict[str, torch.Tensor]:
     }
 
 
-def _run(tp: int = 1, size: str = "glm-tiny", **overrides: object) -> dict[str, dict[str, torch.Tensor]]:
+def _run(
+    tp: int = 1, size: str = "glm-tiny", dropout: float = 0.0, **overrides: object
+) -> dict[str, dict[str, torch.Tensor]]:
     ps = initialize_parallel_state(tp_size=tp)
-    base = {"model.size": size, "model.vocab_size": V, "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0}
+    base = {
+        "model.size": size,
+        "model.vocab_size": V,
+        "model.hidden_dropout": dropout,
+        "model.attention_dropout": dropout,
+    }
     batch = _batch()
     out = {}
     for on in (False, True):
@@ -38,9 +45,11 @@ def _run(tp: int = 1, size: str = "glm-tiny", **overrides: object) -> dict[str, 
         seen: list[tuple[int, ...]] = []
         last = list(model.transformer.layers.values())[-1]
         last.mlp.register_forward_hook(lambda m, args, out, seen=seen: seen.append(tuple(args[0].shape)))
+        torch.manual_seed(7)  # hidden dropout draws from the default generator: the same stream for both runs
         res = model(batch["ids"], batch["pos"], batch["sep"], labels=batch["labels"], loss_mask=batch["loss_mask"])
         res.loss.backward()
         at = loss_positions(batch["loss_mask"])
+        torch.manual_seed(8)
         with torch.no_grad():
             logits = model(batch["ids"], batch["pos"], batch["sep"], logit_positions=at)
         n = int(batch["loss_mask"].sum())
@@ -62,19 +71,38 @@ def _assert_equal(out: dict[str, dict[str, torch.Tensor]]) -> None:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"head_chunk_size": 7}, {"recompute_granularity": "selective"}, {"checkpoint_activations": True}],
-    ids=["plain", "fused-head", "selective", "full-recompute"],
+    [
+        {},
+        {"head_chunk_size": 7},
+        {"recompute_granularity": "selective"},
+        {"checkpoint_activations": True},
+        {"dropout": 0.1},
+        {"dropout": 0.1, "head_chunk_size": 7, "recompute_granularity": "selective"},
+        {"dropout": 0.1, "checkpoint_activations": True},
+    ],
+    ids=[
+        "plain",
+        "fused-head",
+        "selective",
+        "full-recompute",
+        "dropout",
+        "dropout-fused-selective",
+        "dropout-full-recompute",
+    ],
 )
 def test_last_layer_on_loss_rows_equals_full_layer(overrides: dict) -> None:
-    _assert_equal(_run(**overrides))
+    out = _run(**overrides)
+    _assert_equal(out)
+    if overrides.get("dropout"):  # the dropout really drew masks: the loss differs from the dropout-free one
+        assert not torch.allclose(out["True"]["loss"], _run()["True"]["loss"])
 
 
 def test_last_layer_on_loss_rows_family_gqa_rotary() -> None:
-    _assert_equal(_run(size="glm-tiny", num_query_groups=2, position_embedding_type="rope"))
+    _assert_equal(_run(size="glm-tiny", num_query_groups=2, position_embedding_type="rope", dropout=0.1))
 
 
 def _check(rank: int, world: int) -> dict:
-    _assert_equal(_run(tp=world))
+    _assert_equal(_run(tp=world, dropout=0.1))
     return {}
 
 
