@@ -12,7 +12,9 @@ class Batch(TypedDict, total=False):
 
     ``input_ids [b, s] long``, ``labels [b, s] long``, ``loss_mask [b, s] float`` (1 on Part B targets),
     ``position_ids [b, 2, s] long`` (row 0 position, row 1 block position), ``sep [b] long`` (Part A length),
-    ``objective [b] long`` (index into :data:`OBJECTIVE_NAMES`, for per-objective logging).
+    ``objective [b] long`` (index into :data:`OBJECTIVE_NAMES`, for per-objective logging); with document
+    isolation (``data.objective.reset_attention_mask``) ``doc_ids [b, s] long`` (each token's document in its
+    packed window, -1 on padding).
     """
 
     input_ids: torch.Tensor
@@ -21,6 +23,7 @@ class Batch(TypedDict, total=False):
     position_ids: torch.Tensor
     sep: torch.Tensor
     objective: torch.Tensor
+    doc_ids: torch.Tensor
 
 
 OBJECTIVE_NAMES: tuple[str, ...] = ("token", "sentence", "document")

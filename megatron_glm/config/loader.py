@@ -115,6 +115,7 @@ FLAG_ALIASES: dict[str, tuple[str, Any]] = {
     "--no-shuffle-block": ("data.objective.shuffle_block", False),
     "--no-block-position": ("data.objective.block_position", False),
     "--sentinel-token": ("data.objective.sentinel_token", True),
+    "--reset-attention-mask": ("data.objective.reset_attention_mask", True),
 }
 
 _TRUE = {"true", "yes", "on", "1"}

@@ -210,6 +210,13 @@ class ObjectiveConfig:
     )
     sentinel_token: bool = opt(False, "Original --sentinel-token variant (not supported yet; must stay false).")
     per_sample: bool = opt(False, "Choose the objective per sample instead of once per micro-batch.")
+    reset_attention_mask: bool = opt(
+        False,
+        "Document isolation in packed windows (Megatron's --reset-attention-mask): a token attends only to "
+        "tokens of its own document (the GLM mask intersected with the document blocks; a Part B token "
+        "belongs to the document its input token comes from). Samples then carry doc_ids and the model gets "
+        "a [b, 1, s, s] mask. Positions are not reset.",
+    )
 
 
 @dataclass(kw_only=True)

@@ -405,6 +405,11 @@ class BlankInfilling:
         src = starts.repeat(sizes) + block - 2
         b_input = tokens.take(src, mode="clip")
         b_input[offsets] = sp.sop
+        if c.reset_attention_mask:  # each output token's document: its source token's (eos closes a document)
+            doc_src = np.zeros(n, dtype=np.int64)
+            np.cumsum(tokens[:-1] == sp.eos, out=doc_src[1:])
+            doc_b = doc_src.take(src, mode="clip")
+            doc_b[offsets] = doc_src.take(starts)  # [sop]: the span's document
         src += 1
         b_target = tokens.take(src, mode="clip")
         b_target[offsets + sizes - 1] = sp.eop
@@ -429,7 +434,7 @@ class BlankInfilling:
         loss_mask = np.zeros(L, dtype=np.float32)
         loss_mask[sep:end_b] = 1.0
         input_ids, labels, position_ids = out[0], out[1], out[2:]
-        return {
+        sample = {
             "input_ids": input_ids,
             "labels": labels,
             "loss_mask": loss_mask,
@@ -437,6 +442,12 @@ class BlankInfilling:
             "sep": sep,
             "objective": objective,
         }
+        if c.reset_attention_mask:
+            doc_ids = np.full(L, -1, dtype=np.int64)  # padding: a document of its own
+            doc_ids[:sep] = doc_src[keep]
+            doc_ids[sep:end_b] = doc_b
+            sample["doc_ids"] = doc_ids
+        return sample
 
     def _context_mask(self, part_a: np.ndarray, mask_at: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
         """Replace ``context_mask_ratio`` x n Part A tokens next to blanks by [dBLOCK]."""

@@ -106,9 +106,10 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack samples into the batch interface.
 
     ``input_ids, labels [b, s] long``, ``loss_mask [b, s] float``, ``position_ids [b, 2, s] long``,
-    ``sep [b] long`` (Part A length) and ``objective [b] long`` (0 token, 1 sentence, 2 document).
+    ``sep [b] long`` (Part A length) and ``objective [b] long`` (0 token, 1 sentence, 2 document); with
+    document isolation (``reset_attention_mask``) also ``doc_ids [b, s] long``.
     """
-    return {
+    batch = {
         "input_ids": torch.from_numpy(np.stack([s["input_ids"] for s in samples])),
         "labels": torch.from_numpy(np.stack([s["labels"] for s in samples])),
         "loss_mask": torch.from_numpy(np.stack([s["loss_mask"] for s in samples])),
@@ -116,6 +117,9 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         "sep": torch.tensor([s["sep"] for s in samples], dtype=torch.long),
         "objective": torch.tensor([s["objective"] for s in samples], dtype=torch.long),
     }
+    if "doc_ids" in samples[0]:
+        batch["doc_ids"] = torch.from_numpy(np.stack([s["doc_ids"] for s in samples]))
+    return batch
 
 
 class MicroBatchSampler:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from megatron_glm.batch import Batch
 from megatron_glm.errors import DataError
-from megatron_glm.model import GLMLoss, glm_loss
+from megatron_glm.model import GLMLoss, batch_attention_mask, glm_loss
 from megatron_glm.parallel import ParallelState, gather_from_tensor_parallel_region
 from megatron_glm.training.evaluation import accumulate_losses, summarize_losses
 
@@ -55,7 +55,8 @@ def evaluate_loss(
 
     def forward(batch: Batch) -> GLMLoss:
         b = {k: v.to(device) for k, v in batch.items()}
-        return glm_loss(model(b["input_ids"], b["position_ids"], b["sep"]), b["labels"], b["loss_mask"], ps)
+        logits = model(b["input_ids"], b["position_ids"], batch_attention_mask(b))
+        return glm_loss(logits, b["labels"], b["loss_mask"], ps)
 
     sums = accumulate_losses(forward, iter(batches), num_batches)
     return summarize_losses(sums, lambda v: _dp_sum(v, ps, device))

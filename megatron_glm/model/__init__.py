@@ -12,7 +12,14 @@ from megatron_glm.model.loss import (
     glm_loss_fused,
     loss_positions,
 )
-from megatron_glm.model.masks import AttentionMask, glm_mask_mod, prepare_attention_mask, sep_to_mask
+from megatron_glm.model.masks import (
+    AttentionMask,
+    batch_attention_mask,
+    glm_document_mask_mod,
+    glm_mask_mod,
+    prepare_attention_mask,
+    sep_to_mask,
+)
 from megatron_glm.model.state_dict import full_state_dict, load_full_state_dict
 from megatron_glm.model.transformer import GLMLayer, GLMTransformer, ParallelMLP
 
@@ -31,10 +38,12 @@ __all__ = [
     "TensorSpec",
     "add_group_sums",
     "attention_core",
+    "batch_attention_mask",
     "compiled_glm_loss",
     "eager_attention",
     "flops_per_token",
     "full_state_dict",
+    "glm_document_mask_mod",
     "glm_loss",
     "glm_loss_at",
     "glm_loss_fused",

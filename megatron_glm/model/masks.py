@@ -11,7 +11,7 @@ into an :class:`AttentionMask` once per forward; every layer then uses the form 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,26 @@ def glm_mask_mod(sep: torch.Tensor) -> MaskMod:
         return (kv_idx < sep[b]) | (kv_idx <= q_idx)
 
     return mask_mod
+
+
+def glm_document_mask_mod(sep: torch.Tensor, doc_ids: torch.Tensor) -> MaskMod:
+    """The GLM mask restricted to each token's own document (``doc_ids [b, s]``): document isolation inside a
+    packed window (Megatron's ``--reset-attention-mask``)."""
+    glm = glm_mask_mod(sep)
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return glm(b, h, q_idx, kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+
+    return mask_mod
+
+
+def batch_attention_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The model's ``attention_mask`` for a data batch: its ``sep`` values, or with ``doc_ids`` (document
+    isolation) the boolean ``[b, 1, s, s]`` GLM mask within each document."""
+    if "doc_ids" not in batch:
+        return batch["sep"]
+    doc_ids = batch["doc_ids"]
+    return materialize(glm_document_mask_mod(batch["sep"], doc_ids), doc_ids.shape[0], doc_ids.shape[1], doc_ids.device)
 
 
 def dense_mask_mod(mask: torch.Tensor) -> MaskMod:

@@ -6,7 +6,8 @@ The pipe order and what each layer holds come from the model's layout
 so its state-dict keys (and DeepSpeed's ``layer_XX`` files) carry the original GLM names and its weights
 are those of the whole model. Activations between layers are tuples of tensors: ``(ids, position_ids, sep)``
 into the first layer, then ``(hidden, sep)`` (rotary models: ``(hidden, position_ids, sep)``), logits out of the
-head. DeepSpeed keeps the tied word embedding identical on the first and last stage (broadcast at start,
+head; with document isolation a ``[b, 1, s, s]`` boolean mask travels in place of ``sep``. DeepSpeed keeps
+the tied word embedding identical on the first and last stage (broadcast at start,
 gradients all-reduced); an untied head (``output_layer``) is a plain layer of the last stage. Activation checkpointing
 runs inside each transformer layer (``model.checkpoint_activations``), restoring the tensor-parallel dropout
 stream on recompute.
@@ -21,7 +22,15 @@ import torch
 
 from megatron_glm.batch import Batch
 from megatron_glm.config import ModelConfig
-from megatron_glm.model import GLMPart, ModelLayout, PipeLayer, add_group_sums, glm_loss, new_rng_tracker
+from megatron_glm.model import (
+    GLMPart,
+    ModelLayout,
+    PipeLayer,
+    add_group_sums,
+    batch_attention_mask,
+    glm_loss,
+    new_rng_tracker,
+)
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
 
 TIED_KEY = "word_embeddings"
@@ -159,6 +168,6 @@ def build_pipeline_model(
 def pipeline_batch(batch: Batch) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """A micro-batch as the pipeline engine wants it: ``(inputs, labels)``."""
     return (
-        (batch["input_ids"], batch["position_ids"], batch["sep"]),
+        (batch["input_ids"], batch["position_ids"], batch_attention_mask(batch)),
         (batch["labels"], batch["loss_mask"], batch["objective"]),
     )

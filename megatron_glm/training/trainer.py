@@ -19,6 +19,7 @@ from megatron_glm.config import GLMConfig, config_to_dict
 from megatron_glm.config.ranges import in_ranges, parse_iteration_ranges
 from megatron_glm.errors import CheckpointError, GLMError
 from megatron_glm.model.loss import add_group_sums
+from megatron_glm.model.masks import batch_attention_mask
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
 from megatron_glm.training.evaluation import accumulate_losses, summarize_losses
 from megatron_glm.training.metrics import MetricsLogger
@@ -111,7 +112,7 @@ class Trainer:
         return self.engine(
             batch["input_ids"],
             batch["position_ids"],
-            batch["sep"],
+            batch_attention_mask(batch),
             labels=batch["labels"],
             loss_mask=batch["loss_mask"],
         )

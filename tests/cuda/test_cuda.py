@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from megatron_glm.generation import KVCache
-from megatron_glm.model import GLMModel, attention_core, full_state_dict, load_full_state_dict, sep_to_mask
+from megatron_glm.model import (
+    GLMModel,
+    attention_core,
+    batch_attention_mask,
+    full_state_dict,
+    load_full_state_dict,
+    sep_to_mask,
+)
 from megatron_glm.model.compile import compile_layers
 from megatron_glm.model.masks import prepare_attention_mask
 from tests.model.helpers import make_batch, random_full_state_dict, tiny_config
@@ -33,6 +40,18 @@ def test_flex_forward_backward_matches_sdpa(dtype: torch.dtype) -> None:
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=tol, atol=tol)
     for a, b in zip(outs[1][1], outs[0][1], strict=True):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * 10)
+
+
+def test_flex_document_isolation_matches_sdpa() -> None:
+    """Document isolation (a [b, 1, s, s] mask) through flex's BlockMask equals SDPA with the boolean mask."""
+    batch = _cuda(make_batch(4, batch=2, seq=256))
+    doc_ids = (torch.arange(256, device="cuda") // 96).expand(2, 256).contiguous()
+    bool_mask = batch_attention_mask({"sep": batch["sep"], "doc_ids": doc_ids})
+    mask = prepare_attention_mask(bool_mask, 2, 256, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 256, 64, generator=g, device="cuda").requires_grad_() for _ in range(3))
+    outs = [attention_core(q, k, v, mask, impl, 0.0, None) for impl in ("sdpa", "flex")]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
 
 
 def test_bf16_training_steps_reduce_the_loss() -> None:

@@ -203,3 +203,20 @@ def test_performance_levers_match_plain_run(tiny_corpus: dict, tmp_path: Path) -
     plain, fast = _losses(tmp_path / "plain"), _losses(tmp_path / "levers")
     assert len(plain) == 4
     assert max(abs(a - b) for a, b in zip(plain, fast, strict=True)) < 1e-5, (plain, fast)
+
+
+def test_document_isolation_pipeline_matches_one_process(tiny_corpus: dict, tmp_path: Path) -> None:
+    """--reset-attention-mask: the [b, 1, s, s] document mask travels through DeepSpeed's pipeline (PP=2 equals
+    one process in fp32). The pydoc documents are long: the first 16 windows hold one document each (losses
+    equal to a run without the flag), sample 16 (step 5) is the first to hold two (its loss differs)."""
+    common = ["--train-iters", "5", "--micro-batch-size", "4", "--global-batch-size", "4"]
+    iso = [*common, "--reset-attention-mask"]
+    launch(train_args(tiny_corpus, *iso, "--save", str(tmp_path / "pp1")), nproc=1)
+    pipe = ["--pipeline-model-parallel-size", "2", "--save", str(tmp_path / "pp2")]
+    launch(train_args(tiny_corpus, *iso, *pipe), nproc=2)
+    launch(train_args(tiny_corpus, *common, "--save", str(tmp_path / "plain")), nproc=1)
+    one, two, plain = (_losses(tmp_path / n) for n in ("pp1", "pp2", "plain"))
+    assert len(one) == len(two) == len(plain) == 5
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 1e-5, (one, two)
+    assert one[:4] == plain[:4], (one, plain)
+    assert abs(one[4] - plain[4]) > 1e-4, (one, plain)
