@@ -120,6 +120,44 @@ def test_export_loads_with_transformers_and_logits_match(tmp_path, spm, transfor
     assert abs(by_sep.loss.item() - ours_loss.loss.item()) < 1e-5
 
 
+def test_multiple_choice_scores_are_our_summed_log_probs(tmp_path, spm, transformers_offline) -> None:
+    """``AutoModelForMultipleChoice``: each choice's score is the sum of our model's log-probabilities of its
+    tokens at the given positions (-100 pads ignored); with labels, the loss is the cross entropy over choices."""
+    model, full = reference_model(vocab_size=VOCAB)
+    out = export(tmp_path, full, spm)
+    mc = transformers_offline.AutoModelForMultipleChoice.from_pretrained(str(out), trust_remote_code=True).eval()
+    assert type(mc).__name__ == "GLMForMultipleChoice"
+    b = make_batch(2, vocab=VOCAB)
+    n, s = b["input_ids"].shape
+    g = torch.Generator().manual_seed(3)
+    choice_ids = torch.randint(0, 411, (n, 3, 4), generator=g)
+    choice_indices = torch.randint(0, s, (n, 3, 4), generator=g)
+    choice_ids[:, 1, 2:] = -100  # choice 1 has two tokens, choice 2 one
+    choice_ids[:, 2, 1:] = -100
+    choice_indices[choice_ids < 0] = -100
+    labels = torch.arange(n) % 3
+    with torch.no_grad():
+        logp = torch.log_softmax(model(b["input_ids"], b["position_ids"], b["sep"]).float(), dim=-1)
+        res = mc(
+            input_ids=b["input_ids"],
+            position_ids=b["position_ids"],
+            attention_mask=b["sep"],
+            choice_ids=choice_ids,
+            choice_indices=choice_indices,
+            labels=labels,
+        )
+    expected = torch.zeros(n, 3)
+    for i in range(n):
+        for c in range(3):
+            for tok, at in zip(choice_ids[i, c].tolist(), choice_indices[i, c].tolist(), strict=True):
+                if tok >= 0:
+                    expected[i, c] += logp[i, at, tok]
+    torch.testing.assert_close(res.logits, expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(res.loss, torch.nn.functional.cross_entropy(expected, labels), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="choice_ids and choice_indices"):
+        mc(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=b["sep"])
+
+
 def _varied(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Weights whose greedy answers are not one repeated token (larger embeddings)."""
     return {k: v * 6 if "embeddings" in k else v for k, v in full.items()}
