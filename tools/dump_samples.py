@@ -26,7 +26,7 @@ from megatron_glm.errors import ConfigError, DataError, run_cli
 
 def sample_record(sample: dict[str, Any]) -> dict[str, Any]:
     """The JSON form of one sample."""
-    return {
+    record = {
         "index": sample["index"],
         "objective": OBJECTIVE_NAMES[sample["objective"]],
         "input_ids": sample["input_ids"].tolist(),
@@ -36,6 +36,9 @@ def sample_record(sample: dict[str, Any]) -> dict[str, Any]:
         "block_position_ids": sample["position_ids"][1].tolist(),
         "sep": int(sample["sep"]),
     }
+    if "doc_ids" in sample:  # --reset-attention-mask: each token's document in the packed window
+        record["doc_ids"] = sample["doc_ids"].tolist()
+    return record
 
 
 def pretty(sample: dict[str, Any], tokenizer: GLMTokenizer) -> str:
@@ -56,7 +59,9 @@ def pretty(sample: dict[str, Any], tokenizer: GLMTokenizer) -> str:
     pieces.append(tokenizer.decode(run))
     lines = [
         f"=== sample {sample['index']}: {OBJECTIVE_NAMES[sample['objective']]} objective, "
-        f"Part A {sep} tokens, Part B {end_b - sep} tokens, padding {len(inp) - end_b} ===",
+        f"Part A {sep} tokens, Part B {end_b - sep} tokens, padding {len(inp) - end_b}"
+        + (f", documents {int(sample['doc_ids'].max()) + 1}" if "doc_ids" in sample else "")
+        + " ===",
         "Part A: " + "".join(pieces),
         "Part B:",
     ]

@@ -47,6 +47,14 @@ def test_json_lines_and_pretty(pydoc_dataset, spm_model, tmp_path) -> None:
     assert pretty.returncode == 0, pretty.stderr
     assert pretty.stdout.count("Part A:") == 3 and "#1 (position" in pretty.stdout
     assert not any(p.name.endswith(".npy") for p in Path(pydoc_dataset["sentence"]).parent.iterdir())
+    assert all("doc_ids" not in r for r in records)
+    isolated = dump(*common, "--num", "12", "--reset-attention-mask")
+    assert isolated.returncode == 0, isolated.stderr
+    with_docs = [json.loads(line) for line in isolated.stdout.splitlines()]
+    assert [{k: v for k, v in r.items() if k != "doc_ids"} for r in with_docs] == records  # same samples
+    for r in with_docs:
+        end_b = r["sep"] + sum(r["loss_mask"])
+        assert len(r["doc_ids"]) == 64 and min(r["doc_ids"][:end_b]) == 0 and set(r["doc_ids"][end_b:]) <= {-1}
 
 
 @pytest.mark.slow
