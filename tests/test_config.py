@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_glm.config import MODEL_SIZES, build_config, load_config, problems, validate
 from megatron_glm.errors import ConfigError
+from megatron_glm.testing import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,3 +224,20 @@ def test_stop_control_flags_and_skip_ranges() -> None:
             f"'101-200' with 1 <= start <= end, got '{bad}'",
         ):
             validate(cfg)
+
+
+def _services_peak(rank: int, world: int, peak_tflops: float) -> dict:
+    from megatron_glm.training.run import trainer_services
+
+    cfg = load_config(["--logging.peak_tflops", str(peak_tflops)])
+    return {"peak": trainer_services(cfg, torch.device("cpu"), rank == 0, lambda *_: None)["peak_flops"]}
+
+
+def test_peak_tflops_sets_the_mfu_denominator() -> None:
+    """--logging.peak_tflops replaces the start-up matmul measurement: per device, summed over ranks."""
+    assert problems(load_config(["--logging.peak_tflops", "-1"])) == [
+        "logging.peak_tflops must be >= 0 (0: measured at start-up), got -1.0"
+    ]
+    assert [r["peak"] for r in run_distributed(_services_peak, 2, 123.0)] == [2 * 123e12] * 2
+    measured = run_distributed(_services_peak, 1, 0.0)[0]["peak"]
+    assert 1e8 < measured < 1e14  # a measured CPU matmul, not the override

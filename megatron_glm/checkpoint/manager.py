@@ -61,7 +61,9 @@ def _broadcast_object(obj: Any) -> Any:
 def _all_ok(ok: bool) -> bool:
     if not _dist():
         return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    # NCCL reduces CUDA tensors only; gloo CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 

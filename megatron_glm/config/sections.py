@@ -311,6 +311,12 @@ class LoggingConfig:
 
     log_interval: int = opt(10, "Log every N steps.")
     tensorboard_dir: str = opt("", "TensorBoard log directory (default: <save>/tensorboard when installed).")
+    peak_tflops: float = opt(
+        0.0,
+        "Per-device peak TFLOP/s in the training dtype that the logged MFU divides by (e.g. 989 for an H100 "
+        "SXM in bf16); 0: a matmul measured on every device at start-up (on a shared CPU that figure comes "
+        "out low, and the MFU can exceed 1).",
+    )
 
 
 @dataclass(kw_only=True)

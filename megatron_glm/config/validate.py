@@ -192,6 +192,8 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
 
     if t.train_iters < 0:
         out.append(f"training.train_iters must be >= 0, got {t.train_iters}")
+    if cfg.logging.peak_tflops < 0:
+        out.append(f"logging.peak_tflops must be >= 0 (0: measured at start-up), got {cfg.logging.peak_tflops}")
     if t.exit_interval < 0 or t.exit_duration_in_mins < 0:
         out.append("training.exit_interval and training.exit_duration_in_mins must be >= 0")
     try:
