@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from megatron_glm.config import load_config, problems
-from megatron_glm.model import GLMModel, full_state_dict
+from megatron_glm.model import GLMModel, batch_attention_mask, full_state_dict
 from megatron_glm.parallel import ParallelState, initialize_parallel_state
 from megatron_glm.testing import run_distributed
 from tests.model.helpers import make_batch, tiny_config
@@ -20,9 +20,8 @@ VARIANTS = {
 
 def _loss_grads(model: GLMModel, batch: dict, ps: ParallelState) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    res = model(
-        batch["input_ids"], batch["position_ids"], batch["sep"], labels=batch["labels"], loss_mask=batch["loss_mask"]
-    )
+    mask = batch_attention_mask(batch)  # sep, or the document mask when the batch has doc_ids
+    res = model(batch["input_ids"], batch["position_ids"], mask, labels=batch["labels"], loss_mask=batch["loss_mask"])
     res.loss.backward()
     return {"loss": res.loss.detach(), "per_token": res.per_token.detach(), **full_state_dict(model, ps, grads=True)}
 
@@ -38,6 +37,12 @@ def _sp_checks(rank: int, world: int) -> dict[str, float]:
         assert model.sequence_parallel
         got = _loss_grads(model, batch, ps)
         out[name] = max((got[k] - v).abs().max().item() for k, v in ref.items())
+    # Document isolation: the [b, 1, s, s] document mask under SP (the attention sees the gathered sequence).
+    docs = {**batch, "doc_ids": (torch.arange(16) // 6).expand(batch["input_ids"].shape[0], 16).contiguous()}
+    ref_docs = _loss_grads(GLMModel(tiny_config(), seed=3).train(), docs, ParallelState())
+    assert abs(float(ref_docs["loss"]) - float(ref["loss"])) > 1e-4  # the documents do change what is seen
+    got = _loss_grads(GLMModel(tiny_config(sequence_parallel=True), ps, seed=3).train(), docs, ps)
+    out["sp+documents"] = max((got[k] - v).abs().max().item() for k, v in ref_docs.items())
     # With dropout: full recomputation replays the sequence-shard dropout masks exactly.
     runs = []
     for ckpt in (False, True):
