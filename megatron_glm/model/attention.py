@@ -254,8 +254,8 @@ class ParallelSelfAttention(nn.Module):
         # Queries (and their mask rows) at the needed rows only, per sample. With attention dropout every row
         # is computed (the probabilities' mask is drawn over [b, h, s, s], as in the full forward) and the rows
         # are taken from the result.
-        rows_core = rows if rows is not None and p == 0.0 else None
-        if rows_core is not None:
+        core_on_rows = rows is not None and p == 0.0
+        if core_on_rows:
             m = rows.index.shape[1]
             q = q.gather(2, rows.index[:, None, :, None].expand(b, q.shape[1], m, q.shape[3]))
             rows_mask = mask.bool_mask.gather(2, rows.index[:, None, :, None].expand(b, 1, m, s))
@@ -278,8 +278,5 @@ class ParallelSelfAttention(nn.Module):
         ctx = ctx.transpose(1, 2).reshape(b, ctx.shape[2], self.num_heads_per_rank * self.head_dim)
         if rows is None:
             return sp.dropout(self.output_dropout, self.dense(ctx, sequence_parallel), tracker, sequence_parallel)
-        if rows_core is not None:
-            ctx = ctx.reshape(-1, ctx.shape[-1]).index_select(0, rows.slot)
-        else:
-            ctx = rows.select(ctx)
+        ctx = ctx.reshape(-1, ctx.shape[-1]).index_select(0, rows.slot) if core_on_rows else rows.select(ctx)
         return rows.dropout(self.output_dropout, self.dense(ctx))

@@ -34,11 +34,10 @@ def trainer_services(cfg: GLMConfig, device: torch.device, is_logger: bool, log:
     """The trainer's keyword arguments that every entry point builds alike: the compute peak (``logging.peak_tflops``
     per device, or a matmul measured on every rank; summed over ranks), the metrics logger, the checkpoint manager
     and the log function."""
-    if cfg.logging.peak_tflops > 0:
-        peak = torch.tensor([cfg.logging.peak_tflops * 1e12], dtype=torch.float64, device=device)
-    else:
-        measured = matmul_peak_flops(DTYPES[cfg.training.precision], device, n=1024, seconds=0.3)
-        peak = torch.tensor([measured], dtype=torch.float64, device=device)  # on the device: NCCL needs it
+    per_device = cfg.logging.peak_tflops * 1e12 or matmul_peak_flops(
+        DTYPES[cfg.training.precision], device, n=1024, seconds=0.3
+    )
+    peak = torch.tensor([per_device], dtype=torch.float64, device=device)  # on the device: NCCL needs it
     dist.all_reduce(peak)
     return {
         "peak_flops": float(peak.item()),
