@@ -26,6 +26,7 @@ import torch
 
 from megatron_glm.config import GLMConfig, batch_sizes
 from megatron_glm.data.blank_infilling import SENTENCE, BlankInfilling, ObjectiveChoice, SpecialTokens
+from megatron_glm.data.char_boundaries import CharBoundaries
 from megatron_glm.data.dataset_meta import check_dataset_tokenizer
 from megatron_glm.data.indexed_dataset import IndexedDataset
 from megatron_glm.data.samples import (
@@ -325,7 +326,8 @@ def build_pretraining_datasets(
     )
     if barrier is not None:
         barrier()
-    sampler = BlankInfilling(cfg.data.objective, special, cfg.data.seq_length)
+    chars = None if isinstance(tokenizer, SpecialTokens) else CharBoundaries.from_tokenizer(tokenizer)
+    sampler = BlankInfilling(cfg.data.objective, special, cfg.data.seq_length, chars)
     return [
         None
         if w is None
