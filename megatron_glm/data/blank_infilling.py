@@ -167,9 +167,8 @@ class BlankInfilling:
         if choice.short_seq and len(tokens) > 2:
             low = min(32, len(tokens) - 1)
             tokens = tokens[: low + int(rng.random() * (len(tokens) - low))]
-        if self.chars is not None and len(tokens):  # a window cut inside a character drops the orphan bytes
-            first = int(tokens[0] == self.special.cls)
-            k = self.chars.orphans(tokens, first)
+        if self.chars is not None and len(tokens) > 1:  # a window cut inside a character drops the orphan bytes
+            first, k = self.chars.orphans(tokens, self.special.cls)
             if k:
                 tokens = np.concatenate((tokens[:first], tokens[first + k :]))
                 sentence_starts = None if sentence_starts is None else sentence_starts[sentence_starts >= first + k] - k

@@ -34,6 +34,11 @@ class CharBoundaries:
     def __init__(self, continuation: np.ndarray, lead: np.ndarray) -> None:
         self.continuation = np.append(np.asarray(continuation, dtype=bool), False)
         self.lead = np.append(np.asarray(lead, dtype=np.int8), 0)
+        self.char_start = ~self.continuation
+        self.multibyte = self.continuation | (self.lead > 0)
+        self._last = len(self.continuation) - 1
+        self._cont_bytes = self.continuation.tobytes()  # scalar look-ups without numpy's per-call cost
+        self._lead_bytes = self.lead.astype(np.uint8).tobytes()
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> CharBoundaries | None:
@@ -55,48 +60,73 @@ class CharBoundaries:
             return None
         return cls(continuation, lead)
 
-    def orphans(self, tokens: np.ndarray, first: int) -> int:
-        """How many continuation pieces start the text at ``first`` (a window cut inside a character)."""
-        k = first
-        while k < len(tokens) and k - first < 3 and self.continuation.take(tokens[k], mode="clip"):
+    def orphans(self, tokens: np.ndarray, cls: int) -> tuple[int, int]:
+        """``(first, k)``: the text starts at ``first`` (1 after a leading ``cls``) with ``k`` continuation pieces
+        (a window cut inside a character)."""
+        head = tokens[:4].tolist()
+        first = int(head[0] == cls)
+        cont, last, k = self._cont_bytes, self._last, first
+        while k < len(head) and cont[min(head[k], last)]:
             k += 1
-        return k - first
+        return first, k - first
 
     def whole_end(self, tokens: np.ndarray, n: int) -> int:
         """The largest ``m <= n`` such that ``tokens[:m]`` does not end inside a character."""
-        j = n - 1
-        while j >= max(0, n - 4) and self.continuation.take(tokens[j], mode="clip"):
+        cont, last = self._cont_bytes, self._last
+        j, stop = n - 1, max(0, n - 4)
+        while j >= stop and cont[min(int(tokens[j]), last)]:
             j -= 1
-        if j < max(0, n - 4):
+        if j < stop:
             return n
-        return j if int(self.lead.take(tokens[j], mode="clip")) > n - 1 - j else n
+        return j if self._lead_bytes[min(int(tokens[j]), last)] > n - 1 - j else n
+
+    def _inside(self, tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> bool:
+        """Whether any span edge falls inside a character (an edge at the end of ``tokens`` does not)."""
+        if len(starts) <= 4:  # a few edges (document, sentence objectives): plain look-ups beat numpy calls
+            cont, last, size = self._cont_bytes, self._last, len(tokens)
+            return any(cont[min(int(tokens[p]), last)] for p in (*starts.tolist(), *ends.tolist()) if p < size)
+        edges = tokens.take(np.concatenate((starts, ends)), mode="clip")
+        return bool(np.count_nonzero(self.continuation.take(edges, mode="clip")))
 
     def snap(
         self, tokens: np.ndarray, starts: np.ndarray, lens: np.ndarray, n: int, barrier: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, int]:
         """Spans (sorted, disjoint, inside ``tokens[:n]``) moved onto character boundaries; returns the new
         ``(starts, lens, n)``. ``barrier`` is the sampler's lookup of ids a span never covers ([CLS], [eos])."""
+        if not np.count_nonzero(self.multibyte.take(tokens[:n], mode="clip")):
+            return starts, lens, n  # no character spelled in bytes here (an English window): nothing to move
         n = self.whole_end(tokens, n)
-        if n == 0:
-            return starts[:0], lens[:0], 0
-        cont = self.continuation.take(tokens[:n], mode="clip")
-        ends = np.minimum(starts + lens, n)
-        starts = np.minimum(starts, n)
-        if not cont.any():
-            keep = ends > starts
-            return starts[keep], (ends - starts)[keep], n
-        bounds = np.append(np.flatnonzero(~cont), n)  # where a character starts, and the end
+        if len(starts) == 0 or n == 0:
+            return starts[:0], lens[:0], n
+        ends = starts + lens
+        clipped = ends[-1] > n
+        if clipped:  # the cut end of Part A moved back: clip the last spans
+            starts, ends = np.minimum(starts, n), np.minimum(ends, n)
+        if not self._inside(tokens, starts, ends):
+            if clipped:
+                keep = ends > starts
+                starts, ends = starts[keep], ends[keep]
+            return starts, ends - starts, n
+        is_start = self.char_start.take(tokens[: n + 1], mode="clip")
+        if len(is_start) > n:
+            is_start[n] = True  # the end of Part A is a boundary
+        bounds = np.flatnonzero(is_start)  # character starts
+        if len(is_start) == n:
+            bounds = np.append(bounds, n)
         at = bounds.searchsorted(starts, side="right") - 1
-        lo = bounds[np.maximum(at, 0)]
-        # A span never grows over a barrier (an orphan byte right after [CLS]): it starts after it instead.
-        blocked = (at < 0) | (barrier.take(tokens.take(np.minimum(lo, n - 1)), mode="clip") & (lo < starts))
-        lo = np.where(blocked, bounds[bounds.searchsorted(starts, side="left")], lo)
+        lo = bounds[at]  # at = -1 only with an orphan at 0, handled below
+        orphan = bounds[0] > 0 or (len(bounds) > 1 and bounds[1] > 1 and barrier.take(tokens[0], mode="clip"))
+        if orphan:
+            # an orphan byte opens the window: a span never grows over [CLS], it starts after the orphans
+            blocked = (at < 0) | (barrier.take(tokens.take(lo), mode="clip") & (lo < starts))
+            lo = np.where(blocked, bounds[bounds.searchsorted(starts, side="left")], lo)
         hi = bounds[bounds.searchsorted(ends, side="left")]
-        hi = np.maximum(hi, lo)
-        if len(lo) > 1:  # spans that now touch or overlap become one
-            new = np.ones(len(lo), dtype=bool)
-            new[1:] = lo[1:] > np.maximum.accumulate(hi)[:-1]
-            first = np.flatnonzero(new)
-            lo, hi = lo[first], np.maximum.reduceat(hi, first)
-        keep = hi > lo
-        return lo[keep], (hi - lo)[keep], n
+        touch = lo[1:] <= hi[:-1]  # spans that now touch or overlap become one (hi is sorted)
+        if np.count_nonzero(touch):
+            first = np.flatnonzero(np.concatenate(([True], ~touch)))
+            last = np.append(first[1:], len(hi)) - 1
+            lo, hi = lo[first], hi[last]
+        if clipped or orphan:  # a span wholly past the end or on the orphans is empty now
+            keep = hi > lo
+            lo, hi = lo[keep], hi[keep]
+        return lo, hi - lo, n

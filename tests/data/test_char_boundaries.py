@@ -125,7 +125,8 @@ def test_snap_grows_spans_to_whole_characters_and_merges() -> None:
     assert starts.tolist() == [3, 8] and lens.tolist() == [3, 3]
     starts, lens, _ = chars.snap(tokens, np.array([3, 5]), np.array([1, 1]), 12, barrier)
     assert starts.tolist() == [3] and lens.tolist() == [3]
-    assert chars.orphans(tokens, 1) == 1 and chars.whole_end(tokens, 14) == 12 and chars.whole_end(tokens, 12) == 12
+    assert chars.orphans(tokens, SP.cls) == (1, 1)
+    assert chars.whole_end(tokens, 14) == 12 and chars.whole_end(tokens, 12) == 12
 
 
 @pytest.mark.parametrize(
