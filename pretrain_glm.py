@@ -17,6 +17,7 @@ import sys
 import yaml
 
 from megatron_glm.config import GLMConfig, config_to_dict, help_text, load_config, validate
+from megatron_glm.config.validate import local_device_type
 from megatron_glm.errors import GLMError, run_cli
 
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p = cfg.parallel
     planned = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * max(1, p.data_parallel_size)
     world_size = int(os.environ.get("WORLD_SIZE", str(planned if dry_run else 1)))
-    validate(cfg, world_size)
+    validate(cfg, world_size, local_device_type())  # fp16 on a CPU is refused here, before DeepSpeed
     if dry_run:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         print(f"configuration is valid for world size {world_size}")

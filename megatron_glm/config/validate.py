@@ -252,9 +252,24 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
     return out
 
 
-def validate(cfg: GLMConfig, world_size: int = 0) -> GLMConfig:
-    """Raise :class:`ConfigError` listing every problem (one line, '; '-separated)."""
-    found = nonfinite_fields(cfg) + problems(cfg, world_size)
+def device_problems(cfg: GLMConfig, device_type: str) -> list[str]:
+    """What the device (``"cpu"``, ``"cuda"``; empty: not known) cannot do: fp16 has no CPU kernels in DeepSpeed."""
+    if device_type == "cpu" and cfg.training.precision == "fp16":
+        return ["training.precision fp16 (--fp16) is not supported on a CPU; use --bf16 (or fp32)"]
+    return []
+
+
+def local_device_type() -> str:
+    """The device this process trains on: ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def validate(cfg: GLMConfig, world_size: int = 0, device_type: str = "") -> GLMConfig:
+    """Raise :class:`ConfigError` listing every problem (one line, '; '-separated); ``device_type`` (``"cpu"``,
+    ``"cuda"``) adds what that device cannot run."""
+    found = nonfinite_fields(cfg) + problems(cfg, world_size) + device_problems(cfg, device_type)
     if found:
         raise ConfigError("invalid configuration: " + "; ".join(found))
     return cfg

@@ -50,8 +50,8 @@ from megatron_glm.data.indexed_dataset import IndexedDatasetBuilder, best_dtype,
 from megatron_glm.data.sentence_split import split_sentences
 from megatron_glm.data.sources import SourceFile, WorkUnit, describe, iter_records, plan_units
 from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.tokenizer_fingerprint import tokenizer_fingerprint
 from megatron_glm.errors import DataError
-from megatron_glm.fileio import file_sha256
 
 __all__ = [
     "PreprocessConfig",
@@ -401,7 +401,7 @@ def _plan_record(config: PreprocessConfig, sources: Sequence[SourceFile], keys: 
     return {
         "version": 2,
         "inputs": inputs,
-        "tokenizer_sha256": file_sha256(config.tokenizer_model),
+        "tokenizer_sha256": tokenizer_fingerprint(config.tokenizer_model),
         "keys": list(keys),
         "split_sentences": config.split_sentences,
         "append_eod": config.append_eod,
@@ -555,12 +555,16 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> 
             pool.join()
             pool = None
         _check_usable(summary, paths, config.max_bad_fraction)
+        fingerprint = tokenizer_fingerprint(config.tokenizer_model)
         for key, builder in outputs.items():
             with contextlib.suppress(FileNotFoundError):
                 os.remove(meta_path(summary.outputs[key]))  # a sidecar of earlier outputs must not outlive them
             builder.finalize()
             write_dataset_meta(
-                summary.outputs[key], vocab_size=tokenizer.vocab_size, max_token_id=summary.max_token_id[key]
+                summary.outputs[key],
+                vocab_size=tokenizer.vocab_size,
+                max_token_id=summary.max_token_id[key],
+                tokenizer_fingerprint=fingerprint,
             )
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):

@@ -56,7 +56,7 @@ def pretrain(cfg: GLMConfig) -> TrainState:
     if launched_by_launcher():
         die_with_parent()  # a killed launcher takes its workers down (no orphans writing checkpoints)
     env = init_distributed(cfg.training.local_rank)
-    validate(cfg, env.world_size)
+    validate(cfg, env.world_size, env.device.type)
     started = time.perf_counter()
     p = cfg.parallel
     ps = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
@@ -81,7 +81,7 @@ def pretrain(cfg: GLMConfig) -> TrainState:
 
     # Data first: a missing or corrupt dataset is reported before minutes of model and engine set-up.
     train_ds, valid_ds, _ = build_pretraining_datasets(
-        cfg, tokenizer, dp_size=ps.dp_size, is_rank0=is_logger, barrier=dist.barrier
+        cfg, tokenizer, dp_size=ps.dp_size, is_rank0=is_logger, barrier=dist.barrier, log=log
     )
     built = build_model(cfg, ps, env.device)
     model = built.module

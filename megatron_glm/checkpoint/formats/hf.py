@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from megatron_glm.checkpoint.safe_load import safe_torch_load
+from megatron_glm.checkpoint.safetensors_file import open_safetensors, read_header
 from megatron_glm.checkpoint.stream import SourceInfo
 from megatron_glm.config import ModelConfig
 from megatron_glm.dtypes import DTYPE_NAMES
@@ -37,7 +38,7 @@ from megatron_glm.model.layout import ModelLayout
 from .hf_chatglm import CHATGLM2_FAMILY, CHATGLM_FAMILY
 from .hf_family import Derived, HFFamily
 from .packing import architecture_mismatch, multi_head_mismatch
-from .standalone import DEFAULT_SHARD_BYTES, write_weight_shards
+from .standalone import DEFAULT_SHARD_BYTES, check_shards, read_weight_index, write_weight_shards
 
 CONFIG = "config.json"
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -236,19 +237,11 @@ class HFSource:
     def _weight_map(path: Path) -> dict[str, str]:
         for index in (SAFE_INDEX, BIN_INDEX):
             if (path / index).is_file():
-                try:
-                    wm = json.loads((path / index).read_text(encoding="utf-8"))["weight_map"]
-                except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise CheckpointError(f"{path / index}: not a weight index ({exc})") from None
-                missing = sorted({f for f in wm.values() if not (path / f).is_file()})
-                if missing:
-                    raise CheckpointError(f"{path}: missing weight shards: {', '.join(missing)}")
-                return dict(wm)
+                wm = read_weight_index(path / index)
+                check_shards(path, wm)
+                return wm
         if (path / SAFE_WEIGHTS).is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(path / SAFE_WEIGHTS), framework="pt") as f:
-                return {k: SAFE_WEIGHTS for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            return dict.fromkeys(read_header(path / SAFE_WEIGHTS), SAFE_WEIGHTS)
         if (path / BIN_WEIGHTS).is_file():
             return {k: BIN_WEIGHTS for k in HFSource._load_bin(path / BIN_WEIGHTS)}
         raise CheckpointError(f"{path}: no weights ({', '.join(WEIGHT_FILES)})")
@@ -263,9 +256,7 @@ class HFSource:
     def _file(self, fname: str) -> Any:
         if fname not in self._open:
             if fname.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                self._open[fname] = safe_open(str(self.path / fname), framework="pt")
+                self._open[fname] = open_safetensors(self.path / fname)
             else:
                 self._open[fname] = self._load_bin(self.path / fname)
         return self._open[fname]
