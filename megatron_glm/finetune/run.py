@@ -28,7 +28,7 @@ from megatron_glm.checkpoint import check_save_dir
 from megatron_glm.checkpoint.manager import list_checkpoints, write_text_atomic
 from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import GLMConfig, config_to_dict, validate
-from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.tokenizer import open_tokenizer, tokenizer_fingerprint
 from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.fileio import file_sha256
 from megatron_glm.finetune.config import FinetuneConfig
@@ -98,7 +98,7 @@ def task_identity(cfg: GLMConfig, task: FinetuneConfig, global_batch: int) -> di
     place of a dataset; see :mod:`megatron_glm.checkpoint.drift`)."""
     return {
         "data": [[1.0, os.path.abspath(task.train_data), file_sha256(task.train_data)]],
-        "tokenizer_sha256": file_sha256(cfg.data.tokenizer_model),
+        "tokenizer_sha256": tokenizer_fingerprint(cfg.data.tokenizer_model),
         "seq_length": cfg.data.seq_length,
         "global_batch_size": int(global_batch),
         "seed": cfg.training.seed,
@@ -182,7 +182,7 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     started = time.perf_counter()
     cfg = task_config(cfg, task)
     validate(cfg, launcher_world_size())
-    tokenizer = GLMTokenizer(cfg.data.tokenizer_model)
+    tokenizer = open_tokenizer(cfg.data.tokenizer_model)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"tokenizer {cfg.data.tokenizer_model} has {tokenizer.vocab_size} tokens, more than the "
