@@ -10,6 +10,7 @@ when probes show that gives the same ids as the whole text.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import pairwise
@@ -34,15 +35,23 @@ Record = tuple[list[str] | None, LineProblem | None]
 Encoded = tuple[list[np.ndarray] | list[list[np.ndarray]] | None, LineProblem | None]
 
 
+#: A space that starts a word: cutting before it keeps every run of whitespace whole (a cut inside one would
+#: change how the tokenizer splits it).
+_WORD_SPACE = re.compile(r" (?=\S)")
+
+
 def _cuts(text: str, piece: int) -> list[int]:
-    """Positions (just before a space) that cut ``text`` into pieces of about ``piece`` characters."""
+    """Positions (just before a space that starts a word) that cut ``text`` into pieces of about ``piece``
+    characters."""
     cuts, start = [], 0
     while len(text) - start > piece:
-        cut = text.rfind(" ", start + piece // 2, start + piece)
+        near = [m.start() for m in _WORD_SPACE.finditer(text, start + piece // 2, start + piece)]
+        cut = near[-1] if near else -1
         if cut <= start:
-            cut = text.find(" ", start + piece)
-            if cut < 0:
+            found = _WORD_SPACE.search(text, start + piece)
+            if found is None:
                 break
+            cut = found.start()
         cuts.append(cut)
         start = cut
     return cuts
@@ -64,11 +73,11 @@ class WorkerEncoder:
         tokenizer = open_tokenizer(tokenizer_model)
         # Pieces cut before a whitespace character tokenize like the whole text when the tokenizer pre-splits
         # at whitespace (sentencepiece without a dummy prefix, GLM-4's pattern); check that on probes.
-        probes = ("hello world again", "a  b\nc d", "x.\ty 12 34", "x \n  y")
-        cut = [p.index(" ") for p in probes]
-        ids = tokenizer.encode_batch(
-            [*probes, *(p[:c] for p, c in zip(probes, cut)), *(p[c:] for p, c in zip(probes, cut))]
-        )
+        probes = ("hello world again", "a  b\nc d", "x.\ty 12 34", "x \n  y", "be\n   returned", "a.   b")
+        cuts = [_cuts(p, 2)[-1] for p in probes]
+        heads = [p[:c] for p, c in zip(probes, cuts)]
+        tails = [p[c:] for p, c in zip(probes, cuts)]
+        ids = tokenizer.encode_batch([*probes, *heads, *tails])
         n = len(probes)
         splittable = all(ids[k] == ids[n + k] + ids[2 * n + k] for k in range(n))
         return cls(tokenizer, best_dtype(tokenizer.vocab_size), splittable)

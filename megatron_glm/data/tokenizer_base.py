@@ -83,7 +83,7 @@ def find_command_tokens(special: dict[str, int], source: str) -> dict[str, int]:
         elif stem in REQUIRED:
             raise DataError(
                 f"{source}: no GLM command token {' / '.join(SPELLINGS[stem])} among the tokenizer's special tokens "
-                f"(GLM needs {', '.join(SPELLINGS[s][-1] for s in REQUIRED)})"
+                "(GLM needs end of text, [MASK], [sMASK], [gMASK], sop and eop)"
             )
     found.setdefault("pad", found["eos"])
     return found
