@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import pickle
 import shutil
@@ -107,8 +108,21 @@ def test_preprocess_gives_tokenizers_own_ids(bpe_json: Path, tmp_path: Path, wor
     corpus = tmp_path / "corpus.jsonl"
     write_jsonl(corpus, [{"text": t} for t in docs])
     proc = subprocess.run(
-        [sys.executable, "tools/preprocess_data.py", "--input", str(corpus), "--tokenizer-model", str(bpe_json)]
-        + ["--output-prefix", str(tmp_path / "out"), "--workers", str(workers), "--chunk-mb", "0.05", "--append-eod"],
+        [
+            sys.executable,
+            "tools/preprocess_data.py",
+            "--input",
+            str(corpus),
+            "--tokenizer-model",
+            str(bpe_json),
+            "--output-prefix",
+            str(tmp_path / "out"),
+            "--workers",
+            str(workers),
+            "--chunk-mb",
+            "0.05",
+            "--append-eod",
+        ],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -122,7 +136,7 @@ def test_preprocess_gives_tokenizers_own_ids(bpe_json: Path, tmp_path: Path, wor
     eos = reference.token_to_id("<|endoftext|>")
     for k, text in enumerate(docs):
         (stored,) = ds.document(k)
-        assert stored.tolist() == reference.encode(text, add_special_tokens=False).ids + [eos], k
+        assert stored.tolist() == [*reference.encode(text, add_special_tokens=False).ids, eos], k
     # Without the flag, tokenizers maps the spelled special tokens: the stored document differs exactly there.
     spelled = reference.encode(SPELLED, add_special_tokens=False).ids
     reference.encode_special_tokens = False
@@ -155,8 +169,16 @@ def test_missing_command_token_is_one_line_error(bpe_json: Path, tmp_path: Path,
     corpus = tmp_path / "c.jsonl"
     write_jsonl(corpus, [{"text": "hello"}])
     proc = subprocess.run(
-        [sys.executable, "tools/preprocess_data.py", "--input", str(corpus), "--tokenizer-model", str(broken)]
-        + ["--output-prefix", str(tmp_path / "out")],
+        [
+            sys.executable,
+            "tools/preprocess_data.py",
+            "--input",
+            str(corpus),
+            "--tokenizer-model",
+            str(broken),
+            "--output-prefix",
+            str(tmp_path / "out"),
+        ],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -195,7 +217,7 @@ def _tiktoken_reference(ranks: dict[bytes, int], text: str) -> list[int]:
     for match in regex.finditer(GLM4_PATTERN, text):
         parts = [bytes([b]) for b in match.group().encode("utf-8")]
         while len(parts) > 1:
-            pairs = [(ranks[a + b], i) for i, (a, b) in enumerate(zip(parts, parts[1:])) if a + b in ranks]
+            pairs = [(ranks[a + b], i) for i, (a, b) in enumerate(itertools.pairwise(parts)) if a + b in ranks]
             if not pairs:
                 break
             i = min(pairs)[1]
