@@ -52,11 +52,10 @@ class JsonTokenizer(TokenizerBase):
         spelled = {token_id: text for text, token_id in added.items()}
         self._set_command_tokens(found, {stem: spelled[token_id] for stem, token_id in found.items()})
         self._added = spelled
-        self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        self.vocab_size = max(tokenizer.get_vocab_size(with_added_tokens=True), max(spelled, default=-1) + 1)
         self.base_vocab_size = tokenizer.get_vocab_size(with_added_tokens=False)
-        table = byte_to_unicode()
-        self._byte_of = {char: byte for byte, char in table.items()}
-        self.byte_level = '"ByteLevel"' in tokenizer.to_str()
+        self._byte_of = {char: byte for byte, char in byte_to_unicode().items()}
+        self.byte_level = type(tokenizer.decoder).__name__ == "ByteLevel"
 
     def _payload(self) -> tuple[str, str]:
         return self.kind, self._tok.to_str()
