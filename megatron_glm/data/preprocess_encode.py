@@ -35,13 +35,14 @@ Record = tuple[list[str] | None, LineProblem | None]
 Encoded = tuple[list[np.ndarray] | list[list[np.ndarray]] | None, LineProblem | None]
 
 
-#: A space that starts a word: cutting before it keeps every run of whitespace whole (a cut inside one would
-#: change how the tokenizer splits it).
-_WORD_SPACE = re.compile(r" (?=\S)")
+#: A single space between two non-space characters: a cut before it keeps every run of whitespace whole and
+#: the space with the word it starts (what both sentencepiece and GLM-4's split pattern need; a cut inside a
+#: run of whitespace changes how either tokenizes it).
+_WORD_SPACE = re.compile(r"(?<=\S) (?=\S)")
 
 
 def _cuts(text: str, piece: int) -> list[int]:
-    """Positions (just before a space that starts a word) that cut ``text`` into pieces of about ``piece``
+    """Positions (just before a single space between words) that cut ``text`` into pieces of about ``piece``
     characters."""
     cuts, start = [], 0
     while len(text) - start > piece:
@@ -73,7 +74,7 @@ class WorkerEncoder:
         tokenizer = open_tokenizer(tokenizer_model)
         # Pieces cut before a whitespace character tokenize like the whole text when the tokenizer pre-splits
         # at whitespace (sentencepiece without a dummy prefix, GLM-4's pattern); check that on probes.
-        probes = ("hello world again", "a  b\nc d", "x.\ty 12 34", "x \n  y", "be\n   returned", "a.   b")
+        probes = ("hello world again", "a  b\nc d", "x.\ty 12 34", "x \n  y z", "be\n   returned now", "a.   b c")
         cuts = [_cuts(p, 2)[-1] for p in probes]
         heads = [p[:c] for p, c in zip(probes, cuts)]
         tails = [p[c:] for p, c in zip(probes, cuts)]
