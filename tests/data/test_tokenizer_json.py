@@ -271,3 +271,19 @@ def test_sentencepiece_token_bytes(glm_tokenizer: GLMTokenizer) -> None:
     for text in [HARD_TEXT, "plain words", "[MASK] x"]:
         ids = glm_tokenizer.encode(text)
         assert b"".join(glm_tokenizer.token_bytes(i) for i in ids) == text.encode("utf-8")
+
+
+def test_block_masking_needs_dblock(bpe_json: Path, tmp_path: Path, make_indexed_dataset) -> None:
+    from megatron_glm.data.loader import build_pretraining_datasets
+
+    from .test_loader import config
+    from .test_samples import random_documents
+
+    no_dblock = open_tokenizer(_edited(bpe_json, tmp_path / "no_dblock.json", "[dBLOCK]"))
+    prefix = make_indexed_dataset(random_documents(0, 50, max_sentences=4)).prefix
+    cfg = config(prefix, tmp_path, block_mask_prob=0.1)
+    cfg.data.tokenizer_model = str(tmp_path / "no_dblock.json")
+    with pytest.raises(DataError, match=r"no_dblock.json: the tokenizer has no \[dBLOCK\] token"):
+        build_pretraining_datasets(cfg, no_dblock)
+    cfg.data.objective.block_mask_prob = 0.0
+    assert build_pretraining_datasets(cfg, no_dblock)[0] is not None  # not needed: no error
