@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import glob
 import gzip
+import multiprocessing
 import os
 import resource
 import statistics
@@ -106,6 +107,25 @@ def cpu_seconds() -> float:
     """User + system CPU time of this process and its reaped children (pool workers)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _burn(_: int) -> None:
+    x = 0
+    for i in range(5_000_000):
+        x += i
+
+
+def machine_scaling() -> float:
+    """How much faster 2 processes burn 2 equal CPU loads than 1 process does, now: the most any 2-worker
+    speed-up can show on a shared machine (2.0 on 2 idle cores)."""
+    context = multiprocessing.get_context("fork")
+    walls = []
+    for processes in (1, 2):
+        with context.Pool(processes) as pool:
+            start = time.perf_counter()
+            pool.map(_burn, range(4), chunksize=1)
+            walls.append(time.perf_counter() - start)
+    return walls[0] / walls[1]
 
 
 def raw_rates(texts: list[str], model: str, size: int, kind: str) -> tuple[float, float]:
@@ -221,6 +241,9 @@ def main() -> None:
         if args.rounds > 1:
             print(f"round {round_ + 1} of {args.rounds}")
         raw_tps, raw_cpu_tps = raw_rates(texts, model, size, args.type)
+        scaling = machine_scaling()
+        ratios.setdefault("machine 2-process scaling", []).append(scaling)
+        print(f"machine now: 2 processes burn CPU {scaling:.2f}x as fast as 1 (2.0 on 2 idle cores)")
         for split in modes:
             for key, value in preprocess_rates(args, model, workdir, size, split, raw_tps, raw_cpu_tps).items():
                 ratios.setdefault(key, []).append(value)
