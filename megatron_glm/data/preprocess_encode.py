@@ -3,7 +3,7 @@
 Each worker opens its own tokenizer (:func:`~megatron_glm.data.tokenizer.open_tokenizer`) and encodes the
 texts of up to :data:`BATCH_RECORDS` records (or :data:`BATCH_CHARS` characters) at once: with a
 ``tokenizer.json`` that is ``tokenizers``' batch encoder; a sentencepiece model encodes text by text as
-before. A text longer than :data:`PIECE_CHARS` is encoded in pieces cut before whitespace (bounded memory),
+before. A text longer than :data:`PIECE_CHARS` is encoded in pieces cut at single spaces between words (bounded memory),
 when probes show that gives the same ids as the whole text.
 """
 
@@ -72,8 +72,8 @@ class WorkerEncoder:
         if single_thread:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # this worker process only
         tokenizer = open_tokenizer(tokenizer_model)
-        # Pieces cut before a whitespace character tokenize like the whole text when the tokenizer pre-splits
-        # at whitespace (sentencepiece without a dummy prefix, GLM-4's pattern); check that on probes.
+        # Pieces cut at a single space between words tokenize like the whole text when the tokenizer pre-splits
+        # there (sentencepiece without a dummy prefix, GLM-4's pattern); check that on probes.
         probes = ("hello world again", "a  b\nc d", "x.\ty 12 34", "x \n  y z", "be\n   returned now", "a.   b c")
         cuts = [_cuts(p, 2)[-1] for p in probes]
         heads = [p[:c] for p, c in zip(probes, cuts)]
