@@ -14,13 +14,14 @@ from typing import Any
 __all__ = ["identity_drift", "run_identity"]
 
 
-def _tokenizer_fingerprint(path: str) -> str:
-    from megatron_glm.data.tokenizer_fingerprint import tokenizer_fingerprint
+def _tokenizer_sha256(path: str) -> str:
+    """The tokenizer's fingerprint (a folder: its ``tokenizer.json``); "" when unreadable."""
+    from megatron_glm.data.tokenizer import tokenizer_fingerprint
     from megatron_glm.errors import DataError
 
     try:
-        return tokenizer_fingerprint(path)
-    except DataError:
+        return tokenizer_fingerprint(path) if path else ""
+    except (DataError, OSError):
         return ""
 
 
@@ -35,7 +36,7 @@ def run_identity(cfg: Any, global_batch_size: int) -> dict[str, Any]:
             [weight, os.path.abspath(prefix), dataset_fingerprint(prefix)]
             for weight, prefix in parse_data_path(d.data_path)
         ],
-        "tokenizer_sha256": _tokenizer_fingerprint(d.tokenizer_model),
+        "tokenizer_sha256": _tokenizer_sha256(d.tokenizer_model),
         "seq_length": d.seq_length,
         "global_batch_size": int(global_batch_size),
         "seed": cfg.training.seed,

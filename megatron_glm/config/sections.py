@@ -226,7 +226,11 @@ class DataConfig:
     data_path: list[str] = opt([], "Dataset prefixes, optionally weighted: [0.3, A, 0.7, B].")
     split: str = opt("949,50,1", "Train/valid/test weights over documents.")
     seq_length: int = opt(512, "Tokens per sample.")
-    tokenizer_model: str = opt("", "Path of the sentencepiece model.")
+    tokenizer_model: str = opt(
+        "",
+        "The tokenizer: a sentencepiece model, a tokenizer.json (or a folder holding one) or a tiktoken BPE "
+        "file; GLM's command tokens must be among its special tokens.",
+    )
     cache_dir: str = opt("", "Where sample-index .npy files are cached (default: next to the data).")
     num_workers: int = opt(1, "DataLoader workers per rank.")
     pack_documents: bool = opt(True, "Pack several documents into one window ([CLS] start, eos between).")

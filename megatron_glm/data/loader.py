@@ -38,7 +38,7 @@ from megatron_glm.data.samples import (
     parse_data_path,
     split_ranges,
 )
-from megatron_glm.data.tokenizer_fingerprint import tokenizer_fingerprint
+from megatron_glm.data.tokenizer import tokenizer_fingerprint
 from megatron_glm.errors import DataError
 
 __all__ = [
@@ -314,6 +314,12 @@ def build_pretraining_datasets(
     ``torch.distributed.barrier``) and the others memory-map them.
     """
     special = tokenizer if isinstance(tokenizer, SpecialTokens) else SpecialTokens.from_tokenizer(tokenizer)
+    objective = cfg.data.objective
+    if special.dblock < 0 and (objective.block_mask_prob > 0 or objective.context_mask_ratio > 0):
+        raise DataError(
+            f"{cfg.data.tokenizer_model}: the tokenizer has no [dBLOCK] token, which block_mask_prob / "
+            f"context_mask_ratio > 0 write; add it to its special tokens or set both to 0"
+        )
     num_samples = split_num_samples(cfg, dp_size)
     windows = build_windows(
         cfg.data,

@@ -29,8 +29,7 @@ from megatron_glm.checkpoint.manager import list_checkpoints, write_text_atomic
 from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import GLMConfig, config_to_dict, validate
 from megatron_glm.config.validate import local_device_type
-from megatron_glm.data.tokenizer import GLMTokenizer
-from megatron_glm.data.tokenizer_fingerprint import tokenizer_fingerprint
+from megatron_glm.data.tokenizer import open_tokenizer, tokenizer_fingerprint
 from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.fileio import file_sha256
 from megatron_glm.finetune.config import FinetuneConfig
@@ -184,7 +183,7 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     started = time.perf_counter()
     cfg = task_config(cfg, task)
     validate(cfg, launcher_world_size(), local_device_type())
-    tokenizer = GLMTokenizer(cfg.data.tokenizer_model)
+    tokenizer = open_tokenizer(cfg.data.tokenizer_model)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"tokenizer {cfg.data.tokenizer_model} has {tokenizer.vocab_size} tokens, more than the "

@@ -16,7 +16,7 @@ from megatron_glm.checkpoint.manager import write_text_atomic
 from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import GLMConfig, config_to_dict, validate
 from megatron_glm.data.loader import build_data_iterator, build_pretraining_datasets
-from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.tokenizer import open_tokenizer
 from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.model import flops_per_token
@@ -62,7 +62,7 @@ def pretrain(cfg: GLMConfig) -> TrainState:
     ps = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
     is_logger = env.rank == 0
     log = print if is_logger else (lambda *_: None)
-    tokenizer = GLMTokenizer(cfg.data.tokenizer_model)
+    tokenizer = open_tokenizer(cfg.data.tokenizer_model)
     cfg = resolve_vocab_size(cfg, tokenizer.vocab_size)
     seed_everything(cfg.training.seed, ps.pp_rank)
     log(

@@ -17,8 +17,7 @@ from megatron_glm.data.corpus import write_jsonl
 from megatron_glm.data.dataset_meta import meta_path, read_dataset_meta
 from megatron_glm.data.loader import build_pretraining_datasets
 from megatron_glm.data.preprocess import PreprocessConfig, preprocess
-from megatron_glm.data.tokenizer import GLMTokenizer
-from megatron_glm.data.tokenizer_fingerprint import tokenizer_fingerprint
+from megatron_glm.data.tokenizer import GLMTokenizer, tokenizer_fingerprint
 from megatron_glm.data.tokenizer_training import train_sentencepiece
 from megatron_glm.errors import DataError
 

@@ -331,6 +331,11 @@ def write_hf(
         return files
     generation: dict[str, Any] = {"do_sample": False, "num_beams": 1, "use_cache": True}
     if tokenizer is not None:
+        if getattr(tokenizer, "kind", "sentencepiece") != "sentencepiece":
+            raise CheckpointError(
+                f"{tokenizer.model_path}: this export ships GLM's remote-code sentencepiece tokenizer; "
+                f"a {tokenizer.kind} tokenizer is not supported here"
+            )
         ids, tokens = tokenizer.command_token_ids, tokenizer.vocab_size
         fields.update(pad_token_id=ids["[pad]"], eos_token_id=ids["[eop]"], glm_command_tokens=ids)
         generation.update(
