@@ -126,3 +126,14 @@ def test_a_busy_main_thread_keeps_beating() -> None:
     assert lost == [[], []]
     for w in watches:
         w.stop()
+
+
+def test_timeouts_are_checked() -> None:
+    from megatron_glm.config import load_config, problems
+
+    cfg = load_config(["--heartbeat-timeout", "45", "--distributed-timeout-minutes", "10"])
+    assert (cfg.training.heartbeat_timeout, cfg.training.distributed_timeout_minutes) == (45.0, 10)
+    assert problems(load_config(["--heartbeat-timeout", "-1", "--distributed-timeout-minutes", "0"])) == [
+        "training.distributed_timeout_minutes must be > 0, got 0",
+        "training.heartbeat_timeout must be >= 0 seconds (0: off), got -1.0",
+    ]
