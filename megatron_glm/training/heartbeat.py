@@ -11,7 +11,9 @@ the launcher's agent under torchrun - is gone), ends this process: the one-line 
 with ...`` of :mod:`megatron_glm.training.failures` on stderr, then ``os._exit(2)`` (the main thread is stuck
 in a collective and cannot be unwound). A rank that is busy (a long save, a compilation) keeps beating:
 the thread is its own. If this thread itself was held up for half the timeout (a stalled host), it
-restarts every peer's clock rather than judge them by its own delay.
+restarts every peer's clock rather than judge them by its own delay. A peer is judged from its first beat
+on: ranks leave the set-up before the watch (DeepSpeed's comm start-up, which may build an extension) at
+different times, and until then the collectives' own timeout (``--distributed-timeout-minutes``) applies.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class Heartbeat:
             for r, v in enumerate(values):
                 if v != seen[r] or v == _STOPPED:
                     seen[r], changed[r] = v, now
-            silent = [r for r in range(self.world) if r != self.rank and now - changed[r] > self.timeout]
+            silent = [r for r in range(self.world) if r != self.rank and seen[r] and now - changed[r] > self.timeout]
             if silent:
                 self._lost(f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))}")
                 return

@@ -77,6 +77,21 @@ class _DeadStore:
         return fail
 
 
+def test_a_peer_is_judged_from_its_first_beat() -> None:
+    """Ranks reach the watch at different times (a slow start-up): one not there yet is not called silent."""
+    store, lost = dist.HashStore(), []
+    watch = Heartbeat(store, 0, 2, TIMEOUT, on_lost=lost.append).start()
+    time.sleep(3 * TIMEOUT)  # rank 1 has not started its watch
+    assert lost == []
+    late = Heartbeat(store, 1, 2, TIMEOUT, on_lost=lost.append).start()
+    time.sleep(2 * TIMEOUT)
+    assert lost == []
+    _freeze(late)
+    _wait(lost, 5 * TIMEOUT)
+    assert len(lost) == 1 and "lost contact with rank 1," in lost[0]
+    watch.stop()
+
+
 def test_a_silent_store_is_reported() -> None:
     store = dist.HashStore()
     lost: list[str] = []
