@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # pretrain_glm.py end to end on this machine's device (CUDA with NCCL when present, else CPU with gloo), as a
-# user runs it: the embedded corpus -> tokenizer -> preprocessing -> 20 bf16 steps of glm-tiny under torchrun
-# with --deterministic and a checkpoint, a resume to step 30, and a straight run to step 30. Fails unless the
-# resumed run trained steps 21-30 with the straight run's losses, bitwise (what --deterministic is for).
+# user runs it: the embedded corpus -> tokenizer -> preprocessing -> a 30-step bf16 glm-tiny run under torchrun
+# with --deterministic, stopped with a checkpoint at step 20 (--exit-interval), resumed to step 30, and the
+# same run straight to 30. Fails unless the resumed run trained steps 21-30 with the straight run's losses,
+# bitwise (what --deterministic is for).
 # Two ranks (data parallel, so collectives cross NCCL) with 2 or more GPUs or on a CPU; one rank on one GPU
 # (NCCL cannot run two ranks on one device), said so.
 #   benchmarks/train_smoke.sh          # from the repository root; PYTHON=... to pick the interpreter
@@ -24,11 +25,12 @@ trap '[ -n "${KEEP:-}" ] || rm -rf "$TMP"' EXIT; echo "work dir $TMP"
 "$PYTHON" tools/preprocess_data.py --input "$TMP/pydoc.jsonl" --tokenizer-model "$TMP/tok.model" \
   --output-prefix "$TMP/pydoc" --split-sentences --workers 2 > /dev/null
 ARGS=(--model-size glm-tiny --seq-length 128 --micro-batch-size 4 --data-path "$TMP/pydoc_text_sentence"
-      --tokenizer-model "$TMP/tok.model" --bf16 --deterministic --log-interval 5 --eval-interval 10)
+      --tokenizer-model "$TMP/tok.model" --bf16 --deterministic --log-interval 5 --eval-interval 10
+      --train-iters 30)
 run() { "$TORCHRUN" --standalone --nproc_per_node "$NPROC" pretrain_glm.py "${ARGS[@]}" "$@"; }
-run --save "$TMP/ckpt" --train-iters 20
-run --save "$TMP/ckpt" --train-iters 30 --load "$TMP/ckpt"
-run --save "$TMP/straight" --train-iters 30
+run --save "$TMP/ckpt" --exit-interval 20
+run --save "$TMP/ckpt" --load "$TMP/ckpt"
+run --save "$TMP/straight"
 "$PYTHON" - "$TMP/ckpt/metrics.jsonl" "$TMP/straight/metrics.jsonl" <<'PY'
 import json, sys
 def losses(path):
