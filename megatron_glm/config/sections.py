@@ -267,6 +267,20 @@ class TrainingConfig:
     zero_stage: int = opt(1, "DeepSpeed ZeRO stage, unless the deepspeed_config JSON names one.")
     deepspeed_config: str = opt("", "Path of a DeepSpeed JSON config (batch fields are filled from ours).")
     local_rank: int = opt(-1, "Set by the deepspeed launcher.")
+    distributed_timeout_minutes: int = opt(
+        30, "Timeout of every collective (the process group's, as Megatron's --distributed-timeout-minutes)."
+    )
+    heartbeat_timeout: float = opt(
+        30.0,
+        "Seconds a peer rank (or the rendezvous store) may stay silent before every other rank stops with "
+        "'lost contact with rank N': a killed, frozen or unreachable rank ends the job within about this "
+        "long, on gloo and on NCCL (a heartbeat thread per rank; busy ranks keep beating). 0: off.",
+    )
+    deterministic: bool = opt(
+        False,
+        "Deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG=:4096:8, so SDPA "
+        "takes its deterministic backward): what a bitwise resume needs on CUDA; costs speed.",
+    )
     eval_interval: int = opt(1000, "Evaluate on the validation split every N steps (0: never).")
     eval_iters: int = opt(10, "Micro-batches per evaluation.")
     compile: bool = opt(
@@ -317,9 +331,10 @@ class LoggingConfig:
     tensorboard_dir: str = opt("", "TensorBoard log directory (default: <save>/tensorboard when installed).")
     peak_tflops: float = opt(
         0.0,
-        "Per-device peak TFLOP/s in the training dtype that the logged MFU divides by (e.g. 989 for an H100 "
-        "SXM in bf16); 0: a matmul measured on every device at start-up (on a shared CPU that figure comes "
-        "out low, and the MFU can exceed 1).",
+        "Per-device peak TFLOP/s in the training dtype that the logged MFU divides by; 0: the datasheet's "
+        "dense figure for a known GPU (H100/H200 SXM 989, H100 PCIe 756, A100 312, L40S 362 in bf16, ...), "
+        "else a matmul measured on every device at start-up (on a shared CPU that comes out low, and the MFU "
+        "can exceed 1).",
     )
 
 

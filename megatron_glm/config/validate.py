@@ -194,6 +194,10 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
         out.append(f"training.train_iters must be >= 0, got {t.train_iters}")
     if cfg.logging.peak_tflops < 0:
         out.append(f"logging.peak_tflops must be >= 0 (0: measured at start-up), got {cfg.logging.peak_tflops}")
+    if t.distributed_timeout_minutes <= 0:
+        out.append(f"training.distributed_timeout_minutes must be > 0, got {t.distributed_timeout_minutes}")
+    if t.heartbeat_timeout < 0:
+        out.append(f"training.heartbeat_timeout must be >= 0 seconds (0: off), got {t.heartbeat_timeout}")
     if t.exit_interval < 0 or t.exit_duration_in_mins < 0:
         out.append("training.exit_interval and training.exit_duration_in_mins must be >= 0")
     try:

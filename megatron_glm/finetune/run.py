@@ -41,7 +41,8 @@ from megatron_glm.finetune.tasks import read_task_file
 from megatron_glm.model import flops_per_token
 from megatron_glm.parallel import initialize_parallel_state
 from megatron_glm.parallel.launch import launcher_world_size
-from megatron_glm.training.distributed import init_distributed
+from megatron_glm.training.determinism import apply_determinism
+from megatron_glm.training.distributed import finish_distributed, init_distributed
 from megatron_glm.training.lifeline import die_with_parent, launched_by_launcher
 from megatron_glm.training.rng import seed_everything
 from megatron_glm.training.run import trainer_services
@@ -211,7 +212,9 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
 
     if launched_by_launcher():
         die_with_parent()  # a killed launcher takes its workers down (no orphans writing checkpoints)
-    env = init_distributed(cfg.training.local_rank)
+    t = cfg.training
+    apply_determinism(t.deterministic)  # before CUDA starts (cuBLAS reads its workspace setting once)
+    env, heartbeat = init_distributed(t.local_rank, t.distributed_timeout_minutes, t.heartbeat_timeout)
     validate(cfg, env.world_size, env.device.type)
     p = cfg.parallel
     ps = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
@@ -296,6 +299,5 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
         trainer.evaluate()
     services["logger"].close()
     log(f"done: step {state.step}, {state.consumed_samples} examples, {time.perf_counter() - started:.1f} s")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_distributed(heartbeat)
     return state

@@ -108,6 +108,9 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _forward(self, batch: Batch) -> Any:
+        if self.cfg.training.precision == "fp16" and hasattr(self.model, "head_grad_scale"):
+            opt = self.engine.optimizer  # the fused head rounds its fp16 gradient at backward's scale
+            self.model.head_grad_scale = float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 1.0))) / self.accum
         # The model runs the head on Part B (loss) rows only (fused with the loss when model.head_chunk_size > 0).
         return self.engine(
             batch["input_ids"],
