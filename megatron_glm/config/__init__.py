@@ -10,6 +10,9 @@ from megatron_glm.config.loader import (
     parse_overrides,
 )
 from megatron_glm.config.sections import (
+    ARCHITECTURE_FIELDS,
+    EXECUTION_FIELDS,
+    Architecture,
     CheckpointConfig,
     DataConfig,
     GLMConfig,
@@ -24,8 +27,11 @@ from megatron_glm.config.sizes import MODEL_SIZES
 from megatron_glm.config.validate import batch_sizes, derived_data_parallel_size, pad_vocab_size, problems, validate
 
 __all__ = [
+    "ARCHITECTURE_FIELDS",
+    "EXECUTION_FIELDS",
     "FLAG_ALIASES",
     "MODEL_SIZES",
+    "Architecture",
     "CheckpointConfig",
     "DataConfig",
     "GLMConfig",

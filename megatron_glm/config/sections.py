@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass, replace
 from typing import Any
 
 
@@ -26,14 +26,44 @@ def opt_from(cls: type, name: str, *, default: Any = _SAME, note: str = "") -> A
     return opt(default, f"{meta.pop('help', '')} {note}".strip(), **meta)
 
 
+class ModelShape:
+    """Sizes implied by the architecture fields (shared by :class:`ModelConfig` and :class:`Architecture`)."""
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head dimension (``kv_channels`` or ``hidden_size / heads``)."""
+        return self.kv_channels or self.hidden_size // max(1, self.num_attention_heads)
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads (``num_attention_heads`` without grouped-query attention)."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        """The MLP inner size (``ffn_hidden_size`` or 4 H)."""
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def glu(self) -> bool:
+        return self.activation in ("geglu", "swiglu")
+
+    @property
+    def rotary(self) -> bool:
+        return self.position_embedding_type != "learned_absolute"
+
+
 @dataclass(kw_only=True)
-class ModelConfig:
-    """Architecture of the GLM transformer."""
+class ModelConfig(ModelShape):
+    """The GLM transformer: its architecture (every field that changes tensors or math; :meth:`architecture`, the
+    sealed value a checkpoint records) and the execution options (fields with ``execution=True`` in their
+    metadata: kernels, recomputation, sequence parallelism, loss rows; free to differ from run to run)."""
 
     size: str = opt(
         "",
         "Named size to start from (glm-tiny, glm-base, glm-large, glm-large-chinese, "
         "glm-2b, glm-10b, glm-130b, chatglm-6b, chatglm2-6b); explicit fields override it.",
+        execution=True,
     )
     num_layers: int = opt(2, "Number of transformer layers.")
     hidden_size: int = opt(64, "Hidden size H.")
@@ -43,7 +73,9 @@ class ModelConfig:
         "Rows of the word embedding (padded vocab). 0: the tokenizer's vocab padded "
         "to a multiple of make_vocab_size_divisible_by x tensor_model_parallel_size.",
     )
-    make_vocab_size_divisible_by: int = opt(128, "Pad the vocab to a multiple of this times the TP size.")
+    make_vocab_size_divisible_by: int = opt(
+        128, "Pad the vocab to a multiple of this times the TP size.", execution=True
+    )
     max_sequence_length: int = opt(512, "Maximum position; the position tables have this + 1 rows.")
     hidden_dropout: float = opt(0.1, "Dropout after the attention/MLP output projections and embeddings.")
     attention_dropout: float = opt(0.1, "Dropout on attention probabilities.")
@@ -54,26 +86,30 @@ class ModelConfig:
         "sdpa",
         "Attention kernel: sdpa (fused, default), flex (CUDA) or eager (reference, materialises the scores).",
         choices=("sdpa", "flex", "eager"),
+        execution=True,
     )
-    checkpoint_activations: bool = opt(False, "Recompute layer activations in backward to save memory.")
-    checkpoint_num_layers: int = opt(1, "Layers per activation-checkpoint chunk.")
+    checkpoint_activations: bool = opt(False, "Recompute layer activations in backward to save memory.", execution=True)
+    checkpoint_num_layers: int = opt(1, "Layers per activation-checkpoint chunk.", execution=True)
     recompute_granularity: str = opt(
         "",
         "Activation recomputation (Megatron's flag): '' none (full when "
         "checkpoint_activations), full (whole layers, checkpoint_num_layers at a "
         "time) or selective (the attention core only: scores, softmax, dropout).",
         choices=("", "full", "selective"),
+        execution=True,
     )
     sequence_parallel: bool = opt(
         False,
         "Under tensor parallelism, run norms, dropouts and residuals on sequence "
         "shards (Megatron's): all-gather / reduce-scatter instead of all-reduce; "
         "needs seq_length divisible by the TP size, no pipeline.",
+        execution=True,
     )
     head_chunk_size: int = opt(
         0,
         "Training: fuse the tied head into the cross entropy, this many loss rows at a "
         "time, so the [n, V] logits are never stored (0: one unfused head).",
+        execution=True,
     )
     last_layer_loss_rows: bool = opt(
         True,
@@ -81,6 +117,7 @@ class ModelConfig:
         "MLP on those rows only (keys and values on every row), since nothing else reads them. Exact: its "
         "dropout masks are drawn over every row and the rows' part kept (with attention dropout the attention "
         "core runs on every row). Ignored under sequence or pipeline parallelism. false: the whole last layer.",
+        execution=True,
     )
     # -- GLM family architecture options (defaults: the 2021 GLM) ------------------------------------------
     position_embedding_type: str = opt(
@@ -147,28 +184,71 @@ class ModelConfig:
         False, "A separate output layer (output_layer.weight [V, H]) instead of the tied word embedding."
     )
 
-    @property
-    def head_dim(self) -> int:
-        """Per-head dimension (``kv_channels`` or ``hidden_size / heads``)."""
-        return self.kv_channels or self.hidden_size // max(1, self.num_attention_heads)
+    def architecture(self) -> Architecture:
+        """The architecture of this model as one sealed value (every field but the execution options)."""
+        return Architecture(**{name: getattr(self, name) for name in ARCHITECTURE_FIELDS})
 
-    @property
-    def query_groups(self) -> int:
-        """Key/value heads (``num_attention_heads`` without grouped-query attention)."""
-        return self.num_query_groups or self.num_attention_heads
+    def with_architecture(self, arch: Architecture) -> ModelConfig:
+        """A copy with every architecture field from ``arch`` and this config's execution options."""
+        return replace(self, **arch.to_dict())
 
-    @property
-    def ffn_size(self) -> int:
-        """The MLP inner size (``ffn_hidden_size`` or 4 H)."""
-        return self.ffn_hidden_size or 4 * self.hidden_size
 
-    @property
-    def glu(self) -> bool:
-        return self.activation in ("geglu", "swiglu")
+#: The fields of :class:`ModelConfig` that are execution options; every other field is the architecture (so a new
+#: field is part of the architecture unless declared otherwise: checkpoints record it, readers and formats check it).
+EXECUTION_FIELDS = tuple(f.name for f in fields(ModelConfig) if f.metadata.get("execution"))
+ARCHITECTURE_FIELDS = tuple(f.name for f in fields(ModelConfig) if not f.metadata.get("execution"))
 
-    @property
-    def rotary(self) -> bool:
-        return self.position_embedding_type != "learned_absolute"
+
+class _ArchitectureMethods(ModelShape):
+    """What :class:`Architecture` adds to its fields."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Architecture:
+        """From a recorded model config (execution options and unknown keys ignored; a field an older checkpoint
+        lacks takes its default, the behaviour before the field existed)."""
+        return cls(**{k: v for k, v in values.items() if k in ARCHITECTURE_FIELDS})
+
+    def canonical(self) -> Architecture:
+        """The same math with implied values spelled out (the MLP size, head size and key/value groups), and the
+        rotary options at their defaults when nothing rotates (the block-position switch when rotary: no tables), so
+        equal models compare equal."""
+        values = dict(ffn_hidden_size=self.ffn_size, kv_channels=self.head_dim, num_query_groups=self.query_groups)
+        values["group_query_attention"] = self.query_groups != self.num_attention_heads
+        if not self.rotary:
+            values.update({name: _DEFAULTS[name] for name in ROTARY_FIELDS})
+        else:
+            values["block_position_encoding"] = _DEFAULTS["block_position_encoding"]
+        return replace(self, **values)
+
+    def differences(self, other: Architecture) -> list[str]:
+        """The fields whose math differs from ``other``'s (in field order; empty: the same architecture)."""
+        a, b = self.canonical(), other.canonical()
+        return [name for name in ARCHITECTURE_FIELDS if getattr(a, name) != getattr(b, name)]
+
+
+ROTARY_FIELDS = ("rotary_percent", "rotary_base", "rotary_interleaved")
+_MODEL_FIELDS = {f.name: f for f in fields(ModelConfig)}
+_DEFAULTS = {name: _MODEL_FIELDS[name].default for name in ARCHITECTURE_FIELDS}
+
+Architecture = make_dataclass(
+    "Architecture",
+    [
+        (name, _MODEL_FIELDS[name].type, field(default=_DEFAULTS[name], metadata=_MODEL_FIELDS[name].metadata))
+        for name in ARCHITECTURE_FIELDS
+    ],
+    bases=(_ArchitectureMethods,),
+    frozen=True,
+    kw_only=True,
+)
+Architecture.__module__ = __name__
+Architecture.__doc__ = (
+    "The architecture of a model as one sealed (frozen) value: :class:`ModelConfig`'s fields but the execution "
+    "options, with ``to_dict`` / ``from_dict`` and ``differences(other)``. Every checkpoint records it; readers "
+    "take it from the checkpoint (:mod:`megatron_glm.config.architecture`)."
+)
 
 
 @dataclass(kw_only=True)
@@ -303,6 +383,13 @@ class CheckpointConfig:
         "length, global batch, seed or split differ from the checkpoint's "
         "(without it such a resume is refused with the list of differences).",
     )
+    override_architecture: list[str] = opt(
+        [],
+        "Architecture fields this run may set differently from the checkpoint it loads (resume, weights only, "
+        "fine-tuning): rotary_base, and max_sequence_length of a rotary model (names, or one comma-separated "
+        "value; logged). Dropouts, init_std and embedding_grad_shrink need no flag (they do not change what the "
+        "weights compute); any other architecture field given on the command line must equal the checkpoint's.",
+    )
 
 
 @dataclass(kw_only=True)
@@ -330,3 +417,6 @@ class GLMConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    explicit: frozenset[str] = field(default=frozenset(), repr=False, compare=False, metadata={"internal": True})
+    """The dotted paths the user set (YAML, command line, or a named size); filled by the loader, not an option.
+    A checkpoint's architecture yields only to these (:func:`megatron_glm.config.architecture.adopt_architecture`)."""

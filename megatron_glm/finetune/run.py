@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from megatron_glm.checkpoint import check_save_dir
 from megatron_glm.checkpoint.manager import list_checkpoints, write_text_atomic
 from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import GLMConfig, config_to_dict, validate
+from megatron_glm.config.architecture import adopt_architecture
 from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.fileio import file_sha256
@@ -47,17 +49,6 @@ from megatron_glm.training.run import trainer_services
 from megatron_glm.training.setup import build_engine, build_model
 from megatron_glm.training.trainer import Trainer, TrainState
 
-ARCHITECTURE = (
-    "num_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "vocab_size",
-    "max_sequence_length",
-    "layernorm_epsilon",
-    "block_position_encoding",
-    "init_std",
-)
-
 
 def source_model(load: str) -> tuple[Any, str]:
     """``(model config, tokenizer path)`` of the checkpoint to fine-tune from."""
@@ -73,12 +64,14 @@ def source_model(load: str) -> tuple[Any, str]:
     return config, tokenizer
 
 
-def task_config(cfg: GLMConfig, task: FinetuneConfig) -> GLMConfig:
-    """``cfg`` with the checkpoint's architecture and tokenizer and the task's row length."""
+def task_config(cfg: GLMConfig, task: FinetuneConfig, log: Callable[[str], None] = print) -> GLMConfig:
+    """``cfg`` with the checkpoint's architecture (the whole of it: a command line that contradicts it is refused,
+    :func:`~megatron_glm.config.architecture.adopt_architecture`) and tokenizer and the task's row length."""
     if not cfg.checkpoint.load:
         raise ConfigError("--load CKPT is required: the checkpoint to fine-tune (any layout or format we read)")
     model, tokenizer = source_model(cfg.checkpoint.load)
-    m = dataclasses.replace(cfg.model, **{k: getattr(model, k) for k in ARCHITECTURE})
+    cfg = adopt_architecture(cfg, model.architecture(), cfg.checkpoint.load, log)
+    m = cfg.model
     tok = cfg.data.tokenizer_model or tokenizer
     if not tok:
         raise ConfigError(f"{cfg.checkpoint.load} does not name its tokenizer: pass --tokenizer-model PATH.model")
@@ -180,7 +173,7 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     """Fine-tune as configured; returns the final state. One process per device (deepspeed/torchrun)."""
     task.check(need_train=True)
     started = time.perf_counter()
-    cfg = task_config(cfg, task)
+    cfg = task_config(cfg, task, log=print if int(os.environ.get("RANK", "0")) == 0 else lambda _: None)
     validate(cfg, launcher_world_size())
     tokenizer = GLMTokenizer(cfg.data.tokenizer_model)
     if tokenizer.vocab_size > cfg.model.vocab_size:

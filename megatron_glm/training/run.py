@@ -11,6 +11,7 @@ import torch.distributed as dist
 import yaml
 
 from megatron_glm.checkpoint import CheckpointManager, check_save_dir
+from megatron_glm.checkpoint.architecture import adopt_checkpoint_architecture
 from megatron_glm.checkpoint.drift import run_identity
 from megatron_glm.checkpoint.manager import write_text_atomic
 from megatron_glm.checkpoint.weights import load_model_weights
@@ -56,12 +57,13 @@ def pretrain(cfg: GLMConfig) -> TrainState:
     if launched_by_launcher():
         die_with_parent()  # a killed launcher takes its workers down (no orphans writing checkpoints)
     env = init_distributed(cfg.training.local_rank)
+    is_logger = env.rank == 0
+    log = print if is_logger else (lambda *_: None)
+    cfg = adopt_checkpoint_architecture(cfg, log)  # resuming or loading weights: the checkpoint's architecture
     validate(cfg, env.world_size)
     started = time.perf_counter()
     p = cfg.parallel
     ps = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
-    is_logger = env.rank == 0
-    log = print if is_logger else (lambda *_: None)
     tokenizer = GLMTokenizer(cfg.data.tokenizer_model)
     cfg = resolve_vocab_size(cfg, tokenizer.vocab_size)
     seed_everything(cfg.training.seed, ps.pp_rank)
