@@ -88,7 +88,7 @@ def task_config(cfg: GLMConfig, task: FinetuneConfig, log: Callable[[str], None]
 
 def task_identity(cfg: GLMConfig, task: FinetuneConfig, global_batch: int) -> dict[str, Any]:
     """What a resumed fine-tuning run must share with the run that saved (the training file by sha256 in
-    place of a dataset; see :mod:`megatron_glm.checkpoint.drift`)."""
+    place of a dataset; see :mod:`megatron_glm.training.drift`)."""
     return {
         "data": [[1.0, os.path.abspath(task.train_data), file_sha256(task.train_data)]],
         "tokenizer_sha256": file_sha256(cfg.data.tokenizer_model),

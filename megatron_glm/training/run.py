@@ -12,7 +12,6 @@ import yaml
 
 from megatron_glm.checkpoint import CheckpointManager, check_save_dir
 from megatron_glm.checkpoint.architecture import adopt_checkpoint_architecture
-from megatron_glm.checkpoint.drift import run_identity
 from megatron_glm.checkpoint.manager import write_text_atomic
 from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import GLMConfig, config_to_dict, validate
@@ -23,6 +22,7 @@ from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.model import flops_per_token
 from megatron_glm.parallel import initialize_parallel_state
 from megatron_glm.training.distributed import init_distributed
+from megatron_glm.training.drift import run_identity
 from megatron_glm.training.lifeline import die_with_parent, launched_by_launcher
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.rng import seed_everything

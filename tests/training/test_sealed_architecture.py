@@ -87,4 +87,3 @@ def test_readers_take_the_checkpoints_architecture_and_refuse_a_contradiction(ti
         tail = proc.stderr.strip().splitlines()
         assert len(tail) == 1 and "rotary_base: checkpoint 500000.0 vs command line 10000.0" in tail[0], proc.stderr
     assert not (save / "global_step4").exists() and not (tmp_path / "new").exists()
-

@@ -8,36 +8,33 @@ such a resume unless ``checkpoint.override_config`` (``--override-checkpoint-con
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any
+
+from megatron_glm.data.dataset_meta import dataset_fingerprint
+from megatron_glm.data.samples import parse_data_path
+from megatron_glm.fileio import file_sha256
 
 __all__ = ["identity_drift", "run_identity"]
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
+def _sha256_or_empty(path: str) -> str:
+    """The file's sha256, or "" when it cannot be read (reported as 'unreadable' by :func:`identity_drift`)."""
     try:
-        with open(path, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 22), b""):
-                h.update(block)
+        return file_sha256(path)
     except OSError:
         return ""
-    return h.hexdigest()
 
 
 def run_identity(cfg: Any, global_batch_size: int) -> dict[str, Any]:
     """What a resumed run must share with the run that saved (see the module docstring)."""
-    from megatron_glm.data.dataset_meta import dataset_fingerprint
-    from megatron_glm.data.samples import parse_data_path
-
     d = cfg.data
     return {
         "data": [
             [weight, os.path.abspath(prefix), dataset_fingerprint(prefix)]
             for weight, prefix in parse_data_path(d.data_path)
         ],
-        "tokenizer_sha256": _file_sha256(d.tokenizer_model),
+        "tokenizer_sha256": _sha256_or_empty(d.tokenizer_model),
         "seq_length": d.seq_length,
         "global_batch_size": int(global_batch_size),
         "seed": cfg.training.seed,
