@@ -41,7 +41,7 @@ from megatron_glm.finetune.metrics import classification_metrics, generation_met
 from megatron_glm.finetune.tasks import read_task_file
 from megatron_glm.model import flops_per_token
 from megatron_glm.parallel import initialize_parallel_state
-from megatron_glm.parallel.launch import launcher_world_size
+from megatron_glm.parallel.launch import launcher_log, launcher_world_size
 from megatron_glm.training.distributed import init_distributed
 from megatron_glm.training.lifeline import die_with_parent, launched_by_launcher
 from megatron_glm.training.rng import seed_everything
@@ -173,8 +173,8 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     """Fine-tune as configured; returns the final state. One process per device (deepspeed/torchrun)."""
     task.check(need_train=True)
     started = time.perf_counter()
-    cfg = task_config(cfg, task, log=print if int(os.environ.get("RANK", "0")) == 0 else lambda _: None)
-    validate(cfg, launcher_world_size())
+    cfg = task_config(cfg, task, log=launcher_log)
+    validate(cfg, launcher_world_size())  # once, before any process group starts
     tokenizer = GLMTokenizer(cfg.data.tokenizer_model)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
@@ -204,7 +204,6 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     if launched_by_launcher():
         die_with_parent()  # a killed launcher takes its workers down (no orphans writing checkpoints)
     env = init_distributed(cfg.training.local_rank)
-    validate(cfg, env.world_size)
     p = cfg.parallel
     ps = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
     is_logger = env.rank == 0

@@ -21,6 +21,7 @@ from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.model import flops_per_token
 from megatron_glm.parallel import initialize_parallel_state
+from megatron_glm.parallel.launch import launcher_log, launcher_world_size
 from megatron_glm.training.distributed import init_distributed
 from megatron_glm.training.drift import run_identity
 from megatron_glm.training.lifeline import die_with_parent, launched_by_launcher
@@ -56,11 +57,11 @@ def pretrain(cfg: GLMConfig) -> TrainState:
         raise ConfigError("data.tokenizer_model is empty: pass --tokenizer-model PATH.model")
     if launched_by_launcher():
         die_with_parent()  # a killed launcher takes its workers down (no orphans writing checkpoints)
+    cfg = adopt_checkpoint_architecture(cfg, launcher_log)  # resuming or loading weights: its architecture
+    validate(cfg, launcher_world_size())  # once, before any process group starts
     env = init_distributed(cfg.training.local_rank)
     is_logger = env.rank == 0
     log = print if is_logger else (lambda *_: None)
-    cfg = adopt_checkpoint_architecture(cfg, log)  # resuming or loading weights: the checkpoint's architecture
-    validate(cfg, env.world_size)
     started = time.perf_counter()
     p = cfg.parallel
     ps = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
