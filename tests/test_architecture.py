@@ -140,3 +140,51 @@ def test_every_format_checks_every_field_it_does_not_record(family) -> None:
             assert problems is not None and problems.startswith(f"{name} = "), (name, problems)
             checked += 1
     assert checked >= 8
+
+
+class _Weights:
+    """A full-tensor source over a model's weights (what write_standalone reads)."""
+
+    def __init__(self, weights: dict) -> None:
+        self.weights = weights
+
+    def names(self) -> list[str]:
+        return list(self.weights)
+
+    def tensor(self, name: str):
+        return self.weights[name]
+
+    def release(self) -> None:
+        pass
+
+
+GLM_HF = ("--model.vocab_size", "128", "--layernorm-epsilon", "1e-6", "--model.block_position_encoding", "false")
+
+
+@pytest.mark.parametrize(
+    "fmt, flags",
+    [
+        *(
+            (f, (*ROPE, "--model.vocab_size", "128", "--rotary-percent", "0.5", "--apply-query-key-layer-scaling"))
+            for f in ("glm", "native", "safetensors")
+        ),
+        ("hf", GLM_HF),
+    ],
+)
+def test_every_export_records_the_whole_architecture(fmt: str, flags: tuple, tmp_path) -> None:
+    """Export -> import gives back the same architecture (every field, not only names and shapes)."""
+    import torch
+
+    from megatron_glm.checkpoint.convert import ConvertOptions, convert_checkpoint, open_source
+    from megatron_glm.checkpoint.formats.standalone import write_standalone
+    from megatron_glm.model import GLMModel, full_state_dict
+
+    model = load_config([*flags, "--init-method-std", "0.01", "--model.attention_impl", "eager"]).model
+    weights = full_state_dict(GLMModel(model, seed=3))
+    out = tmp_path / "standalone"
+    write_standalone(_Weights(weights), out, model, transform=lambda _n, t: t, dtype=torch.float32, tokenizer_files=[])
+    src = open_source(out)
+    assert src.info.config.architecture() == model.architecture()
+    convert_checkpoint(out, tmp_path / fmt, ConvertOptions(format=fmt), log=lambda *_: None)
+    back = open_source(tmp_path / fmt).info.config.architecture()
+    assert back == model.architecture(), back.differences(model.architecture())
