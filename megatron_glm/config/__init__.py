@@ -1,5 +1,6 @@
 """Typed run configuration: sections, named model sizes, YAML/command-line loading and validation."""
 
+from megatron_glm.config.architecture import ARCHITECTURE_FIELDS, EXECUTION_FIELDS, Architecture
 from megatron_glm.config.loader import (
     FLAG_ALIASES,
     build_config,
@@ -10,9 +11,6 @@ from megatron_glm.config.loader import (
     parse_overrides,
 )
 from megatron_glm.config.sections import (
-    ARCHITECTURE_FIELDS,
-    EXECUTION_FIELDS,
-    Architecture,
     CheckpointConfig,
     DataConfig,
     GLMConfig,

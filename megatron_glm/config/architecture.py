@@ -1,10 +1,10 @@
 """The architecture of a checkpoint, sealed: readers take it whole, formats check it whole.
 
-A model's :class:`~megatron_glm.config.sections.Architecture` (every :class:`ModelConfig` field but the execution
-options) is recorded by every checkpoint. A reader (resume, weights-only loading, fine-tuning; generation and
-evaluation have no model flags and build the checkpoint's model as it is) takes it from the checkpoint with
-:func:`adopt_architecture`: a field the user did not set comes from the checkpoint; one the user set to something
-else is refused, every such field named in one line, except
+A model's :class:`Architecture` (every :class:`ModelConfig` field but the execution options, built here from
+``ModelConfig``'s fields so they are declared once) is recorded by every checkpoint. A reader (resume,
+weights-only loading, fine-tuning; generation and evaluation have no model flags and build the checkpoint's model
+as it is) takes it from the checkpoint with :func:`adopt_architecture`: a field the user did not set comes from
+the checkpoint; one the user set to something else is refused, every such field named in one line, except
 
 - the training-only fields (:data:`TRAINING_ONLY`: dropouts, init_std, embedding_grad_shrink), which do not change
   what the weights compute: the command line's value is used and logged;
@@ -20,11 +20,69 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from dataclasses import field, fields, make_dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
-from megatron_glm.config.sections import ARCHITECTURE_FIELDS, Architecture, GLMConfig
+from megatron_glm.config.sections import GLMConfig, ModelConfig, ModelShape
 from megatron_glm.errors import ConfigError
+
+#: The fields of :class:`ModelConfig` that are execution options; every other field is the architecture (so a new
+#: field is part of the architecture unless declared otherwise: checkpoints record it, readers and formats check it).
+EXECUTION_FIELDS = tuple(f.name for f in fields(ModelConfig) if f.metadata.get("execution"))
+ARCHITECTURE_FIELDS = tuple(f.name for f in fields(ModelConfig) if not f.metadata.get("execution"))
+
+
+class _ArchitectureMethods(ModelShape):
+    """What :class:`Architecture` adds to its fields."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Architecture:
+        """From a recorded model config (execution options and unknown keys ignored; a field an older checkpoint
+        lacks takes its default, the behaviour before the field existed)."""
+        return cls(**{k: v for k, v in values.items() if k in ARCHITECTURE_FIELDS})
+
+    def canonical(self) -> Architecture:
+        """The same math with implied values spelled out (the MLP size, head size and key/value groups), and the
+        rotary options at their defaults when nothing rotates (the block-position switch when rotary: no tables), so
+        equal models compare equal."""
+        values = dict(ffn_hidden_size=self.ffn_size, kv_channels=self.head_dim, num_query_groups=self.query_groups)
+        values["group_query_attention"] = self.query_groups != self.num_attention_heads
+        if not self.rotary:
+            values.update({name: _DEFAULTS[name] for name in ROTARY_FIELDS})
+        else:
+            values["block_position_encoding"] = _DEFAULTS["block_position_encoding"]
+        return replace(self, **values)
+
+    def differences(self, other: Architecture) -> list[str]:
+        """The fields whose math differs from ``other``'s (in field order; empty: the same architecture)."""
+        a, b = self.canonical(), other.canonical()
+        return [name for name in ARCHITECTURE_FIELDS if getattr(a, name) != getattr(b, name)]
+
+
+ROTARY_FIELDS = ("rotary_percent", "rotary_base", "rotary_interleaved")
+_MODEL_FIELDS = {f.name: f for f in fields(ModelConfig)}
+_DEFAULTS = {name: _MODEL_FIELDS[name].default for name in ARCHITECTURE_FIELDS}
+
+Architecture = make_dataclass(
+    "Architecture",
+    [
+        (name, _MODEL_FIELDS[name].type, field(default=_DEFAULTS[name], metadata=_MODEL_FIELDS[name].metadata))
+        for name in ARCHITECTURE_FIELDS
+    ],
+    bases=(_ArchitectureMethods,),
+    frozen=True,
+    kw_only=True,
+)
+Architecture.__module__ = __name__
+Architecture.__doc__ = (
+    "The architecture of a model as one sealed (frozen) value: :class:`ModelConfig`'s fields but the execution "
+    "options, with ``to_dict`` / ``from_dict`` and ``differences(other)``. Every checkpoint records it; readers "
+    "take it from the checkpoint (:func:`adopt_architecture`)."
+)
 
 #: Fields that shape training only (regularisation, initialisation, gradient scaling): the function the weights
 #: compute does not depend on them, so a reader may take the command line's value and a format may drop them.

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields, make_dataclass, replace
-from typing import Any
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from megatron_glm.config.architecture import Architecture
 
 
 def opt(default: Any, help: str, **kwargs: Any) -> Any:
@@ -186,69 +189,13 @@ class ModelConfig(ModelShape):
 
     def architecture(self) -> Architecture:
         """The architecture of this model as one sealed value (every field but the execution options)."""
+        from megatron_glm.config.architecture import ARCHITECTURE_FIELDS, Architecture  # built from this class
+
         return Architecture(**{name: getattr(self, name) for name in ARCHITECTURE_FIELDS})
 
     def with_architecture(self, arch: Architecture) -> ModelConfig:
         """A copy with every architecture field from ``arch`` and this config's execution options."""
         return replace(self, **arch.to_dict())
-
-
-#: The fields of :class:`ModelConfig` that are execution options; every other field is the architecture (so a new
-#: field is part of the architecture unless declared otherwise: checkpoints record it, readers and formats check it).
-EXECUTION_FIELDS = tuple(f.name for f in fields(ModelConfig) if f.metadata.get("execution"))
-ARCHITECTURE_FIELDS = tuple(f.name for f in fields(ModelConfig) if not f.metadata.get("execution"))
-
-
-class _ArchitectureMethods(ModelShape):
-    """What :class:`Architecture` adds to its fields."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Architecture:
-        """From a recorded model config (execution options and unknown keys ignored; a field an older checkpoint
-        lacks takes its default, the behaviour before the field existed)."""
-        return cls(**{k: v for k, v in values.items() if k in ARCHITECTURE_FIELDS})
-
-    def canonical(self) -> Architecture:
-        """The same math with implied values spelled out (the MLP size, head size and key/value groups), and the
-        rotary options at their defaults when nothing rotates (the block-position switch when rotary: no tables), so
-        equal models compare equal."""
-        values = dict(ffn_hidden_size=self.ffn_size, kv_channels=self.head_dim, num_query_groups=self.query_groups)
-        values["group_query_attention"] = self.query_groups != self.num_attention_heads
-        if not self.rotary:
-            values.update({name: _DEFAULTS[name] for name in ROTARY_FIELDS})
-        else:
-            values["block_position_encoding"] = _DEFAULTS["block_position_encoding"]
-        return replace(self, **values)
-
-    def differences(self, other: Architecture) -> list[str]:
-        """The fields whose math differs from ``other``'s (in field order; empty: the same architecture)."""
-        a, b = self.canonical(), other.canonical()
-        return [name for name in ARCHITECTURE_FIELDS if getattr(a, name) != getattr(b, name)]
-
-
-ROTARY_FIELDS = ("rotary_percent", "rotary_base", "rotary_interleaved")
-_MODEL_FIELDS = {f.name: f for f in fields(ModelConfig)}
-_DEFAULTS = {name: _MODEL_FIELDS[name].default for name in ARCHITECTURE_FIELDS}
-
-Architecture = make_dataclass(
-    "Architecture",
-    [
-        (name, _MODEL_FIELDS[name].type, field(default=_DEFAULTS[name], metadata=_MODEL_FIELDS[name].metadata))
-        for name in ARCHITECTURE_FIELDS
-    ],
-    bases=(_ArchitectureMethods,),
-    frozen=True,
-    kw_only=True,
-)
-Architecture.__module__ = __name__
-Architecture.__doc__ = (
-    "The architecture of a model as one sealed (frozen) value: :class:`ModelConfig`'s fields but the execution "
-    "options, with ``to_dict`` / ``from_dict`` and ``differences(other)``. Every checkpoint records it; readers "
-    "take it from the checkpoint (:mod:`megatron_glm.config.architecture`)."
-)
 
 
 @dataclass(kw_only=True)
