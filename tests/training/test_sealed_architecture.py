@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,10 +38,13 @@ def _logits(model: GLMModel) -> torch.Tensor:
         return model(batch["input_ids"], batch["position_ids"], batch["sep"])
 
 
-def _finetune_dry_run(save: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+def _finetune_dry_run(save: Path, tmp_path: Path, *extra: str, dry: bool = True) -> subprocess.CompletedProcess:
+    """finetune_glm.py on a cloze task (``--dry-run`` unless ``dry`` is false), not restating the architecture."""
     task = ["--task", "cloze", "--train-data", str(tmp_path / "t.jsonl"), "--source-length", "20"]
-    cmd = [PY, "finetune_glm.py", "--dry-run", *task, "--target-length", "8", "--load", str(save), *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    flags = ["--dry-run"] if dry else []
+    cmd = [PY, "finetune_glm.py", *flags, *task, "--target-length", "8", "--load", str(save), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_readers_take_the_checkpoints_architecture_and_refuse_a_contradiction(tiny_corpus: dict, tmp_path: Path):
@@ -66,6 +70,19 @@ def test_readers_take_the_checkpoints_architecture_and_refuse_a_contradiction(ti
     text = out.stdout.rsplit("configuration is valid", 1)[0]
     doc = yaml.safe_load(text[text.index("model:\n") :])  # after the accelerator's warning line
     assert _arch(SimpleNamespace(**doc["model"])) == WANTED and doc["model"]["vocab_size"] == 2048
+    # A fine-tuning run (lr 0: the weights stay the trained ones) trains and saves that architecture: its
+    # checkpoint records it and generates the trained model's logits.
+    examples = [
+        {"text": f"line {i} is about [MASK] .", "choices": ["lists", "dicts"], "label": i % 2} for i in range(4)
+    ]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
+    run = [*SHORT, "--train-iters", "1", "--lr", "0", "--save", str(tmp_path / "ft")]
+    out = _finetune_dry_run(save, tmp_path, *run, dry=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    meta = json.loads((tmp_path / "ft" / "global_step1" / "meta.json").read_text())
+    assert _arch(SimpleNamespace(**meta["config"]["model"])) == WANTED
+    tuned, _ = load_model(tmp_path / "ft")
+    assert _arch(tuned.config) == WANTED and torch.equal(_logits(tuned), _logits(reference))
     # ... and refused, naming each field, when the command line contradicts it.
     out = _finetune_dry_run(save, tmp_path, "--rotary-base", "10000", "--model.residual_style", "pre_ln")
     assert out.returncode != 0
