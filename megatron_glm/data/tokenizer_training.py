@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import sentencepiece as spm
 
-from megatron_glm.data.corpus import expand_inputs, iter_texts
+from megatron_glm.data.corpus import expand_inputs
+from megatron_glm.data.sources import iter_texts
 from megatron_glm.errors import DataError
 
 __all__ = ["TrainerStats", "split_long_text", "train_sentencepiece"]

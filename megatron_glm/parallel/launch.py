@@ -50,6 +50,12 @@ def cuda_device_index(local_rank: int, device_count: int) -> int:
     return local_rank
 
 
+def launcher_log(message: str) -> None:
+    """Print on global rank 0 as announced by the launcher (before the process group starts)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message)
+
+
 def start_process_group(
     local_rank_flag: int = -1, *, timeout_minutes: int = 30, single_process_group: bool = True
 ) -> DistributedEnv:

@@ -11,18 +11,21 @@ import torch.distributed as dist
 import yaml
 
 from megatron_glm.checkpoint import CheckpointManager, check_save_dir
-from megatron_glm.checkpoint.drift import run_identity
+from megatron_glm.checkpoint.architecture import adopt_checkpoint_architecture
 from megatron_glm.checkpoint.manager import write_text_atomic
 from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import GLMConfig, config_to_dict, validate
+from megatron_glm.config.validate import local_device_type
 from megatron_glm.data.loader import build_data_iterator, build_pretraining_datasets
 from megatron_glm.data.tokenizer import open_tokenizer
 from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.model import flops_per_token
 from megatron_glm.parallel import initialize_parallel_state
+from megatron_glm.parallel.launch import launcher_log, launcher_world_size
 from megatron_glm.training.determinism import apply_determinism
 from megatron_glm.training.distributed import finish_distributed, init_distributed
+from megatron_glm.training.drift import run_identity
 from megatron_glm.training.lifeline import die_with_parent, launched_by_launcher
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.rng import seed_everything
@@ -55,15 +58,16 @@ def pretrain(cfg: GLMConfig) -> TrainState:
         raise ConfigError("data.tokenizer_model is empty: pass --tokenizer-model PATH.model")
     if launched_by_launcher():
         die_with_parent()  # a killed launcher takes its workers down (no orphans writing checkpoints)
+    cfg = adopt_checkpoint_architecture(cfg, launcher_log)  # resuming or loading weights: its architecture
+    validate(cfg, launcher_world_size(), local_device_type())  # once, before any process group starts
     t = cfg.training
     apply_determinism(t.deterministic)  # before CUDA starts (cuBLAS reads its workspace setting once)
     env, heartbeat = init_distributed(t.local_rank, t.distributed_timeout_minutes, t.heartbeat_timeout)
-    validate(cfg, env.world_size, env.device.type)
+    is_logger = env.rank == 0
+    log = print if is_logger else (lambda *_: None)
     started = time.perf_counter()
     p = cfg.parallel
     ps = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
-    is_logger = env.rank == 0
-    log = print if is_logger else (lambda *_: None)
     tokenizer = open_tokenizer(cfg.data.tokenizer_model)
     cfg = resolve_vocab_size(cfg, tokenizer.vocab_size)
     seed_everything(cfg.training.seed, ps.pp_rank)

@@ -14,13 +14,13 @@ import torch.distributed as dist
 
 from megatron_glm.batch import OBJECTIVE_NAMES, Batch
 from megatron_glm.checkpoint import CheckpointManager
-from megatron_glm.checkpoint.drift import identity_drift
 from megatron_glm.config import GLMConfig, config_to_dict
 from megatron_glm.config.ranges import in_ranges, parse_iteration_ranges
 from megatron_glm.errors import CheckpointError, GLMError
 from megatron_glm.model.loss import add_group_sums
 from megatron_glm.model.masks import batch_attention_mask
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
+from megatron_glm.training.drift import identity_drift
 from megatron_glm.training.evaluation import accumulate_losses, summarize_losses
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.pipeline import StageLoss, pipeline_batch
@@ -96,7 +96,7 @@ class Trainer:
         self._stop_signal = 0
         self._last_saved = -1
         self.identity: dict[str, Any] = {}
-        """What a resume must share with this run (:func:`~megatron_glm.checkpoint.drift.run_identity`)."""
+        """What a resume must share with this run (:func:`~megatron_glm.training.drift.run_identity`)."""
 
     # ----------------------------------------------------------------- helpers
     @property

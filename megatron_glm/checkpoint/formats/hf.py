@@ -30,14 +30,15 @@ import torch
 from megatron_glm.checkpoint.safe_load import safe_torch_load
 from megatron_glm.checkpoint.safetensors_file import open_safetensors, read_header
 from megatron_glm.checkpoint.stream import SourceInfo
-from megatron_glm.config import ModelConfig
+from megatron_glm.config import Architecture, ModelConfig
+from megatron_glm.config.architecture import ArchitectureFamily
 from megatron_glm.dtypes import DTYPE_NAMES
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model.layout import ModelLayout
 
 from .hf_chatglm import CHATGLM2_FAMILY, CHATGLM_FAMILY
 from .hf_family import Derived, HFFamily
-from .packing import architecture_mismatch, multi_head_mismatch
+from .packing import PRECISION_ONLY
 from .standalone import DEFAULT_SHARD_BYTES, check_shards, read_weight_index, write_weight_shards
 
 CONFIG = "config.json"
@@ -101,19 +102,16 @@ def _glm_from_config(raw: dict[str, Any], where: str) -> ModelConfig:
     )
 
 
-GLM_ARCH: dict[str, Any] = {
-    "position_embedding_type": "learned_absolute",
-    "activation": "gelu",
-    "normalization": "LayerNorm",
-    "residual_style": "pre_ln",
-    "add_qkv_bias": True,
-    "add_bias_linear": True,
-    "untie_embeddings_and_output_weights": False,
-}
-
-
-def _glm_check(config: ModelConfig) -> str | None:
-    return architecture_mismatch(config, GLM_ARCH) or multi_head_mismatch(config)
+#: What the layout holds: the 2021 GLM (our defaults), with the fields config.json records.
+GLM_ARCH = ArchitectureFamily(
+    "glm",
+    Architecture(),
+    recorded=frozenset(
+        {"num_layers", "vocab_size", "hidden_size", "num_attention_heads", "max_sequence_length"}
+        | {"block_position_encoding", "layernorm_epsilon"}
+    ),
+    alternatives=PRECISION_ONLY,
+)
 
 
 GLM_FAMILY = HFFamily(
@@ -131,7 +129,7 @@ GLM_FAMILY = HFFamily(
     to_config=_glm_to_config,
     from_config=_glm_from_config,
     markers=("auto_map", "attention_dropout_prob", "output_dropout_prob", "embedding_dropout_prob"),
-    check=_glm_check,
+    architecture=GLM_ARCH,
 )
 
 #: Published layouts by name (``glm``, ``chatglm-6b``, ``chatglm2-6b``).

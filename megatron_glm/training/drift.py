@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from megatron_glm.data.dataset_meta import dataset_fingerprint
+from megatron_glm.data.samples import parse_data_path
+
 __all__ = ["identity_drift", "run_identity"]
 
 
@@ -27,9 +30,6 @@ def _tokenizer_sha256(path: str) -> str:
 
 def run_identity(cfg: Any, global_batch_size: int) -> dict[str, Any]:
     """What a resumed run must share with the run that saved (see the module docstring)."""
-    from megatron_glm.data.dataset_meta import dataset_fingerprint
-    from megatron_glm.data.samples import parse_data_path
-
     d = cfg.data
     return {
         "data": [
