@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
-from megatron_glm.data.corpus import expand_inputs, iter_texts
+from megatron_glm.data.corpus import expand_inputs
+from megatron_glm.data.sources import iter_texts
 from megatron_glm.data.tiktoken_file import GLM4_PATTERN, GLM4_SPECIAL_TOKENS
 from megatron_glm.data.tokenizer_training import TrainerStats
 from megatron_glm.errors import DataError
