@@ -45,8 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_glm.data.bpe_training import train_byte_bpe
 from megatron_glm.data.corpus import write_jsonl
-from megatron_glm.data.sources import iter_texts
 from megatron_glm.data.preprocess import PreprocessConfig, preprocess
+from megatron_glm.data.sources import iter_texts
 from megatron_glm.data.tokenizer import open_tokenizer
 from megatron_glm.data.tokenizer_training import train_sentencepiece
 from megatron_glm.errors import DataError, run_cli
