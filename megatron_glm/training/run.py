@@ -88,7 +88,7 @@ def pretrain(cfg: GLMConfig) -> TrainState:
     if cfg.checkpoint.load and cfg.checkpoint.load_weights_only:
         loaded = load_model_weights(model, cfg.checkpoint.load, ps.tp_size, ps.tp_rank)
         log(f"loaded model weights only from {loaded}; optimizer and schedule start fresh")
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: before partitioning
     log(f"parameters on this rank: {n_params / 1e6:.2f} M")
     engine, accum, global_batch = build_engine(cfg, ps, model)
 
