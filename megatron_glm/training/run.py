@@ -93,6 +93,7 @@ def pretrain(cfg: GLMConfig) -> TrainState:
     engine, accum, global_batch = build_engine(cfg, ps, model)
 
     mbs = cfg.training.micro_batch_size
+    pinned = env.device.type == "cuda"  # page-locked batches: the trainer's non_blocking copies really overlap
 
     def train_batches(consumed: int):
         return build_data_iterator(
@@ -102,11 +103,18 @@ def pretrain(cfg: GLMConfig) -> TrainState:
             dp_rank=ps.dp_rank,
             dp_size=ps.dp_size,
             num_workers=cfg.data.num_workers,
+            pin_memory=pinned,
         )
 
     def valid_batches():
         return build_data_iterator(
-            valid_ds, consumed_samples=0, micro_batch_size=mbs, dp_rank=ps.dp_rank, dp_size=ps.dp_size, num_workers=0
+            valid_ds,
+            consumed_samples=0,
+            micro_batch_size=mbs,
+            dp_rank=ps.dp_rank,
+            dp_size=ps.dp_size,
+            num_workers=0,
+            pin_memory=pinned,
         )
 
     dist.barrier()
