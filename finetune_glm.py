@@ -19,6 +19,7 @@ import sys
 import yaml
 
 from megatron_glm.config import config_to_dict, help_text, load_config, validate
+from megatron_glm.config.validate import local_device_type
 from megatron_glm.errors import GLMError, run_cli
 from megatron_glm.finetune import config as task_options
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = task_config(cfg, task)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        validate(cfg, world_size)
+        validate(cfg, world_size, local_device_type())
         print(yaml.safe_dump({**config_to_dict(cfg), "finetune": vars(task)}, sort_keys=False), end="")
         print(f"configuration is valid for world size {world_size}")
         return 0

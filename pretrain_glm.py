@@ -18,6 +18,7 @@ import sys
 import yaml
 
 from megatron_glm.config import GLMConfig, config_to_dict, help_text, load_config, validate
+from megatron_glm.config.validate import local_device_type
 from megatron_glm.errors import GLMError, run_cli
 
 
@@ -30,11 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     dry_run = "--dry-run" in argv
     argv = [a for a in argv if a != "--dry-run"]
     cfg = load_config(argv)
-    p = cfg.parallel
-    planned = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * max(1, p.data_parallel_size)
-    world_size = int(os.environ.get("WORLD_SIZE", str(planned if dry_run else 1)))
-    validate(cfg, world_size)
     if dry_run:
+        if cfg.checkpoint.load:  # the architecture it would train with (torch imported only then)
+            from megatron_glm.checkpoint.architecture import adopt_checkpoint_architecture
+
+            cfg = adopt_checkpoint_architecture(cfg, lambda message: print(message, file=sys.stderr))
+        p = cfg.parallel
+        planned = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * max(1, p.data_parallel_size)
+        world_size = int(os.environ.get("WORLD_SIZE", str(planned)))
+        validate(cfg, world_size, local_device_type())  # fp16 on a CPU is refused here, before DeepSpeed
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         print(f"configuration is valid for world size {world_size}")
         print(dry_run_memory(cfg, world_size))

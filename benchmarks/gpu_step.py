@@ -3,10 +3,12 @@
 glm-2b shape (H 2048, 32 heads, vocab 50304), ``--layers`` of its 36 layers (default 4: the step is
 then the head plus 4 layers), seq ``--seq`` (2048), bf16 parameters, fused chunked head on the loss rows
 (Part B, about half the tokens), AdamW. MFU = model FLOPs (``flops_per_token``, head on the loss rows only)
-per second / the bf16 matmul peak measured in the same run. Compilation (flex) is in the warm-up steps.
+per second / the device's bf16 peak as training logs it (the datasheet's dense figure for a known GPU, else
+a matmul measured; the measured matmul is printed as well). Compilation (flex) is in the warm-up steps.
 
     python benchmarks/gpu_step.py                      # sdpa, flex, eager
     python benchmarks/gpu_step.py --kernels flex --compile
+    python benchmarks/gpu_step.py --kernels sdpa --deterministic   # what --deterministic costs
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from benchmarks.memory import glm_batch
 from megatron_glm.config import build_config
 from megatron_glm.model import GLMModel, flops_per_token
 from megatron_glm.model.compile import compile_layers
-from megatron_glm.training.throughput import matmul_peak_flops
+from megatron_glm.training.determinism import apply_determinism
+from megatron_glm.training.throughput import device_peak_flops, matmul_peak_flops
 
 
 def main() -> None:
@@ -33,7 +36,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--kernels", nargs="*", default=["sdpa", "flex", "eager"])
     ap.add_argument("--compile", action="store_true", help="torch.compile the layers too")
+    ap.add_argument("--deterministic", action="store_true", help="deterministic kernels, as --deterministic")
     args = ap.parse_args()
+    apply_determinism(args.deterministic)  # before the first CUDA matmul
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_step.py needs a CUDA device")
     base = build_config({"model.size": "glm-2b"}).model
@@ -43,10 +48,12 @@ def main() -> None:
     head = 3 * 2 * base.hidden_size * base.vocab_size
     flops = flops_per_token(dataclasses.replace(base, num_layers=args.layers), args.seq) * tokens
     flops -= head * (tokens - loss_rows)
-    peak = matmul_peak_flops(torch.bfloat16, "cuda", n=8192, seconds=1.0)
+    peak, source = device_peak_flops(torch.bfloat16, torch.device("cuda", torch.cuda.current_device()))
+    measured = matmul_peak_flops(torch.bfloat16, "cuda", n=8192, seconds=1.0)
     print(
-        f"{torch.cuda.get_device_name()}: bf16 matmul peak {peak / 1e12:.0f} TFLOP/s; glm-2b shape, "
-        f"{args.layers} layers, {args.batch} x {args.seq} tokens ({loss_rows} loss rows), compile {args.compile}"
+        f"{torch.cuda.get_device_name()}: MFU peak {peak / 1e12:.0f} TFLOP/s bf16 ({source}); bf16 matmul "
+        f"measured {measured / 1e12:.0f} TFLOP/s; glm-2b shape, {args.layers} layers, {args.batch} x {args.seq} "
+        f"tokens ({loss_rows} loss rows), compile {args.compile}, deterministic {args.deterministic}"
     )
     for kernel in args.kernels:
         cfg = dataclasses.replace(

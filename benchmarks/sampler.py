@@ -1,6 +1,6 @@
 """Samples per second per core of the blank-infilling sampler at seq 512.
 
-Usage: python benchmarks/sampler.py [--seq-length 512] [--seconds 2] [--cpu N]
+Usage: python benchmarks/sampler.py [--seq-length 512] [--seconds 2] [--cpu N] [--byte-fallback SHARE]
 
 Builds a synthetic corpus (random ids, ~25-token sentences, ~400-token documents) in a temporary
 directory, then measures on one process:
@@ -11,6 +11,10 @@ directory, then measures on one process:
   (``--bert-prob 0.5``, rest document) and GLM-10B's (``--gap-sentence-prob 0.3``);
 Rates are samples per CPU second of this process (the per-core figure, robust to other load on the
 machine) and per wall second.
+
+``--byte-fallback SHARE`` gives the sampler character boundaries (:mod:`megatron_glm.data.char_boundaries`)
+with that share of the ids being byte pieces inside a character (about 0.05 for classical Chinese with a
+1,200-piece byte-fallback model), so the cost of keeping spans on whole characters is measured.
 
 - ``reference``: a straightforward pure-Python token objective (lists, ``random.Random``, one loop
   per token, as the original implementation is written), in the same run, for the ratio.
@@ -39,6 +43,7 @@ from megatron_glm.data.blank_infilling import (
     ObjectiveChoice,
     SpecialTokens,
 )
+from megatron_glm.data.char_boundaries import CharBoundaries
 from megatron_glm.data.indexed_dataset import IndexedDatasetBuilder
 from megatron_glm.data.loader import GLMDataset
 from megatron_glm.data.samples import DocumentWindows, KeyedRNG
@@ -151,11 +156,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
     parser.add_argument("--documents", type=int, default=3000)
     parser.add_argument("--cpu", type=int, default=None, help="pin to this CPU (Linux)")
+    parser.add_argument("--byte-fallback", type=float, default=0.0, help="share of ids inside a character")
     args = parser.parse_args()
+    chars = None
+    if args.byte_fallback > 0:  # ids below the share are continuation bytes, the next 64 lead bytes
+        cut = int(args.byte_fallback * VOCAB)
+        lead = np.zeros(VOCAB, dtype=np.int8)
+        lead[cut : cut + 64] = 2
+        chars = CharBoundaries(np.arange(VOCAB) < cut, lead)
     if args.cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.cpu})
     L = args.seq_length
-    print(f"seq_length {L}, numpy {np.__version__}, python {sys.version.split()[0]}, one process")
+    print(
+        f"seq_length {L}, numpy {np.__version__}, python {sys.version.split()[0]}, one process, "
+        f"byte-fallback share {args.byte_fallback}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         prefix = os.path.join(tmp, "bench")
         make_corpus(prefix, args.documents)
@@ -164,7 +179,7 @@ def main() -> None:
         pool = [windows.window(i, sentences=True) for i in range(500)]
         keyed = KeyedRNG()
 
-        bi = BlankInfilling(ObjectiveConfig(gap_sentence_prob=0.3, bert_prob=0.5), SP, L)
+        bi = BlankInfilling(ObjectiveConfig(gap_sentence_prob=0.3, bert_prob=0.5), SP, L, chars)
         for objective in (TOKEN, SENTENCE, DOCUMENT):
             choice = ObjectiveChoice(objective)
 
@@ -176,7 +191,7 @@ def main() -> None:
 
         for objective in (TOKEN, SENTENCE, DOCUMENT):
             cfg = ObjectiveConfig(bert_prob=float(objective == TOKEN), gap_sentence_prob=float(objective == SENTENCE))
-            ds = GLMDataset(windows, BlankInfilling(cfg, SP, L), seed=1, group_size=8)
+            ds = GLMDataset(windows, BlankInfilling(cfg, SP, L, chars), seed=1, group_size=8)
             rows.append((f"dataset   {OBJECTIVE_NAMES[objective]}", rate(ds.__getitem__, args.seconds)))
         for name, cfg in (
             ("mixture (default: 0.5 token, 0.5 document)", ObjectiveConfig()),
@@ -185,7 +200,7 @@ def main() -> None:
                 ObjectiveConfig(gap_sentence_prob=0.3, gpt_min_ratio=0.25),
             ),
         ):
-            ds = GLMDataset(windows, BlankInfilling(cfg, SP, L), seed=1, group_size=8)
+            ds = GLMDataset(windows, BlankInfilling(cfg, SP, L, chars), seed=1, group_size=8)
             rows.append((f"dataset   {name}", rate(ds.__getitem__, args.seconds)))
 
         token_lists = [w.tokens.tolist() for w in pool[:100]]

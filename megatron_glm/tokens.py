@@ -32,4 +32,13 @@ class CommandTokens:
         A tokenizer for generation only may lack ``eos_id`` (then ``[pad]``, as in the original GLM) and
         ``dblock_id`` (then -1: generation never uses it)."""
         fallback = {"eos": getattr(tokenizer, "pad_id", -1), "dblock": -1}
-        return cls(**{f.name: int(getattr(tokenizer, f"{f.name}_id", fallback.get(f.name))) for f in fields(cls)})
+        return cls(
+            **{
+                f.name: int(
+                    getattr(tokenizer, f"{f.name}_id", fallback[f.name])
+                    if f.name in fallback
+                    else getattr(tokenizer, f"{f.name}_id")  # a missing one: the tokenizer's one-line error
+                )
+                for f in fields(cls)
+            }
+        )

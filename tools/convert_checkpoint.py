@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_glm.checkpoint.convert import CONVERT_FLAGS, ConvertRun, convert_checkpoint
 from megatron_glm.config import help_text, load_config
-from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.tokenizer import open_tokenizer
 from megatron_glm.errors import ConfigError, run_cli
 
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if not run.input or not run.output:
         raise ConfigError("--input and --output are required (see --help)")
     opts = run.convert
-    r = convert_checkpoint(run.input, run.output, opts, open_tokenizer=GLMTokenizer)
+    r = convert_checkpoint(run.input, run.output, opts, open_tokenizer=open_tokenizer)
     print(
         f"converted {r.source} ({r.source_layout}) -> {r.output} ({r.target_layout}): {r.tensors} tensors "
         f"in {r.seconds:.1f} s"

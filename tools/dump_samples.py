@@ -20,7 +20,7 @@ from typing import Any
 from megatron_glm.config import load_config, problems
 from megatron_glm.data.blank_infilling import OBJECTIVE_NAMES
 from megatron_glm.data.loader import SPLITS, build_pretraining_datasets
-from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.tokenizer import TokenizerBase, open_tokenizer
 from megatron_glm.errors import ConfigError, DataError, run_cli
 
 
@@ -41,7 +41,7 @@ def sample_record(sample: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def pretty(sample: dict[str, Any], tokenizer: GLMTokenizer) -> str:
+def pretty(sample: dict[str, Any], tokenizer: TokenizerBase) -> str:
     """Part A with its blanks numbered in Part B order, then each Part B span decoded."""
     inp, lab, pos = sample["input_ids"], sample["labels"], sample["position_ids"]
     sep = int(sample["sep"])
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         raise DataError("--data-path is required")
     if args.num < 0 or args.start < 0:
         raise ConfigError("--num and --start must be >= 0")
-    tokenizer = GLMTokenizer(cfg.data.tokenizer_model)
+    tokenizer = open_tokenizer(cfg.data.tokenizer_model)
     datasets = build_pretraining_datasets(cfg, tokenizer, is_rank0=False)
     dataset = datasets[SPLITS.index(args.split_name)]
     if dataset is None:

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_glm.config import GLMConfig, build_config, help_text, load_config
 from megatron_glm.config.loader import leaf_paths
 from megatron_glm.data.loader import SPLITS, build_data_iterator, build_pretraining_datasets
-from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.tokenizer import TokenizerBase, open_tokenizer
 from megatron_glm.errors import ConfigError, DataError, GLMError, run_cli
 from megatron_glm.finetune.eval_options import EVALUATE_FLAGS, EvaluateRun
 from megatron_glm.generation.evaluate import cloze_accuracy, evaluate_loss, read_cloze_jsonl
@@ -50,7 +50,7 @@ def parse_args(argv: list[str]) -> EvaluateRun:
     return run
 
 
-def task_results(args: EvaluateRun, model, tokenizer: GLMTokenizer, ps) -> dict[str, float]:
+def task_results(args: EvaluateRun, model, tokenizer: TokenizerBase, ps) -> dict[str, float]:
     """``--task``: cloze / seq2seq metrics of ``--valid-data``, or its perplexity (``ppl``)."""
     from megatron_glm.finetune.evaluate import evaluate_task, perplexity
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_path = args.tokenizer_model or meta.get("config", {}).get("data", {}).get("tokenizer_model", "")
     if not tokenizer_path:
         raise GLMError("the checkpoint does not name its tokenizer: pass --tokenizer-model")
-    tokenizer = GLMTokenizer(tokenizer_path)
+    tokenizer = open_tokenizer(tokenizer_path)
     speak = ps.tp_rank == 0 and ps.dp_rank == 0
     results: dict[str, object] = {"checkpoint": meta.get("step_dir"), "step": meta.get("step")}
     if args.task:

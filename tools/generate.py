@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch.distributed as dist
 
 from megatron_glm.config import help_text, load_config
-from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.tokenizer import open_tokenizer
 from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import GLMError, run_cli
 from megatron_glm.generation import InfillTokens, encode_prompt, fill_text, generate
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_path = args.tokenizer_model or meta.get("config", {}).get("data", {}).get("tokenizer_model", "")
     if not tokenizer_path:
         raise GLMError("the checkpoint does not name its tokenizer: pass --tokenizer-model")
-    tokenizer = GLMTokenizer(tokenizer_path)
+    tokenizer = open_tokenizer(tokenizer_path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise GLMError(
             f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model only "

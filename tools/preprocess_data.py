@@ -7,7 +7,9 @@ Example (the embedded pydoc corpus, one sequence per sentence, EOD after every d
     python tools/preprocess_data.py --input data/pydoc.jsonl --tokenizer-model data/pydoc_bpe.model \\
         --output-prefix data/pydoc --split-sentences --append-eod --workers 2
 
-writes ``data/pydoc_text_sentence.bin/.idx`` (and a ``.meta.json`` sidecar). Inputs may be gzip or zstandard
+writes ``data/pydoc_text_sentence.bin/.idx`` (and a ``.meta.json`` sidecar). ``--tokenizer-model`` may also be a
+``tokenizer.json``, a folder holding one (a GLM-4 release) or a tiktoken BPE file: the ids are then ``tokenizers``'
+own (each worker encodes its records in batches). Inputs may be gzip or zstandard
 compressed JSONL/text or Parquet (``--json-keys`` names the text column). Bad lines (invalid JSON or UTF-8,
 missing keys, non-string values, lone surrogates, empty documents) are skipped and reported with their line
 numbers; ``--strict`` stops at the first one; more than ``--max-bad-fraction`` bad, or no document at all,

@@ -5,8 +5,11 @@ Example (the embedded pydoc corpus)::
     python tools/export_pydoc_corpus.py --output data/pydoc.jsonl
     python tools/train_tokenizer.py --input data/pydoc.jsonl --vocab-size 4000 --model-prefix data/pydoc_bpe
 
-Writes ``{model-prefix}.model`` and ``{model-prefix}.vocab``. Load the model with
-``megatron_glm.data.tokenizer.GLMTokenizer``, which appends GLM's command tokens.
+Writes ``{model-prefix}.model`` and ``{model-prefix}.vocab``; GLM's command tokens are appended after the
+pieces when the model is loaded. ``--type bpe`` trains a byte-level BPE with the ``tokenizers`` library
+instead (GLM-4's kind of tokenizer) and writes ``{model-prefix}.json`` (a ``tokenizer.json``) whose special
+tokens are GLM-4's (``<|endoftext|>``, ``[MASK]``, ``[gMASK]``, ``[sMASK]``, ``<sop>``, ``<eop>``, chat roles)
+plus ``[pad]``, ``[CLS]`` and ``[dBLOCK]``. Either file is a ``--tokenizer-model`` everywhere.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.bpe_training import train_byte_bpe
+from megatron_glm.data.tokenizer import open_tokenizer
 from megatron_glm.data.tokenizer_training import MODEL_TYPES, train_sentencepiece
 from megatron_glm.errors import run_cli
 
@@ -37,8 +41,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json-key", default="text", help="JSONL key holding the text (default: text)")
     parser.add_argument("--vocab-size", type=int, required=True, help="base pieces (command tokens come on top)")
-    parser.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
-    parser.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
+    parser.add_argument(
+        "--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab (--type bpe: PREFIX.json)"
+    )
+    parser.add_argument(
+        "--type",
+        choices=("sentencepiece", "bpe"),
+        default="sentencepiece",
+        help="sentencepiece (default) or bpe: a byte-level BPE tokenizer.json (tokenizers library, GLM-4's kind)",
+    )
+    parser.add_argument("--model-type", choices=MODEL_TYPES, default="bpe", help="sentencepiece's model type")
+    parser.add_argument("--min-frequency", type=int, default=2, help="--type bpe: least count of a merged pair")
     parser.add_argument(
         "--character-coverage",
         type=float,
@@ -71,6 +84,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
+    if args.type == "bpe":
+        output = f"{args.model_prefix}.json"
+        stats = train_byte_bpe(
+            args.input,
+            output,
+            args.vocab_size,
+            input_format=args.input_format,
+            json_key=args.json_key,
+            min_frequency=args.min_frequency,
+        )
+        tokenizer = open_tokenizer(output)
+        print(
+            f"trained byte-level BPE {output} in {time.perf_counter() - start:.1f}s: {stats.documents} documents, "
+            f"{stats.bytes / 1e6:.1f} MB from {len(stats.files)} file(s); vocab {tokenizer.base_vocab_size} + "
+            f"{tokenizer.vocab_size - tokenizer.base_vocab_size} special tokens = {tokenizer.vocab_size} "
+            f"(padded {tokenizer.padded_vocab_size()})"
+        )
+        return
     stats = train_sentencepiece(
         args.input,
         args.model_prefix,
@@ -86,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         num_threads=args.threads,
         seed=args.seed,
     )
-    tokenizer = GLMTokenizer(f"{args.model_prefix}.model")
+    tokenizer = open_tokenizer(f"{args.model_prefix}.model")
     print(
         f"trained {args.model_type} model {args.model_prefix}.model in {time.perf_counter() - start:.1f}s: "
         f"{stats.documents} documents, {stats.bytes / 1e6:.1f} MB from {len(stats.files)} file(s), "

@@ -1,5 +1,6 @@
 """Typed run configuration: sections, named model sizes, YAML/command-line loading and validation."""
 
+from megatron_glm.config.architecture import ARCHITECTURE_FIELDS, EXECUTION_FIELDS, Architecture
 from megatron_glm.config.loader import (
     FLAG_ALIASES,
     build_config,
@@ -24,8 +25,11 @@ from megatron_glm.config.sizes import MODEL_SIZES
 from megatron_glm.config.validate import batch_sizes, derived_data_parallel_size, pad_vocab_size, problems, validate
 
 __all__ = [
+    "ARCHITECTURE_FIELDS",
+    "EXECUTION_FIELDS",
     "FLAG_ALIASES",
     "MODEL_SIZES",
+    "Architecture",
     "CheckpointConfig",
     "DataConfig",
     "GLMConfig",

@@ -77,6 +77,10 @@ FLAG_ALIASES: dict[str, tuple[str, Any]] = {
     "--deepspeed-config": ("training.deepspeed_config", None),
     "--local_rank": ("training.local_rank", None),
     "--local-rank": ("training.local_rank", None),
+    "--distributed-timeout-minutes": ("training.distributed_timeout_minutes", None),
+    "--heartbeat-timeout": ("training.heartbeat_timeout", None),
+    "--deterministic": ("training.deterministic", True),
+    "--deterministic-mode": ("training.deterministic", True),
     "--lr": ("optimizer.lr", None),
     "--min-lr": ("optimizer.min_lr", None),
     "--weight-decay": ("optimizer.weight_decay", None),
@@ -93,6 +97,7 @@ FLAG_ALIASES: dict[str, tuple[str, Any]] = {
     "--load": ("checkpoint.load", None),
     "--save-interval": ("checkpoint.save_interval", None),
     "--override-checkpoint-config": ("checkpoint.override_config", True),
+    "--override-architecture": ("checkpoint.override_architecture", None),
     "--log-interval": ("logging.log_interval", None),
     "--tensorboard-dir": ("logging.tensorboard_dir", None),
     "--data-path": ("data.data_path", None),
@@ -131,6 +136,8 @@ def leaf_paths(cls: type = GLMConfig, prefix: str = "") -> dict[str, tuple[datac
     """All dotted leaf paths of a config class with their field and type."""
     out: dict[str, tuple[dataclasses.Field, Any]] = {}
     for name, (f, tp) in _fields(cls).items():
+        if f.metadata.get("internal"):
+            continue
         if dataclasses.is_dataclass(tp):
             out.update(leaf_paths(tp, f"{prefix}{name}."))
         else:
@@ -314,6 +321,8 @@ def build_config(
         for p in parents:
             target = getattr(target, p)
         setattr(target, leaf, value)
+    if isinstance(cfg, GLMConfig):
+        cfg.explicit = frozenset(merged)
     return cfg
 
 
@@ -352,8 +361,9 @@ def _get(cfg: Any, path: str) -> Any:
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Nested plain dict (for checkpoints, logs and YAML dumps)."""
-    return dataclasses.asdict(cfg)
+    """Nested plain dict (for checkpoints, logs and YAML dumps; internal fields left out)."""
+    internal = [f.name for f in dataclasses.fields(cfg) if f.metadata.get("internal")]
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in internal}
 
 
 def help_text(root: type = GLMConfig, aliases: dict[str, tuple[str, Any]] | None = None) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from megatron_glm.config.architecture import Architecture
 
 
 def opt(default: Any, help: str, **kwargs: Any) -> Any:
@@ -26,14 +29,44 @@ def opt_from(cls: type, name: str, *, default: Any = _SAME, note: str = "") -> A
     return opt(default, f"{meta.pop('help', '')} {note}".strip(), **meta)
 
 
+class ModelShape:
+    """Sizes implied by the architecture fields (shared by :class:`ModelConfig` and :class:`Architecture`)."""
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head dimension (``kv_channels`` or ``hidden_size / heads``)."""
+        return self.kv_channels or self.hidden_size // max(1, self.num_attention_heads)
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads (``num_attention_heads`` without grouped-query attention)."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        """The MLP inner size (``ffn_hidden_size`` or 4 H)."""
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def glu(self) -> bool:
+        return self.activation in ("geglu", "swiglu")
+
+    @property
+    def rotary(self) -> bool:
+        return self.position_embedding_type != "learned_absolute"
+
+
 @dataclass(kw_only=True)
-class ModelConfig:
-    """Architecture of the GLM transformer."""
+class ModelConfig(ModelShape):
+    """The GLM transformer: its architecture (every field that changes tensors or math; :meth:`architecture`, the
+    sealed value a checkpoint records) and the execution options (fields with ``execution=True`` in their
+    metadata: kernels, recomputation, sequence parallelism, loss rows; free to differ from run to run)."""
 
     size: str = opt(
         "",
         "Named size to start from (glm-tiny, glm-base, glm-large, glm-large-chinese, "
         "glm-2b, glm-10b, glm-130b, chatglm-6b, chatglm2-6b); explicit fields override it.",
+        execution=True,
     )
     num_layers: int = opt(2, "Number of transformer layers.")
     hidden_size: int = opt(64, "Hidden size H.")
@@ -43,7 +76,9 @@ class ModelConfig:
         "Rows of the word embedding (padded vocab). 0: the tokenizer's vocab padded "
         "to a multiple of make_vocab_size_divisible_by x tensor_model_parallel_size.",
     )
-    make_vocab_size_divisible_by: int = opt(128, "Pad the vocab to a multiple of this times the TP size.")
+    make_vocab_size_divisible_by: int = opt(
+        128, "Pad the vocab to a multiple of this times the TP size.", execution=True
+    )
     max_sequence_length: int = opt(512, "Maximum position; the position tables have this + 1 rows.")
     hidden_dropout: float = opt(0.1, "Dropout after the attention/MLP output projections and embeddings.")
     attention_dropout: float = opt(0.1, "Dropout on attention probabilities.")
@@ -54,26 +89,30 @@ class ModelConfig:
         "sdpa",
         "Attention kernel: sdpa (fused, default), flex (CUDA) or eager (reference, materialises the scores).",
         choices=("sdpa", "flex", "eager"),
+        execution=True,
     )
-    checkpoint_activations: bool = opt(False, "Recompute layer activations in backward to save memory.")
-    checkpoint_num_layers: int = opt(1, "Layers per activation-checkpoint chunk.")
+    checkpoint_activations: bool = opt(False, "Recompute layer activations in backward to save memory.", execution=True)
+    checkpoint_num_layers: int = opt(1, "Layers per activation-checkpoint chunk.", execution=True)
     recompute_granularity: str = opt(
         "",
         "Activation recomputation (Megatron's flag): '' none (full when "
         "checkpoint_activations), full (whole layers, checkpoint_num_layers at a "
         "time) or selective (the attention core only: scores, softmax, dropout).",
         choices=("", "full", "selective"),
+        execution=True,
     )
     sequence_parallel: bool = opt(
         False,
         "Under tensor parallelism, run norms, dropouts and residuals on sequence "
         "shards (Megatron's): all-gather / reduce-scatter instead of all-reduce; "
         "needs seq_length divisible by the TP size, no pipeline.",
+        execution=True,
     )
     head_chunk_size: int = opt(
         0,
         "Training: fuse the tied head into the cross entropy, this many loss rows at a "
         "time, so the [n, V] logits are never stored (0: one unfused head).",
+        execution=True,
     )
     last_layer_loss_rows: bool = opt(
         True,
@@ -81,6 +120,7 @@ class ModelConfig:
         "MLP on those rows only (keys and values on every row), since nothing else reads them. Exact: its "
         "dropout masks are drawn over every row and the rows' part kept (with attention dropout the attention "
         "core runs on every row). Ignored under sequence or pipeline parallelism. false: the whole last layer.",
+        execution=True,
     )
     # -- GLM family architecture options (defaults: the 2021 GLM) ------------------------------------------
     position_embedding_type: str = opt(
@@ -147,28 +187,15 @@ class ModelConfig:
         False, "A separate output layer (output_layer.weight [V, H]) instead of the tied word embedding."
     )
 
-    @property
-    def head_dim(self) -> int:
-        """Per-head dimension (``kv_channels`` or ``hidden_size / heads``)."""
-        return self.kv_channels or self.hidden_size // max(1, self.num_attention_heads)
+    def architecture(self) -> Architecture:
+        """The architecture of this model as one sealed value (every field but the execution options)."""
+        from megatron_glm.config.architecture import ARCHITECTURE_FIELDS, Architecture  # built from this class
 
-    @property
-    def query_groups(self) -> int:
-        """Key/value heads (``num_attention_heads`` without grouped-query attention)."""
-        return self.num_query_groups or self.num_attention_heads
+        return Architecture(**{name: getattr(self, name) for name in ARCHITECTURE_FIELDS})
 
-    @property
-    def ffn_size(self) -> int:
-        """The MLP inner size (``ffn_hidden_size`` or 4 H)."""
-        return self.ffn_hidden_size or 4 * self.hidden_size
-
-    @property
-    def glu(self) -> bool:
-        return self.activation in ("geglu", "swiglu")
-
-    @property
-    def rotary(self) -> bool:
-        return self.position_embedding_type != "learned_absolute"
+    def with_architecture(self, arch: Architecture) -> ModelConfig:
+        """A copy with every architecture field from ``arch`` and this config's execution options."""
+        return replace(self, **arch.to_dict())
 
 
 @dataclass(kw_only=True)
@@ -226,7 +253,11 @@ class DataConfig:
     data_path: list[str] = opt([], "Dataset prefixes, optionally weighted: [0.3, A, 0.7, B].")
     split: str = opt("949,50,1", "Train/valid/test weights over documents.")
     seq_length: int = opt(512, "Tokens per sample.")
-    tokenizer_model: str = opt("", "Path of the sentencepiece model.")
+    tokenizer_model: str = opt(
+        "",
+        "The tokenizer: a sentencepiece model, a tokenizer.json (or a folder holding one) or a tiktoken BPE "
+        "file; GLM's command tokens must be among its special tokens.",
+    )
     cache_dir: str = opt("", "Where sample-index .npy files are cached (default: next to the data).")
     num_workers: int = opt(1, "DataLoader workers per rank.")
     pack_documents: bool = opt(True, "Pack several documents into one window ([CLS] start, eos between).")
@@ -263,6 +294,20 @@ class TrainingConfig:
     zero_stage: int = opt(1, "DeepSpeed ZeRO stage, unless the deepspeed_config JSON names one.")
     deepspeed_config: str = opt("", "Path of a DeepSpeed JSON config (batch fields are filled from ours).")
     local_rank: int = opt(-1, "Set by the deepspeed launcher.")
+    distributed_timeout_minutes: int = opt(
+        30, "Timeout of every collective (the process group's, as Megatron's --distributed-timeout-minutes)."
+    )
+    heartbeat_timeout: float = opt(
+        30.0,
+        "Seconds a peer rank (or the rendezvous store) may stay silent before every other rank stops with "
+        "'lost contact with rank N': a killed, frozen or unreachable rank ends the job within about this "
+        "long, on gloo and on NCCL (a heartbeat thread per rank; busy ranks keep beating). 0: off.",
+    )
+    deterministic: bool = opt(
+        False,
+        "Deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG=:4096:8, so SDPA "
+        "takes its deterministic backward): what a bitwise resume needs on CUDA; costs speed.",
+    )
     eval_interval: int = opt(1000, "Evaluate on the validation split every N steps (0: never).")
     eval_iters: int = opt(10, "Micro-batches per evaluation.")
     compile: bool = opt(
@@ -303,6 +348,13 @@ class CheckpointConfig:
         "length, global batch, seed or split differ from the checkpoint's "
         "(without it such a resume is refused with the list of differences).",
     )
+    override_architecture: list[str] = opt(
+        [],
+        "Architecture fields this run may set differently from the checkpoint it loads (resume, weights only, "
+        "fine-tuning): rotary_base, and max_sequence_length of a rotary model (names, or one comma-separated "
+        "value; logged). Dropouts, init_std and embedding_grad_shrink need no flag (they do not change what the "
+        "weights compute); any other architecture field given on the command line must equal the checkpoint's.",
+    )
 
 
 @dataclass(kw_only=True)
@@ -313,9 +365,10 @@ class LoggingConfig:
     tensorboard_dir: str = opt("", "TensorBoard log directory (default: <save>/tensorboard when installed).")
     peak_tflops: float = opt(
         0.0,
-        "Per-device peak TFLOP/s in the training dtype that the logged MFU divides by (e.g. 989 for an H100 "
-        "SXM in bf16); 0: a matmul measured on every device at start-up (on a shared CPU that figure comes "
-        "out low, and the MFU can exceed 1).",
+        "Per-device peak TFLOP/s in the training dtype that the logged MFU divides by; 0: the datasheet's "
+        "dense figure for a known GPU (H100/H200 SXM 989, H100 PCIe 756, A100 312, L40S 362 in bf16, ...), "
+        "else a matmul measured on every device at start-up (on a shared CPU that comes out low, and the MFU "
+        "can exceed 1).",
     )
 
 
@@ -330,3 +383,6 @@ class GLMConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    explicit: frozenset[str] = field(default=frozenset(), repr=False, compare=False, metadata={"internal": True})
+    """The dotted paths the user set (YAML, command line, or a named size); filled by the loader, not an option.
+    A checkpoint's architecture yields only to these (:func:`megatron_glm.config.architecture.adopt_architecture`)."""

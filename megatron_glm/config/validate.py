@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from megatron_glm.config.finite import nonfinite_fields
 from megatron_glm.config.ranges import parse_iteration_ranges
-from megatron_glm.config.sections import GLMConfig, ModelConfig
+from megatron_glm.config.sections import GLMConfig, ModelConfig, ObjectiveConfig
 from megatron_glm.errors import ConfigError
 
 
@@ -80,88 +80,119 @@ def family_problems(m: ModelConfig, tp: int) -> list[str]:
 
 
 def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
-    """Every inconsistency in ``cfg`` as a readable message (empty when valid).
+    """Every inconsistency in ``cfg`` as a readable message (empty when valid), section by section.
 
     ``world_size`` 0 means "not known yet": checks that need it use ``parallel.data_parallel_size``.
     """
-    out: list[str] = []
-    m, p, t, d, o = cfg.model, cfg.parallel, cfg.training, cfg.data, cfg.optimizer
-
-    def positive(value: int | float, name: str) -> bool:
-        if value <= 0:
-            out.append(f"{name} must be positive, got {value}")
-            return False
-        return True
-
-    ok = all(
-        [
-            positive(m.num_layers, "model.num_layers"),
-            positive(m.hidden_size, "model.hidden_size"),
-            positive(m.num_attention_heads, "model.num_attention_heads"),
-            positive(p.tensor_model_parallel_size, "parallel.tensor_model_parallel_size"),
-            positive(p.pipeline_model_parallel_size, "parallel.pipeline_model_parallel_size"),
-            positive(t.micro_batch_size, "training.micro_batch_size"),
-            positive(d.seq_length, "data.seq_length"),
-            positive(m.max_sequence_length, "model.max_sequence_length"),
-        ]
+    found = _positive_problems(cfg)
+    ok = not found  # the divisibility checks need positive sizes
+    found += _model_problems(cfg, ok)
+    found += _parallel_problems(cfg, world_size)
+    dp = derived_data_parallel_size(cfg, world_size)
+    if ok and dp > 0:
+        found += _batch_problems(cfg, dp)
+    return (
+        found
+        + _training_problems(cfg)
+        + _optimizer_problems(cfg)
+        + _objective_problems(cfg.data.objective)
+        + _data_problems(cfg)
     )
+
+
+def _positive_problems(cfg: GLMConfig) -> list[str]:
+    m, p = cfg.model, cfg.parallel
+    sizes = (
+        (m.num_layers, "model.num_layers"),
+        (m.hidden_size, "model.hidden_size"),
+        (m.num_attention_heads, "model.num_attention_heads"),
+        (p.tensor_model_parallel_size, "parallel.tensor_model_parallel_size"),
+        (p.pipeline_model_parallel_size, "parallel.pipeline_model_parallel_size"),
+        (cfg.training.micro_batch_size, "training.micro_batch_size"),
+        (cfg.data.seq_length, "data.seq_length"),
+        (m.max_sequence_length, "model.max_sequence_length"),
+    )
+    return [f"{name} must be positive, got {value}" for value, name in sizes if value <= 0]
+
+
+def _model_problems(cfg: GLMConfig, sizes_ok: bool) -> list[str]:
+    """The model section: shapes against the parallel layout, the execution options, the family options
+    (:func:`family_problems`, once) and the dropouts."""
+    out: list[str] = []
+    m, p, d = cfg.model, cfg.parallel, cfg.data
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    if ok:
-        if m.hidden_size % m.num_attention_heads and not m.kv_channels:
-            out.append(
-                f"model.hidden_size ({m.hidden_size}) must be divisible by "
-                f"model.num_attention_heads ({m.num_attention_heads})"
-            )
-        if m.num_attention_heads % tp:
-            out.append(
-                f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
-                f"parallel.tensor_model_parallel_size ({tp})"
-            )
-        if m.num_layers % pp and p.pipeline_partition_method == "uniform":
-            out.append(
-                f"model.num_layers ({m.num_layers}) must be divisible by "
-                f"parallel.pipeline_model_parallel_size ({pp}) for uniform partitioning"
-            )
-        if m.num_layers < pp:
-            out.append(
-                f"model.num_layers ({m.num_layers}) must be at least parallel.pipeline_model_parallel_size ({pp})"
-            )
-        if m.vocab_size < 0:
-            out.append(f"model.vocab_size must be >= 0 (0 derives it from the tokenizer), got {m.vocab_size}")
-        elif m.vocab_size and m.vocab_size % tp:
-            out.append(
-                f"model.vocab_size ({m.vocab_size}) must be divisible by "
-                f"parallel.tensor_model_parallel_size ({tp}); pad it to "
-                f"{pad_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)}"
-            )
-        if m.make_vocab_size_divisible_by <= 0:
-            out.append(f"model.make_vocab_size_divisible_by must be positive, got {m.make_vocab_size_divisible_by}")
+    if sizes_ok:
+        out += _shape_problems(m, tp, pp, p.pipeline_partition_method)
         if d.seq_length > m.max_sequence_length:
             out.append(f"data.seq_length ({d.seq_length}) exceeds model.max_sequence_length ({m.max_sequence_length})")
-        if m.checkpoint_num_layers <= 0:
-            out.append(f"model.checkpoint_num_layers must be positive, got {m.checkpoint_num_layers}")
-        if m.checkpoint_activations and m.recompute_granularity == "selective":
-            out.append(
-                "model.checkpoint_activations (full recomputation) conflicts with "
-                "model.recompute_granularity 'selective'; set one of them"
-            )
-        if m.sequence_parallel and tp > 1 and d.seq_length % tp:
-            out.append(
-                f"model.sequence_parallel needs data.seq_length ({d.seq_length}) divisible by "
-                f"parallel.tensor_model_parallel_size ({tp})"
-            )
-        if m.sequence_parallel and pp > 1:
-            out.append(
-                "model.sequence_parallel is not supported with pipeline parallelism yet "
-                f"(parallel.pipeline_model_parallel_size is {pp})"
-            )
-        if m.head_chunk_size < 0:
-            out.append(f"model.head_chunk_size must be >= 0 (0: unfused head), got {m.head_chunk_size}")
+        out += _execution_problems(m, tp, pp, d.seq_length)
         out += family_problems(m, tp)
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(m, name) < 1.0:
             out.append(f"model.{name} must be in [0, 1), got {getattr(m, name)}")
+    return out
 
+
+def _shape_problems(m: ModelConfig, tp: int, pp: int, partition_method: str) -> list[str]:
+    out: list[str] = []
+    if m.hidden_size % m.num_attention_heads and not m.kv_channels:
+        out.append(
+            f"model.hidden_size ({m.hidden_size}) must be divisible by "
+            f"model.num_attention_heads ({m.num_attention_heads})"
+        )
+    if m.num_attention_heads % tp:
+        out.append(
+            f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
+            f"parallel.tensor_model_parallel_size ({tp})"
+        )
+    if m.num_layers % pp and partition_method == "uniform":
+        out.append(
+            f"model.num_layers ({m.num_layers}) must be divisible by "
+            f"parallel.pipeline_model_parallel_size ({pp}) for uniform partitioning"
+        )
+    if m.num_layers < pp:
+        out.append(f"model.num_layers ({m.num_layers}) must be at least parallel.pipeline_model_parallel_size ({pp})")
+    if m.vocab_size < 0:
+        out.append(f"model.vocab_size must be >= 0 (0 derives it from the tokenizer), got {m.vocab_size}")
+    elif m.vocab_size and m.vocab_size % tp:
+        out.append(
+            f"model.vocab_size ({m.vocab_size}) must be divisible by "
+            f"parallel.tensor_model_parallel_size ({tp}); pad it to "
+            f"{pad_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)}"
+        )
+    if m.make_vocab_size_divisible_by <= 0:
+        out.append(f"model.make_vocab_size_divisible_by must be positive, got {m.make_vocab_size_divisible_by}")
+    return out
+
+
+def _execution_problems(m: ModelConfig, tp: int, pp: int, seq_length: int) -> list[str]:
+    out: list[str] = []
+    if m.checkpoint_num_layers <= 0:
+        out.append(f"model.checkpoint_num_layers must be positive, got {m.checkpoint_num_layers}")
+    if m.checkpoint_activations and m.recompute_granularity == "selective":
+        out.append(
+            "model.checkpoint_activations (full recomputation) conflicts with "
+            "model.recompute_granularity 'selective'; set one of them"
+        )
+    if m.sequence_parallel and tp > 1 and seq_length % tp:
+        out.append(
+            f"model.sequence_parallel needs data.seq_length ({seq_length}) divisible by "
+            f"parallel.tensor_model_parallel_size ({tp})"
+        )
+    if m.sequence_parallel and pp > 1:
+        out.append(
+            "model.sequence_parallel is not supported with pipeline parallelism yet "
+            f"(parallel.pipeline_model_parallel_size is {pp})"
+        )
+    if m.head_chunk_size < 0:
+        out.append(f"model.head_chunk_size must be >= 0 (0: unfused head), got {m.head_chunk_size}")
+    return out
+
+
+def _parallel_problems(cfg: GLMConfig, world_size: int) -> list[str]:
+    out: list[str] = []
+    p = cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     if world_size and tp * pp and world_size % (tp * pp):
         out.append(f"world size ({world_size}) must be divisible by tensor ({tp}) x pipeline ({pp}) parallel sizes")
     dp = derived_data_parallel_size(cfg, world_size)
@@ -170,40 +201,50 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
             f"parallel.data_parallel_size ({p.data_parallel_size}) disagrees with world size "
             f"{world_size} / (tp {tp} x pp {pp}) = {dp}"
         )
-    if ok and dp > 0:
-        per_step = t.micro_batch_size * dp
-        if t.global_batch_size < 0 or t.gradient_accumulation_steps < 0:
-            out.append("training.global_batch_size and training.gradient_accumulation_steps must be >= 0")
-        elif t.global_batch_size and t.global_batch_size % per_step:
-            out.append(
-                f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
-                f"micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp}) = {per_step}"
-            )
-        elif (
-            t.global_batch_size
-            and t.gradient_accumulation_steps
-            and t.global_batch_size != per_step * t.gradient_accumulation_steps
-        ):
-            out.append(
-                f"training.global_batch_size ({t.global_batch_size}) != micro_batch_size "
-                f"({t.micro_batch_size}) x data-parallel size ({dp}) x gradient_accumulation_steps "
-                f"({t.gradient_accumulation_steps})"
-            )
+    return out
 
+
+def _batch_problems(cfg: GLMConfig, dp: int) -> list[str]:
+    t = cfg.training
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size < 0 or t.gradient_accumulation_steps < 0:
+        return ["training.global_batch_size and training.gradient_accumulation_steps must be >= 0"]
+    if t.global_batch_size and t.global_batch_size % per_step:
+        return [
+            f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
+            f"micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp}) = {per_step}"
+        ]
+    if (
+        t.global_batch_size
+        and t.gradient_accumulation_steps
+        and t.global_batch_size != per_step * t.gradient_accumulation_steps
+    ):
+        return [
+            f"training.global_batch_size ({t.global_batch_size}) != micro_batch_size "
+            f"({t.micro_batch_size}) x data-parallel size ({dp}) x gradient_accumulation_steps "
+            f"({t.gradient_accumulation_steps})"
+        ]
+    return []
+
+
+def _training_problems(cfg: GLMConfig) -> list[str]:
+    """The training section (and the logging peak)."""
+    out: list[str] = []
+    t, pp = cfg.training, cfg.parallel.pipeline_model_parallel_size
     if t.train_iters < 0:
         out.append(f"training.train_iters must be >= 0, got {t.train_iters}")
     if cfg.logging.peak_tflops < 0:
         out.append(f"logging.peak_tflops must be >= 0 (0: measured at start-up), got {cfg.logging.peak_tflops}")
+    if t.distributed_timeout_minutes <= 0:
+        out.append(f"training.distributed_timeout_minutes must be > 0, got {t.distributed_timeout_minutes}")
+    if t.heartbeat_timeout < 0:
+        out.append(f"training.heartbeat_timeout must be >= 0 seconds (0: off), got {t.heartbeat_timeout}")
     if t.exit_interval < 0 or t.exit_duration_in_mins < 0:
         out.append("training.exit_interval and training.exit_duration_in_mins must be >= 0")
     try:
         parse_iteration_ranges(t.skip_train_iteration_range)
     except ConfigError as exc:
         out.append(str(exc))
-    if o.lr < 0 or o.min_lr < 0 or o.min_lr > o.lr:
-        out.append(f"optimizer: need 0 <= min_lr ({o.min_lr}) <= lr ({o.lr})")
-    if not 0.0 <= o.lr_warmup_fraction <= 1.0:
-        out.append(f"optimizer.lr_warmup_fraction must be in [0, 1], got {o.lr_warmup_fraction}")
     if t.zero_stage not in (0, 1, 2, 3):
         out.append(f"training.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
     if pp > 1 and t.zero_stage > 1:
@@ -211,18 +252,33 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
             f"training.zero_stage {t.zero_stage} cannot be combined with pipeline parallelism "
             f"(DeepSpeed supports ZeRO 0/1 with pipelines)"
         )
+    return out
 
-    ob = d.objective
-    for name in (
+
+def _optimizer_problems(cfg: GLMConfig) -> list[str]:
+    out: list[str] = []
+    o = cfg.optimizer
+    if o.lr < 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        out.append(f"optimizer: need 0 <= min_lr ({o.min_lr}) <= lr ({o.lr})")
+    if not 0.0 <= o.lr_warmup_fraction <= 1.0:
+        out.append(f"optimizer.lr_warmup_fraction must be in [0, 1], got {o.lr_warmup_fraction}")
+    return out
+
+
+def _objective_problems(ob: ObjectiveConfig) -> list[str]:
+    probabilities = (
         "bert_prob",
         "gap_sentence_prob",
         "gpt_infill_prob",
         "block_mask_prob",
         "short_seq_prob",
         "single_span_prob",
-    ):
-        if not 0.0 <= getattr(ob, name) <= 1.0:
-            out.append(f"data.objective.{name} must be in [0, 1], got {getattr(ob, name)}")
+    )
+    out = [
+        f"data.objective.{name} must be in [0, 1], got {getattr(ob, name)}"
+        for name in probabilities
+        if not 0.0 <= getattr(ob, name) <= 1.0
+    ]
     if ob.bert_prob + ob.gap_sentence_prob > 1.0 + 1e-9:
         out.append(
             f"data.objective.bert_prob + gap_sentence_prob must be <= 1 (the rest is the document "
@@ -235,6 +291,12 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
         out.append("data.objective.avg_block_length and max_block_length must be positive")
     if ob.sentinel_token:
         out.append("data.objective.sentinel_token (--sentinel-token) is not supported")
+    return out
+
+
+def _data_problems(cfg: GLMConfig) -> list[str]:
+    out: list[str] = []
+    d = cfg.data
     parts = d.split.replace("/", ",").split(",")
     try:
         weights = [float(x) for x in parts]
@@ -242,19 +304,36 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
             raise ValueError
     except ValueError:
         out.append(f"data.split must be up to three non-negative weights like '949,50,1', got {d.split!r}")
+    pairs_ok = len(d.data_path) <= 1
     if len(d.data_path) > 1 and len(d.data_path) % 2 == 0:
         try:
             [float(w) for w in d.data_path[::2]]
+            pairs_ok = True
         except ValueError:
-            out.append("data.data_path: give one prefix, or weight/prefix pairs like '0.3 A 0.7 B'")
-    elif len(d.data_path) > 1:
+            pass
+    if not pairs_ok:
         out.append("data.data_path: give one prefix, or weight/prefix pairs like '0.3 A 0.7 B'")
     return out
 
 
-def validate(cfg: GLMConfig, world_size: int = 0) -> GLMConfig:
-    """Raise :class:`ConfigError` listing every problem (one line, '; '-separated)."""
-    found = nonfinite_fields(cfg) + problems(cfg, world_size)
+def device_problems(cfg: GLMConfig, device_type: str) -> list[str]:
+    """What the device (``"cpu"``, ``"cuda"``; empty: not known) cannot do: fp16 has no CPU kernels in DeepSpeed."""
+    if device_type == "cpu" and cfg.training.precision == "fp16":
+        return ["training.precision fp16 (--fp16) is not supported on a CPU; use --bf16 (or fp32)"]
+    return []
+
+
+def local_device_type() -> str:
+    """The device this process trains on: ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def validate(cfg: GLMConfig, world_size: int = 0, device_type: str = "") -> GLMConfig:
+    """Raise :class:`ConfigError` listing every problem (one line, '; '-separated); ``device_type`` (``"cpu"``,
+    ``"cuda"``) adds what that device cannot run."""
+    found = nonfinite_fields(cfg) + problems(cfg, world_size) + device_problems(cfg, device_type)
     if found:
         raise ConfigError("invalid configuration: " + "; ".join(found))
     return cfg

@@ -43,6 +43,7 @@ import numpy as np
 
 from megatron_glm.batch import OBJECTIVE_NAMES
 from megatron_glm.config.sections import ObjectiveConfig
+from megatron_glm.data.char_boundaries import CharBoundaries
 from megatron_glm.tokens import CommandTokens
 
 __all__ = [
@@ -93,11 +94,16 @@ class BlankInfilling:
     generator, then :meth:`sample` per sample with the sample's own generator.
     """
 
-    def __init__(self, objective: ObjectiveConfig, special: SpecialTokens, seq_length: int) -> None:
+    def __init__(
+        self, objective: ObjectiveConfig, special: SpecialTokens, seq_length: int, chars: CharBoundaries | None = None
+    ) -> None:
         if seq_length < 8:
             raise ValueError(f"seq_length must be at least 8, got {seq_length}")
         self.cfg = objective
         self.special = special
+        self.chars = chars
+        """Byte-fallback character boundaries (:mod:`~megatron_glm.data.char_boundaries`): spans cover whole
+        characters; None: the tokenizer spells no character in bytes."""
         self.seq_length = int(seq_length)
         self._cdf = np.cumsum(truncated_poisson_pmf(objective.avg_block_length, objective.max_block_length))
         self._cdf[-1] = 1.0
@@ -161,6 +167,11 @@ class BlankInfilling:
         if choice.short_seq and len(tokens) > 2:
             low = min(32, len(tokens) - 1)
             tokens = tokens[: low + int(rng.random() * (len(tokens) - low))]
+        if self.chars is not None and len(tokens) > 1:  # a window cut inside a character drops the orphan bytes
+            first, k = self.chars.orphans(tokens, self.special.cls)
+            if k:
+                tokens = np.concatenate((tokens[:first], tokens[first + k :]))
+                sentence_starts = None if sentence_starts is None else sentence_starts[sentence_starts >= first + k] - k
         if choice.objective == TOKEN:
             return self.token(tokens, rng, single_span=choice.single_span)
         if choice.objective == SENTENCE:
@@ -381,6 +392,9 @@ class BlankInfilling:
         sp, c, L = self.special, self.cfg, self.seq_length
         m = len(starts)
         n = min(len(tokens), L - 2 * m)
+        if self.chars is not None:
+            starts, lens, n = self.chars.snap(tokens, starts, lens, n, self._barrier_lut)
+            m = len(starts)
         tokens = tokens[:n]
         ends = starts + lens
         # Part A: drop every span token but the first, which becomes the mask.

@@ -2,7 +2,8 @@
 
 Input files are read line by line in binary mode; nothing reads a whole file. :func:`parse_line`
 turns one raw line into the texts of the requested JSON keys or the reason it is unusable, and is
-shared by tokenizer training and preprocessing so both judge bad input the same way.
+shared by tokenizer training and preprocessing so both judge bad input the same way (the containers that hold
+the lines, and ``iter_texts`` over them, are :mod:`~megatron_glm.data.sources`, which builds on this module).
 
 The embedded default corpus is Python's own documentation topics (``pydoc_data.topics``, shipped
 with every CPython: 79 documents, about 0.5 MB of English prose), so a quick start needs no download.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from megatron_glm.errors import DataError
@@ -23,7 +24,6 @@ __all__ = [
     "PROBLEM_KINDS",
     "LineProblem",
     "expand_inputs",
-    "iter_texts",
     "parse_line",
     "pydoc_documents",
     "write_jsonl",
@@ -106,24 +106,6 @@ def _has_surrogate(text: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
-
-
-def iter_texts(
-    paths: Sequence[str], input_format: str = "auto", key: str = "text", strict: bool = False
-) -> Iterator[str]:
-    """Texts of every usable record of ``paths`` (any container of :mod:`~megatron_glm.data.sources`); bad
-    records are skipped, or fatal with ``strict``."""
-    from megatron_glm.data.sources import describe, iter_records, plan_units
-
-    if input_format not in INPUT_FORMATS:
-        raise DataError(f"--input-format {input_format!r}: expected one of {', '.join(INPUT_FORMATS)}")
-    sources = [describe(path, input_format) for path in paths]
-    for unit in plan_units(sources, 1 << 62):
-        for lineno, (texts, problem) in enumerate(iter_records(unit, [key]), 1):
-            if problem is not None and strict:
-                raise DataError(f"{unit.path}:{lineno}: {problem.message}")
-            if texts is not None and texts[0]:
-                yield texts[0]
 
 
 def pydoc_documents() -> list[tuple[str, str]]:

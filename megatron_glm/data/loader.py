@@ -17,6 +17,7 @@ So the same index gives the same sample on any rank, worker count or restart.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -25,6 +26,8 @@ import torch
 
 from megatron_glm.config import GLMConfig, batch_sizes
 from megatron_glm.data.blank_infilling import SENTENCE, BlankInfilling, ObjectiveChoice, SpecialTokens
+from megatron_glm.data.char_boundaries import CharBoundaries
+from megatron_glm.data.dataset_meta import check_dataset_tokenizer
 from megatron_glm.data.indexed_dataset import IndexedDataset
 from megatron_glm.data.samples import (
     TAG_GROUP,
@@ -35,6 +38,7 @@ from megatron_glm.data.samples import (
     parse_data_path,
     split_ranges,
 )
+from megatron_glm.data.tokenizer import tokenizer_fingerprint
 from megatron_glm.errors import DataError
 
 __all__ = [
@@ -215,6 +219,10 @@ def split_num_samples(cfg: GLMConfig, dp_size: int) -> tuple[int, int, int]:
     return t.train_iters * gbs, evals * eval_samples, eval_samples
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def build_windows(
     data: Any,
     special: SpecialTokens,
@@ -223,13 +231,22 @@ def build_windows(
     num_samples: Sequence[int] = (0, 0, 0),
     build_cache: bool = True,
     vocab_size: int = 0,
+    log: Callable[[str], None] | None = None,
 ) -> list[Windows | None]:
     """Windows of the train, valid and test splits of ``data`` (a :class:`DataConfig`); None if empty.
 
-    ``vocab_size`` (the tokenizer's) bounds the token ids: checked on open and in every window.
+    ``vocab_size`` (the tokenizer's) bounds the token ids: checked on open and in every window. A dataset whose
+    sidecar records another tokenizer than ``data.tokenizer_model`` is refused; ``log`` (default: stderr) gets
+    the warning for a dataset that cannot be verified.
     """
     pairs = parse_data_path(data.data_path)
     datasets = [(w, IndexedDataset(prefix)) for w, prefix in pairs]
+    if data.tokenizer_model:
+        fingerprint = tokenizer_fingerprint(data.tokenizer_model)
+        for _, prefix in pairs:
+            warning = check_dataset_tokenizer(prefix, fingerprint, data.tokenizer_model)
+            if warning:
+                (log or _stderr)(warning)
     out: list[Windows | None] = []
     for split_index, name in enumerate(SPLITS):
         parts: list[tuple[float, DocumentWindows]] = []
@@ -288,6 +305,7 @@ def build_pretraining_datasets(
     dp_size: int = 1,
     is_rank0: bool = True,
     barrier: Callable[[], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> list[GLMDataset | None]:
     """Train, valid and test :class:`GLMDataset` (None for an empty split) from a config.
 
@@ -296,6 +314,12 @@ def build_pretraining_datasets(
     ``torch.distributed.barrier``) and the others memory-map them.
     """
     special = tokenizer if isinstance(tokenizer, SpecialTokens) else SpecialTokens.from_tokenizer(tokenizer)
+    objective = cfg.data.objective
+    if special.dblock < 0 and (objective.block_mask_prob > 0 or objective.context_mask_ratio > 0):
+        raise DataError(
+            f"{cfg.data.tokenizer_model}: the tokenizer has no [dBLOCK] token, which block_mask_prob / "
+            f"context_mask_ratio > 0 write; add it to its special tokens or set both to 0"
+        )
     num_samples = split_num_samples(cfg, dp_size)
     windows = build_windows(
         cfg.data,
@@ -304,10 +328,12 @@ def build_pretraining_datasets(
         num_samples=num_samples,
         build_cache=is_rank0,
         vocab_size=int(getattr(tokenizer, "vocab_size", 0)),
+        log=log,
     )
     if barrier is not None:
         barrier()
-    sampler = BlankInfilling(cfg.data.objective, special, cfg.data.seq_length)
+    chars = None if isinstance(tokenizer, SpecialTokens) else CharBoundaries.from_tokenizer(tokenizer)
+    sampler = BlankInfilling(cfg.data.objective, special, cfg.data.seq_length, chars)
     return [
         None
         if w is None

@@ -38,7 +38,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -47,11 +46,10 @@ from megatron_glm.config.sections import opt
 from megatron_glm.data.corpus import INPUT_FORMATS, PROBLEM_KINDS, LineProblem, expand_inputs
 from megatron_glm.data.dataset_meta import meta_path, write_dataset_meta
 from megatron_glm.data.indexed_dataset import IndexedDatasetBuilder, best_dtype, bin_path, idx_path
-from megatron_glm.data.sentence_split import split_sentences
+from megatron_glm.data.preprocess_encode import WorkerEncoder, encoded_records
 from megatron_glm.data.sources import SourceFile, WorkUnit, describe, iter_records, plan_units
-from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.tokenizer import open_tokenizer, tokenizer_fingerprint
 from megatron_glm.errors import DataError
-from megatron_glm.fileio import file_sha256
 
 __all__ = [
     "PreprocessConfig",
@@ -78,7 +76,11 @@ class PreprocessConfig:
         required=True,
     )
     output_prefix: str = opt("", "Outputs are {output_prefix}_{key}_{sentence|document}.bin/.idx.", required=True)
-    tokenizer_model: str = opt("", "Path of the sentencepiece model.", required=True)
+    tokenizer_model: str = opt(
+        "",
+        "The tokenizer: a sentencepiece model, a tokenizer.json (or a folder holding one) or a tiktoken BPE file.",
+        required=True,
+    )
     json_keys: list[str] = opt(
         ["text"],
         "JSONL keys (Parquet columns) to tokenize, each into its own dataset; a line missing one is skipped for all.",
@@ -249,12 +251,8 @@ class _Job:
     shard_dir: str
 
 
-#: The tokenizer of this worker process (set by ``_init_worker``; one per process, never shared).
+#: The encoder of this worker process (set by ``_init_worker``; one per process, never shared).
 _WORKER: dict[str, object] = {}
-
-#: Characters above which a document is tokenized in pieces cut before whitespace (bounds the memory of
-#: sentencepiece's id list, ~36 bytes a token, for a huge document).
-PIECE_CHARS = 1 << 20
 
 
 def _die_with_parent() -> None:
@@ -267,46 +265,14 @@ def _die_with_parent() -> None:
 def _init_worker(job: _Job, in_pool: bool = False) -> None:
     if in_pool:
         _die_with_parent()
-    tokenizer = GLMTokenizer(job.tokenizer_model)
-    encode = tokenizer._encode_plain  # corpus text: command tokens written in it stay text
-    # Pieces cut before a whitespace character tokenize like the whole text with sentencepiece's
-    # whitespace pre-splitting (and no dummy prefix); check that on probes before relying on it.
-    probes = ("hello world again", "a  b\nc d", "x.\ty 12 34")
-    splittable = all(encode(p) == encode(p[: p.index(" ")]) + encode(p[p.index(" ") :]) for p in probes)
-    _WORKER.update(
-        job=job, tokenizer=tokenizer, dtype=best_dtype(tokenizer.vocab_size), encode=encode, splittable=splittable
-    )
-
-
-def _cuts(text: str, piece: int) -> list[int]:
-    """Positions (just before a space) that cut ``text`` into pieces of about ``piece`` characters."""
-    cuts, start = [], 0
-    while len(text) - start > piece:
-        cut = text.rfind(" ", start + piece // 2, start + piece)
-        if cut <= start:
-            cut = text.find(" ", start + piece)
-            if cut < 0:
-                break
-        cuts.append(cut)
-        start = cut
-    return cuts
-
-
-def _encode(text: str, dtype: np.dtype) -> np.ndarray:
-    """Token ids of ``text`` as an array, in pieces for a huge text (same ids, bounded memory)."""
-    encode = _WORKER["encode"]
-    if len(text) <= PIECE_CHARS or not _WORKER["splittable"]:
-        return np.array(encode(text), dtype=dtype)  # type: ignore[operator]
-    bounds = [0, *_cuts(text, PIECE_CHARS), len(text)]
-    pieces = [np.array(encode(text[a:b]), dtype=dtype) for a, b in pairwise(bounds)]  # type: ignore[operator]
-    return np.concatenate(pieces)
+    _WORKER.update(job=job, encoder=WorkerEncoder.open(job.tokenizer_model, single_thread=in_pool))
 
 
 def _process_chunk(chunk: WorkUnit) -> _ChunkResult:
     job: _Job = _WORKER["job"]  # type: ignore[assignment]
-    tokenizer: GLMTokenizer = _WORKER["tokenizer"]  # type: ignore[assignment]
-    dtype: np.dtype = _WORKER["dtype"]  # type: ignore[assignment]
-    eod = np.array([tokenizer.eos_id], dtype=dtype)
+    encoder: WorkerEncoder = _WORKER["encoder"]  # type: ignore[assignment]
+    dtype = encoder.dtype
+    eod = np.array([encoder.tokenizer.eos_id], dtype=dtype)
     keys, split, append_eod = job.keys, job.split_sentences, job.append_eod
     result = _ChunkResult(
         chunk.index, {key: os.path.join(job.shard_dir, f"{chunk.index:06d}_{k}") for k, key in enumerate(keys)}
@@ -325,21 +291,14 @@ def _process_chunk(chunk: WorkUnit) -> _ChunkResult:
 
     lineno = 0
     try:
-        for texts, issue in iter_records(chunk, keys):
+        for encoded, issue in encoded_records(iter_records(chunk, keys), encoder, split):
             lineno += 1
-            if texts is None:
+            if encoded is None:
                 if issue is None:
                     result.blank_lines += 1
                 elif problem(lineno, issue):
                     break
                 continue
-            if split:
-                encoded = [
-                    [ids for ids in (_encode(s, dtype) for s in split_sentences(text)) if len(ids)] for text in texts
-                ]
-            else:
-                encoded = [_encode(text, dtype) for text in texts]
-            del texts
             empty = next((key for key, ids in zip(keys, encoded) if not len(ids)), None)
             if empty is not None:
                 if problem(lineno, LineProblem("empty_document", f"key {empty!r} has no tokens")):
@@ -401,7 +360,7 @@ def _plan_record(config: PreprocessConfig, sources: Sequence[SourceFile], keys: 
     return {
         "version": 2,
         "inputs": inputs,
-        "tokenizer_sha256": file_sha256(config.tokenizer_model),
+        "tokenizer_sha256": tokenizer_fingerprint(config.tokenizer_model),
         "keys": list(keys),
         "split_sentences": config.split_sentences,
         "append_eod": config.append_eod,
@@ -486,7 +445,7 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> 
             f"{texts_files[0]}: plain text holds one document a line (key 'text'); --json-keys "
             f"{' '.join(keys)} does not apply to it"
         )
-    tokenizer = GLMTokenizer(config.tokenizer_model)  # fail early on a bad model
+    tokenizer = open_tokenizer(config.tokenizer_model)  # fail early on a bad model
     dtype = best_dtype(tokenizer.vocab_size)
     summary = PreprocessSummary(files=len(paths))
     summary.outputs = {key: output_prefix_for(config.output_prefix, key, config.split_sentences) for key in keys}
@@ -555,12 +514,16 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = print) -> 
             pool.join()
             pool = None
         _check_usable(summary, paths, config.max_bad_fraction)
+        fingerprint = tokenizer_fingerprint(config.tokenizer_model)
         for key, builder in outputs.items():
             with contextlib.suppress(FileNotFoundError):
                 os.remove(meta_path(summary.outputs[key]))  # a sidecar of earlier outputs must not outlive them
             builder.finalize()
             write_dataset_meta(
-                summary.outputs[key], vocab_size=tokenizer.vocab_size, max_token_id=summary.max_token_id[key]
+                summary.outputs[key],
+                vocab_size=tokenizer.vocab_size,
+                max_token_id=summary.max_token_id[key],
+                tokenizer_fingerprint=fingerprint,
             )
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, BinaryIO
 
-from megatron_glm.data.corpus import LineProblem, parse_line
+from megatron_glm.data.corpus import INPUT_FORMATS, LineProblem, parse_line
 from megatron_glm.errors import DataError
 
-__all__ = ["CONTAINERS", "SourceFile", "WorkUnit", "describe", "iter_records", "open_lines", "plan_units"]
+__all__ = ["CONTAINERS", "SourceFile", "WorkUnit", "describe", "iter_records", "iter_texts", "open_lines", "plan_units"]
 
 CONTAINERS = ("plain", "gzip", "zstd", "parquet")
 _MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"PAR1": "parquet"}
@@ -215,6 +215,22 @@ def iter_records(unit: WorkUnit, keys: Sequence[str]) -> Iterator[tuple[list[str
         else:
             for raw in stream:
                 yield parse_line(raw, source.record_format, keys)
+
+
+def iter_texts(
+    paths: Sequence[str], input_format: str = "auto", key: str = "text", strict: bool = False
+) -> Iterator[str]:
+    """Texts of every usable record of ``paths`` (any container this module reads); bad records are skipped, or
+    fatal with ``strict``."""
+    if input_format not in INPUT_FORMATS:
+        raise DataError(f"--input-format {input_format!r}: expected one of {', '.join(INPUT_FORMATS)}")
+    sources = [describe(path, input_format) for path in paths]
+    for unit in plan_units(sources, 1 << 62):
+        for lineno, (texts, problem) in enumerate(iter_records(unit, [key]), 1):
+            if problem is not None and strict:
+                raise DataError(f"{unit.path}:{lineno}: {problem.message}")
+            if texts is not None and texts[0]:
+                yield texts[0]
 
 
 def _parquet_records(unit: WorkUnit, keys: Sequence[str]) -> Iterator[tuple[list[str] | None, LineProblem | None]]:

@@ -1,9 +1,14 @@
-"""GLM tokenizer: any sentencepiece model plus GLM's command tokens appended after its vocabulary.
+"""GLM tokenizers: opening one (:func:`open_tokenizer`, the one factory) and the sentencepiece kind.
 
-The command tokens (``[pad]``, ``[eos]``, ``[CLS]``, ``[MASK]``, ``[sMASK]``, ``[gMASK]``, ``[sop]``,
-``[eop]``, ``[dBLOCK]``, ``[UNK]``, ``[SEP]``) take the ids ``base_size, base_size + 1, ...`` in that
-order, so every id is unique (the original Chinese 10B tokenizer gave ``[gMASK]`` and ``[eop]`` the
-same id; here uniqueness is checked on construction).
+``--tokenizer-model`` names any of:
+
+- a sentencepiece model (:class:`GLMTokenizer`): GLM's command tokens (``[pad]``, ``[eos]``, ``[CLS]``,
+  ``[MASK]``, ``[sMASK]``, ``[gMASK]``, ``[sop]``, ``[eop]``, ``[dBLOCK]``, ``[UNK]``, ``[SEP]``) take the ids
+  ``base_size, base_size + 1, ...`` in that order, so every id is unique (the original Chinese 10B tokenizer
+  gave ``[gMASK]`` and ``[eop]`` the same id; here uniqueness is checked on construction);
+- a ``tokenizer.json`` or a folder holding one, or a tiktoken BPE file (GLM-4-9B's ``tokenizer.model``), read
+  with the ``tokenizers`` library (:class:`~megatron_glm.data.tokenizer_json.JsonTokenizer`): the command
+  tokens are the tokenizer's own special tokens (see :mod:`megatron_glm.data.tokenizer_base`).
 
 :meth:`GLMTokenizer.encode` maps command tokens written in the text (``"The capital is [MASK]."``)
 to their ids; :meth:`GLMTokenizer.decode` writes them back as text, so ``decode(encode(text)) ==
@@ -13,34 +18,30 @@ text`` for a model trained with the identity normalisation and byte fallback (as
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
-from collections.abc import Iterable
-from typing import Any
 
 import sentencepiece as spm
 
+from megatron_glm.data.tokenizer_base import COMMAND_TOKENS, MissingTokenError, TokenizerBase
 from megatron_glm.errors import DataError
+from megatron_glm.fileio import file_sha256
 
-__all__ = ["COMMAND_TOKENS", "GLMTokenizer"]
+__all__ = [
+    "COMMAND_TOKENS",
+    "GLMTokenizer",
+    "MissingTokenError",
+    "TokenizerBase",
+    "open_tokenizer",
+    "tokenizer_fingerprint",
+    "tokenizer_kind",
+]
 
-#: (attribute stem, text) of each command token, in id order after the base vocabulary.
-COMMAND_TOKENS: tuple[tuple[str, str], ...] = (
-    ("pad", "[pad]"),
-    ("eos", "[eos]"),
-    ("cls", "[CLS]"),
-    ("mask", "[MASK]"),
-    ("smask", "[sMASK]"),
-    ("gmask", "[gMASK]"),
-    ("sop", "[sop]"),
-    ("eop", "[eop]"),
-    ("dblock", "[dBLOCK]"),
-    ("unk", "[UNK]"),
-    ("sep", "[SEP]"),
-)
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-class GLMTokenizer:
+class GLMTokenizer(TokenizerBase):
     """A sentencepiece model with GLM's command tokens appended.
 
     Attributes ``pad_id, eos_id, cls_id, mask_id, smask_id, gmask_id, sop_id, eop_id, dblock_id,
@@ -49,17 +50,7 @@ class GLMTokenizer:
     size is :meth:`padded_vocab_size`.
     """
 
-    pad_id: int
-    eos_id: int
-    cls_id: int
-    mask_id: int
-    smask_id: int
-    gmask_id: int
-    sop_id: int
-    eop_id: int
-    dblock_id: int
-    unk_id: int
-    sep_id: int
+    kind = "sentencepiece"
 
     def __init__(self, model_path: str | os.PathLike[str]) -> None:
         self.model_path = os.fspath(model_path)
@@ -81,108 +72,120 @@ class GLMTokenizer:
         self.base_vocab_size = sp.GetPieceSize()
         if self.base_vocab_size <= 0:
             raise DataError(f"{self.model_path}: sentencepiece model has no pieces")
-        self.command_tokens: dict[str, int] = {}
-        self._text_of: dict[int, str] = {}
-        self._id_of_text: dict[str, int] = {}
-        for offset, (stem, text) in enumerate(COMMAND_TOKENS):
-            token_id = self.base_vocab_size + offset
-            self.command_tokens[stem] = token_id
-            self._text_of[token_id] = text
-            self._id_of_text[text] = token_id
-            setattr(self, f"{stem}_id", token_id)
-        ids = list(self.command_tokens.values())
+        found = {stem: self.base_vocab_size + offset for offset, (stem, _) in enumerate(COMMAND_TOKENS)}
+        ids = list(found.values())
         if len(set(ids)) != len(ids) or min(ids) < self.base_vocab_size:
             raise DataError(f"{self.model_path}: command token ids {ids} are not unique after the base vocab")
+        self._set_command_tokens(found, dict(COMMAND_TOKENS))
         self.vocab_size = self.base_vocab_size + len(COMMAND_TOKENS)
         # Longest first so that no token text shadows a longer one that starts the same way.
-        texts = sorted(self._id_of_text, key=len, reverse=True)
+        texts = sorted(self._command_id, key=len, reverse=True)
         self._special = re.compile("(" + "|".join(re.escape(t) for t in texts) + ")")
 
-    @property
-    def command_token_ids(self) -> dict[str, int]:
-        """``{"[pad]": id, ..., "[SEP]": id}``: every command token's text and id."""
-        return dict(self._id_of_text)
+    def _payload(self) -> bytes:
+        return self._proto
 
     # -- encoding ------------------------------------------------------------------------------------
 
     def encode(self, text: str, *, allow_special: bool = True) -> list[int]:
-        """Token ids of ``text``.
-
-        With ``allow_special`` (the default) command tokens written in the text map to their ids;
-        without it they are tokenized as ordinary text (what preprocessing does with a corpus).
-        """
         if not allow_special or "[" not in text:
             return self._encode_plain(text)
         ids: list[int] = []
         for i, part in enumerate(self._special.split(text)):
             if i % 2:
-                ids.append(self._id_of_text[part])
+                ids.append(self._command_id[part])
             elif part:
                 ids.extend(self._encode_plain(part))
         return ids
 
-    def decode(self, ids: Iterable[int] | Any) -> str:
-        """Text of ``ids`` (a list, numpy array or tensor); command tokens are written as their text."""
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
+    def _decode_ids(self, ids: list[int]) -> str:
         parts: list[str] = []
         run: list[int] = []
-        base = self.base_vocab_size
         for token in ids:
-            token = int(token)
-            if 0 <= token < base:
+            if token < self.base_vocab_size:
                 run.append(token)
                 continue
-            text = self._text_of.get(token)
-            if text is None:
-                raise ValueError(f"token id {token} is outside the vocabulary [0, {self.vocab_size})")
             if run:
                 parts.append(self._sp.DecodeIds(run))
                 run = []
-            parts.append(text)
+            parts.append(self._command_text[token])
         if run:
             parts.append(self._sp.DecodeIds(run))
         return "".join(parts)
 
-    def id_to_token(self, token_id: int) -> str:
-        """The piece (or command token text) of ``token_id``."""
-        token_id = int(token_id)
-        if 0 <= token_id < self.base_vocab_size:
-            return self._sp.IdToPiece(token_id)
-        text = self._text_of.get(token_id)
-        if text is None:
-            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
-        return text
+    def _piece(self, token_id: int) -> str:
+        return self._sp.IdToPiece(token_id)
 
-    def token_to_id(self, token: str) -> int:
-        """The id of a command token text (``"[MASK]"``) or of a base piece; raises ``KeyError``."""
-        if token in self._id_of_text:
-            return self._id_of_text[token]
+    def _base_id(self, token: str) -> int | None:
         token_id = self._sp.PieceToId(token)
         if token_id == self._sp.unk_id() and self._sp.IdToPiece(token_id) != token:
-            raise KeyError(f"{token!r} is not a token of {self.model_path}")
+            return None
         return token_id
 
-    # -- sizes ---------------------------------------------------------------------------------------
+    def token_bytes(self, token_id: int) -> bytes:
+        token_id = int(token_id)
+        if token_id in self._command_text:
+            return self._command_text[token_id].encode("utf-8")
+        piece = self.id_to_token(token_id)
+        if self._sp.IsByte(token_id):
+            return bytes([int(_BYTE_PIECE.fullmatch(piece).group(1), 16)])  # type: ignore[union-attr]
+        if self._sp.IsControl(token_id) or self._sp.IsUnknown(token_id):
+            return b""
+        return piece.replace("\u2581", " ").encode("utf-8")
 
-    def padded_vocab_size(self, tp_size: int = 1, divisible_by: int = 128) -> int:
-        """``vocab_size`` rounded up to a multiple of ``divisible_by * tp_size`` (Megatron's rule)."""
-        if tp_size < 1 or divisible_by < 1:
-            raise ValueError(f"tp_size ({tp_size}) and divisible_by ({divisible_by}) must be positive")
-        multiple = divisible_by * tp_size
-        return -(-self.vocab_size // multiple) * multiple
 
-    def __len__(self) -> int:
-        return self.vocab_size
+# -- opening ---------------------------------------------------------------------------------------------
 
-    # -- pickling (for DataLoader workers) ------------------------------------------------------------
+#: The file a tokenizer folder must hold (``tokenizer.json``; else a tiktoken ``tokenizer.model``).
+TOKENIZER_JSON = "tokenizer.json"
+TIKTOKEN_MODEL = "tokenizer.model"
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"model_path": self.model_path, "proto": self._proto}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.model_path = state["model_path"]
-        self._load(state["proto"])
+def _resolve(path: str) -> tuple[str, str]:
+    """(kind, file) of ``path``: ``sentencepiece``, ``tokenizer.json`` or ``tiktoken``."""
+    from megatron_glm.data.tiktoken_file import looks_like_tiktoken
 
-    def __repr__(self) -> str:
-        return f"GLMTokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
+    if os.path.isdir(path):
+        for name in (TOKENIZER_JSON, TIKTOKEN_MODEL):
+            inner = os.path.join(path, name)
+            if os.path.isfile(inner):
+                return _resolve(inner)
+        raise DataError(f"{path}: a tokenizer folder must hold {TOKENIZER_JSON} (or a tiktoken {TIKTOKEN_MODEL})")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: tokenizer model not found")
+    if path.endswith(".json"):
+        return "tokenizer.json", path
+    return ("tiktoken" if looks_like_tiktoken(path) else "sentencepiece"), path
+
+
+def tokenizer_kind(path: str | os.PathLike[str]) -> str:
+    """``sentencepiece``, ``tokenizer.json`` or ``tiktoken``: what ``--tokenizer-model`` names."""
+    return _resolve(os.fspath(path))[0]
+
+
+def open_tokenizer(path: str | os.PathLike[str]) -> TokenizerBase:
+    """The GLM tokenizer ``--tokenizer-model`` names: a sentencepiece model, a ``tokenizer.json`` (or a folder
+    holding one) or a tiktoken BPE file. Bad input is a one-line :class:`DataError`."""
+    path = os.fspath(path)
+    if not path:
+        raise DataError("--tokenizer-model is required")
+    kind, file = _resolve(path)
+    if kind == "sentencepiece":
+        return GLMTokenizer(file)
+    from megatron_glm.data.tokenizer_json import JsonTokenizer
+
+    return JsonTokenizer(file, kind=kind)
+
+
+def tokenizer_fingerprint(path: str | os.PathLike[str]) -> str:
+    """sha256 of the file the tokenizer is read from (a folder's ``tokenizer.json`` or tiktoken file), plus,
+    for a tiktoken file, of the ``tokenizer_config.json`` next to it that names its special tokens."""
+    kind, file = _resolve(os.fspath(path))
+    config = os.path.join(os.path.dirname(file), "tokenizer_config.json")
+    try:
+        digest = file_sha256(file)
+        if kind == "tiktoken" and os.path.isfile(config):
+            digest = hashlib.sha256(f"{digest}:{file_sha256(config)}".encode()).hexdigest()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the tokenizer ({exc.strerror or exc})") from None
+    return digest

@@ -12,17 +12,41 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import sentencepiece as spm
 
-from megatron_glm.data.corpus import expand_inputs, iter_texts
+from megatron_glm.data.corpus import expand_inputs
+from megatron_glm.data.sources import iter_texts
 from megatron_glm.errors import DataError
 
 __all__ = ["TrainerStats", "split_long_text", "train_sentencepiece"]
 
 MODEL_TYPES = ("bpe", "unigram")
+
+#: The lowest ``character_coverage`` sentencepiece accepts (an opaque internal assertion below it).
+MIN_COVERAGE = 0.98
+
+_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+_TOO_LARGE = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+
+
+def explain_failure(message: str, character_coverage: float) -> str:
+    """sentencepiece's error as one line in our flag names (``--vocab-size``, ``--character-coverage``), without
+    its source location."""
+    if found := _TOO_SMALL.search(message):
+        return (
+            f"--vocab-size {found[1]} is below the {found[2]} pieces that --character-coverage {character_coverage} "
+            f"needs (the characters it covers plus byte and special pieces): raise --vocab-size to at least "
+            f"{found[2]}, or lower --character-coverage (not below {MIN_COVERAGE})"
+        )
+    if found := _TOO_LARGE.search(message):
+        return f"--vocab-size {found[1]} is more pieces than this corpus yields: use at most {found[2]}, or more text"
+    last = message.strip().splitlines()[-1] if message.strip() else "unknown error"
+    last = re.sub(r"^[A-Z_]+: \S+\(\d+\) \[.*?\] ?", "", last)  # "INTERNAL: src/x.cc(94) [check] "
+    return re.sub(r"--(\w+)", lambda m: "--" + m[1].replace("_", "-"), last) or message.strip()
 
 
 def _cut(text: str, limit: int) -> int:
@@ -120,8 +144,11 @@ def train_sentencepiece(
         raise DataError(f"--model-type {model_type!r}: expected one of {', '.join(MODEL_TYPES)}")
     if vocab_size < 16:
         raise DataError(f"--vocab-size {vocab_size}: expected at least 16")
-    if not 0.0 < character_coverage <= 1.0:
-        raise DataError(f"--character-coverage {character_coverage}: expected a value in (0, 1]")
+    if not MIN_COVERAGE <= character_coverage <= 1.0:
+        raise DataError(
+            f"--character-coverage {character_coverage}: expected a value in [{MIN_COVERAGE}, 1] (sentencepiece's "
+            f"range; the characters it leaves out are spelled in byte pieces)"
+        )
     if max_sentence_length < 16:
         raise DataError(f"--max-sentence-length {max_sentence_length}: expected at least 16 bytes")
     directory = os.path.dirname(os.path.abspath(model_prefix))
@@ -155,7 +182,7 @@ def train_sentencepiece(
             minloglevel=2,
         )
     except RuntimeError as exc:
-        raise DataError(f"sentencepiece training failed: {str(exc).strip().splitlines()[-1]}") from None
+        raise DataError(f"sentencepiece training failed: {explain_failure(str(exc), character_coverage)}") from None
     if stats.documents == 0:
         raise DataError(f"--input: no usable text in {', '.join(paths)}")
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())

@@ -18,7 +18,9 @@ class EvaluateRun:
     """What to evaluate: the held-out loss / cloze accuracy (default) or a task file (``task``)."""
 
     load: str = opt("", "Checkpoint directory (training save dir or global_stepN).", required=True)
-    tokenizer_model: str = opt("", "Sentencepiece model (empty: the checkpoint's).")
+    tokenizer_model: str = opt(
+        "", "Tokenizer (sentencepiece, tokenizer.json or folder, tiktoken; empty: the checkpoint's)."
+    )
     data_path: list[str] = opt([], "Dataset prefixes of the loss evaluation (empty: the checkpoint's).")
     split: str = opt("", "train/valid/test weights (empty: the checkpoint's).")
     split_name: str = opt("valid", "Split to evaluate the loss on.", choices=SPLITS)

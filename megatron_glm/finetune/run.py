@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,9 @@ from megatron_glm.checkpoint import check_save_dir
 from megatron_glm.checkpoint.manager import list_checkpoints, write_text_atomic
 from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import GLMConfig, config_to_dict, validate
-from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.config.architecture import adopt_architecture
+from megatron_glm.config.validate import local_device_type
+from megatron_glm.data.tokenizer import open_tokenizer, tokenizer_fingerprint
 from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.fileio import file_sha256
 from megatron_glm.finetune.config import FinetuneConfig
@@ -39,24 +42,14 @@ from megatron_glm.finetune.metrics import classification_metrics, generation_met
 from megatron_glm.finetune.tasks import read_task_file
 from megatron_glm.model import flops_per_token
 from megatron_glm.parallel import initialize_parallel_state
-from megatron_glm.parallel.launch import launcher_world_size
-from megatron_glm.training.distributed import init_distributed
+from megatron_glm.parallel.launch import launcher_log, launcher_world_size
+from megatron_glm.training.determinism import apply_determinism
+from megatron_glm.training.distributed import finish_distributed, init_distributed
 from megatron_glm.training.lifeline import die_with_parent, launched_by_launcher
 from megatron_glm.training.rng import seed_everything
 from megatron_glm.training.run import trainer_services
 from megatron_glm.training.setup import build_engine, build_model
 from megatron_glm.training.trainer import Trainer, TrainState
-
-ARCHITECTURE = (
-    "num_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "vocab_size",
-    "max_sequence_length",
-    "layernorm_epsilon",
-    "block_position_encoding",
-    "init_std",
-)
 
 
 def source_model(load: str) -> tuple[Any, str]:
@@ -73,12 +66,14 @@ def source_model(load: str) -> tuple[Any, str]:
     return config, tokenizer
 
 
-def task_config(cfg: GLMConfig, task: FinetuneConfig) -> GLMConfig:
-    """``cfg`` with the checkpoint's architecture and tokenizer and the task's row length."""
+def task_config(cfg: GLMConfig, task: FinetuneConfig, log: Callable[[str], None] = print) -> GLMConfig:
+    """``cfg`` with the checkpoint's architecture (the whole of it: a command line that contradicts it is refused,
+    :func:`~megatron_glm.config.architecture.adopt_architecture`) and tokenizer and the task's row length."""
     if not cfg.checkpoint.load:
         raise ConfigError("--load CKPT is required: the checkpoint to fine-tune (any layout or format we read)")
     model, tokenizer = source_model(cfg.checkpoint.load)
-    m = dataclasses.replace(cfg.model, **{k: getattr(model, k) for k in ARCHITECTURE})
+    cfg = adopt_architecture(cfg, model.architecture(), cfg.checkpoint.load, log)
+    m = cfg.model
     tok = cfg.data.tokenizer_model or tokenizer
     if not tok:
         raise ConfigError(f"{cfg.checkpoint.load} does not name its tokenizer: pass --tokenizer-model PATH.model")
@@ -95,10 +90,10 @@ def task_config(cfg: GLMConfig, task: FinetuneConfig) -> GLMConfig:
 
 def task_identity(cfg: GLMConfig, task: FinetuneConfig, global_batch: int) -> dict[str, Any]:
     """What a resumed fine-tuning run must share with the run that saved (the training file by sha256 in
-    place of a dataset; see :mod:`megatron_glm.checkpoint.drift`)."""
+    place of a dataset; see :mod:`megatron_glm.training.drift`)."""
     return {
         "data": [[1.0, os.path.abspath(task.train_data), file_sha256(task.train_data)]],
-        "tokenizer_sha256": file_sha256(cfg.data.tokenizer_model),
+        "tokenizer_sha256": tokenizer_fingerprint(cfg.data.tokenizer_model),
         "seq_length": cfg.data.seq_length,
         "global_batch_size": int(global_batch),
         "seed": cfg.training.seed,
@@ -180,9 +175,9 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     """Fine-tune as configured; returns the final state. One process per device (deepspeed/torchrun)."""
     task.check(need_train=True)
     started = time.perf_counter()
-    cfg = task_config(cfg, task)
-    validate(cfg, launcher_world_size())
-    tokenizer = GLMTokenizer(cfg.data.tokenizer_model)
+    cfg = task_config(cfg, task, log=launcher_log)
+    validate(cfg, launcher_world_size(), local_device_type())  # once, before any process group starts
+    tokenizer = open_tokenizer(cfg.data.tokenizer_model)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"tokenizer {cfg.data.tokenizer_model} has {tokenizer.vocab_size} tokens, more than the "
@@ -210,8 +205,9 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
 
     if launched_by_launcher():
         die_with_parent()  # a killed launcher takes its workers down (no orphans writing checkpoints)
-    env = init_distributed(cfg.training.local_rank)
-    validate(cfg, env.world_size)
+    t = cfg.training
+    apply_determinism(t.deterministic)  # before CUDA starts (cuBLAS reads its workspace setting once)
+    env, heartbeat = init_distributed(t.local_rank, t.distributed_timeout_minutes, t.heartbeat_timeout)
     p = cfg.parallel
     ps = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
     is_logger = env.rank == 0
@@ -307,6 +303,5 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
         trainer.evaluate()
     services["logger"].close()
     log(f"done: step {state.step}, {state.consumed_samples} examples, {time.perf_counter() - started:.1f} s")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_distributed(heartbeat)
     return state

@@ -67,7 +67,9 @@ class GenerateRun:
         "Checkpoint directory (training save dir: newest complete global_stepN; a global_stepN; an export).",
         required=True,
     )
-    tokenizer_model: str = opt("", "Sentencepiece model (empty: the one the checkpoint was trained with).")
+    tokenizer_model: str = opt(
+        "", "Tokenizer (sentencepiece, tokenizer.json or folder, tiktoken; empty: the checkpoint's)."
+    )
     prompt: list[str] = opt([], "Prompts (several values, or repeat the flag for a batch).")
     prompt_file: str = opt("", "One prompt per line ('-': standard input).")
     interactive: bool = opt(False, "Read prompts from the terminal.")

@@ -147,6 +147,9 @@ class GLMModel(nn.Module):
         self.rng_tracker = new_rng_tracker(seed, ps, device)
         # Sequence parallelism applies to training/eval forwards; generation (a KV cache) runs without it.
         self.sequence_parallel = config.sequence_parallel and ps.tp_size > 1
+        # What backward will multiply the mean loss by (fp16: loss scale / accumulation; the trainer sets it):
+        # the fused head computes its gradient in forward and rounds it to fp16 at this scale.
+        self.head_grad_scale = 1.0
 
     def forward(
         self,
@@ -249,7 +252,16 @@ class GLMModel(nn.Module):
         if chunk <= 0:
             return glm_loss_at(self.logits(rows), positions, labels, loss_mask, self.parallel_state)
         rows = copy_to_tensor_parallel_region(rows, self.parallel_state.tp_group)
-        return glm_loss_fused(rows, self.head_weight, positions, labels, loss_mask, self.parallel_state, chunk=chunk)
+        return glm_loss_fused(
+            rows,
+            self.head_weight,
+            positions,
+            labels,
+            loss_mask,
+            self.parallel_state,
+            chunk=chunk,
+            grad_scale=self.head_grad_scale,
+        )
 
     @property
     def head_weight(self) -> torch.Tensor:

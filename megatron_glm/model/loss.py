@@ -140,12 +140,15 @@ def glm_loss_fused(
     *,
     chunk: int = 1024,
     label_smoothing: float = 0.0,
+    grad_scale: float = 1.0,
 ) -> GLMLoss:
     """:func:`glm_loss_at` with the tied head fused into the loss, ``chunk`` rows at a time
     (:func:`~megatron_glm.parallel.fused_head_cross_entropy`): the ``[n, V/tp]`` logits are never stored.
 
     ``rows [n, H]``: final hidden states at ``positions`` (already through ``copy_to_tensor_parallel_region``);
     ``head_weight [V/tp, H]``. Same loss and gradients as the unfused head; ``per_token`` carries no gradient.
+    ``grad_scale``: the factor backward will bring to the mean loss (in fp16 the loss scale over the
+    gradient accumulation steps), so the head's fp16 gradient is rounded at the scale the unfused one is.
     """
     group = (parallel_state or ParallelState()).tp_group
     b, s = labels.shape
@@ -159,6 +162,7 @@ def glm_loss_fused(
         group,
         chunk=chunk,
         label_smoothing=label_smoothing,
+        grad_scale=grad_scale / mask.sum().clamp(min=1.0),  # what backward brings to the sum (no host sync)
     )
     return _reduce(_scatter_rows(token_loss * row_mask, positions, b, s), mask, total)
 

@@ -54,7 +54,7 @@ def _chunk_loss(
 
 class _FusedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, target, row_weights, group, chunk, label_smoothing, need_grad):
+    def forward(ctx, h, weight, target, row_weights, group, chunk, label_smoothing, need_grad, grad_scale):
         tp_size = 1 if group is None else dist.get_world_size(group)
         tp_rank = 0 if group is None else dist.get_rank(group)
         local_v = weight.shape[0]
@@ -76,7 +76,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
                 grad.sub_(label_smoothing / vocab)
             hit = (~outside).to(grad.dtype) * (1.0 - label_smoothing)
             grad.scatter_add_(-1, local_target.unsqueeze(-1), -hit.unsqueeze(-1))
-            grad.mul_(row_weights[i : i + chunk].unsqueeze(-1))
+            grad.mul_(row_weights[i : i + chunk].unsqueeze(-1) * grad_scale)  # scaled in fp32, then cast
             grad = grad.to(h.dtype)
             torch.matmul(grad, weight, out=grad_h[i : i + chunk])
             if grad_w is None:
@@ -92,7 +92,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
             if grad_w is None:  # no rows
                 grad_w = torch.zeros_like(weight)
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        ctx.need_grad = need_grad
+        ctx.need_grad, ctx.grad_scale = need_grad, grad_scale
         ctx.mark_non_differentiable(losses)
         return total, losses
 
@@ -101,8 +101,8 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         if not ctx.need_grad:
             raise RuntimeError("fused_head_cross_entropy was called without gradients enabled; cannot backward")
         grad_h, grad_w = ctx.saved_tensors
-        g = grad_total.to(grad_h.dtype)
-        return grad_h * g, grad_w * g.to(grad_w.dtype), None, None, None, None, None, None
+        g = grad_total.float() / ctx.grad_scale  # 1 (to rounding) when grad_scale foresaw backward's factor
+        return (grad_h.float() * g).to(grad_h.dtype), (grad_w.float() * g).to(grad_w.dtype), *[None] * 7
 
 
 def fused_head_cross_entropy(
@@ -114,6 +114,7 @@ def fused_head_cross_entropy(
     *,
     chunk: int = 1024,
     label_smoothing: float = 0.0,
+    grad_scale: float | torch.Tensor = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum_i row_weights_i * loss_i, loss [n])`` for the logits ``h @ weight.T`` split over the vocabulary.
 
@@ -121,6 +122,12 @@ def fused_head_cross_entropy(
     ids, ``row_weights [n]`` fp32 (e.g. the loss mask). The per-row losses (fp32) carry no gradient; the
     weighted sum does, for ``h`` and ``weight``. Same values and gradients as
     ``(vocab_parallel_cross_entropy(h @ weight.T, target) * row_weights).sum()`` up to rounding.
+
+    ``grad_scale``: the factor backward is expected to bring (in fp16 the loss scale over the token count). The
+    gradients are computed in forward, so the fp32 logit gradient is multiplied by it before its cast to
+    ``h``'s dtype, as the unfused head's arrives scaled: unscaled, fp16 flushes entries near ``1/V`` to zero.
+    Backward divides its factor by ``grad_scale``, so the gradient is right whatever the value; only fp16's
+    rounding depends on it (exact when it equals backward's factor).
     """
     if chunk <= 0:
         raise ValueError(f"chunk must be a positive number of rows, got {chunk}")
@@ -134,5 +141,5 @@ def fused_head_cross_entropy(
         )
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return _FusedHeadCrossEntropy.apply(
-        h, weight, target, row_weights.to(torch.float32), group, chunk, label_smoothing, need_grad
+        h, weight, target, row_weights.to(torch.float32), group, chunk, label_smoothing, need_grad, grad_scale
     )

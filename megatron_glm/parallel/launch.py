@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_glm.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistributedEnv:
@@ -35,10 +37,30 @@ def launcher_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """The GPU of the process with ``local_rank``: ``cuda:LOCAL_RANK``, as DeepSpeed (``set_device(local_rank)``)
+    and ``PipelineModule`` (``.to(cuda:LOCAL_RANK)``) take it; more processes than visible GPUs is an error."""
+    if not 0 <= local_rank < device_count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ConfigError(
+            f"LOCAL_RANK {local_rank} has no GPU: {device_count} visible"
+            f"{f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}; start one process per GPU "
+            f"(e.g. torchrun --nproc-per-node {device_count})"
+        )
+    return local_rank
+
+
+def launcher_log(message: str) -> None:
+    """Print on global rank 0 as announced by the launcher (before the process group starts)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message)
+
+
 def start_process_group(
     local_rank_flag: int = -1, *, timeout_minutes: int = 30, single_process_group: bool = True
 ) -> DistributedEnv:
-    """Device ``cuda:LOCAL_RANK`` with NCCL, else CPU with gloo; start the default process group.
+    """Device ``cuda:LOCAL_RANK`` (:func:`cuda_device_index`) with NCCL, else CPU with gloo; start the default
+    process group (``timeout_minutes``: the timeout of its collectives).
 
     Without a launcher (world size 1) a private one-process group is started when ``single_process_group``
     (training needs one), and none otherwise. ``local_rank_flag``: the ``--local_rank`` a launcher may pass.
@@ -47,7 +69,7 @@ def start_process_group(
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_flag if local_rank_flag >= 0 else 0))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(cuda_device_index(local_rank, torch.cuda.device_count()))
         device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"

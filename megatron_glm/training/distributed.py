@@ -7,15 +7,28 @@ import torch.distributed as dist
 
 from megatron_glm.parallel import ParallelState
 from megatron_glm.parallel.launch import DistributedEnv, start_process_group
+from megatron_glm.training.heartbeat import Heartbeat, start_heartbeat
 
 
-def init_distributed(local_rank_flag: int = -1, timeout_minutes: int = 30) -> DistributedEnv:
-    """Start the default process group (a 1-process group without a launcher) and DeepSpeed's comm layer."""
+def init_distributed(
+    local_rank_flag: int = -1, timeout_minutes: int = 30, heartbeat_timeout: float = 0.0
+) -> tuple[DistributedEnv, Heartbeat | None]:
+    """Start the default process group (a 1-process group without a launcher; ``timeout_minutes``: its
+    collectives' timeout), DeepSpeed's comm layer and this rank's liveness watch (``heartbeat_timeout``
+    seconds, 0: none; see :mod:`megatron_glm.training.heartbeat`). End with :func:`finish_distributed`."""
     env = start_process_group(local_rank_flag, timeout_minutes=timeout_minutes)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=env.backend)  # wraps the existing group for DeepSpeed's comm layer
-    return env
+    return env, start_heartbeat(heartbeat_timeout)
+
+
+def finish_distributed(heartbeat: Heartbeat | None) -> None:
+    """A clean end: stop the watch (the peers stop watching this rank), meet every rank, end the group."""
+    if heartbeat is not None:
+        heartbeat.stop()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 class DeepSpeedMPU:

@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-__all__ = ["LOST_PEER_MARKERS", "lost_peer_message"]
+__all__ = ["LOST_PEER_MARKERS", "lost_contact_line", "lost_peer_message"]
 
 #: Phrases of gloo / NCCL / TCP errors that mean "the process at the other end is gone".
 LOST_PEER_MARKERS = (
@@ -60,7 +60,9 @@ def lost_peer_message(exc: BaseException, grace_s: float = 3.0) -> str | None:
         who = f"rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))}"
     else:
         who = "another rank (all answered since; a network fault?)"
-    return (
-        f"rank {rank} of {world}: lost contact with {who}, which exited or was killed (see its output); "
-        f"stopping this rank too"
-    )
+    return lost_contact_line(rank, world, who)
+
+
+def lost_contact_line(rank: int, world: int, who: str, how: str = "which exited or was killed") -> str:
+    """The one line every survivor prints (also :mod:`megatron_glm.training.heartbeat`'s)."""
+    return f"rank {rank} of {world}: lost contact with {who}, {how} (see its output); stopping this rank too"

@@ -11,32 +11,35 @@ import torch.distributed as dist
 import yaml
 
 from megatron_glm.checkpoint import CheckpointManager, check_save_dir
-from megatron_glm.checkpoint.drift import run_identity
+from megatron_glm.checkpoint.architecture import adopt_checkpoint_architecture
 from megatron_glm.checkpoint.manager import write_text_atomic
 from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import GLMConfig, config_to_dict, validate
+from megatron_glm.config.validate import local_device_type
 from megatron_glm.data.loader import build_data_iterator, build_pretraining_datasets
-from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.tokenizer import open_tokenizer
 from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.model import flops_per_token
 from megatron_glm.parallel import initialize_parallel_state
-from megatron_glm.training.distributed import init_distributed
+from megatron_glm.parallel.launch import launcher_log, launcher_world_size
+from megatron_glm.training.determinism import apply_determinism
+from megatron_glm.training.distributed import finish_distributed, init_distributed
+from megatron_glm.training.drift import run_identity
 from megatron_glm.training.lifeline import die_with_parent, launched_by_launcher
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.rng import seed_everything
 from megatron_glm.training.setup import build_engine, build_model, resolve_vocab_size
-from megatron_glm.training.throughput import matmul_peak_flops
+from megatron_glm.training.throughput import device_peak_flops
 from megatron_glm.training.trainer import Trainer, TrainState
 
 
 def trainer_services(cfg: GLMConfig, device: torch.device, is_logger: bool, log: Callable[[str], None]) -> dict:
     """The trainer's keyword arguments that every entry point builds alike: the compute peak (``logging.peak_tflops``
-    per device, or a matmul measured on every rank; summed over ranks), the metrics logger, the checkpoint manager
-    and the log function."""
-    per_device = cfg.logging.peak_tflops * 1e12 or matmul_peak_flops(
-        DTYPES[cfg.training.precision], device, n=1024, seconds=0.3
-    )
+    per device, else the device's datasheet peak or a matmul measured on it: :func:`device_peak_flops`; summed
+    over ranks), the metrics logger, the checkpoint manager and the log function."""
+    per_device, source = device_peak_flops(DTYPES[cfg.training.precision], device, cfg.logging.peak_tflops)
+    log(f"MFU peak: {per_device / 1e12:.4g} TFLOP/s per device in {cfg.training.precision} ({source})")
     peak = torch.tensor([per_device], dtype=torch.float64, device=device)  # on the device: NCCL needs it
     dist.all_reduce(peak)
     return {
@@ -55,14 +58,17 @@ def pretrain(cfg: GLMConfig) -> TrainState:
         raise ConfigError("data.tokenizer_model is empty: pass --tokenizer-model PATH.model")
     if launched_by_launcher():
         die_with_parent()  # a killed launcher takes its workers down (no orphans writing checkpoints)
-    env = init_distributed(cfg.training.local_rank)
-    validate(cfg, env.world_size)
+    cfg = adopt_checkpoint_architecture(cfg, launcher_log)  # resuming or loading weights: its architecture
+    validate(cfg, launcher_world_size(), local_device_type())  # once, before any process group starts
+    t = cfg.training
+    apply_determinism(t.deterministic)  # before CUDA starts (cuBLAS reads its workspace setting once)
+    env, heartbeat = init_distributed(t.local_rank, t.distributed_timeout_minutes, t.heartbeat_timeout)
+    is_logger = env.rank == 0
+    log = print if is_logger else (lambda *_: None)
     started = time.perf_counter()
     p = cfg.parallel
     ps = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
-    is_logger = env.rank == 0
-    log = print if is_logger else (lambda *_: None)
-    tokenizer = GLMTokenizer(cfg.data.tokenizer_model)
+    tokenizer = open_tokenizer(cfg.data.tokenizer_model)
     cfg = resolve_vocab_size(cfg, tokenizer.vocab_size)
     seed_everything(cfg.training.seed, ps.pp_rank)
     log(
@@ -70,6 +76,7 @@ def pretrain(cfg: GLMConfig) -> TrainState:
         f"{env.device.type}; {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, vocab "
         f"{cfg.model.vocab_size} (tokenizer {tokenizer.vocab_size}), seq {cfg.data.seq_length}, "
         f"precision {cfg.training.precision}"
+        f"{', deterministic kernels' if torch.are_deterministic_algorithms_enabled() else ''}"
     )
     if cfg.checkpoint.save:  # every rank: a read-only or full save directory is reported by all, at once
         save_dir = check_save_dir(cfg.checkpoint.save)
@@ -81,7 +88,7 @@ def pretrain(cfg: GLMConfig) -> TrainState:
 
     # Data first: a missing or corrupt dataset is reported before minutes of model and engine set-up.
     train_ds, valid_ds, _ = build_pretraining_datasets(
-        cfg, tokenizer, dp_size=ps.dp_size, is_rank0=is_logger, barrier=dist.barrier
+        cfg, tokenizer, dp_size=ps.dp_size, is_rank0=is_logger, barrier=dist.barrier, log=log
     )
     built = build_model(cfg, ps, env.device)
     model = built.module
@@ -145,6 +152,5 @@ def pretrain(cfg: GLMConfig) -> TrainState:
     state = trainer.train()
     services["logger"].close()
     log(f"done: step {state.step}, {state.consumed_samples} samples, {time.perf_counter() - started:.1f} s")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_distributed(heartbeat)
     return state

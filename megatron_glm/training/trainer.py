@@ -14,7 +14,6 @@ import torch.distributed as dist
 
 from megatron_glm.batch import OBJECTIVE_NAMES, Batch
 from megatron_glm.checkpoint import CheckpointManager
-from megatron_glm.checkpoint.drift import identity_drift
 from megatron_glm.config import GLMConfig, config_to_dict
 from megatron_glm.config.ranges import in_ranges, parse_iteration_ranges
 from megatron_glm.errors import CheckpointError, GLMError
@@ -22,6 +21,7 @@ from megatron_glm.model.glm import loss_rows
 from megatron_glm.model.loss import group_sums_dict, group_sums_tensor
 from megatron_glm.model.masks import batch_attention_mask
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
+from megatron_glm.training.drift import identity_drift
 from megatron_glm.training.evaluation import accumulate_losses, summarize_losses
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.pipeline import StageLoss, pipeline_batch
@@ -107,7 +107,7 @@ class Trainer:
         self._stop_signal = 0
         self._last_saved = -1
         self.identity: dict[str, Any] = {}
-        """What a resume must share with this run (:func:`~megatron_glm.checkpoint.drift.run_identity`)."""
+        """What a resume must share with this run (:func:`~megatron_glm.training.drift.run_identity`)."""
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -123,6 +123,9 @@ class Trainer:
         return moved
 
     def _forward(self, batch: Batch) -> Any:
+        if self.cfg.training.precision == "fp16" and hasattr(self.model, "head_grad_scale"):
+            opt = self.engine.optimizer  # the fused head rounds its fp16 gradient at backward's scale
+            self.model.head_grad_scale = float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 1.0))) / self.accum
         # The model runs the head on Part B (loss) rows only (fused with the loss when model.head_chunk_size > 0).
         return self.engine(
             batch["input_ids"],

@@ -112,3 +112,37 @@ def test_config_rejects_negative_chunk() -> None:
         "model.head_chunk_size must be >= 0 (0: unfused head), got -1"
     ]
     assert problems(load_config(["--model.head_chunk_size", "512"])) == []
+
+
+@pytest.mark.parametrize("chunk", [16, 5])
+def test_fused_fp16_gradient_is_scaled_before_its_cast(chunk: int) -> None:
+    """fp16 under a loss scale of 2^16: the fused head's gradient equals the unfused head's (bitwise in one
+    chunk). The head computes its gradient in forward; cast to fp16 before the scale (the old code, here
+    ``grad_scale`` = the token count, i.e. a factor 1 on the sum), the small softmax entries flush to zero."""
+    from megatron_glm.model.loss import glm_loss_at, glm_loss_fused
+
+    g = torch.Generator().manual_seed(0)
+    rows, vocab, hidden, scale = 16, 4096, 32, 2.0**16
+    h = torch.randn(rows, hidden, generator=g).half().requires_grad_()
+    w = torch.randn(vocab, hidden, generator=g).half().requires_grad_()
+    labels = torch.randint(0, vocab, (1, rows), generator=g)
+    loss_mask, positions = torch.ones(1, rows), torch.arange(rows)
+
+    ref = glm_loss_at(h @ w.t(), positions, labels, loss_mask)
+    ref_h, ref_w = torch.autograd.grad(ref.loss * scale, (h, w))
+    grads = {}
+    for name, grad_scale in (("scaled", scale), ("cast first", float(rows))):
+        out = glm_loss_fused(h, w, positions, labels, loss_mask, chunk=chunk, grad_scale=grad_scale)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=1e-5)
+        grads[name] = torch.autograd.grad(out.loss * scale, (h, w))
+    assert ref_h.dtype == ref_w.dtype == torch.float16 and torch.isfinite(ref_w).all() and (ref_w != 0).all()
+    grad_h, grad_w = grads["scaled"]
+    assert torch.equal(grad_h, ref_h)
+    if chunk >= rows:
+        assert torch.equal(grad_w, ref_w)
+    else:  # chunks' fp16 partial sums (up to ~1.6e4 here, fp16 step 8-16) cancel: equal to their rounding
+        torch.testing.assert_close(grad_w, ref_w, rtol=0, atol=ref_w.abs().max().item() * 2**-11)
+    assert (grad_w == 0).sum() <= 1
+    # what the test stages: cast before the scale, the gradient of many unlikely tokens' rows flushes to zero
+    assert (grads["cast first"][1] == 0).sum() > w.numel() // 100
+    assert not torch.equal(grads["cast first"][0], ref_h)

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_glm.data.corpus import iter_texts
 from megatron_glm.data.indexed_dataset import IndexedDataset
 from megatron_glm.data.preprocess import PreprocessConfig, preprocess
+from megatron_glm.data.sources import iter_texts
 from megatron_glm.data.tokenizer_training import train_sentencepiece
 from megatron_glm.errors import DataError
 from tests.data.conftest import REPO_ROOT

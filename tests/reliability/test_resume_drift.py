@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_glm.checkpoint.drift import identity_drift, run_identity
 from megatron_glm.config import build_config
+from megatron_glm.training.drift import identity_drift, run_identity
 from tests.training.conftest import launch, train_args
 
 

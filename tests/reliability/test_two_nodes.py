@@ -29,7 +29,9 @@ FLAGS = shlex.split(
 )
 
 
-def start_node(rank: int, corpus: dict, save: Path, port: int, job: str, log: Path) -> subprocess.Popen:
+def start_node(
+    rank: int, corpus: dict, save: Path, port: int, job: str, log: Path, flags: list[str] = FLAGS
+) -> subprocess.Popen:
     env = {
         **os.environ,
         "NODE_RANK": str(rank),
@@ -43,7 +45,7 @@ def start_node(rank: int, corpus: dict, save: Path, port: int, job: str, log: Pa
         "OMP_NUM_THREADS": "1",
     }
     with log.open("w") as out:
-        cmd = ["bash", str(SCRIPT), *FLAGS]
+        cmd = ["bash", str(SCRIPT), *flags]
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -28,16 +28,18 @@ from typing import Any
 import torch
 
 from megatron_glm.checkpoint.safe_load import safe_torch_load
+from megatron_glm.checkpoint.safetensors_file import open_safetensors, read_header
 from megatron_glm.checkpoint.stream import SourceInfo
-from megatron_glm.config import ModelConfig
+from megatron_glm.config import Architecture, ModelConfig
+from megatron_glm.config.architecture import ArchitectureFamily
 from megatron_glm.dtypes import DTYPE_NAMES
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model.layout import ModelLayout
 
 from .hf_chatglm import CHATGLM2_FAMILY, CHATGLM_FAMILY
 from .hf_family import Derived, HFFamily
-from .packing import architecture_mismatch, multi_head_mismatch
-from .standalone import DEFAULT_SHARD_BYTES, write_weight_shards
+from .packing import PRECISION_ONLY
+from .standalone import DEFAULT_SHARD_BYTES, check_shards, read_weight_index, write_weight_shards
 
 CONFIG = "config.json"
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -100,19 +102,16 @@ def _glm_from_config(raw: dict[str, Any], where: str) -> ModelConfig:
     )
 
 
-GLM_ARCH: dict[str, Any] = {
-    "position_embedding_type": "learned_absolute",
-    "activation": "gelu",
-    "normalization": "LayerNorm",
-    "residual_style": "pre_ln",
-    "add_qkv_bias": True,
-    "add_bias_linear": True,
-    "untie_embeddings_and_output_weights": False,
-}
-
-
-def _glm_check(config: ModelConfig) -> str | None:
-    return architecture_mismatch(config, GLM_ARCH) or multi_head_mismatch(config)
+#: What the layout holds: the 2021 GLM (our defaults), with the fields config.json records.
+GLM_ARCH = ArchitectureFamily(
+    "glm",
+    Architecture(),
+    recorded=frozenset(
+        {"num_layers", "vocab_size", "hidden_size", "num_attention_heads", "max_sequence_length"}
+        | {"block_position_encoding", "layernorm_epsilon"}
+    ),
+    alternatives=PRECISION_ONLY,
+)
 
 
 GLM_FAMILY = HFFamily(
@@ -130,7 +129,7 @@ GLM_FAMILY = HFFamily(
     to_config=_glm_to_config,
     from_config=_glm_from_config,
     markers=("auto_map", "attention_dropout_prob", "output_dropout_prob", "embedding_dropout_prob"),
-    check=_glm_check,
+    architecture=GLM_ARCH,
 )
 
 #: Published layouts by name (``glm``, ``chatglm-6b``, ``chatglm2-6b``).
@@ -236,19 +235,11 @@ class HFSource:
     def _weight_map(path: Path) -> dict[str, str]:
         for index in (SAFE_INDEX, BIN_INDEX):
             if (path / index).is_file():
-                try:
-                    wm = json.loads((path / index).read_text(encoding="utf-8"))["weight_map"]
-                except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise CheckpointError(f"{path / index}: not a weight index ({exc})") from None
-                missing = sorted({f for f in wm.values() if not (path / f).is_file()})
-                if missing:
-                    raise CheckpointError(f"{path}: missing weight shards: {', '.join(missing)}")
-                return dict(wm)
+                wm = read_weight_index(path / index)
+                check_shards(path, wm)
+                return wm
         if (path / SAFE_WEIGHTS).is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(path / SAFE_WEIGHTS), framework="pt") as f:
-                return {k: SAFE_WEIGHTS for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            return dict.fromkeys(read_header(path / SAFE_WEIGHTS), SAFE_WEIGHTS)
         if (path / BIN_WEIGHTS).is_file():
             return {k: BIN_WEIGHTS for k in HFSource._load_bin(path / BIN_WEIGHTS)}
         raise CheckpointError(f"{path}: no weights ({', '.join(WEIGHT_FILES)})")
@@ -263,9 +254,7 @@ class HFSource:
     def _file(self, fname: str) -> Any:
         if fname not in self._open:
             if fname.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                self._open[fname] = safe_open(str(self.path / fname), framework="pt")
+                self._open[fname] = open_safetensors(self.path / fname)
             else:
                 self._open[fname] = self._load_bin(self.path / fname)
         return self._open[fname]
@@ -340,6 +329,11 @@ def write_hf(
         return files
     generation: dict[str, Any] = {"do_sample": False, "num_beams": 1, "use_cache": True}
     if tokenizer is not None:
+        if getattr(tokenizer, "kind", "sentencepiece") != "sentencepiece":
+            raise CheckpointError(
+                f"{tokenizer.model_path}: this export ships GLM's remote-code sentencepiece tokenizer; "
+                f"a {tokenizer.kind} tokenizer is not supported here"
+            )
         ids, tokens = tokenizer.command_token_ids, tokenizer.vocab_size
         fields.update(pad_token_id=ids["[pad]"], eos_token_id=ids["[eop]"], glm_command_tokens=ids)
         generation.update(

@@ -32,13 +32,14 @@ from typing import Any
 
 import torch
 
-from megatron_glm.config import ModelConfig
-from megatron_glm.config.sizes import MODEL_SIZES
+from megatron_glm.config import Architecture, ModelConfig
+from megatron_glm.config.architecture import ArchitectureFamily
+from megatron_glm.config.sizes import FAMILY_OPTIONS, MODEL_SIZES
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model.layout import OUTPUT_TENSOR, VOCAB_TENSOR
 
 from .hf_family import Derived, HFFamily
-from .packing import architecture_mismatch, multi_head_mismatch, ours_to_per_head, per_head_to_ours, rotary_inv_freq
+from .packing import PRECISION_ONLY, ours_to_per_head, per_head_to_ours, rotary_inv_freq
 
 _SHAPES = (
     "num_layers",
@@ -77,20 +78,17 @@ def _unsupported(where: str, key: str, value: object, wanted: object) -> None:
 
 # -- ChatGLM-6B ------------------------------------------------------------------------------------------------
 
-CHATGLM_ARCH: dict[str, Any] = {
-    "position_embedding_type": "rope_2d",
-    "rotary_interleaved": False,
-    "rotary_base": 10000.0,
-    "activation": "gelu",
-    "normalization": "LayerNorm",
-    "residual_style": ("post_ln_alpha", "deepnorm"),
-    "add_qkv_bias": True,
-    "add_bias_linear": True,
-}
-
-
-def _chatglm_check(config: ModelConfig) -> str | None:
-    return architecture_mismatch(config, CHATGLM_ARCH) or multi_head_mismatch(config)
+#: What the layout holds: the release's options (DeepNorm and post-LN alpha share the forward), the shapes its
+#: config.json records; multi-head attention with head size hidden / heads.
+CHATGLM_ARCH = ArchitectureFamily(
+    "chatglm-6b",
+    Architecture(**FAMILY_OPTIONS["chatglm-6b"]),
+    recorded=frozenset(
+        {"num_layers", "hidden_size", "num_attention_heads", "vocab_size", "ffn_hidden_size", "max_sequence_length"}
+        | {"layernorm_epsilon", "untie_embeddings_and_output_weights"}
+    ),
+    alternatives={"residual_style": ("deepnorm",), **PRECISION_ONLY},
+)
 
 
 def _chatglm_to_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -185,7 +183,7 @@ CHATGLM_FAMILY = HFFamily(
     to_config=_chatglm_to_config,
     from_config=_chatglm_from_config,
     markers=("inner_hidden_size", "position_encoding_2d"),
-    check=_chatglm_check,
+    architecture=CHATGLM_ARCH,
     rename=_chatglm_rename,
     to_theirs=_chatglm_to_theirs,
     to_ours=_chatglm_to_ours,
@@ -194,16 +192,17 @@ CHATGLM_FAMILY = HFFamily(
 
 # -- ChatGLM2-6B -----------------------------------------------------------------------------------------------
 
-CHATGLM2_ARCH: dict[str, Any] = {
-    "position_embedding_type": "rope",
-    "rotary_percent": 0.5,
-    "rotary_interleaved": True,
-    "rotary_base": 10000.0,
-    "activation": "swiglu",
-    "normalization": "RMSNorm",
-    "residual_style": "pre_ln",
-    "untie_embeddings_and_output_weights": True,
-}
+#: What the layout holds: the release's options, and the shapes, groups, biases and precision options its
+#: config.json records.
+CHATGLM2_ARCH = ArchitectureFamily(
+    "chatglm2-6b",
+    Architecture(**FAMILY_OPTIONS["chatglm2-6b"]),
+    recorded=frozenset(
+        {"num_layers", "hidden_size", "num_attention_heads", "kv_channels", "ffn_hidden_size", "vocab_size"}
+        | {"max_sequence_length", "num_query_groups", "group_query_attention", "add_bias_linear", "add_qkv_bias"}
+        | {"apply_query_key_layer_scaling", "attention_softmax_in_fp32", "layernorm_epsilon"}
+    ),
+)
 
 
 def _chatglm2_to_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -315,7 +314,7 @@ CHATGLM2_FAMILY = HFFamily(
     to_config=_chatglm2_to_config,
     from_config=_chatglm2_from_config,
     markers=("padded_vocab_size", "multi_query_attention", "kv_channels"),
-    check=lambda config: architecture_mismatch(config, CHATGLM2_ARCH),
+    architecture=CHATGLM2_ARCH,
     rename=_chatglm2_rename,
     derived=_chatglm2_derived,
 )

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from megatron_glm.config import ModelConfig
+from megatron_glm.config.architecture import ArchitectureFamily
 
 TensorMap = Callable[[ModelConfig, str, torch.Tensor], torch.Tensor]
 
@@ -54,12 +55,12 @@ class HFFamily:
     """Prefix of every tensor name in the task-head classes (absent in the bare model's names)."""
     to_config: Callable[[ModelConfig], dict[str, Any]]
     from_config: Callable[[dict[str, Any], str], ModelConfig]
+    architecture: ArchitectureFamily
+    """The architectures this layout holds (checked field by field on export)."""
     markers: tuple[str, ...] = field(default=())
     """config.json keys that tell this family's layout from our standalone export and from the other families."""
     key: str = ""
     """Name in :data:`FAMILIES` (default: ``model_type``)."""
-    check: Callable[[ModelConfig], str | None] = lambda config: None
-    """The first architecture option this layout cannot hold (``None``: it holds the model)."""
     rename: Callable[[str], str] | None = None
     """Our tensor name -> the published one (``None``: ``prefix + name``)."""
     to_theirs: TensorMap | None = None
@@ -69,6 +70,10 @@ class HFFamily:
     @property
     def name(self) -> str:
         return self.key or self.model_type
+
+    def check(self, config: ModelConfig) -> str | None:
+        """Every architecture field of ``config`` this layout cannot hold, as one phrase (``None``: it holds it)."""
+        return self.architecture.mismatch(config.architecture())
 
     def hf_name(self, name: str) -> str:
         return self.rename(name) if self.rename is not None else self.prefix + name

@@ -36,13 +36,14 @@ import torch
 from megatron_glm.checkpoint.reshard import merge_shards
 from megatron_glm.checkpoint.safe_load import safe_torch_load
 from megatron_glm.checkpoint.stream import SourceInfo
-from megatron_glm.config import ModelConfig
-from megatron_glm.config.sizes import MODEL_SIZES
+from megatron_glm.config import Architecture, ModelConfig
+from megatron_glm.config.architecture import ArchitectureFamily
+from megatron_glm.config.sizes import FAMILY_OPTIONS, MODEL_SIZES
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model.layout import VOCAB_TENSOR, ModelLayout, layer_index
 
 from .glm_original import RankFilesSource, _strip_module_prefix, find_rank_dir, rank_files, rank_modules
-from .packing import architecture_mismatch, multi_head_mismatch, ours_to_per_head, per_head_to_ours, rotary_inv_freq
+from .packing import PRECISION_ONLY, ours_to_per_head, per_head_to_ours, rotary_inv_freq
 
 MODEL_CONFIG = "model_config.json"
 MODEL_CLASS = "GLM130B"
@@ -51,19 +52,14 @@ INV_FREQ = "mixins.rotary-embedding.rotary_emb.inv_freq"
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length")
 #: GLM-130B's options (the named size minus its shapes): what a SAT GLM-130B model is.
 GLM130B_OPTIONS = {k: v for k, v in MODEL_SIZES["glm-130b"].items() if k not in (*_SHAPE_KEYS, "ffn_hidden_size")}
-#: What the layout holds: an exported model must have these (DeepNorm and ChatGLM's post-LN alpha share the forward).
-GLM130B_ARCH: dict[str, Any] = {
-    "position_embedding_type": "rope",
-    "rotary_percent": 1.0,
-    "rotary_interleaved": False,
-    "rotary_base": 10000.0,
-    "activation": "geglu",
-    "normalization": "LayerNorm",
-    "residual_style": ("deepnorm", "post_ln_alpha"),
-    "add_qkv_bias": True,
-    "add_bias_linear": True,
-    "untie_embeddings_and_output_weights": False,
-}
+#: What the layout holds: GLM-130B's options (DeepNorm and ChatGLM's post-LN alpha share the forward) with the
+#: shapes model_config.json records; multi-head attention with head size hidden / heads.
+GLM130B_ARCH = ArchitectureFamily(
+    "sat",
+    Architecture(**FAMILY_OPTIONS["glm-130b"]),
+    recorded=frozenset({*_SHAPE_KEYS, "ffn_hidden_size", "layernorm_epsilon"}),
+    alternatives={"residual_style": ("post_ln_alpha",), **PRECISION_ONLY},
+)
 
 
 def sat_name(name: str) -> str:
@@ -76,7 +72,7 @@ def _is_qkv(name: str) -> bool:
 
 def check_sat_architecture(config: ModelConfig) -> None:
     """One-line error unless ``config`` is a model GLM-130B's SAT layout holds."""
-    bad = architecture_mismatch(config, GLM130B_ARCH) or multi_head_mismatch(config)
+    bad = GLM130B_ARCH.mismatch(config.architecture())
     if bad:
         raise CheckpointError(f"the sat (GLM-130B) layout cannot hold this model: {bad}")
 

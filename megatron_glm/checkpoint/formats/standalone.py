@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from megatron_glm.checkpoint.safetensors_file import open_safetensors, read_header
 from megatron_glm.checkpoint.stream import SourceInfo, iter_layers
 from megatron_glm.config import ModelConfig
 from megatron_glm.dtypes import DTYPE_NAMES, DTYPES
@@ -43,24 +44,46 @@ def read_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
     return model_config_from_dict(raw, str(f)), raw
 
 
+def read_weight_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a ``*.index.json`` (tensor name -> shard file)."""
+    try:
+        wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise TypeError("weight_map is not an object of file names")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a weight index ({exc})") from None
+    return dict(wm)
+
+
+def check_shards(path: Path, weight_map: dict[str, str]) -> None:
+    """Every shard the map names exists, has a sound safetensors header and holds the tensors mapped to it."""
+    missing = sorted({v for v in weight_map.values() if not (path / v).is_file()})
+    if missing:
+        raise CheckpointError(f"{path}: missing weight shards: {', '.join(missing)}")
+    for fname in sorted(set(weight_map.values())):
+        if not fname.endswith(".safetensors"):
+            continue
+        held = read_header(path / fname)
+        absent = [k for k, v in weight_map.items() if v == fname and k not in held]
+        if absent:
+            raise CheckpointError(
+                f"{path / fname}: lacks {len(absent)} tensors its index maps to it, e.g. {absent[:3]}"
+            )
+
+
 class StandaloneSource:
     """A standalone model directory, read one tensor at a time (safetensors are memory-mapped)."""
 
     def __init__(self, path: str | Path) -> None:
-        from safetensors import safe_open
-
         path = Path(path)
         if not is_standalone(path):
             raise CheckpointError(f"{path}: not a standalone GLM model ({CONFIG} + {WEIGHTS} or {INDEX})")
         config, self.raw_config = read_config(path)
         if (path / INDEX).is_file():
-            weight_map = json.loads((path / INDEX).read_text(encoding="utf-8"))["weight_map"]
+            weight_map = read_weight_index(path / INDEX)
         else:
-            with safe_open(str(path / WEIGHTS), framework="pt") as f:
-                weight_map = {k: WEIGHTS for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        missing = sorted({v for v in weight_map.values() if not (path / v).is_file()})
-        if missing:
-            raise CheckpointError(f"{path}: missing weight shards: {', '.join(missing)}")
+            weight_map = dict.fromkeys(read_header(path / WEIGHTS), WEIGHTS)
+        check_shards(path, weight_map)
         self.path, self.weight_map = path, weight_map
         tok = [str(p) for p in sorted(path.glob("tokenizer*")) if p.is_file()]
         self.info = SourceInfo(format="safetensors", path=str(path), config=config, tokenizer_files=tok)
@@ -72,11 +95,9 @@ class StandaloneSource:
         return list(self._names)
 
     def tensor(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         fname = self.weight_map[name]
         if fname not in self._open:
-            self._open[fname] = safe_open(str(self.path / fname), framework="pt")
+            self._open[fname] = open_safetensors(self.path / fname)
         return self._open[fname].get_tensor(name)
 
     module_tensor = tensor

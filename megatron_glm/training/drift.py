@@ -8,36 +8,35 @@ such a resume unless ``checkpoint.override_config`` (``--override-checkpoint-con
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any
+
+from megatron_glm.data.dataset_meta import dataset_fingerprint
+from megatron_glm.data.samples import parse_data_path
 
 __all__ = ["identity_drift", "run_identity"]
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
+def _tokenizer_sha256(path: str) -> str:
+    """The tokenizer's fingerprint (a folder: its ``tokenizer.json``); "" when unreadable."""
+    from megatron_glm.data.tokenizer import tokenizer_fingerprint
+    from megatron_glm.errors import DataError
+
     try:
-        with open(path, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 22), b""):
-                h.update(block)
-    except OSError:
+        return tokenizer_fingerprint(path) if path else ""
+    except (DataError, OSError):
         return ""
-    return h.hexdigest()
 
 
 def run_identity(cfg: Any, global_batch_size: int) -> dict[str, Any]:
     """What a resumed run must share with the run that saved (see the module docstring)."""
-    from megatron_glm.data.dataset_meta import dataset_fingerprint
-    from megatron_glm.data.samples import parse_data_path
-
     d = cfg.data
     return {
         "data": [
             [weight, os.path.abspath(prefix), dataset_fingerprint(prefix)]
             for weight, prefix in parse_data_path(d.data_path)
         ],
-        "tokenizer_sha256": _file_sha256(d.tokenizer_model),
+        "tokenizer_sha256": _tokenizer_sha256(d.tokenizer_model),
         "seq_length": d.seq_length,
         "global_batch_size": int(global_batch_size),
         "seed": cfg.training.seed,
