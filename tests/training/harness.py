@@ -65,7 +65,7 @@ def synthetic_batches(micro_batch_size: int, dp_rank: int, seed: int = 0) -> Ite
 
 def build_trainer(cfg: GLMConfig) -> tuple[Trainer, ParallelState, CapturingLogger]:
     """The real set-up of ``pretrain`` (no data files, no checkpoints) on the launched process group."""
-    env = init_distributed()
+    env, _ = init_distributed()  # no heartbeat
     p = cfg.parallel
     ps = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
     built = build_model(cfg, ps, env.device)

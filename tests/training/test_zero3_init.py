@@ -33,7 +33,7 @@ def _setup_peaks(rank: int, world: int) -> dict:
     from megatron_glm.training.distributed import init_distributed
     from megatron_glm.training.setup import build_model
 
-    env = init_distributed()
+    env, _ = init_distributed()  # no heartbeat
     ps = initialize_parallel_state(1, 1)
     out: dict = {}
     for stage in (3, 1):
