@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 2 pretrain_glm.py --config ...
 
 ``--dry-run`` validates the configuration (for the launcher's world size, else TP x PP x DP of the config) and
-prints it, the parameter count and the memory per rank (weights, grads, optimizer states), without training.
+prints it, the parameter count and the memory per rank (weights, grads, optimizer states; and the set-up peak, while
+the model is built), without training.
 ``--help`` lists every option.
 """
 
@@ -60,6 +61,7 @@ def dry_run_memory(cfg: GLMConfig, world_size: int) -> str:
     """The parameter count and the memory per rank (weights, grads, optimizer states) of this run."""
     from megatron_glm.config import derived_data_parallel_size
     from megatron_glm.model.memory import estimate_memory
+    from megatron_glm.training.deepspeed_config import build_deepspeed_config
 
     p, t = cfg.parallel, cfg.training
     tp, pp, dp = (
@@ -69,10 +71,11 @@ def dry_run_memory(cfg: GLMConfig, world_size: int) -> str:
     )
     if cfg.model.vocab_size <= 0:
         return "parameters: unknown until the tokenizer gives the vocabulary (set model.vocab_size to count them)"
-    est = estimate_memory(cfg.model, tp=tp, pp=pp, dp=dp, zero_stage=t.zero_stage, precision=t.precision)
+    stage = build_deepspeed_config(cfg, dp)["zero_optimization"]["stage"]  # a --deepspeed_config may name it
+    est = estimate_memory(cfg.model, tp=tp, pp=pp, dp=dp, zero_stage=stage, precision=t.precision)
     return (
         f"parameters: {est.parameters:,}\n"
-        f"memory per rank (TP {tp} x PP {pp} x DP {dp}, ZeRO {t.zero_stage}, {t.precision}; "
+        f"memory per rank (TP {tp} x PP {pp} x DP {dp}, ZeRO {stage}, {t.precision}; "
         f"{est.stage_parameters:,} parameters on the largest rank): {est.describe()}"
     )
 

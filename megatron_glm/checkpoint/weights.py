@@ -9,6 +9,7 @@ fresh.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +33,36 @@ def load_model_weights(model: nn.Module, source: str | Path | Any, tp_size: int,
             name = original_name(local)
             if name not in available:
                 raise CheckpointError(f"{src.info.path}: has no tensor {name} (needed by this model)")
-            full = src.tensor(name)
-            try:
-                value = split_full(layout[name], full, tp_rank, tp_size)
-            except (ValueError, RuntimeError) as exc:
-                raise CheckpointError(
-                    f"{src.info.path}: {name} of shape {list(full.shape)} cannot be split for "
-                    f"tensor-parallel size {tp_size} ({exc})"
-                ) from None
-            if tuple(value.shape) != tuple(param.shape):
-                raise CheckpointError(
-                    f"{src.info.path}: {name} has shape {list(value.shape)} for tp rank {tp_rank}, "
-                    f"the model expects {list(param.shape)}"
-                )
-            param.copy_(value)
+            with writable(param):
+                _load_one(src, layout, name, param, tp_rank, tp_size)
     src.release()
     return src.info.path
+
+
+def writable(param: nn.Parameter) -> contextlib.AbstractContextManager:
+    """A context in which ``param`` holds this tensor-parallel rank's whole value and writes to it are kept: under
+    ZeRO-3 (a model built in ``deepspeed.zero.Init``) it is gathered, then re-partitioned from rank 0's copy (every
+    rank writes the same); otherwise nothing."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+
+
+def _load_one(src: Any, layout: Any, name: str, param: nn.Parameter, tp_rank: int, tp_size: int) -> None:
+    """Copy this rank's shard of checkpoint tensor ``name`` into ``param``."""
+    full = src.tensor(name)
+    try:
+        value = split_full(layout[name], full, tp_rank, tp_size)
+    except (ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{src.info.path}: {name} of shape {list(full.shape)} cannot be split for "
+            f"tensor-parallel size {tp_size} ({exc})"
+        ) from None
+    if tuple(value.shape) != tuple(param.shape):
+        raise CheckpointError(
+            f"{src.info.path}: {name} has shape {list(value.shape)} for tp rank {tp_rank}, "
+            f"the model expects {list(param.shape)}"
+        )
+    param.copy_(value)

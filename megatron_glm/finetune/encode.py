@@ -208,11 +208,21 @@ def collate_rows(samples: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Te
 
 
 def task_batches(
-    dataset: TaskDataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1
+    dataset: TaskDataset,
+    *,
+    consumed_samples: int,
+    micro_batch_size: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    pin_memory: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's micro-batches of ``micro_batch_size`` examples, resumed at ``consumed_samples`` examples."""
+    """This rank's micro-batches of ``micro_batch_size`` examples, resumed at ``consumed_samples`` examples
+    (``pin_memory``: page-locked, for non-blocking copies to a GPU)."""
     sampler = MicroBatchSampler(consumed_samples, micro_batch_size, dp_rank, dp_size)
-    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0, collate_fn=collate_rows))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=0, collate_fn=collate_rows, pin_memory=pin_memory
+    )
+    return iter(loader)
 
 
 def num_choices(examples: Sequence[ClozeExample]) -> int:

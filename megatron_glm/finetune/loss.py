@@ -92,9 +92,11 @@ class TaskLoss:
                 self.confusion[t, p] += 1
         return out
 
-    def forward(self, engine: Any, batch: dict[str, torch.Tensor]) -> GLMLoss:
-        """Loss of a batch dict; the head runs on the loss positions only."""
-        positions = loss_positions(batch["loss_mask"])
+    def forward(self, engine: Any, batch: dict[str, Any]) -> GLMLoss:
+        """Loss of a batch dict; the head runs on the loss positions only (the trainer's host-found
+        ``loss_rows`` when the batch has them: no device sync)."""
+        rows = batch.get("loss_rows")
+        positions = loss_positions(batch["loss_mask"]) if rows is None else rows.flat
         logits = engine(batch["input_ids"], batch["position_ids"], batch["sep"], logit_positions=positions)
         base = glm_loss_at(
             logits, positions, batch["labels"], batch["loss_mask"], self.ps, label_smoothing=self._smoothing()

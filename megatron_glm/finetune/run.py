@@ -250,11 +250,23 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
 
     def train_batches(consumed: int):
         return task_batches(
-            train_ds, consumed_samples=consumed, micro_batch_size=mbs, dp_rank=ps.dp_rank, dp_size=ps.dp_size
+            train_ds,
+            consumed_samples=consumed,
+            micro_batch_size=mbs,
+            dp_rank=ps.dp_rank,
+            dp_size=ps.dp_size,
+            pin_memory=env.device.type == "cuda",
         )
 
     def valid_batches():
-        return task_batches(valid_ds, consumed_samples=0, micro_batch_size=mbs, dp_rank=ps.dp_rank, dp_size=ps.dp_size)
+        return task_batches(
+            valid_ds,
+            consumed_samples=0,
+            micro_batch_size=mbs,
+            dp_rank=ps.dp_rank,
+            dp_size=ps.dp_size,
+            pin_memory=env.device.type == "cuda",
+        )
 
     flops_sample = flops_per_token(cfg.model, task.seq_length) * task.seq_length * choices
     services = trainer_services(cfg, env.device, is_logger, log)

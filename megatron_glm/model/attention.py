@@ -76,6 +76,18 @@ class QueryRows:
         index[sample, rank] = flat - sample * seq
         return cls(flat, index, sample * width + rank, seq)
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> QueryRows:
+        """The same rows with their index tensors on ``device`` (a non-blocking copy from the host to a GPU goes
+        through page-locked memory: from pageable memory CUDA would wait for the device first)."""
+        device = torch.device(device)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if non_blocking and device.type == "cuda" and t.device.type == "cpu":
+                t = t.pin_memory()
+            return t.to(device, non_blocking=non_blocking)
+
+        return QueryRows(move(self.flat), move(self.index), move(self.slot), self.seq)
+
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """``x [b, s, ...]`` -> its rows ``[n, ...]``."""
         return x.reshape(-1, *x.shape[2:]).index_select(0, self.flat)

@@ -90,6 +90,14 @@ def tied_logits(h: torch.Tensor, weight: torch.Tensor, parallel_state: ParallelS
     return F.linear(copy_to_tensor_parallel_region(h, parallel_state.tp_group), weight)
 
 
+def loss_rows(loss_mask: torch.Tensor) -> QueryRows:
+    """The rows carrying loss (``loss_mask != 0``) as :class:`QueryRows`. Their count is data-dependent: made from
+    the loader's host tensor before the batch moves (``GLMModel.forward(loss_rows=...)``), they cost the device no
+    synchronisation, where the model would otherwise wait twice per forward (``nonzero``, the widest sample)."""
+    b, s = loss_mask.shape
+    return QueryRows.from_flat(loss_positions(loss_mask), b, s)
+
+
 def new_rng_tracker(seed: int, parallel_state: ParallelState, device: torch.device | str | None) -> RNGStatesTracker:
     """The tensor-parallel dropout stream (``model_parallel_seed(seed, tp_rank)``) on ``device``."""
     tracker = RNGStatesTracker(torch.device(device) if device is not None else "cpu")
@@ -153,6 +161,7 @@ class GLMModel(nn.Module):
         logit_positions: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
+        loss_rows: QueryRows | None = None,
     ) -> torch.Tensor | GLMLoss:
         """Logits ``[b, s, V/tp]`` (or the loss, with ``labels`` and ``loss_mask``).
 
@@ -172,7 +181,8 @@ class GLMModel(nn.Module):
         ``labels`` and ``loss_mask`` (training, optional, both ``[b, s]``): return the
         :class:`~megatron_glm.model.loss.GLMLoss` instead of logits, the head run on the loss rows only;
         with ``config.head_chunk_size > 0`` fused into the cross entropy in chunks of that many rows
-        (:func:`~megatron_glm.model.loss.glm_loss_fused`, no ``[n, V]`` logits stored).
+        (:func:`~megatron_glm.model.loss.glm_loss_fused`, no ``[n, V]`` logits stored). ``loss_rows`` (optional,
+        with ``labels``): :func:`loss_rows` of ``loss_mask``, computed on the host beforehand (no device sync).
         """
         if (labels is None) != (loss_mask is None):
             raise ValueError("labels and loss_mask must be given together")
@@ -188,9 +198,12 @@ class GLMModel(nn.Module):
         seq_parallel = self.sequence_parallel and kv_cache is None
         b, s = h.shape[:2]
         rows = None
+        loss_rows = loss_rows if labels is not None else None
         if self.config.last_layer_loss_rows and kv_cache is None and not seq_parallel:
-            needed = loss_positions(loss_mask) if labels is not None else logit_positions
-            rows = None if needed is None else QueryRows.from_flat(needed, b, s)
+            rows = loss_rows
+            if rows is None:
+                needed = loss_positions(loss_mask) if labels is not None else logit_positions
+                rows = None if needed is None else QueryRows.from_flat(needed, b, s)
         if rows is not None:
             mask = prepare_attention_mask(attention_mask, b, s, h.device)
             h = self.transformer(h, mask, self.rng_tracker, rotary=rotary, rows=rows)  # [n, H]: the needed rows
@@ -209,7 +222,7 @@ class GLMModel(nn.Module):
             mask = prepare_attention_mask(attention_mask, b, s, h.device, kv_seq=kv_cache.length + s)
             h = self.transformer(h, mask, self.rng_tracker, kv_cache=kv_cache, rotary=rotary)
         if labels is not None:
-            return self.head_loss(h, labels, loss_mask)
+            return self.head_loss(h, labels, loss_mask, None if loss_rows is None else loss_rows.flat)
         if logit_positions is not None:
             h = h.reshape(b * s, h.shape[-1]).index_select(0, logit_positions)
         return self.logits(h)
@@ -222,11 +235,13 @@ class GLMModel(nn.Module):
         for layer in self.transformer.layers.values():
             layer.compile(**kwargs)
 
-    def head_loss(self, h: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> GLMLoss:
-        """The GLM loss of final hidden states ``h [b, s, H]``: the head on the ``loss_mask`` rows only,
-        fused and chunked when ``config.head_chunk_size > 0``."""
+    def head_loss(
+        self, h: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> GLMLoss:
+        """The GLM loss of final hidden states ``h [b, s, H]``: the head on the ``loss_mask`` rows only (their
+        flat ``positions``, found here when not given), fused and chunked when ``config.head_chunk_size > 0``."""
         b, s = labels.shape
-        positions = loss_positions(loss_mask)
+        positions = loss_positions(loss_mask) if positions is None else positions
         return self.head_loss_at(h.reshape(b * s, h.shape[-1]).index_select(0, positions), positions, labels, loss_mask)
 
     def head_loss_at(

@@ -24,6 +24,13 @@ class GLMLoss:
     sample_sum: torch.Tensor
     sample_tokens: torch.Tensor
 
+    def group_sums(self, groups: torch.Tensor) -> torch.Tensor:
+        """``[GROUP_SLOTS, 2]`` float64 ``(loss sum, token count)`` by group id (``groups``: ``[b]`` integers in
+        ``[0, GROUP_SLOTS)``), left on the device: no host synchronisation (:func:`group_sums_dict` reads it)."""
+        values = torch.stack([self.sample_sum.detach(), self.sample_tokens.detach()], dim=-1).double()
+        sums = torch.zeros(GROUP_SLOTS, 2, dtype=torch.float64, device=values.device)
+        return sums.index_add_(0, groups.to(values.device, torch.long), values)
+
     def by_group(self, groups: torch.Tensor) -> dict[int, tuple[float, float]]:
         """``{group id: (loss sum, token count)}`` for a ``[b]`` integer tensor (e.g. the objective)."""
         out: dict[int, tuple[float, float]] = {}
@@ -32,6 +39,26 @@ class GLMLoss:
             sel = groups == g
             out[int(g)] = (float(sums[sel].sum()), float(counts[sel].sum()))
         return out
+
+
+GROUP_SLOTS = 8
+"""Group ids :meth:`GLMLoss.group_sums` takes: the objectives (0-2), fine-tuning's row kinds (up to 5)."""
+
+
+def group_sums_dict(sums: torch.Tensor | None) -> dict[int, list[float]]:
+    """:meth:`GLMLoss.group_sums` (or their sum) read back as ``{group: [loss sum, token count]}`` (one host copy),
+    groups that saw nothing left out."""
+    if sums is None:
+        return {}
+    return {g: [s, n] for g, (s, n) in enumerate(sums.tolist()) if s or n}
+
+
+def group_sums_tensor(sums: dict[int, list[float]], device: torch.device | str) -> torch.Tensor:
+    """``{group: [loss sum, token count]}`` as the ``[GROUP_SLOTS, 2]`` float64 tensor of :meth:`GLMLoss.group_sums`."""
+    out = torch.zeros(GROUP_SLOTS, 2, dtype=torch.float64)
+    for g, (s, n) in sums.items():
+        out[g] = torch.tensor([s, n], dtype=torch.float64)
+    return out.to(device)
 
 
 def add_group_sums(acc: dict[int, list[float]], sums: dict[int, tuple[float, float]] | dict[int, list[float]]) -> None:

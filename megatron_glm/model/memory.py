@@ -7,6 +7,11 @@ uniform runs of transformer layers (as ``partition_method: uniform``); the first
 embeddings, the last the final norm and the head (the tied word embedding is on both). The figure is the most
 loaded stage. Not counted: activations, communication buffers, allocator overhead, DeepSpeed's flat-buffer
 padding.
+
+The set-up peak is what building the model holds before the engine exists: every parameter is drawn whole (fp32,
+the full tensor-parallel tensor, plus the fp32 draw it is copied from) before its shard is kept. Without ZeRO-3
+the rank's whole model is built in fp32 (DeepSpeed casts it later); under ZeRO-3 it is built partitioned
+(``deepspeed.zero.Init``): this rank's share in the training dtype plus the largest tensor being drawn.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class MemoryEstimate:
     weights: float
     grads: float
     optimizer: float
+    setup: float = 0.0  # the peak while building the model (see module doc)
 
     @property
     def total(self) -> float:
@@ -38,7 +44,8 @@ class MemoryEstimate:
         gib = 1024.0**3
         return (
             f"weights {self.weights / gib:.2f} GiB, grads {self.grads / gib:.2f} GiB, optimizer states "
-            f"{self.optimizer / gib:.2f} GiB, total {self.total / gib:.2f} GiB (activations not counted)"
+            f"{self.optimizer / gib:.2f} GiB, total {self.total / gib:.2f} GiB (activations not counted); set-up "
+            f"peak {self.setup / gib:.2f} GiB (building the model)"
         )
 
 
@@ -58,6 +65,7 @@ def estimate_memory(
     """Parameter count and per-rank memory (see module doc)."""
     layout = ModelLayout(config)
     per_stage = [0] * pp
+    largest_full = largest_local = 0
     for pipe in layout.pipe_layers:
         names = pipe.names
         if pipe.kind == "head" and layout.tied_head and pp > 1:
@@ -67,6 +75,8 @@ def estimate_memory(
                 spec = layout[name]
                 numel = math.prod(spec.shape)
                 per_stage[stage] += numel // tp if spec.split_dim is not None else numel
+                largest_full = max(largest_full, numel)
+                largest_local = max(largest_local, numel // tp if spec.split_dim is not None else numel)
     local = max(per_stage)
     width = BYTES[precision]
     optimizer = local * (8 + (4 if width != 4 else 0))
@@ -77,6 +87,9 @@ def estimate_memory(
         optimizer /= dp
     if zero_stage >= 2:
         grads /= dp
+    drawing = 8 * largest_full  # the full fp32 tensor and the fp32 values drawn for it
+    setup = local * 4 + drawing
     if zero_stage >= 3:
         weights /= dp
-    return MemoryEstimate(layout.parameter_count(), local, float(weights), float(grads), float(optimizer))
+        setup = weights + largest_local * width + drawing
+    return MemoryEstimate(layout.parameter_count(), local, float(weights), float(grads), float(optimizer), setup)

@@ -27,3 +27,25 @@ def peak_memory(fn: Callable[[], Any]) -> tuple[int, int, Any]:
         live += e.nbytes()
         peak = max(peak, live)
     return peak, live, result
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's resident-set high-water mark (Linux ``clear_refs``) and return the current resident
+    set in bytes: a later :func:`peak_rss` minus this is the peak growth in between, whatever allocated it
+    (torch, DeepSpeed, Python)."""
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    """This process's resident-set high-water mark in bytes since the last :func:`reset_peak_rss`."""
+    return _status_kib("VmHWM") * 1024
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")

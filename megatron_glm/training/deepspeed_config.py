@@ -86,4 +86,6 @@ def build_deepspeed_config(cfg: GLMConfig, dp_size: int) -> dict[str, Any]:
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's throughput timer waits for the device twice per micro-batch; the trainer times steps itself.
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
     return ds

@@ -95,11 +95,12 @@ def pretrain(cfg: GLMConfig) -> TrainState:
     if cfg.checkpoint.load and cfg.checkpoint.load_weights_only:
         loaded = load_model_weights(model, cfg.checkpoint.load, ps.tp_size, ps.tp_rank)
         log(f"loaded model weights only from {loaded}; optimizer and schedule start fresh")
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: before partitioning
     log(f"parameters on this rank: {n_params / 1e6:.2f} M")
     engine, accum, global_batch = build_engine(cfg, ps, model)
 
     mbs = cfg.training.micro_batch_size
+    pinned = env.device.type == "cuda"  # page-locked batches: the trainer's non_blocking copies really overlap
 
     def train_batches(consumed: int):
         return build_data_iterator(
@@ -109,11 +110,18 @@ def pretrain(cfg: GLMConfig) -> TrainState:
             dp_rank=ps.dp_rank,
             dp_size=ps.dp_size,
             num_workers=cfg.data.num_workers,
+            pin_memory=pinned,
         )
 
     def valid_batches():
         return build_data_iterator(
-            valid_ds, consumed_samples=0, micro_batch_size=mbs, dp_rank=ps.dp_rank, dp_size=ps.dp_size, num_workers=0
+            valid_ds,
+            consumed_samples=0,
+            micro_batch_size=mbs,
+            dp_rank=ps.dp_rank,
+            dp_size=ps.dp_size,
+            num_workers=0,
+            pin_memory=pinned,
         )
 
     dist.barrier()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from megatron_glm.checkpoint import safe_checkpoint_engine
 from megatron_glm.config import GLMConfig, pad_vocab_size
+from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import ConfigError
 from megatron_glm.model import GLMModel, ModelLayout
 from megatron_glm.model.compile import compile_layers
@@ -61,11 +64,37 @@ def build_model(cfg: GLMConfig, parallel_state: ParallelState, device: torch.dev
             device=device,
         )
     else:
-        model = GLMModel(cfg.model, ps, seed=cfg.training.seed, device=device)
+        with partitioned_construction(cfg, ps) as params_dtype:
+            model = GLMModel(cfg.model, ps, seed=cfg.training.seed, params_dtype=params_dtype, device=device)
         built = TrainingModel(module=model, rng_tracker=model.rng_tracker)
     if cfg.training.compile:
         compile_layers(built.module)
     return built
+
+
+@contextlib.contextmanager
+def partitioned_construction(cfg: GLMConfig, parallel_state: ParallelState) -> Iterator[torch.dtype]:
+    """The context to build the model in, yielding its parameter dtype. Under ZeRO-3 (offload included):
+    ``deepspeed.zero.Init`` over the data-parallel group, so each module's parameters are partitioned as soon
+    as its constructor returns and no rank holds more than its share plus one module's full tensors. Our
+    layers still draw every full tensor from its (seed, name) generator on the host before sharding, so the
+    values equal the unpartitioned build's; the parameters are built in the training dtype (the engine does
+    not cast a partitioned model), which is the cast it would apply. Otherwise nothing: fp32, cast later."""
+    ds = build_deepspeed_config(cfg, parallel_state.dp_size)
+    if ds["zero_optimization"]["stage"] != 3:
+        yield torch.float32
+        return
+    import deepspeed
+
+    dtype = DTYPES[cfg.training.precision]
+    with deepspeed.zero.Init(
+        config_dict_or_path=ds,
+        mpu=DeepSpeedMPU(parallel_state),
+        data_parallel_group=parallel_state.dp_group,
+        dtype=dtype,
+        tensor_overrides=[],  # keep our tensors' devices and dtypes: the init draws on the host, in fp32
+    ):
+        yield dtype
 
 
 def build_engine(cfg: GLMConfig, parallel_state: ParallelState, model: torch.nn.Module) -> tuple[Any, int, int]:

@@ -6,7 +6,7 @@ import resource
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +17,8 @@ from megatron_glm.checkpoint import CheckpointManager
 from megatron_glm.config import GLMConfig, config_to_dict
 from megatron_glm.config.ranges import in_ranges, parse_iteration_ranges
 from megatron_glm.errors import CheckpointError, GLMError
-from megatron_glm.model.loss import add_group_sums
+from megatron_glm.model.glm import loss_rows
+from megatron_glm.model.loss import group_sums_dict, group_sums_tensor
 from megatron_glm.model.masks import batch_attention_mask
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
 from megatron_glm.training.drift import identity_drift
@@ -25,6 +26,9 @@ from megatron_glm.training.evaluation import accumulate_losses, summarize_losses
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.pipeline import StageLoss, pipeline_batch
 from megatron_glm.training.rng import get_rng_state, set_rng_state
+
+LOSS_ROWS = "loss_rows"
+"""The key under which :meth:`Trainer._to_device` adds the batch's host-computed loss rows."""
 
 
 @dataclass
@@ -39,11 +43,14 @@ class TrainState:
 
 @dataclass
 class StepStats:
-    """Loss sums and token counts of one step (per objective), reduced over data-parallel ranks."""
+    """Loss sums and token counts of one step (per objective), reduced over data-parallel ranks when logged.
 
-    loss_sum: float = 0.0
+    ``loss_sum`` (float64) and ``objectives`` (:meth:`~megatron_glm.model.loss.GLMLoss.group_sums`) stay on the
+    device until the log step reads them: accumulating them costs no host synchronisation."""
+
+    loss_sum: float | torch.Tensor = 0.0
     micro_batches: int = 0
-    objectives: dict[int, list[float]] = field(default_factory=dict)
+    objectives: torch.Tensor | None = None
     nonfinite: int = 0
     lr: float = 0.0
 
@@ -53,7 +60,11 @@ class StepStats:
         self.micro_batches += other.micro_batches
         self.nonfinite += other.nonfinite
         self.lr = other.lr
-        add_group_sums(self.objectives, other.objectives)
+        self.add_objectives(other.objectives)
+
+    def add_objectives(self, sums: torch.Tensor | None) -> None:
+        if sums is not None:
+            self.objectives = sums if self.objectives is None else self.objectives + sums
 
 
 class Trainer:
@@ -105,7 +116,11 @@ class Trainer:
         return self.engine.module
 
     def _to_device(self, batch: Batch) -> Batch:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        """The batch on the device, with its loss rows found on the host first (the device would wait for them)."""
+        moved: dict[str, Any] = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if "loss_mask" in batch:
+            moved[LOSS_ROWS] = loss_rows(batch["loss_mask"]).to(self.device, non_blocking=True)
+        return moved
 
     def _forward(self, batch: Batch) -> Any:
         if self.cfg.training.precision == "fp16" and hasattr(self.model, "head_grad_scale"):
@@ -118,10 +133,12 @@ class Trainer:
             batch_attention_mask(batch),
             labels=batch["labels"],
             loss_mask=batch["loss_mask"],
+            loss_rows=batch.get(LOSS_ROWS),
         )
 
     def _all_finite(self, value: torch.Tensor) -> bool:
-        flag = torch.tensor([1.0 if bool(torch.isfinite(value).all()) else 0.0], device=self.device)
+        """Whether ``value`` is finite on every rank: the one host synchronisation of a micro-batch."""
+        flag = torch.isfinite(value).all().to(torch.float32).reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
@@ -228,8 +245,8 @@ class Trainer:
         loss = self.engine.train_batch(data_iter=batches)
         stats.micro_batches = self.accum
         if self._all_finite(loss.detach().float()):
-            stats.loss_sum = float(loss) * self.accum  # the engine's mean over micro-batches and DP ranks
-            stats.objectives = self.pipeline_loss.pop()
+            stats.loss_sum = loss.detach().double() * self.accum  # the engine's mean over micro-batches and DP ranks
+            stats.objectives = group_sums_tensor(self.pipeline_loss.pop(), self.device)
         else:  # the pipeline engine cannot skip a micro-batch: the step is counted, not undone
             stats.nonfinite = self.accum
             self.pipeline_loss.pop()
@@ -246,8 +263,8 @@ class Trainer:
             out = self._forward(batch)
             if self._all_finite(out.loss):
                 self.engine.backward(out.loss)
-                stats.loss_sum += float(out.loss.detach())
-                add_group_sums(stats.objectives, out.by_group(batch["objective"]))
+                stats.loss_sum += out.loss.detach().double()
+                stats.add_objectives(out.group_sums(batch["objective"]))
             else:  # skip this micro-batch's contribution: zero gradients, same collective pattern
                 stats.nonfinite += 1
                 zero = sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
@@ -331,9 +348,9 @@ class Trainer:
 
     def _log_step(self, stats: StepStats, step_time: float) -> None:
         """Log the averages of a window of steps (loss: mean over its micro-batches and DP ranks)."""
-        loss_sum, micro = self._world_sum([stats.loss_sum, stats.micro_batches - stats.nonfinite])
+        loss_sum, micro = self._world_sum([float(stats.loss_sum), stats.micro_batches - stats.nonfinite])
         values: dict[str, Any] = {"loss": loss_sum / micro if micro else float("nan")}
-        summary = summarize_losses(stats.objectives, self._world_sum)
+        summary = summarize_losses(group_sums_dict(stats.objectives), self._world_sum)
         values.update({f"loss_{n}": summary[f"loss_{n}"] for n in OBJECTIVE_NAMES if f"loss_{n}" in summary})
         opt = self.engine.optimizer
         values["lr"] = stats.lr

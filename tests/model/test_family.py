@@ -338,6 +338,9 @@ def test_dry_run_prints_count_and_memory_per_rank() -> None:
     assert split.optimizer == split.stage_parameters * 12 / 4 and split.grads == split.stage_parameters * 2
     z3 = estimate_memory(cfg, tp=2, pp=1, dp=4, zero_stage=3, precision="bf16")
     assert z3.weights == z3.grads == z3.stage_parameters * 2 / 4
+    # set-up: the rank's whole model in fp32 plus one drawn tensor; under ZeRO-3 the share plus that tensor
+    assert one.weights < one.setup < one.weights * 1.2 and split.setup > split.stage_parameters * 4
+    assert z3.weights < z3.setup < z3.weights + one.setup * 0.2
     out = subprocess.run(
         [sys.executable, "pretrain_glm.py", "--dry-run", "--model.size", "chatglm2-6b", "--seq-length", "2048", *ARGS],
         capture_output=True,
@@ -347,3 +350,4 @@ def test_dry_run_prints_count_and_memory_per_rank() -> None:
     ).stdout
     assert f"parameters: {one.parameters:,}" in out
     assert "memory per rank (TP 2 x PP 1 x DP 4, ZeRO 1, bf16" in out and "optimizer states" in out
+    assert "set-up peak" in out

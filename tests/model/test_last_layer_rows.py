@@ -115,3 +115,36 @@ def test_query_rows_index_per_sample() -> None:
     rows = QueryRows.from_flat(flat, 3, 6)
     assert rows.index.tolist() == [[3, 4, 0], [3, 4, 5], [0, 0, 0]]
     assert rows.slot.tolist() == [0, 1, 3, 4, 5]
+
+
+@pytest.mark.parametrize("last_layer", [False, True])
+def test_host_loss_rows_give_the_same_loss_and_gradients(last_layer: bool) -> None:
+    """``forward(loss_rows=loss_rows(loss_mask))`` (found on the host by the trainer) equals the model finding them."""
+    from megatron_glm.model.glm import loss_rows
+    from megatron_glm.testing.syncs import HostSyncCounter
+
+    batch = _batch()
+    cfg = build_config({"model.size": "glm-tiny", "model.vocab_size": V, "model.last_layer_loss_rows": last_layer})
+    results = []
+    syncs = []
+    for rows in (None, loss_rows(batch["loss_mask"])):
+        model = GLMModel(cfg.model, seed=1)
+        torch.manual_seed(7)
+        with HostSyncCounter() as counter:
+            res = model(
+                batch["ids"],
+                batch["pos"],
+                batch["sep"],
+                labels=batch["labels"],
+                loss_mask=batch["loss_mask"],
+                loss_rows=rows,
+            )
+        syncs.append(counter.total)
+        res.loss.backward()
+        results.append((res.loss.detach(), res.per_token.detach(), [p.grad for p in model.parameters()]))
+    (loss_a, tok_a, grads_a), (loss_b, tok_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b) and torch.equal(tok_a, tok_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    assert syncs[0] > 0 and syncs[1] == 0  # given the rows, the forward never waits for the device
+    rows = loss_rows(batch["loss_mask"])
+    assert torch.equal(rows.flat, loss_positions(batch["loss_mask"])) and rows.index.shape == (B, S - 5)

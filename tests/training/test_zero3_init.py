@@ -1,0 +1,134 @@
+"""ZeRO-3 builds the model partitioned (``deepspeed.zero.Init``): set-up memory, identical init and losses, and
+weights loaded into a partitioned model."""
+
+from __future__ import annotations
+
+import gc
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_glm.testing import run_distributed
+from tests.training.harness import build_trainer, tiny_config
+
+pytestmark = pytest.mark.slow
+
+# ~204M parameters: 16 layers of 12.6M (hidden 1024) and small embeddings.
+BIG = {
+    "model.num_layers": 16,
+    "model.hidden_size": 1024,
+    "model.num_attention_heads": 16,
+    "model.vocab_size": 1024,
+    "training.micro_batch_size": 1,
+    "training.global_batch_size": 2,
+}
+
+
+def _setup_peaks(rank: int, world: int) -> dict:
+    """Each rank's resident-set growth while building the ~200M model under ZeRO-3, then unpartitioned."""
+    from megatron_glm.model.memory import estimate_memory
+    from megatron_glm.parallel import initialize_parallel_state
+    from megatron_glm.testing.memory import peak_rss, reset_peak_rss
+    from megatron_glm.training.distributed import init_distributed
+    from megatron_glm.training.setup import build_model
+
+    env, _ = init_distributed()  # no heartbeat
+    ps = initialize_parallel_state(1, 1)
+    out: dict = {}
+    for stage in (3, 1):
+        cfg = tiny_config(**BIG, **{"training.zero_stage": stage})
+        gc.collect()
+        before = reset_peak_rss()
+        model = build_model(cfg, ps, env.device).module
+        out[f"peak{stage}"] = peak_rss() - before
+        params = list(model.parameters())
+        out[f"partitioned{stage}"] = all(hasattr(p, "ds_tensor") for p in params)
+        out[f"held{stage}"] = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        out[f"params{stage}"] = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        est = estimate_memory(cfg.model, tp=1, pp=1, dp=world, zero_stage=stage, precision="fp32")
+        out[f"estimate{stage}"] = est.setup
+        del model, params
+    return out
+
+
+def test_zero3_setup_peak_is_partitioned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DP=2: each rank's set-up peak building ~200M parameters under ZeRO-3 is at most 0.6x the whole build's."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 20))  # freed tensors leave the resident set at once
+    results = run_distributed(_setup_peaks, 2, timeout=900)
+    for rank, r in enumerate(results):
+        ratio = r["peak3"] / r["peak1"]
+        print(
+            f"rank {rank}: set-up peak ZeRO-3 {r['peak3'] / 2**20:.0f} MiB (estimate {r['estimate3'] / 2**20:.0f}), "
+            f"whole model {r['peak1'] / 2**20:.0f} MiB (estimate {r['estimate1'] / 2**20:.0f}), ratio {ratio:.3f}"
+        )
+        assert r["params3"] == r["params1"] > 190e6
+        assert r["peak1"] > 0.95 * r["params1"] * 4  # the whole fp32 model was really built (and measured)
+        assert ratio <= 0.6
+        assert r["partitioned3"] and not r["partitioned1"]
+        assert r["held3"] * 2 == pytest.approx(r["held1"], abs=1024)  # each rank keeps half of every tensor
+        for stage in (3, 1):  # --dry-run's set-up figure is the measured one within 25%
+            assert 0.75 < r[f"peak{stage}"] / r[f"estimate{stage}"] < 1.25
+
+
+class _Weights:
+    """An opened checkpoint (full tensors by original name) held in memory."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], config: object) -> None:
+        from megatron_glm.model import ModelLayout
+
+        self.tensors = tensors
+        self.info = SimpleNamespace(path="memory", layout=ModelLayout(config))
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def release(self) -> None:
+        pass
+
+
+def _train(rank: int, world: int) -> dict:
+    """Losses of 4 steps under ZeRO-1 and ZeRO-3 (same init, same batches); then weights loaded into a
+    partitioned model."""
+    import deepspeed
+
+    from megatron_glm.checkpoint.weights import load_model_weights
+    from megatron_glm.model import GLMModel
+    from megatron_glm.model.layout import original_name
+    from megatron_glm.training.setup import build_model
+
+    out: dict = {}
+    for stage in (1, 3):
+        cfg = tiny_config(
+            **{
+                "training.zero_stage": stage,
+                "training.train_iters": 4,
+                "training.micro_batch_size": 2,
+                "training.global_batch_size": 8,
+            }
+        )
+        trainer, ps, logger = build_trainer(cfg)
+        out[f"partitioned{stage}"] = all(hasattr(p, "ds_id") for p in trainer.model.parameters())
+        trainer.train()
+        out[f"loss{stage}"] = [v["loss"] for _, v in logger.rows]
+    source = GLMModel(cfg.model, seed=7)
+    full = {original_name(k): v.detach().clone() for k, v in source.named_parameters()}
+    model = build_model(cfg, ps, torch.device("cpu")).module  # seed 1234, partitioned
+    load_model_weights(model, _Weights(full, cfg.model), 1, 0)
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        diffs = [(p.detach() - full[original_name(k)]).abs().max() for k, p in model.named_parameters()]
+        out["load_diff"] = float(max(diffs))
+    out["load_partitioned"] = all(p.numel() == 0 for p in model.parameters())
+    return out
+
+
+def test_zero3_losses_equal_zero1_and_weights_load() -> None:
+    """fp32, DP=2: the partitioned build's init gives ZeRO-1's losses; weights load into partitioned parameters."""
+    for r in run_distributed(_train, 2, timeout=900):
+        assert not r["partitioned1"] and r["partitioned3"]
+        assert len(r["loss3"]) == 4 and len(set(r["loss1"])) == 4
+        assert max(abs(a - b) for a, b in zip(r["loss1"], r["loss3"], strict=True)) < 1e-5, r
+        assert r["load_diff"] == 0.0 and r["load_partitioned"]
