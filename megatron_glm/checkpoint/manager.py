@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_glm.checkpoint.finite import nonfinite_parts
 from megatron_glm.checkpoint.safe_load import check_data_files, safe_torch_load
 from megatron_glm.errors import CheckpointError
 from megatron_glm.fileio import file_sha256
@@ -251,6 +252,7 @@ class CheckpointManager:
         """Write checkpoint ``global_step{step}``; every rank calls this."""
         if self.save_dir is None:
             raise CheckpointError("no save directory configured (--save)")
+        self.require_finite(engine, step)
         tag = tag_for(step)
         tmp_tag = f".tmp.{tag}"
         tmp = self.save_dir / tmp_tag
@@ -285,6 +287,19 @@ class CheckpointManager:
             self._prune()
         _barrier()
         return final
+
+    def require_finite(self, engine: Any, step: int) -> None:
+        """Stop the run (one line naming the step) when any rank's weights or optimizer state hold NaN or inf:
+        nothing is written and nothing pruned, so ``latest`` stays on the last finite checkpoint."""
+        bad = nonfinite_parts(engine, _all_ok)
+        if not bad:
+            return
+        previous = list_checkpoints(self.save_dir) if self.save_dir is not None else []
+        kept = f"latest stays on {previous[0]}" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"step {step}: the {' and '.join(bad)} hold NaN or inf; not saving {tag_for(step)} and removing no "
+            f"checkpoint ({kept}); lower the learning rate or check the data, then resume"
+        )
 
     def _fail_save(self, tag: str, tmp: Path, error: BaseException | None) -> None:
         """Remove the partial checkpoint and raise one line that says why (the disk is full, ...)."""

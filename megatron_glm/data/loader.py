@@ -17,6 +17,7 @@ So the same index gives the same sample on any rank, worker count or restart.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -36,6 +37,7 @@ from megatron_glm.data.samples import (
     split_ranges,
 )
 from megatron_glm.errors import DataError
+from megatron_glm.training.lifeline import die_with_parent
 
 __all__ = [
     "SPLITS",
@@ -193,8 +195,19 @@ def build_data_iterator(
         persistent_workers=False,
         prefetch_factor=4 if num_workers else None,
         generator=loader_generator(getattr(dataset, "seed", 0), consumed_samples, dp_rank),
+        worker_init_fn=_worker_init if num_workers else None,
     )
     return iter(loader)
+
+
+def _worker_init(_worker_id: int) -> None:
+    """A DataLoader worker leaves SIGINT / SIGTERM to its trainer and dies with it.
+
+    Launchers signal a worker's whole process group (torchrun's ``killpg``, Ctrl-C, the deepspeed launcher's
+    process tree): a data worker killed first aborts the trainer's step, so the trainer could not save."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    die_with_parent()
 
 
 def loader_generator(seed: int, consumed_samples: int, dp_rank: int) -> torch.Generator:

@@ -103,3 +103,40 @@ def test_safe_load_refuses_code(tmp_path: Path) -> None:
     os.truncate(trunc, 100)
     with pytest.raises(CheckpointError, match="t.pt: truncated or corrupt"):
         safe_torch_load(trunc)
+
+
+class NaNEngine(FakeEngine):
+    """A FakeEngine with a module and a torch optimizer whose weights or Adam moment went non-finite."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(float("nan"))
+        self.module = torch.nn.Linear(2, 2)
+        self.optimizer = torch.optim.Adam(self.module.parameters())
+        self.module(torch.ones(1, 2)).sum().backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            if where == "weights":
+                self.module.weight[0, 0] = float("nan")
+            else:
+                self.optimizer.state[self.module.bias]["exp_avg_sq"][1] = float("inf")
+
+
+@pytest.mark.parametrize("where", ["weights", "optimizer"])
+def test_nonfinite_state_is_never_saved_nor_prunes(tmp_path: Path, where: str) -> None:
+    mgr = CheckpointManager(tmp_path, keep_last=2, log=lambda _: None)
+    for step in (10, 20):
+        _save(mgr, step)
+    finite = NaNEngine(where)
+    with torch.no_grad():  # the same engine, made finite again, saves (the check itself passes good state)
+        finite.module.weight.nan_to_num_(0.0)
+        for st in finite.optimizer.state.values():
+            st["exp_avg_sq"].nan_to_num_(posinf=0.0)
+    finite.value = 25.0
+    mgr.save(finite, 25, {"step": 25}, {})
+    assert list_checkpoints(tmp_path) == ["global_step25", "global_step20"]
+    part = "model weights" if where == "weights" else "optimizer state"
+    with pytest.raises(CheckpointError, match=rf"^step 30: the {part} hold NaN or inf; not saving global_step30 .*"):
+        mgr.save(NaNEngine(where), 30, {"step": 30}, {})
+    assert list_checkpoints(tmp_path) == ["global_step25", "global_step20"]  # nothing written, nothing pruned
+    assert (tmp_path / "latest").read_text() == "global_step25"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
