@@ -66,7 +66,7 @@ def test_lock_module_refuses_a_live_holder_in_another_process(tmp_path: Path) ->
             sys.executable,
             "-c",
             f"from megatron_glm.locking import acquire_lock; l = acquire_lock({str(path)!r}); "
-            "print('held', flush=True); input()",
+            "print('held', flush=True); input(); l.release()",
         ],
         cwd=ROOT,
         stdin=subprocess.PIPE,
