@@ -17,7 +17,9 @@ So the same index gives the same sample on any rank, worker count or restart.
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -203,11 +205,23 @@ def build_data_iterator(
 def _worker_init(_worker_id: int) -> None:
     """A DataLoader worker leaves SIGINT / SIGTERM to its trainer and dies with it.
 
-    Launchers signal a worker's whole process group (torchrun's ``killpg``, Ctrl-C, the deepspeed launcher's
-    process tree): a data worker killed first aborts the trainer's step, so the trainer could not save."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    Launchers signal a worker's whole process group or process tree (torchrun's ``killpg``, Ctrl-C, the
+    deepspeed launcher): a data worker killed first aborts the trainer's step, so the trainer could not save.
+    SIGTERM from the trainer itself (multiprocessing's ``terminate()`` when it exits) still ends the worker.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent()
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
 
 
 def loader_generator(seed: int, consumed_samples: int, dp_rank: int) -> torch.Generator:
