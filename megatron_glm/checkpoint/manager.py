@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_glm.checkpoint.finite import nonfinite_parts
-from megatron_glm.checkpoint.manifest import Digest, save_hashed, verify_checkpoint, write_manifest
+from megatron_glm.checkpoint.manifest import Digest, gather_digests, save_hashed, verify_checkpoint, write_manifest
 from megatron_glm.checkpoint.safe_load import check_data_files, safe_torch_load
 from megatron_glm.errors import CheckpointError
 from megatron_glm.locking import DirLock, LockBusy, acquire_lock
@@ -63,22 +63,6 @@ def _broadcast_object(obj: Any) -> Any:
 
 def _world() -> int:
     return dist.get_world_size() if _dist() else 1
-
-
-def _gather_digests(mine: dict[str, Digest]) -> dict[str, Digest]:
-    """Every rank's digests of the files it wrote, merged (a path two ranks report differently is left out)."""
-    if not _dist():
-        return mine
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine)
-    merged: dict[str, Digest] = {}
-    clash: set[str] = set()
-    for part in parts:
-        for rel, digest in part.items():
-            if merged.get(rel, digest) != digest:
-                clash.add(rel)
-            merged[rel] = digest
-    return {rel: d for rel, d in merged.items() if rel not in clash}
 
 
 def _all_ok(ok: bool) -> bool:
@@ -322,7 +306,7 @@ class CheckpointManager:
         except (OSError, RuntimeError) as exc:
             error = exc
         if _all_ok(error is None):
-            digests = _gather_digests(digests)
+            digests = gather_digests(digests)
             if _rank() == 0:
                 try:
                     write_text_atomic(tmp / META, json.dumps(meta, indent=1, sort_keys=True, default=str))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megatron_glm.fileio import file_sha256
 
@@ -49,6 +50,22 @@ def save_hashed(obj: Any, path: str | os.PathLike[str], **kwargs: Any) -> Digest
         torch.save(obj, writer, **kwargs)
         writer.flush()
     return {"size": writer.size, "sha256": writer.sha.hexdigest()}
+
+
+def gather_digests(mine: dict[str, Digest]) -> dict[str, Digest]:
+    """Every rank's digests of the files it wrote, merged (a path two ranks report differently is left out)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return mine
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    merged: dict[str, Digest] = {}
+    clash: set[str] = set()
+    for part in parts:
+        for rel, digest in part.items():
+            if merged.get(rel, digest) != digest:
+                clash.add(rel)
+            merged[rel] = digest
+    return {rel: d for rel, d in merged.items() if rel not in clash}
 
 
 def write_manifest(step_dir: Path, tag: str, hash_files: bool = True, known: dict[str, Digest] | None = None) -> None:
