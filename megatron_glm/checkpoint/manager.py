@@ -15,25 +15,28 @@ when the newest is incomplete or corrupt.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from megatron_glm.checkpoint.finite import nonfinite_parts
+from megatron_glm.checkpoint.manifest import Digest, gather_digests, save_hashed, verify_checkpoint, write_manifest
 from megatron_glm.checkpoint.safe_load import check_data_files, safe_torch_load
 from megatron_glm.errors import CheckpointError
-from megatron_glm.fileio import file_sha256
+from megatron_glm.locking import DirLock, LockBusy, acquire_lock
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
 LATEST = "latest"
-MANIFEST = "manifest.json"
+LOCK = ".lock"
 META = "meta.json"
 
 
@@ -58,6 +61,10 @@ def _broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def _world() -> int:
+    return dist.get_world_size() if _dist() else 1
+
+
 def _all_ok(ok: bool) -> bool:
     if not _dist():
         return ok
@@ -76,16 +83,6 @@ def write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def write_manifest(step_dir: Path, tag: str, hash_files: bool = True) -> None:
-    """Record every file of a step directory (size, sha256); written last, it marks the checkpoint complete."""
-    files = {
-        str(f.relative_to(step_dir)): {"size": f.stat().st_size, "sha256": file_sha256(f) if hash_files else ""}
-        for f in sorted(step_dir.rglob("*"))
-        if f.is_file() and f.name != MANIFEST
-    }
-    write_text_atomic(step_dir / MANIFEST, json.dumps({"tag": tag, "files": files}, indent=1))
 
 
 def remove_checkpoint(path: Path) -> None:
@@ -123,6 +120,25 @@ def check_save_dir(directory: str | Path) -> Path:
     return directory
 
 
+def lock_save_dir(directory: Path, log: Callable[[str], None] = print) -> DirLock | None:
+    """Global rank 0 locks ``--save`` for this run (released at exit); every rank raises the refusal in one line
+    naming the holder when another run uses it. A killed run's stale lock is taken over with a warning."""
+    lock, refusal = None, ""
+    if _rank() == 0:
+        try:
+            lock = acquire_lock(directory / LOCK, log)
+        except LockBusy as exc:
+            refusal = f"--save {directory}: another training run is using it ({exc})"
+        except OSError as exc:
+            refusal = f"--save {directory}: cannot create its lock file ({exc.strerror or exc})"
+    refusal = _broadcast_object(refusal)
+    if refusal:
+        raise CheckpointError(refusal)
+    if lock is not None:
+        atexit.register(lock.release)
+    return lock
+
+
 def _is_disk_full(exc: BaseException, directory: Path) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
@@ -155,32 +171,6 @@ def list_checkpoints(directory: str | Path) -> list[str]:
     return tags
 
 
-def verify_checkpoint(path: str | Path, hash_files: bool = True) -> str | None:
-    """``None`` when the step directory matches its manifest, else the reason it does not.
-
-    ``hash_files=False`` checks presence and sizes only.
-    """
-    path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        return f"{path}: incomplete checkpoint (no {MANIFEST})"
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-        return f"{manifest_path}: unreadable manifest"
-    for rel, info in files.items():
-        f = path / rel
-        if not f.is_file():
-            return f"{f}: missing"
-        size = f.stat().st_size
-        if size != info["size"]:
-            return f"{f}: truncated or altered ({size} bytes, manifest says {info['size']})"
-        if hash_files and info.get("sha256") and file_sha256(f) != info["sha256"]:
-            return f"{f}: corrupt (sha256 differs from the manifest)"
-    return None
-
-
 def _latest_problem(directory: Path, tags: list[str]) -> str:
     """Why ``latest`` cannot be followed (missing, or naming an absent checkpoint), or ``""``."""
     if not tags:
@@ -192,6 +182,44 @@ def _latest_problem(directory: Path, tags: list[str]) -> str:
     if named not in tags:
         return f"{latest} names {named!r}, which is not a complete checkpoint; using {tags[0]}"
     return ""
+
+
+def verified_checkpoints(
+    directory: Path,
+    log: Callable[[str], None],
+    problems: list[str] | None = None,
+    verify: Callable[[Path], str | None] = verify_checkpoint,
+    bad: set[str] | None = None,
+) -> Iterator[str]:
+    """The checkpoints of ``directory`` that match their manifests, newest first (``latest``'s first), each
+    verified only when reached. Every one skipped is said (and why), as is the one used instead; every rank of
+    a job iterates alike (rank 0 lists, ``verify`` may be collective)."""
+    tags = _broadcast_object(list_checkpoints(directory) if _rank() == 0 else None)
+    note = _latest_problem(directory, tags) if _rank() == 0 else ""
+    if note:
+        log(f"warning: {note}")
+    for i, tag in enumerate(tags):
+        reason = verify(directory / tag)
+        if reason is None:
+            if i:
+                log(f"warning: using checkpoint {tag} (step {TAG_RE.match(tag).group(1)}) instead")
+            yield tag
+            continue
+        log(f"warning: skipping checkpoint {tag}: {reason}")
+        if problems is not None:
+            problems.append(reason)
+        if bad is not None:
+            bad.add(tag)
+
+
+def _verify_together(path: Path) -> str | None:
+    """:func:`verify_checkpoint` with the hashing shared out over every rank; the reason the first rank found."""
+    reason = verify_checkpoint(path, share=(_rank(), _world()))
+    if not _dist():
+        return reason
+    reasons: list[Any] = [None] * _world()
+    dist.all_gather_object(reasons, reason)
+    return next((r for r in reasons if r), None)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -251,6 +279,7 @@ class CheckpointManager:
         """Write checkpoint ``global_step{step}``; every rank calls this."""
         if self.save_dir is None:
             raise CheckpointError("no save directory configured (--save)")
+        self.require_finite(engine, step)
         tag = tag_for(step)
         tmp_tag = f".tmp.{tag}"
         tmp = self.save_dir / tmp_tag
@@ -260,21 +289,30 @@ class CheckpointManager:
             remove_leftovers(self.save_dir)
         _barrier()
         error: BaseException | None = None
+        written = getattr(getattr(engine, "checkpoint_engine", None), "written", None)
+        if written is not None:
+            written.clear()
+        digests: dict[str, Digest] = {}
         try:
             engine.save_checkpoint(str(self.save_dir), tag=tmp_tag, client_state={}, save_latest=False)
             rng_dir = tmp / "rng"
             rng_dir.mkdir(parents=True, exist_ok=True)
             part = rng_dir / f".rank{_rank():05d}.pt.part"
-            torch.save(rng_state, part)
+            digests[f"rng/rank{_rank():05d}.pt"] = save_hashed(rng_state, part)
             os.replace(part, rng_dir / f"rank{_rank():05d}.pt")
+            for path, digest in (written or {}).items():  # hashed by this rank as it wrote them
+                if Path(path).is_relative_to(tmp):
+                    digests[str(Path(path).relative_to(tmp))] = digest
         except (OSError, RuntimeError) as exc:
             error = exc
-        if _all_ok(error is None) and _rank() == 0:
-            try:
-                write_text_atomic(tmp / META, json.dumps(meta, indent=1, sort_keys=True, default=str))
-                write_manifest(tmp, tag, hash_files=self.hash_files)
-            except OSError as exc:
-                error = exc
+        if _all_ok(error is None):
+            digests = gather_digests(digests)
+            if _rank() == 0:
+                try:
+                    write_text_atomic(tmp / META, json.dumps(meta, indent=1, sort_keys=True, default=str))
+                    write_manifest(tmp, tag, hash_files=self.hash_files, known=digests)
+                except OSError as exc:
+                    error = exc
         if not _all_ok(error is None):
             self._fail_save(tag, tmp, error)
         if _rank() == 0:
@@ -285,6 +323,19 @@ class CheckpointManager:
             self._prune()
         _barrier()
         return final
+
+    def require_finite(self, engine: Any, step: int) -> None:
+        """Stop the run (one line naming the step) when any rank's weights or optimizer state hold NaN or inf:
+        nothing is written and nothing pruned, so ``latest`` stays on the last finite checkpoint."""
+        bad = nonfinite_parts(engine, _all_ok)
+        if not bad:
+            return
+        previous = list_checkpoints(self.save_dir) if self.save_dir is not None else []
+        kept = f"latest stays on {previous[0]}" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"step {step}: the {' and '.join(bad)} hold NaN or inf; not saving {tag_for(step)} and removing no "
+            f"checkpoint ({kept}); lower the learning rate or check the data, then resume"
+        )
 
     def _fail_save(self, tag: str, tmp: Path, error: BaseException | None) -> None:
         """Remove the partial checkpoint and raise one line that says why (the disk is full, ...)."""
@@ -341,25 +392,8 @@ class CheckpointManager:
         load_dir = Path(load_dir)
         candidates: list[str] = []
         problems: list[str] = []
-        if _rank() == 0:
-            tags = list_checkpoints(load_dir)
-            latest_note = _latest_problem(load_dir, tags)
-            if latest_note:
-                self.log(f"warning: {latest_note}")
-            for tag in tags:
-                reason = verify_checkpoint(load_dir / tag)
-                if reason:
-                    problems.append(reason)
-                    self.bad_tags.add(tag)
-                    self.log(f"warning: skipping checkpoint {tag}: {reason}")
-                else:
-                    candidates.append(tag)
-        candidates, problems = _broadcast_object((candidates, problems))
-        if not candidates:
-            if problems:
-                raise CheckpointError(f"no usable checkpoint in {load_dir}: " + "; ".join(problems))
-            return None
-        for tag in candidates:
+        for tag in verified_checkpoints(load_dir, self.log, problems, verify=_verify_together, bad=self.bad_tags):
+            candidates.append(tag)
             path = load_dir / tag
             meta = read_meta(path)
             layout = meta.get("layout", {})
@@ -401,4 +435,8 @@ class CheckpointManager:
                 return meta, rng_state
             self.bad_tags.add(tag)
             self.log(f"warning: checkpoint {tag} failed to load ({error or 'on another rank'}); trying an older one")
-        raise CheckpointError(f"no checkpoint in {load_dir} could be loaded (tried {', '.join(candidates)})")
+        if candidates:
+            raise CheckpointError(f"no checkpoint in {load_dir} could be loaded (tried {', '.join(candidates)})")
+        if problems:
+            raise CheckpointError(f"no usable checkpoint in {load_dir}: " + "; ".join(problems))
+        return None

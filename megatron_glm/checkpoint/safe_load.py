@@ -95,10 +95,24 @@ def _is_legacy_torch_file(path: Path) -> bool:
 
 
 def safe_checkpoint_engine(config_params: Any = None) -> Any:
-    """A DeepSpeed checkpoint engine that saves like DeepSpeed's and loads with ``weights_only=True``."""
+    """A DeepSpeed checkpoint engine that saves like DeepSpeed's (hashing each file as it writes it, see
+    :func:`~megatron_glm.checkpoint.manifest.save_hashed`) and loads with ``weights_only=True``."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+    from megatron_glm.checkpoint.manifest import save_hashed
+
     class SafeCheckpointEngine(TorchCheckpointEngine):
+        written: dict[str, dict[str, Any]]
+        """Path -> digest (size, sha256) of every file this rank saved, hashed as it was written."""
+
+        def __init__(self, config_params: Any = None) -> None:
+            super().__init__(config_params)
+            self.written = {}
+
+        def save(self, state_dict: Any, path: str) -> None:
+            serialization = {"_use_new_zipfile_serialization": self.zipfile_serialization}
+            self.written[str(path)] = save_hashed(state_dict, path, **serialization)
+
         def load(self, path: str, map_location: Any = None) -> Any:
             return safe_torch_load(path, map_location=map_location or "cpu")
 

@@ -17,7 +17,10 @@ So the same index gives the same sample on any rank, worker count or restart.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -40,6 +43,7 @@ from megatron_glm.data.samples import (
 )
 from megatron_glm.data.tokenizer import tokenizer_fingerprint
 from megatron_glm.errors import DataError
+from megatron_glm.training.lifeline import die_with_parent
 
 __all__ = [
     "SPLITS",
@@ -197,8 +201,31 @@ def build_data_iterator(
         persistent_workers=False,
         prefetch_factor=4 if num_workers else None,
         generator=loader_generator(getattr(dataset, "seed", 0), consumed_samples, dp_rank),
+        worker_init_fn=_worker_init if num_workers else None,
     )
     return iter(loader)
+
+
+def _worker_init(_worker_id: int) -> None:
+    """A DataLoader worker leaves SIGINT / SIGTERM to its trainer and dies with it.
+
+    Launchers signal a worker's whole process group or process tree (torchrun's ``killpg``, Ctrl-C, the
+    deepspeed launcher): a data worker killed first aborts the trainer's step, so the trainer could not save.
+    SIGTERM from the trainer itself (multiprocessing's ``terminate()`` when it exits) still ends the worker.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent()
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
 
 
 def loader_generator(seed: int, consumed_samples: int, dp_rank: int) -> torch.Generator:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import glob
 import json
 import multiprocessing
@@ -50,6 +49,7 @@ from megatron_glm.data.preprocess_encode import WorkerEncoder, encoded_records
 from megatron_glm.data.sources import SourceFile, WorkUnit, describe, iter_records, plan_units
 from megatron_glm.data.tokenizer import open_tokenizer, tokenizer_fingerprint
 from megatron_glm.errors import DataError
+from megatron_glm.locking import LockBusy, acquire_lock, pid_alive
 
 __all__ = [
     "PreprocessConfig",
@@ -369,22 +369,12 @@ def _plan_record(config: PreprocessConfig, sources: Sequence[SourceFile], keys: 
     }
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_temporaries(final_prefixes: Sequence[str]) -> None:
     """Remove ``{final}.bin.tmpPID*`` / ``.idx.tmpPID`` files of writers that are no longer running."""
     for prefix in final_prefixes:
         for path in glob.glob(glob.escape(prefix) + ".bin.tmp*") + glob.glob(glob.escape(prefix) + ".idx.tmp*"):
             digits = path.rsplit(".tmp", 1)[1].split(".")[0]
-            if digits.isdigit() and not _pid_alive(int(digits)):
+            if digits.isdigit() and not pid_alive(int(digits)):
                 with contextlib.suppress(OSError):
                     os.remove(path)
 
@@ -394,21 +384,15 @@ def _open_shard_dir(config: PreprocessConfig, plan: dict[str, Any], log: Callabl
     shard_dir = shard_dir_for(config.output_prefix)
     try:
         os.makedirs(shard_dir, exist_ok=True)
-        lock = open(os.path.join(shard_dir, "lock"), "w")  # noqa: SIM115 - closed by the caller
+        lock = acquire_lock(os.path.join(shard_dir, "lock"), log)
+    except LockBusy as exc:
+        raise DataError(
+            f"--output-prefix {config.output_prefix}: another preprocessing run is writing it ({exc})"
+        ) from None
     except OSError as exc:
         raise DataError(
             f"--output-prefix {config.output_prefix}: cannot create {shard_dir} ({exc.strerror or exc})"
         ) from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        lock.close()
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            raise DataError(
-                f"--output-prefix {config.output_prefix}: another preprocessing run is writing it "
-                f"(it holds {shard_dir}/lock)"
-            ) from None
-        raise
     plan_file = os.path.join(shard_dir, "plan.json")
     previous = None
     with contextlib.suppress(OSError, ValueError), open(plan_file, encoding="utf-8") as stream:

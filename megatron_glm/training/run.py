@@ -12,7 +12,7 @@ import yaml
 
 from megatron_glm.checkpoint import CheckpointManager, check_save_dir
 from megatron_glm.checkpoint.architecture import adopt_checkpoint_architecture
-from megatron_glm.checkpoint.manager import write_text_atomic
+from megatron_glm.checkpoint.manager import lock_save_dir, write_text_atomic
 from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import GLMConfig, config_to_dict, validate
 from megatron_glm.config.validate import local_device_type
@@ -78,8 +78,10 @@ def pretrain(cfg: GLMConfig) -> TrainState:
         f"precision {cfg.training.precision}"
         f"{', deterministic kernels' if torch.are_deterministic_algorithms_enabled() else ''}"
     )
+    save_lock = None
     if cfg.checkpoint.save:  # every rank: a read-only or full save directory is reported by all, at once
         save_dir = check_save_dir(cfg.checkpoint.save)
+        save_lock = lock_save_dir(save_dir, log)  # one run per --save: another is refused, naming the holder
         if is_logger:
             try:
                 write_text_atomic(save_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -153,4 +155,6 @@ def pretrain(cfg: GLMConfig) -> TrainState:
     services["logger"].close()
     log(f"done: step {state.step}, {state.consumed_samples} samples, {time.perf_counter() - started:.1f} s")
     finish_distributed(heartbeat)
+    if save_lock is not None:
+        save_lock.release()
     return state

@@ -167,6 +167,14 @@ class Trainer:
         }
 
     def save(self) -> None:
+        """Save a checkpoint; never while a run of non-finite losses goes on (nor of non-finite weights)."""
+        if self.state.nonfinite_streak:
+            self.checkpoints.require_finite(self.engine, self.state.step)
+            self.log(
+                f"warning: step {self.state.step}: not saving (nor pruning) during {self.state.nonfinite_streak} "
+                f"consecutive step(s) with non-finite loss"
+            )
+            return
         path = self.checkpoints.save(self.engine, self.state.step, self.meta(), get_rng_state(self.rng_tracker))
         self._last_saved = self.state.step
         self.log(f"saved checkpoint {path}")
@@ -212,7 +220,7 @@ class Trainer:
         )
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        self._stop_signal = signum
+        self._stop_signal = self._stop_signal or signum  # the first one (Ctrl-C, then the launcher's SIGTERM)
 
     def _stop_reason(self) -> str:
         """Why to save and stop after this step ("" to go on); one collective, so every rank agrees."""

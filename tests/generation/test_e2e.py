@@ -4,7 +4,9 @@ with tools/generate.py (cache on and off) and score them with tools/evaluate.py.
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,24 @@ def test_evaluate_reports_loss_per_objective_and_cloze(trained: Path) -> None:
     assert result["step"] == 900
     assert result["valid"]["loss"] < 1.0 and "loss_token" in result["valid"], result
     assert result["cloze"]["count"] == len(SENTENCES) and result["cloze"]["accuracy"] >= 0.5, result
+
+
+def test_tools_say_which_checkpoint_they_fall_back_to(trained: Path, tmp_path: Path) -> None:
+    """``latest``'s checkpoint truncated: generate.py and evaluate.py use the previous one and say so (issue 27)."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained / "ckpt", ckpt)
+    shutil.copytree(ckpt / "global_step900", ckpt / "global_step1000")  # a newer save, then cut short
+    (ckpt / "latest").write_text("global_step1000")
+    states = ckpt / "global_step1000" / "mp_rank_00_model_states.pt"
+    os.truncate(states, states.stat().st_size // 2)
+    said = [
+        f"warning: skipping checkpoint global_step1000: {states}: truncated or altered",
+        "warning: using checkpoint global_step900 (step 900) instead",
+    ]
+    gen = run_tool("tools/generate.py", "--load", str(ckpt), "--max-new-tokens", "8", "--prompt", "the red [MASK].")
+    ev = run_tool("tools/evaluate.py", "--load", str(ckpt), "--eval-iters", "1", "--json")
+    for proc in (gen, ev):
+        lines = proc.stderr.splitlines()
+        assert any(line.startswith(said[0]) for line in lines) and said[1] in lines, proc.stderr[-3000:]
+        assert not any(line.startswith("warning") for line in proc.stdout.splitlines())  # results stay clean
+    assert json.loads(ev.stdout.splitlines()[-1])["step"] == 900

@@ -116,11 +116,13 @@ def _wait_dead(procs: list[psutil.Process], seconds: float) -> list[psutil.Proce
     return [p for p in procs if _alive(p)]
 
 
-def interrupt(corpus: dict, layout: str, args: list[str], save: Path, ending: str) -> None:
-    """Start the first run under torchrun and end it the way ``ending`` says."""
+def interrupt(corpus: dict, layout: str, args: list[str], save: Path, ending: str) -> str:
+    """Start the first run under torchrun and end it the way ``ending`` says; returns its console output."""
     nproc = LAYOUTS[layout][0]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = str(Path(sys.executable).parent / "torchrun")
+    console_path = save.parent / "console.txt"
+    console = console_path.open("w")
     job = subprocess.Popen(
         [
             torchrun,
@@ -133,8 +135,8 @@ def interrupt(corpus: dict, layout: str, args: list[str], save: Path, ending: st
         ],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=console,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
@@ -167,6 +169,8 @@ def interrupt(corpus: dict, layout: str, args: list[str], save: Path, ending: st
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
+        console.close()
+    return console_path.read_text()
 
 
 def resume_case(
@@ -179,21 +183,27 @@ def resume_case(
         "--save",
         str(save),
         "--save-interval",
-        "10",
+        "1000" if ending == "sigterm" else "10",  # SIGTERM: no interval checkpoint can pass for the stop's
         *(EVALS if evals else ["--eval-interval", "0"]),
     ]
+    console = ""
     if ending == "iters":  # the issue's B: --train-iters 10, then extended to 20
         _launch(corpus, layout, *args, "--train-iters", "10")
     else:
-        interrupt(corpus, layout, args, save, ending)
+        console = interrupt(corpus, layout, args, save, ending)
     latest = (save / "latest").read_text().strip()
     assert verify_checkpoint(save / latest) is None  # the fault left `latest` at a complete checkpoint
     step = int(latest.removeprefix("global_step"))
     if ending.startswith("kill9"):
         assert step == 10
         assert not list(save.glob("global_step2*")), "a step-20 checkpoint: the kill did not stop training"
+    elif ending == "sigterm":  # the one checkpoint is at the step every rank agreed to stop at
+        agreed = re.findall(r"received signal 15: saving and stopping at step (\d+)", console)
+        assert agreed and int(agreed[-1]) == step, console[-3000:]
+        assert 10 < step < 20 and sorted(p.name for p in save.glob("global_step*")) == [latest]
+        assert "DataLoader worker" not in console, console[-3000:]
     else:
-        assert 10 <= step < 20
+        assert step == 10
     proc = _launch(corpus, layout, *args, "--load", str(save))
     assert f"at step {step} ({step * 8} samples)" in proc.stdout
     assert trained_steps(proc.stdout) == list(range(step + 1, 21))  # it really trained the rest
@@ -203,11 +213,11 @@ def resume_case(
 
 
 # Pairs, not the full product: each layout once; each ending on a non-pipelined and a pipelined layout;
-# 0 and 2 DataLoader workers each on one and two stages; evaluation on everywhere but in the issue's exact
-# reproduction (which must stay as filed). 4 processes cost the most on CPU, so TP2xPP2 appears once.
+# 0, 1 (the default) and 2 DataLoader workers, 2 on one and two stages; evaluation on everywhere but in the
+# issue's exact reproduction (which must stay as filed). 4 processes cost the most on CPU, so TP2xPP2 appears once.
 MATRIX = [
     ("tp1", 0, "iters"),  # the reproduction on one process (+ evaluations before and after the save)
-    ("dp2", 0, "sigterm"),
+    ("dp2", 1, "sigterm"),  # the default worker count: the worker shares the signalled process group
     ("pp2", 2, "kill9-launcher"),  # also: a killed launcher takes its workers down
     ("tp2pp2", 2, "sigterm"),
 ]

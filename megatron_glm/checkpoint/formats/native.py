@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from megatron_glm.checkpoint.manager import (
     META,
     list_checkpoints,
     read_meta,
+    verified_checkpoints,
     verify_checkpoint,
     write_manifest,
 )
@@ -36,19 +38,20 @@ from megatron_glm.model.layout import ModelLayout, original_name
 from .common import model_config_from_dict, tokenizer_files
 
 
-def find_step_dir(path: Path) -> Path:
-    """``path`` itself when it is a step directory, else the newest complete checkpoint under it."""
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def find_step_dir(path: Path, log: Callable[[str], None] = _warn) -> Path:
+    """``path`` itself when it is a step directory, else the newest complete checkpoint under it (a skipped
+    one is said, and why, as training says it: :func:`verified_checkpoints`)."""
     if (path / META).is_file():
         return path
-    tags = list_checkpoints(path)
-    if not tags:
+    if not list_checkpoints(path):
         raise CheckpointError(f"{path}: no megatron_glm checkpoint here (no {META} and no global_step* directory)")
-    problems = []
-    for tag in tags:
-        reason = verify_checkpoint(path / tag)
-        if reason is None:
-            return path / tag
-        problems.append(reason)
+    problems: list[str] = []
+    for tag in verified_checkpoints(path, log, problems):
+        return path / tag
     raise CheckpointError(f"{path}: no complete checkpoint: " + "; ".join(problems))
 
 
