@@ -30,6 +30,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable[..
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears the group down while a peer is still inside a collective
     except BaseException:
         Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
         raise
