@@ -44,7 +44,7 @@ from megatron_glm.data.blank_infilling import (
     SpecialTokens,
 )
 from megatron_glm.data.char_boundaries import CharBoundaries
-from megatron_glm.data.indexed_dataset import IndexedDatasetBuilder
+from megatron_glm.data.indexed_builder import IndexedDatasetBuilder
 from megatron_glm.data.loader import GLMDataset
 from megatron_glm.data.samples import DocumentWindows, KeyedRNG
 

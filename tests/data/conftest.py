@@ -30,7 +30,8 @@ import numpy as np
 import pytest
 
 from megatron_glm.data.corpus import pydoc_documents, write_jsonl
-from megatron_glm.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron_glm.data.indexed_builder import IndexedDatasetBuilder
+from megatron_glm.data.indexed_dataset import IndexedDataset
 from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.data.tokenizer_training import train_sentencepiece
 

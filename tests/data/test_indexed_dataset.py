@@ -10,13 +10,9 @@ import warnings
 import numpy as np
 import pytest
 
-from megatron_glm.data import indexed_dataset as idx_mod
-from megatron_glm.data.indexed_dataset import (
-    DTYPE_CODES,
-    IndexedDataset,
-    IndexedDatasetBuilder,
-    best_dtype,
-)
+from megatron_glm.data import indexed_builder
+from megatron_glm.data.indexed_builder import IndexedDatasetBuilder
+from megatron_glm.data.indexed_dataset import DTYPE_CODES, IndexedDataset, best_dtype
 from megatron_glm.errors import DataError
 
 from .conftest import write_documents
@@ -149,7 +145,7 @@ def test_spilled_index_is_identical(tmp_path, monkeypatch):
     rng = np.random.default_rng(2)
     documents = random_documents(rng, 200, 60000)
     write_documents(tmp_path / "memory", documents)
-    monkeypatch.setattr(idx_mod, "_SPILL_ENTRIES", 7)
+    monkeypatch.setattr(indexed_builder, "_SPILL_ENTRIES", 7)
     write_documents(tmp_path / "spilled", documents)
     extra = write_documents(tmp_path / "extra", documents[:50])
     with IndexedDatasetBuilder(tmp_path / "spilled_merge", np.uint16) as builder:

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from megatron_glm.data import preprocess as preprocess_mod
+from megatron_glm.data import preprocess_worker
 from megatron_glm.data.corpus import pydoc_documents
 from megatron_glm.data.indexed_dataset import IndexedDataset
 from megatron_glm.data.preprocess import PreprocessConfig, plan_chunks, preprocess
@@ -233,14 +233,14 @@ def test_strict_stops_at_first_bad_line_and_writes_nothing(tmp_path, spm_model):
 
 
 def test_interrupted_run_leaves_no_output(tmp_path, pydoc_jsonl, spm_model, monkeypatch):
-    real = preprocess_mod._process_chunk
+    real = preprocess_worker.process_chunk
 
     def flaky(chunk):
         if chunk.index == 3:
             raise KeyboardInterrupt
         return real(chunk)
 
-    monkeypatch.setattr(preprocess_mod, "_process_chunk", flaky)
+    monkeypatch.setattr(preprocess_worker, "process_chunk", flaky)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, [pydoc_jsonl], spm_model, chunk_bytes=50_000)
     assert os.listdir(tmp_path) == ["out.shards"]  # no output; the finished units stay for a rerun to resume

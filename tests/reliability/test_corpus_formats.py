@@ -151,13 +151,13 @@ def test_peak_memory_is_flat_with_input_size_for_every_container(tmp_path, spm_m
 _KILL_CHILD = """
 import sys, time
 sys.path.insert(0, {root!r})
-from megatron_glm.data import preprocess as p
-real = p._process_chunk
+from megatron_glm.data import preprocess as p, preprocess_worker as w
+real = w.process_chunk
 def slow(chunk):
     out = real(chunk)
     time.sleep(0.4)
     return out
-p._process_chunk = slow
+w.process_chunk = slow
 cfg = p.PreprocessConfig(inputs=[sys.argv[1]], output_prefix=sys.argv[2], tokenizer_model=sys.argv[3],
                          split_sentences=True, append_eod=True, workers=2, chunk_bytes=40_000)
 p.preprocess(cfg, log=lambda line: print(line, flush=True))
@@ -207,20 +207,20 @@ def test_kill_9_during_preprocessing_resumes_and_never_exposes_output(tmp_path, 
 
 
 def test_interrupted_run_with_other_options_restarts_cleanly(tmp_path, pydoc_jsonl, spm_model, monkeypatch):
-    from megatron_glm.data import preprocess as preprocess_mod
+    from megatron_glm.data import preprocess_worker
 
-    real = preprocess_mod._process_chunk
+    real = preprocess_worker.process_chunk
 
     def interrupt(chunk):
         if chunk.index == 2:
             raise KeyboardInterrupt
         return real(chunk)
 
-    monkeypatch.setattr(preprocess_mod, "_process_chunk", interrupt)
+    monkeypatch.setattr(preprocess_worker, "process_chunk", interrupt)
     with pytest.raises(KeyboardInterrupt):
         _run([pydoc_jsonl], tmp_path / "p", spm_model, chunk_bytes=50_000)
     assert sorted(os.listdir(tmp_path)) == ["p.shards"]
-    monkeypatch.setattr(preprocess_mod, "_process_chunk", real)
+    monkeypatch.setattr(preprocess_worker, "process_chunk", real)
     logs: list[str] = []
     config = PreprocessConfig(
         inputs=[str(pydoc_jsonl)],
