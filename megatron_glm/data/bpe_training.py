@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
-from megatron_glm.data.corpus import expand_inputs
 from megatron_glm.data.sources import iter_texts
 from megatron_glm.data.tiktoken_file import GLM4_PATTERN, GLM4_SPECIAL_TOKENS
 from megatron_glm.data.tokenizer_training import TrainerStats
@@ -46,11 +45,7 @@ def train_byte_bpe(
 
     if vocab_size < 257:
         raise DataError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least 257 (256 bytes + 1 merge)")
-    directory = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(directory):
-        raise DataError(f"{output}: directory {directory} does not exist")
-    paths = expand_inputs(inputs)
-    stats = TrainerStats(files=paths)
+    stats = TrainerStats.for_inputs(inputs, output, output)
     tokenizer = Tokenizer(models.BPE(fuse_unk=False, byte_fallback=False))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -66,9 +61,8 @@ def train_byte_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tokenizer.train_from_iterator(_counted(iter_texts(paths, input_format, json_key), stats), trainer=trainer)
-    if stats.documents == 0:
-        raise DataError(f"--input: no usable text in {', '.join(paths)}")
+    tokenizer.train_from_iterator(_counted(iter_texts(stats.files, input_format, json_key), stats), trainer=trainer)
+    stats.check_read()
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
     tmp = f"{output}.tmp{os.getpid()}"
     try:

@@ -106,6 +106,20 @@ class TrainerStats:
     split_documents: int = 0
     files: list[str] = field(default_factory=list)
 
+    @classmethod
+    def for_inputs(cls, inputs: Sequence[str], output: str, label: str) -> TrainerStats:
+        """Empty stats over the expanded ``inputs``, once the directory of ``output`` (named ``label`` in the
+        error) is known to exist."""
+        directory = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(directory):
+            raise DataError(f"{label}: directory {directory} does not exist")
+        return cls(files=expand_inputs(inputs))
+
+    def check_read(self) -> None:
+        """Training read no usable text at all: an error."""
+        if self.documents == 0:
+            raise DataError(f"--input: no usable text in {', '.join(self.files)}")
+
 
 def _sentences(texts: Iterable[str], limit: int, stats: TrainerStats) -> Iterator[str]:
     for text in texts:
@@ -151,16 +165,12 @@ def train_sentencepiece(
         )
     if max_sentence_length < 16:
         raise DataError(f"--max-sentence-length {max_sentence_length}: expected at least 16 bytes")
-    directory = os.path.dirname(os.path.abspath(model_prefix))
-    if not os.path.isdir(directory):
-        raise DataError(f"--model-prefix {model_prefix}: directory {directory} does not exist")
-    paths = expand_inputs(inputs)
-    stats = TrainerStats(files=paths)
+    stats = TrainerStats.for_inputs(inputs, model_prefix, f"--model-prefix {model_prefix}")
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.Train(
-            sentence_iterator=_sentences(iter_texts(paths, input_format, json_key), max_sentence_length, stats),
+            sentence_iterator=_sentences(iter_texts(stats.files, input_format, json_key), max_sentence_length, stats),
             model_writer=model,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -183,8 +193,7 @@ def train_sentencepiece(
         )
     except RuntimeError as exc:
         raise DataError(f"sentencepiece training failed: {explain_failure(str(exc), character_coverage)}") from None
-    if stats.documents == 0:
-        raise DataError(f"--input: no usable text in {', '.join(paths)}")
+    stats.check_read()
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = "".join(f"{processor.IdToPiece(i)}\t{processor.GetScore(i)}\n" for i in range(processor.GetPieceSize()))
     _write_atomic(f"{model_prefix}.model", model.getvalue())
