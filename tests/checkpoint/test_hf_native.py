@@ -8,9 +8,11 @@ original's, greedy ``generate`` equals ``tools/generate.py --causal``. Also THUD
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_glm.checkpoint.convert import ConvertOptions, convert_checkpoint, open_source
+from megatron_glm.checkpoint.formats.hf import FAMILIES
 from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import ModelConfig
 from megatron_glm.config.sizes import MODEL_SIZES
@@ -98,6 +101,20 @@ def glm_release(tmp_path_factory: pytest.TempPathFactory, tokenizer_json: Path, 
     return _release(tmp_path_factory.mktemp("glm") / "release", "glm", tokenizer_json)
 
 
+@pytest.fixture(scope="module")
+def glm4_release(tmp_path_factory: pytest.TempPathFactory, tokenizer_json: Path, offline) -> Path:
+    """A tiny random Glm4ForCausalLM (sandwich norms) and its tokenizer, saved by transformers itself."""
+    return _release(tmp_path_factory.mktemp("glm4") / "release", "glm4", tokenizer_json)
+
+
+@pytest.fixture(params=["glm", "glm4"])
+def release(request: pytest.FixtureRequest) -> tuple[str, Path]:
+    return request.param, request.getfixturevalue(f"{request.param}_release")
+
+
+ARCHITECTURES = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM"}
+
+
 def _release(folder: Path, kind: str, tokenizer_json: Path) -> Path:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -170,19 +187,21 @@ def _round_trip(release: Path, tmp: Path, tokenizer_json: Path) -> tuple[Path, P
     return tmp / "tp2", tmp / "export"
 
 
-def test_glm_for_causal_lm_round_trips_through_tp2(glm_release: Path, tokenizer_json: Path, tmp_path: Path) -> None:
+def test_native_release_round_trips_through_tp2(release: tuple[str, Path], tokenizer_json: Path, tmp_path) -> None:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    kind, glm_release = release
     src = open_source(glm_release)
     cfg = src.info.config
     assert src.info.format == "hf" and src.info.tokenizer_files == [str(glm_release / "tokenizer.json")]
     assert (cfg.rotary_base, cfg.rotary_percent, cfg.rotary_interleaved, cfg.query_groups) == (5e5, 0.5, True, 2)
+    assert cfg.sandwich_norm == (kind == "glm4")
     tp2, export = _round_trip(glm_release, tmp_path, tokenizer_json)
     files = sorted(p.name for p in export.iterdir())
     assert "model.safetensors.index.json" in files and len([f for f in files if f.startswith("model-")]) > 1
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(files)
     config = json.loads((export / "config.json").read_text())
-    assert config["architectures"] == ["GlmForCausalLM"] and config["model_type"] == "glm"
+    assert config["architectures"] == [ARCHITECTURES[kind]] and config["model_type"] == kind
     assert "auto_map" not in config and config["rope_theta"] == 5e5 and config["num_key_value_heads"] == 2
     # the same tensors under the same names, bitwise
     theirs = load_file(glm_release / "model.safetensors")
@@ -232,11 +251,12 @@ def load_in_transformers4(folder: Path, ids: list[int]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_the_glm_export_loads_in_transformers_4(glm_release: Path, tokenizer_json: Path, tmp_path: Path) -> None:
+def test_the_export_loads_in_transformers_4(release: tuple[str, Path], tokenizer_json: Path, tmp_path: Path) -> None:
+    kind, glm_release = release
     tp2, export = _round_trip(glm_release, tmp_path, tokenizer_json)
     ids = prompt_ids(tokenizer_json)
     got = load_in_transformers4(export, ids)
-    assert got["class"] == "GlmForCausalLM" and got["ids"] == ids
+    assert got["class"] == ARCHITECTURES[kind] and got["ids"] == ids
     assert (torch.tensor(got["logits"]) - hf_logits(glm_release, ids)).abs().max().item() < 1e-5
     assert got["tokens"][: len(ours := our_generate(tp2, tokenizer_json))] == ours
 
@@ -252,6 +272,30 @@ def test_layouts_the_native_class_cannot_hold_are_refused(glm_release: Path, tmp
     convert(tmp_path / "ours", tmp_path / "c2", format="hf", hf_layout="chatglm2-6b")
     c2 = json.loads((tmp_path / "c2" / "config.json").read_text())
     assert c2["model_type"] == "chatglm" and c2["rope_ratio"] == 50 and c2["padded_vocab_size"] > 0
+
+
+def test_glm4_needs_the_sandwich_norms(glm_release: Path, glm4_release: Path, tmp_path: Path) -> None:
+    """GLM-4-0414's layout holds only models with sandwich_norm; GlmForCausalLM only models without; qk_norm
+    (GLM-4.5) neither: each is a one-line refusal naming the field."""
+    convert(glm_release, tmp_path / "glm", format="native")
+    with pytest.raises(CheckpointError, match=r"Glm4ForCausalLM HuggingFace layout cannot hold this model: "
+                       r"sandwich_norm = False \(this layout: True\)$"):  # fmt: skip
+        convert(tmp_path / "glm", tmp_path / "x", format="hf", hf_layout="Glm4ForCausalLM")
+    convert(glm4_release, tmp_path / "glm4", format="native")
+    with pytest.raises(CheckpointError, match=r"GlmForCausalLM HuggingFace layout cannot hold this model: "
+                       r"sandwich_norm = True \(this layout: False\)$"):  # fmt: skip
+        convert(tmp_path / "glm4", tmp_path / "x", format="hf", hf_layout="GlmForCausalLM")
+    assert not (tmp_path / "x").exists()
+    for family in FAMILIES.values():
+        arch = dataclasses.replace(family.architecture.value, qk_norm=True)
+        assert family.architecture.mismatch(arch) == "qk_norm = True (this layout: False)", family.name
+    # the weights on disk tell the same: a Glm4 config over a Glm folder lacks the sandwich norms
+    bad = tmp_path / "mislabelled"
+    shutil.copytree(glm_release, bad)
+    raw = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**raw, "model_type": "glm4", "architectures": ["Glm4ForCausalLM"]}))
+    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.0\.post_self_attn_layernorm\.weight"):
+        open_source(bad)
 
 
 # -- THUDM's remote-code GLM-4-9B layout ------------------------------------------------------------------------
@@ -314,6 +358,8 @@ def test_thudm_remote_glm4_layout_imports_with_rope_ratio(glm_release: Path, tok
 PARAMETERS = {
     "chatglm3-6b": 6_243_584_000,
     "glm-4-9b": 9_399_951_360,
+    "glm-4-9b-0414": 9_400_279_040,
+    "glm-4-32b-0414": 32_566_081_536,
 }
 
 
@@ -322,7 +368,7 @@ def test_named_sizes_have_the_published_parameter_counts(size: str, offline) -> 
     cfg = ModelConfig(**MODEL_SIZES[size])
     assert sum(math.prod(spec.shape) for spec in ModelLayout(cfg)) == PARAMETERS[size]
     # transformers' own class of the same shape counts the same
-    hf = transformers.GlmConfig(
+    hf = (transformers.Glm4Config if cfg.sandwich_norm else transformers.GlmConfig)(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.query_groups, head_dim=cfg.head_dim, attention_bias=cfg.add_qkv_bias,
