@@ -305,6 +305,16 @@ def test_glm4_needs_the_sandwich_norms(glm_release: Path, glm4_release: Path, tm
         open_source(bad)
 
 
+def test_native_release_through_a_pipeline_layout(glm4_release: Path, tmp_path: Path) -> None:
+    """Glm4ForCausalLM -> native PP=2 (model only) -> Glm4ForCausalLM: the release's tensors, bitwise."""
+    convert(glm4_release, tmp_path / "pp2", format="native", target_pp=2)
+    assert open_source(tmp_path / "pp2").info.pp == 2
+    convert(tmp_path / "pp2", tmp_path / "back", format="hf", tokenizer_model=str(glm4_release))
+    back, theirs = load_file(tmp_path / "back" / "model.safetensors"), load_file(glm4_release / "model.safetensors")
+    assert sorted(back) == sorted(theirs) and all(torch.equal(back[k], theirs[k]) for k in theirs)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["architectures"] == ["Glm4ForCausalLM"]
+
+
 # -- THUDM's remote-code GLM-4-9B layout ------------------------------------------------------------------------
 
 
