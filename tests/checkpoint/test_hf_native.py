@@ -8,6 +8,7 @@ original's, greedy ``generate`` equals ``tools/generate.py --causal``. Also THUD
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import math
@@ -27,6 +28,7 @@ from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import ModelConfig
 from megatron_glm.config.sizes import MODEL_SIZES
 from megatron_glm.data.bpe_training import train_byte_bpe
+from megatron_glm.data.tiktoken_file import byte_to_unicode
 from megatron_glm.data.tokenizer import open_tokenizer
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model import GLMModel, ModelLayout
@@ -315,6 +317,30 @@ def test_native_release_through_a_pipeline_layout(glm4_release: Path, tmp_path: 
     assert json.loads((tmp_path / "back" / "config.json").read_text())["architectures"] == ["Glm4ForCausalLM"]
 
 
+def test_a_tiktoken_tokenizer_is_exported_as_tokenizer_json(glm_release: Path, tokenizer_json: Path, tmp_path) -> None:
+    """GLM-4-9B's remote code ships a tiktoken BPE file: the export writes it as a tokenizer.json that
+    AutoTokenizer loads as a fast tokenizer giving our ids, and its chat stops in generation_config.json."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    inverse = {char: byte for byte, char in byte_to_unicode().items()}
+    vocab = Tokenizer.from_file(str(tokenizer_json)).get_vocab(with_added_tokens=False)
+    ranks = [bytes(inverse[c] for c in piece) for piece in sorted(vocab, key=vocab.get)]
+    tik = tmp_path / "glm-4-9b" / "tokenizer.model"
+    tik.parent.mkdir()
+    tik.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks)), encoding="ascii")
+    ours = open_tokenizer(tik)
+    assert ours.kind == "tiktoken"
+    rows = ours.vocab_size + ours.vocab_size % 2
+    convert(glm_release, tmp_path / "out", format="hf", tokenizer_model=str(tik), vocab_size=rows)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    for text in (PROMPT, *CORPUS, "  tabs\tand 中文 🦙 I'LL 12345"):
+        assert tok(text, add_special_tokens=False).input_ids == ours.encode(text, allow_special=False)
+    assert tok.convert_tokens_to_ids(["[gMASK]", "<sop>"]) == [ours.gmask_id, ours.sop_id]
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [ours.eos_id, ours.token_to_id("<|user|>"), ours.token_to_id("<|observation|>")]
+
+
 # -- THUDM's remote-code GLM-4-9B layout ------------------------------------------------------------------------
 
 
@@ -384,6 +410,7 @@ PARAMETERS = {
 def test_named_sizes_have_the_published_parameter_counts(size: str, offline) -> None:
     cfg = ModelConfig(**MODEL_SIZES[size])
     assert sum(math.prod(spec.shape) for spec in ModelLayout(cfg)) == PARAMETERS[size]
+    assert sum(p.numel() for p in GLMModel(cfg, device="meta").parameters()) == PARAMETERS[size]
     # transformers' own class of the same shape counts the same
     hf = (transformers.Glm4Config if cfg.sandwich_norm else transformers.GlmConfig)(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size,
