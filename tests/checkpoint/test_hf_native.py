@@ -338,7 +338,8 @@ def test_a_tiktoken_tokenizer_is_exported_as_tokenizer_json(glm_release: Path, t
         assert tok(text, add_special_tokens=False).input_ids == ours.encode(text, allow_special=False)
     assert tok.convert_tokens_to_ids(["[gMASK]", "<sop>"]) == [ours.gmask_id, ours.sop_id]
     generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == [ours.eos_id, ours.token_to_id("<|user|>"), ours.token_to_id("<|observation|>")]
+    stops = [ours.eos_id, ours.token_to_id("<|user|>"), ours.token_to_id("<|observation|>")]
+    assert generation["eos_token_id"] == stops
 
 
 # -- THUDM's remote-code GLM-4-9B layout ------------------------------------------------------------------------
