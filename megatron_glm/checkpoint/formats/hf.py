@@ -341,7 +341,7 @@ def write_hf(
     def expand(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         pieces = family.split(config, name)
         if pieces:
-            return [(n, p) for (n, _), p in zip(pieces, t.split([r for _, r in pieces], dim=0))]
+            return [(n, p.clone()) for (n, _), p in zip(pieces, t.split([r for _, r in pieces], dim=0))]
         own = (family.hf_name(name), family.theirs(config, name, t))
         return [own] + [(d.name, d.make(t).clone()) for d in after.get(name, [])]
 
