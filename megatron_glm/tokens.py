@@ -42,3 +42,21 @@ class CommandTokens:
                 for f in fields(cls)
             }
         )
+
+
+#: GLM-4's chat-turn markers: a causal continuation ends at them as at end of text (GLM-4's generation_config.json
+#: lists the three as its ``eos_token_id``).
+CHAT_STOP_TOKENS = ("<|user|>", "<|observation|>")
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids that end a causal continuation: end of text, then the chat-turn markers the tokenizer has."""
+    ids = [int(tokenizer.eos_id)]
+    for text in CHAT_STOP_TOKENS:
+        try:
+            token_id = int(tokenizer.token_to_id(text))
+        except KeyError:
+            continue
+        if token_id not in ids:
+            ids.append(token_id)
+    return ids

@@ -65,7 +65,8 @@ class ModelConfig(ModelShape):
     size: str = opt(
         "",
         "Named size to start from (glm-tiny, glm-base, glm-large, glm-large-chinese, "
-        "glm-2b, glm-10b, glm-130b, chatglm-6b, chatglm2-6b); explicit fields override it.",
+        "glm-2b, glm-10b, glm-130b, chatglm-6b, chatglm2-6b, chatglm3-6b, glm-4-9b, glm-4-9b-0414, "
+        "glm-4-32b-0414); explicit fields override it.",
         execution=True,
     )
     num_layers: int = opt(2, "Number of transformer layers.")
@@ -158,6 +159,16 @@ class ModelConfig(ModelShape):
         "x = LN(alpha x + f(x)) chained, plus DeepNorm's init: Xavier-normal matrices, the value part of QKV, "
         "attention dense and both MLP matrices scaled by beta = (2 L)^-0.5, GLM-130B).",
         choices=("pre_ln", "post_ln_alpha", "deepnorm"),
+    )
+    sandwich_norm: bool = opt(
+        False,
+        "GLM-4-0414's sandwich norms (pre_ln only): h = h + N_post_attn(Attn(N1(h))); h = h + N_post_mlp(MLP(N2(h))), "
+        "with post_self_attn_layernorm and post_mlp_layernorm per layer (hidden dropout after the post-norm).",
+    )
+    qk_norm: bool = opt(
+        False,
+        "GLM-4.5's QK-norm: a norm of kind normalization (eps layernorm_epsilon) over each head's head_dim, on "
+        "queries and keys after the QKV split and before the rotary rotation (attention.q_norm, attention.k_norm).",
     )
     num_query_groups: int = opt(
         0, "Key/value groups for grouped-query attention (0: multi-head; 1: multi-query; ChatGLM2: 2)."

@@ -74,6 +74,8 @@ def family_problems(m: ModelConfig, tp: int) -> list[str]:
             )
     if m.rotary and m.rotary_base <= 0:
         out.append(f"model.rotary_base must be positive, got {m.rotary_base}")
+    if m.sandwich_norm and m.residual_style != "pre_ln":
+        out.append(f"model.sandwich_norm needs model.residual_style pre_ln, got {m.residual_style}")
     if not 0.0 < m.embedding_grad_shrink <= 1.0:
         out.append(f"model.embedding_grad_shrink must be in (0, 1] (1: off), got {m.embedding_grad_shrink}")
     return out
