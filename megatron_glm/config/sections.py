@@ -223,10 +223,22 @@ class ParallelConfig:
 
 @dataclass(kw_only=True)
 class ObjectiveConfig:
-    """The multi-task blank-infilling mixture (original GLM flag names and defaults)."""
+    """The objective mixture: GLM's blank infilling (original GLM flag names and defaults) and the causal
+    objective of GLM-4 (``[gMASK]<sop>`` then the text, causal attention, loss on every text token)."""
 
     bert_prob: float = opt(0.5, "Probability of the token-level ([MASK]) objective.")
     gap_sentence_prob: float = opt(0.0, "Probability of the sentence-level ([sMASK]) objective.")
+    causal_prob: float = opt(
+        0.0,
+        "Probability of the causal objective (GLM-4's input format: [gMASK]<sop> then the text, causal attention, "
+        "1-D positions, next-token loss on every text token and on the end of text closing a document). The "
+        "document-level blank objective takes what bert_prob, gap_sentence_prob and causal_prob leave.",
+    )
+    causal_datasets: list[str] = opt(
+        [],
+        "Dataset prefixes (as written in data.data_path) whose samples always use the causal objective; the "
+        "mixture applies to the others.",
+    )
     gap_sentence_ratio: float = opt(0.15, "Fraction of tokens covered by sentence blanks.")
     mask_ratio: float = opt(0.15, "Fraction of tokens covered by token-level blanks.")
     gpt_infill_prob: float = opt(
@@ -253,7 +265,8 @@ class ObjectiveConfig:
         "Document isolation in packed windows (Megatron's --reset-attention-mask): a token attends only to "
         "tokens of its own document (the GLM mask intersected with the document blocks; a Part B token "
         "belongs to the document its input token comes from). Samples then carry doc_ids and the model gets "
-        "a [b, 1, s, s] mask. Positions are not reset.",
+        "a [b, 1, s, s] mask. Positions are not reset, except by the causal objective (they restart at 0 in "
+        "every document).",
     )
 
 
