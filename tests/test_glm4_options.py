@@ -157,8 +157,10 @@ def test_fp64_logits_equal_the_published_equations(name: str) -> None:
 
 
 def test_the_rotary_layouts_are_transformers_own() -> None:
-    """Interleaved = transformers' ``glm4.apply_rotary_pos_emb`` (GLM-4-0414), half-split = ``glm4_moe``'s
-    (GLM-4.5), both on the first half of a 16-dim head with theta 10000, as their rotary embedding builds cos/sin."""
+    """Interleaved = transformers' ``glm`` / ``glm4`` ``apply_rotary_pos_emb`` (GLM-4, GLM-4-0414), half-split =
+    ``glm4_moe``'s (GLM-4.5), both on the first half of a 16-dim head with theta 10000, cos/sin built as their
+    rotary embedding builds them."""
+    glm = pytest.importorskip("transformers.models.glm.modeling_glm")
     glm4 = pytest.importorskip("transformers.models.glm4.modeling_glm4")
     glm4_moe = pytest.importorskip("transformers.models.glm4_moe.modeling_glm4_moe")
     b, heads, s, d, factor, theta = 2, 3, 7, 16, 0.5, 10000.0
@@ -169,7 +171,7 @@ def test_the_rotary_layouts_are_transformers_own() -> None:
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
     emb = torch.cat([position[..., None].float() * inv_freq] * 2, dim=-1)
     position_ids = torch.stack([position, torch.zeros_like(position)], dim=1)
-    for module, interleaved in ((glm4, True), (glm4_moe, False)):
+    for module, interleaved in ((glm, True), (glm4, True), (glm4_moe, False)):
         cfg = tiny_config(
             hidden_size=48,
             num_attention_heads=heads,

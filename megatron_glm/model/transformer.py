@@ -1,5 +1,5 @@
-"""GLM transformer: the layers (pre-LN or the post-LN alpha/DeepNorm residual), the MLP, and the layer stack with
-activation checkpointing.
+"""GLM transformer: the layers (pre-LN or the post-LN alpha/DeepNorm residual, GLM-4-0414's sandwich norms), each
+assembled from the builders of ``megatron_glm.model.builders``, and the layer stack with activation checkpointing.
 
 A stack holds layers ``[layer_start, layer_end)`` of the model (all of them, or a pipeline part) and keeps their
 *global* indices: ``layers`` is a ``ModuleDict`` keyed by ``str(i)``, so state-dict names
