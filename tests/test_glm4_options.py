@@ -358,3 +358,33 @@ def test_loss_rows_and_kv_cache_paths_hold_the_new_norms() -> None:
             mask = sep_to_mask(sep[one], SEQ)[:, :, j : j + 1, : j + 1]
             steps.append(model(ids[one, j : j + 1], pos[one, :, j : j + 1], mask, kv_cache=cache))
     torch.testing.assert_close(torch.cat(steps, dim=1), full[one], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("fmt", ["native", "safetensors", "glm"])
+def test_formats_holding_any_architecture_round_trip_the_options(fmt: str, tmp_path) -> None:
+    """Standalone -> ``fmt`` -> read back: the same architecture (both options on) and the same tensors."""
+    from megatron_glm.checkpoint.convert import ConvertOptions, convert_checkpoint, open_source
+    from megatron_glm.checkpoint.formats.standalone import write_standalone
+
+    class Weights:
+        def __init__(self, weights: dict) -> None:
+            self.weights = weights
+
+        def names(self) -> list[str]:
+            return list(self.weights)
+
+        def tensor(self, name: str) -> torch.Tensor:
+            return self.weights[name]
+
+        def release(self) -> None:
+            pass
+
+    cfg = glm4_config("both-layernorm-biases")
+    weights = {k: v.float() for k, v in random_weights(cfg, seed=4).items()}
+    out = tmp_path / "standalone"
+    write_standalone(Weights(weights), out, cfg, transform=lambda _n, t: t, dtype=torch.float32, tokenizer_files=[])
+    convert_checkpoint(out, tmp_path / fmt, ConvertOptions(format=fmt, target_tp=2 if fmt != "safetensors" else 1))
+    back = open_source(tmp_path / fmt)
+    assert back.info.config.architecture() == cfg.architecture()
+    assert back.info.config.sandwich_norm and back.info.config.qk_norm
+    assert sorted(back.names()) == sorted(weights) and all(torch.equal(back.tensor(n), weights[n]) for n in weights)
