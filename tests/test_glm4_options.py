@@ -157,8 +157,10 @@ def test_fp64_logits_equal_the_published_equations(name: str) -> None:
 
 
 def test_the_rotary_layouts_are_transformers_own() -> None:
-    """Interleaved = transformers' ``glm4.apply_rotary_pos_emb`` (GLM-4-0414), half-split = ``glm4_moe``'s
-    (GLM-4.5), both on the first half of a 16-dim head with theta 10000, as their rotary embedding builds cos/sin."""
+    """Interleaved = transformers' ``glm`` / ``glm4`` ``apply_rotary_pos_emb`` (GLM-4, GLM-4-0414), half-split =
+    ``glm4_moe``'s (GLM-4.5), both on the first half of a 16-dim head with theta 10000, cos/sin built as their
+    rotary embedding builds them."""
+    glm = pytest.importorskip("transformers.models.glm.modeling_glm")
     glm4 = pytest.importorskip("transformers.models.glm4.modeling_glm4")
     glm4_moe = pytest.importorskip("transformers.models.glm4_moe.modeling_glm4_moe")
     b, heads, s, d, factor, theta = 2, 3, 7, 16, 0.5, 10000.0
@@ -169,7 +171,7 @@ def test_the_rotary_layouts_are_transformers_own() -> None:
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
     emb = torch.cat([position[..., None].float() * inv_freq] * 2, dim=-1)
     position_ids = torch.stack([position, torch.zeros_like(position)], dim=1)
-    for module, interleaved in ((glm4, True), (glm4_moe, False)):
+    for module, interleaved in ((glm, True), (glm4, True), (glm4_moe, False)):
         cfg = tiny_config(
             hidden_size=48,
             num_attention_heads=heads,
@@ -356,3 +358,33 @@ def test_loss_rows_and_kv_cache_paths_hold_the_new_norms() -> None:
             mask = sep_to_mask(sep[one], SEQ)[:, :, j : j + 1, : j + 1]
             steps.append(model(ids[one, j : j + 1], pos[one, :, j : j + 1], mask, kv_cache=cache))
     torch.testing.assert_close(torch.cat(steps, dim=1), full[one], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("fmt", ["native", "safetensors", "glm"])
+def test_formats_holding_any_architecture_round_trip_the_options(fmt: str, tmp_path) -> None:
+    """Standalone -> ``fmt`` -> read back: the same architecture (both options on) and the same tensors."""
+    from megatron_glm.checkpoint.convert import ConvertOptions, convert_checkpoint, open_source
+    from megatron_glm.checkpoint.formats.standalone import write_standalone
+
+    class Weights:
+        def __init__(self, weights: dict) -> None:
+            self.weights = weights
+
+        def names(self) -> list[str]:
+            return list(self.weights)
+
+        def tensor(self, name: str) -> torch.Tensor:
+            return self.weights[name]
+
+        def release(self) -> None:
+            pass
+
+    cfg = glm4_config("both-layernorm-biases")
+    weights = {k: v.float() for k, v in random_weights(cfg, seed=4).items()}
+    out = tmp_path / "standalone"
+    write_standalone(Weights(weights), out, cfg, transform=lambda _n, t: t, dtype=torch.float32, tokenizer_files=[])
+    convert_checkpoint(out, tmp_path / fmt, ConvertOptions(format=fmt, target_tp=2 if fmt != "safetensors" else 1))
+    back = open_source(tmp_path / fmt)
+    assert back.info.config.architecture() == cfg.architecture()
+    assert back.info.config.sandwich_norm and back.info.config.qk_norm
+    assert sorted(back.names()) == sorted(weights) and all(torch.equal(back.tensor(n), weights[n]) for n in weights)

@@ -20,8 +20,9 @@ from megatron_glm.model.masks import (
     prepare_attention_mask,
     sep_to_mask,
 )
+from megatron_glm.model.mlp import ParallelMLP
 from megatron_glm.model.state_dict import full_state_dict, load_full_state_dict
-from megatron_glm.model.transformer import GLMLayer, GLMTransformer, ParallelMLP
+from megatron_glm.model.transformer import GLMLayer, GLMTransformer
 
 __all__ = [
     "ATTENTION_IMPLS",

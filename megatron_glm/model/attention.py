@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -32,10 +33,13 @@ from megatron_glm.model import sequence_parallel as sp
 from megatron_glm.model.masks import AttentionMask
 from megatron_glm.model.norms import make_norm
 from megatron_glm.model.recompute import checkpointed
-from megatron_glm.parallel import ColumnParallelLinear, ParallelState, RNGStatesTracker, RowParallelLinear
-from megatron_glm.parallel.random import MODEL_PARALLEL_RNG, InitMethod
+from megatron_glm.model.spec_linear import by_name, column_parallel, row_parallel
+from megatron_glm.model.tensor_spec import TensorSpec, matrix_init, norm_tensors
+from megatron_glm.parallel import RNGStatesTracker
+from megatron_glm.parallel.random import MODEL_PARALLEL_RNG
 
 if TYPE_CHECKING:
+    from megatron_glm.model.builders import BuildContext
     from megatron_glm.model.rotary import RotaryPositions
 
 ATTENTION_IMPLS = ("sdpa", "flex", "eager")
@@ -176,60 +180,31 @@ class ParallelSelfAttention(nn.Module):
     the QKV split, before the rotary rotation (as transformers' ``Glm4MoeAttention``).
     """
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        layer_number: int,
-        *,
-        qkv_init: InitMethod,
-        dense_init: InitMethod,
-        parallel_state: ParallelState,
-        params_dtype: torch.dtype,
-        device: torch.device | str | None,
-        hidden_dropout: float | None = None,
-    ) -> None:
+    def __init__(self, ctx: BuildContext, tensors: Mapping[str, TensorSpec]) -> None:
         super().__init__()
-        impl, tp = config.attention_impl, parallel_state.tp_size
-        self.tp_group = parallel_state.tp_group
+        config, tp = ctx.config, ctx.parallel_state.tp_size
+        impl = config.attention_impl
+        self.tp_group = ctx.parallel_state.tp_group
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
         heads, groups = config.num_attention_heads, config.query_groups
         if heads % tp or groups % tp:
             raise ValueError(f"{heads} heads / {groups} key-value groups do not split over tensor-parallel size {tp}")
         self.num_heads_per_rank, self.groups_per_rank = heads // tp, groups // tp
-        self.head_dim = d = config.head_dim
+        self.head_dim = config.head_dim
         self.attention_dropout, self.impl = config.attention_dropout, impl
-        self.layer_number = layer_number
+        self.layer_number = ctx.layer_number
         self.layer_scaling = config.apply_query_key_layer_scaling
         self.softmax_in_fp32 = config.attention_softmax_in_fp32 or config.apply_query_key_layer_scaling
         self.recompute_core = False  # selective recomputation: keep only q, k, v for backward
-        q_rows, kv_rows = heads * d, groups * d
-        stride: int | tuple[int, ...] = 3 if q_rows == kv_rows else (q_rows, kv_rows, kv_rows)
-        self.query_key_value = ColumnParallelLinear(
-            config.hidden_size,
-            q_rows + 2 * kv_rows,
-            bias=config.add_qkv_bias,
-            stride=stride,
-            init_method=qkv_init,
-            parallel_state=parallel_state,
-            params_dtype=params_dtype,
-            device=device,
-        )
-        if config.qk_norm:  # GLM-4.5: over each head's dims, replicated on every rank
-            self.q_norm = make_norm(config, params_dtype, device, size=d)
-            self.k_norm = make_norm(config, params_dtype, device, size=d)
-        self.dense = RowParallelLinear(
-            q_rows,
-            config.hidden_size,
-            bias=config.add_bias_linear,
-            input_is_parallel=True,
-            init_method=dense_init,
-            parallel_state=parallel_state,
-            params_dtype=params_dtype,
-            device=device,
-        )
-        self.output_dropout = nn.Dropout(config.hidden_dropout if hidden_dropout is None else hidden_dropout)
-        self.qk_norm = config.qk_norm
+        self.query_key_value = column_parallel(ctx, tensors, "query_key_value")
+        self.qk_norm = "q_norm.weight" in tensors
+        if self.qk_norm:  # GLM-4.5: over each head's dims, replicated on every rank
+            size = tensors["q_norm.weight"].shape[0]
+            self.q_norm = make_norm(config, ctx.params_dtype, ctx.device, size=size)
+            self.k_norm = make_norm(config, ctx.params_dtype, ctx.device, size=size)
+        self.dense = row_parallel(ctx, tensors, "dense")
+        self.output_dropout = nn.Dropout(ctx.branch_dropout)
 
     def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[b, s, (h_r + 2 g_r) d]`` laid out as ``[q_r; k_r; v_r]`` -> ``[b, h_r, s, d]``, ``[b, g_r, s, d]`` x 2."""
@@ -303,3 +278,31 @@ class ParallelSelfAttention(nn.Module):
             return sp.dropout(self.output_dropout, self.dense(ctx, sequence_parallel), tracker, sequence_parallel)
         ctx = ctx.reshape(-1, ctx.shape[-1]).index_select(0, rows.slot) if core_on_rows else rows.select(ctx)
         return rows.dropout(self.output_dropout, self.dense(ctx))
+
+
+def attention_tensors(config: ModelConfig) -> list[TensorSpec]:
+    """``query_key_value`` (``[Q; K; V]`` over the rows: the query heads, then the key and the value groups; TP
+    rank ``r`` holds ``[Q_r; K_r; V_r]``), [``q_norm``, ``k_norm`` over a head: ``qk_norm``], ``dense``."""
+    h, d = config.hidden_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.query_groups * d
+    packing = {"block_sizes": (q, kv, kv)} if q != kv else {"blocks": 3}
+    init = matrix_init(config, False, blocks=3, value_block=2)
+    out = [TensorSpec("query_key_value.weight", (q + 2 * kv, h), "weight", 0, **packing, **init)]
+    if config.add_qkv_bias:
+        out.append(TensorSpec("query_key_value.bias", (q + 2 * kv,), "bias", 0, **packing))
+    if config.qk_norm:
+        out += norm_tensors(config, d, "q_norm") + norm_tensors(config, d, "k_norm")
+    out.append(TensorSpec("dense.weight", (h, q), "weight", 1, **matrix_init(config, True)))
+    if config.add_bias_linear:
+        out.append(TensorSpec("dense.bias", (h,), "bias"))
+    return out
+
+
+class AttentionBuilder:
+    """The ``attention`` slot: :func:`attention_tensors`, built as :class:`ParallelSelfAttention`."""
+
+    def tensors(self, config: ModelConfig) -> list[TensorSpec]:
+        return attention_tensors(config)
+
+    def build(self, ctx: BuildContext) -> nn.Module:
+        return ParallelSelfAttention(ctx, by_name(self.tensors(ctx.config)))

@@ -8,6 +8,8 @@ what the whole model computes (``megatron_glm.training.pipeline`` hands the part
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,7 @@ from torch import nn
 from megatron_glm.config import ModelConfig
 from megatron_glm.config.validate import family_problems
 from megatron_glm.model.attention import QueryRows
+from megatron_glm.model.builders import layer_tensors
 from megatron_glm.model.layout import OUTPUT_TENSOR, VOCAB_TENSOR, ModelLayout, PipeLayer
 from megatron_glm.model.loss import GLMLoss, glm_loss_at, glm_loss_fused, loss_positions
 from megatron_glm.model.masks import AttentionMask, prepare_attention_mask
@@ -370,11 +373,12 @@ def flops_per_token(
 ) -> float:
     """Model FLOPs per token (matmuls only, dense attention, no recomputation counted).
 
-    Per layer forward: ``2 x`` the matmul parameters (QKV, dense, MLP; ``24 H^2`` for GLM) ``+ 4 s nh hd``
-    (scores and context); head ``2 H V``. Training (forward + backward) is three times the forward.
+    Per layer forward: ``2 x`` the layer's matrices as its builders declare them (QKV, dense, MLP; ``24 H^2`` for
+    GLM) ``+ 4 s nh hd`` (scores and context); head ``2 H V``. Training (forward + backward) is three times the
+    forward.
     """
-    h, layers = config.hidden_size, config.num_layers if num_layers is None else num_layers
-    q, kv, f = config.num_attention_heads * config.head_dim, config.query_groups * config.head_dim, config.ffn_size
-    matmul = h * (q + 2 * kv) + q * h + h * f * (3 if config.glu else 2)
-    forward = layers * (2 * matmul + 4 * seq_length * q) + 2 * h * config.vocab_size
+    layers = config.num_layers if num_layers is None else num_layers
+    matmul = sum(math.prod(s.shape) for s in layer_tensors(config) if s.role == "weight")
+    q = config.num_attention_heads * config.head_dim
+    forward = layers * (2 * matmul + 4 * seq_length * q) + 2 * config.hidden_size * config.vocab_size
     return 3.0 * forward if training else float(forward)

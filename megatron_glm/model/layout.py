@@ -17,9 +17,10 @@ Pipeline layers (DeepSpeed ``PipelineModule`` order; their files hold the origin
     L+3      head                      tied: no tensors of its own (the word embedding's weight);
                                        untied: output_layer.weight [V, H], vocab-parallel
 
-An architecture option is one more entry in :func:`embedding_tensors`, :func:`layer_tensors`,
-:func:`final_tensors` or :func:`head_tensors` (conditioned on its ``ModelConfig`` field) plus the module that owns
-the parameter.
+A layer's tensors are collected from the builders of its parts (``megatron_glm.model.builders``: each declares its
+tensors and builds its module from the same declarations), so a layer option is a builder or a declaration there;
+an option outside the layers is one more entry in :func:`embedding_tensors`, :func:`final_tensors` or
+:func:`head_tensors` (conditioned on its ``ModelConfig`` field) plus the module that owns the parameter.
 
 Packed tensors and the released layouts:
 
@@ -51,84 +52,17 @@ from dataclasses import dataclass
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.errors import CheckpointError
+from megatron_glm.model.builders import layer_tensors
+from megatron_glm.model.tensor_spec import DTYPE_ROLES, INITS, ROLES, TensorSpec, norm_tensors
 
-ROLES = ("embedding", "weight", "bias", "norm")
-INITS = ("normal", "scaled_normal", "xavier", "ones", "zeros")
-DTYPE_ROLES = ("params", "fp32")
+__all__ = ["DTYPE_ROLES", "INITS", "ROLES", "TensorSpec", "layer_tensors"]  # re-exported: defined next door
+
 PIPE_KINDS = ("word_embedding", "position_embeddings", "layer", "final_norm", "head")
 LAYER_PREFIX = "transformer.layers.{}."
 VOCAB_TENSOR = "word_embeddings.weight"
 OUTPUT_TENSOR = "output_layer.weight"
 _LAYER_RE = re.compile(r"^transformer\.layers\.(\d+)\.")
 _PIPE_PREFIX_RE = re.compile(r"^(tied_modules\.[^.]+\.|\d+\.)")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One tensor of the model.
-
-    ``role``: ``embedding`` / ``weight`` (decayed matrices), ``bias`` / ``norm`` (no weight decay).
-    ``dtype``: ``params`` (the model's parameter dtype; cast on export) or ``fp32`` (always kept fp32).
-    ``split_dim``: the dimension split over tensor-parallel ranks (``None``: replicated); ``blocks``: equal
-    blocks packed along it, each split separately (rank ``r`` holds ``[Q_r; K_r; V_r]`` for 3);
-    ``block_sizes``: unequal packed blocks instead (their full sizes along ``split_dim``, e.g. grouped-query
-    ``(nh hd, g hd, g hd)``), each split separately the same way.
-    ``init``: ``normal`` N(0, init_std), ``scaled_normal`` N(0, init_std / sqrt(2 L)), ``xavier`` N(0, 2 /
-    (fan_in + fan_out)) per packed block (DeepNorm), ``ones``, ``zeros``; ``init_scale``: per-block factors on
-    that std (DeepNorm's beta; empty: 1).
-    ``layer``: the transformer layer (``None`` for embeddings and the final norm); ``pipe_layer``: the
-    pipeline layer whose file holds it.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    role: str
-    split_dim: int | None = None
-    blocks: int = 1
-    init: str = "zeros"
-    dtype: str = "params"
-    layer: int | None = None
-    pipe_layer: int = 0
-    block_sizes: tuple[int, ...] = ()
-    init_scale: tuple[float, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.role not in ROLES or self.init not in INITS or self.dtype not in DTYPE_ROLES:
-            raise ValueError(
-                f"{self.name}: role {self.role!r} / init {self.init!r} / dtype {self.dtype!r} not in "
-                f"{ROLES} / {INITS} / {DTYPE_ROLES}"
-            )
-        if self.block_sizes and (self.split_dim is None or sum(self.block_sizes) != self.shape[self.split_dim]):
-            raise ValueError(f"{self.name}: block sizes {self.block_sizes} do not add up to the split dimension")
-        if self.init_scale and len(self.init_scale) != len(self.sizes_along_split()):
-            raise ValueError(f"{self.name}: {len(self.init_scale)} init scales for {self.blocks} blocks")
-
-    @property
-    def partition(self) -> tuple[int, int | tuple[int, ...]] | None:
-        """``(dim, blocks)`` of the tensor-parallel split (``blocks`` the number of equal packed blocks, or the
-        tuple of unequal block sizes), or ``None`` when replicated."""
-        if self.split_dim is None:
-            return None
-        return (self.split_dim, self.block_sizes or self.blocks)
-
-    def sizes_along_split(self) -> tuple[int, ...]:
-        """The full sizes of the packed blocks along the split dimension (one block for plain tensors)."""
-        if self.block_sizes:
-            return self.block_sizes
-        if self.split_dim is None:
-            return (self.shape[0],)
-        return (self.shape[self.split_dim] // self.blocks,) * self.blocks
-
-    @property
-    def weight_decay(self) -> bool:
-        return self.role in ("embedding", "weight")
-
-    def shard_shape(self, tp_size: int) -> tuple[int, ...]:
-        """The shape one of ``tp_size`` tensor-parallel ranks holds."""
-        out = list(self.shape)
-        if self.split_dim is not None and tp_size > 1:
-            out[self.split_dim] //= tp_size
-        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -156,69 +90,9 @@ def embedding_tensors(config: ModelConfig) -> list[TensorSpec]:
     return out
 
 
-def _norm(name: str, config: ModelConfig, size: int = 0) -> list[TensorSpec]:
-    """A norm of kind ``config.normalization`` over ``size`` (0: the hidden size), TP-replicated."""
-    h = size or config.hidden_size
-    out = [TensorSpec(f"{name}.weight", (h,), "norm", init="ones")]
-    if config.normalization == "LayerNorm":
-        out.append(TensorSpec(f"{name}.bias", (h,), "bias"))
-    return out
-
-
-def layer_tensors(config: ModelConfig) -> list[TensorSpec]:
-    """One transformer layer's tensors, named relative to ``transformer.layers.{i}.``, in module order.
-
-    DeepNorm (``residual_style: deepnorm``): every matrix Xavier-normal, scaled by beta = (2 L)^-0.5 for the value
-    block of QKV, the attention output and both MLP matrices (Wang et al. 2022, as GLM-130B).
-    """
-    h, hd, f = config.hidden_size, config.head_dim, config.ffn_size
-    q, kv = config.num_attention_heads * hd, config.query_groups * hd
-    qkv = {"block_sizes": (q, kv, kv)} if q != kv else {"blocks": 3}
-    glu = {"blocks": 2} if config.glu else {}
-    f_in = 2 * f if config.glu else f
-    deepnorm = config.residual_style == "deepnorm"
-    beta = (2.0 * config.num_layers) ** -0.5
-    if deepnorm:
-        inits = {
-            "qkv": dict(init="xavier", init_scale=(1.0, 1.0, beta)),
-            "dense": dict(init="xavier", init_scale=(beta,)),
-            "h_to_4h": dict(init="xavier", init_scale=(beta,) * (2 if config.glu else 1)),
-            "4h_to_h": dict(init="xavier", init_scale=(beta,)),
-        }
-    else:
-        inits = {
-            "qkv": dict(init="normal"),
-            "dense": dict(init="scaled_normal"),
-            "h_to_4h": dict(init="normal"),
-            "4h_to_h": dict(init="scaled_normal"),
-        }
-    linear_bias = config.add_bias_linear
-    out = _norm("input_layernorm", config)
-    out.append(TensorSpec("attention.query_key_value.weight", (q + 2 * kv, h), "weight", 0, **qkv, **inits["qkv"]))
-    if config.add_qkv_bias:
-        out.append(TensorSpec("attention.query_key_value.bias", (q + 2 * kv,), "bias", 0, **qkv))
-    if config.qk_norm:
-        out += _norm("attention.q_norm", config, hd) + _norm("attention.k_norm", config, hd)
-    out.append(TensorSpec("attention.dense.weight", (h, q), "weight", 1, **inits["dense"]))
-    if linear_bias:
-        out.append(TensorSpec("attention.dense.bias", (h,), "bias"))
-    if config.sandwich_norm:
-        out += _norm("post_self_attn_layernorm", config)
-    out += _norm("post_attention_layernorm", config)
-    out.append(TensorSpec("mlp.dense_h_to_4h.weight", (f_in, h), "weight", 0, **glu, **inits["h_to_4h"]))
-    if linear_bias:
-        out.append(TensorSpec("mlp.dense_h_to_4h.bias", (f_in,), "bias", 0, **glu))
-    out.append(TensorSpec("mlp.dense_4h_to_h.weight", (h, f), "weight", 1, **inits["4h_to_h"]))
-    if linear_bias:
-        out.append(TensorSpec("mlp.dense_4h_to_h.bias", (h,), "bias"))
-    if config.sandwich_norm:
-        out += _norm("post_mlp_layernorm", config)
-    return out
-
-
 def final_tensors(config: ModelConfig) -> list[TensorSpec]:
     """Pipe layer L+2: the final norm."""
-    return _norm("transformer.final_layernorm", config)
+    return norm_tensors(config, name="transformer.final_layernorm")
 
 
 def head_tensors(config: ModelConfig) -> list[TensorSpec]:

@@ -1,5 +1,5 @@
-"""GLM transformer: the layers (pre-LN or the post-LN alpha/DeepNorm residual), the MLP, and the layer stack with
-activation checkpointing.
+"""GLM transformer: the layers (pre-LN or the post-LN alpha/DeepNorm residual, GLM-4-0414's sandwich norms), each
+assembled from the builders of ``megatron_glm.model.builders``, and the layer stack with activation checkpointing.
 
 A stack holds layers ``[layer_start, layer_end)`` of the model (all of them, or a pipeline part) and keeps their
 *global* indices: ``layers`` is a ``ModuleDict`` keyed by ``str(i)``, so state-dict names
@@ -12,18 +12,18 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.model import sequence_parallel as sp
-from megatron_glm.model.attention import LayerKVCache, ParallelSelfAttention, QueryRows
+from megatron_glm.model.attention import LayerKVCache, QueryRows
+from megatron_glm.model.builders import BuildContext, all_slot_names, layer_slots, prefixed
 from megatron_glm.model.layout import LAYER_PREFIX
 from megatron_glm.model.masks import AttentionMask
 from megatron_glm.model.norms import make_norm
 from megatron_glm.model.recompute import checkpointed
 from megatron_glm.model.rotary import RotaryPositions
-from megatron_glm.parallel import ColumnParallelLinear, ParallelState, RNGStatesTracker, RowParallelLinear
+from megatron_glm.parallel import ParallelState, RNGStatesTracker
 from megatron_glm.parallel.random import InitMethod
 
 
@@ -35,73 +35,6 @@ class KVCacheLike(Protocol):
     def length(self) -> int: ...
 
     def layer(self, index: int) -> LayerKVCache: ...
-
-
-class ParallelMLP(nn.Module):
-    """``H -> ffn`` (column-parallel) -> activation -> ``ffn -> H`` (row-parallel) -> dropout.
-
-    ``gelu``: tanh GeLU. GLU activations (``dense_h_to_4h`` is ``[W1; W2]``, ``2 x ffn`` rows, each rank holding
-    ``[W1_r; W2_r]``): ``swiglu`` = ``silu(x W1) * x W2`` (ChatGLM2), ``geglu`` = ``x W1 * gelu(x W2)`` with the
-    exact GeLU (GLM-130B's GEGLU).
-    """
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        *,
-        in_init: InitMethod,
-        out_init: InitMethod,
-        parallel_state: ParallelState,
-        params_dtype: torch.dtype,
-        device: torch.device | str | None,
-        hidden_dropout: float | None = None,
-    ) -> None:
-        super().__init__()
-        hidden, ffn, self.activation = config.hidden_size, config.ffn_size, config.activation
-        glu = config.glu
-        self.dense_h_to_4h = ColumnParallelLinear(
-            hidden,
-            2 * ffn if glu else ffn,
-            bias=config.add_bias_linear,
-            stride=2 if glu else 1,
-            init_method=in_init,
-            parallel_state=parallel_state,
-            params_dtype=params_dtype,
-            device=device,
-        )
-        self.dense_4h_to_h = RowParallelLinear(
-            ffn,
-            hidden,
-            bias=config.add_bias_linear,
-            input_is_parallel=True,
-            init_method=out_init,
-            parallel_state=parallel_state,
-            params_dtype=params_dtype,
-            device=device,
-        )
-        self.dropout = nn.Dropout(config.hidden_dropout if hidden_dropout is None else hidden_dropout)
-
-    def _act(self, y: torch.Tensor) -> torch.Tensor:
-        if self.activation == "gelu":
-            return F.gelu(y, approximate="tanh")
-        y1, y2 = y.chunk(2, dim=-1)
-        if self.activation == "swiglu":
-            return F.silu(y1) * y2
-        return y1 * F.gelu(y2)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        tracker: RNGStatesTracker | None = None,
-        sequence_parallel: bool = False,
-        rows: QueryRows | None = None,
-    ) -> torch.Tensor:
-        """``x [b, s, H]``, or this rank's sequence shard ``[b, s/tp, H]`` with ``sequence_parallel``, or the
-        rows ``[n, H]`` of a ``[b, s, H]`` input (``rows``: the dropout mask is drawn over ``[b, s, H]``)."""
-        y = self.dense_4h_to_h(self._act(self.dense_h_to_4h(x, sequence_parallel)), sequence_parallel)
-        if rows is not None:
-            return rows.dropout(self.dropout, y)
-        return sp.dropout(self.dropout, y, tracker, sequence_parallel)
 
 
 class GLMLayer(nn.Module):
@@ -121,39 +54,31 @@ class GLMLayer(nn.Module):
         config: ModelConfig,
         layer_number: int,
         *,
-        init: dict[str, InitMethod],
+        init: Callable[[str], InitMethod],
         parallel_state: ParallelState,
         params_dtype: torch.dtype,
         device: torch.device | str | None,
     ) -> None:
+        """``init(name)``: the init of the layer's tensor ``name`` (relative to the layer). The parts are the
+        enabled slots of :data:`~megatron_glm.model.builders.LAYER_SLOTS`, each built by its builder; a slot the
+        architecture does not have is ``None``."""
         super().__init__()
         self.tp_group = parallel_state.tp_group
         self.alpha = None if config.residual_style == "pre_ln" else (2.0 * config.num_layers) ** 0.5
         sandwich = config.sandwich_norm
-        inner_dropout = 0.0 if sandwich else None  # sandwich: the dropout comes after the post-norm
-        self.input_layernorm = make_norm(config, params_dtype, device)
-        self.attention = ParallelSelfAttention(
-            config,
-            layer_number,
-            qkv_init=init["attention.query_key_value"],
-            dense_init=init["attention.dense"],
-            parallel_state=parallel_state,
-            params_dtype=params_dtype,
-            device=device,
-            hidden_dropout=inner_dropout,
-        )
-        self.post_self_attn_layernorm = make_norm(config, params_dtype, device) if sandwich else None
-        self.post_attention_layernorm = make_norm(config, params_dtype, device)
-        self.mlp = ParallelMLP(
-            config,
-            in_init=init["mlp.dense_h_to_4h"],
-            out_init=init["mlp.dense_4h_to_h"],
-            parallel_state=parallel_state,
-            params_dtype=params_dtype,
-            device=device,
-            hidden_dropout=inner_dropout,
-        )
-        self.post_mlp_layernorm = make_norm(config, params_dtype, device) if sandwich else None
+        for name in all_slot_names():
+            setattr(self, name, None)
+        for slot in layer_slots(config):
+            ctx = BuildContext(
+                config=config,
+                layer_number=layer_number,
+                init=prefixed(init, slot.name + "."),
+                parallel_state=parallel_state,
+                params_dtype=params_dtype,
+                device=device,
+                branch_dropout=0.0 if sandwich else config.hidden_dropout,  # sandwich: after the post-norm
+            )
+            setattr(self, slot.name, slot.builder.build(ctx))
         self.post_dropout = nn.Dropout(config.hidden_dropout) if sandwich else None
 
     def _post_norm(
@@ -250,13 +175,10 @@ class GLMTransformer(nn.Module):
                 )
         self.layers = nn.ModuleDict()
         for i in range(layer_start, layer_end):
-            prefix = LAYER_PREFIX.format(i)
-            names = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-            init = {n: init_for(prefix + n + ".weight") for n in names}
             self.layers[str(i)] = GLMLayer(
                 config,
                 i + 1,
-                init=init,
+                init=prefixed(init_for, LAYER_PREFIX.format(i)),
                 parallel_state=parallel_state,
                 params_dtype=params_dtype,
                 device=device,

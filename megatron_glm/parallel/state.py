@@ -1,7 +1,15 @@
-"""Explicit parallel state: tensor / pipeline / data-parallel groups, sizes and ranks.
+"""Explicit parallel state: tensor / pipeline / data / expert-parallel groups, sizes and ranks.
 
 Rank order follows Megatron: tensor-parallel ranks are adjacent, then data-parallel, then pipeline:
 ``rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank``.
+
+Expert parallelism (Megatron's convention, and DeepSpeed MoE's) splits the data-parallel ranks: ``ep`` must divide
+``dp``; the ``ep`` consecutive data-parallel ranks ``[b ep, (b + 1) ep)`` of a (pipeline stage, tensor rank) form an
+expert-parallel group (each holds ``E / ep`` experts; ``ep_rank = dp_rank % ep``), and the ranks holding the same
+experts, ``dp / ep`` of them, form the expert-data-parallel group that reduces the experts' gradients
+(``edp_rank = dp_rank // ep``). Tensor parallelism stays inside each expert (expert tensor parallelism = TP).
+With ``ep = 1`` the expert-parallel group is one rank (``ep_group`` ``None``: nothing to communicate) and the
+expert-data-parallel group is the data-parallel group.
 """
 
 from __future__ import annotations
@@ -29,6 +37,19 @@ class ParallelState:
     dp_size: int = 1
     dp_rank: int = 0
     dp_group: Any = None
+    ep_size: int = 1
+    ep_rank: int = 0
+    ep_group: Any = None
+    edp_group: Any = None
+
+    @property
+    def edp_size(self) -> int:
+        """Ranks holding the same experts (they reduce those experts' gradients): ``dp / ep``."""
+        return self.dp_size // self.ep_size
+
+    @property
+    def edp_rank(self) -> int:
+        return self.dp_rank // self.ep_size
 
     @property
     def world_size(self) -> int:
@@ -49,7 +70,8 @@ class ParallelState:
     def __repr__(self) -> str:  # groups are opaque handles; keep the repr readable
         return (
             f"ParallelState(rank={self.rank}, tp={self.tp_rank}/{self.tp_size}, "
-            f"pp={self.pp_rank}/{self.pp_size}, dp={self.dp_rank}/{self.dp_size})"
+            f"pp={self.pp_rank}/{self.pp_size}, dp={self.dp_rank}/{self.dp_size}"
+            + (f", ep={self.ep_rank}/{self.ep_size})" if self.ep_size > 1 else ")")
         )
 
 
@@ -64,18 +86,39 @@ def rank_grid(world_size: int, tp_size: int, pp_size: int) -> list[list[list[int
     ]
 
 
-def initialize_parallel_state(tp_size: int = 1, pp_size: int = 1) -> ParallelState:
+def expert_rank_groups(
+    world_size: int, tp_size: int, pp_size: int, ep_size: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """``(expert-parallel groups, expert-data-parallel groups)`` as lists of global ranks (module docstring)."""
+    grid = rank_grid(world_size, tp_size, pp_size)
+    dp_size = len(grid[0])
+    if ep_size <= 0 or dp_size % ep_size:
+        raise ValueError(
+            f"the expert-parallel size {ep_size} must divide the data-parallel size {dp_size} (experts are split over "
+            "data-parallel ranks)"
+        )
+    ep_groups, edp_groups = [], []
+    for p in range(pp_size):
+        for t in range(tp_size):
+            dp_ranks = [grid[p][d][t] for d in range(dp_size)]
+            ep_groups += [dp_ranks[b : b + ep_size] for b in range(0, dp_size, ep_size)]
+            edp_groups += [dp_ranks[e::ep_size] for e in range(ep_size)]
+    return ep_groups, edp_groups
+
+
+def initialize_parallel_state(tp_size: int = 1, pp_size: int = 1, ep_size: int = 1) -> ParallelState:
     """Build groups from the initialised default process group (or a single-process state).
 
     Every rank must call this with the same sizes (``new_group`` is collective).
     """
     if not dist.is_available() or not dist.is_initialized():
-        if tp_size != 1 or pp_size != 1:
-            raise RuntimeError("tensor/pipeline parallelism needs torch.distributed to be initialised first")
+        if tp_size != 1 or pp_size != 1 or ep_size != 1:
+            raise RuntimeError("tensor/pipeline/expert parallelism needs torch.distributed to be initialised first")
         return ParallelState()
     world, rank = dist.get_world_size(), dist.get_rank()
     grid = rank_grid(world, tp_size, pp_size)
     dp_size = len(grid[0])
+    ep_groups, edp_groups = expert_rank_groups(world, tp_size, pp_size, ep_size)
     mine: dict[str, Any] = {}
 
     def make(ranks: list[int], key: str) -> None:
@@ -92,6 +135,11 @@ def initialize_parallel_state(tp_size: int = 1, pp_size: int = 1) -> ParallelSta
     for d in range(dp_size):
         for t in range(tp_size):
             make([grid[p][d][t] for p in range(pp_size)], "pp")
+    if ep_size > 1:  # with one expert-parallel rank the groups are this rank alone and the data-parallel group
+        for ranks in ep_groups:
+            make(ranks, "ep")
+        for ranks in edp_groups:
+            make(ranks, "edp")
     pp_rank, rem = divmod(rank, dp_size * tp_size)
     dp_rank, tp_rank = divmod(rem, tp_size)
     return ParallelState(
@@ -104,4 +152,8 @@ def initialize_parallel_state(tp_size: int = 1, pp_size: int = 1) -> ParallelSta
         dp_size=dp_size,
         dp_rank=dp_rank,
         dp_group=mine.get("dp"),
+        ep_size=ep_size,
+        ep_rank=dp_rank % ep_size,
+        ep_group=mine.get("ep"),
+        edp_group=mine.get("edp", mine.get("dp")),
     )
