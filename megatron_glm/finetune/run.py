@@ -54,7 +54,7 @@ from megatron_glm.training.trainer import Trainer, TrainState
 
 def source_model(load: str) -> tuple[Any, str]:
     """``(model config, tokenizer path)`` of the checkpoint to fine-tune from."""
-    from megatron_glm.checkpoint.convert import open_source
+    from megatron_glm.checkpoint.formats.registry import open_source
 
     src = open_source(Path(load))
     meta = getattr(src.info, "meta", None) or {}
