@@ -9,6 +9,7 @@ evaluation, conversion) and the target checks come from the table.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from megatron_glm.checkpoint.formats.base import CheckpointFormat, WriteJob, Written
 from megatron_glm.checkpoint.formats.glm_original import GLMOriginalSource, find_rank_dir, write_glm_original
@@ -107,31 +108,27 @@ def _write_hf(job: WriteJob) -> Written:
     elif model_file is None or job.open_tokenizer is None:
         job.notes.append("no tokenizer found: the hf export has no tokenizer files and generate() needs token ids")
         model_file = None
+    tokenizer = job.open_tokenizer(model_file) if model_file and job.open_tokenizer else None
     write_hf(
         job.source,
         job.out,
         job.config,
-        transform=job.transform,
-        dtype=job.dtype,
-        tokenizer=job.open_tokenizer(model_file) if model_file and job.open_tokenizer else None,
-        max_shard_bytes=job.opts.max_shard_bytes,
+        tokenizer=tokenizer,
         max_new_tokens=job.opts.max_new_tokens,
         family=family,
+        **_shard_options(job),
     )
     return Written()
 
 
 def _write_standalone(job: WriteJob) -> Written:
-    write_standalone(
-        job.source,
-        job.out,
-        job.config,
-        transform=job.transform,
-        dtype=job.dtype,
-        tokenizer_files=_tokenizer_files(job),
-        max_shard_bytes=job.opts.max_shard_bytes,
-    )
+    write_standalone(job.source, job.out, job.config, tokenizer_files=_tokenizer_files(job), **_shard_options(job))
     return Written()
+
+
+def _shard_options(job: WriteJob) -> dict[str, Any]:
+    """The safetensors writers' common keywords."""
+    return {"transform": job.transform, "dtype": job.dtype, "max_shard_bytes": job.opts.max_shard_bytes}
 
 
 NATIVE = CheckpointFormat(
