@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import megatron_glm.model.glm as glm
+from megatron_glm.config import ModelConfig
 from megatron_glm.model import GLMModel, GLMPart, ModelLayout
 from megatron_glm.parallel import ParallelState
 from megatron_glm.training.pipeline import build_pipeline_model
@@ -17,7 +18,7 @@ def checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = glm.family_problems
 
-    def counting(config, tp):  # noqa: ANN001, ANN202 - the checked function's own signature
+    def counting(config: ModelConfig, tp: int) -> list[str]:
         calls.append(tp)
         return original(config, tp)
 
