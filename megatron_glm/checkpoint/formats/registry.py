@@ -37,6 +37,11 @@ def _universal(path: Path) -> bool:
         return False  # no complete step: the native reader says why
 
 
+def _open_universal(path: Path) -> UniversalSource:
+    step = find_step_dir(path)
+    return UniversalSource(step, read_meta(step))
+
+
 def _write_native(job: WriteJob) -> Written:
     src, opts = job.source, job.opts
     note = src.optimizer_note() if isinstance(src, NativeSource) else "the source has no optimizer state"
@@ -147,7 +152,7 @@ UNIVERSAL = CheckpointFormat(
     help="DeepSpeed's universal checkpoint with the optimizer state, resumable by a run of any tp/dp/ZeRO-1-2 "
     "layout without pipelining",
     detect=_universal,
-    open=lambda path, heads: UniversalSource(step := find_step_dir(path), read_meta(step)),
+    open=lambda path, heads: _open_universal(path),
     write=_write_universal,
     dtype="keep",
     layout=lambda opts, dp: "universal (any tp/dp/ZeRO-1-2 layout without pipelining)",
