@@ -32,7 +32,7 @@ def checkpoint_architecture(path: str | Path, *, any_format: bool = True) -> tup
         return Architecture.from_dict(model), str(step / META)
     if not any_format:
         return None
-    from megatron_glm.checkpoint.convert import open_source  # the formats import the model; keep this lazy
+    from megatron_glm.checkpoint.formats.registry import open_source  # the formats import the model; keep this lazy
 
     src = open_source(path)
     try:

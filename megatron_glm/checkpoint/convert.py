@@ -18,22 +18,15 @@ from typing import Any
 
 import torch
 
-from megatron_glm.checkpoint.formats.glm_original import GLMOriginalSource, find_rank_dir, write_glm_original
-from megatron_glm.checkpoint.formats.hf import HFSource, family_for, is_hf, write_hf
-from megatron_glm.checkpoint.formats.native import NativeSource, NativeTarget, find_step_dir, write_native
-from megatron_glm.checkpoint.formats.sat import SATSource, check_sat_architecture, is_sat, write_sat
-from megatron_glm.checkpoint.formats.standalone import StandaloneSource, is_standalone, write_standalone
-from megatron_glm.checkpoint.formats.universal import UniversalSource, is_universal, write_universal
-from megatron_glm.checkpoint.manager import META, list_checkpoints, read_meta
+from megatron_glm.checkpoint.formats.base import CheckpointFormat, Transform, WriteJob, Written
+from megatron_glm.checkpoint.formats.registry import FORMATS, REGISTRY, format_named, open_source
 from megatron_glm.checkpoint.reshard import check_divisible, resize_vocab
-from megatron_glm.checkpoint.stream import OPTIMIZER_KEYS
+from megatron_glm.checkpoint.stream import OPTIMIZER_KEYS, ModelSource
 from megatron_glm.checkpoint.verify import compare_checksums, source_logits, stream_checksums
 from megatron_glm.config import pad_vocab_size
 from megatron_glm.config.sections import opt
 from megatron_glm.dtypes import DTYPES, SHORT_NAMES
 from megatron_glm.errors import CheckpointError
-
-FORMATS = ("native", "universal", "glm", "safetensors", "hf", "sat")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -42,13 +35,7 @@ class ConvertOptions:
 
     format: str = opt(
         "native",
-        "native: training checkpoint (resumable) in the --target-* layout; universal: DeepSpeed's universal "
-        "checkpoint with the optimizer state, resumable by a run of any tp/dp/ZeRO-1-2 layout without "
-        "pipelining; glm: original GLM mp_rank files; safetensors: standalone model for "
-        "megatron_glm.checkpoint.load_pretrained; hf: HuggingFace folder: transformers' own GlmForCausalLM / "
-        "Glm4ForCausalLM for GLM-4-shaped models (no remote code), else THUDM's published layout of the "
-        "model's family (GLM with its transformers code; ChatGLM-6B, ChatGLM2-6B; see --hf-layout); sat: "
-        "GLM-130B's SwissArmyTransformer mp_rank files.",
+        "; ".join(f"{f.name}: {f.help}" for f in REGISTRY) + ".",
         choices=FORMATS,
     )
     target_tp: int = opt(1, "Tensor-parallel size of the output.")
@@ -130,31 +117,9 @@ class ConvertReport:
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
-def open_source(path: str | Path, *, num_attention_heads: int | None = None) -> Any:
-    """Detect the format of ``path`` and open it as a full-tensor stream."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    if (path / META).is_file() or list_checkpoints(path):
-        step = find_step_dir(path)
-        meta = read_meta(step)
-        return UniversalSource(step, meta) if is_universal(meta) else NativeSource(path)
-    if is_hf(path):
-        return HFSource(path)
-    if is_standalone(path):
-        return StandaloneSource(path)
-    if is_sat(path):
-        return SATSource(path, num_attention_heads=num_attention_heads)
-    if find_rank_dir(path) is not None:
-        return GLMOriginalSource(path, num_attention_heads=num_attention_heads)
-    raise CheckpointError(
-        f"{path}: not a checkpoint we can read (neither a megatron_glm training checkpoint, an "
-        f"original GLM or SAT checkpoint with mp_rank_XX_model_states.pt, a standalone model, nor a HuggingFace "
-        f"folder of the GLM family)"
-    )
-
-
-def _target_vocab(src: Any, opts: ConvertOptions, notes: list[str], open_tokenizer: Callable[[str], Any] | None) -> int:
+def _target_vocab(
+    src: ModelSource, opts: ConvertOptions, notes: list[str], open_tokenizer: Callable[[str], Any] | None
+) -> int:
     cfg = src.info.config
     tok_vocab = None
     tok = opts.tokenizer_model or (src.info.tokenizer_files[0] if src.info.tokenizer_files else None)
@@ -179,25 +144,50 @@ def _target_vocab(src: Any, opts: ConvertOptions, notes: list[str], open_tokeniz
     return vocab
 
 
-def _check_target(src: Any, opts: ConvertOptions) -> None:
-    if opts.format not in FORMATS:
-        raise CheckpointError(f"unknown format {opts.format!r} (choose from {', '.join(FORMATS)})")
-    if opts.target_pp != 1 and opts.format != "native":
+def _check_target(src: ModelSource, opts: ConvertOptions) -> CheckpointFormat:
+    """The target format, once ``opts`` is checked against it and the source's model."""
+    fmt = format_named(opts.format)
+    if opts.target_pp != 1 and not fmt.pipelined:
         raise CheckpointError(f"--target-pp {opts.target_pp}: only the native format has pipeline layouts")
     if opts.target_pp < 1 or src.info.config.num_layers % opts.target_pp:
         raise CheckpointError(f"--target-pp {opts.target_pp} does not divide the {src.info.config.num_layers} layers")
-    if opts.format in ("safetensors", "hf") and opts.target_tp != 1:
+    if not fmt.sharded and opts.target_tp != 1:
         raise CheckpointError(f"the {opts.format} format is unsharded: use --target-tp 1")
     cfg = src.info.config
     tp = opts.target_tp
     check_divisible("number of attention heads", cfg.num_attention_heads, tp, "choose a --target-tp that divides it")
     check_divisible("MLP size", cfg.ffn_size, tp)
-    if opts.format == "sat":
-        check_sat_architecture(cfg)
-    if opts.format == "hf":
-        family_for(cfg, opts.hf_layout)
+    fmt.check(cfg, opts)
     if opts.dtype and opts.dtype not in SHORT_NAMES:
         raise CheckpointError(f"unknown dtype {opts.dtype!r} (fp32, bf16, fp16)")
+    return fmt
+
+
+def _target_dtype(fmt: CheckpointFormat, opts: ConvertOptions) -> torch.dtype | None:
+    """The cast the conversion applies to every tensor (``None``: none), as the format treats ``--dtype``."""
+    if fmt.dtype == "keep":
+        return None
+    if opts.dtype:
+        return DTYPES[opts.dtype]
+    return torch.float32 if fmt.dtype == "fp32" else None
+
+
+def _new_report(
+    src: ModelSource, output: Path, fmt: CheckpointFormat, opts: ConvertOptions, notes: list[str]
+) -> tuple[ConvertReport, int]:
+    """The report of converting ``src`` and the target's data-parallel size."""
+    info = src.info
+    world = info.tp * info.pp * info.dp
+    per_replica = opts.target_tp * opts.target_pp
+    target_dp = opts.target_dp or (world // per_replica if world % per_replica == 0 else 1)
+    report = ConvertReport(
+        output=str(output),
+        source=f"{info.format} {info.path}",
+        source_layout=f"tp={info.tp} pp={info.pp} dp={info.dp} zero={info.zero_stage}",
+        target_layout=fmt.target_layout(opts, target_dp),
+        notes=notes,
+    )
+    return report, target_dp
 
 
 def convert_checkpoint(
@@ -218,124 +208,29 @@ def convert_checkpoint(
     if output.exists() and any(output.iterdir()) if output.is_dir() else output.exists():
         raise CheckpointError(f"{output}: already exists; choose a new output directory")
     src = open_source(input_path, num_attention_heads=opts.num_attention_heads or None)
-    _check_target(src, opts)
-    info = src.info
-    notes = list(info.notes)
+    fmt = _check_target(src, opts)
+    notes = list(src.info.notes)
     vocab = _target_vocab(src, opts, notes, open_tokenizer)
-    tcfg = dataclasses.replace(info.config, vocab_size=vocab)
-    dtype = DTYPES[opts.dtype] if opts.dtype else None
+    dtype = _target_dtype(fmt, opts)
 
     def transform(name: str, t: torch.Tensor) -> torch.Tensor:
         t = resize_vocab(name, t, vocab)
         return t.to(dtype) if dtype is not None else t
 
-    world = info.tp * info.pp * info.dp
-    per_replica = opts.target_tp * opts.target_pp
-    target_dp = opts.target_dp or (world // per_replica if world % per_replica == 0 else 1)
-    if opts.format == "universal":
-        target_layout = "universal (any tp/dp/ZeRO-1-2 layout without pipelining)"
-    else:
-        target_layout = f"{opts.format} tp={opts.target_tp} pp={opts.target_pp}" + (
-            f" dp={target_dp}" if opts.format == "native" else ""
-        )
-    report = ConvertReport(
-        output=str(output),
-        source=f"{info.format} {info.path}",
-        source_layout=f"tp={info.tp} pp={info.pp} dp={info.dp} zero={info.zero_stage}",
-        target_layout=target_layout,
-        notes=notes,
-    )
+    report, target_dp = _new_report(src, output, fmt, opts, notes)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        carry = False
-        if opts.format == "native":
-            note = src.optimizer_note() if isinstance(src, NativeSource) else "the source has no optimizer state"
-            if opts.target_pp > 1 and note is None:
-                note = "pipeline targets are written with model weights only"
-            carry = opts.keep_optimizer and note is None
-            if not opts.keep_optimizer:
-                note = "dropped on request (--no-optimizer)"
-            report.optimizer = (
-                "resharded (ZeRO-1/2 partitions for the new layout)"
-                if carry
-                else f"NOT carried: {note}; wrote a model-only checkpoint (start from it with "
-                f"--checkpoint.load_weights_only true)"
-            )
-            if dtype is not None:
-                notes.append("--dtype is ignored for the native format (weights keep the training dtype)")
-                dtype = None
-            write_native(
-                src,
-                tmp,
-                NativeTarget(tp=opts.target_tp, dp=target_dp, config=tcfg, carry_optimizer=carry, pp=opts.target_pp),
-                transform=transform,
-                log=log,
-            )
-        elif opts.format == "universal":
-            note = src.optimizer_note() if hasattr(src, "optimizer_note") else "the source has no optimizer state"
-            if note is not None:
-                raise CheckpointError(
-                    f"{info.path}: cannot write a universal checkpoint: {note}; use --format native "
-                    f"--no-optimizer for the weights alone"
-                )
-            carry, dtype = True, None
-            report.optimizer = "carried in full (DeepSpeed partitions it for the loading run's layout)"
-            write_universal(src, tmp, tcfg, transform=transform)
-        elif opts.format in ("glm", "sat"):  # one model state file per tensor-parallel rank
-            write_ranks = write_glm_original if opts.format == "glm" else write_sat
-            step = int(getattr(info, "meta", {}).get("step", 0))
-            write_ranks(src, tmp, opts.target_tp, tcfg, iteration=step, transform=transform)
-        elif opts.format == "hf":
-            tok = [opts.tokenizer_model] if opts.tokenizer_model else info.tokenizer_files
-            model_file = next((t for t in tok if not t.endswith(".vocab")), None)
-            family = family_for(tcfg, opts.hf_layout)
-            if not family.tokenizer_class:
-                notes.append(
-                    f"{family.name} layout: weights and config.json only; copy THUDM's published model and tokenizer "
-                    f"files ({', '.join(sorted(set(v.split('.')[0] + '.py' for v in family.auto_map.values())))}, "
-                    f"tokenizer) into the folder to load it with trust_remote_code"
-                )
-                model_file = None
-            elif model_file is None or open_tokenizer is None:
-                notes.append("no tokenizer found: the hf export has no tokenizer files and generate() needs token ids")
-                model_file = None
-            write_hf(
-                src,
-                tmp,
-                tcfg,
-                transform=transform,
-                dtype=dtype or torch.float32,
-                tokenizer=open_tokenizer(model_file) if model_file else None,
-                max_shard_bytes=opts.max_shard_bytes,
-                max_new_tokens=opts.max_new_tokens,
-                family=family,
-                notes=notes,
-            )
-        else:
-            tok = [opts.tokenizer_model] if opts.tokenizer_model else info.tokenizer_files
-            if dtype is None:
-                dtype = torch.float32
-            write_standalone(
-                src,
-                tmp,
-                tcfg,
-                transform=transform,
-                dtype=dtype,
-                tokenizer_files=tok,
-                max_shard_bytes=opts.max_shard_bytes,
-            )
+        tcfg = dataclasses.replace(src.info.config, vocab_size=vocab)
+        job = WriteJob(src, tmp, opts, tcfg, transform, dtype, target_dp, notes, log, open_tokenizer)
+        written = fmt.write(job)
+        report.optimizer = written.optimizer
         report.tensors = len(src.names())
         if opts.verify:
-            report.verified = _verify(src, tmp, opts, transform, carry)
+            report.verified = _verify(src, tmp, fmt, transform, written)
         if opts.verify_logits:
-            before = source_logits(src, min(info.config.vocab_size, vocab))
-            after = source_logits(
-                open_source(tmp, num_attention_heads=info.config.num_attention_heads),
-                min(info.config.vocab_size, vocab),
-            )
-            report.logits_max_diff = float((before - after).abs().max())
+            report.logits_max_diff = _logits_diff(src, tmp, vocab)
         os.replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -344,20 +239,23 @@ def convert_checkpoint(
     return report
 
 
-def _verify(
-    src: Any, out: Path, opts: ConvertOptions, transform: Callable[[str, torch.Tensor], torch.Tensor], carry: bool
-) -> int:
+def _logits_diff(src: ModelSource, out: Path, vocab: int) -> float:
+    """Max |difference| of the logits of a fixed input before (``src``) and after (``out``) the conversion."""
+    rows = min(src.info.config.vocab_size, vocab)
+    before = source_logits(src, rows)
+    after = source_logits(open_source(out, num_attention_heads=src.info.config.num_attention_heads), rows)
+    return float((before - after).abs().max())
+
+
+def _verify(src: ModelSource, out: Path, fmt: CheckpointFormat, transform: Transform, written: Written) -> int:
     """Re-read the written checkpoint, merge it, and compare every tensor's shape, dtype and sha256."""
-    native = opts.format == "native"
     dst = open_source(out, num_attention_heads=src.info.config.num_attention_heads)
-    get_src = (lambda n: transform(n, src.module_tensor(n))) if native else (lambda n: transform(n, src.tensor(n)))
-    if opts.format in ("safetensors", "hf") and not opts.dtype:
-        get_src = lambda n: transform(n, src.tensor(n)).to(torch.float32)
-    expected = stream_checksums(src, get_src)
+    read = src.module_tensor if fmt.module_tensors else src.tensor
+    expected = stream_checksums(src, lambda n: transform(n, read(n)))
     actual = stream_checksums(dst, dst.module_tensor)
     compare_checksums(expected, actual, f"{out.name} weights")
     count = len(expected)
-    if carry:
+    if written.carry:
         rows = dst.info.config.vocab_size  # optimizer states follow the weight's re-padding
         for key in OPTIMIZER_KEYS:
             exp = stream_checksums(src, lambda n, k=key: resize_vocab(n, src.optimizer_state(n)[k], rows))

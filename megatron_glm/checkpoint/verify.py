@@ -65,11 +65,15 @@ def source_logits(src: Any, vocab: int, batch: dict[str, Any] | None = None) -> 
 
     Only the first ``vocab`` columns are returned so that models with different vocab padding compare.
     """
+    from megatron_glm.checkpoint.weights import materialize
     from megatron_glm.model import GLMModel
 
     cfg = dataclasses.replace(src.info.config, hidden_dropout=0.0, attention_dropout=0.0, attention_impl="eager")
-    model = GLMModel(cfg, params_dtype=torch.float32)
+    model = materialize(GLMModel(cfg, params_dtype=torch.float32, device="meta"), None)  # no random init drawn
     own = model.state_dict()
+    unset = set(own) - set(src.names())
+    if unset:
+        raise CheckpointError(f"{src.info.path}: has no tensor {sorted(unset)[0]} (needed by its model)")
     for _, run in iter_layers(src.names()):
         for name in run:
             own[name].copy_(src.tensor(name).to(torch.float32))

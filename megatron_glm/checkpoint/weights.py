@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from megatron_glm.checkpoint.reshard import split_full
+from megatron_glm.checkpoint.stream import ModelSource
+from megatron_glm.config import ModelConfig
 from megatron_glm.errors import CheckpointError
-from megatron_glm.model.layout import original_name
+from megatron_glm.model.glm import GLMModel, new_rng_tracker
+from megatron_glm.model.layout import ModelLayout, original_name
+from megatron_glm.parallel import ParallelState
 
 
-def load_model_weights(model: nn.Module, source: str | Path | Any, tp_size: int, tp_rank: int) -> str:
+def load_model_weights(model: nn.Module, source: str | Path | ModelSource, tp_size: int, tp_rank: int) -> str:
     """Load this rank's shard of every parameter of ``model`` from a checkpoint path (any format and layout)
-    or an already opened source (``megatron_glm.checkpoint.convert.open_source``)."""
-    from megatron_glm.checkpoint.convert import open_source  # the formats import the model; keep this lazy
+    or an already opened source (``megatron_glm.checkpoint.formats.registry.open_source``)."""
+    from megatron_glm.checkpoint.formats.registry import open_source  # the formats import the model; keep this lazy
 
     src = open_source(source) if isinstance(source, (str, Path)) else source
     available, layout = set(src.names()), src.info.layout
@@ -39,6 +42,35 @@ def load_model_weights(model: nn.Module, source: str | Path | Any, tp_size: int,
     return src.info.path
 
 
+def materialize(model: nn.Module, device: torch.device | str | None) -> nn.Module:
+    """Uninitialised storage on ``device`` (``None``: the host) for ``model`` built on the meta device, for a
+    model whose every parameter is about to be loaded: no random init is drawn. The parameters keep their
+    attributes (tensor-parallel partitioning, which ``to_empty`` alone drops)."""
+    attributes = {name: dict(vars(p)) for name, p in model.named_parameters()}
+    model.to_empty(device=device if device is not None else "cpu")
+    for name, p in model.named_parameters():
+        vars(p).update(attributes[name])
+    return model
+
+
+def load_glm_model(
+    config: ModelConfig,
+    source: str | Path | ModelSource,
+    parallel_state: ParallelState,
+    *,
+    seed: int,
+    params_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[GLMModel, str]:
+    """``(model, checkpoint path)``: a :class:`GLMModel` with this rank's shards of ``source``'s weights, built
+    on the meta device and then loaded (no random init drawn; the values are the checkpoint's, bit for bit).
+    ``seed`` seeds its tensor-parallel dropout stream as :class:`GLMModel` would."""
+    ps = parallel_state
+    model = materialize(GLMModel(config, ps, seed=seed, params_dtype=params_dtype, device="meta"), device)
+    model.rng_tracker = new_rng_tracker(seed, ps, device)
+    return model, load_model_weights(model, source, ps.tp_size, ps.tp_rank)
+
+
 def writable(param: nn.Parameter) -> contextlib.AbstractContextManager:
     """A context in which ``param`` holds this tensor-parallel rank's whole value and writes to it are kept: under
     ZeRO-3 (a model built in ``deepspeed.zero.Init``) it is gathered, then re-partitioned from rank 0's copy (every
@@ -50,7 +82,9 @@ def writable(param: nn.Parameter) -> contextlib.AbstractContextManager:
     return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
 
 
-def _load_one(src: Any, layout: Any, name: str, param: nn.Parameter, tp_rank: int, tp_size: int) -> None:
+def _load_one(
+    src: ModelSource, layout: ModelLayout, name: str, param: nn.Parameter, tp_rank: int, tp_size: int
+) -> None:
     """Copy this rank's shard of checkpoint tensor ``name`` into ``param``."""
     full = src.tensor(name)
     try:

@@ -23,16 +23,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 
-from megatron_glm.checkpoint import check_save_dir
-from megatron_glm.checkpoint.manager import list_checkpoints, write_text_atomic
-from megatron_glm.checkpoint.weights import load_model_weights
-from megatron_glm.config import GLMConfig, config_to_dict, validate
+from megatron_glm.checkpoint.manager import list_checkpoints
+from megatron_glm.config import GLMConfig, ModelConfig, config_to_dict, validate
 from megatron_glm.config.architecture import adopt_architecture
 from megatron_glm.config.validate import local_device_type
 from megatron_glm.data.tokenizer import open_tokenizer, tokenizer_fingerprint
-from megatron_glm.errors import CheckpointError, ConfigError
+from megatron_glm.errors import ConfigError
 from megatron_glm.fileio import file_sha256
 from megatron_glm.finetune.config import FinetuneConfig
 from megatron_glm.finetune.encode import TaskDataset, TaskEncoder, encode_examples, num_choices, task_batches
@@ -41,20 +38,16 @@ from megatron_glm.finetune.loss import TaskLoss
 from megatron_glm.finetune.metrics import classification_metrics, generation_metrics
 from megatron_glm.finetune.tasks import read_task_file
 from megatron_glm.model import flops_per_token
-from megatron_glm.parallel import initialize_parallel_state
 from megatron_glm.parallel.launch import launcher_log, launcher_world_size
-from megatron_glm.training.determinism import apply_determinism
-from megatron_glm.training.distributed import finish_distributed, init_distributed
-from megatron_glm.training.lifeline import die_with_parent, launched_by_launcher
+from megatron_glm.training.bootstrap import batch_streams, new_trainer, open_save_dir, start_run, train_and_finish
 from megatron_glm.training.rng import seed_everything
-from megatron_glm.training.run import trainer_services
 from megatron_glm.training.setup import build_engine, build_model
 from megatron_glm.training.trainer import Trainer, TrainState
 
 
-def source_model(load: str) -> tuple[Any, str]:
+def source_model(load: str) -> tuple[ModelConfig, str]:
     """``(model config, tokenizer path)`` of the checkpoint to fine-tune from."""
-    from megatron_glm.checkpoint.convert import open_source
+    from megatron_glm.checkpoint.formats.registry import open_source
 
     src = open_source(Path(load))
     meta = getattr(src.info, "meta", None) or {}
@@ -171,19 +164,20 @@ class FinetuneTrainer(Trainer):
         return generation_metrics(hypotheses, [ex.target for ex in examples])
 
 
-def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
-    """Fine-tune as configured; returns the final state. One process per device (deepspeed/torchrun)."""
-    task.check(need_train=True)
-    started = time.perf_counter()
-    cfg = task_config(cfg, task, log=launcher_log)
-    validate(cfg, launcher_world_size(), local_device_type())  # once, before any process group starts
-    tokenizer = open_tokenizer(cfg.data.tokenizer_model)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"tokenizer {cfg.data.tokenizer_model} has {tokenizer.vocab_size} tokens, more than the "
-            f"checkpoint's {cfg.model.vocab_size} embedding rows"
-        )
-    # Data first: a malformed task file is reported before distributed, model and engine set-up.
+@dataclasses.dataclass
+class TaskData:
+    """The task's examples and their encoded datasets."""
+
+    train: TaskDataset
+    valid: TaskDataset | None
+    valid_examples: list[Any]
+    choices: int  # rows per example (cloze: the most choices; seq2seq: 1)
+    classes: bool  # every example has the same choices (classification metrics apply)
+    summary: str
+
+
+def task_data(cfg: GLMConfig, task: FinetuneConfig, tokenizer: Any) -> TaskData:
+    """Read and encode the task files (a malformed one is reported before any distributed set-up)."""
     train_examples = read_task_file(task.train_data, task.task)
     valid_examples = read_task_file(task.valid_data, task.task) if task.valid_data else []
     choices = num_choices(train_examples + valid_examples) if task.task == "cloze" else 1
@@ -202,44 +196,44 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
             shuffle=False,
             **rows,
         )
+    summary = (
+        f"{len(train_examples)} training / {len(valid_examples)} held-out examples, {choices} row(s) of "
+        f"{task.seq_length} tokens each"
+    )
+    return TaskData(train_ds, valid_ds, valid_examples, choices, classes, summary)
 
-    if launched_by_launcher():
-        die_with_parent()  # a killed launcher takes its workers down (no orphans writing checkpoints)
-    t = cfg.training
-    apply_determinism(t.deterministic)  # before CUDA starts (cuBLAS reads its workspace setting once)
-    env, heartbeat = init_distributed(t.local_rank, t.distributed_timeout_minutes, t.heartbeat_timeout)
-    p = cfg.parallel
-    ps = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
-    is_logger = env.rank == 0
-    log = print if is_logger else (lambda *_: None)
-    mbs = cfg.training.micro_batch_size
-    eval_steps = -(-len(valid_examples) // (mbs * ps.dp_size))
+
+def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
+    """Fine-tune as configured; returns the final state. One process per device (deepspeed/torchrun)."""
+    task.check(need_train=True)
+    started = time.perf_counter()
+    cfg = task_config(cfg, task, log=launcher_log)
+    validate(cfg, launcher_world_size(), local_device_type())  # once, before any process group starts
+    tokenizer = open_tokenizer(cfg.data.tokenizer_model)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"tokenizer {cfg.data.tokenizer_model} has {tokenizer.vocab_size} tokens, more than the "
+            f"checkpoint's {cfg.model.vocab_size} embedding rows"
+        )
+    data = task_data(cfg, task, tokenizer)  # before distributed, model and engine set-up
+    run = start_run(cfg, started)
+    ps, log, mbs = run.ps, run.log, cfg.training.micro_batch_size
+    eval_steps = -(-len(data.valid_examples) // (mbs * ps.dp_size))
     cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, eval_iters=max(eval_steps, 1)))
-    if cfg.checkpoint.save:  # every rank: a read-only or full save directory is reported by all, at once
-        save_dir = check_save_dir(cfg.checkpoint.save)
-        if is_logger:
-            doc = {**config_to_dict(cfg), "finetune": dataclasses.asdict(task)}
-            try:
-                write_text_atomic(save_dir / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
-            except OSError as exc:
-                raise CheckpointError(f"--save {save_dir}: cannot write config.yaml ({exc.strerror or exc})") from None
+    open_save_dir(run, cfg, {**config_to_dict(cfg), "finetune": dataclasses.asdict(task)})
     seed_everything(cfg.training.seed, ps.pp_rank)
     log(
-        f"megatron_glm finetune ({task.task}): world {env.world_size} = tp {ps.tp_size} x pp {ps.pp_size} x dp "
-        f"{ps.dp_size}; {len(train_examples)} training / {len(valid_examples)} held-out examples, "
-        f"{choices} row(s) of {task.seq_length} tokens each; from {cfg.checkpoint.load}"
+        f"megatron_glm finetune ({task.task}): world {run.env.world_size} = tp {ps.tp_size} x pp {ps.pp_size} x "
+        f"dp {ps.dp_size}; {data.summary}; from {cfg.checkpoint.load}"
     )
 
-    built = build_model(cfg, ps, env.device)
-    model = built.module
     resuming = bool(cfg.checkpoint.save and list_checkpoints(cfg.checkpoint.save))
-    if not resuming:
-        loaded = load_model_weights(model, cfg.checkpoint.load, ps.tp_size, ps.tp_rank)
-        log(f"loaded model weights from {loaded}; optimizer and schedule start fresh")
+    built = build_model(cfg, ps, run.device, weights=None if resuming else cfg.checkpoint.load, log=log)
+    model = built.module
     task_loss = TaskLoss(
         task.task,
         ps,
-        num_choices=choices,
+        num_choices=data.choices,
         scoring=task.cloze_scoring,
         label_smoothing=task.label_smoothing,
         module=model,
@@ -247,61 +241,30 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     if ps.pp_size > 1:
         model.loss_fn = task_loss  # DeepSpeed's pipeline engine calls its module's loss_fn
     engine, accum, global_batch = build_engine(cfg, ps, model)
-
-    def train_batches(consumed: int):
-        return task_batches(
-            train_ds,
-            consumed_samples=consumed,
-            micro_batch_size=mbs,
-            dp_rank=ps.dp_rank,
-            dp_size=ps.dp_size,
-            pin_memory=env.device.type == "cuda",
-        )
-
-    def valid_batches():
-        return task_batches(
-            valid_ds,
-            consumed_samples=0,
-            micro_batch_size=mbs,
-            dp_rank=ps.dp_rank,
-            dp_size=ps.dp_size,
-            pin_memory=env.device.type == "cuda",
-        )
-
-    flops_sample = flops_per_token(cfg.model, task.seq_length) * task.seq_length * choices
-    services = trainer_services(cfg, env.device, is_logger, log)
-    trainer = FinetuneTrainer(
+    trainer = new_trainer(
+        FinetuneTrainer,
         cfg,
-        ps,
+        run,
         engine,
-        env.device,
-        rng_tracker=built.rng_tracker,
+        built,
+        streams=batch_streams(task_batches, data.train, data.valid, run, mbs),
         pipeline_loss=task_loss if ps.pp_size > 1 else None,
-        train_batches=train_batches,
-        valid_batches=valid_batches if valid_ds is not None else None,
         accumulation_steps=accum,
         global_batch_size=global_batch,
-        flops_per_sample=flops_sample,
-        started=started,
-        **services,
+        flops_per_sample=flops_per_token(cfg.model, task.seq_length) * task.seq_length * data.choices,
         task=task,
         task_loss=task_loss,
         encoder=TaskEncoder(tokenizer, task, task.valid_data),
-        valid_examples=valid_examples,
-        classes=classes,
+        valid_examples=data.valid_examples,
+        classes=data.classes,
         vocab_rows=cfg.model.vocab_size,
     )
     trainer.identity = task_identity(cfg, task, global_batch)
     if resuming:
         trainer.resume(cfg.checkpoint.save)
-    log(
-        f"set-up took {time.perf_counter() - started:.1f} s; training {cfg.training.train_iters} steps of "
-        f"{global_batch} examples (micro-batch {mbs} x accumulation {accum} x dp {ps.dp_size})"
-    )
-    state = trainer.train()
-    if valid_ds is not None and trainer.last_eval_step != state.step:
-        trainer.evaluate()
-    services["logger"].close()
-    log(f"done: step {state.step}, {state.consumed_samples} examples, {time.perf_counter() - started:.1f} s")
-    finish_distributed(heartbeat)
-    return state
+
+    def final_evaluation(state: TrainState) -> None:
+        if data.valid is not None and trainer.last_eval_step != state.step:
+            trainer.evaluate()
+
+    return train_and_finish(run, trainer, "examples", then=final_evaluation)

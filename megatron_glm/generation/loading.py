@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from megatron_glm.checkpoint.convert import open_source
-from megatron_glm.checkpoint.weights import load_model_weights
+from megatron_glm.checkpoint.formats.registry import open_source
+from megatron_glm.checkpoint.weights import load_glm_model
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model import GLMModel
 from megatron_glm.parallel import ParallelState, initialize_parallel_state
@@ -41,8 +41,7 @@ def load_model(
     cfg = dataclasses.replace(src.info.config, hidden_dropout=0.0, attention_dropout=0.0, checkpoint_activations=False)
     if cfg.vocab_size % ps.tp_size:
         raise CheckpointError(f"{src.info.path}: vocab size {cfg.vocab_size} does not split over TP {ps.tp_size}")
-    model = GLMModel(cfg, ps, seed=0, params_dtype=dtype, device=device)
-    load_model_weights(model, src, ps.tp_size, ps.tp_rank)
+    model, _ = load_glm_model(cfg, src, ps, seed=0, params_dtype=dtype, device=device)  # no random init drawn
     meta = dict(getattr(src.info, "meta", None) or {})
     if "config" not in meta:
         tokenizer = src.info.tokenizer_files[0] if src.info.tokenizer_files else ""

@@ -102,8 +102,10 @@ def loss_rows(loss_mask: torch.Tensor) -> QueryRows:
 
 
 def new_rng_tracker(seed: int, parallel_state: ParallelState, device: torch.device | str | None) -> RNGStatesTracker:
-    """The tensor-parallel dropout stream (``model_parallel_seed(seed, tp_rank)``) on ``device``."""
-    tracker = RNGStatesTracker(torch.device(device) if device is not None else "cpu")
+    """The tensor-parallel dropout stream (``model_parallel_seed(seed, tp_rank)``) on ``device`` (the host's for a
+    model built on the meta device, whose weights are about to be loaded: seeding it has no side effect)."""
+    on = torch.device(device) if device is not None else torch.device("cpu")
+    tracker = RNGStatesTracker("cpu" if on.type == "meta" else on)
     tracker.add(MODEL_PARALLEL_RNG, model_parallel_seed(seed, parallel_state.tp_rank))
     return tracker
 
@@ -304,8 +306,7 @@ class GLMPart(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        parallel_state = parallel_state or ParallelState()
-        check_config(config, parallel_state)
+        parallel_state = parallel_state or ParallelState()  # config checked once per model by its builder
         self.pipe, self.parallel_state = pipe, parallel_state
         self.tracker = tracker or new_rng_tracker(seed, parallel_state, device)  # shared by a stage's layers
         self.layout = layout = ModelLayout(config)

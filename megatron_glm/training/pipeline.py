@@ -31,6 +31,7 @@ from megatron_glm.model import (
     glm_loss,
     new_rng_tracker,
 )
+from megatron_glm.model.glm import check_config
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
 
 TIED_KEY = "word_embeddings"
@@ -141,8 +142,7 @@ def build_pipeline_model(
 
     ps = parallel_state
 
-    if config.vocab_size <= 0:
-        raise ValueError("config.vocab_size must be resolved (> 0) before building the model")
+    check_config(config, ps)  # once for the model, not per part
     tracker = new_rng_tracker(seed, ps, device)
     common = (config, ps, seed, tracker, params_dtype, device)
     specs: list[Any] = []

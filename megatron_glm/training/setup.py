@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from megatron_glm.checkpoint import safe_checkpoint_engine
+from megatron_glm.checkpoint.weights import load_glm_model, load_model_weights
 from megatron_glm.config import GLMConfig, pad_vocab_size
 from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import ConfigError
@@ -51,25 +52,53 @@ def param_groups(model: torch.nn.Module, layout: ModelLayout, weight_decay: floa
     return [g for g in groups if g["params"]]
 
 
-def build_model(cfg: GLMConfig, parallel_state: ParallelState, device: torch.device) -> TrainingModel:
+def build_model(
+    cfg: GLMConfig,
+    parallel_state: ParallelState,
+    device: torch.device,
+    *,
+    weights: str | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> TrainingModel:
     """This rank's model: a :class:`GLMModel`, or its pipeline stage (a DeepSpeed ``PipelineModule``) when
-    ``pp_size > 1``. Parameters are fp32 here; DeepSpeed casts them for bf16/fp16."""
+    ``pp_size > 1``. Parameters are fp32 here; DeepSpeed casts them for bf16/fp16.
+
+    ``weights``: a checkpoint (any format and layout we read) whose model weights this rank then holds (said
+    with ``log``); a whole model (no pipeline) outside ZeRO-3 is built on the meta device and loaded, drawing
+    no random init (:func:`~megatron_glm.checkpoint.weights.load_glm_model`)."""
+    ps = parallel_state
+    if weights and ps.pp_size == 1 and not zero3(cfg, ps):
+        model, loaded = load_glm_model(cfg.model, weights, ps, seed=cfg.training.seed, device=device)
+        built = TrainingModel(module=model, rng_tracker=model.rng_tracker)
+    else:
+        built = _build_initialised(cfg, ps, device)
+        loaded = load_model_weights(built.module, weights, ps.tp_size, ps.tp_rank) if weights else None
+    if cfg.training.compile:
+        compile_layers(built.module)
+    if loaded:
+        log(f"loaded model weights from {loaded}; optimizer and schedule start fresh")
+    return built
+
+
+def _build_initialised(cfg: GLMConfig, parallel_state: ParallelState, device: torch.device) -> TrainingModel:
+    """The model (or pipeline stage) with its random init drawn."""
     ps = parallel_state
     if ps.pp_size > 1:
-        built = build_pipeline_model(
+        return build_pipeline_model(
             cfg.model,
             ps,
             seed=cfg.training.seed,
             partition_method=cfg.parallel.pipeline_partition_method,
             device=device,
         )
-    else:
-        with partitioned_construction(cfg, ps) as params_dtype:
-            model = GLMModel(cfg.model, ps, seed=cfg.training.seed, params_dtype=params_dtype, device=device)
-        built = TrainingModel(module=model, rng_tracker=model.rng_tracker)
-    if cfg.training.compile:
-        compile_layers(built.module)
-    return built
+    with partitioned_construction(cfg, ps) as params_dtype:
+        model = GLMModel(cfg.model, ps, seed=cfg.training.seed, params_dtype=params_dtype, device=device)
+    return TrainingModel(module=model, rng_tracker=model.rng_tracker)
+
+
+def zero3(cfg: GLMConfig, parallel_state: ParallelState) -> bool:
+    """Whether the run partitions its parameters (ZeRO-3, offload included)."""
+    return build_deepspeed_config(cfg, parallel_state.dp_size)["zero_optimization"]["stage"] == 3
 
 
 @contextlib.contextmanager
@@ -80,15 +109,14 @@ def partitioned_construction(cfg: GLMConfig, parallel_state: ParallelState) -> I
     layers still draw every full tensor from its (seed, name) generator on the host before sharding, so the
     values equal the unpartitioned build's; the parameters are built in the training dtype (the engine does
     not cast a partitioned model), which is the cast it would apply. Otherwise nothing: fp32, cast later."""
-    ds = build_deepspeed_config(cfg, parallel_state.dp_size)
-    if ds["zero_optimization"]["stage"] != 3:
+    if not zero3(cfg, parallel_state):
         yield torch.float32
         return
     import deepspeed
 
     dtype = DTYPES[cfg.training.precision]
     with deepspeed.zero.Init(
-        config_dict_or_path=ds,
+        config_dict_or_path=build_deepspeed_config(cfg, parallel_state.dp_size),
         mpu=DeepSpeedMPU(parallel_state),
         data_parallel_group=parallel_state.dp_group,
         dtype=dtype,

@@ -299,7 +299,7 @@ def test_sharded_export_and_atomic_output(tmp_path, spm, monkeypatch, transforme
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("megatron_glm.checkpoint.convert.write_hf", broken)
+    monkeypatch.setattr("megatron_glm.checkpoint.formats.registry.write_hf", broken)
     with pytest.raises(OSError, match="disk full"):
         convert(tmp_path / "glm", tmp_path / "never", format="hf", tokenizer_model=spm)
     assert not (tmp_path / "never").exists() and not list(tmp_path.glob(".never*"))

@@ -344,21 +344,36 @@ def write_native(
     same_layout = (src.info.tp, src.info.dp) == (tp, dp) and Path(src.info.path, "rng").is_dir()
     if same_layout:
         shutil.copytree(Path(src.info.path) / "rng", step / "rng")
+    meta = _converted_meta(src, meta_in, step_no, target)
+    (step / META).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str), encoding="utf-8")
+    write_manifest(step, tag)
+    (out / LATEST).write_text(tag, encoding="utf-8")
+    return meta
+
+
+def _converted_meta(src: Any, meta_in: dict[str, Any], step_no: int, target: NativeTarget) -> dict[str, Any]:
+    """``meta.json`` of the written checkpoint: the source's, with the new layout, architecture and provenance."""
     meta = meta_in
     meta.setdefault("step", step_no)
     meta.setdefault("consumed_samples", 0)
     # a weights-only checkpoint has no ZeRO files: its model files are laid out as under ZeRO 0-2
     meta["layout"] = {
-        "tp": tp,
+        "tp": target.tp,
         "pp": target.pp,
-        "dp": dp,
+        "dp": target.dp,
         "zero_stage": src.info.zero_stage if target.carry_optimizer else 0,
     }
     meta["weights_only"] = not target.carry_optimizer
     config = meta.setdefault("config", {})
-    config["model"] = {**config.get("model", {}), **dataclasses.asdict(cfg)}
+    config["model"] = {**config.get("model", {}), **dataclasses.asdict(target.config)}
     par = config.setdefault("parallel", {})
-    par.update({"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": target.pp, "data_parallel_size": dp})
+    par.update(
+        {
+            "tensor_model_parallel_size": target.tp,
+            "pipeline_model_parallel_size": target.pp,
+            "data_parallel_size": target.dp,
+        }
+    )
     data = config.setdefault("data", {})
     if not data.get("tokenizer_model") and src.info.tokenizer_files:  # an imported release's own tokenizer
         data["tokenizer_model"] = str(Path(src.info.tokenizer_files[0]).resolve())
@@ -370,9 +385,6 @@ def write_native(
         "dp": src.info.dp,
         "zero_stage": src.info.zero_stage,
     }
-    (step / META).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str), encoding="utf-8")
-    write_manifest(step, tag)
-    (out / LATEST).write_text(tag, encoding="utf-8")
     return meta
 
 

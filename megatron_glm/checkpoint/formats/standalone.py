@@ -18,6 +18,7 @@ import torch
 
 from megatron_glm.checkpoint.safetensors_file import open_safetensors, read_header
 from megatron_glm.checkpoint.stream import SourceInfo, iter_layers
+from megatron_glm.checkpoint.weights import materialize
 from megatron_glm.config import ModelConfig
 from megatron_glm.dtypes import DTYPE_NAMES, DTYPES
 from megatron_glm.errors import CheckpointError
@@ -205,7 +206,7 @@ def load_pretrained(
     src = StandaloneSource(path)
     config = src.info.config
     dtype = dtype or DTYPES.get(src.raw_config.get("torch_dtype", "float32"), torch.float32)
-    model = GLMModel(config, params_dtype=dtype, device=device)
+    model = materialize(GLMModel(config, params_dtype=dtype, device="meta"), device)  # every tensor is loaded below
     own = model.state_dict()
     extra = [k for k in own if k not in src.weight_map]
     if extra:
