@@ -26,7 +26,6 @@ both models are measured against the same work.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
@@ -37,9 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_glm.config import ModelConfig  # noqa: E402
-from megatron_glm.model import GLMModel, flops_per_token  # noqa: E402
-from megatron_glm.training.throughput import matmul_peak_flops  # noqa: E402
+from megatron_glm.config import ModelConfig
+from megatron_glm.model import GLMModel, flops_per_token
+from megatron_glm.training.throughput import matmul_peak_flops
 
 
 def glm4_config(args: argparse.Namespace, **overrides: object) -> ModelConfig:
@@ -67,6 +66,8 @@ def glm4_config(args: argparse.Namespace, **overrides: object) -> ModelConfig:
     )
     if args.head_chunk >= 0:
         fields["head_chunk_size"] = args.head_chunk
+    if args.loss_rows:
+        fields["last_layer_loss_rows"] = args.loss_rows == "on"
     fields.update(overrides)
     return ModelConfig(**fields)
 
@@ -186,6 +187,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--head-chunk", type=int, default=-1, help="model.head_chunk_size (-1: the default)")
+    ap.add_argument("--loss-rows", choices=("on", "off"), help="model.last_layer_loss_rows (default: the default)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -237,13 +239,14 @@ def main() -> None:
         peaks.append(matmul_peak_flops(dtype, "cpu", n=2048, seconds=0.3))
     peak = statistics.median(peaks)
     print(
-        f"bf16 matmul peak (median of {len(peaks)}): {peak / 1e9:.0f} GFLOP/s ({min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f})"
+        f"bf16 matmul peak (median of {len(peaks)}): {peak / 1e9:.0f} GFLOP/s "
+        f"({min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f})"
     )
     for name, times in (("ours", t_ours), ("transformers", t_theirs)):
         sec = statistics.median(t for t, _ in times)
         print(
-            f"{name:>13}: {sec * 1e3:7.0f} ms/step  {tokens / sec:7.0f} tokens/s  MFU {100 * flops / sec / peak:5.1f}%  "
-            f"(CPU {statistics.median(c for _, c in times) * 1e3:.0f} ms)"
+            f"{name:>13}: {sec * 1e3:7.0f} ms/step  {tokens / sec:7.0f} tokens/s  "
+            f"MFU {100 * flops / sec / peak:5.1f}%  (CPU {statistics.median(c for _, c in times) * 1e3:.0f} ms)"
         )
     for kind, k in (("wall", 0), ("CPU time", 1)):
         ratios = [c[k] / a[k] for a, c in zip(t_ours, t_theirs, strict=True)]

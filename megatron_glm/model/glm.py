@@ -363,18 +363,3 @@ def check_config(config: ModelConfig, parallel_state: ParallelState) -> None:
     found = family_problems(config, ps.tp_size)
     if found:
         raise ValueError("; ".join(found))
-
-
-def flops_per_token(
-    config: ModelConfig, seq_length: int, *, training: bool = True, num_layers: int | None = None
-) -> float:
-    """Model FLOPs per token (matmuls only, dense attention, no recomputation counted).
-
-    Per layer forward: ``2 x`` the matmul parameters (QKV, dense, MLP; ``24 H^2`` for GLM) ``+ 4 s nh hd``
-    (scores and context); head ``2 H V``. Training (forward + backward) is three times the forward.
-    """
-    h, layers = config.hidden_size, config.num_layers if num_layers is None else num_layers
-    q, kv, f = config.num_attention_heads * config.head_dim, config.query_groups * config.head_dim, config.ffn_size
-    matmul = h * (q + 2 * kv) + q * h + h * f * (3 if config.glu else 2)
-    forward = layers * (2 * matmul + 4 * seq_length * q) + 2 * h * config.vocab_size
-    return 3.0 * forward if training else float(forward)
