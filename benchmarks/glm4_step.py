@@ -6,7 +6,8 @@ pairs, a bias on Q/K/V only, an untied head. The sizes are CPU-sized (``--hidden
 ``--ffn`` 2816, ``--layers`` 4, ``--vocab`` 32768, ``--batch`` 1 x ``--seq`` 1024 by default).
 
 One step = forward + backward + AdamW (fused on both sides) in bf16, one process, no dropout, on one fully causal
-batch: ours gets ``attention_mask`` = sep 0 (GLM's mask with an empty Part A is the causal mask),
+batch, called as the trainer calls it: ours gets ``attention_mask`` = sep 0 (GLM's mask with an empty Part A is the
+causal mask; the trainer's host-side flag marks it causal) and the loss rows found on the host,
 ``position_ids [b, 2, s]`` with row 0 = ``arange`` and row 1 = 0, ``labels`` = the next token and ``loss_mask``
 on every token that has one; transformers gets ``labels=input_ids`` (it shifts them itself). Both models start
 from the same weights (ours copied into transformers' names and packings by :func:`copy_weights`).
@@ -38,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.model import GLMModel, flops_per_token
+from megatron_glm.model.glm import loss_rows
+from megatron_glm.model.masks import CAUSAL, batch_attention_mask, is_causal_sep
 from megatron_glm.training.throughput import matmul_peak_flops
 
 
@@ -143,7 +146,10 @@ def causal_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, t
 
 
 def our_loss(model: GLMModel, b: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(b["ids"], b["pos"], b["sep"], labels=b["labels"], loss_mask=b["loss_mask"]).loss
+    """The loss as the trainer computes it: the causal flag and the loss rows found on the host first."""
+    mask = batch_attention_mask({"input_ids": b["ids"], "sep": b["sep"], CAUSAL: is_causal_sep(b["sep"])})
+    rows = loss_rows(b["loss_mask"])
+    return model(b["ids"], b["pos"], mask, labels=b["labels"], loss_mask=b["loss_mask"], loss_rows=rows).loss
 
 
 def their_loss(model: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -199,19 +199,22 @@ class GLMModel(nn.Module):
         b, s = h.shape[:2]
         rows = None
         loss_rows = loss_rows if labels is not None else None
+        mask = None if kv_cache is not None else prepare_attention_mask(attention_mask, b, s, h.device)
         if self.config.last_layer_loss_rows and kv_cache is None and not seq_parallel:
             rows = loss_rows
             if rows is None:
                 needed = loss_positions(loss_mask) if labels is not None else logit_positions
                 rows = None if needed is None else QueryRows.from_flat(needed, b, s)
+            if rows is not None and mask.causal and 2 * rows.flat.numel() > b * s:
+                # Causal attention needed on most rows: the whole last layer (its attention skips the masked half)
+                # is faster than the rows' queries against a gathered boolean mask. Both are exact.
+                loss_rows, rows = (rows if labels is not None else None), None
         if rows is not None:
-            mask = prepare_attention_mask(attention_mask, b, s, h.device)
             h = self.transformer(h, mask, self.rng_tracker, rotary=rotary, rows=rows)  # [n, H]: the needed rows
             if labels is not None:
                 return self.head_loss_at(h, rows.flat, labels, loss_mask)
             return self.logits(h)
         if kv_cache is None:
-            mask = prepare_attention_mask(attention_mask, b, s, h.device)
             if seq_parallel:
                 h = scatter_to_sequence_parallel_region(h, group)
                 h = self.transformer(h, mask, self.rng_tracker, sequence_parallel=True, rotary=rotary)
