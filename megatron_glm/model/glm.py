@@ -199,6 +199,7 @@ class GLMModel(nn.Module):
         b, s = h.shape[:2]
         rows = None
         loss_rows = loss_rows if labels is not None else None
+        head_rows = None if loss_rows is None else loss_rows.flat
         mask = None if kv_cache is not None else prepare_attention_mask(attention_mask, b, s, h.device)
         if self.config.last_layer_loss_rows and kv_cache is None and not seq_parallel:
             rows = loss_rows
@@ -206,9 +207,10 @@ class GLMModel(nn.Module):
                 needed = loss_positions(loss_mask) if labels is not None else logit_positions
                 rows = None if needed is None else QueryRows.from_flat(needed, b, s)
             if rows is not None and mask.causal and 2 * rows.flat.numel() > b * s:
-                # Causal attention needed on most rows: the whole last layer (its attention skips the masked half)
-                # is faster than the rows' queries against a gathered boolean mask. Both are exact.
-                loss_rows, rows = (rows if labels is not None else None), None
+                # A causal batch with loss on most rows: the whole last layer (its attention skips the masked half)
+                # is faster than the rows' queries against a gathered boolean mask, and the head on every row (the
+                # other rows weigh 0) than on an odd row count, which CPU bf16 matmuls run ~9% slower. Both exact.
+                rows, head_rows = None, torch.arange(b * s, device=h.device)
         if rows is not None:
             h = self.transformer(h, mask, self.rng_tracker, rotary=rotary, rows=rows)  # [n, H]: the needed rows
             if labels is not None:
@@ -225,7 +227,7 @@ class GLMModel(nn.Module):
             mask = prepare_attention_mask(attention_mask, b, s, h.device, kv_seq=kv_cache.length + s)
             h = self.transformer(h, mask, self.rng_tracker, kv_cache=kv_cache, rotary=rotary)
         if labels is not None:
-            return self.head_loss(h, labels, loss_mask, None if loss_rows is None else loss_rows.flat)
+            return self.head_loss(h, labels, loss_mask, head_rows)
         if logit_positions is not None:
             h = h.reshape(b * s, h.shape[-1]).index_select(0, logit_positions)
         return self.logits(h)

@@ -21,11 +21,13 @@ def _all_reduce(x: torch.Tensor, group: Any, op: Any = None) -> torch.Tensor:
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     # Each pass over the [n, V/tp] fp32 block costs (the largest tensor of the step): the fp32 copy of low-precision
-    # logits is shifted and exponentiated in place, and backward scales the saved softmax into a new tensor rather
-    # than cloning it first. Same operations on the same values as the out-of-place form: bitwise the same result.
+    # logits is shifted and exponentiated in place, and backward scales the saved softmax straight into a gradient
+    # of the logits' dtype rather than cloning it, scaling the clone and casting that. Same operations on the same
+    # values as the out-of-place form: bitwise the same result.
     @staticmethod
     def forward(ctx, logits, target, group, label_smoothing):
-        owned = logits.dtype != torch.float32  # .float() made a copy that this function may overwrite
+        dtype = logits.dtype
+        owned = dtype != torch.float32  # .float() made a copy that this function may overwrite
         logits = logits.float()
         tp_size = 1 if group is None else dist.get_world_size(group)
         tp_rank = 0 if group is None else dist.get_rank(group)
@@ -52,7 +54,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             loss = (1.0 - label_smoothing) * loss + label_smoothing * mean_neg_logp
         softmax = exp.div_(sum_exp.unsqueeze(-1))
         ctx.save_for_backward(softmax, local_target, outside)
-        ctx.label_smoothing, ctx.vocab = label_smoothing, vocab
+        ctx.label_smoothing, ctx.vocab, ctx.dtype = label_smoothing, vocab, dtype
         return loss
 
     @staticmethod
@@ -67,9 +69,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             grad.sub_(eps / ctx.vocab)
             grad.scatter_add_(-1, index, -hit.unsqueeze(-1))
             return grad.mul_(scale), None, None, None
-        # (softmax - one_hot) * g: every entry scaled at once, the target's (softmax_t - hit) * g written over it.
-        grad = softmax * scale
-        grad.scatter_(-1, index, (softmax.gather(-1, index) + -hit.unsqueeze(-1)) * scale)
+        # (softmax - one_hot) * g: every entry scaled at once (rounded straight to the logits' dtype, as autograd
+        # would cast the fp32 result), the target's (softmax_t - hit) * g written over it.
+        grad = torch.empty(softmax.shape, dtype=ctx.dtype, device=softmax.device)
+        torch.mul(softmax, scale, out=grad)
+        target = (softmax.gather(-1, index) + -hit.unsqueeze(-1)) * scale
+        grad.scatter_(-1, index, target.to(ctx.dtype))
         return grad, None, None, None
 
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_glm.model import GLMModel
+from megatron_glm.model import GLMModel, glm_loss
 from megatron_glm.model import attention as attention_module
 from megatron_glm.model.glm import loss_rows
 from megatron_glm.model.masks import CAUSAL, AttentionMask, batch_attention_mask, is_causal_sep
@@ -71,28 +69,35 @@ def sdpa_calls(monkeypatch: pytest.MonkeyPatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_causal_kernel_equals_the_boolean_mask_bitwise(dtype: torch.dtype, dropout: float, sdpa_calls: list) -> None:
-    """Loss on most rows: the last layer runs whole (as with last_layer_loss_rows off), every layer with
-    ``is_causal``; loss, per-token losses and every gradient equal the boolean-mask model's bitwise."""
-    cfg = _glm4(hidden_dropout=dropout, attention_dropout=dropout)
-    batch = _batch()
-    results = []
-    for causal, rows in ((True, True), (False, False)):
-        model = GLMModel(dataclasses.replace(cfg, last_layer_loss_rows=rows), seed=3, params_dtype=dtype).train()
-        torch.manual_seed(11)
+def _loss_and_grads(model: GLMModel, batch: dict, causal: bool) -> tuple:
+    torch.manual_seed(11)
+    mask = batch_attention_mask({**batch, CAUSAL: causal})
+    if causal:  # as the trainer runs it: labels, host loss rows
         out = model(
             batch["input_ids"],
             batch["position_ids"],
-            batch_attention_mask({**batch, CAUSAL: causal}),
+            mask,
             labels=batch["labels"],
             loss_mask=batch["loss_mask"],
             loss_rows=loss_rows(batch["loss_mask"]),
         )
-        out.loss.backward()
-        results.append((out.loss.detach(), out.per_token.detach(), [p.grad for p in model.parameters()]))
-    (loss_a, tok_a, grads_a), (loss_b, tok_b, grads_b) = results
+    else:  # the reference: every layer and the head on every row, the loss from the full logits
+        out = glm_loss(model(batch["input_ids"], batch["position_ids"], mask), batch["labels"], batch["loss_mask"])
+    out.loss.backward()
+    return out.loss.detach(), out.per_token.detach(), [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_causal_kernel_equals_the_boolean_mask_bitwise(dtype: torch.dtype, dropout: float, sdpa_calls: list) -> None:
+    """Loss on most rows of a causal batch: every layer runs whole with ``is_causal`` and the head on every row (the
+    rows without loss weigh 0); loss, per-token losses and every gradient equal the full-logit boolean-mask model's
+    bitwise."""
+    cfg = _glm4(hidden_dropout=dropout, attention_dropout=dropout)
+    batch = _batch()
+    (loss_a, tok_a, grads_a), (loss_b, tok_b, grads_b) = (
+        _loss_and_grads(GLMModel(cfg, seed=3, params_dtype=dtype).train(), batch, causal) for causal in (True, False)
+    )
     assert sdpa_calls == ["causal"] * cfg.num_layers + ["mask"] * cfg.num_layers
     assert torch.equal(loss_a, loss_b) and torch.equal(tok_a, tok_b)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
