@@ -20,14 +20,12 @@ def _all_reduce(x: torch.Tensor, group: Any, op: Any = None) -> torch.Tensor:
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    # Each pass over the [n, V/tp] fp32 block costs (the largest tensor of the step): the fp32 copy of low-precision
-    # logits is shifted and exponentiated in place, and backward scales the saved softmax straight into a gradient
-    # of the logits' dtype rather than cloning it, scaling the clone and casting that. Same operations on the same
-    # values as the out-of-place form: bitwise the same result.
+    # Each pass over the [n, V/tp] fp32 block, and each new one (its pages are faulted in), costs: it is the largest
+    # tensor of the step. The fp32 copy of low-precision logits is shifted and exponentiated in place, and backward
+    # turns the saved softmax into the gradient in place. Same operations on the same values: bitwise the same.
     @staticmethod
     def forward(ctx, logits, target, group, label_smoothing):
-        dtype = logits.dtype
-        owned = dtype != torch.float32  # .float() made a copy that this function may overwrite
+        owned = logits.dtype != torch.float32  # .float() made a copy that this function may overwrite
         logits = logits.float()
         tp_size = 1 if group is None else dist.get_world_size(group)
         tp_rank = 0 if group is None else dist.get_rank(group)
@@ -54,27 +52,22 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             loss = (1.0 - label_smoothing) * loss + label_smoothing * mean_neg_logp
         softmax = exp.div_(sum_exp.unsqueeze(-1))
         ctx.save_for_backward(softmax, local_target, outside)
-        ctx.label_smoothing, ctx.vocab, ctx.dtype = label_smoothing, vocab, dtype
+        ctx.label_smoothing, ctx.vocab, ctx.backward_done = label_smoothing, vocab, False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.backward_done:
+            raise RuntimeError("vocab_parallel_cross_entropy: backward runs once (retain_graph is not supported)")
+        ctx.backward_done = True
         softmax, local_target, outside = ctx.saved_tensors
         eps = ctx.label_smoothing
-        index = local_target.unsqueeze(-1)
-        hit = (~outside).to(softmax.dtype) * (1.0 - eps)
-        scale = grad_loss.unsqueeze(-1)
+        grad = softmax  # the saved softmax becomes the gradient in place (as Megatron's): no new [n, V/tp] block
         if eps > 0:
-            grad = softmax.clone()
             grad.sub_(eps / ctx.vocab)
-            grad.scatter_add_(-1, index, -hit.unsqueeze(-1))
-            return grad.mul_(scale), None, None, None
-        # (softmax - one_hot) * g: every entry scaled at once (rounded straight to the logits' dtype, as autograd
-        # would cast the fp32 result), the target's (softmax_t - hit) * g written over it.
-        grad = torch.empty(softmax.shape, dtype=ctx.dtype, device=softmax.device)
-        torch.mul(softmax, scale, out=grad)
-        target = (softmax.gather(-1, index) + -hit.unsqueeze(-1)) * scale
-        grad.scatter_(-1, index, target.to(ctx.dtype))
+        hit = (~outside).to(grad.dtype) * (1.0 - eps)
+        grad.scatter_add_(-1, local_target.unsqueeze(-1), -hit.unsqueeze(-1))
+        grad.mul_(grad_loss.unsqueeze(-1))
         return grad, None, None, None
 
 

@@ -196,3 +196,14 @@ def test_qkv_stride_layout() -> None:
 def test_shard_rejects_non_dividing() -> None:
     with pytest.raises(ValueError, match="does not split"):
         shard(torch.zeros(6, 2), 0, 0, 4)
+
+
+def test_cross_entropy_backward_runs_once() -> None:
+    """Backward turns the saved softmax into the gradient in place, so a second backward is refused, not wrong."""
+    logits = torch.randn(3, 10, requires_grad=True)
+    loss = vocab_parallel_cross_entropy(logits, torch.tensor([1, 2, 3])).sum()
+    loss.backward(retain_graph=True)
+    first = logits.grad.clone()
+    torch.testing.assert_close(first, torch.softmax(logits.detach(), -1) - F.one_hot(torch.tensor([1, 2, 3]), 10))
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        loss.backward()
