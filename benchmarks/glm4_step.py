@@ -189,7 +189,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--rounds", type=int, default=5, help="timed rounds (each: our step, theirs, a peak sample)")
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds (each: our step, theirs, a peak sample)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--head-chunk", type=int, default=-1, help="model.head_chunk_size (-1: the default)")
@@ -235,7 +235,6 @@ def main() -> None:
     for _ in range(args.warmup):
         ours_step()
         theirs_step()
-    print(f"first losses (bf16, same weights): ours {losses['ours']:.4f}, transformers {losses['transformers']:.4f}")
     peaks, t_ours, t_theirs = [], [], []
     for r in range(args.rounds):
         first, second = (ours_step, theirs_step) if r % 2 == 0 else (theirs_step, ours_step)
@@ -243,6 +242,7 @@ def main() -> None:
         t_ours.append(a if first is ours_step else c)
         t_theirs.append(c if first is ours_step else a)
         peaks.append(matmul_peak_flops(dtype, "cpu", n=2048, seconds=0.3))
+    print(f"first losses (bf16, same weights): ours {losses['ours']:.4f}, transformers {losses['transformers']:.4f}")
     peak = statistics.median(peaks)
     print(
         f"bf16 matmul peak (median of {len(peaks)}): {peak / 1e9:.0f} GFLOP/s "
