@@ -1,7 +1,8 @@
 """The GLM model: its tensor layout, embeddings, layers, attention mask, tied head, loss, full state dicts."""
 
 from megatron_glm.model.attention import ATTENTION_IMPLS, ParallelSelfAttention, attention_core, eager_attention
-from megatron_glm.model.glm import GLMModel, GLMPart, flops_per_token, init_method_for, new_rng_tracker
+from megatron_glm.model.flops import flops_per_token, matmul_parameters
+from megatron_glm.model.glm import GLMModel, GLMPart, init_method_for, new_rng_tracker
 from megatron_glm.model.layout import ModelLayout, PipeLayer, TensorSpec
 from megatron_glm.model.loss import (
     GLMLoss,
@@ -52,6 +53,7 @@ __all__ = [
     "init_method_for",
     "load_full_state_dict",
     "loss_positions",
+    "matmul_parameters",
     "new_rng_tracker",
     "prepare_attention_mask",
     "sep_to_mask",

@@ -168,6 +168,8 @@ def attention_core(
             return layer_scaled_attention(q, k, v, mask.bool_mask, dropout_p, fp32_coeff)
         if impl == "eager":
             return eager_attention(q, k, v, mask.bool_mask, dropout_p)
+        if mask.causal and q.shape[-2] == k.shape[-2]:  # the plain causal mask (no KV cache, no row subset)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bool_mask, dropout_p=dropout_p)
 
 

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 
 from megatron_glm.config import ModelConfig
-from megatron_glm.model.layout import VOCAB_TENSOR, ModelLayout
+from megatron_glm.model.layout import VOCAB_TENSOR, ModelLayout, PipeLayer
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -49,14 +49,11 @@ class MemoryEstimate:
         )
 
 
-def stage_of(pipe_index: int, config: ModelConfig, pp: int) -> list[int]:
-    """The pipeline stages holding pipe layer ``pipe_index`` (uniform layers; tied head on the last stage)."""
-    n = config.num_layers
-    if pipe_index < 2:
-        return [0]
-    if pipe_index >= n + 2:
-        return [pp - 1]
-    return [min(pp - 1, (pipe_index - 2) * pp // n)]
+def stage_of(pipe: PipeLayer, config: ModelConfig, pp: int) -> int:
+    """The pipeline stage holding pipe layer ``pipe`` (uniform layers; embeddings first, final norm and head last)."""
+    if pipe.layer is not None:
+        return min(pp - 1, pipe.layer * pp // config.num_layers)
+    return 0 if pipe.kind in ("word_embedding", "position_embeddings") else pp - 1
 
 
 def estimate_memory(
@@ -70,13 +67,11 @@ def estimate_memory(
         names = pipe.names
         if pipe.kind == "head" and layout.tied_head and pp > 1:
             names = (VOCAB_TENSOR,)  # the tied copy on the last stage
-        for stage in stage_of(pipe.index, config, pp):
-            for name in names:
-                spec = layout[name]
-                numel = math.prod(spec.shape)
-                per_stage[stage] += numel // tp if spec.split_dim is not None else numel
-                largest_full = max(largest_full, numel)
-                largest_local = max(largest_local, numel // tp if spec.split_dim is not None else numel)
+        for name in names:
+            spec = layout[name]
+            full, shard = math.prod(spec.shape), math.prod(spec.shard_shape(tp))
+            per_stage[stage_of(pipe, config, pp)] += shard
+            largest_full, largest_local = max(largest_full, full), max(largest_local, shard)
     local = max(per_stage)
     width = BYTES[precision]
     optimizer = local * (8 + (4 if width != 4 else 0))

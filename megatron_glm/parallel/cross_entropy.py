@@ -20,19 +20,24 @@ def _all_reduce(x: torch.Tensor, group: Any, op: Any = None) -> torch.Tensor:
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
+    # Each pass over the [n, V/tp] fp32 block, and each new one (its pages are faulted in), costs: it is the largest
+    # tensor of the step. The fp32 copy of low-precision logits is shifted and exponentiated in place, and backward
+    # turns the saved softmax into the gradient in place. Same operations on the same values: bitwise the same.
     @staticmethod
     def forward(ctx, logits, target, group, label_smoothing):
+        owned = logits.dtype != torch.float32  # .float() made a copy that this function may overwrite
         logits = logits.float()
         tp_size = 1 if group is None else dist.get_world_size(group)
         tp_rank = 0 if group is None else dist.get_rank(group)
         local_v = logits.shape[-1]
         start = tp_rank * local_v
         row_max = _all_reduce(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
-        shifted = logits - row_max.unsqueeze(-1)
+        shifted = logits.sub_(row_max.unsqueeze(-1)) if owned else logits - row_max.unsqueeze(-1)
         outside = (target < start) | (target >= start + local_v)
         local_target = (target - start).masked_fill(outside, 0)
         predicted = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
-        exp = shifted.exp()
+        local_sum_shifted = shifted.sum(dim=-1) if label_smoothing > 0 else None
+        exp = shifted.exp_()
         sum_exp = exp.sum(dim=-1)
         if tp_size > 1:
             packed = torch.stack([predicted, sum_exp])
@@ -41,20 +46,23 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         log_z = sum_exp.log()
         loss = log_z - predicted
         vocab = local_v * tp_size
-        if label_smoothing > 0:
-            sum_shifted = _all_reduce(shifted.sum(dim=-1), group)
+        if local_sum_shifted is not None:
+            sum_shifted = _all_reduce(local_sum_shifted, group)
             mean_neg_logp = log_z - sum_shifted / vocab
             loss = (1.0 - label_smoothing) * loss + label_smoothing * mean_neg_logp
         softmax = exp.div_(sum_exp.unsqueeze(-1))
         ctx.save_for_backward(softmax, local_target, outside)
-        ctx.label_smoothing, ctx.vocab = label_smoothing, vocab
+        ctx.label_smoothing, ctx.vocab, ctx.backward_done = label_smoothing, vocab, False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.backward_done:
+            raise RuntimeError("vocab_parallel_cross_entropy: backward runs once (retain_graph is not supported)")
+        ctx.backward_done = True
         softmax, local_target, outside = ctx.saved_tensors
         eps = ctx.label_smoothing
-        grad = softmax.clone()
+        grad = softmax  # the saved softmax becomes the gradient in place (as Megatron's): no new [n, V/tp] block
         if eps > 0:
             grad.sub_(eps / ctx.vocab)
         hit = (~outside).to(grad.dtype) * (1.0 - eps)

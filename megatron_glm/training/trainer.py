@@ -19,7 +19,7 @@ from megatron_glm.config.ranges import in_ranges, parse_iteration_ranges
 from megatron_glm.errors import CheckpointError, GLMError
 from megatron_glm.model.glm import loss_rows
 from megatron_glm.model.loss import group_sums_dict, group_sums_tensor
-from megatron_glm.model.masks import batch_attention_mask
+from megatron_glm.model.masks import CAUSAL, batch_attention_mask, is_causal_sep
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
 from megatron_glm.training.drift import identity_drift
 from megatron_glm.training.evaluation import accumulate_losses, summarize_losses
@@ -120,6 +120,8 @@ class Trainer:
         moved: dict[str, Any] = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if "loss_mask" in batch:
             moved[LOSS_ROWS] = loss_rows(batch["loss_mask"]).to(self.device, non_blocking=True)
+        if "sep" in batch and "doc_ids" not in batch:
+            moved[CAUSAL] = is_causal_sep(batch["sep"])  # causal attention kernels for a causal batch
         return moved
 
     def _forward(self, batch: Batch) -> Any:

@@ -146,6 +146,13 @@ def _check_layers(rank: int, world: int) -> dict:
         (ref.view(4, 6) * weights).sum().backward()
         _close(loss, ref.view(4, 6), f"cross entropy eps={eps}")
         _close(local.grad, shard(full.grad, -1, ps.tp_rank, ps.tp_size), f"cross entropy grad eps={eps}")
+        assert torch.equal(local, shard(logits, -1, ps.tp_rank, ps.tp_size))  # fp32 logits are not overwritten
+        # bf16 logits: their fp32 copy is shifted and exponentiated in place; the same values as fp32 logits
+        low = shard(logits, -1, ps.tp_rank, ps.tp_size).to(torch.bfloat16).requires_grad_()
+        as_fp32 = low.detach().float().requires_grad_()
+        for x in (low, as_fp32):
+            (vocab_parallel_cross_entropy(x, target, ps.tp_group, label_smoothing=eps) * weights).sum().backward()
+        assert torch.equal(low.grad, as_fp32.grad.to(torch.bfloat16)), f"bf16 cross entropy grad eps={eps}"
     return {}
 
 
@@ -189,3 +196,14 @@ def test_qkv_stride_layout() -> None:
 def test_shard_rejects_non_dividing() -> None:
     with pytest.raises(ValueError, match="does not split"):
         shard(torch.zeros(6, 2), 0, 0, 4)
+
+
+def test_cross_entropy_backward_runs_once() -> None:
+    """Backward turns the saved softmax into the gradient in place, so a second backward is refused, not wrong."""
+    logits = torch.randn(3, 10, requires_grad=True)
+    loss = vocab_parallel_cross_entropy(logits, torch.tensor([1, 2, 3])).sum()
+    loss.backward(retain_graph=True)
+    first = logits.grad.clone()
+    torch.testing.assert_close(first, torch.softmax(logits.detach(), -1) - F.one_hot(torch.tensor([1, 2, 3]), 10))
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        loss.backward()

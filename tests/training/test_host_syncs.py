@@ -55,6 +55,15 @@ def _count(rank: int, world: int) -> dict:
                 return rows(loss_mask, *a, **k)
 
         trainer_module.loss_rows = on_host
+    if hasattr(trainer_module, "is_causal_sep"):
+        causal = trainer_module.is_causal_sep
+
+        def causal_on_host(sep, *a, **k):  # the trainer reads the loader's own host sep (causal attention kernels)
+            host_calls.append(id(sep) in loader_tensors)
+            with counter.host():
+                return causal(sep, *a, **k)
+
+        trainer_module.is_causal_sep = causal_on_host
     engine, train_step, log_step, engine_step = trainer.engine, trainer.train_step, trainer._log_step, None
 
     def step_engine() -> None:
@@ -102,4 +111,5 @@ def test_at_most_one_host_sync_per_micro_batch() -> None:
             if not s["log"]:  # the loop's own per-step reads: the stop agreement
                 assert s["loop"] <= 2, (s, r["where"])
         assert r["logged"] == 2
-        assert len(r["host_calls"]) == STEPS * ACCUM and all(r["host_calls"])  # really the loader's host tensors
+        # loss rows and the causal flag: really the loader's host tensors
+        assert len(r["host_calls"]) == 2 * STEPS * ACCUM and all(r["host_calls"])
