@@ -1,0 +1,153 @@
+"""LoRA on the tensor-parallel linears: TP = 2 equals TP = 1, only adapters train, merging, config errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from megatron_glm.config import LoraConfig, build_config, validate
+from megatron_glm.errors import ConfigError
+from megatron_glm.model import GLMModel, ModelLayout, full_state_dict, glm_loss, load_full_state_dict
+from megatron_glm.model.lora import attach_lora, merge_lora, trainable_parameters
+from megatron_glm.parallel import ParallelState, gather_from_tensor_parallel_region, initialize_parallel_state
+from megatron_glm.parallel.lora import is_lora_name
+from megatron_glm.testing import run_distributed
+from tests.model.helpers import family_config, make_batch, tiny_config
+
+ATOL = 1e-5
+ALL_TARGETS = ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]
+LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=[",".join(ALL_TARGETS)])
+#: Plain GLM (fused [Q; K; V], 3 equal blocks) and ChatGLM2 (grouped-query QKV blocks, SwiGLU [W1; W2]).
+CONFIGS = {"glm": lambda: tiny_config(), "chatglm2": lambda: family_config("chatglm2-6b")}
+
+
+def _lora_model(cfg, ps: ParallelState, lora: LoraConfig = LORA, seed: int = 5) -> GLMModel:
+    model = GLMModel(cfg, ps, seed=seed)
+    attach_lora(model, lora, ModelLayout(cfg), seed=seed)
+    return model
+
+
+def _adapters(model: GLMModel, ps: ParallelState, grads: bool = False) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in full_state_dict(model, ps, grads=grads).items() if is_lora_name(k)}
+
+
+def _train(model: GLMModel, ps: ParallelState, steps: int) -> tuple[list[float], dict, dict, torch.Tensor]:
+    """``steps`` AdamW steps on the adapters (each on its own batch); returns the losses, the last step's full
+    adapter gradients, the adapters after training and the final full logits."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    losses, grads = [], {}
+    model.train()
+    for step in range(steps):
+        batch = make_batch(30 + step)
+        torch.manual_seed(100 + step)  # the adapter-dropout masks (default stream, the same on every rank)
+        opt.zero_grad(set_to_none=True)
+        logits = model(batch["input_ids"], batch["position_ids"], batch["sep"])
+        loss = glm_loss(logits, batch["labels"], batch["loss_mask"], ps).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads = _adapters(model, ps, grads=True)
+        opt.step()
+    model.eval()
+    batch = make_batch(99)
+    logits = model(batch["input_ids"], batch["position_ids"], batch["sep"]).detach()
+    return losses, grads, _adapters(model, ps), gather_from_tensor_parallel_region(logits, ps.tp_group)
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b) and a
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _tp_lora_checks(rank: int, world: int) -> dict[str, float]:
+    ps = initialize_parallel_state(tp_size=world)
+    out: dict[str, float] = {}
+    for tag, make in CONFIGS.items():
+        for dropout in (0.0, 0.2):
+            lora = dataclasses.replace(LORA, dropout=dropout)
+            ref, par = _lora_model(make(), ParallelState(), lora), _lora_model(make(), ps, lora)
+            base = {k: v for k, v in full_state_dict(par, ps).items() if not is_lora_name(k)}
+            assert _max_diff(_adapters(ref, ParallelState()), _adapters(par, ps)) == 0.0  # the same A, B = 0
+            rl, rg, ra, rlog = _train(ref, ParallelState(), 3)
+            pl, pg, pa, plog = _train(par, ps, 3)
+            key = f"{tag}/dropout{dropout}"
+            out[f"{key}/losses"] = max(abs(a - b) for a, b in zip(rl, pl, strict=True))
+            out[f"{key}/grads"] = _max_diff(rg, pg)
+            out[f"{key}/adapters"] = _max_diff(ra, pa)
+            out[f"{key}/logits"] = (rlog - plog).abs().max().item()
+            # Every adapter tensor received a gradient (A's is zero at the first step, B starting at zero).
+            assert all(g.abs().max() > 0 for g in pg.values()), key
+            assert rl[0] != rl[-1], key  # the adapters did change the model
+            after = {k: v for k, v in full_state_dict(par, ps).items() if not is_lora_name(k)}
+            assert all(torch.equal(after[k], v) for k, v in base.items()), f"{key}: a base weight changed"
+    return out
+
+
+@pytest.mark.parametrize("tp", [2])
+def test_lora_tensor_parallel_matches_single_process(tp: int) -> None:
+    results = run_distributed(_tp_lora_checks, tp)
+    for rank, diffs in enumerate(results):
+        bad = {k: v for k, v in diffs.items() if not v <= ATOL}
+        assert not bad, f"rank {rank}: {bad}"
+    print(results[0])
+
+
+def test_only_adapters_train_and_shapes_follow_the_split() -> None:
+    cfg = family_config("chatglm2-6b")
+    model = _lora_model(cfg, ParallelState())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(is_lora_name(n) for n in trainable)
+    assert len(trainable) == 2 * len(ALL_TARGETS) * cfg.num_layers
+    layer = model.transformer.layers["0"]
+    qkv = layer.attention.query_key_value.lora
+    assert (
+        tuple(qkv.A.shape) == (4, cfg.hidden_size) and qkv.B.shape[0] == layer.attention.query_key_value.weight.shape[0]
+    )
+    assert torch.count_nonzero(qkv.B) == 0  # the adapted model starts as the base
+    n_train, total = trainable_parameters(model)
+    assert n_train == sum(p.numel() for n, p in model.named_parameters() if is_lora_name(n)) and n_train < total
+
+
+def test_merged_model_equals_adapter_model() -> None:
+    cfg = family_config("chatglm2-6b")
+    model = _lora_model(cfg, ParallelState())
+    full = full_state_dict(model)
+    g = torch.Generator().manual_seed(3)
+    trained = {k: (0.1 * torch.randn(v.shape, generator=g) if is_lora_name(k) else v) for k, v in full.items()}
+    load_full_state_dict(model, trained)
+    merged = GLMModel(cfg, seed=5)
+    load_full_state_dict(merged, merge_lora(trained, LORA.alpha))
+    batch = make_batch(7)
+    with torch.no_grad():
+        a = model.eval()(batch["input_ids"], batch["position_ids"], batch["sep"])
+        b = merged.eval()(batch["input_ids"], batch["position_ids"], batch["sep"])
+        base = GLMModel(cfg, seed=5).eval()(batch["input_ids"], batch["position_ids"], batch["sep"])
+    assert (a - base).abs().max() > 1e-2  # the adapters matter
+    assert (a - b).abs().max() < ATOL
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lora.rank": -1}, "lora.rank (--lora-rank) must be >= 0"),
+        ({"lora.rank": 4, "lora.alpha": 0.0}, "lora.alpha (--lora-alpha) must be positive"),
+        ({"lora.dropout": 1.0}, "lora.dropout (--lora-dropout) must be in [0, 1)"),
+        ({"lora.targets": ["attention.dense,mlp.gate"]}, "lora.targets (--lora-targets): unknown mlp.gate"),
+        ({"lora.rank": 4, "lora.targets": [""]}, "lora.targets (--lora-targets) is empty"),
+    ],
+)
+def test_config_errors_are_one_line(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(build_config(overrides))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_flags_parse() -> None:
+    from megatron_glm.config import load_config
+
+    cfg = load_config(
+        ["--lora-rank", "8", "--lora-alpha", "32", "--lora-dropout", "0.05", "--lora-targets", "mlp.dense_4h_to_h"]
+    )
+    assert cfg.lora == LoraConfig(rank=8, alpha=32.0, dropout=0.05, targets=["mlp.dense_4h_to_h"])
+    assert LoraConfig().target_names() == ["attention.query_key_value", "attention.dense"]
