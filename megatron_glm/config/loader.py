@@ -102,6 +102,7 @@ FLAG_ALIASES: dict[str, tuple[str, Any]] = {
     "--lora-alpha": ("lora.alpha", None),
     "--lora-dropout": ("lora.dropout", None),
     "--lora-targets": ("lora.targets", None),
+    "--lora-base": ("lora.base", None),
     "--log-interval": ("logging.log_interval", None),
     "--tensorboard-dir": ("logging.tensorboard_dir", None),
     "--data-path": ("data.data_path", None),

@@ -367,6 +367,12 @@ class LoraConfig:
     rank: int = opt(0, "LoRA rank r of every adapter (0: off, every weight trains).")
     alpha: float = opt(16.0, "LoRA alpha: the adapters' output is scaled by alpha / rank.")
     dropout: float = opt(0.0, "Dropout on the adapters' input, in [0, 1).")
+    base: str = opt(
+        "",
+        "pretrain_glm.py: the checkpoint (any layout or format we read) whose frozen weights the adapters go on, "
+        "loaded at every start, resumes included (finetune_glm.py: --load). Checkpoints hold the adapters and "
+        "the base's identity (sha256 of its manifest); a resume against another base is refused.",
+    )
     targets: list[str] = opt(
         ["attention.query_key_value", "attention.dense"],
         "The linears of every layer that take an adapter (names, or one comma-separated value): "

@@ -48,7 +48,7 @@ from megatron_glm.training.distributed import finish_distributed, init_distribut
 from megatron_glm.training.lifeline import die_with_parent, launched_by_launcher
 from megatron_glm.training.rng import seed_everything
 from megatron_glm.training.run import trainer_services
-from megatron_glm.training.setup import build_engine, build_model
+from megatron_glm.training.setup import build_engine, build_model, load_lora_base
 from megatron_glm.training.trainer import Trainer, TrainState
 
 
@@ -233,7 +233,8 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     built = build_model(cfg, ps, env.device)
     model = built.module
     resuming = bool(cfg.checkpoint.save and list_checkpoints(cfg.checkpoint.save))
-    if not resuming:
+    lora = load_lora_base(model, cfg, ps, cfg.checkpoint.load, log)  # LoRA: the frozen base, at every start
+    if not resuming and not lora:
         loaded = load_model_weights(model, cfg.checkpoint.load, ps.tp_size, ps.tp_rank)
         log(f"loaded model weights from {loaded}; optimizer and schedule start fresh")
     task_loss = TaskLoss(
@@ -292,6 +293,7 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
         vocab_rows=cfg.model.vocab_size,
     )
     trainer.identity = task_identity(cfg, task, global_batch)
+    trainer.lora = lora
     if resuming:
         trainer.resume(cfg.checkpoint.save)
     log(

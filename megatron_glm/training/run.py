@@ -29,7 +29,7 @@ from megatron_glm.training.drift import run_identity
 from megatron_glm.training.lifeline import die_with_parent, launched_by_launcher
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.rng import seed_everything
-from megatron_glm.training.setup import build_engine, build_model, resolve_vocab_size
+from megatron_glm.training.setup import build_engine, build_model, load_lora_base, resolve_vocab_size
 from megatron_glm.training.throughput import device_peak_flops
 from megatron_glm.training.trainer import Trainer, TrainState
 
@@ -94,6 +94,7 @@ def pretrain(cfg: GLMConfig) -> TrainState:
     )
     built = build_model(cfg, ps, env.device)
     model = built.module
+    lora = load_lora_base(model, cfg, ps, cfg.lora.base, log)  # LoRA: the frozen base ({} without)
     if cfg.checkpoint.load and cfg.checkpoint.load_weights_only:
         loaded = load_model_weights(model, cfg.checkpoint.load, ps.tp_size, ps.tp_rank)
         log(f"loaded model weights only from {loaded}; optimizer and schedule start fresh")
@@ -145,6 +146,7 @@ def pretrain(cfg: GLMConfig) -> TrainState:
         **services,
     )
     trainer.identity = run_identity(cfg, global_batch)
+    trainer.lora = lora
     if cfg.checkpoint.load and not cfg.checkpoint.load_weights_only:
         trainer.resume(cfg.checkpoint.load)
     log(
