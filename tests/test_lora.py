@@ -151,3 +151,45 @@ def test_flags_parse() -> None:
     )
     assert cfg.lora == LoraConfig(rank=8, alpha=32.0, dropout=0.05, targets=["mlp.dense_4h_to_h"])
     assert LoraConfig().target_names() == ["attention.query_key_value", "attention.dense"]
+
+
+def test_dry_run_counts_the_trainable_adapters() -> None:
+    from megatron_glm.model.memory import estimate_memory
+
+    cfg = family_config("chatglm2-6b")
+    model = _lora_model(cfg, ParallelState())
+    trainable, total = trainable_parameters(model)
+    plain = estimate_memory(cfg, tp=1, pp=1, dp=1, zero_stage=1, precision="fp32")
+    est = estimate_memory(cfg, tp=1, pp=1, dp=1, zero_stage=1, precision="fp32", lora=LORA)
+    assert est.trainable == trainable and est.stage_parameters == total
+    assert est.optimizer == 8 * trainable and est.grads == 4 * trainable and est.weights == 4 * total
+    assert plain.trainable == 0 and plain.optimizer == 8 * plain.stage_parameters
+    # TP = 2: the per-rank count of the adapters as split (column: A whole, B halved; row: A halved, B whole).
+    tp2 = estimate_memory(cfg, tp=2, pp=1, dp=1, zero_stage=1, precision="fp32", lora=LORA)
+    qkv, dense = cfg.num_attention_heads * cfg.head_dim + 2 * cfg.query_groups * cfg.head_dim, cfg.hidden_size
+    per_layer = (
+        4 * cfg.hidden_size
+        + qkv // 2 * 4  # query_key_value
+        + 4 * cfg.num_attention_heads * cfg.head_dim // 2
+        + dense * 4  # attention.dense
+        + 4 * cfg.hidden_size
+        + 2 * cfg.ffn_size // 2 * 4  # dense_h_to_4h (GLU: 2 ffn rows)
+        + 4 * cfg.ffn_size // 2
+        + cfg.hidden_size * 4  # dense_4h_to_h
+    )
+    assert tp2.trainable == cfg.num_layers * per_layer
+
+
+def test_pretrain_dry_run_prints_trainable_parameters() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["--model-size", "glm-tiny", "--model.vocab_size", "1024", "--lora-rank", "4"]
+    proc = subprocess.run(
+        [sys.executable, "pretrain_glm.py", "--dry-run", *args], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = "trainable per rank (LoRA rank 4 on attention.query_key_value, attention.dense, base frozen): 3,072 of "
+    assert line in proc.stdout, proc.stdout[-2000:]

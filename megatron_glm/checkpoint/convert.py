@@ -24,6 +24,7 @@ from megatron_glm.checkpoint.formats.native import NativeSource, NativeTarget, f
 from megatron_glm.checkpoint.formats.sat import SATSource, check_sat_architecture, is_sat, write_sat
 from megatron_glm.checkpoint.formats.standalone import StandaloneSource, is_standalone, write_standalone
 from megatron_glm.checkpoint.formats.universal import UniversalSource, is_universal, write_universal
+from megatron_glm.checkpoint.lora_merge import open_merged
 from megatron_glm.checkpoint.manager import META, list_checkpoints, read_meta
 from megatron_glm.checkpoint.reshard import check_divisible, resize_vocab
 from megatron_glm.checkpoint.stream import OPTIMIZER_KEYS
@@ -73,6 +74,11 @@ class ConvertOptions:
         2 * 2**30, "safetensors/hf: largest shard in bytes (the tool's --max-shard-size also takes 2GB, 500MB, ...)."
     )
     max_new_tokens: int = opt(32, "hf: answer length per blank written to generation_config.json ([eop] forced after).")
+    merge_lora: bool = opt(
+        False,
+        "The input is a LoRA run's checkpoint (adapters only): merge its adapters into the base it records "
+        "(W + alpha/r B A; the base must be unchanged) and write a plain model in the chosen format and layout.",
+    )
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -104,6 +110,7 @@ CONVERT_FLAGS: dict[str, tuple[str, object]] = {
     "--no-verify": ("convert.verify", False),
     "--verify-logits": ("convert.verify_logits", True),
     "--max-shard-size": ("convert.max_shard_bytes", None),
+    "--merge-lora": ("convert.merge_lora", True),
 }
 
 
@@ -210,10 +217,13 @@ def convert_checkpoint(
     output = Path(output)
     if output.exists() and any(output.iterdir()) if output.is_dir() else output.exists():
         raise CheckpointError(f"{output}: already exists; choose a new output directory")
-    src = open_source(input_path, num_attention_heads=opts.num_attention_heads or None)
+    if opts.merge_lora:
+        src = open_merged(input_path, lambda p: open_source(p, num_attention_heads=opts.num_attention_heads or None))
+    else:
+        src = open_source(input_path, num_attention_heads=opts.num_attention_heads or None)
     _check_target(src, opts)
     info = src.info
-    notes = list(info.notes)
+    notes = list(info.notes) + ([f"merged the LoRA adapters of {input_path}"] if opts.merge_lora else [])
     vocab = _target_vocab(src, opts, notes, open_tokenizer)
     tcfg = dataclasses.replace(info.config, vocab_size=vocab)
     dtype = DTYPES[opts.dtype] if opts.dtype else None
