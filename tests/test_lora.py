@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -193,3 +194,56 @@ def test_pretrain_dry_run_prints_trainable_parameters() -> None:
     assert proc.returncode == 0, proc.stderr
     line = "trainable per rank (LoRA rank 4 on attention.query_key_value, attention.dense, base frozen): 3,072 of "
     assert line in proc.stdout, proc.stdout[-2000:]
+
+
+def _zero_stages(rank: int, world: int) -> dict:
+    """LoRA through the real set-up and DeepSpeed at DP = 2 under ZeRO-1, 2 and 3: losses, the optimizer's
+    parameters, the base after training."""
+    import deepspeed
+
+    from megatron_glm.model.layout import original_name
+    from tests.training.harness import build_trainer
+    from tests.training.harness import tiny_config as run_config
+
+    out: dict = {}
+    for stage in (1, 2, 3):
+        cfg = run_config(
+            **{
+                "training.zero_stage": stage,
+                "training.train_iters": 3,
+                "training.micro_batch_size": 2,
+                "training.global_batch_size": 4,
+                "optimizer.lr": 1e-2,
+                "lora.rank": 4,
+                "lora.targets": [",".join(ALL_TARGETS)],
+            }
+        )
+        trainer, _, logger = build_trainer(cfg)
+        model = trainer.model
+        zero = trainer.engine.optimizer  # its groups of the model's own (bf16/fp32) parameters
+        groups = getattr(zero, "bit16_groups", None) or getattr(zero, "fp16_groups", None)
+        names = {id(p): original_name(n) for n, p in model.named_parameters()}
+        out[f"optimizer{stage}"] = sorted(names[id(p)] for g in groups for p in g)
+        params = list(model.parameters())
+        with deepspeed.zero.GatheredParameters(params) if stage == 3 else contextlib.nullcontext():
+            before = {original_name(n): p.detach().clone() for n, p in model.named_parameters()}
+        trainer.train()
+        with deepspeed.zero.GatheredParameters(params) if stage == 3 else contextlib.nullcontext():
+            after = {original_name(n): p.detach().clone() for n, p in model.named_parameters()}
+        out[f"loss{stage}"] = [v["loss"] for _, v in logger.rows]
+        out[f"base_same{stage}"] = all(torch.equal(before[k], after[k]) for k in before if not is_lora_name(k))
+        out[f"adapters_moved{stage}"] = all(not torch.equal(before[k], after[k]) for k in before if k.endswith(".B"))
+        out[f"trainable{stage}"] = sorted(original_name(n) for n, p in model.named_parameters() if p.requires_grad)
+    return out
+
+
+def test_lora_under_zero_1_2_3_equal_and_only_adapters_train() -> None:
+    for r in run_distributed(_zero_stages, 2, timeout=900):
+        assert len(r["loss1"]) == 3 and r["loss1"][0] != r["loss1"][-1]
+        for stage in (2, 3):
+            assert max(abs(a - b) for a, b in zip(r["loss1"], r[f"loss{stage}"], strict=True)) < 1e-5, r
+        for stage in (1, 2, 3):
+            assert r[f"base_same{stage}"] and r[f"adapters_moved{stage}"], stage
+            assert r[f"trainable{stage}"] and all(is_lora_name(n) for n in r[f"trainable{stage}"])
+        for stage in (1, 2, 3):  # what the ZeRO optimizer holds: exactly the adapters
+            assert r[f"optimizer{stage}"] == sorted(r["trainable1"]), r[f"optimizer{stage}"][:4]
