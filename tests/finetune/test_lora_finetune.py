@@ -1,5 +1,5 @@
-"""finetune_glm.py with LoRA end to end: TP=2 equals TP=1, checkpoints hold adapters only and the base's identity,
-resume is exact, a resume against another base is a one-line error."""
+"""finetune_glm.py with LoRA end to end: TP=2 and PP=2 equal TP=1, checkpoints hold adapters only and the
+base's identity, resume is exact, a resume against another base is a one-line error."""
 
 from __future__ import annotations
 
@@ -43,22 +43,26 @@ def _other_base(setup: dict, where: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def lora_runs(finetune_setup: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """LoRA fine-tuning of the base for 4 steps at TP=1 and TP=2 (``tp1``, ``tp2``: their --save directories)."""
+    """LoRA fine-tuning of the base for 4 steps at TP=1, TP=2 and PP=2 (``tp1``, ``tp2``, ``pp2``: their --save
+    directories)."""
     s, d = finetune_setup, tmp_path_factory.mktemp("lora")
     out = finetune(_args(s, "cloze", d / "tp1", "--train-iters", "4", *LORA))
     assert "LoRA rank 4 on attention.query_key_value, mlp.dense_4h_to_h" in out.stdout, out.stdout
     tp2 = _args(s, "cloze", d / "tp2", "--train-iters", "4", "--tensor-model-parallel-size", "2", *LORA)
     finetune(tp2, nproc=2)
-    return {"tp1": d / "tp1", "tp2": d / "tp2"}
+    pp2 = _args(s, "cloze", d / "pp2", "--train-iters", "4", "--pipeline-model-parallel-size", "2", *LORA)
+    finetune(pp2, nproc=2)
+    return {"tp1": d / "tp1", "tp2": d / "tp2", "pp2": d / "pp2"}
 
 
 def test_lora_finetune_tp2_matches_resumes_and_refuses_another_base(
     finetune_setup: dict, lora_runs: dict, tmp_path: Path
 ) -> None:
     s = finetune_setup
-    tp1, tp2 = _losses(lora_runs["tp1"]), _losses(lora_runs["tp2"])
+    tp1, tp2, pp2 = (_losses(lora_runs[k]) for k in ("tp1", "tp2", "pp2"))
     assert len(tp1) == 4 and tp1[0] != tp1[-1]
     assert max(abs(a - b) for a, b in zip(tp1, tp2, strict=True)) < 1e-5, (tp1, tp2)
+    assert max(abs(a - b) for a, b in zip(tp1, pp2, strict=True)) < 1e-5, (tp1, pp2)
     # The checkpoint holds the adapters (and their optimizer state) only, plus the base's identity.
     step = lora_runs["tp1"] / "global_step4"
     meta = json.loads((step / "meta.json").read_text())
@@ -110,6 +114,9 @@ def test_merge_lora_writes_the_adapted_model(finetune_setup: dict, lora_runs: di
     tp1_adapters = read_adapters(lora_runs["tp1"] / "global_step4", layout)
     assert set(adapters) == set(tp1_adapters) and len(adapters) == 8
     assert max((adapters[k] - tp1_adapters[k]).abs().max().item() for k in adapters) < 1e-5  # TP=2 == TP=1
+    pp2_adapters = read_adapters(lora_runs["pp2"] / "global_step4", layout)  # DeepSpeed's per-layer files
+    assert set(pp2_adapters) == set(adapters)
+    assert max((pp2_adapters[k] - tp1_adapters[k]).abs().max().item() for k in adapters) < 1e-5
     lora = LoraConfig(rank=4, alpha=8.0, targets=[LORA[-1]])
     model = GLMModel(config, seed=1)
     attach_lora(model, lora, layout, seed=1)
