@@ -20,8 +20,13 @@ from tests.model.helpers import family_config, make_batch, tiny_config
 ATOL = 1e-5
 ALL_TARGETS = ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=[",".join(ALL_TARGETS)])
-#: Plain GLM (fused [Q; K; V], 3 equal blocks) and ChatGLM2 (grouped-query QKV blocks, SwiGLU [W1; W2]).
-CONFIGS = {"glm": lambda: tiny_config(), "chatglm2": lambda: family_config("chatglm2-6b")}
+#: Plain GLM (fused [Q; K; V], 3 equal blocks), ChatGLM2 (grouped-query QKV blocks, SwiGLU [W1; W2]), and GLM under
+#: sequence parallelism.
+CONFIGS = {
+    "glm": lambda: tiny_config(),
+    "chatglm2": lambda: family_config("chatglm2-6b"),
+    "sequence-parallel": lambda: tiny_config(sequence_parallel=True),  # reduce-scatter before B (TP > 1)
+}
 
 
 def _lora_model(cfg, ps: ParallelState, lora: LoraConfig = LORA, seed: int = 5) -> GLMModel:
@@ -247,3 +252,30 @@ def test_lora_under_zero_1_2_3_equal_and_only_adapters_train() -> None:
             assert r[f"trainable{stage}"] and all(is_lora_name(n) for n in r[f"trainable{stage}"])
         for stage in (1, 2, 3):  # what the ZeRO optimizer holds: exactly the adapters
             assert r[f"optimizer{stage}"] == sorted(r["trainable1"]), r[f"optimizer{stage}"][:4]
+
+
+def test_activation_checkpointing_replays_the_adapter_dropout() -> None:
+    """With adapter dropout, recomputing the layers in backward gives the same gradients (the mask replayed)."""
+    cfg = tiny_config(num_layers=2)
+    lora = dataclasses.replace(LORA, dropout=0.3)
+    model = _lora_model(cfg, ParallelState(), lora)
+    g = torch.Generator().manual_seed(4)
+    load_full_state_dict(  # non-zero B, so every adapter's dropout shows in the gradients
+        model,
+        {
+            k: (0.1 * torch.randn(v.shape, generator=g) if k.endswith(".B") else v)
+            for k, v in full_state_dict(model).items()
+        },
+    )
+    model.train()
+    batch = make_batch(5)
+    runs = []
+    for ckpt in (False, True, False):
+        model.transformer.checkpoint_activations = ckpt
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(11 if len(runs) < 2 else 12)  # the last run: other masks, other gradients
+        logits = model(batch["input_ids"], batch["position_ids"], batch["sep"])
+        glm_loss(logits, batch["labels"], batch["loss_mask"], ParallelState()).loss.backward()
+        runs.append(_adapters(model, ParallelState(), grads=True))
+    assert _max_diff(runs[0], runs[1]) < ATOL
+    assert _max_diff(runs[0], runs[2]) > 1e-4  # the dropout is really there
