@@ -279,3 +279,28 @@ def test_activation_checkpointing_replays_the_adapter_dropout() -> None:
         runs.append(_adapters(model, ParallelState(), grads=True))
     assert _max_diff(runs[0], runs[1]) < ATOL
     assert _max_diff(runs[0], runs[2]) > 1e-4  # the dropout is really there
+
+
+def test_resume_checks_the_base_and_the_adapters(tmp_path) -> None:
+    from megatron_glm.checkpoint.lora import base_identity, check_lora_resume, lora_record
+    from megatron_glm.errors import CheckpointError
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"weights")
+    sha = base_identity(base)
+    record = lora_record(LORA, base, sha)
+    check_lora_resume({"lora": record}, record, "ckpt")  # the same base and adapters
+    check_lora_resume({}, {}, "ckpt")  # no LoRA on either side
+    (base / "model.safetensors").write_bytes(b"weight2")  # same size, other bytes: another base
+    assert base_identity(base) != sha
+    cases = [
+        ({"lora": record}, lora_record(LORA, base, base_identity(base)), "trained on base"),
+        ({"lora": record}, {}, "resume with --lora-rank 4, or merge them first"),
+        ({}, record, "holds no LoRA adapters"),
+        ({"lora": record}, lora_record(dataclasses.replace(LORA, rank=8), base, sha), "saved with lora rank 4"),
+    ]
+    for meta, mine, message in cases:
+        with pytest.raises(CheckpointError) as err:
+            check_lora_resume(meta, mine, "ckpt")
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)

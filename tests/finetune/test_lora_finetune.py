@@ -4,6 +4,7 @@ base's identity, resume is exact, a resume against another base is a one-line er
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from megatron_glm.checkpoint.safe_load import safe_torch_load
 from megatron_glm.parallel.lora import is_lora_name
 from tests.finetune.conftest import finetune, read_metrics
 from tests.finetune.test_finetune_e2e import _args
-from tests.training.conftest import run_tool
+from tests.training.conftest import PY, ROOT, run_tool
 
 pytestmark = pytest.mark.slow
 
@@ -108,6 +109,20 @@ def test_merge_lora_writes_the_adapted_model(finetune_setup: dict, lora_runs: di
         "--merge-lora",
     )
     merged = load_pretrained(out)
+    plain_convert = [
+        PY,
+        "tools/convert_checkpoint.py",
+        "--input",
+        str(lora_runs["tp1"]),
+        "--output",
+        str(tmp_path / "x"),
+    ]
+    proc = subprocess.run(plain_convert, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert (
+        proc.returncode != 0
+        and "a LoRA run's checkpoint (adapters only)" in proc.stderr
+        and "--merge-lora" in proc.stderr
+    )
     base = open_source(finetune_setup["base"])
     config, layout = base.info.config, base.info.layout
     adapters = read_adapters(lora_runs["tp2"] / "global_step4", layout)
