@@ -304,3 +304,25 @@ def test_resume_checks_the_base_and_the_adapters(tmp_path) -> None:
         with pytest.raises(CheckpointError) as err:
             check_lora_resume(meta, mine, "ckpt")
         assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_lora_checkpoint_is_not_opened_as_a_model(tmp_path) -> None:
+    import json
+
+    from megatron_glm.checkpoint.convert import open_source
+    from megatron_glm.checkpoint.manifest import write_manifest
+    from megatron_glm.config import config_to_dict
+    from megatron_glm.errors import CheckpointError
+
+    step = tmp_path / "global_step4"
+    step.mkdir()
+    meta = {"layout": {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 1}, "config": config_to_dict(build_config({}))}
+    (step / "meta.json").write_text(json.dumps({**meta, "lora": {"rank": 4}}))
+    write_manifest(step, step.name)
+    with pytest.raises(CheckpointError, match=r"a LoRA run's checkpoint \(adapters only\).*--merge-lora"):
+        open_source(step)
+    (step / "meta.json").write_text(json.dumps(meta))
+    write_manifest(step, step.name)
+    with pytest.raises(CheckpointError) as err:  # the same directory without the record: the usual complaint
+        open_source(step)
+    assert "LoRA" not in str(err.value)

@@ -21,8 +21,6 @@ starts at zero, so the adapted model starts equal to the base.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -133,11 +131,6 @@ def is_lora_name(name: str) -> bool:
 def lora_partitions(model: nn.Module) -> dict[str, tuple[int, Stride] | None]:
     """``{name: (dim, stride) or None}`` of every adapter parameter of ``model`` (its tensor-parallel split)."""
     return {n: p.lora_partition for n, p in model.named_parameters() if hasattr(p, "lora_partition")}
-
-
-def adapter_names(names: Iterable[str]) -> list[str]:
-    """The adapter tensors among ``names`` (kept in order)."""
-    return [n for n in names if is_lora_name(n)]
 
 
 def seed_for(seed: int, linear_name: str) -> int:
