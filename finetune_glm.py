@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg, world_size, local_device_type())
         print(yaml.safe_dump({**config_to_dict(cfg), "finetune": vars(task)}, sort_keys=False), end="")
         print(f"configuration is valid for world size {world_size}")
+        from pretrain_glm import dry_run_memory  # parameters (LoRA: trainable) and memory per rank
+
+        print(dry_run_memory(cfg, world_size))
         return 0
     from megatron_glm.finetune.run import finetune  # heavy imports (torch, deepspeed) only when training
     from megatron_glm.training.failures import lost_peer_message

@@ -20,6 +20,7 @@ import torch
 
 from megatron_glm.checkpoint.formats.base import CheckpointFormat, Transform, WriteJob, Written
 from megatron_glm.checkpoint.formats.registry import FORMATS, REGISTRY, format_named, open_source
+from megatron_glm.checkpoint.lora_merge import open_merged
 from megatron_glm.checkpoint.reshard import check_divisible, resize_vocab
 from megatron_glm.checkpoint.stream import OPTIMIZER_KEYS, ModelSource
 from megatron_glm.checkpoint.verify import compare_checksums, source_logits, stream_checksums
@@ -66,6 +67,11 @@ class ConvertOptions:
         "hf: the published layout to write (empty: transformers' own class when one holds the model, "
         "GlmForCausalLM / Glm4ForCausalLM, else the family's remote-code layout: glm, chatglm-6b, chatglm2-6b).",
     )
+    merge_lora: bool = opt(
+        False,
+        "The input is a LoRA run's checkpoint (adapters only): merge its adapters into the base it records "
+        "(W + alpha/r B A; the base must be unchanged) and write a plain model in the chosen format and layout.",
+    )
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -98,6 +104,7 @@ CONVERT_FLAGS: dict[str, tuple[str, object]] = {
     "--no-verify": ("convert.verify", False),
     "--verify-logits": ("convert.verify_logits", True),
     "--max-shard-size": ("convert.max_shard_bytes", None),
+    "--merge-lora": ("convert.merge_lora", True),
 }
 
 
@@ -207,9 +214,12 @@ def convert_checkpoint(
     output = Path(output)
     if output.exists() and any(output.iterdir()) if output.is_dir() else output.exists():
         raise CheckpointError(f"{output}: already exists; choose a new output directory")
-    src = open_source(input_path, num_attention_heads=opts.num_attention_heads or None)
+    if opts.merge_lora:
+        src = open_merged(input_path, lambda p: open_source(p, num_attention_heads=opts.num_attention_heads or None))
+    else:
+        src = open_source(input_path, num_attention_heads=opts.num_attention_heads or None)
     fmt = _check_target(src, opts)
-    notes = list(src.info.notes)
+    notes = list(src.info.notes) + ([f"merged the LoRA adapters of {input_path}"] if opts.merge_lora else [])
     vocab = _target_vocab(src, opts, notes, open_tokenizer)
     dtype = _target_dtype(fmt, opts)
 

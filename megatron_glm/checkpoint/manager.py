@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_glm.checkpoint.finite import nonfinite_parts
+from megatron_glm.checkpoint.lora import frozen_excluded
 from megatron_glm.checkpoint.manifest import Digest, gather_digests, save_hashed, verify_checkpoint, write_manifest
 from megatron_glm.checkpoint.safe_load import check_data_files, safe_torch_load
 from megatron_glm.errors import CheckpointError
@@ -294,7 +295,9 @@ class CheckpointManager:
             written.clear()
         digests: dict[str, Digest] = {}
         try:
-            engine.save_checkpoint(str(self.save_dir), tag=tmp_tag, client_state={}, save_latest=False)
+            engine.save_checkpoint(  # LoRA: the adapters only (the frozen base is its own checkpoint)
+                str(self.save_dir), tag=tmp_tag, client_state={}, save_latest=False, **frozen_excluded(engine)
+            )
             rng_dir = tmp / "rng"
             rng_dir.mkdir(parents=True, exist_ok=True)
             part = rng_dir / f".rank{_rank():05d}.pt.part"
@@ -419,7 +422,11 @@ class CheckpointManager:
                     check_data_files(path / "zero")
                     engine._config.load_universal_checkpoint = True  # a (private) flag DeepSpeed reads at load
                 loaded, _ = engine.load_checkpoint(
-                    str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+                    str(load_dir),
+                    tag=tag,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=True,
+                    load_module_strict=not frozen_excluded(engine),
                 )
                 if loaded is None:
                     raise CheckpointError(f"{path}: DeepSpeed could not load it")

@@ -22,6 +22,7 @@ from megatron_glm.errors import CheckpointError
 from megatron_glm.model.glm import GLMModel, new_rng_tracker
 from megatron_glm.model.layout import ModelLayout, original_name
 from megatron_glm.parallel import ParallelState
+from megatron_glm.parallel.lora import is_lora_name
 
 
 def load_model_weights(model: nn.Module, source: str | Path | ModelSource, tp_size: int, tp_rank: int) -> str:
@@ -34,6 +35,8 @@ def load_model_weights(model: nn.Module, source: str | Path | ModelSource, tp_si
     with torch.no_grad():
         for local, param in model.named_parameters():
             name = original_name(local)
+            if is_lora_name(name):  # LoRA adapters keep their initialisation (or come from the run's checkpoint)
+                continue
             if name not in available:
                 raise CheckpointError(f"{src.info.path}: has no tensor {name} (needed by this model)")
             with writable(param):

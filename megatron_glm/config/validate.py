@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from megatron_glm.config.finite import nonfinite_fields
 from megatron_glm.config.ranges import parse_iteration_ranges
-from megatron_glm.config.sections import GLMConfig, ModelConfig, ObjectiveConfig
+from megatron_glm.config.sections import LORA_TARGETS, GLMConfig, LoraConfig, ModelConfig, ObjectiveConfig
 from megatron_glm.errors import ConfigError
 
 
@@ -99,6 +99,7 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
         + _optimizer_problems(cfg)
         + _objective_problems(cfg.data.objective)
         + _data_problems(cfg)
+        + lora_problems(cfg.lora)
     )
 
 
@@ -321,6 +322,26 @@ def _data_problems(cfg: GLMConfig) -> list[str]:
     unknown = [p for p in d.objective.causal_datasets if p not in prefixes]
     if unknown and d.data_path:
         out.append(f"data.objective.causal_datasets names {unknown}, which data.data_path does not hold")
+    return out
+
+
+def lora_problems(lora: LoraConfig) -> list[str]:
+    """The LoRA section: rank >= 0, alpha > 0, dropout in [0, 1), targets among :data:`LORA_TARGETS`."""
+    out: list[str] = []
+    if lora.rank < 0:
+        out.append(f"lora.rank (--lora-rank) must be >= 0 (0: off), got {lora.rank}")
+    if lora.rank and lora.alpha <= 0:
+        out.append(f"lora.alpha (--lora-alpha) must be positive, got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        out.append(f"lora.dropout (--lora-dropout) must be in [0, 1), got {lora.dropout}")
+    names = lora.target_names()
+    unknown = [n for n in names if n not in LORA_TARGETS]
+    if unknown:
+        out.append(
+            f"lora.targets (--lora-targets): unknown {', '.join(unknown)}; choose from {', '.join(LORA_TARGETS)}"
+        )
+    elif lora.rank and not names:
+        out.append(f"lora.targets (--lora-targets) is empty; choose from {', '.join(LORA_TARGETS)}")
     return out
 
 

@@ -41,7 +41,7 @@ from megatron_glm.model import flops_per_token
 from megatron_glm.parallel.launch import launcher_log, launcher_world_size
 from megatron_glm.training.bootstrap import batch_streams, new_trainer, open_save_dir, start_run, train_and_finish
 from megatron_glm.training.rng import seed_everything
-from megatron_glm.training.setup import build_engine, build_model
+from megatron_glm.training.setup import build_engine, build_model, load_lora_base
 from megatron_glm.training.trainer import Trainer, TrainState
 
 
@@ -228,8 +228,10 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     )
 
     resuming = bool(cfg.checkpoint.save and list_checkpoints(cfg.checkpoint.save))
-    built = build_model(cfg, ps, run.device, weights=None if resuming else cfg.checkpoint.load, log=log)
+    weights = None if resuming or cfg.lora.rank > 0 else cfg.checkpoint.load  # LoRA: the base, below
+    built = build_model(cfg, ps, run.device, weights=weights, log=log)
     model = built.module
+    lora = load_lora_base(model, cfg, ps, cfg.checkpoint.load, log)  # LoRA: the frozen base, at every start
     task_loss = TaskLoss(
         task.task,
         ps,
@@ -260,6 +262,7 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
         vocab_rows=cfg.model.vocab_size,
     )
     trainer.identity = task_identity(cfg, task, global_batch)
+    trainer.lora = lora
     if resuming:
         trainer.resume(cfg.checkpoint.save)
 

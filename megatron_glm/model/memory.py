@@ -5,8 +5,8 @@ Counted per rank: the weights (in the training dtype), their gradients (same dty
 over data-parallel ranks (stage >= 1), then the gradients (>= 2), then the weights (3). Pipeline stages hold
 uniform runs of transformer layers (as ``partition_method: uniform``); the first stage also holds the
 embeddings, the last the final norm and the head (the tied word embedding is on both). The figure is the most
-loaded stage. Not counted: activations, communication buffers, allocator overhead, DeepSpeed's flat-buffer
-padding.
+loaded stage. With LoRA the base is frozen: held, but only the adapters have gradients and AdamW state. Not
+counted: activations, communication buffers, allocator overhead, DeepSpeed's flat-buffer padding.
 
 The set-up peak is what building the model holds before the engine exists: every parameter is drawn whole (fp32,
 the full tensor-parallel tensor, plus the fp32 draw it is copied from) before its shard is kept. Without ZeRO-3
@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_glm.config import ModelConfig
-from megatron_glm.model.layout import VOCAB_TENSOR, ModelLayout, PipeLayer
+from megatron_glm.config import LoraConfig, ModelConfig
+from megatron_glm.model.layout import VOCAB_TENSOR, ModelLayout, PipeLayer, TensorSpec
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -35,6 +35,7 @@ class MemoryEstimate:
     grads: float
     optimizer: float
     setup: float = 0.0  # the peak while building the model (see module doc)
+    trainable: int = 0  # LoRA: adapter parameters of one rank of the largest stage (0: every parameter trains)
 
     @property
     def total(self) -> float:
@@ -56,26 +57,51 @@ def stage_of(pipe: PipeLayer, config: ModelConfig, pp: int) -> int:
     return 0 if pipe.kind in ("word_embedding", "position_embeddings") else pp - 1
 
 
+def lora_numel(spec: TensorSpec, rank: int, tp: int) -> int:
+    """One tensor-parallel rank's adapter parameters (``A`` and ``B``) of rank ``rank`` on weight ``spec``:
+    column-parallel ``A`` whole and ``B`` split, row-parallel the reverse."""
+    out_f, in_f = spec.shape
+    if spec.split_dim == 0:
+        return rank * in_f + out_f // tp * rank
+    return rank * in_f // tp + out_f * rank
+
+
 def estimate_memory(
-    config: ModelConfig, *, tp: int, pp: int, dp: int, zero_stage: int, precision: str
+    config: ModelConfig,
+    *,
+    tp: int,
+    pp: int,
+    dp: int,
+    zero_stage: int,
+    precision: str,
+    lora: LoraConfig | None = None,
 ) -> MemoryEstimate:
-    """Parameter count and per-rank memory (see module doc)."""
+    """Parameter count and per-rank memory (see module doc). With ``lora`` (rank > 0) the base is frozen: its
+    weights are held but only the adapters have gradients and optimizer state."""
     layout = ModelLayout(config)
+    rank = lora.rank if lora is not None else 0
+    targets = {f"{t}.weight" for t in lora.target_names()} if rank else set()
+    adapters = [0] * pp
     per_stage = [0] * pp
     largest_full = largest_local = 0
     for pipe in layout.pipe_layers:
         names = pipe.names
         if pipe.kind == "head" and layout.tied_head and pp > 1:
             names = (VOCAB_TENSOR,)  # the tied copy on the last stage
+        stage = stage_of(pipe, config, pp)
         for name in names:
             spec = layout[name]
             full, shard = math.prod(spec.shape), math.prod(spec.shard_shape(tp))
-            per_stage[stage_of(pipe, config, pp)] += shard
+            if spec.layer is not None and name.split(".", 3)[3] in targets:
+                adapters[stage] += lora_numel(spec, rank, tp)
+            per_stage[stage] += shard
             largest_full, largest_local = max(largest_full, full), max(largest_local, shard)
-    local = max(per_stage)
+    busiest = max(range(pp), key=lambda s: per_stage[s] + adapters[s])
+    local = per_stage[busiest] + adapters[busiest]
+    trainable = adapters[busiest] if rank else local
     width = BYTES[precision]
-    optimizer = local * (8 + (4 if width != 4 else 0))
-    grads = local * width
+    optimizer = trainable * (8 + (4 if width != 4 else 0))
+    grads = trainable * width
     weights = local * width
     dp = max(1, dp)
     if zero_stage >= 1:
@@ -87,4 +113,12 @@ def estimate_memory(
     if zero_stage >= 3:
         weights /= dp
         setup = weights + largest_local * width + drawing
-    return MemoryEstimate(layout.parameter_count(), local, float(weights), float(grads), float(optimizer), setup)
+    return MemoryEstimate(
+        layout.parameter_count(),
+        local,
+        float(weights),
+        float(grads),
+        float(optimizer),
+        setup,
+        adapters[busiest] if rank else 0,
+    )

@@ -1,8 +1,8 @@
 """Full (unsharded) state dicts for tensor-parallel GLM models, with the original GLM key names.
 
 How each tensor is split over tensor-parallel ranks comes from the model's layout
-(:class:`~megatron_glm.model.layout.ModelLayout`). Both functions below are collective over the
-tensor-parallel group.
+(:class:`~megatron_glm.model.layout.ModelLayout`; LoRA adapters: their parameters' ``lora_partition``).
+Both functions below are collective over the tensor-parallel group.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import nn
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model.layout import ModelLayout
 from megatron_glm.parallel import ParallelState, shard, unshard
+from megatron_glm.parallel.lora import lora_partitions
 
 
 def _parallel_state(model: nn.Module, parallel_state: ParallelState | None) -> ParallelState:
@@ -22,7 +23,7 @@ def _parallel_state(model: nn.Module, parallel_state: ParallelState | None) -> P
 
 def _partitions(model: nn.Module) -> dict[str, tuple[int, int] | None]:
     layout: ModelLayout = model.layout
-    return {s.name: s.partition for s in layout}
+    return {**{s.name: s.partition for s in layout}, **lora_partitions(model)}
 
 
 def full_state_dict(

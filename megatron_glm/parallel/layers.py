@@ -3,6 +3,7 @@
 Each layer initialises the *full* weight with ``init_method`` and keeps its shard, so the same seed gives
 the same full model for any tensor-parallel size. Sharded parameters carry ``tensor_model_parallel``,
 ``partition_dim`` and ``partition_stride`` attributes (used by checkpoint resharding and grad-norm code).
+The linears take an optional LoRA adapter, their ``lora`` submodule (``megatron_glm.parallel.lora``).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class ColumnParallelLinear(nn.Module):
             self.bias = _sharded_parameter((output_size,), 0, stride, None, self.ps, params_dtype, device)
         else:
             self.register_parameter("bias", None)
+        self.register_module("lora", None)
 
     def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         """``sequence_parallel``: ``x [b, s/tp, in]`` is this rank's sequence shard; it is all-gathered
@@ -105,6 +107,8 @@ class ColumnParallelLinear(nn.Module):
         else:
             x = copy_to_tensor_parallel_region(x, self.ps.tp_group)
         y = F.linear(x, self.weight, self.bias)
+        if self.lora is not None:
+            y = y + self.lora(x)
         return gather_from_tensor_parallel_region(y, self.ps.tp_group) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -137,6 +141,7 @@ class RowParallelLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(output_size, dtype=params_dtype, device=device))
         else:
             self.register_parameter("bias", None)
+        self.register_module("lora", None)
 
     def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         """``sequence_parallel``: the partial results are reduce-scattered along the sequence (dim 1) instead
@@ -149,6 +154,8 @@ class RowParallelLinear(nn.Module):
         else:
             y = reduce_from_tensor_parallel_region(F.linear(x, self.weight), self.ps.tp_group)
             bias = self.bias
+        if self.lora is not None:
+            y = y + self.lora(x, sequence_parallel)
         return y + bias if bias is not None else y
 
     def extra_repr(self) -> str:

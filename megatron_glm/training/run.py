@@ -26,7 +26,7 @@ from megatron_glm.training.bootstrap import (
 )
 from megatron_glm.training.drift import run_identity
 from megatron_glm.training.rng import seed_everything
-from megatron_glm.training.setup import build_engine, build_model, resolve_vocab_size
+from megatron_glm.training.setup import build_engine, build_model, load_lora_base, resolve_vocab_size
 from megatron_glm.training.trainer import Trainer, TrainState
 
 __all__ = ["pretrain", "trainer_services"]  # trainer_services: where callers found it before the bootstrap
@@ -61,6 +61,7 @@ def pretrain(cfg: GLMConfig) -> TrainState:
     weights = cfg.checkpoint.load if cfg.checkpoint.load_weights_only else ""
     built = build_model(cfg, ps, run.device, weights=weights or None, log=log)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in built.module.parameters())  # ZeRO-3: before partitioning
+    lora = load_lora_base(built.module, cfg, ps, cfg.lora.base, log)  # LoRA: the frozen base ({} without)
     log(f"parameters on this rank: {n_params / 1e6:.2f} M")
     engine, accum, global_batch = build_engine(cfg, ps, built.module)
     streams = batch_streams(
@@ -80,6 +81,7 @@ def pretrain(cfg: GLMConfig) -> TrainState:
         flops_per_sample=flops_per_token(cfg.model, cfg.data.seq_length) * cfg.data.seq_length,
     )
     trainer.identity = run_identity(cfg, global_batch)
+    trainer.lora = lora
     if cfg.checkpoint.load and not cfg.checkpoint.load_weights_only:
         trainer.resume(cfg.checkpoint.load)
     return train_and_finish(run, trainer, "samples")

@@ -9,8 +9,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megatron_glm.checkpoint import safe_checkpoint_engine
+from megatron_glm.checkpoint.lora import base_identity, lora_record
 from megatron_glm.checkpoint.weights import load_glm_model, load_model_weights
 from megatron_glm.config import GLMConfig, pad_vocab_size
 from megatron_glm.dtypes import DTYPES
@@ -18,7 +20,9 @@ from megatron_glm.errors import ConfigError
 from megatron_glm.model import GLMModel, ModelLayout
 from megatron_glm.model.compile import compile_layers
 from megatron_glm.model.layout import original_name
+from megatron_glm.model.lora import attach_lora, trainable_parameters
 from megatron_glm.parallel import ParallelState
+from megatron_glm.parallel.lora import is_lora_name
 from megatron_glm.training.deepspeed_config import batch_sizes, build_deepspeed_config
 from megatron_glm.training.distributed import DeepSpeedMPU
 from megatron_glm.training.lr_schedule import LRSchedule, LRScheduler
@@ -45,9 +49,10 @@ def param_groups(model: torch.nn.Module, layout: ModelLayout, weight_decay: floa
     norms. Parameters keep the model's order (the layout's), which checkpoint conversion relies on."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad:  # frozen (a LoRA run's base): not in the optimizer
             continue
-        (decay if layout[original_name(name)].weight_decay else no_decay).append(p)
+        decayed = is_lora_name(name) or layout[original_name(name)].weight_decay
+        (decay if decayed else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -69,6 +74,7 @@ def build_model(
     ps = parallel_state
     if weights and ps.pp_size == 1 and not zero3(cfg, ps):
         model, loaded = load_glm_model(cfg.model, weights, ps, seed=cfg.training.seed, device=device)
+        attach_lora(model, cfg.lora, ModelLayout(cfg.model), cfg.training.seed)
         built = TrainingModel(module=model, rng_tracker=model.rng_tracker)
     else:
         built = _build_initialised(cfg, ps, device)
@@ -84,21 +90,45 @@ def _build_initialised(cfg: GLMConfig, parallel_state: ParallelState, device: to
     """The model (or pipeline stage) with its random init drawn."""
     ps = parallel_state
     if ps.pp_size > 1:
-        return build_pipeline_model(
+        built = build_pipeline_model(
             cfg.model,
             ps,
             seed=cfg.training.seed,
             partition_method=cfg.parallel.pipeline_partition_method,
             device=device,
         )
+        attach_lora(built.module, cfg.lora, ModelLayout(cfg.model), cfg.training.seed)
+        return built
     with partitioned_construction(cfg, ps) as params_dtype:
         model = GLMModel(cfg.model, ps, seed=cfg.training.seed, params_dtype=params_dtype, device=device)
+        attach_lora(model, cfg.lora, ModelLayout(cfg.model), cfg.training.seed)  # LoRA: adapters, base frozen
     return TrainingModel(module=model, rng_tracker=model.rng_tracker)
 
 
 def zero3(cfg: GLMConfig, parallel_state: ParallelState) -> bool:
     """Whether the run partitions its parameters (ZeRO-3, offload included)."""
     return build_deepspeed_config(cfg, parallel_state.dp_size)["zero_optimization"]["stage"] == 3
+
+
+def load_lora_base(
+    model: torch.nn.Module, cfg: GLMConfig, ps: ParallelState, base: str, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """A LoRA run (``lora.rank > 0``): load the frozen base weights of ``model`` from checkpoint ``base`` (any
+    layout or format) and return the run's LoRA record (its identity: :mod:`megatron_glm.checkpoint.lora`);
+    ``{}`` without LoRA. Every rank calls it."""
+    if cfg.lora.rank <= 0:
+        return {}
+    if not base:
+        raise ConfigError("lora.rank > 0 needs the base checkpoint the adapters go on: pass --lora-base PATH")
+    loaded = load_model_weights(model, base, ps.tp_size, ps.tp_rank)
+    sha = [base_identity(loaded) if dist.get_rank() == 0 else None]  # the base may be large: hashed once
+    dist.broadcast_object_list(sha, src=0)
+    trainable, total = trainable_parameters(model)
+    log(
+        f"LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.target_names())}: base {loaded} (sha256 {sha[0][:12]}); "
+        f"{trainable / 1e6:.3f} M trainable of {total / 1e6:.2f} M parameters on this rank"
+    )
+    return lora_record(cfg.lora, loaded, sha[0])
 
 
 @contextlib.contextmanager

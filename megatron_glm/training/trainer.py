@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from megatron_glm.batch import OBJECTIVE_NAMES, Batch
 from megatron_glm.checkpoint import CheckpointManager
+from megatron_glm.checkpoint.lora import check_lora_resume
 from megatron_glm.config import GLMConfig, config_to_dict
 from megatron_glm.config.ranges import in_ranges, parse_iteration_ranges
 from megatron_glm.errors import CheckpointError, GLMError
@@ -108,6 +109,8 @@ class Trainer:
         self._last_saved = -1
         self.identity: dict[str, Any] = {}
         """What a resume must share with this run (:func:`~megatron_glm.training.drift.run_identity`)."""
+        self.lora: dict[str, Any] = {}
+        """A LoRA run's record (:func:`~megatron_glm.checkpoint.lora.lora_record`): saved, checked on resume."""
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -166,6 +169,7 @@ class Trainer:
             },
             "config": config_to_dict(self.cfg),
             "identity": self.identity,
+            **({"lora": self.lora} if self.lora else {}),
         }
 
     def save(self) -> None:
@@ -191,6 +195,7 @@ class Trainer:
             self.log(f"warning: no checkpoint in {load_dir}; starting from scratch")
             return False
         meta, rng = loaded
+        check_lora_resume(meta, self.lora, load_dir)
         self._check_drift(load_dir, meta)
         self.state = TrainState(
             step=int(meta["step"]),

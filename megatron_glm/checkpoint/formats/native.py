@@ -156,6 +156,11 @@ class NativeSource:
         stage = int(layout.get("zero_stage", 0))
         if pp > 1 and stage > 1:
             raise CheckpointError(f"{step}: pipeline checkpoint with ZeRO stage {stage} (DeepSpeed supports 0/1)")
+        if meta.get("lora"):
+            raise CheckpointError(
+                f"{step}: a LoRA run's checkpoint (adapters only); merge them into the base first: "
+                f"tools/convert_checkpoint.py --input {step} --output DIR --merge-lora"
+            )
         tok = ((meta.get("config") or {}).get("data") or {}).get("tokenizer_model")
         self.info = SourceInfo(
             format="native",
