@@ -361,6 +361,19 @@ def write_hf(
     if not family.code_files:  # written for the family's published code and tokenizer (not shipped here)
         (out / CONFIG).write_text(json.dumps(fields, indent=1), encoding="utf-8")
         return files
+    generation = _remote_code_tokenizer(out, fields, config, family, tokenizer, max_new_tokens)
+    (out / CONFIG).write_text(json.dumps(fields, indent=1), encoding="utf-8")
+    (out / GENERATION_CONFIG).write_text(json.dumps(generation, indent=1), encoding="utf-8")
+    for name in family.code_files:
+        shutil.copyfile(code_file(name), out / name)
+    return files
+
+
+def _remote_code_tokenizer(
+    out: Path, fields: dict[str, Any], config: ModelConfig, family: HFFamily, tokenizer: Any | None, max_new_tokens: int
+) -> dict[str, Any]:
+    """The remote-code layouts' sentencepiece tokenizer files and command-token ids (added to ``fields``); returns
+    the ``generation_config.json`` fields."""
     generation: dict[str, Any] = {"do_sample": False, "num_beams": 1, "use_cache": True}
     if tokenizer is not None:
         if getattr(tokenizer, "kind", "sentencepiece") != "sentencepiece":
@@ -392,8 +405,4 @@ def write_hf(
             "unk_token": "[UNK]",
         }
         (out / TOKENIZER_CONFIG).write_text(json.dumps(tok_cfg, indent=1), encoding="utf-8")
-    (out / CONFIG).write_text(json.dumps(fields, indent=1), encoding="utf-8")
-    (out / GENERATION_CONFIG).write_text(json.dumps(generation, indent=1), encoding="utf-8")
-    for name in family.code_files:
-        shutil.copyfile(code_file(name), out / name)
-    return files
+    return generation
