@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import yaml
 
@@ -129,9 +128,6 @@ class FinetuneTrainer(Trainer):
         self.last_eval_step = -1
         self._warned = False
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> Any:
-        return self.task_loss.forward(self.engine, batch)
-
     def evaluate(self) -> dict[str, float]:
         self.task_loss.pop_counts()
         logger, self.logger = self.logger, _Capture()
@@ -230,22 +226,15 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
         f"{choices} row(s) of {task.seq_length} tokens each; from {cfg.checkpoint.load}"
     )
 
-    built = build_model(cfg, ps, env.device)
+    task_loss = TaskLoss(
+        task.task, ps, num_choices=choices, scoring=task.cloze_scoring, label_smoothing=task.label_smoothing
+    )
+    built = build_model(cfg, ps, env.device, loss=task_loss)  # the model's (or last stage's) loss
     model = built.module
     resuming = bool(cfg.checkpoint.save and list_checkpoints(cfg.checkpoint.save))
     if not resuming:
         loaded = load_model_weights(model, cfg.checkpoint.load, ps.tp_size, ps.tp_rank)
         log(f"loaded model weights from {loaded}; optimizer and schedule start fresh")
-    task_loss = TaskLoss(
-        task.task,
-        ps,
-        num_choices=choices,
-        scoring=task.cloze_scoring,
-        label_smoothing=task.label_smoothing,
-        module=model,
-    )
-    if ps.pp_size > 1:
-        model.loss_fn = task_loss  # DeepSpeed's pipeline engine calls its module's loss_fn
     engine, accum, global_batch = build_engine(cfg, ps, model)
 
     def train_batches(consumed: int):
@@ -276,7 +265,7 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
         engine,
         env.device,
         rng_tracker=built.rng_tracker,
-        pipeline_loss=task_loss if ps.pp_size > 1 else None,
+        pipeline_loss=built.loss,
         train_batches=train_batches,
         valid_batches=valid_batches if valid_ds is not None else None,
         accumulation_steps=accum,

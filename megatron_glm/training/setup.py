@@ -14,7 +14,7 @@ from megatron_glm.checkpoint import safe_checkpoint_engine
 from megatron_glm.config import GLMConfig, pad_vocab_size
 from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import ConfigError
-from megatron_glm.model import GLMModel, ModelLayout
+from megatron_glm.model import GLMModel, LossFunction, ModelLayout
 from megatron_glm.model.compile import compile_layers
 from megatron_glm.model.layout import original_name
 from megatron_glm.parallel import ParallelState
@@ -51,9 +51,12 @@ def param_groups(model: torch.nn.Module, layout: ModelLayout, weight_decay: floa
     return [g for g in groups if g["params"]]
 
 
-def build_model(cfg: GLMConfig, parallel_state: ParallelState, device: torch.device) -> TrainingModel:
+def build_model(
+    cfg: GLMConfig, parallel_state: ParallelState, device: torch.device, loss: LossFunction | None = None
+) -> TrainingModel:
     """This rank's model: a :class:`GLMModel`, or its pipeline stage (a DeepSpeed ``PipelineModule``) when
-    ``pp_size > 1``. Parameters are fp32 here; DeepSpeed casts them for bf16/fp16."""
+    ``pp_size > 1``. Parameters are fp32 here; DeepSpeed casts them for bf16/fp16. ``loss``: what the model's
+    forward with labels (or the last stage) computes (default: the pretraining loss)."""
     ps = parallel_state
     if ps.pp_size > 1:
         built = build_pipeline_model(
@@ -62,10 +65,11 @@ def build_model(cfg: GLMConfig, parallel_state: ParallelState, device: torch.dev
             seed=cfg.training.seed,
             partition_method=cfg.parallel.pipeline_partition_method,
             device=device,
+            loss=loss,
         )
     else:
         with partitioned_construction(cfg, ps) as params_dtype:
-            model = GLMModel(cfg.model, ps, seed=cfg.training.seed, params_dtype=params_dtype, device=device)
+            model = GLMModel(cfg.model, ps, seed=cfg.training.seed, params_dtype=params_dtype, device=device, loss=loss)
         built = TrainingModel(module=model, rng_tracker=model.rng_tracker)
     if cfg.training.compile:
         compile_layers(built.module)
