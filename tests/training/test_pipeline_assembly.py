@@ -22,12 +22,13 @@ CONST = 0.25
 
 
 class AuxMLP(ParallelMLP):
-    """Test only: an MLP whose layer adds two auxiliary loss terms, a known constant and a term with gradients."""
+    """Test only: an MLP whose layer adds two auxiliary loss terms, a known constant and a term with gradients (of
+    the weights: a term of the outputs would see the loss rows only in the last layer, ``last_layer_loss_rows``)."""
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         y = super().forward(x, ctx)
         ctx.add_aux("const", torch.tensor(CONST))
-        ctx.add_aux("fake", 0.5 * y.float().pow(2).mean())
+        ctx.add_aux("fake", 0.5 * self.dense_4h_to_h.weight.float().pow(2).sum())
         return y
 
 
@@ -48,7 +49,7 @@ class RecordingLoss(LanguageModelLoss):
 
     def __call__(self, output: ModelOutput, batch: LossBatch) -> GLMLoss:
         out = super().__call__(output, batch)
-        self.seen.append({"loss": float(out.loss), **{k: float(v) for k, v in out.aux.items()}})
+        self.seen.append({"loss": float(out.loss.detach()), **{k: float(v.detach()) for k, v in out.aux.items()}})
         return out
 
 
@@ -62,6 +63,7 @@ def _config(tp: int, pp: int, **model: object):
         "training.micro_batch_size": MICRO,
         "training.global_batch_size": MICRO * ACCUM,
         "optimizer.clip_grad": 0.0,
+        "training.zero_stage": 0,
         "parallel.tensor_model_parallel_size": tp,
         "parallel.pipeline_model_parallel_size": pp,
     }
@@ -109,6 +111,11 @@ def _pipeline_step(rank: int, world: int, tp: int, pp: int, model_fields: dict, 
     if aux:
         assert add_fake_aux(module) > 0
     parts = [m for m in module.modules() if isinstance(m, GLMPart)]
+    assert all(p.sequence_parallel == bool(model_fields.get("sequence_parallel") and tp > 1) for p in parts)
+    hidden_shapes: list[list[int]] = []
+    for p in parts:
+        if p.pipe.kind == "layer":
+            p.register_forward_pre_hook(lambda _m, args: hidden_shapes.append(list(args[0][0].shape)))
 
     def weights() -> dict[str, torch.Tensor]:
         return {k: v for p in parts for k, v in full_state_dict(p, ps).items()}
@@ -122,7 +129,7 @@ def _pipeline_step(rank: int, world: int, tp: int, pp: int, model_fields: dict, 
     after = weights()
     grads = {k: before[k] - after[k] for k in before}
     dist.barrier()
-    return {"loss": float(mean), "grads": grads, "seen": loss.seen, "stage": ps.pp_rank}
+    return {"loss": float(mean), "grads": grads, "seen": loss.seen, "stage": ps.pp_rank, "hidden": hidden_shapes}
 
 
 def _reference(model_fields: dict, aux: bool) -> dict:
@@ -139,7 +146,7 @@ def _reference(model_fields: dict, aux: bool) -> dict:
             b["input_ids"], b["position_ids"], b["sep"], labels=b["labels"], loss_mask=b["loss_mask"], loss=loss
         )
         (out.loss / ACCUM).backward()
-        total += float(out.loss) / ACCUM
+        total += float(out.loss.detach()) / ACCUM
     return {
         "loss": total,
         "grads": full_state_dict(model, grads=True),
@@ -174,6 +181,8 @@ def test_pp2_tp2_sequence_parallel_equals_one_process() -> None:
     fields = {"sequence_parallel": True, "position_embedding_type": "rope"}
     results = run_distributed(_pipeline_step, 4, 2, 2, fields, False, timeout=900)
     _compare(results, _reference(fields, False))
+    hidden = [shape for r in results for shape in r["hidden"]]
+    assert hidden and all(shape == [MICRO, SEQ // 2, 64] for shape in hidden)  # sequence shards between stages
     last = [r for r in results if r["stage"] == 1]
     assert all(len(r["seen"]) == ACCUM for r in last)  # the model's loss ran on the last stage, once a micro-batch
 
