@@ -146,7 +146,30 @@ def new_rng_tracker(seed: int, parallel_state: ParallelState, device: torch.devi
     return tracker
 
 
-class GLMModel(nn.Module):
+class HeadMixin:
+    """The vocab-parallel head of a module holding ``config``, ``layout``, ``parallel_state`` and ``word_embeddings``
+    (tied) or ``output_layer`` (untied): what a loss needs of it (:class:`~megatron_glm.model.objective.Head`)."""
+
+    config: ModelConfig
+    layout: ModelLayout
+    parallel_state: ParallelState
+
+    @property
+    def head_chunk_size(self) -> int:
+        """Rows per chunk of the head fused with the loss (0: the unfused head)."""
+        return self.config.head_chunk_size
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """This rank's ``[V/tp, H]`` head: the word embedding (tied) or ``output_layer.weight``."""
+        return self.word_embeddings.weight if self.layout.tied_head else self.output_layer.weight
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The head: ``h @ W.T`` for this rank's vocabulary slice (``W`` tied to the word embedding or not)."""
+        return tied_logits(h, self.head_weight, self.parallel_state)
+
+
+class GLMModel(HeadMixin, nn.Module):
     """GLM (Du et al. 2022) with tensor parallelism.
 
     Args:
@@ -277,20 +300,6 @@ class GLMModel(nn.Module):
         """
         for layer in self.transformer.layers.values():
             layer.compile(**kwargs)
-
-    @property
-    def head_chunk_size(self) -> int:
-        """Rows per chunk of the head fused with the loss (0: the unfused head)."""
-        return self.config.head_chunk_size
-
-    @property
-    def head_weight(self) -> torch.Tensor:
-        """This rank's ``[V/tp, H]`` head: the word embedding (tied) or ``output_layer.weight``."""
-        return self.word_embeddings.weight if self.layout.tied_head else self.output_layer.weight
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The head: ``h @ W.T`` for this rank's vocabulary slice (``W`` tied to the word embedding or not)."""
-        return tied_logits(h, self.head_weight, self.parallel_state)
 
 
 def check_config(config: ModelConfig, parallel_state: ParallelState) -> None:

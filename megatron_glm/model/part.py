@@ -22,6 +22,7 @@ from torch import nn
 from megatron_glm.config import ModelConfig
 from megatron_glm.model.context import ForwardContext
 from megatron_glm.model.glm import (
+    HeadMixin,
     check_config,
     enter_sequence,
     forward_context,
@@ -29,7 +30,6 @@ from megatron_glm.model.glm import (
     leave_sequence,
     new_rng_tracker,
     output_layer,
-    tied_logits,
     word_embedding,
 )
 from megatron_glm.model.layout import ModelLayout, PipeLayer
@@ -41,7 +41,7 @@ from megatron_glm.parallel import ParallelState, RNGStatesTracker
 Activations = tuple[torch.Tensor, ...]
 
 
-class GLMPart(nn.Module):
+class GLMPart(HeadMixin, nn.Module):
     """Pipe layer ``pipe`` of the model (see :class:`~megatron_glm.model.layout.ModelLayout`).
     ``tracker``: the tensor-parallel dropout stream, shared by the parts of one pipeline stage. ``aux_names``: the
     auxiliary loss terms the model's layers may add (the slots of the activations' accumulator; same on every
@@ -50,7 +50,7 @@ class GLMPart(nn.Module):
     - ``word_embedding`` / ``head``: ``word_embeddings`` (the tied weight); :meth:`embed_tokens` and
       :meth:`logits`. A head built on another stage than the word embedding starts from the same weights;
       the pipeline keeps the two identical (broadcast, gradients summed). An untied head holds
-      ``output_layer`` instead.
+      ``output_layer`` instead. :meth:`head_output` is the pipeline's head (its loss computes the logits).
     - ``position_embeddings``: :meth:`embed_positions` adds the position tables (none in rotary models), then
       embedding dropout.
     - ``layer``: :meth:`run_layers` on ``[b, s, H]`` hidden states.
@@ -117,18 +117,6 @@ class GLMPart(nn.Module):
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.transformer.final_layernorm(h)
-
-    @property
-    def head_chunk_size(self) -> int:
-        return self.config.head_chunk_size
-
-    @property
-    def head_weight(self) -> torch.Tensor:
-        """This rank's ``[V/tp, H]`` head: the word embedding (tied) or ``output_layer.weight``."""
-        return self.word_embeddings.weight if self.layout.tied_head else self.output_layer.weight
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return tied_logits(h, self.head_weight, self.parallel_state)
 
     # ------------------------------------------------------------ the activations protocol
     def forward(self, inputs: Activations) -> Activations | ModelOutput:

@@ -49,7 +49,10 @@ class RecordingLoss(LanguageModelLoss):
 
     def __call__(self, output: ModelOutput, batch: LossBatch) -> GLMLoss:
         out = super().__call__(output, batch)
-        self.seen.append({"loss": float(out.loss.detach()), **{k: float(v.detach()) for k, v in out.aux.items()}})
+        fused = not out.per_token.requires_grad  # the fused head's per-token losses carry no gradient
+        self.seen.append(
+            {"loss": float(out.loss.detach()), "fused": fused, **{k: float(v) for k, v in out.aux.items()}}
+        )
         return out
 
 
@@ -133,8 +136,9 @@ def _pipeline_step(rank: int, world: int, tp: int, pp: int, model_fields: dict, 
 
 
 def _reference(model_fields: dict, aux: bool) -> dict:
-    """The same step's loss and gradients on one process (no tensor, pipeline or sequence parallelism)."""
-    fields = {k: v for k, v in model_fields.items() if k != "sequence_parallel"}
+    """The same step's loss and gradients on one process (no tensor, pipeline or sequence parallelism, the unfused
+    head)."""
+    fields = {k: v for k, v in model_fields.items() if k not in ("sequence_parallel", "head_chunk_size")}
     cfg = _config(1, 1, **fields)
     model = GLMModel(cfg.model, seed=3).train()
     if aux:
@@ -176,15 +180,16 @@ def _compare(results: list[dict], ref: dict) -> None:
 
 @pytest.mark.slow
 def test_pp2_tp2_sequence_parallel_equals_one_process() -> None:
-    """PP=2 x TP=2 with sequence parallelism (a rotary model: the activations keep their shape) on 4 processes:
-    the loss and every gradient equal the single-process model's (fp32, 1e-5)."""
-    fields = {"sequence_parallel": True, "position_embedding_type": "rope"}
+    """PP=2 x TP=2 with sequence parallelism and the fused head (a rotary model: the activations keep their shape)
+    on 4 processes: the loss and every gradient equal the single-process model's (fp32, 1e-5)."""
+    fields = {"sequence_parallel": True, "position_embedding_type": "rope", "head_chunk_size": 8}
     results = run_distributed(_pipeline_step, 4, 2, 2, fields, False, timeout=900)
     _compare(results, _reference(fields, False))
     hidden = [shape for r in results for shape in r["hidden"]]
     assert hidden and all(shape == [MICRO, SEQ // 2, 64] for shape in hidden)  # sequence shards between stages
     last = [r for r in results if r["stage"] == 1]
     assert all(len(r["seen"]) == ACCUM for r in last)  # the model's loss ran on the last stage, once a micro-batch
+    assert all(seen["fused"] for r in last for seen in r["seen"])  # with the fused head
 
 
 @pytest.mark.slow
