@@ -151,7 +151,7 @@ class GLMPart(HeadMixin, nn.Module):
         if not ctx.aux:
             return aux
         zero = aux.new_zeros(())
-        return aux + torch.stack([ctx.aux.get(n, zero).to(aux.dtype).reshape(()) for n in self.aux_names])
+        return aux + torch.stack([ctx.aux.get(n, zero).to(aux).reshape(()) for n in self.aux_names])
 
     def head_output(self, inputs: Activations) -> ModelOutput:
         """The head's output: the final hidden states for the loss, with the auxiliary terms by name."""

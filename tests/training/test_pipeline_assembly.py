@@ -51,7 +51,7 @@ class RecordingLoss(LanguageModelLoss):
         out = super().__call__(output, batch)
         fused = not out.per_token.requires_grad  # the fused head's per-token losses carry no gradient
         self.seen.append(
-            {"loss": float(out.loss.detach()), "fused": fused, **{k: float(v) for k, v in out.aux.items()}}
+            {"loss": float(out.loss.detach()), "fused": fused, **{k: float(v.detach()) for k, v in out.aux.items()}}
         )
         return out
 
