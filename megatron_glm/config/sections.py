@@ -106,7 +106,7 @@ class ModelConfig(ModelShape):
         False,
         "Under tensor parallelism, run norms, dropouts and residuals on sequence "
         "shards (Megatron's): all-gather / reduce-scatter instead of all-reduce; "
-        "needs seq_length divisible by the TP size, no pipeline.",
+        "needs seq_length divisible by the TP size; with pipeline parallelism the stages pass sequence shards.",
         execution=True,
     )
     head_chunk_size: int = opt(

@@ -128,7 +128,7 @@ def _model_problems(cfg: GLMConfig, sizes_ok: bool) -> list[str]:
         out += _shape_problems(m, tp, pp, p.pipeline_partition_method)
         if d.seq_length > m.max_sequence_length:
             out.append(f"data.seq_length ({d.seq_length}) exceeds model.max_sequence_length ({m.max_sequence_length})")
-        out += _execution_problems(m, tp, pp, d.seq_length)
+        out += _execution_problems(m, tp, d.seq_length)
         out += family_problems(m, tp)
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(m, name) < 1.0:
@@ -168,7 +168,7 @@ def _shape_problems(m: ModelConfig, tp: int, pp: int, partition_method: str) -> 
     return out
 
 
-def _execution_problems(m: ModelConfig, tp: int, pp: int, seq_length: int) -> list[str]:
+def _execution_problems(m: ModelConfig, tp: int, seq_length: int) -> list[str]:
     out: list[str] = []
     if m.checkpoint_num_layers <= 0:
         out.append(f"model.checkpoint_num_layers must be positive, got {m.checkpoint_num_layers}")
@@ -181,11 +181,6 @@ def _execution_problems(m: ModelConfig, tp: int, pp: int, seq_length: int) -> li
         out.append(
             f"model.sequence_parallel needs data.seq_length ({seq_length}) divisible by "
             f"parallel.tensor_model_parallel_size ({tp})"
-        )
-    if m.sequence_parallel and pp > 1:
-        out.append(
-            "model.sequence_parallel is not supported with pipeline parallelism yet "
-            f"(parallel.pipeline_model_parallel_size is {pp})"
         )
     if m.head_chunk_size < 0:
         out.append(f"model.head_chunk_size must be >= 0 (0: unfused head), got {m.head_chunk_size}")

@@ -92,7 +92,6 @@ def evaluate_rows(
     device = next(model.parameters()).device
     was = model.training
     model.eval()
-    loss.module = model
     loss.pop_counts()
     per_step = micro_batch_size * dp_size
     steps = -(-dataset.num_examples // per_step)
@@ -190,7 +189,7 @@ def evaluate_task(
         pad=tokenizer.pad_id,
         shuffle=False,
     )
-    loss = TaskLoss(cfg.task, ps, num_choices=choices, scoring=cfg.cloze_scoring, module=model)
+    loss = TaskLoss(cfg.task, ps, num_choices=choices, scoring=cfg.cloze_scoring)
     confusion, total, count = evaluate_rows(model, dataset, loss, micro_batch_size=micro_batch_size)
     out: dict[str, float] = {"valid_loss": total / count if count else float("nan")}
     if cfg.task == "cloze":

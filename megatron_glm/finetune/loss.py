@@ -6,7 +6,9 @@
   multiple-choice tasks. The returned :class:`~megatron_glm.model.loss.GLMLoss` then has one "token" per
   example, held by the example's first row, so the trainer's loss sums and counts stay exact averages.
 
-In evaluation mode :class:`TaskLoss` also counts cloze predictions (a confusion matrix over choice
+:class:`TaskLoss` implements the model's one loss protocol (``loss(output, batch) -> GLMLoss``, see
+:mod:`megatron_glm.model.objective`), on the plain model and on the pipeline's last stage alike.
+In evaluation mode it also counts cloze predictions (a confusion matrix over choice
 indices) for accuracy and macro F1; :meth:`TaskLoss.pop_counts` hands them over.
 """
 
@@ -18,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_glm.finetune.encode import ROW_ANSWER, ROW_PAD
-from megatron_glm.model.loss import GLMLoss, add_group_sums, glm_loss, glm_loss_at, loss_positions
+from megatron_glm.model.loss import GLMLoss
+from megatron_glm.model.objective import LossBatch, ModelOutput, head_loss, with_aux
 from megatron_glm.parallel import ParallelState
 
 _EXCLUDED = -1.0e4  # score of a padding choice: finite (no NaN gradients), never chosen
@@ -51,68 +54,50 @@ def cloze_loss(
 
 
 class TaskLoss:
-    """The task's loss: ``forward(engine, batch)`` on the plain engine, ``__call__(logits, labels)`` as the
-    pipeline's ``loss_fn`` (``labels = (labels, loss_mask, objective)``, see ``pipeline_batch``).
-
-    ``module``: whose ``training`` flag selects training behaviour (label smoothing; no counting).
-    ``pop`` returns the per-group ``[loss sum, count]`` sums the pipeline trainer logs.
+    """The task's loss, a :class:`~megatron_glm.model.objective.LossFunction`: ``loss(output, batch)`` as the
+    model's loss (``GLMModel.forward(..., loss=task_loss)``, :meth:`forward`) and the pipeline's
+    (``build_pipeline_model(..., loss=task_loss)``). The head's ``training`` flag selects training behaviour
+    (label smoothing; no counting).
     """
 
     def __init__(
-        self,
-        task: str,
-        ps: ParallelState,
-        *,
-        num_choices: int = 0,
-        scoring: str = "sum",
-        label_smoothing: float = 0.0,
-        module: Any = None,
+        self, task: str, ps: ParallelState, *, num_choices: int = 0, scoring: str = "sum", label_smoothing: float = 0.0
     ) -> None:
         self.task, self.ps, self.num_choices, self.scoring = task, ps, num_choices, scoring
-        self.label_smoothing, self.module = label_smoothing, module
-        self.objectives: dict[int, list[float]] = {}
+        self.label_smoothing = label_smoothing
         self.confusion = torch.zeros(max(num_choices, 1), max(num_choices, 1), dtype=torch.float64)
         self.last_scores: torch.Tensor | None = None
 
-    @property
-    def training(self) -> bool:
-        return bool(self.module is not None and self.module.training)
+    def __call__(self, output: ModelOutput, batch: LossBatch) -> GLMLoss:
+        training = bool(output.head.training)
+        smoothing = self.label_smoothing if self.task == "seq2seq" and training else 0.0
+        base = head_loss(output, batch, smoothing)
+        if self.task == "cloze":
+            base = self._cloze(base, batch.objective, training)
+        return with_aux(base, output)
 
-    def _smoothing(self) -> float:
-        return self.label_smoothing if self.task == "seq2seq" and self.training else 0.0
-
-    def _finish(self, base: GLMLoss, objective: torch.Tensor) -> GLMLoss:
-        if self.task == "seq2seq":
-            return base
+    def _cloze(self, base: GLMLoss, objective: torch.Tensor, training: bool) -> GLMLoss:
         out, scores, target, has = cloze_loss(base, objective, self.num_choices, self.scoring)
         self.last_scores = scores.detach()  # [examples, choices] of the latest batch
-        if not self.training:
+        if not training:
             predicted = scores.detach().argmax(dim=1)
             for t, p in zip(target[has].tolist(), predicted[has].tolist()):
                 self.confusion[t, p] += 1
         return out
 
-    def forward(self, engine: Any, batch: dict[str, Any]) -> GLMLoss:
-        """Loss of a batch dict; the head runs on the loss positions only (the trainer's host-found
-        ``loss_rows`` when the batch has them: no device sync)."""
-        rows = batch.get("loss_rows")
-        positions = loss_positions(batch["loss_mask"]) if rows is None else rows.flat
-        logits = engine(batch["input_ids"], batch["position_ids"], batch["sep"], logit_positions=positions)
-        base = glm_loss_at(
-            logits, positions, batch["labels"], batch["loss_mask"], self.ps, label_smoothing=self._smoothing()
+    def forward(self, model: Any, batch: dict[str, Any]) -> GLMLoss:
+        """Loss of a batch dict on a ``GLMModel`` (or the engine wrapping one); the head runs on the loss positions
+        only (the trainer's host-found ``loss_rows`` when the batch has them: no device sync)."""
+        return model(
+            batch["input_ids"],
+            batch["position_ids"],
+            batch["sep"],
+            labels=batch["labels"],
+            loss_mask=batch["loss_mask"],
+            loss_rows=batch.get("loss_rows"),
+            objective=batch["objective"],
+            loss=self,
         )
-        return self._finish(base, batch["objective"])
-
-    def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        target, loss_mask, objective = labels
-        base = glm_loss(logits, target, loss_mask, self.ps, label_smoothing=self._smoothing())
-        out = self._finish(base, objective)
-        add_group_sums(self.objectives, out.by_group(objective))
-        return out.loss
-
-    def pop(self) -> dict[int, list[float]]:
-        out, self.objectives = self.objectives, {}
-        return out
 
     def pop_counts(self) -> torch.Tensor:
         """The cloze confusion matrix ``[label, prediction]`` counted since the last call."""

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from megatron_glm.checkpoint.manager import list_checkpoints
@@ -121,9 +120,6 @@ class FinetuneTrainer(Trainer):
         self.valid_examples, self.classes, self.vocab_rows = valid_examples, classes, vocab_rows
         self.last_eval_step = -1
         self._warned = False
-
-    def _forward(self, batch: dict[str, torch.Tensor]) -> Any:
-        return self.task_loss.forward(self.engine, batch)
 
     def evaluate(self) -> dict[str, float]:
         self.task_loss.pop_counts()
@@ -227,21 +223,14 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
         f"dp {ps.dp_size}; {data.summary}; from {cfg.checkpoint.load}"
     )
 
+    task_loss = TaskLoss(
+        task.task, ps, num_choices=data.choices, scoring=task.cloze_scoring, label_smoothing=task.label_smoothing
+    )
     resuming = bool(cfg.checkpoint.save and list_checkpoints(cfg.checkpoint.save))
     weights = None if resuming or cfg.lora.rank > 0 else cfg.checkpoint.load  # LoRA: the base, below
-    built = build_model(cfg, ps, run.device, weights=weights, log=log)
+    built = build_model(cfg, ps, run.device, weights=weights, log=log, loss=task_loss)  # the (last stage's) loss
     model = built.module
     lora = load_lora_base(model, cfg, ps, cfg.checkpoint.load, log)  # LoRA: the frozen base, at every start
-    task_loss = TaskLoss(
-        task.task,
-        ps,
-        num_choices=data.choices,
-        scoring=task.cloze_scoring,
-        label_smoothing=task.label_smoothing,
-        module=model,
-    )
-    if ps.pp_size > 1:
-        model.loss_fn = task_loss  # DeepSpeed's pipeline engine calls its module's loss_fn
     engine, accum, global_batch = build_engine(cfg, ps, model)
     trainer = new_trainer(
         FinetuneTrainer,
@@ -250,7 +239,7 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
         engine,
         built,
         streams=batch_streams(task_batches, data.train, data.valid, run, mbs),
-        pipeline_loss=task_loss if ps.pp_size > 1 else None,
+        pipeline_loss=built.loss,
         accumulation_steps=accum,
         global_batch_size=global_batch,
         flops_per_sample=flops_per_token(cfg.model, task.seq_length) * task.seq_length * data.choices,

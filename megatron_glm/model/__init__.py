@@ -1,8 +1,9 @@
 """The GLM model: its tensor layout, embeddings, layers, attention mask, tied head, loss, full state dicts."""
 
 from megatron_glm.model.attention import ATTENTION_IMPLS, ParallelSelfAttention, attention_core, eager_attention
+from megatron_glm.model.context import ForwardContext
 from megatron_glm.model.flops import flops_per_token, matmul_parameters
-from megatron_glm.model.glm import GLMModel, GLMPart, init_method_for, new_rng_tracker
+from megatron_glm.model.glm import GLMModel, init_method_for, new_rng_tracker
 from megatron_glm.model.layout import ModelLayout, PipeLayer, TensorSpec
 from megatron_glm.model.loss import (
     GLMLoss,
@@ -22,18 +23,25 @@ from megatron_glm.model.masks import (
     sep_to_mask,
 )
 from megatron_glm.model.mlp import ParallelMLP
+from megatron_glm.model.objective import LanguageModelLoss, LossBatch, LossFunction, ModelOutput
+from megatron_glm.model.part import GLMPart
 from megatron_glm.model.state_dict import full_state_dict, load_full_state_dict
 from megatron_glm.model.transformer import GLMLayer, GLMTransformer
 
 __all__ = [
     "ATTENTION_IMPLS",
     "AttentionMask",
+    "ForwardContext",
     "GLMLayer",
     "GLMLoss",
     "GLMModel",
     "GLMPart",
     "GLMTransformer",
+    "LanguageModelLoss",
+    "LossBatch",
+    "LossFunction",
     "ModelLayout",
+    "ModelOutput",
     "ParallelMLP",
     "ParallelSelfAttention",
     "PipeLayer",

@@ -40,7 +40,7 @@ from megatron_glm.parallel.random import MODEL_PARALLEL_RNG
 
 if TYPE_CHECKING:
     from megatron_glm.model.builders import BuildContext
-    from megatron_glm.model.rotary import RotaryPositions
+    from megatron_glm.model.context import ForwardContext
 
 ATTENTION_IMPLS = ("sdpa", "flex", "eager")
 
@@ -217,27 +217,21 @@ class ParallelSelfAttention(nn.Module):
         q, k, v = qkv.split([h * d, g * d, g * d], dim=-1)
         return tuple(t.reshape(b, s, -1, d).transpose(1, 2) for t in (q, k, v))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: AttentionMask,
-        tracker: RNGStatesTracker | None = None,
-        kv_cache: LayerKVCache | None = None,
-        sequence_parallel: bool = False,
-        rotary: RotaryPositions | None = None,
-        rows: QueryRows | None = None,
-    ) -> torch.Tensor:
-        """``x [b, s, H]`` -> ``[b, s, H]`` (``[n, H]`` with ``rows``: the queries at those rows only).
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """``x [b, s, H]`` -> ``[b, s, H]`` (``[n, H]`` with ``ctx.rows``: the queries at those rows only).
 
-        ``kv_cache`` (generation): this layer's cache. The new keys/values ``[b, g_r, s, d]`` (after the rotary
-        rotation) are appended with ``kv_cache.update(k, v)``, which returns all keys/values so far
-        ``[b, g_r, past + s, d]``; ``mask.bool_mask`` is then ``[b, 1, s, past + s]`` (flex falls back to sdpa).
+        ``ctx.kv_cache`` (generation): this layer's cache (``ctx.layer_cache``). The new keys/values
+        ``[b, g_r, s, d]`` (after the rotary rotation) are appended with ``update(k, v)``, which returns all
+        keys/values so far ``[b, g_r, past + s, d]``; ``mask.bool_mask`` is then ``[b, 1, s, past + s]`` (flex falls
+        back to sdpa).
 
-        ``sequence_parallel``: ``x`` and the result are this rank's sequence shard ``[b, s/tp, H]``; the QKV
+        ``ctx.sequence_parallel``: ``x`` and the result are this rank's sequence shard ``[b, s/tp, H]``; the QKV
         projection all-gathers the sequence, the output projection reduce-scatters it.
 
-        ``rotary``: the rotation of this forward's positions (rotary models), applied to queries and keys.
+        ``ctx.rotary``: the rotation of this forward's positions (rotary models), applied to queries and keys.
         """
+        mask, tracker, rotary, rows = ctx.mask, ctx.tracker, ctx.rotary, ctx.rows
+        sequence_parallel, kv_cache = ctx.sequence_parallel, ctx.layer_cache(self.layer_number - 1)
         qkv = self.query_key_value(x, sequence_parallel)
         b, s, _ = qkv.shape
         q, k, v = self._split_qkv(qkv)

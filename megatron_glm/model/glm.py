@@ -1,9 +1,9 @@
-"""The GLM model: embeddings, transformer stack, tied vocab-parallel head; and its pipeline parts.
+"""The GLM model: embeddings, transformer stack, tied vocab-parallel head; and the steps of its forward.
 
-:class:`GLMModel` is the whole model (training without pipeline parallelism, evaluation, generation).
-:class:`GLMPart` is one layer of the model's pipeline order (``ModelLayout.pipe_layers``, by index): the
-same modules with the same original names, built by the same constructors, so a chain of every part computes
-what the whole model computes (``megatron_glm.training.pipeline`` hands the parts to DeepSpeed's pipeline).
+:class:`GLMModel` is the whole model (training without pipeline parallelism, evaluation, generation). Its forward
+is :func:`forward_context`, the embeddings, :func:`enter_sequence`, the transformer stack, :func:`leave_sequence`
+and the loss of a :class:`~megatron_glm.model.objective.ModelOutput`; a pipeline part
+(:class:`~megatron_glm.model.part.GLMPart`) runs the same steps on its share of the modules.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from torch import nn
 from megatron_glm.config import ModelConfig
 from megatron_glm.config.validate import family_problems
 from megatron_glm.model.attention import QueryRows
-from megatron_glm.model.layout import OUTPUT_TENSOR, VOCAB_TENSOR, ModelLayout, PipeLayer
-from megatron_glm.model.loss import GLMLoss, glm_loss_at, glm_loss_fused, loss_positions
+from megatron_glm.model.context import ForwardContext, KVCacheLike
+from megatron_glm.model.layout import OUTPUT_TENSOR, VOCAB_TENSOR, ModelLayout
+from megatron_glm.model.loss import GLMLoss, loss_positions
 from megatron_glm.model.masks import AttentionMask, prepare_attention_mask
-from megatron_glm.model.transformer import GLMTransformer, KVCacheLike
+from megatron_glm.model.objective import LanguageModelLoss, LossBatch, LossFunction, ModelOutput
+from megatron_glm.model.transformer import GLMTransformer
 from megatron_glm.parallel import (
     MODEL_PARALLEL_RNG,
     ColumnParallelLinear,
@@ -98,6 +100,45 @@ def loss_rows(loss_mask: torch.Tensor) -> QueryRows:
     return QueryRows.from_flat(loss_positions(loss_mask), b, s)
 
 
+def forward_context(
+    transformer: GLMTransformer,
+    tracker: RNGStatesTracker,
+    attention_mask: torch.Tensor | AttentionMask,
+    position_ids: torch.Tensor | None,
+    shape: tuple[int, int] | torch.Size,
+    device: torch.device,
+    sequence_parallel: bool = False,
+    kv_cache: KVCacheLike | None = None,
+    rows: QueryRows | None = None,
+) -> ForwardContext:
+    """The context of a forward of ``transformer`` on ``shape = (b, s)`` new positions (the whole sequence, also
+    under sequence parallelism): the prepared mask (over the cached positions too), the rotation of
+    ``position_ids`` (rotary models), the dropout stream."""
+    b, s = shape
+    kv_seq = None if kv_cache is None else kv_cache.length + s
+    return ForwardContext(
+        mask=prepare_attention_mask(attention_mask, b, s, device, kv_seq=kv_seq),
+        tracker=tracker,
+        rotary=transformer.rotary_for(position_ids),
+        sequence_parallel=sequence_parallel,
+        rows=rows,
+        kv_cache=kv_cache,
+    )
+
+
+def enter_sequence(h: torch.Tensor, sequence_parallel: bool, parallel_state: ParallelState) -> torch.Tensor:
+    """The embeddings ``[b, s, H]`` as the layers take them: this rank's sequence shard under sequence
+    parallelism."""
+    return scatter_to_sequence_parallel_region(h, parallel_state.tp_group) if sequence_parallel else h
+
+
+def leave_sequence(h: torch.Tensor, sequence_parallel: bool, parallel_state: ParallelState) -> torch.Tensor:
+    """The stack's output as the head takes it: the whole sequence again under sequence parallelism."""
+    if not sequence_parallel:
+        return h
+    return gather_from_sequence_parallel_region(h, parallel_state.tp_group, reduce_grad=False)
+
+
 def new_rng_tracker(seed: int, parallel_state: ParallelState, device: torch.device | str | None) -> RNGStatesTracker:
     """The tensor-parallel dropout stream (``model_parallel_seed(seed, tp_rank)``) on ``device`` (the host's for a
     model built on the meta device, whose weights are about to be loaded: seeding it has no side effect)."""
@@ -107,7 +148,30 @@ def new_rng_tracker(seed: int, parallel_state: ParallelState, device: torch.devi
     return tracker
 
 
-class GLMModel(nn.Module):
+class HeadMixin:
+    """The vocab-parallel head of a module holding ``config``, ``layout``, ``parallel_state`` and ``word_embeddings``
+    (tied) or ``output_layer`` (untied): what a loss needs of it (:class:`~megatron_glm.model.objective.Head`)."""
+
+    config: ModelConfig
+    layout: ModelLayout
+    parallel_state: ParallelState
+
+    @property
+    def head_chunk_size(self) -> int:
+        """Rows per chunk of the head fused with the loss (0: the unfused head)."""
+        return self.config.head_chunk_size
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """This rank's ``[V/tp, H]`` head: the word embedding (tied) or ``output_layer.weight``."""
+        return self.word_embeddings.weight if self.layout.tied_head else self.output_layer.weight
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The head: ``h @ W.T`` for this rank's vocabulary slice (``W`` tied to the word embedding or not)."""
+        return tied_logits(h, self.head_weight, self.parallel_state)
+
+
+class GLMModel(HeadMixin, nn.Module):
     """GLM (Du et al. 2022) with tensor parallelism.
 
     Args:
@@ -116,6 +180,7 @@ class GLMModel(nn.Module):
         seed: initialisation seed (weights identical for every TP size and pipeline split) and the seed of
             the tensor-parallel dropout stream (``model_parallel_seed(seed, tp_rank)``).
         params_dtype, device: parameter dtype and device (``None``: CPU).
+        loss: what ``forward`` computes with labels (default: :class:`~megatron_glm.model.objective.LanguageModelLoss`).
     """
 
     def __init__(
@@ -126,6 +191,7 @@ class GLMModel(nn.Module):
         seed: int = 1234,
         params_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        loss: LossFunction | None = None,
     ) -> None:
         super().__init__()
         ps = parallel_state or ParallelState()
@@ -149,6 +215,7 @@ class GLMModel(nn.Module):
         self.rng_tracker = new_rng_tracker(seed, ps, device)
         # Sequence parallelism applies to training/eval forwards; generation (a KV cache) runs without it.
         self.sequence_parallel = config.sequence_parallel and ps.tp_size > 1
+        self.loss: LossFunction = loss or LanguageModelLoss()
         # What backward will multiply the mean loss by (fp16: loss scale / accumulation; the trainer sets it):
         # the fused head computes its gradient in forward and rounds it to fp16 at this scale.
         self.head_grad_scale = 1.0
@@ -164,6 +231,8 @@ class GLMModel(nn.Module):
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
         loss_rows: QueryRows | None = None,
+        objective: torch.Tensor | None = None,
+        loss: LossFunction | None = None,
     ) -> torch.Tensor | GLMLoss:
         """Logits ``[b, s, V/tp]`` (or the loss, with ``labels`` and ``loss_mask``).
 
@@ -181,10 +250,12 @@ class GLMModel(nn.Module):
         logits are ``[n, V/tp]``. GLM's loss covers Part B only, so Part A rows never need the head.
 
         ``labels`` and ``loss_mask`` (training, optional, both ``[b, s]``): return the
-        :class:`~megatron_glm.model.loss.GLMLoss` instead of logits, the head run on the loss rows only;
-        with ``config.head_chunk_size > 0`` fused into the cross entropy in chunks of that many rows
-        (:func:`~megatron_glm.model.loss.glm_loss_fused`, no ``[n, V]`` logits stored). ``loss_rows`` (optional,
-        with ``labels``): :func:`loss_rows` of ``loss_mask``, computed on the host beforehand (no device sync).
+        :class:`~megatron_glm.model.loss.GLMLoss` of ``loss`` (default: the model's ``loss``, see
+        :mod:`megatron_glm.model.objective`) instead of logits: ``loss(ModelOutput, LossBatch)``. The pretraining
+        loss runs the head on the loss rows only, with ``config.head_chunk_size > 0`` fused into the cross entropy
+        in chunks of that many rows (no ``[n, V]`` logits stored). ``loss_rows`` (optional, with ``labels``):
+        :func:`loss_rows` of ``loss_mask``, computed on the host beforehand (no device sync). ``objective``
+        (optional, ``[b]``): the samples' objective or row kind, for the loss.
         """
         if (labels is None) != (loss_mask is None):
             raise ValueError("labels and loss_mask must be given together")
@@ -193,44 +264,41 @@ class GLMModel(nn.Module):
         if position_ids is None:
             raise ValueError("position_ids [b, 2, s] is required")
         h = self.transformer.embed(self.word_embeddings(input_ids), position_ids)
-        rotary = self.transformer.rotary_for(position_ids)
         if h.device.type != self.rng_tracker.device.type:  # moved with .to(); reseed on the new device
             self.rng_tracker = new_rng_tracker(self.seed, self.parallel_state, h.device)
-        group = self.parallel_state.tp_group
+        b, s = input_ids.shape
+        batch = None if labels is None else LossBatch(labels, loss_mask, objective, loss_rows)
         seq_parallel = self.sequence_parallel and kv_cache is None
-        b, s = h.shape[:2]
         rows = None
-        loss_rows = loss_rows if labels is not None else None
-        head_rows = None if loss_rows is None else loss_rows.flat
-        mask = None if kv_cache is not None else prepare_attention_mask(attention_mask, b, s, h.device)
         if self.config.last_layer_loss_rows and kv_cache is None and not seq_parallel:
-            rows = loss_rows
+            rows = None if batch is None else batch.rows
             if rows is None:
-                needed = loss_positions(loss_mask) if labels is not None else logit_positions
+                needed = logit_positions if batch is None else batch.positions()
                 rows = None if needed is None else QueryRows.from_flat(needed, b, s)
-            if rows is not None and mask.causal and 2 * rows.flat.numel() > b * s:
-                # A causal batch with loss on most rows: the whole last layer (its attention skips the masked half)
-                # is faster than the rows' queries against a gathered boolean mask, and the head on every row (the
-                # other rows weigh 0) than on an odd row count, which CPU bf16 matmuls run ~9% slower. Both exact.
-                rows, head_rows = None, torch.arange(b * s, device=h.device)
-        if rows is not None:
-            h = self.transformer(h, mask, self.rng_tracker, rotary=rotary, rows=rows)  # [n, H]: the needed rows
-            if labels is not None:
-                return self.head_loss_at(h, rows.flat, labels, loss_mask)
-            return self.logits(h)
-        if kv_cache is None:
-            if seq_parallel:
-                h = scatter_to_sequence_parallel_region(h, group)
-                h = self.transformer(h, mask, self.rng_tracker, sequence_parallel=True, rotary=rotary)
-                h = gather_from_sequence_parallel_region(h, group, reduce_grad=False)
-            else:
-                h = self.transformer(h, mask, self.rng_tracker, rotary=rotary)
-        else:
-            mask = prepare_attention_mask(attention_mask, b, s, h.device, kv_seq=kv_cache.length + s)
-            h = self.transformer(h, mask, self.rng_tracker, kv_cache=kv_cache, rotary=rotary)
-        if labels is not None:
-            return self.head_loss(h, labels, loss_mask, head_rows)
-        if logit_positions is not None:
+        ctx = forward_context(
+            self.transformer,
+            self.rng_tracker,
+            attention_mask,
+            position_ids,
+            (b, s),
+            h.device,
+            seq_parallel,
+            kv_cache,
+            rows,
+        )
+        positions = None if rows is None else rows.flat
+        if rows is not None and ctx.mask.causal and 2 * rows.flat.numel() > b * s:
+            # A causal batch with loss on most rows: the whole last layer (its attention skips the masked half)
+            # is faster than the rows' queries against a gathered boolean mask, and the head on every row (the
+            # other rows weigh 0) than on an odd row count, which CPU bf16 matmuls run ~9% slower. Both exact.
+            ctx, rows, positions = ctx.without_rows(), None, torch.arange(b * s, device=h.device)
+        h = self.transformer(enter_sequence(h, seq_parallel, self.parallel_state), ctx)
+        h = leave_sequence(h, seq_parallel, self.parallel_state)
+        if batch is not None:
+            if rows is None and positions is not None:  # the head on every row
+                h = h.reshape(b * s, h.shape[-1])
+            return (loss or self.loss)(ModelOutput(h, self, positions, ctx.aux), batch)
+        if rows is None and logit_positions is not None:
             h = h.reshape(b * s, h.shape[-1]).index_select(0, logit_positions)
         return self.logits(h)
 
@@ -241,120 +309,6 @@ class GLMModel(nn.Module):
         """
         for layer in self.transformer.layers.values():
             layer.compile(**kwargs)
-
-    def head_loss(
-        self, h: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, positions: torch.Tensor | None = None
-    ) -> GLMLoss:
-        """The GLM loss of final hidden states ``h [b, s, H]``: the head on the ``loss_mask`` rows only (their
-        flat ``positions``, found here when not given), fused and chunked when ``config.head_chunk_size > 0``."""
-        b, s = labels.shape
-        positions = loss_positions(loss_mask) if positions is None else positions
-        return self.head_loss_at(h.reshape(b * s, h.shape[-1]).index_select(0, positions), positions, labels, loss_mask)
-
-    def head_loss_at(
-        self, rows: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
-    ) -> GLMLoss:
-        """:meth:`head_loss` of the final hidden states ``rows [n, H]`` at the loss ``positions``."""
-        chunk = self.config.head_chunk_size
-        if chunk <= 0:
-            return glm_loss_at(self.logits(rows), positions, labels, loss_mask, self.parallel_state)
-        rows = copy_to_tensor_parallel_region(rows, self.parallel_state.tp_group)
-        return glm_loss_fused(
-            rows,
-            self.head_weight,
-            positions,
-            labels,
-            loss_mask,
-            self.parallel_state,
-            chunk=chunk,
-            grad_scale=self.head_grad_scale,
-        )
-
-    @property
-    def head_weight(self) -> torch.Tensor:
-        """This rank's ``[V/tp, H]`` head: the word embedding (tied) or ``output_layer.weight``."""
-        return self.word_embeddings.weight if self.layout.tied_head else self.output_layer.weight
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The head: ``h @ W.T`` for this rank's vocabulary slice (``W`` tied to the word embedding or not)."""
-        return tied_logits(h, self.head_weight, self.parallel_state)
-
-
-class GLMPart(nn.Module):
-    """Pipe layer ``pipe`` of the model (see :class:`~megatron_glm.model.layout.ModelLayout`), holding exactly
-    the tensors the layout puts there under their original names, initialised as in :class:`GLMModel`.
-    ``tracker``: the tensor-parallel dropout stream, shared by the parts of one pipeline stage.
-
-    - ``word_embedding`` / ``head``: ``word_embeddings`` (the tied weight); :meth:`embed_tokens` and
-      :meth:`logits`. A head built on another stage than the word embedding starts from the same weights;
-      the pipeline keeps the two identical (broadcast, gradients summed). An untied head holds
-      ``output_layer`` instead.
-    - ``position_embeddings``: :meth:`embed_positions` adds the position tables (none in rotary models), then
-      embedding dropout.
-    - ``layer``: :meth:`run_layers` on ``[b, s, H]`` hidden states with a ``[b]`` sep or boolean mask (and the
-      position ids in rotary models).
-    - ``final_norm``: :meth:`final_norm`.
-    """
-
-    def __init__(
-        self,
-        pipe: PipeLayer,
-        config: ModelConfig,
-        parallel_state: ParallelState | None = None,
-        *,
-        seed: int = 1234,
-        tracker: RNGStatesTracker | None = None,
-        params_dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__()
-        parallel_state = parallel_state or ParallelState()  # config checked once per model by its builder
-        self.pipe, self.parallel_state = pipe, parallel_state
-        self.tracker = tracker or new_rng_tracker(seed, parallel_state, device)  # shared by a stage's layers
-        self.layout = layout = ModelLayout(config)
-        if pipe.kind == "head" and not layout.tied_head:
-            self.output_layer = output_layer(config, layout, parallel_state, seed, params_dtype, device)
-            return
-        if pipe.kind in ("word_embedding", "head"):
-            self.word_embeddings = word_embedding(config, layout, parallel_state, seed, params_dtype, device)
-            return
-        start = end = 0 if pipe.kind == "position_embeddings" else config.num_layers
-        if pipe.kind == "layer":
-            start, end = pipe.layer, pipe.layer + 1
-        self.transformer = GLMTransformer(
-            config,
-            layer_start=start,
-            layer_end=end,
-            pre_process=pipe.kind == "position_embeddings",
-            post_process=pipe.kind == "final_norm",
-            init_for=lambda name: init_method_for(name, layout, seed),
-            parallel_state=parallel_state,
-            params_dtype=params_dtype,
-            device=device,
-        )
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.word_embeddings(input_ids)
-
-    def embed_positions(self, word: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.transformer.embed(word, position_ids)
-
-    def run_layers(
-        self,
-        h: torch.Tensor,
-        attention_mask: torch.Tensor | AttentionMask,
-        position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``position_ids [b, 2, s]``: needed by rotary models only."""
-        mask = prepare_attention_mask(attention_mask, h.shape[0], h.shape[1], h.device)
-        return self.transformer(h, mask, self.tracker, rotary=self.transformer.rotary_for(position_ids))
-
-    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        return self.transformer.final_layernorm(h)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.word_embeddings.weight if self.layout.tied_head else self.output_layer.weight
-        return tied_logits(h, weight, self.parallel_state)
 
 
 def check_config(config: ModelConfig, parallel_state: ParallelState) -> None:

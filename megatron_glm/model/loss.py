@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,13 +16,15 @@ class GLMLoss:
 
     ``per_token``: fp32 ``[b, s]`` loss times ``loss_mask``; ``sample_sum`` / ``sample_tokens``: ``[b]``
     sums of ``per_token`` and of ``loss_mask`` (per-objective losses are sums of these over the samples
-    of one objective, see :meth:`by_group`).
+    of one objective, see :meth:`by_group`). ``aux``: the auxiliary terms (e.g. an MoE load-balancing loss)
+    included in ``loss``, by name (``megatron_glm.model.objective.with_aux``).
     """
 
     loss: torch.Tensor
     per_token: torch.Tensor
     sample_sum: torch.Tensor
     sample_tokens: torch.Tensor
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def group_sums(self, groups: torch.Tensor) -> torch.Tensor:
         """``[GROUP_SLOTS, 2]`` float64 ``(loss sum, token count)`` by group id (``groups``: ``[b]`` integers in

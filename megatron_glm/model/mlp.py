@@ -11,13 +11,12 @@ from torch import nn
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.model import sequence_parallel as sp
-from megatron_glm.model.attention import QueryRows
 from megatron_glm.model.spec_linear import by_name, column_parallel, row_parallel
 from megatron_glm.model.tensor_spec import TensorSpec, matrix_init
-from megatron_glm.parallel import RNGStatesTracker
 
 if TYPE_CHECKING:
     from megatron_glm.model.builders import BuildContext
+    from megatron_glm.model.context import ForwardContext
 
 
 def mlp_tensors(config: ModelConfig) -> list[TensorSpec]:
@@ -68,16 +67,11 @@ class ParallelMLP(nn.Module):
             return F.silu(y1) * y2
         return y1 * F.gelu(y2)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        tracker: RNGStatesTracker | None = None,
-        sequence_parallel: bool = False,
-        rows: QueryRows | None = None,
-    ) -> torch.Tensor:
-        """``x [b, s, H]``, or this rank's sequence shard ``[b, s/tp, H]`` with ``sequence_parallel``, or the
-        rows ``[n, H]`` of a ``[b, s, H]`` input (``rows``: the dropout mask is drawn over ``[b, s, H]``)."""
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """``x [b, s, H]``, or this rank's sequence shard ``[b, s/tp, H]`` with ``ctx.sequence_parallel``, or the
+        rows ``[n, H]`` of a ``[b, s, H]`` input (``ctx.rows``: the dropout mask is drawn over ``[b, s, H]``)."""
+        sequence_parallel = ctx.sequence_parallel
         y = self.dense_4h_to_h(self._act(self.dense_h_to_4h(x, sequence_parallel)), sequence_parallel)
-        if rows is not None:
-            return rows.dropout(self.dropout, y)
-        return sp.dropout(self.dropout, y, tracker, sequence_parallel)
+        if ctx.rows is not None:
+            return ctx.rows.dropout(self.dropout, y)
+        return sp.dropout(self.dropout, y, ctx.tracker, sequence_parallel)

@@ -9,32 +9,23 @@ A stack holds layers ``[layer_start, layer_end)`` of the model (all of them, or 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
 
 import torch
 from torch import nn
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.model import sequence_parallel as sp
-from megatron_glm.model.attention import LayerKVCache, QueryRows
+from megatron_glm.model.attention import QueryRows
 from megatron_glm.model.builders import BuildContext, all_slot_names, layer_slots, prefixed
+from megatron_glm.model.context import ForwardContext, KVCacheLike
 from megatron_glm.model.layout import LAYER_PREFIX
-from megatron_glm.model.masks import AttentionMask
 from megatron_glm.model.norms import make_norm
 from megatron_glm.model.recompute import checkpointed
 from megatron_glm.model.rotary import RotaryPositions
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
 from megatron_glm.parallel.random import InitMethod
 
-
-class KVCacheLike(Protocol):
-    """A key/value cache for the whole stack: ``layer(i)`` is global layer ``i``'s cache; ``length`` is the
-    number of positions cached before the current forward."""
-
-    @property
-    def length(self) -> int: ...
-
-    def layer(self, index: int) -> LayerKVCache: ...
+__all__ = ["GLMLayer", "GLMTransformer", "KVCacheLike", "make_norm"]
 
 
 class GLMLayer(nn.Module):
@@ -97,31 +88,20 @@ class GLMLayer(nn.Module):
             return rows.dropout(self.post_dropout, y)
         return sp.dropout(self.post_dropout, y, tracker, sequence_parallel)
 
-    def forward(
-        self,
-        h: torch.Tensor,
-        mask: AttentionMask,
-        tracker: RNGStatesTracker | None = None,
-        kv_cache: LayerKVCache | None = None,
-        sequence_parallel: bool = False,
-        rotary: RotaryPositions | None = None,
-        rows: QueryRows | None = None,
-    ) -> torch.Tensor:
-        """``sequence_parallel``: ``h`` is this rank's sequence shard ``[b, s/tp, H]`` (no ``kv_cache``).
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """``ctx.sequence_parallel``: ``h`` is this rank's sequence shard ``[b, s/tp, H]`` (no ``kv_cache``).
 
-        ``rows``: only those rows' outputs are computed (``[n, H]``); keys and values still cover every row.
+        ``ctx.rows``: only those rows' outputs are computed (``[n, H]``); keys and values still cover every row.
         """
+        sequence_parallel, rows, tracker = ctx.sequence_parallel, ctx.rows, ctx.tracker
         x = sp.layer_norm(self.input_layernorm, h, self.tp_group, sequence_parallel)
-        if kv_cache is None:
-            a = self.attention(x, mask, tracker, sequence_parallel=sequence_parallel, rotary=rotary, rows=rows)
-        else:
-            a = self.attention(x, mask, tracker, kv_cache, rotary=rotary)
+        a = self.attention(x, ctx)
         if rows is not None:
             h, x = rows.select(h), rows.select(x)
         a = self._post_norm(self.post_self_attn_layernorm, a, tracker, sequence_parallel, rows)
         h = h + a if self.alpha is None else self.alpha * x + a
         x = sp.layer_norm(self.post_attention_layernorm, h, self.tp_group, sequence_parallel)
-        m = self.mlp(x, tracker, sequence_parallel, rows=rows)
+        m = self.mlp(x, ctx)
         m = self._post_norm(self.post_mlp_layernorm, m, tracker, sequence_parallel, rows)
         return h + m if self.alpha is None else self.alpha * x + m
 
@@ -213,55 +193,37 @@ class GLMTransformer(nn.Module):
             raise ValueError("a rotary model's layers need position_ids [b, 2, s]")
         return RotaryPositions(self.config, position_ids)
 
-    def forward(
-        self,
-        h: torch.Tensor,
-        mask: AttentionMask,
-        tracker: RNGStatesTracker | None = None,
-        kv_cache: KVCacheLike | None = None,
-        sequence_parallel: bool = False,
-        rotary: RotaryPositions | None = None,
-        rows: QueryRows | None = None,
-    ) -> torch.Tensor:
-        """``kv_cache`` (generation): ``kv_cache.layer(i)`` is global layer ``i``'s :class:`LayerKVCache`.
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Layers ``[layer_start, layer_end)`` then the final norm (``post_process``) on ``h``.
 
-        ``rows`` (no ``kv_cache``, no sequence parallelism): only those rows of the result are needed; the last
+        ``ctx.kv_cache`` (generation): ``kv_cache.layer(i)`` is global layer ``i``'s cache.
+        ``ctx.rows`` (no cache, no sequence parallelism): only those rows of the result are needed; the last
         layer computes its queries, output projection and MLP on them only and the result is ``[n, H]``.
-
-        ``sequence_parallel``: ``h`` (and the result) is this rank's sequence shard ``[b, s/tp, H]``.
-        ``rotary``: the rotation of the positions (rotary models, :meth:`rotary_for`).
+        ``ctx.sequence_parallel``: ``h`` (and the result) is this rank's sequence shard ``[b, s/tp, H]``.
         """
-        sp_kw: dict[str, object] = {"sequence_parallel": True} if sequence_parallel else {}
-        if rotary is not None:
-            sp_kw["rotary"] = rotary
         layers = list(self.layers.values())
-        last = None
-        if rows is not None:
-            if kv_cache is not None or sequence_parallel:
-                raise ValueError("rows needs a forward without a KV cache or sequence parallelism")
+        last, full = None, ctx.without_rows()
+        if ctx.rows is not None:
             layers, last = layers[:-1], layers[-1] if layers else None
-        if kv_cache is not None:
-            for key, layer in self.layers.items():
-                h = layer(h, mask, tracker, kv_cache=kv_cache.layer(int(key)), rotary=rotary)
-        elif self.checkpoint_activations and self.training and torch.is_grad_enabled():
+        if self.checkpoint_activations and ctx.kv_cache is None and self.training and torch.is_grad_enabled():
             k = self.checkpoint_num_layers
             for start in range(0, len(layers), k):
                 chunk = layers[start : start + k]
 
                 def run(x: torch.Tensor, chunk: list[GLMLayer] = chunk) -> torch.Tensor:
                     for layer in chunk:
-                        x = layer(x, mask, tracker, **sp_kw)
+                        x = layer(x, full)
                     return x
 
-                h = checkpointed(run, tracker, h)
+                h = checkpointed(run, ctx.tracker, h)
         else:
             for layer in layers:
-                h = layer(h, mask, tracker, **sp_kw)
-        if rows is not None:
-            h = rows.select(h) if last is None else last(h, mask, tracker, rotary=rotary, rows=rows)
+                h = layer(h, full)
+        if ctx.rows is not None:
+            h = ctx.rows.select(h) if last is None else last(h, ctx)
         if not self.post_process:
             return h
-        return sp.layer_norm(self.final_layernorm, h, self.tp_group, sequence_parallel)
+        return sp.layer_norm(self.final_layernorm, h, self.tp_group, ctx.sequence_parallel)
 
 
 def _embedding(

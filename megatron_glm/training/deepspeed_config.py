@@ -39,6 +39,20 @@ def _agree(ds: dict[str, Any], key: str, value: Any, ours: str, source: str) -> 
     ds[key] = value
 
 
+def _unpartitioned_activations(ds: dict[str, Any], source: str) -> None:
+    """Pipeline activations travel whole, not split over the tensor-parallel ranks (DeepSpeed's default): they
+    carry the auxiliary-loss accumulator with its gradient, and sequence-parallel shards differ by rank."""
+    section = ds.setdefault("pipeline", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: 'pipeline' must be an object")
+    for key in ("pipe_partitioned", "grad_partitioned"):
+        if section.get(key, False) is True:
+            raise ConfigError(
+                f"{source}: pipeline.{key} must be false (megatron_glm's pipeline activations are not partitioned)"
+            )
+        section[key] = False
+
+
 def build_deepspeed_config(cfg: GLMConfig, dp_size: int) -> dict[str, Any]:
     """The dict passed to ``deepspeed.initialize(config=...)``."""
     source = cfg.training.deepspeed_config
@@ -76,6 +90,8 @@ def build_deepspeed_config(cfg: GLMConfig, dp_size: int) -> dict[str, Any]:
             f"0.19's bf16 optimizer cannot load such pipeline checkpoints (KeyError 0 in "
             f"load_checkpoint); use ZeRO stage 1 (--zero-stage 1 or ds_configs/zero1_bf16.json)"
         )
+    if cfg.parallel.pipeline_model_parallel_size > 1:
+        _unpartitioned_activations(ds, source)
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise ConfigError(

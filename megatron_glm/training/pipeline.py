@@ -4,9 +4,13 @@ as the engine wants it, and the loss function that keeps per-objective sums.
 The pipe order and what each layer holds come from the model's layout
 (:attr:`megatron_glm.model.ModelLayout.pipe_layers`); each layer is a :class:`megatron_glm.model.GLMPart`,
 so its state-dict keys (and DeepSpeed's ``layer_XX`` files) carry the original GLM names and its weights
-are those of the whole model. Activations between layers are tuples of tensors: ``(ids, position_ids, sep)``
-into the first layer, then ``(hidden, sep)`` (rotary models: ``(hidden, position_ids, sep)``), logits out of the
-head; with document isolation a ``[b, 1, s, s]`` boolean mask travels in place of ``sep``. DeepSpeed keeps
+are those of the whole model, and it runs the whole model's forward steps. Activations between layers are tuples
+of tensors, the same for every architecture (:mod:`megatron_glm.model.part`): ``(ids, position_ids, sep)`` into
+the first layer, then ``(hidden, aux, position_ids, sep)`` (``hidden``: sequence shards under sequence
+parallelism; ``aux``: the auxiliary-loss accumulator), the head's ``ModelOutput`` into the loss function (the
+model's one loss protocol, fused head and loss rows included); with document isolation a ``[b, 1, s, s]`` boolean
+mask travels in place of ``sep``. DeepSpeed's activation partitioning over tensor-parallel ranks is off (the
+accumulator carries a gradient; sequence shards differ by rank). DeepSpeed keeps
 the tied word embedding identical on the first and last stage (broadcast at start,
 gradients all-reduced); an untied head (``output_layer``) is a plain layer of the last stage. Activation checkpointing
 runs inside each transformer layer (``model.checkpoint_activations``), restoring the tensor-parallel dropout
@@ -24,13 +28,17 @@ from megatron_glm.batch import Batch
 from megatron_glm.config import ModelConfig
 from megatron_glm.model import (
     GLMPart,
+    LanguageModelLoss,
+    LossBatch,
+    LossFunction,
     ModelLayout,
+    ModelOutput,
     PipeLayer,
     add_group_sums,
     batch_attention_mask,
-    glm_loss,
     new_rng_tracker,
 )
+from megatron_glm.model.context import aux_loss_names
 from megatron_glm.model.glm import check_config
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
 
@@ -39,7 +47,7 @@ TIED_WEIGHT = "word_embeddings.weight"
 
 
 class PipeStage(GLMPart):
-    """A :class:`GLMPart` with the engine's tuple activations."""
+    """A :class:`GLMPart` as DeepSpeed's ``LayerSpec`` builds it (positional arguments)."""
 
     def __init__(
         self,
@@ -50,59 +58,49 @@ class PipeStage(GLMPart):
         tracker: RNGStatesTracker,
         dtype: torch.dtype,
         device: Any,
+        aux_names: tuple[str, ...] = (),
     ) -> None:
-        super().__init__(pipe, config, parallel_state, seed=seed, tracker=tracker, params_dtype=dtype, device=device)
-
-    def forward(self, inputs: Any) -> Any:
-        kind = self.pipe.kind
-        if kind == "word_embedding":
-            ids, position_ids, sep = inputs
-            return self.embed_tokens(ids), position_ids, sep
-        if kind == "position_embeddings":
-            word, position_ids, sep = inputs
-            h = self.embed_positions(word, position_ids)
-            return (h, position_ids, sep) if self.layout.config.rotary else (h, sep)
-        if kind == "layer":
-            if self.layout.config.rotary:  # rotary layers need the positions: (hidden, position_ids, sep)
-                h, position_ids, sep = inputs
-                return self.run_layers(h, sep, position_ids), position_ids, sep
-            h, sep = inputs
-            return self.run_layers(h, sep), sep
-        if kind == "final_norm":
-            return self.final_norm(inputs[0])
-        if kind == "head" and not self.layout.tied_head:
-            return self.logits(inputs)
-        raise RuntimeError("the tied head runs through head_forward")
+        super().__init__(
+            pipe,
+            config,
+            parallel_state,
+            seed=seed,
+            tracker=tracker,
+            params_dtype=dtype,
+            device=device,
+            aux_names=aux_names,
+        )
 
 
 class GLMLayerPipe(PipeStage):
     """A transformer layer (the class name DeepSpeed partitions and checkpoints by)."""
 
 
-def head_forward(stage: PipeStage, h: torch.Tensor) -> torch.Tensor:
-    """The tied head on the last stage: logits for this rank's vocabulary slice."""
-    return stage.logits(h)
+def head_forward(stage: PipeStage, inputs: tuple[torch.Tensor, ...]) -> ModelOutput:
+    """The tied head on the last stage (whichever pipe layer built the shared module): its output for the loss."""
+    return stage.head_output(inputs)
 
 
 class StageLoss(Protocol):
-    """What the pipeline engine's ``loss_fn`` must be for the trainer: the loss of the last stage's logits,
+    """What the pipeline engine's ``loss_fn`` must be for the trainer: the loss of the last stage's output,
     keeping per-objective ``[loss sum, tokens]`` that :meth:`pop` hands over (and resets)."""
 
-    def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor: ...
+    def __call__(self, output: ModelOutput, labels: tuple[torch.Tensor, ...]) -> torch.Tensor: ...
 
     def pop(self) -> dict[int, list[float]]: ...
 
 
 class PipelineLoss:
-    """``loss_fn`` of the pipeline: the GLM loss, keeping per-objective sums for logging."""
+    """``loss_fn`` of the pipeline: the model's :class:`~megatron_glm.model.objective.LossFunction` on the engine's
+    ``(output, labels)``, keeping per-objective sums for logging."""
 
-    def __init__(self, parallel_state: ParallelState) -> None:
-        self.ps = parallel_state
+    def __init__(self, loss: LossFunction | None = None) -> None:
+        self.loss = loss or LanguageModelLoss()
         self.objectives: dict[int, list[float]] = {}
 
-    def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def __call__(self, output: ModelOutput, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
         target, loss_mask, objective = labels
-        out = glm_loss(logits, target, loss_mask, self.ps)
+        out = self.loss(output, LossBatch(target, loss_mask, objective))
         add_group_sums(self.objectives, out.by_group(objective))
         return out.loss
 
@@ -131,10 +129,14 @@ def build_pipeline_model(
     partition_method: str = "uniform",
     params_dtype: torch.dtype = torch.float32,
     device: Any = None,
+    loss: LossFunction | None = None,
+    aux_names: tuple[str, ...] | None = None,
 ) -> TrainingModel:
     """This rank's pipeline stage of the model, one ``LayerSpec`` per pipe layer of the layout.
 
     ``partition_method``: ``uniform`` balances transformer layers, ``parameters`` balances parameter counts.
+    ``loss``: the loss of the last stage's output (default: the pretraining loss). ``aux_names``: the auxiliary
+    loss terms the layers may add (default: the architecture's, :func:`~megatron_glm.model.context.aux_loss_names`).
     Must be called after ``torch.distributed`` is initialised, on every rank (Megatron rank order).
     """
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -144,7 +146,8 @@ def build_pipeline_model(
 
     check_config(config, ps)  # once for the model, not per part
     tracker = new_rng_tracker(seed, ps, device)
-    common = (config, ps, seed, tracker, params_dtype, device)
+    names = aux_loss_names(config) if aux_names is None else tuple(aux_names)
+    common = (config, ps, seed, tracker, params_dtype, device, names)
     specs: list[Any] = []
     layout = ModelLayout(config)
     for pipe in layout.pipe_layers:
@@ -157,12 +160,16 @@ def build_pipeline_model(
         else:
             specs.append(LayerSpec(GLMLayerPipe if pipe.kind == "layer" else PipeStage, pipe, *common))
     topology = PipeModelDataParallelTopology(num_pp=ps.pp_size, num_mp=ps.tp_size, num_dp=ps.dp_size)
-    loss = PipelineLoss(ps)
+    stage_loss = PipelineLoss(loss)
     method = f"type:{GLMLayerPipe.__name__}" if partition_method == "uniform" else partition_method
     module = PipelineModule(
-        specs, topology=topology, loss_fn=loss, partition_method=method, checkpointable_layers=[GLMLayerPipe.__name__]
+        specs,
+        topology=topology,
+        loss_fn=stage_loss,
+        partition_method=method,
+        checkpointable_layers=[GLMLayerPipe.__name__],
     )
-    return TrainingModel(module=module, rng_tracker=tracker, loss=loss)
+    return TrainingModel(module=module, rng_tracker=tracker, loss=stage_loss)
 
 
 def pipeline_batch(batch: Batch) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:

@@ -17,7 +17,7 @@ from megatron_glm.checkpoint.weights import load_glm_model, load_model_weights
 from megatron_glm.config import GLMConfig, pad_vocab_size
 from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import ConfigError
-from megatron_glm.model import GLMModel, ModelLayout
+from megatron_glm.model import GLMModel, LossFunction, ModelLayout
 from megatron_glm.model.compile import compile_layers
 from megatron_glm.model.layout import original_name
 from megatron_glm.model.lora import attach_lora, trainable_parameters
@@ -64,20 +64,24 @@ def build_model(
     *,
     weights: str | None = None,
     log: Callable[[str], None] = lambda _: None,
+    loss: LossFunction | None = None,
 ) -> TrainingModel:
     """This rank's model: a :class:`GLMModel`, or its pipeline stage (a DeepSpeed ``PipelineModule``) when
     ``pp_size > 1``. Parameters are fp32 here; DeepSpeed casts them for bf16/fp16.
 
     ``weights``: a checkpoint (any format and layout we read) whose model weights this rank then holds (said
     with ``log``); a whole model (no pipeline) outside ZeRO-3 is built on the meta device and loaded, drawing
-    no random init (:func:`~megatron_glm.checkpoint.weights.load_glm_model`)."""
+    no random init (:func:`~megatron_glm.checkpoint.weights.load_glm_model`). ``loss``: what the model's forward
+    with labels (or the last stage) computes (default: the pretraining loss)."""
     ps = parallel_state
     if weights and ps.pp_size == 1 and not zero3(cfg, ps):
         model, loaded = load_glm_model(cfg.model, weights, ps, seed=cfg.training.seed, device=device)
+        if loss is not None:
+            model.loss = loss
         attach_lora(model, cfg.lora, ModelLayout(cfg.model), cfg.training.seed)
         built = TrainingModel(module=model, rng_tracker=model.rng_tracker)
     else:
-        built = _build_initialised(cfg, ps, device)
+        built = _build_initialised(cfg, ps, device, loss)
         loaded = load_model_weights(built.module, weights, ps.tp_size, ps.tp_rank) if weights else None
     if cfg.training.compile:
         compile_layers(built.module)
@@ -86,7 +90,9 @@ def build_model(
     return built
 
 
-def _build_initialised(cfg: GLMConfig, parallel_state: ParallelState, device: torch.device) -> TrainingModel:
+def _build_initialised(
+    cfg: GLMConfig, parallel_state: ParallelState, device: torch.device, loss: LossFunction | None
+) -> TrainingModel:
     """The model (or pipeline stage) with its random init drawn."""
     ps = parallel_state
     if ps.pp_size > 1:
@@ -96,11 +102,12 @@ def _build_initialised(cfg: GLMConfig, parallel_state: ParallelState, device: to
             seed=cfg.training.seed,
             partition_method=cfg.parallel.pipeline_partition_method,
             device=device,
+            loss=loss,
         )
         attach_lora(built.module, cfg.lora, ModelLayout(cfg.model), cfg.training.seed)
         return built
     with partitioned_construction(cfg, ps) as params_dtype:
-        model = GLMModel(cfg.model, ps, seed=cfg.training.seed, params_dtype=params_dtype, device=device)
+        model = GLMModel(cfg.model, ps, seed=cfg.training.seed, params_dtype=params_dtype, device=device, loss=loss)
         attach_lora(model, cfg.lora, ModelLayout(cfg.model), cfg.training.seed)  # LoRA: adapters, base frozen
     return TrainingModel(module=model, rng_tracker=model.rng_tracker)
 

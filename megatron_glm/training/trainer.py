@@ -128,9 +128,8 @@ class Trainer:
         return moved
 
     def _forward(self, batch: Batch) -> Any:
-        if self.cfg.training.precision == "fp16" and hasattr(self.model, "head_grad_scale"):
-            opt = self.engine.optimizer  # the fused head rounds its fp16 gradient at backward's scale
-            self.model.head_grad_scale = float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 1.0))) / self.accum
+        """The model's loss (its :class:`~megatron_glm.model.objective.LossFunction`) of a batch on the device."""
+        self._set_head_grad_scale()
         # The model runs the head on Part B (loss) rows only (fused with the loss when model.head_chunk_size > 0).
         return self.engine(
             batch["input_ids"],
@@ -139,7 +138,19 @@ class Trainer:
             labels=batch["labels"],
             loss_mask=batch["loss_mask"],
             loss_rows=batch.get(LOSS_ROWS),
+            objective=batch.get("objective"),
         )
+
+    def _set_head_grad_scale(self) -> None:
+        """Under fp16, tell the head (the model, or the pipeline's head stage) what backward will multiply the mean
+        loss by: the fused head rounds its fp16 gradient at that scale."""
+        if self.cfg.training.precision != "fp16":
+            return
+        opt = self.engine.optimizer
+        scale = float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 1.0))) / self.accum
+        for module in self.model.modules():
+            if hasattr(module, "head_grad_scale"):
+                module.head_grad_scale = scale
 
     def _all_finite(self, value: torch.Tensor) -> bool:
         """Whether ``value`` is finite on every rank: the one host synchronisation of a micro-batch."""
@@ -257,6 +268,7 @@ class Trainer:
     def _pipeline_step(self, batches: Iterator[Any]) -> StepStats:
         """One step of DeepSpeed's pipeline schedule (1F1B over ``accum`` micro-batches)."""
         stats = StepStats(lr=float(self.engine.optimizer.param_groups[0]["lr"]))
+        self._set_head_grad_scale()
         loss = self.engine.train_batch(data_iter=batches)
         stats.micro_batches = self.accum
         if self._all_finite(loss.detach().float()):

@@ -86,7 +86,7 @@ def test_cloze_scores_equal_one_forward_per_choice(scoring: str) -> None:
         ]
         rows.append(stack_rows(r + [empty_row(length, TOKENS.pad)] * (width - len(r))))
     batch = collate_rows(rows)
-    loss = TaskLoss("cloze", ParallelState(), num_choices=width, scoring=scoring, module=model)
+    loss = TaskLoss("cloze", ParallelState(), num_choices=width, scoring=scoring)
     out = loss.forward(model, batch)
     got = loss.last_scores
     ref = torch.full((len(examples), width), -1e4, dtype=torch.float64)
@@ -125,7 +125,7 @@ def test_cloze_loss_trains_towards_the_label() -> None:
         for a, b, ch, lab in examples
     ]
     batch = collate_rows(rows)
-    loss = TaskLoss("cloze", ParallelState(), num_choices=4, module=model)
+    loss = TaskLoss("cloze", ParallelState(), num_choices=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     first = None
     for _ in range(5):

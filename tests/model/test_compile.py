@@ -7,6 +7,7 @@ import torch
 
 from megatron_glm.model import GLMModel, full_state_dict
 from megatron_glm.model.compile import compile_layers, graph_breaks, is_compiled
+from megatron_glm.model.context import ForwardContext
 from megatron_glm.model.masks import prepare_attention_mask
 from megatron_glm.parallel import ParallelState
 from tests.model.helpers import make_batch, tiny_config
@@ -34,7 +35,7 @@ def test_layer_has_no_graph_breaks() -> None:
     batch = make_batch(4)
     mask = prepare_attention_mask(batch["sep"], 3, 16, "cpu")
     h = torch.randn(3, 16, 64, requires_grad=True)
-    assert graph_breaks(model.transformer.layers["0"], h, mask, model.rng_tracker) == []
+    assert graph_breaks(model.transformer.layers["0"], h, ForwardContext(mask, model.rng_tracker)) == []
 
 
 @pytest.mark.parametrize("fields", [{}, {"checkpoint_activations": True}], ids=["plain", "full"])
