@@ -12,7 +12,7 @@ from megatron_glm.config.validate import problems
 from megatron_glm.model import GLMModel, GLMPart, LanguageModelLoss, LossBatch, ModelOutput, full_state_dict
 from megatron_glm.model.context import ForwardContext
 from megatron_glm.model.loss import GLMLoss
-from megatron_glm.model.transformer import ParallelMLP
+from megatron_glm.model.mlp import ParallelMLP
 from megatron_glm.testing import run_distributed
 from megatron_glm.training.deepspeed_config import build_deepspeed_config
 
