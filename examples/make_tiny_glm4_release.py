@@ -18,6 +18,11 @@ import argparse
 import json
 import os
 import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_glm.errors import DataError, run_cli
 
 #: GLM-4-9B's architecture (its published config.json) at a tiny size: 4 heads of 16, 2 key/value groups.
 TINY_GLM4 = {
@@ -53,6 +58,8 @@ def load_tokenizer(path: str):
     """The tokenizer as a release ships it: ``PreTrainedTokenizerFast`` with GLM-4's end of text as eos and pad."""
     from transformers import PreTrainedTokenizerFast
 
+    if not os.path.isfile(path):
+        raise DataError(f"--tokenizer {path}: no such file (train one with tools/train_tokenizer.py --type bpe)")
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_file=path,
         eos_token="<|endoftext|>",
@@ -63,7 +70,7 @@ def load_tokenizer(path: str):
     )
     missing = [t for t in STOP_TOKENS if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
     if missing:
-        raise SystemExit(f"error: {path}: no special token {', '.join(missing)} (train it with --type bpe)")
+        raise DataError(f"--tokenizer {path}: no special token {', '.join(missing)} (train it with --type bpe)")
     return tokenizer
 
 
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.disable_progress_bar()
     if os.path.exists(args.output):
-        raise SystemExit(f"error: --output {args.output} exists (the release is written once)")
+        raise DataError(f"--output {args.output} exists (the release is written once)")
     tokenizer = load_tokenizer(args.tokenizer)
     model = build_model(tokenizer, args.seed, args.pad_vocab_to)
     tmp = f"{args.output.rstrip('/')}.tmp{os.getpid()}"
@@ -121,4 +128,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
