@@ -48,6 +48,7 @@ from megatron_glm.config import ObjectiveConfig, build_config  # noqa: E402
 from megatron_glm.data.blank_infilling import OBJECTIVE_NAMES, BlankInfilling, SpecialTokens  # noqa: E402
 from megatron_glm.data.indexed_dataset import IndexedDataset  # noqa: E402
 from megatron_glm.data.loader import GLMDataset, collate  # noqa: E402
+from megatron_glm.data.objective_choice import BLANK_OBJECTIVES  # noqa: E402
 from megatron_glm.data.samples import DocumentWindows  # noqa: E402
 from megatron_glm.data.tokenizer import GLMTokenizer  # noqa: E402
 from megatron_glm.model import GLMModel, compiled_glm_loss, flops_per_token  # noqa: E402
@@ -111,10 +112,12 @@ def real_batches(workdir: Path, seq: int, batch: int, vocab: int) -> tuple[list[
     first: dict[int, int] = {}
     for group in range(1000):
         first.setdefault(dataset.choice(group * batch).objective, group)
-        if len(first) == len(OBJECTIVE_NAMES):
+        if len(first) == len(BLANK_OBJECTIVES):
             break
-    batches = [collate([dataset[first[o] * batch + j] for j in range(batch)]) for o in range(len(OBJECTIVE_NAMES))]
-    rows = ", ".join(f"{OBJECTIVE_NAMES[o]} {100 * float(b['loss_mask'].mean()):.0f}%" for o, b in enumerate(batches))
+    batches = [collate([dataset[first[o] * batch + j] for j in range(batch)]) for o in BLANK_OBJECTIVES]
+    rows = ", ".join(
+        f"{OBJECTIVE_NAMES[o]} {100 * float(b['loss_mask'].mean()):.0f}%" for o, b in zip(BLANK_OBJECTIVES, batches)
+    )
     desc = (
         f"pydoc corpus, BPE {pieces} pieces + commands = {tokenizer.vocab_size} ids (embedding {vocab} rows), "
         f"GLM-10B mixture {MIXTURE_WEIGHTS}; loss rows per batch: {rows}"

@@ -10,11 +10,12 @@ import torch
 class Batch(TypedDict, total=False):
     """The documented batch keys (``b`` samples of ``s`` tokens).
 
-    ``input_ids [b, s] long``, ``labels [b, s] long``, ``loss_mask [b, s] float`` (1 on Part B targets),
-    ``position_ids [b, 2, s] long`` (row 0 position, row 1 block position), ``sep [b] long`` (Part A length),
-    ``objective [b] long`` (index into :data:`OBJECTIVE_NAMES`, for per-objective logging); with document
-    isolation (``data.objective.reset_attention_mask``) ``doc_ids [b, s] long`` (each token's document in its
-    packed window, -1 on padding).
+    ``input_ids [b, s] long``, ``labels [b, s] long``, ``loss_mask [b, s] float`` (1 on Part B targets; on every
+    text target of a causal sample), ``position_ids [b, 2, s] long`` (row 0 position, row 1 block position),
+    ``sep [b] long`` (Part A length; 0 for a causal sample), ``objective [b] long`` (index into
+    :data:`OBJECTIVE_NAMES`, for per-objective logging); with document isolation
+    (``data.objective.reset_attention_mask``) ``doc_ids [b, s] long`` (each token's document in its packed
+    window, -1 on padding).
     """
 
     input_ids: torch.Tensor
@@ -26,5 +27,6 @@ class Batch(TypedDict, total=False):
     doc_ids: torch.Tensor
 
 
-OBJECTIVE_NAMES: tuple[str, ...] = ("token", "sentence", "document")
-"""The blank-infilling objectives, by their ``objective`` id."""
+OBJECTIVE_NAMES: tuple[str, ...] = ("token", "sentence", "document", "causal")
+"""The pretraining objectives, by their ``objective`` id: the three blank-infilling ones, then the causal
+(GLM-4 style) one."""

@@ -139,7 +139,7 @@ def test_every_format_checks_every_field_it_does_not_record(family) -> None:
         else:
             assert problems is not None and problems.startswith(f"{name} = "), (name, problems)
             checked += 1
-    assert checked >= 8
+    assert checked >= 6  # the transformers-native layouts record all but the fixed GLM-4 options
 
 
 class _Weights:

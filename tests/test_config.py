@@ -84,6 +84,9 @@ def test_named_sizes_match_reference() -> None:
         "glm-130b": (70, 12288, 96, 2048),
         "chatglm-6b": (28, 4096, 32, 2048),
         "chatglm2-6b": (28, 4096, 32, 32768),
+        # The GLM-4 generation (docs/family.md; parameter counts in tests/checkpoint/test_hf_native.py).
+        "chatglm3-6b": (28, 4096, 32, 8192),
+        "glm-4-9b": (40, 4096, 32, 131072),
     }
     for name, (layers, hidden, heads, positions) in published.items():
         m = build_config({"model.size": name}).model

@@ -20,6 +20,7 @@ from typing import Any
 from megatron_glm.config import load_config, problems
 from megatron_glm.data.blank_infilling import OBJECTIVE_NAMES
 from megatron_glm.data.loader import SPLITS, build_pretraining_datasets
+from megatron_glm.data.objective_choice import CAUSAL
 from megatron_glm.data.tokenizer import TokenizerBase, open_tokenizer
 from megatron_glm.errors import ConfigError, DataError, run_cli
 
@@ -42,8 +43,15 @@ def sample_record(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 def pretty(sample: dict[str, Any], tokenizer: TokenizerBase) -> str:
-    """Part A with its blanks numbered in Part B order, then each Part B span decoded."""
+    """Part A with its blanks numbered in Part B order, then each Part B span decoded (a causal sample: its
+    text, ``[gMASK]<sop>`` before each document)."""
     inp, lab, pos = sample["input_ids"], sample["labels"], sample["position_ids"]
+    if int(sample["objective"]) == CAUSAL:
+        text = [int(t) for t in inp if t != tokenizer.pad_id]
+        return (
+            f"=== sample {sample['index']}: causal objective, {len(text)} tokens, "
+            f"{int(sample['loss_mask'].sum())} targets, padding {len(inp) - len(text)} ===\n{tokenizer.decode(text)}"
+        )
     sep = int(sample["sep"])
     end_b = sep + int(sample["loss_mask"].sum())
     heads = [sep + i for i in range(end_b - sep) if pos[1, sep + i] == 1]

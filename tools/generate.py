@@ -6,6 +6,7 @@ Usage::
     python tools/generate.py --load runs/quickstart/checkpoints --prompt "Return the [MASK] of the list."
     python tools/generate.py --load CKPT --prompt-file prompts.txt --num-beams 4 --max-new-tokens 32
     python tools/generate.py --load CKPT --interactive --temperature 0.8 --top-k 40 --top-p 0.9
+    python tools/generate.py --load glm4-hf --causal --prompt "The capital of France is"   # GLM-4 style
     torchrun --nproc_per_node 2 tools/generate.py --load CKPT --prompt "..."      # tensor parallel 2
 
 ``--load`` is a training save directory (newest complete ``global_stepN``), a ``global_stepN`` directory,
@@ -29,8 +30,10 @@ from megatron_glm.data.tokenizer import open_tokenizer
 from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import GLMError, run_cli
 from megatron_glm.generation import InfillTokens, encode_prompt, fill_text, generate
+from megatron_glm.generation.causal import continuation_text, continue_causal, encode_causal_prompt
 from megatron_glm.generation.loading import init_inference, load_model
 from megatron_glm.generation.options import GENERATE_FLAGS, GenerateRun
+from megatron_glm.tokens import stop_token_ids
 
 
 def parse_args(argv: list[str]) -> GenerateRun:
@@ -107,13 +110,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     padding = range(tokenizer.vocab_size, model.config.vocab_size)  # padded embedding rows are not tokens
     config = args.generation.build(banned_ids=padding)
-    tokens = InfillTokens.from_tokenizer(tokenizer)
+    tokens = None if args.causal else InfillTokens.from_tokenizer(tokenizer)  # causal: no [CLS] needed
     speak = ps.tp_rank == 0 and ps.dp_rank == 0
     for texts in read_prompts(args):
-        prompts = [encode_prompt(tokenizer, t, tokens) for t in texts]
-        for result in generate(model, prompts, tokens, config, ps):
+        if tokens is None:
+            prompts = [encode_causal_prompt(tokenizer, t) for t in texts]
+            results = continue_causal(model, prompts, tokenizer.pad_id, stop_token_ids(tokenizer), config, ps)
+        else:
+            results = generate(model, [encode_prompt(tokenizer, t, tokens) for t in texts], tokens, config, ps)
+        for result in results:
             if speak:
-                print(fill_text(tokenizer, result, tokens), flush=True)
+                text = continuation_text(tokenizer, result) if tokens is None else fill_text(tokenizer, result, tokens)
+                print(text, flush=True)
                 if args.show_tokens:
                     print(f"  answers: {result.answers}", flush=True)
     return 0

@@ -73,6 +73,11 @@ class ConvertOptions:
         2 * 2**30, "safetensors/hf: largest shard in bytes (the tool's --max-shard-size also takes 2GB, 500MB, ...)."
     )
     max_new_tokens: int = opt(32, "hf: answer length per blank written to generation_config.json ([eop] forced after).")
+    hf_layout: str = opt(
+        "",
+        "hf: the published layout to write (empty: transformers' own class when one holds the model, "
+        "GlmForCausalLM / Glm4ForCausalLM, else the family's remote-code layout: glm, chatglm-6b, chatglm2-6b).",
+    )
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -98,6 +103,7 @@ CONVERT_FLAGS: dict[str, tuple[str, object]] = {
             "num_attention_heads",
             "tokenizer_model",
             "max_new_tokens",
+            "hf_layout",
         )
     },
     "--no-optimizer": ("convert.keep_optimizer", False),
@@ -188,7 +194,7 @@ def _check_target(src: Any, opts: ConvertOptions) -> None:
     if opts.format == "sat":
         check_sat_architecture(cfg)
     if opts.format == "hf":
-        family_for(cfg)
+        family_for(cfg, opts.hf_layout)
     if opts.dtype and opts.dtype not in SHORT_NAMES:
         raise CheckpointError(f"unknown dtype {opts.dtype!r} (fp32, bf16, fp16)")
 
@@ -283,8 +289,8 @@ def convert_checkpoint(
         elif opts.format == "hf":
             tok = [opts.tokenizer_model] if opts.tokenizer_model else info.tokenizer_files
             model_file = next((t for t in tok if not t.endswith(".vocab")), None)
-            family = family_for(tcfg)
-            if not family.code_files:
+            family = family_for(tcfg, opts.hf_layout)
+            if not family.tokenizer_class:
                 notes.append(
                     f"{family.name} layout: weights and config.json only; copy THUDM's published model and tokenizer "
                     f"files ({', '.join(sorted(set(v.split('.')[0] + '.py' for v in family.auto_map.values())))}, "
@@ -304,6 +310,7 @@ def convert_checkpoint(
                 max_shard_bytes=opts.max_shard_bytes,
                 max_new_tokens=opts.max_new_tokens,
                 family=family,
+                notes=notes,
             )
         else:
             tok = [opts.tokenizer_model] if opts.tokenizer_model else info.tokenizer_files

@@ -52,6 +52,8 @@ FLAG_ALIASES: dict[str, tuple[str, Any]] = {
     "--attention-softmax-in-fp32": ("model.attention_softmax_in_fp32", True),
     "--apply-query-key-layer-scaling": ("model.apply_query_key_layer_scaling", True),
     "--untie-embeddings-and-output-weights": ("model.untie_embeddings_and_output_weights", True),
+    "--sandwich-norm": ("model.sandwich_norm", True),
+    "--qk-norm": ("model.qk_norm", True),
     "--checkpoint-activations": ("model.checkpoint_activations", True),
     "--checkpoint-num-layers": ("model.checkpoint_num_layers", None),
     "--recompute-granularity": ("model.recompute_granularity", None),

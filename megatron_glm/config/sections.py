@@ -65,7 +65,7 @@ class ModelConfig(ModelShape):
     size: str = opt(
         "",
         "Named size to start from (glm-tiny, glm-base, glm-large, glm-large-chinese, "
-        "glm-2b, glm-10b, glm-130b, chatglm-6b, chatglm2-6b); explicit fields override it.",
+        "glm-2b, glm-10b, glm-130b, chatglm-6b, chatglm2-6b, chatglm3-6b, glm-4-9b); explicit fields override it.",
         execution=True,
     )
     num_layers: int = opt(2, "Number of transformer layers.")
@@ -159,6 +159,16 @@ class ModelConfig(ModelShape):
         "attention dense and both MLP matrices scaled by beta = (2 L)^-0.5, GLM-130B).",
         choices=("pre_ln", "post_ln_alpha", "deepnorm"),
     )
+    sandwich_norm: bool = opt(
+        False,
+        "GLM-4-0414's sandwich norms (pre_ln only): h = h + N_post_attn(Attn(N1(h))); h = h + N_post_mlp(MLP(N2(h))), "
+        "with post_self_attn_layernorm and post_mlp_layernorm per layer (hidden dropout after the post-norm).",
+    )
+    qk_norm: bool = opt(
+        False,
+        "GLM-4.5's QK-norm: a norm of kind normalization (eps layernorm_epsilon) over each head's head_dim, on "
+        "queries and keys after the QKV split and before the rotary rotation (attention.q_norm, attention.k_norm).",
+    )
     num_query_groups: int = opt(
         0, "Key/value groups for grouped-query attention (0: multi-head; 1: multi-query; ChatGLM2: 2)."
     )
@@ -212,10 +222,22 @@ class ParallelConfig:
 
 @dataclass(kw_only=True)
 class ObjectiveConfig:
-    """The multi-task blank-infilling mixture (original GLM flag names and defaults)."""
+    """The objective mixture: GLM's blank infilling (original GLM flag names and defaults) and the causal
+    objective of GLM-4 (``[gMASK]<sop>`` then the text, causal attention, loss on every text token)."""
 
     bert_prob: float = opt(0.5, "Probability of the token-level ([MASK]) objective.")
     gap_sentence_prob: float = opt(0.0, "Probability of the sentence-level ([sMASK]) objective.")
+    causal_prob: float = opt(
+        0.0,
+        "Probability of the causal objective (GLM-4's input format: [gMASK]<sop> then the text, causal attention, "
+        "1-D positions, next-token loss on every text token and on the end of text closing a document). The "
+        "document-level blank objective takes what bert_prob, gap_sentence_prob and causal_prob leave.",
+    )
+    causal_datasets: list[str] = opt(
+        [],
+        "Dataset prefixes (as written in data.data_path) whose samples always use the causal objective; the "
+        "mixture applies to the others.",
+    )
     gap_sentence_ratio: float = opt(0.15, "Fraction of tokens covered by sentence blanks.")
     mask_ratio: float = opt(0.15, "Fraction of tokens covered by token-level blanks.")
     gpt_infill_prob: float = opt(
@@ -242,7 +264,8 @@ class ObjectiveConfig:
         "Document isolation in packed windows (Megatron's --reset-attention-mask): a token attends only to "
         "tokens of its own document (the GLM mask intersected with the document blocks; a Part B token "
         "belongs to the document its input token comes from). Samples then carry doc_ids and the model gets "
-        "a [b, 1, s, s] mask. Positions are not reset.",
+        "a [b, 1, s, s] mask. Positions are not reset, except by the causal objective (they restart at 0 in "
+        "every document).",
     )
 
 

@@ -84,6 +84,31 @@ MODEL_SIZES = MappingProxyType(
             vocab_size=65024,
             **FAMILY_OPTIONS["chatglm2-6b"],
         ),
+        # The GLM-4 generation (shapes from the published config.json files; docs/family.md).
+        "chatglm3-6b": dict(
+            num_layers=28,
+            hidden_size=4096,
+            num_attention_heads=32,
+            kv_channels=128,
+            num_query_groups=2,
+            ffn_hidden_size=13696,
+            max_sequence_length=8192,
+            vocab_size=65024,
+            **FAMILY_OPTIONS["chatglm2-6b"],
+        ),
+        "glm-4-9b": dict(
+            num_layers=40,
+            hidden_size=4096,
+            num_attention_heads=32,
+            kv_channels=128,
+            num_query_groups=2,
+            ffn_hidden_size=13696,
+            max_sequence_length=131072,
+            vocab_size=151552,
+            layernorm_epsilon=1.5625e-07,
+            rotary_base=5_000_000.0,  # rope_ratio 500
+            **FAMILY_OPTIONS["chatglm2-6b"],
+        ),
     }
 )
 """Published sizes. ``vocab_size`` is the padded vocab of the released checkpoints; a run with its own

@@ -74,6 +74,8 @@ def family_problems(m: ModelConfig, tp: int) -> list[str]:
             )
     if m.rotary and m.rotary_base <= 0:
         out.append(f"model.rotary_base must be positive, got {m.rotary_base}")
+    if m.sandwich_norm and m.residual_style != "pre_ln":
+        out.append(f"model.sandwich_norm needs model.residual_style pre_ln, got {m.residual_style}")
     if not 0.0 < m.embedding_grad_shrink <= 1.0:
         out.append(f"model.embedding_grad_shrink must be in (0, 1] (1: off), got {m.embedding_grad_shrink}")
     return out
@@ -269,6 +271,7 @@ def _objective_problems(ob: ObjectiveConfig) -> list[str]:
     probabilities = (
         "bert_prob",
         "gap_sentence_prob",
+        "causal_prob",
         "gpt_infill_prob",
         "block_mask_prob",
         "short_seq_prob",
@@ -279,10 +282,11 @@ def _objective_problems(ob: ObjectiveConfig) -> list[str]:
         for name in probabilities
         if not 0.0 <= getattr(ob, name) <= 1.0
     ]
-    if ob.bert_prob + ob.gap_sentence_prob > 1.0 + 1e-9:
+    mixture = ob.bert_prob + ob.gap_sentence_prob + ob.causal_prob
+    if mixture > 1.0 + 1e-9:
         out.append(
-            f"data.objective.bert_prob + gap_sentence_prob must be <= 1 (the rest is the document "
-            f"objective), got {ob.bert_prob + ob.gap_sentence_prob}"
+            f"data.objective.bert_prob + gap_sentence_prob + causal_prob must be <= 1 (the rest is the document "
+            f"objective), got {mixture}"
         )
     for name in ("gap_sentence_ratio", "mask_ratio", "gpt_min_ratio", "context_mask_ratio"):
         if not 0.0 <= getattr(ob, name) <= 1.0:
@@ -313,6 +317,10 @@ def _data_problems(cfg: GLMConfig) -> list[str]:
             pass
     if not pairs_ok:
         out.append("data.data_path: give one prefix, or weight/prefix pairs like '0.3 A 0.7 B'")
+    prefixes = d.data_path if len(d.data_path) <= 1 else d.data_path[1::2]
+    unknown = [p for p in d.objective.causal_datasets if p not in prefixes]
+    if unknown and d.data_path:
+        out.append(f"data.objective.causal_datasets names {unknown}, which data.data_path does not hold")
     return out
 
 

@@ -30,20 +30,23 @@ Objectives (the original flag names live in :class:`~megatron_glm.config.Objecti
   packed in the window, else placed uniformly inside the document.
 
 Every random choice comes from the ``numpy.random.Generator`` passed in, so a sample is a pure
-function of (window, generator state).
+function of (window, generator state). The mixture draw lives in :mod:`~megatron_glm.data.objective_choice`,
+span placement in :mod:`~megatron_glm.data.blank_spans`; :mod:`~megatron_glm.data.objectives` puts these
+objectives and GLM-4's causal one (:mod:`~megatron_glm.data.causal`) behind one sampler.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from megatron_glm.batch import OBJECTIVE_NAMES
 from megatron_glm.config.sections import ObjectiveConfig
+from megatron_glm.data.blank_spans import fit_spans, place_many, truncated_poisson_pmf
 from megatron_glm.data.char_boundaries import CharBoundaries
+from megatron_glm.data.objective_choice import DOCUMENT, SENTENCE, TOKEN, ObjectiveChoice, choose_objective
 from megatron_glm.tokens import CommandTokens
 
 __all__ = [
@@ -57,8 +60,6 @@ __all__ = [
     "truncated_poisson_pmf",
 ]
 
-TOKEN, SENTENCE, DOCUMENT = (OBJECTIVE_NAMES.index(n) for n in ("token", "sentence", "document"))
-
 #: Context masking (``context_mask_ratio``) picks Part A tokens within this distance of a blank.
 CONTEXT_MASK_RANGE = 3
 
@@ -67,23 +68,6 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 
 SpecialTokens = CommandTokens
 """The command-token ids the objectives need (the package-wide bundle)."""
-
-
-@dataclass(frozen=True)
-class ObjectiveChoice:
-    """What is decided once per micro-batch (or per sample with ``per_sample``)."""
-
-    objective: int
-    single_span: bool = False
-    short_seq: bool = False
-
-
-def truncated_poisson_pmf(mean: float, max_length: int) -> np.ndarray:
-    """P(length = k) for k = 1..max_length of Poisson(``mean``) conditioned on that range."""
-    k = np.arange(1, max_length + 1)
-    log_p = k * math.log(mean) - mean - np.array([math.lgamma(x + 1) for x in k])
-    p = np.exp(log_p - log_p.max())
-    return p / p.sum()
 
 
 class BlankInfilling:
@@ -120,7 +104,7 @@ class BlankInfilling:
             SENTENCE: special.smask if objective.task_mask else special.mask,
             DOCUMENT: special.gmask if objective.task_mask else special.mask,
         }
-        self._barrier_ids = (special.cls, special.eos, special.pad)
+        self._barrier_ids = tuple(i for i in (special.cls, special.eos, special.pad) if i >= 0)
         # Barrier lookup: ids past the table clip to its last entry, which is False.
         self._barrier_lut = np.zeros(max(self._barrier_ids) + 2, dtype=bool)
         self._barrier_lut[list(self._barrier_ids)] = True
@@ -138,18 +122,7 @@ class BlankInfilling:
 
     def choose(self, rng: np.random.Generator) -> ObjectiveChoice:
         """Draw the objective (and the single-span / short-sequence switches) as the original does."""
-        c = self.cfg
-        u = rng.random(3)
-        short = bool(u[0] < c.short_seq_prob)
-        single = bool(u[1] < c.single_span_prob)
-        r = 0.0 if single else float(u[2])
-        if r < c.bert_prob:
-            objective = TOKEN
-        elif r < c.bert_prob + c.gap_sentence_prob:
-            objective = SENTENCE
-        else:
-            objective = DOCUMENT
-        return ObjectiveChoice(objective, single, short)
+        return choose_objective(self.cfg, rng)
 
     def sample(
         self,
@@ -176,7 +149,9 @@ class BlankInfilling:
             return self.token(tokens, rng, single_span=choice.single_span)
         if choice.objective == SENTENCE:
             return self.sentence(tokens, rng, sentence_starts)
-        return self.document(tokens, rng)
+        if choice.objective == DOCUMENT:
+            return self.document(tokens, rng)
+        raise ValueError(f"objective {choice.objective} is not a blank-infilling objective")
 
     # -- objectives ----------------------------------------------------------------------------------
 
@@ -237,77 +212,14 @@ class BlankInfilling:
             return _EMPTY, _EMPTY
         if len(seg_lens) == 1:
             seg_len = int(seg_lens[0])
-            lens = self._fit(lens, seg_len)
+            lens = fit_spans(lens, seg_len)
             m = len(lens)
             unmasked = seg_len - int(lens.sum())
             # Gap g_i = unmasked tokens before span i: sorted draws + i, strictly increasing in 0..unmasked.
             places = (u[:m] * (unmasked - m + 2)).astype(np.int64)
             places.sort()
             return places + (int(seg_starts[0]) - lens) + lens.cumsum() + self._arange[:m], lens
-        return self._place_many(lens.tolist(), seg_starts.tolist(), seg_lens.tolist(), u.tolist())
-
-    @staticmethod
-    def _place_many(
-        lens: list[int], seg_starts: list[int], seg_lens: list[int], u: list[float]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`_place` for several segments (a packed window), in plain Python (few, short lists).
-
-        Spans go to the segments in proportion to their lengths (as the original spreads them over
-        the documents of a sample); if a segment cannot hold its share, largest spans go first to
-        the segment with the most room, shortened if no room is large enough.
-        """
-        K = len(seg_lens)
-        scale = sum(lens) + len(lens)
-        scale /= sum(seg_lens) + K
-        groups: list[list[int]] = [[] for _ in range(K)]
-        k, acc, bound = 0, 0.0, (seg_lens[0] + 1) * scale
-        for length in lens:
-            mid = acc + (length + 1) / 2.0
-            while k < K - 1 and mid > bound:
-                k += 1
-                bound += (seg_lens[k] + 1) * scale
-            groups[k].append(length)
-            acc += length + 1
-        if any(sum(g) + len(g) - 1 > n for g, n in zip(groups, seg_lens) if g):
-            groups = [[] for _ in range(K)]
-            room = [n + 1 for n in seg_lens]
-            for length in sorted(lens, reverse=True):
-                k = max(range(K), key=room.__getitem__)
-                if room[k] < 2:
-                    break
-                length = min(length, room[k] - 1)
-                groups[k].append(length)
-                room[k] -= length + 1
-        starts: list[int] = []
-        out_lens: list[int] = []
-        j = 0
-        for seg_start, seg_len, group in zip(seg_starts, seg_lens, groups):
-            m = len(group)
-            if not m:
-                continue
-            slots = seg_len - sum(group) - m + 2
-            places = sorted(int(x * slots) for x in u[j : j + m])
-            j += m
-            offset = seg_start
-            for i, (place, length) in enumerate(zip(places, group)):
-                starts.append(offset + place + i)
-                offset += length
-            out_lens.extend(group)
-        return np.array(starts, dtype=np.int64), np.array(out_lens, dtype=np.int64)
-
-    @staticmethod
-    def _fit(lens: np.ndarray, length: int) -> np.ndarray:
-        """Drop trailing spans (and clip a lone span) until they fit ``length`` tokens with gaps."""
-        total = int(lens.sum()) + len(lens) - 1
-        if total <= length:
-            return lens
-        if length <= 0:
-            return _EMPTY
-        keep = np.cumsum(lens + 1) - 1 <= length
-        lens = lens[keep]
-        if len(lens) == 0:
-            return np.array([length], dtype=np.int64)
-        return lens
+        return place_many(lens.tolist(), seg_starts.tolist(), seg_lens.tolist(), u.tolist())
 
     def sentence(
         self, tokens: np.ndarray, rng: np.random.Generator, sentence_starts: np.ndarray | None = None

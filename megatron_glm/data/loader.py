@@ -28,19 +28,21 @@ import numpy as np
 import torch
 
 from megatron_glm.config import GLMConfig, batch_sizes
-from megatron_glm.data.blank_infilling import SENTENCE, BlankInfilling, ObjectiveChoice, SpecialTokens
+from megatron_glm.data.blank_infilling import BlankInfilling, SpecialTokens
+from megatron_glm.data.blending import BlendedWindows
 from megatron_glm.data.char_boundaries import CharBoundaries
 from megatron_glm.data.dataset_meta import check_dataset_tokenizer
 from megatron_glm.data.indexed_dataset import IndexedDataset
-from megatron_glm.data.samples import (
-    TAG_GROUP,
-    TAG_SAMPLE,
-    BlendedWindows,
-    DocumentWindows,
-    KeyedRNG,
-    parse_data_path,
-    split_ranges,
+from megatron_glm.data.keyed_rng import TAG_GROUP, TAG_SAMPLE, KeyedRNG
+from megatron_glm.data.objective_choice import (
+    CAUSAL,
+    SENTENCE,
+    ObjectiveChoice,
+    check_objective_tokens,
+    uses_blank_infilling,
 )
+from megatron_glm.data.objectives import Objectives
+from megatron_glm.data.samples import DocumentWindows, parse_data_path, split_ranges
 from megatron_glm.data.tokenizer import tokenizer_fingerprint
 from megatron_glm.errors import DataError
 from megatron_glm.training.lifeline import die_with_parent
@@ -67,21 +69,24 @@ class GLMDataset(torch.utils.data.Dataset):
     """Map-style dataset: index ``i`` -> one GLM sample (dict of numpy arrays, see ``collate``).
 
     ``group_size`` is the micro-batch size: samples ``i`` with the same ``i // group_size`` share
-    one objective (the original chose it per batch); ``per_sample`` makes every sample choose.
+    one objective (the original chose it per batch); ``per_sample`` makes every sample choose. A window
+    from a dataset in ``causal_sources`` (prefixes) always takes the causal objective.
     """
 
     def __init__(
         self,
         windows: Windows,
-        sampler: BlankInfilling,
+        sampler: Objectives | BlankInfilling,
         *,
         seed: int,
         group_size: int = 1,
         per_sample: bool = False,
         num_samples: int = 0,
+        causal_sources: Sequence[str] = (),
     ) -> None:
         self.windows = windows
         self.sampler = sampler
+        self.causal_sources = frozenset(causal_sources)
         self.seed = int(seed)
         self.group_size = 1 if per_sample else max(1, int(group_size))
         self.num_samples = int(num_samples)
@@ -104,6 +109,8 @@ class GLMDataset(torch.utils.data.Dataset):
             raise IndexError(f"sample index {index} is negative")
         choice = self.choice(index)
         window = self.windows.window(index, sentences=choice.objective == SENTENCE)
+        if window.source in self.causal_sources:
+            choice = ObjectiveChoice(CAUSAL)
         rng = self._rng(self.seed, window.epoch, index, TAG_SAMPLE)
         sample = self.sampler.sample(window.tokens, rng, choice, window.sentence_starts)
         sample["index"] = index
@@ -114,7 +121,7 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack samples into the batch interface.
 
     ``input_ids, labels [b, s] long``, ``loss_mask [b, s] float``, ``position_ids [b, 2, s] long``,
-    ``sep [b] long`` (Part A length) and ``objective [b] long`` (0 token, 1 sentence, 2 document); with
+    ``sep [b] long`` (Part A length) and ``objective [b] long`` (0 token, 1 sentence, 2 document, 3 causal); with
     document isolation (``reset_attention_mask``) also ``doc_ids [b, s] long``.
     """
     batch = {
@@ -315,14 +322,23 @@ def build_windows(
                     build_cache=build_cache,
                 )
             )
-    if data.objective.gap_sentence_prob > 0:
-        for windows in out:
-            if windows is not None and not windows.has_sentences:
+    _check_sentences(data, out)
+    return out
+
+
+def _check_sentences(data: Any, windows: Sequence[Windows | None]) -> None:
+    """The sentence objective needs sentence boundaries in every dataset it can be drawn for."""
+    ob = data.objective
+    if ob.gap_sentence_prob <= 0:
+        return
+    for split in windows:
+        parts = [] if split is None else split.datasets if isinstance(split, BlendedWindows) else [split]
+        for part in parts:
+            if part.prefix not in ob.causal_datasets and not part.has_sentences:
                 raise DataError(
-                    "the sentence objective (gap_sentence_prob > 0) needs sentence boundaries: "
+                    f"{part.prefix}: the sentence objective (gap_sentence_prob > 0) needs sentence boundaries: "
                     "preprocess the corpus with sentence splitting (one sequence per sentence)"
                 )
-    return out
 
 
 def build_pretraining_datasets(
@@ -340,13 +356,10 @@ def build_pretraining_datasets(
     Rank 0 (``is_rank0``) writes the index caches; every rank then calls ``barrier`` (e.g.
     ``torch.distributed.barrier``) and the others memory-map them.
     """
-    special = tokenizer if isinstance(tokenizer, SpecialTokens) else SpecialTokens.from_tokenizer(tokenizer)
+    special = tokenizer if isinstance(tokenizer, SpecialTokens) else SpecialTokens.from_tokenizer(tokenizer, ("cls",))
     objective = cfg.data.objective
-    if special.dblock < 0 and (objective.block_mask_prob > 0 or objective.context_mask_ratio > 0):
-        raise DataError(
-            f"{cfg.data.tokenizer_model}: the tokenizer has no [dBLOCK] token, which block_mask_prob / "
-            f"context_mask_ratio > 0 write; add it to its special tokens or set both to 0"
-        )
+    prefixes = [p for _, p in parse_data_path(cfg.data.data_path)]
+    check_objective_tokens(objective, special, uses_blank_infilling(objective, prefixes), cfg.data.tokenizer_model)
     num_samples = split_num_samples(cfg, dp_size)
     windows = build_windows(
         cfg.data,
@@ -360,7 +373,7 @@ def build_pretraining_datasets(
     if barrier is not None:
         barrier()
     chars = None if isinstance(tokenizer, SpecialTokens) else CharBoundaries.from_tokenizer(tokenizer)
-    sampler = BlankInfilling(cfg.data.objective, special, cfg.data.seq_length, chars)
+    sampler = Objectives(objective, special, cfg.data.seq_length, chars)
     return [
         None
         if w is None
@@ -369,8 +382,9 @@ def build_pretraining_datasets(
             sampler,
             seed=cfg.training.seed + k,
             group_size=cfg.training.micro_batch_size,
-            per_sample=cfg.data.objective.per_sample,
+            per_sample=objective.per_sample,
             num_samples=n,
+            causal_sources=objective.causal_datasets,
         )
         for k, (w, n) in enumerate(zip(windows, num_samples))
     ]

@@ -1,4 +1,4 @@
-"""Windows of ``seq_length`` tokens cut from indexed datasets: splits, packing, epochs, blending, caches.
+"""Windows of ``seq_length`` tokens cut from indexed datasets: splits, packing, epochs, caches.
 
 A **window** is ``[CLS]`` followed by up to ``seq_length - 1`` tokens of the document stream, where
 every document is its text followed by one ``[eos]`` (the one preprocessing appended, or one added
@@ -13,9 +13,8 @@ The per-epoch index arrays (document order and window starts) are cached as ``.n
 hash of everything that determines them. One process (rank 0) writes them; the others memory-map
 them after a barrier, and compute them in memory if a cache is missing (same result, only slower).
 
-Blending (``--data-path 0.3 A 0.7 B``): sample ``i`` of the blend is taken from the dataset whose
-next sample is most overdue (due times ``(k + 0.5) / w_d``); every dataset's count stays within one
-of ``w_d * i``.
+Blending (``--data-path 0.3 A 0.7 B``) is :mod:`~megatron_glm.data.blending`; the per-sample random
+streams are :mod:`~megatron_glm.data.keyed_rng`.
 """
 
 from __future__ import annotations
@@ -31,14 +30,15 @@ import numpy as np
 
 from megatron_glm.data.dataset_meta import read_dataset_meta
 from megatron_glm.data.indexed_dataset import IndexedDataset, bin_path
+from megatron_glm.data.keyed_rng import MASK64, TAG_GROUP, TAG_SAMPLE, KeyedRNG
 from megatron_glm.errors import DataError
 
 __all__ = [
-    "BlendedWindows",
+    "TAG_GROUP",
+    "TAG_SAMPLE",
     "DocumentWindows",
     "KeyedRNG",
     "Window",
-    "blend_schedule",
     "cached_array",
     "parse_data_path",
     "parse_split",
@@ -46,41 +46,6 @@ __all__ = [
 ]
 
 CACHE_VERSION = 1
-
-#: Stream tags of :class:`KeyedRNG` (the last counter word), so no two kinds of draws share a stream.
-TAG_SAMPLE, TAG_GROUP = 0, 1
-
-_MASK64 = (1 << 64) - 1
-
-
-class KeyedRNG:
-    """A counter-based generator re-keyed per call: ``rng(seed, epoch, index, tag)``.
-
-    Philox4x64 with key ``(seed, index)`` and counter ``(0, 0, epoch, tag)``: every (seed, epoch,
-    index, tag) gets its own independent stream, and re-keying costs about a microsecond (a
-    ``default_rng([seed, epoch, index])`` costs more than ten). The returned generator is shared:
-    it is valid until the next call on the same :class:`KeyedRNG`.
-    """
-
-    def __init__(self) -> None:
-        self._bits = np.random.Philox(key=0)
-        self._gen = np.random.Generator(self._bits)
-        self._state = self._bits.state
-
-    def __call__(self, seed: int, epoch: int, index: int, tag: int = TAG_SAMPLE) -> np.random.Generator:
-        state = self._state
-        state["state"]["key"][:] = (seed & _MASK64, index & _MASK64)
-        state["state"]["counter"][:] = (0, 0, epoch & _MASK64, tag & _MASK64)
-        state["buffer_pos"] = 4
-        state["has_uint32"] = 0
-        self._bits.state = state
-        return self._gen
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()  # type: ignore[misc]
 
 
 # -- configuration strings -----------------------------------------------------------------------
@@ -178,7 +143,7 @@ def check_token_bound(prefix: str, vocab_size: int) -> None:
         )
 
 
-def _digest(*parts: Any) -> str:
+def digest(*parts: Any) -> str:
     h = hashlib.sha256()
     for part in parts:
         if isinstance(part, np.ndarray):
@@ -194,14 +159,16 @@ def _digest(*parts: Any) -> str:
 
 class Window:
     """One window: ``tokens`` (int64, ``[CLS]`` first), ``sentence_starts`` (window positions where a
-    sentence begins, or None when not asked for) and the ``epoch`` it belongs to."""
+    sentence begins, or None when not asked for), the ``epoch`` it belongs to and its ``source`` (the prefix
+    of the dataset it was cut from)."""
 
-    __slots__ = ("epoch", "sentence_starts", "tokens")
+    __slots__ = ("epoch", "sentence_starts", "source", "tokens")
 
-    def __init__(self, tokens: np.ndarray, sentence_starts: np.ndarray | None, epoch: int) -> None:
+    def __init__(self, tokens: np.ndarray, sentence_starts: np.ndarray | None, epoch: int, source: str = "") -> None:
         self.tokens = tokens
         self.sentence_starts = sentence_starts
         self.epoch = epoch
+        self.source = source
 
 
 class DocumentWindows:
@@ -258,7 +225,7 @@ class DocumentWindows:
         else:
             self._chunks = stream // self.width + (stream % self.width > 1)
             self.samples_per_epoch = int(self._chunks.sum())
-        self.key = _digest(
+        self.key = digest(
             "glm-windows",
             CACHE_VERSION,
             self.seq_length,
@@ -337,7 +304,7 @@ class DocumentWindows:
     # -- index arrays --------------------------------------------------------------------------------
 
     def _build_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed & _MASK64, epoch, int(self.key, 16)])
+        rng = np.random.default_rng([self.seed & MASK64, epoch, int(self.key, 16)])
         S, W = self.samples_per_epoch, self.width
         if self.pack:
             order = rng.permutation(len(self.text_len))
@@ -414,7 +381,7 @@ class DocumentWindows:
         sentence_starts = None
         if sentences:
             sentence_starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
-        return Window(out[:filled], sentence_starts, epoch)
+        return Window(out[:filled], sentence_starts, epoch, self.prefix)
 
     def _check_ids(self, ids: np.ndarray, doc: int, offset: int) -> None:
         """Guard of the batch path: a token id outside the vocabulary (a corrupt ``.bin``) is an error naming
@@ -438,95 +405,3 @@ class DocumentWindows:
         size, base = self._itemsize, int(self.doc_start[doc])
         a, b = pointers.searchsorted(((base + lo) * size, (base + hi) * size))
         return pointers[a:b] // size - base
-
-
-# -- blending ------------------------------------------------------------------------------------
-
-
-def blend_schedule(weights: Sequence[float], num_samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """(dataset of each sample, its index within that dataset) for ``num_samples`` blended samples.
-
-    Dataset ``d``'s ``k``-th sample is due at ``(k + 0.5) / w_d``; samples are taken in order of due
-    time (ties to the lower dataset), so after ``i`` samples dataset ``d`` has given ``w_d * i``
-    rounded up or down.
-    """
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    due, which, index = [], [], []
-    for d, weight in enumerate(w):
-        count = int(math.ceil(weight * num_samples)) + 1
-        k = np.arange(count, dtype=np.int64)
-        due.append((k + 0.5) / weight)
-        which.append(np.full(count, d, dtype=np.int16))
-        index.append(k)
-    order = np.argsort(np.concatenate(due), kind="stable")[:num_samples]
-    return np.concatenate(which)[order], np.concatenate(index)[order]
-
-
-class BlendedWindows:
-    """Windows drawn from several :class:`DocumentWindows` by weight (``--data-path 0.3 A 0.7 B``)."""
-
-    def __init__(
-        self,
-        datasets: Sequence[DocumentWindows],
-        weights: Sequence[float],
-        num_samples: int,
-        *,
-        cache_dir: str = "",
-        build_cache: bool = True,
-    ) -> None:
-        if len(datasets) != len(weights) or not datasets:
-            raise ValueError("one weight per dataset")
-        self.datasets = list(datasets)
-        total = float(sum(weights))
-        self.weights = [w / total for w in weights]
-        self.num_samples = max(1, int(num_samples))
-        key = _digest("glm-blend", CACHE_VERSION, self.weights, self.num_samples, [d.key for d in self.datasets])
-        directory = cache_dir or os.path.dirname(os.path.abspath(self.datasets[0].prefix))
-        stem = os.path.join(directory, f"blend-{self.datasets[0].name}-{key}")
-        built: list[tuple[np.ndarray, np.ndarray]] = []
-
-        def build(part: int) -> np.ndarray:
-            if not built:
-                built.append(blend_schedule(self.weights, self.num_samples))
-            return built[0][part]
-
-        self._paths = (f"{stem}-dataset.npy", f"{stem}-index.npy")
-        self._schedule: tuple[np.ndarray, np.ndarray] | None = None
-        if build_cache:
-            for part, path in enumerate(self._paths):
-                cached_array(path, lambda part=part: build(part), True)
-
-    @property
-    def schedule(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._schedule is None:
-            self._schedule = tuple(  # type: ignore[assignment]
-                cached_array(path, lambda part=part: blend_schedule(self.weights, self.num_samples)[part], False)
-                for part, path in enumerate(self._paths)
-            )
-        return self._schedule  # type: ignore[return-value]
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_schedule"] = None
-        return state
-
-    @property
-    def has_sentences(self) -> bool:
-        return all(d.has_sentences for d in self.datasets)
-
-    def locate(self, index: int) -> tuple[int, int]:
-        """(dataset, window index within it) of blended sample ``index``."""
-        which, within = self.schedule
-        if index >= len(which):  # past the planned samples: extend the schedule in memory
-            self.num_samples = max(2 * self.num_samples, index + 1)
-            self._schedule = blend_schedule(self.weights, self.num_samples)
-            which, within = self._schedule
-        return int(which[index]), int(within[index])
-
-    def window(self, index: int, sentences: bool = False) -> Window:
-        d, k = self.locate(int(index))
-        return self.datasets[d].window(k, sentences)
-
-    def __len__(self) -> int:
-        return self.num_samples

@@ -12,8 +12,8 @@ A row is one GLM sequence of ``FinetuneConfig.seq_length`` tokens::
   choices of the task's files); missing choices are empty padding rows.
 
 ``objective`` (``[rows]``) tells rows apart: :data:`ROW_TASK` (a seq2seq row or a wrong choice),
-:data:`ROW_ANSWER` (the labelled choice), :data:`ROW_PAD` (padding). Pretraining objectives are 0..2, so
-task rows never count as a pretraining objective in the logs.
+:data:`ROW_ANSWER` (the labelled choice), :data:`ROW_PAD` (padding). They follow the pretraining objectives'
+ids (:data:`~megatron_glm.batch.OBJECTIVE_NAMES`), so task rows never count as a pretraining objective in the logs.
 
 Tokenization: a target or choice is encoded after a space (``" " + text``), as a span of running text is
 in pretraining (a blank carries its leading space; :func:`~megatron_glm.generation.encode_prompt` drops the
@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_glm.batch import OBJECTIVE_NAMES
 from megatron_glm.data.loader import MicroBatchSampler
 from megatron_glm.errors import DataError
 from megatron_glm.finetune.config import FinetuneConfig
 from megatron_glm.finetune.tasks import BLANKS, ClozeExample, Seq2SeqExample
 from megatron_glm.generation import InfillTokens, encode_prompt
 
-ROW_TASK, ROW_ANSWER, ROW_PAD = 3, 4, 5
+ROW_TASK, ROW_ANSWER, ROW_PAD = (len(OBJECTIVE_NAMES) + k for k in range(3))
 KEYS = ("input_ids", "labels", "loss_mask", "position_ids", "sep", "objective")
 
 

@@ -23,13 +23,17 @@ from megatron_glm.generation.kv_cache import KVCache
 from megatron_glm.parallel import ParallelState, gather_from_tensor_parallel_region
 
 
-def infill_mask(a_lens: torch.Tensor, a_pad: int, q_start: int, q_len: int, kv_len: int) -> torch.Tensor:
-    """Boolean ``[b, 1, q_len, kv_len]`` mask of queries ``q_start .. q_start + q_len - 1`` (see module doc)."""
+def infill_mask(
+    a_lens: torch.Tensor, a_pad: int, q_start: int, q_len: int, kv_len: int, *, causal: bool = False
+) -> torch.Tensor:
+    """Boolean ``[b, 1, q_len, kv_len]`` mask of queries ``q_start .. q_start + q_len - 1`` (see module doc);
+    ``causal``: Part A is causal too (a plain causal prompt, GLM-4's format)."""
     device = a_lens.device
     q = torch.arange(q_start, q_start + q_len, device=device).view(1, 1, q_len, 1)
     k = torch.arange(kv_len, device=device).view(1, 1, 1, kv_len)
     n = a_lens.view(-1, 1, 1, 1)
-    return (k < n) | ((k >= a_pad) & (k <= q)) | (k == q)
+    part_a = (k < n) & (k <= q) if causal else k < n
+    return part_a | ((k >= a_pad) & (k <= q)) | (k == q)
 
 
 def agree(t: torch.Tensor, parallel_state: ParallelState) -> torch.Tensor:
@@ -45,7 +49,8 @@ class Stepper:
     """Feeds one token per row per step and returns the next-token logits (full vocabulary, fp32).
 
     ``part_a``: each row's Part A token ids (positions ``0 .. n-1``, block position 0). ``use_cache``
-    selects the KV-cache path. Tensor-parallel ranks get identical logits (all-gathered vocabulary).
+    selects the KV-cache path; ``causal`` makes Part A causal (:func:`infill_mask`). Tensor-parallel ranks get
+    identical logits (all-gathered vocabulary).
     """
 
     def __init__(
@@ -57,8 +62,10 @@ class Stepper:
         use_cache: bool,
         parallel_state: ParallelState | None = None,
         capacity: int = 256,
+        causal: bool = False,
     ) -> None:
         self.model = model
+        self.causal = causal
         self.ps = parallel_state or getattr(model, "parallel_state", None) or ParallelState()
         self.device = next(model.parameters()).device
         b, a_pad = len(part_a), max(len(p) for p in part_a)
@@ -82,7 +89,7 @@ class Stepper:
 
     def _logits(self, ids: torch.Tensor, pos: torch.Tensor, q_start: int) -> torch.Tensor:
         q_len = ids.shape[1]
-        mask = infill_mask(self.a_lens, self.a_pad, q_start, q_len, q_start + q_len)
+        mask = infill_mask(self.a_lens, self.a_pad, q_start, q_len, q_start + q_len, causal=self.causal)
         if self.cache is None:
             out = self.model(ids, pos, mask)
         else:

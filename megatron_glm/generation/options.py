@@ -76,6 +76,11 @@ class GenerateRun:
     batch_size: int = opt(8, "Prompts per batch.")
     dtype: str = opt("fp32", "Parameter dtype.", choices=SHORT_NAMES)
     show_tokens: bool = opt(False, "Also print each blank's answer token ids.")
+    causal: bool = opt(
+        False,
+        "Continue each prompt causally in GLM-4's format ([gMASK]<sop> + the prompt, causal attention, 1-D "
+        "positions) until end of text or max_new_tokens, as transformers' generate does, instead of filling blanks.",
+    )
     generation: GenerateOptions = dataclasses.field(default_factory=GenerateOptions)
 
     def check(self) -> None:
@@ -99,6 +104,7 @@ GENERATE_FLAGS: dict[str, tuple[str, object]] = {
     "--interactive": ("interactive", True),
     "--dtype": ("dtype", None),
     "--show-tokens": ("show_tokens", True),
+    "--causal": ("causal", True),
     **{
         f"--{name.replace('_', '-')}": (f"generation.{name}", None)
         for name in ("num_beams", "temperature", "top_k", "top_p", "length_penalty", "max_new_tokens", "seed")

@@ -30,6 +30,7 @@ from torch import nn
 from megatron_glm.config import ModelConfig
 from megatron_glm.model import sequence_parallel as sp
 from megatron_glm.model.masks import AttentionMask
+from megatron_glm.model.norms import make_norm
 from megatron_glm.model.recompute import checkpointed
 from megatron_glm.parallel import ColumnParallelLinear, ParallelState, RNGStatesTracker, RowParallelLinear
 from megatron_glm.parallel.random import MODEL_PARALLEL_RNG, InitMethod
@@ -171,7 +172,8 @@ class ParallelSelfAttention(nn.Module):
 
     Multi-head, or grouped-query with ``config.num_query_groups`` key/value groups (query head ``i`` uses group
     ``i // (heads / groups)``; each tensor-parallel rank holds whole groups). ``layer_number`` (1-based) is the
-    query-key layer-scaling coefficient.
+    query-key layer-scaling coefficient. ``qk_norm`` (GLM-4.5): ``q_norm`` / ``k_norm`` over each head's dims after
+    the QKV split, before the rotary rotation (as transformers' ``Glm4MoeAttention``).
     """
 
     def __init__(
@@ -184,9 +186,11 @@ class ParallelSelfAttention(nn.Module):
         parallel_state: ParallelState,
         params_dtype: torch.dtype,
         device: torch.device | str | None,
+        hidden_dropout: float | None = None,
     ) -> None:
         super().__init__()
         impl, tp = config.attention_impl, parallel_state.tp_size
+        self.tp_group = parallel_state.tp_group
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
         heads, groups = config.num_attention_heads, config.query_groups
@@ -211,6 +215,9 @@ class ParallelSelfAttention(nn.Module):
             params_dtype=params_dtype,
             device=device,
         )
+        if config.qk_norm:  # GLM-4.5: over each head's dims, replicated on every rank
+            self.q_norm = make_norm(config, params_dtype, device, size=d)
+            self.k_norm = make_norm(config, params_dtype, device, size=d)
         self.dense = RowParallelLinear(
             q_rows,
             config.hidden_size,
@@ -221,7 +228,8 @@ class ParallelSelfAttention(nn.Module):
             params_dtype=params_dtype,
             device=device,
         )
-        self.output_dropout = nn.Dropout(config.hidden_dropout)
+        self.output_dropout = nn.Dropout(config.hidden_dropout if hidden_dropout is None else hidden_dropout)
+        self.qk_norm = config.qk_norm
 
     def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[b, s, (h_r + 2 g_r) d]`` laid out as ``[q_r; k_r; v_r]`` -> ``[b, h_r, s, d]``, ``[b, g_r, s, d]`` x 2."""
@@ -256,6 +264,9 @@ class ParallelSelfAttention(nn.Module):
         qkv = self.query_key_value(x, sequence_parallel)
         b, s, _ = qkv.shape
         q, k, v = self._split_qkv(qkv)
+        if self.qk_norm:  # each rank normalises its own heads: the replicated weights' gradients are summed
+            q = sp.layer_norm(self.q_norm, q, self.tp_group, True)
+            k = sp.layer_norm(self.k_norm, k, self.tp_group, True)
         if rotary is not None:
             q, k = rotary.apply(q), rotary.apply(k)
         p = self.attention_dropout if self.training else 0.0

@@ -156,8 +156,9 @@ def embedding_tensors(config: ModelConfig) -> list[TensorSpec]:
     return out
 
 
-def _norm(name: str, config: ModelConfig) -> list[TensorSpec]:
-    h = config.hidden_size
+def _norm(name: str, config: ModelConfig, size: int = 0) -> list[TensorSpec]:
+    """A norm of kind ``config.normalization`` over ``size`` (0: the hidden size), TP-replicated."""
+    h = size or config.hidden_size
     out = [TensorSpec(f"{name}.weight", (h,), "norm", init="ones")]
     if config.normalization == "LayerNorm":
         out.append(TensorSpec(f"{name}.bias", (h,), "bias"))
@@ -196,9 +197,13 @@ def layer_tensors(config: ModelConfig) -> list[TensorSpec]:
     out.append(TensorSpec("attention.query_key_value.weight", (q + 2 * kv, h), "weight", 0, **qkv, **inits["qkv"]))
     if config.add_qkv_bias:
         out.append(TensorSpec("attention.query_key_value.bias", (q + 2 * kv,), "bias", 0, **qkv))
+    if config.qk_norm:
+        out += _norm("attention.q_norm", config, hd) + _norm("attention.k_norm", config, hd)
     out.append(TensorSpec("attention.dense.weight", (h, q), "weight", 1, **inits["dense"]))
     if linear_bias:
         out.append(TensorSpec("attention.dense.bias", (h,), "bias"))
+    if config.sandwich_norm:
+        out += _norm("post_self_attn_layernorm", config)
     out += _norm("post_attention_layernorm", config)
     out.append(TensorSpec("mlp.dense_h_to_4h.weight", (f_in, h), "weight", 0, **glu, **inits["h_to_4h"]))
     if linear_bias:
@@ -206,6 +211,8 @@ def layer_tensors(config: ModelConfig) -> list[TensorSpec]:
     out.append(TensorSpec("mlp.dense_4h_to_h.weight", (h, f), "weight", 1, **inits["4h_to_h"]))
     if linear_bias:
         out.append(TensorSpec("mlp.dense_4h_to_h.bias", (h,), "bias"))
+    if config.sandwich_norm:
+        out += _norm("post_mlp_layernorm", config)
     return out
 
 

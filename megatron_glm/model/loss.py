@@ -42,7 +42,7 @@ class GLMLoss:
 
 
 GROUP_SLOTS = 8
-"""Group ids :meth:`GLMLoss.group_sums` takes: the objectives (0-2), fine-tuning's row kinds (up to 5)."""
+"""Group ids :meth:`GLMLoss.group_sums` takes: the objectives (0-3), fine-tuning's row kinds (up to 6)."""
 
 
 def group_sums_dict(sums: torch.Tensor | None) -> dict[int, list[float]]:

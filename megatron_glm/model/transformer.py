@@ -20,6 +20,7 @@ from megatron_glm.model import sequence_parallel as sp
 from megatron_glm.model.attention import LayerKVCache, ParallelSelfAttention, QueryRows
 from megatron_glm.model.layout import LAYER_PREFIX
 from megatron_glm.model.masks import AttentionMask
+from megatron_glm.model.norms import make_norm
 from megatron_glm.model.recompute import checkpointed
 from megatron_glm.model.rotary import RotaryPositions
 from megatron_glm.parallel import ColumnParallelLinear, ParallelState, RNGStatesTracker, RowParallelLinear
@@ -34,13 +35,6 @@ class KVCacheLike(Protocol):
     def length(self) -> int: ...
 
     def layer(self, index: int) -> LayerKVCache: ...
-
-
-def make_norm(config: ModelConfig, dtype: torch.dtype, device: torch.device | str | None) -> nn.Module:
-    """``config.normalization`` over the hidden size: ``nn.LayerNorm`` (weight, bias) or ``nn.RMSNorm`` (weight)."""
-    if config.normalization == "RMSNorm":
-        return nn.RMSNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=dtype, device=device)
-    return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=dtype, device=device)
 
 
 class ParallelMLP(nn.Module):
@@ -60,6 +54,7 @@ class ParallelMLP(nn.Module):
         parallel_state: ParallelState,
         params_dtype: torch.dtype,
         device: torch.device | str | None,
+        hidden_dropout: float | None = None,
     ) -> None:
         super().__init__()
         hidden, ffn, self.activation = config.hidden_size, config.ffn_size, config.activation
@@ -84,7 +79,7 @@ class ParallelMLP(nn.Module):
             params_dtype=params_dtype,
             device=device,
         )
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = nn.Dropout(config.hidden_dropout if hidden_dropout is None else hidden_dropout)
 
     def _act(self, y: torch.Tensor) -> torch.Tensor:
         if self.activation == "gelu":
@@ -117,6 +112,8 @@ class GLMLayer(nn.Module):
     x = N2(h); h = alpha x + MLP(x)`` with ``alpha = sqrt(2 L)``: chained over layers this is DeepNorm's post-LN
     ``x = LN(alpha x + f(x))`` (the first norm normalises the embeddings, the final norm closes the last
     sub-layer), the form and tensors of the released code. The two differ in their initialisation only (layout).
+    ``sandwich_norm`` (GLM-4-0414, pre_ln): ``h = h + D(N_pa(Attn(N1(h)))); h = h + D(N_pm(MLP(N2(h))))``, the
+    hidden dropout ``D`` after the post-norms ``post_self_attn_layernorm`` / ``post_mlp_layernorm``.
     """
 
     def __init__(
@@ -132,6 +129,8 @@ class GLMLayer(nn.Module):
         super().__init__()
         self.tp_group = parallel_state.tp_group
         self.alpha = None if config.residual_style == "pre_ln" else (2.0 * config.num_layers) ** 0.5
+        sandwich = config.sandwich_norm
+        inner_dropout = 0.0 if sandwich else None  # sandwich: the dropout comes after the post-norm
         self.input_layernorm = make_norm(config, params_dtype, device)
         self.attention = ParallelSelfAttention(
             config,
@@ -141,7 +140,9 @@ class GLMLayer(nn.Module):
             parallel_state=parallel_state,
             params_dtype=params_dtype,
             device=device,
+            hidden_dropout=inner_dropout,
         )
+        self.post_self_attn_layernorm = make_norm(config, params_dtype, device) if sandwich else None
         self.post_attention_layernorm = make_norm(config, params_dtype, device)
         self.mlp = ParallelMLP(
             config,
@@ -150,7 +151,26 @@ class GLMLayer(nn.Module):
             parallel_state=parallel_state,
             params_dtype=params_dtype,
             device=device,
+            hidden_dropout=inner_dropout,
         )
+        self.post_mlp_layernorm = make_norm(config, params_dtype, device) if sandwich else None
+        self.post_dropout = nn.Dropout(config.hidden_dropout) if sandwich else None
+
+    def _post_norm(
+        self,
+        norm: nn.Module | None,
+        y: torch.Tensor,
+        tracker: RNGStatesTracker | None,
+        sequence_parallel: bool,
+        rows: QueryRows | None,
+    ) -> torch.Tensor:
+        """A sub-layer's output through its sandwich post-norm and the hidden dropout (``y`` as is without one)."""
+        if norm is None:
+            return y
+        y = sp.layer_norm(norm, y, self.tp_group, sequence_parallel)
+        if rows is not None:
+            return rows.dropout(self.post_dropout, y)
+        return sp.dropout(self.post_dropout, y, tracker, sequence_parallel)
 
     def forward(
         self,
@@ -173,9 +193,11 @@ class GLMLayer(nn.Module):
             a = self.attention(x, mask, tracker, kv_cache, rotary=rotary)
         if rows is not None:
             h, x = rows.select(h), rows.select(x)
+        a = self._post_norm(self.post_self_attn_layernorm, a, tracker, sequence_parallel, rows)
         h = h + a if self.alpha is None else self.alpha * x + a
         x = sp.layer_norm(self.post_attention_layernorm, h, self.tp_group, sequence_parallel)
         m = self.mlp(x, tracker, sequence_parallel, rows=rows)
+        m = self._post_norm(self.post_mlp_layernorm, m, tracker, sequence_parallel, rows)
         return h + m if self.alpha is None else self.alpha * x + m
 
 

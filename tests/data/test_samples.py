@@ -8,11 +8,10 @@ import os
 import numpy as np
 import pytest
 
+from megatron_glm.data.blending import BlendedWindows, blend_schedule
 from megatron_glm.data.samples import (
-    BlendedWindows,
     DocumentWindows,
     KeyedRNG,
-    blend_schedule,
     cached_array,
     parse_data_path,
     parse_split,

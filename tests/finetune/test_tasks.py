@@ -179,7 +179,11 @@ def test_training_order_is_resumable_and_covers_each_epoch() -> None:
     assert resumed == seen[6:14]
     valid = TaskDataset(encoded, rows_per_example=1, seq_length=4, pad=0, shuffle=False)
     batch = collate_rows([valid[5], valid[6], valid[7]])
-    assert batch["input_ids"][:, 0].tolist() == [5, 6, 0] and batch["objective"].tolist() == [3, 3, ROW_PAD]
+    assert batch["input_ids"][:, 0].tolist() == [5, 6, 0] and batch["objective"].tolist() == [
+        ROW_TASK,
+        ROW_TASK,
+        ROW_PAD,
+    ]
 
 
 def _take(it, n: int) -> list:

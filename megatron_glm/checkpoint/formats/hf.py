@@ -38,6 +38,7 @@ from megatron_glm.model.layout import ModelLayout
 
 from .hf_chatglm import CHATGLM2_FAMILY, CHATGLM_FAMILY
 from .hf_family import Derived, HFFamily
+from .hf_native import NATIVE_FAMILIES, TOKENIZER_JSON, write_native_files
 from .packing import PRECISION_ONLY
 from .standalone import DEFAULT_SHARD_BYTES, check_shards, read_weight_index, write_weight_shards
 
@@ -132,8 +133,8 @@ GLM_FAMILY = HFFamily(
     architecture=GLM_ARCH,
 )
 
-#: Published layouts by name (``glm``, ``chatglm-6b``, ``chatglm2-6b``).
-FAMILIES: dict[str, HFFamily] = {f.name: f for f in (GLM_FAMILY, CHATGLM_FAMILY, CHATGLM2_FAMILY)}
+#: Published layouts by name (``glm``, ``chatglm-6b``, ``chatglm2-6b``, ``GlmForCausalLM``, ...).
+FAMILIES: dict[str, HFFamily] = {f.name: f for f in (GLM_FAMILY, CHATGLM_FAMILY, CHATGLM2_FAMILY, *NATIVE_FAMILIES)}
 
 
 def detect_family(raw: dict[str, Any]) -> HFFamily | None:
@@ -144,15 +145,22 @@ def detect_family(raw: dict[str, Any]) -> HFFamily | None:
     return None
 
 
-def family_for(config: ModelConfig) -> HFFamily:
-    """The published layout that holds a model of ``config`` (one-line error naming what each family lacks)."""
-    reasons = []
-    for family in FAMILIES.values():
-        bad = family.check(config)
-        if bad is None:
+def family_for(config: ModelConfig, layout: str = "") -> HFFamily:
+    """The published layout that holds a model of ``config``: ``layout`` (a :data:`FAMILIES` name) or else the
+    first that does, transformers' native classes first (one-line error naming what each family lacks)."""
+    if layout:
+        if layout not in FAMILIES:
+            raise CheckpointError(f"--hf-layout {layout!r}: unknown (choose from {', '.join(FAMILIES)})")
+        bad = FAMILIES[layout].check(config)
+        if bad is not None:
+            raise CheckpointError(f"the {layout} HuggingFace layout cannot hold this model: {bad}")
+        return FAMILIES[layout]
+    reasons = {name: family.check(config) for name, family in FAMILIES.items()}
+    for family in sorted(FAMILIES.values(), key=lambda f: not f.native):
+        if reasons[family.name] is None:
             return family
-        reasons.append(f"{family.name}: {bad}")
-    raise CheckpointError(f"no published HuggingFace layout holds this model ({'; '.join(reasons)})")
+    listed = "; ".join(f"{name}: {bad}" for name, bad in reasons.items())
+    raise CheckpointError(f"no published HuggingFace layout holds this model ({listed})")
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:
@@ -191,8 +199,13 @@ class HFSource:
         self.weight_map = self._weight_map(path)
         layout = ModelLayout(config)
         self._hf_name = {}
+        self._pieces: dict[str, list[str]] = {}
         self._open: dict[str, Any] = {}
         for spec in layout:
+            pieces = family.split(config, spec.name)
+            if pieces:
+                self._pieces[spec.name] = [self._check_piece(n, (r, *spec.shape[1:])) for n, r in pieces]
+                continue
             cands = family.candidates(spec.name)
             hf_name = next((c for c in cands if c in self.weight_map), None)
             if hf_name is None:
@@ -206,13 +219,22 @@ class HFSource:
         for d in derived:
             self._check_derived(d, notes)
         self.release()
-        known = set(self._hf_name.values()) | {d.name for d in derived}
+        known = set(self._hf_name.values()) | {d.name for d in derived} | {n for p in self._pieces.values() for n in p}
         extra = sorted(n for n in self.weight_map if n not in known)
         if extra:
             notes.append(f"ignored {len(extra)} tensors that are not part of the GLM model: {extra[:4]}")
-        tok = [str(path / TOKENIZER_MODEL)] if (path / TOKENIZER_MODEL).is_file() else []
+        tok = [str(path / f) for f in (TOKENIZER_JSON, TOKENIZER_MODEL) if (path / f).is_file()][:1]
         self.info = SourceInfo(format="hf", path=str(path), config=config, tokenizer_files=tok, notes=notes)
         self._names = layout.names()
+
+    def _check_piece(self, hf_name: str, shape: tuple[int, ...]) -> str:
+        """A published tensor that holds part of one of ours: present with ``shape``."""
+        if hf_name not in self.weight_map:
+            raise CheckpointError(f"{self.path}: missing tensor {hf_name} (expected shape {list(shape)})")
+        if self._shape(hf_name) != shape:
+            found = list(self._shape(hf_name))
+            raise CheckpointError(f"{self.path}: tensor {hf_name} has shape {found}, expected {list(shape)}")
+        return hf_name
 
     def _check_derived(self, d: Derived, notes: list[str]) -> None:
         """A stored tensor that our model does not hold: checked against what export would write for it."""
@@ -273,6 +295,8 @@ class HFSource:
         return f[hf_name] if isinstance(f, dict) else f.get_tensor(hf_name)
 
     def tensor(self, name: str) -> torch.Tensor:
+        if name in self._pieces:
+            return torch.cat([self._raw(n) for n in self._pieces[name]], dim=0)
         return self.family.ours(self.config, name, self._raw(self._hf_name[name]))
 
     module_tensor = tensor
@@ -295,6 +319,7 @@ def write_hf(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     max_new_tokens: int = 32,
     family: HFFamily | None = None,
+    notes: list[str] | None = None,
 ) -> list[str]:
     """Write the HuggingFace folder (see the module docstring); returns the weight files.
 
@@ -311,6 +336,9 @@ def write_hf(
         after.setdefault(d.after, []).append(d)
 
     def expand(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        pieces = family.split(config, name)
+        if pieces:
+            return [(n, p) for (n, _), p in zip(pieces, t.split([r for _, r in pieces], dim=0))]
         own = (family.hf_name(name), family.theirs(config, name, t))
         return [own] + [(d.name, d.make(t).clone()) for d in after.get(name, [])]
 
@@ -320,10 +348,13 @@ def write_hf(
     fields: dict[str, Any] = {
         "architectures": list(family.architectures),
         "model_type": family.model_type,
-        "auto_map": dict(family.auto_map),
+        **({"auto_map": dict(family.auto_map)} if family.auto_map else {}),
         **family.to_config(config),
         "torch_dtype": DTYPE_NAMES[dtype],
     }
+    if family.native:  # transformers' own classes and fast tokenizer
+        (notes if notes is not None else []).extend(write_native_files(out, fields, config, tokenizer))
+        return files
     if not family.code_files:  # written for the family's published code and tokenizer (not shipped here)
         (out / CONFIG).write_text(json.dumps(fields, indent=1), encoding="utf-8")
         return files

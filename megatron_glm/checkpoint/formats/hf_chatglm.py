@@ -200,7 +200,7 @@ CHATGLM2_ARCH = ArchitectureFamily(
     recorded=frozenset(
         {"num_layers", "hidden_size", "num_attention_heads", "kv_channels", "ffn_hidden_size", "vocab_size"}
         | {"max_sequence_length", "num_query_groups", "group_query_attention", "add_bias_linear", "add_qkv_bias"}
-        | {"apply_query_key_layer_scaling", "attention_softmax_in_fp32", "layernorm_epsilon"}
+        | {"apply_query_key_layer_scaling", "attention_softmax_in_fp32", "layernorm_epsilon", "rotary_base"}
     ),
 )
 
@@ -230,7 +230,15 @@ def _chatglm2_to_config(cfg: ModelConfig) -> dict[str, Any]:
         "post_layer_norm": True,
         "original_rope": True,
         "tie_word_embeddings": False,
+        **({"rope_ratio": _rope_ratio(cfg.rotary_base)} if cfg.rotary_base != 10000.0 else {}),
     }
+
+
+def _rope_ratio(base: float) -> float | int:
+    """ChatGLM3 / GLM-4's ``rope_ratio``: their code's rotary base is ``10000 x rope_ratio`` (ChatGLM2's code has
+    no such key: written only when the base is not 10000)."""
+    ratio = base / 10000.0
+    return int(ratio) if ratio.is_integer() else ratio
 
 
 def _chatglm2_from_config(raw: dict[str, Any], where: str) -> ModelConfig:
@@ -241,7 +249,6 @@ def _chatglm2_from_config(raw: dict[str, Any], where: str) -> ModelConfig:
         ("apply_residual_connection_post_layernorm", False),
         ("original_rope", True),
         ("tie_word_embeddings", False),
-        ("rope_ratio", 1),
         ("quantization_bit", 0),
         ("pre_seq_len", None),
     ):
@@ -264,6 +271,7 @@ def _chatglm2_from_config(raw: dict[str, Any], where: str) -> ModelConfig:
         vocab_size=int(raw["padded_vocab_size"]),
         max_sequence_length=int(raw.get("seq_length", 2048)),
         layernorm_epsilon=float(raw.get("layernorm_epsilon", 1e-5)),
+        rotary_base=10000.0 * float(raw.get("rope_ratio") or 1),
         hidden_dropout=float(raw.get("hidden_dropout", 0.0)),
         attention_dropout=float(raw.get("attention_dropout", 0.0)),
     )

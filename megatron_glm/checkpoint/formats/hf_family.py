@@ -40,6 +40,10 @@ def _no_derived(config: ModelConfig) -> list[Derived]:
     return []
 
 
+def _no_split(config: ModelConfig, name: str) -> tuple[tuple[str, int], ...]:
+    return ()
+
+
 @dataclass(frozen=True)
 class HFFamily:
     """One published HuggingFace layout: config keys both ways, tensor names and packing, remote code."""
@@ -66,6 +70,12 @@ class HFFamily:
     to_theirs: TensorMap | None = None
     to_ours: TensorMap | None = None
     derived: Callable[[ModelConfig], list[Derived]] = _no_derived
+    split: Callable[[ModelConfig, str], tuple[tuple[str, int], ...]] = _no_split
+    """Our tensor -> the published tensors it is stored as, stacked along dim 0 (``(name, rows)`` each, e.g. the
+    fused QKV as separate ``q/k/v_proj``); empty: one tensor, :meth:`hf_name`."""
+    native: bool = False
+    """A transformers class holds the layout (no remote code): the export writes ``tokenizer.json`` and
+    transformers' config, and is preferred over a remote-code layout that holds the same model."""
 
     @property
     def name(self) -> str:
