@@ -40,7 +40,7 @@ fi
 
 say "4. import: the release (native transformers layout) -> our training checkpoint at TP=2"
 [ -f "$OUT/imported/latest" ] || $PY tools/convert_checkpoint.py --input "$RELEASE" --output "$OUT/imported" \
-  --format native --target-tp 2
+  --format native --target-tp 2 2>&1 | quiet
 
 say "5. preprocess: the corpus with the release's own tokenizer.json (one sequence per document, end of text after each)"
 [ -f "$OUT/pydoc_text_document.idx" ] || $PY tools/preprocess_data.py --input "$OUT/pydoc.jsonl" \
@@ -48,7 +48,7 @@ say "5. preprocess: the corpus with the release's own tokenizer.json (one sequen
 
 # The architecture comes from the imported checkpoint (sealed in it); only the run's options are given here.
 # The causal objective in GLM-4's input format: [gMASK]<sop> then the text, loss on every text token.
-TRAIN=(--data-path "$OUT/pydoc_text_document" --tokenizer-model "$RELEASE" --objective causal
+TRAIN=(--data-path "$OUT/pydoc_text_document" --tokenizer-model "$RELEASE" --data.objective.causal_prob 1 --bert-prob 0
        --seq-length 128 --micro-batch-size 4 --global-batch-size 8 --train-iters "$STEPS" --lr 2e-3 --min-lr 1e-4
        --lr-warmup-iters 4 --lr-decay-style cosine --lr-decay-iters "$STEPS" --log-interval "$LOG_INTERVAL" --eval-interval 0
        --seed 1234 --load "$OUT/imported" --checkpoint.load_weights_only true)
@@ -74,7 +74,7 @@ done_at "$OUT/pp2" || train "$OUT/pp2" --pipeline-model-parallel-size 2
 
 say "8. export: the TP=2 run -> the native transformers layout (GlmForCausalLM's names and config, tokenizer files)"
 [ -f "$OUT/export-hf/config.json" ] || $PY tools/convert_checkpoint.py --input "$OUT/tp2" --output "$OUT/export-hf" \
-  --format hf
+  --format hf --tokenizer-model "$RELEASE" 2>&1 | quiet
 
 say "9. transformers: AutoModelForCausalLM / AutoTokenizer from the exported folder, offline, no remote code; greedy generation"
 $PY examples/generate_with_transformers.py --model "$OUT/export-hf" --prompt "The for statement" \
