@@ -87,6 +87,8 @@ def test_named_sizes_match_reference() -> None:
         # The GLM-4 generation (docs/family.md; parameter counts in tests/checkpoint/test_hf_native.py).
         "chatglm3-6b": (28, 4096, 32, 8192),
         "glm-4-9b": (40, 4096, 32, 131072),
+        "glm-4-9b-0414": (40, 4096, 32, 32768),
+        "glm-4-32b-0414": (61, 6144, 48, 32768),
     }
     for name, (layers, hidden, heads, positions) in published.items():
         m = build_config({"model.size": name}).model

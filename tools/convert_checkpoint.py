@@ -8,12 +8,16 @@ Examples (run from the repository root):
 
     python tools/convert_checkpoint.py --input glm-130b-sat --output ckpt/glm130b --format native --target-tp 8
     python tools/convert_checkpoint.py --input ckpt/chatglm --output chatglm-hf --format hf --dtype fp16
+    python tools/convert_checkpoint.py --input glm-4-9b-0414 --output ckpt/glm4 --format native --target-tp 2
+    python tools/convert_checkpoint.py --input ckpt/glm4 --output glm4-hf --format hf --dtype bf16   # no remote code
 
 The input format is detected: one of our training checkpoints (a --save directory or one global_stepN
 directory), an original GLM checkpoint (mp_rank_XX_model_states.pt), GLM-130B's SwissArmyTransformer
 checkpoint (mp_rank files with SAT's names / model_config.json), a standalone model (config.json +
-model.safetensors), or a HuggingFace folder of the family (GLM, ChatGLM-6B, ChatGLM2-6B; --format hf writes
-the layout of the model's family). Every conversion re-reads what it wrote and compares shapes, dtypes and checksums.
+model.safetensors), or a HuggingFace folder of the family (GLM, ChatGLM-6B, ChatGLM2/3, GLM-4-9B's remote code,
+transformers' GlmForCausalLM / Glm4ForCausalLM; --format hf writes transformers' own class when one holds the model,
+else the layout of the model's family; --hf-layout picks one). Every conversion re-reads what it wrote and compares
+shapes, dtypes and checksums.
 """
 
 from __future__ import annotations

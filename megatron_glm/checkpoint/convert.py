@@ -45,9 +45,10 @@ class ConvertOptions:
         "native: training checkpoint (resumable) in the --target-* layout; universal: DeepSpeed's universal "
         "checkpoint with the optimizer state, resumable by a run of any tp/dp/ZeRO-1-2 layout without "
         "pipelining; glm: original GLM mp_rank files; safetensors: standalone model for "
-        "megatron_glm.checkpoint.load_pretrained; hf: HuggingFace folder in THUDM's published layout of the "
-        "model's family (GLM with its transformers code; ChatGLM-6B, ChatGLM2-6B); sat: GLM-130B's "
-        "SwissArmyTransformer mp_rank files.",
+        "megatron_glm.checkpoint.load_pretrained; hf: HuggingFace folder: transformers' own GlmForCausalLM / "
+        "Glm4ForCausalLM for GLM-4-shaped models (no remote code), else THUDM's published layout of the "
+        "model's family (GLM with its transformers code; ChatGLM-6B, ChatGLM2-6B; see --hf-layout); sat: "
+        "GLM-130B's SwissArmyTransformer mp_rank files.",
         choices=FORMATS,
     )
     target_tp: int = opt(1, "Tensor-parallel size of the output.")

@@ -33,6 +33,17 @@ FAMILY_OPTIONS = MappingProxyType(
             apply_query_key_layer_scaling=True,
             attention_softmax_in_fp32=True,
         ),
+        "glm-4-0414": dict(
+            position_embedding_type="rope",
+            rotary_percent=0.5,
+            rotary_interleaved=True,
+            activation="swiglu",
+            normalization="RMSNorm",
+            add_bias_linear=False,
+            untie_embeddings_and_output_weights=True,
+            attention_softmax_in_fp32=True,
+            sandwich_norm=True,
+        ),
     }
 )
 
@@ -108,6 +119,29 @@ MODEL_SIZES = MappingProxyType(
             layernorm_epsilon=1.5625e-07,
             rotary_base=5_000_000.0,  # rope_ratio 500
             **FAMILY_OPTIONS["chatglm2-6b"],
+        ),
+        "glm-4-9b-0414": dict(
+            num_layers=40,
+            hidden_size=4096,
+            num_attention_heads=32,
+            kv_channels=128,
+            num_query_groups=2,
+            ffn_hidden_size=13696,
+            max_sequence_length=32768,
+            vocab_size=151552,
+            **FAMILY_OPTIONS["glm-4-0414"],
+        ),
+        "glm-4-32b-0414": dict(
+            num_layers=61,
+            hidden_size=6144,
+            num_attention_heads=48,
+            kv_channels=128,
+            num_query_groups=2,
+            ffn_hidden_size=23040,
+            max_sequence_length=32768,
+            vocab_size=151552,
+            add_qkv_bias=False,
+            **FAMILY_OPTIONS["glm-4-0414"],
         ),
     }
 )

@@ -341,13 +341,7 @@ class BlankInfilling:
         b_target[offsets + sizes - 1] = sp.eop
         a_input = part_a
         if objective == TOKEN and m and (c.block_mask_prob > 0 or c.context_mask_ratio > 0):
-            if c.block_mask_prob > 0:
-                hide = rng.random(total_b) < c.block_mask_prob
-                hide[offsets] = False
-                b_input[hide] = sp.dblock
-            if c.context_mask_ratio > 0:
-                a_input = self._context_mask(part_a, mask_at, n, rng)
-
+            a_input = self._corrupt(part_a, b_input, offsets, mask_at, n, rng)
         end_b = sep + total_b
         out = self._template.copy()  # rows: input ids, labels (pad-filled), positions, block positions
         out[0, :sep] = a_input
@@ -359,12 +353,11 @@ class BlankInfilling:
         out[3, sep:end_b] = block if c.block_position else 1
         loss_mask = np.zeros(L, dtype=np.float32)
         loss_mask[sep:end_b] = 1.0
-        input_ids, labels, position_ids = out[0], out[1], out[2:]
         sample = {
-            "input_ids": input_ids,
-            "labels": labels,
+            "input_ids": out[0],
+            "labels": out[1],
             "loss_mask": loss_mask,
-            "position_ids": position_ids,
+            "position_ids": out[2:],
             "sep": sep,
             "objective": objective,
         }
@@ -374,6 +367,24 @@ class BlankInfilling:
             doc_ids[sep:end_b] = doc_b
             sample["doc_ids"] = doc_ids
         return sample
+
+    def _corrupt(
+        self,
+        part_a: np.ndarray,
+        b_input: np.ndarray,
+        offsets: np.ndarray,
+        mask_at: np.ndarray,
+        n: int,
+        rng: np.random.Generator,
+    ) -> np.ndarray:
+        """The token objective's extra noise: ``block_mask_prob`` of the Part B inputs (never ``[sop]``, at
+        ``offsets``) become [dBLOCK] in place; returns the Part A input (:meth:`_context_mask` applied)."""
+        c = self.cfg
+        if c.block_mask_prob > 0:
+            hide = rng.random(len(b_input)) < c.block_mask_prob
+            hide[offsets] = False
+            b_input[hide] = self.special.dblock
+        return self._context_mask(part_a, mask_at, n, rng) if c.context_mask_ratio > 0 else part_a
 
     def _context_mask(self, part_a: np.ndarray, mask_at: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
         """Replace ``context_mask_ratio`` x n Part A tokens next to blanks by [dBLOCK]."""

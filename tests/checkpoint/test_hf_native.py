@@ -8,9 +8,12 @@ original's, greedy ``generate`` equals ``tools/generate.py --causal``. Also THUD
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +23,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_glm.checkpoint.convert import ConvertOptions, convert_checkpoint, open_source
+from megatron_glm.checkpoint.formats.hf import FAMILIES
 from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import ModelConfig
 from megatron_glm.config.sizes import MODEL_SIZES
 from megatron_glm.data.bpe_training import train_byte_bpe
+from megatron_glm.data.tiktoken_file import byte_to_unicode
 from megatron_glm.data.tokenizer import open_tokenizer
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model import GLMModel, ModelLayout
@@ -98,6 +103,31 @@ def glm_release(tmp_path_factory: pytest.TempPathFactory, tokenizer_json: Path, 
     return _release(tmp_path_factory.mktemp("glm") / "release", "glm", tokenizer_json)
 
 
+@pytest.fixture(scope="module")
+def glm4_release(tmp_path_factory: pytest.TempPathFactory, tokenizer_json: Path, offline) -> Path:
+    """A tiny random Glm4ForCausalLM (sandwich norms) and its tokenizer, saved by transformers itself."""
+    return _release(tmp_path_factory.mktemp("glm4") / "release", "glm4", tokenizer_json)
+
+
+@pytest.fixture(scope="module", params=["glm", "glm4"])
+def release(request: pytest.FixtureRequest) -> tuple[str, Path]:
+    return request.param, request.getfixturevalue(f"{request.param}_release")
+
+
+@pytest.fixture(scope="module")
+def round_trip(release: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The release imported into our TP=2 layout, and that exported with --format hf (sharded): (tp2, export)."""
+    tmp = tmp_path_factory.mktemp(f"{release[0]}_round_trip")
+    convert(release[1], tmp / "tp2", format="native", target_tp=2)
+    assert open_source(tmp / "tp2").info.tp == 2
+    report = convert(tmp / "tp2", tmp / "export", format="hf", max_shard_bytes=40_000)  # the release's tokenizer
+    assert report.verified > 0 and not any("tokenizer" in note for note in report.notes), report.notes
+    return tmp / "tp2", tmp / "export"
+
+
+ARCHITECTURES = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM"}
+
+
 def _release(folder: Path, kind: str, tokenizer_json: Path) -> Path:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -162,27 +192,21 @@ def hf_generate(folder: Path, ids: list[int]) -> list[int]:
     return out[: next((i for i, t in enumerate(out) if t in stops), len(out))]
 
 
-def _round_trip(release: Path, tmp: Path, tokenizer_json: Path) -> tuple[Path, Path]:
-    convert(release, tmp / "tp2", format="native", target_tp=2)
-    assert open_source(tmp / "tp2").info.tp == 2
-    report = convert(tmp / "tp2", tmp / "export", format="hf", max_shard_bytes=40_000, tokenizer_model=str(release))
-    assert report.verified > 0
-    return tmp / "tp2", tmp / "export"
-
-
-def test_glm_for_causal_lm_round_trips_through_tp2(glm_release: Path, tokenizer_json: Path, tmp_path: Path) -> None:
+def test_native_release_round_trips_through_tp2(release: tuple[str, Path], round_trip, tokenizer_json: Path) -> None:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    kind, glm_release = release
     src = open_source(glm_release)
     cfg = src.info.config
     assert src.info.format == "hf" and src.info.tokenizer_files == [str(glm_release / "tokenizer.json")]
     assert (cfg.rotary_base, cfg.rotary_percent, cfg.rotary_interleaved, cfg.query_groups) == (5e5, 0.5, True, 2)
-    tp2, export = _round_trip(glm_release, tmp_path, tokenizer_json)
+    assert cfg.sandwich_norm == (kind == "glm4")
+    tp2, export = round_trip
     files = sorted(p.name for p in export.iterdir())
     assert "model.safetensors.index.json" in files and len([f for f in files if f.startswith("model-")]) > 1
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(files)
     config = json.loads((export / "config.json").read_text())
-    assert config["architectures"] == ["GlmForCausalLM"] and config["model_type"] == "glm"
+    assert config["architectures"] == [ARCHITECTURES[kind]] and config["model_type"] == kind
     assert "auto_map" not in config and config["rope_theta"] == 5e5 and config["num_key_value_heads"] == 2
     # the same tensors under the same names, bitwise
     theirs = load_file(glm_release / "model.safetensors")
@@ -216,6 +240,9 @@ x = torch.tensor([ids])
 with torch.no_grad():
     logits = model(x).logits[0]
 out = model.generate(x, max_new_tokens=new, do_sample=False)[0, len(ids):].tolist()
+stops = model.generation_config.eos_token_id
+stops = stops if isinstance(stops, list) else [stops]
+out = out[: next((i for i, t in enumerate(out) if t in stops), len(out))]
 print(json.dumps({"version": transformers.__version__, "class": type(model).__name__, "logits": logits.tolist(),
                   "tokens": out, "ids": tok("[gMASK]<sop>" + sys.argv[4], add_special_tokens=False).input_ids}))
 """
@@ -232,13 +259,15 @@ def load_in_transformers4(folder: Path, ids: list[int]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_the_glm_export_loads_in_transformers_4(glm_release: Path, tokenizer_json: Path, tmp_path: Path) -> None:
-    tp2, export = _round_trip(glm_release, tmp_path, tokenizer_json)
+def test_the_export_loads_in_transformers_4(release: tuple[str, Path], round_trip, tokenizer_json: Path) -> None:
+    """Logits equal the original's; greedy tokens equal transformers 5's (which equal tools/generate.py's)."""
+    (kind, glm_release), (_, export) = release, round_trip
     ids = prompt_ids(tokenizer_json)
     got = load_in_transformers4(export, ids)
-    assert got["class"] == "GlmForCausalLM" and got["ids"] == ids
+    assert got["class"] == ARCHITECTURES[kind] and got["ids"] == ids
     assert (torch.tensor(got["logits"]) - hf_logits(glm_release, ids)).abs().max().item() < 1e-5
-    assert got["tokens"][: len(ours := our_generate(tp2, tokenizer_json))] == ours
+    want = hf_generate(export, ids)
+    assert len(want) >= 3 and got["tokens"] == want
 
 
 def test_layouts_the_native_class_cannot_hold_are_refused(glm_release: Path, tmp_path: Path) -> None:
@@ -252,6 +281,65 @@ def test_layouts_the_native_class_cannot_hold_are_refused(glm_release: Path, tmp
     convert(tmp_path / "ours", tmp_path / "c2", format="hf", hf_layout="chatglm2-6b")
     c2 = json.loads((tmp_path / "c2" / "config.json").read_text())
     assert c2["model_type"] == "chatglm" and c2["rope_ratio"] == 50 and c2["padded_vocab_size"] > 0
+
+
+def test_glm4_needs_the_sandwich_norms(glm_release: Path, glm4_release: Path, tmp_path: Path) -> None:
+    """GLM-4-0414's layout holds only models with sandwich_norm; GlmForCausalLM only models without; qk_norm
+    (GLM-4.5) neither: each is a one-line refusal naming the field."""
+    convert(glm_release, tmp_path / "glm", format="native")
+    with pytest.raises(CheckpointError, match=r"Glm4ForCausalLM HuggingFace layout cannot hold this model: "
+                       r"sandwich_norm = False \(this layout: True\)$"):  # fmt: skip
+        convert(tmp_path / "glm", tmp_path / "x", format="hf", hf_layout="Glm4ForCausalLM")
+    convert(glm4_release, tmp_path / "glm4", format="native")
+    with pytest.raises(CheckpointError, match=r"GlmForCausalLM HuggingFace layout cannot hold this model: "
+                       r"sandwich_norm = True \(this layout: False\)$"):  # fmt: skip
+        convert(tmp_path / "glm4", tmp_path / "x", format="hf", hf_layout="GlmForCausalLM")
+    assert not (tmp_path / "x").exists()
+    for family in FAMILIES.values():
+        arch = dataclasses.replace(family.architecture.value, qk_norm=True)
+        assert family.architecture.mismatch(arch) == "qk_norm = True (this layout: False)", family.name
+    # the weights on disk tell the same: a Glm4 config over a Glm folder lacks the sandwich norms
+    bad = tmp_path / "mislabelled"
+    shutil.copytree(glm_release, bad)
+    raw = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**raw, "model_type": "glm4", "architectures": ["Glm4ForCausalLM"]}))
+    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.0\.post_self_attn_layernorm\.weight"):
+        open_source(bad)
+
+
+def test_native_release_through_a_pipeline_layout(glm4_release: Path, tmp_path: Path) -> None:
+    """Glm4ForCausalLM -> native PP=2 (model only) -> Glm4ForCausalLM: the release's tensors, bitwise."""
+    convert(glm4_release, tmp_path / "pp2", format="native", target_pp=2)
+    assert open_source(tmp_path / "pp2").info.pp == 2
+    convert(tmp_path / "pp2", tmp_path / "back", format="hf", tokenizer_model=str(glm4_release))
+    back, theirs = load_file(tmp_path / "back" / "model.safetensors"), load_file(glm4_release / "model.safetensors")
+    assert sorted(back) == sorted(theirs) and all(torch.equal(back[k], theirs[k]) for k in theirs)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["architectures"] == ["Glm4ForCausalLM"]
+
+
+def test_a_tiktoken_tokenizer_is_exported_as_tokenizer_json(glm_release: Path, tokenizer_json: Path, tmp_path) -> None:
+    """GLM-4-9B's remote code ships a tiktoken BPE file: the export writes it as a tokenizer.json that
+    AutoTokenizer loads as a fast tokenizer giving our ids, and its chat stops in generation_config.json."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    inverse = {char: byte for byte, char in byte_to_unicode().items()}
+    vocab = Tokenizer.from_file(str(tokenizer_json)).get_vocab(with_added_tokens=False)
+    ranks = [bytes(inverse[c] for c in piece) for piece in sorted(vocab, key=vocab.get)]
+    tik = tmp_path / "glm-4-9b" / "tokenizer.model"
+    tik.parent.mkdir()
+    tik.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks)), encoding="ascii")
+    ours = open_tokenizer(tik)
+    assert ours.kind == "tiktoken"
+    rows = ours.vocab_size + ours.vocab_size % 2
+    convert(glm_release, tmp_path / "out", format="hf", tokenizer_model=str(tik), vocab_size=rows)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    for text in (PROMPT, *CORPUS, "  tabs\tand 中文 🦙 I'LL 12345"):
+        assert tok(text, add_special_tokens=False).input_ids == ours.encode(text, allow_special=False)
+    assert tok.convert_tokens_to_ids(["[gMASK]", "<sop>"]) == [ours.gmask_id, ours.sop_id]
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    stops = [ours.eos_id, ours.token_to_id("<|user|>"), ours.token_to_id("<|observation|>")]
+    assert generation["eos_token_id"] == stops
 
 
 # -- THUDM's remote-code GLM-4-9B layout ------------------------------------------------------------------------
@@ -314,6 +402,8 @@ def test_thudm_remote_glm4_layout_imports_with_rope_ratio(glm_release: Path, tok
 PARAMETERS = {
     "chatglm3-6b": 6_243_584_000,
     "glm-4-9b": 9_399_951_360,
+    "glm-4-9b-0414": 9_400_279_040,
+    "glm-4-32b-0414": 32_566_081_536,
 }
 
 
@@ -321,8 +411,9 @@ PARAMETERS = {
 def test_named_sizes_have_the_published_parameter_counts(size: str, offline) -> None:
     cfg = ModelConfig(**MODEL_SIZES[size])
     assert sum(math.prod(spec.shape) for spec in ModelLayout(cfg)) == PARAMETERS[size]
+    assert sum(p.numel() for p in GLMModel(cfg, device="meta").parameters()) == PARAMETERS[size]
     # transformers' own class of the same shape counts the same
-    hf = transformers.GlmConfig(
+    hf = (transformers.Glm4Config if cfg.sandwich_norm else transformers.GlmConfig)(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.query_groups, head_dim=cfg.head_dim, attention_bias=cfg.add_qkv_bias,

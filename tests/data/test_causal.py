@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_glm.batch import OBJECTIVE_NAMES
-from megatron_glm.config import ObjectiveConfig
+from megatron_glm.config import ObjectiveConfig, load_config, problems
 from megatron_glm.data.bpe_training import train_byte_bpe
 from megatron_glm.data.causal import CausalSamples
 from megatron_glm.data.loader import build_pretraining_datasets, collate
@@ -167,3 +167,15 @@ def test_a_tokenizer_without_cls_serves_the_causal_objective_only(make_indexed_d
     cfg.data.objective.causal_prob = 0.0
     cfg.data.objective.causal_datasets = [prefix]  # every dataset causal: no [CLS] needed
     assert build_pretraining_datasets(cfg, tokenizer)[0][0]["objective"] == CAUSAL
+
+
+def test_mixture_flags_are_checked() -> None:
+    cfg = load_config(["--bert-prob", "0.5", "--gap-sentence-prob", "0.25", "--data.objective.causal_prob", "0.5"])
+    assert problems(cfg) == [
+        "data.objective.bert_prob + gap_sentence_prob + causal_prob must be <= 1 (the rest is the document objective), "
+        "got 1.25"
+    ]
+    cfg = load_config(["--data-path", "0.5", "a", "0.5", "b", "--data.objective.causal_datasets", "b", "c"])
+    assert cfg.data.objective.causal_datasets == ["b", "c"]
+    assert problems(cfg) == ["data.objective.causal_datasets names ['c'], which data.data_path does not hold"]
+    assert problems(load_config(["--data-path", "a", "--data.objective.causal_prob", "1", "--bert-prob", "0"])) == []

@@ -63,3 +63,20 @@ def test_errors_are_one_line(spm_model, tmp_path) -> None:
     assert out.returncode == 2 and out.stderr.startswith("error:") and len(out.stderr.splitlines()) == 1
     out = dump("--data-path", str(tmp_path / "missing"), "--tokenizer-model", str(spm_model), "--bert-prob", "2")
     assert out.returncode == 2 and "bert_prob" in out.stderr
+
+
+@pytest.mark.slow
+def test_causal_samples(pydoc_dataset, spm_model) -> None:
+    from megatron_glm.data.tokenizer import GLMTokenizer
+
+    tok = GLMTokenizer(spm_model)
+    common = ["--data-path", pydoc_dataset["document"], "--tokenizer-model", str(spm_model), "--seq-length", "64"]
+    causal = [*common, "--bert-prob", "0", "--data.objective.causal_prob", "1", "--num", "3"]
+    records = [json.loads(line) for line in dump(*causal).stdout.splitlines()]
+    assert len(records) == 3
+    for r in records:
+        assert r["objective"] == "causal" and r["sep"] == 0 and r["input_ids"][:2] == [tok.gmask_id, tok.sop_id]
+        assert r["labels"][1:3] == r["input_ids"][2:4] and set(r["block_position_ids"]) == {0}
+    pretty = dump(*causal, "--pretty")
+    assert pretty.returncode == 0, pretty.stderr
+    assert pretty.stdout.count("causal objective") == 3 and "[gMASK][sop]" in pretty.stdout

@@ -20,10 +20,13 @@ def model_config_from_dict(fields: dict[str, Any], where: str) -> ModelConfig:
 
 
 def tokenizer_files(model_path: str | Path | None) -> list[str]:
-    """The sentencepiece model (and its .vocab when present), if the file exists."""
+    """The sentencepiece model (and its .vocab when present), a ``tokenizer.json`` (or the one in a folder) or a
+    tiktoken file, if it exists."""
     if not model_path:
         return []
     p = Path(model_path)
+    if p.is_dir() and (p / "tokenizer.json").is_file():
+        return [str(p / "tokenizer.json")]
     if not p.is_file():
         return []
     out = [str(p)]

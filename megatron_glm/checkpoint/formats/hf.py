@@ -11,10 +11,13 @@ Import (``HFSource``): such a folder, ours or THUDM's: tensor names with or with
 JSON) or not. Every tensor the layout needs is checked by name and shape when the folder is opened.
 
 A family (the published layout of one model architecture) is one :class:`HFFamily` in :data:`FAMILIES`:
-its config mapping both ways, its tensor names and packing, the tensors it stores that our model does not, its
-code files. GLM (``model_type: glm``) ships our remote code; ChatGLM-6B and ChatGLM2-6B (``model_type: chatglm``,
-told apart by their config keys; ``hf_chatglm``) are written for THUDM's published code, which the export does
-not include. Export picks the family whose architecture the model has (:func:`family_for`).
+its config mapping both ways, its tensor names and packing (a tensor of ours may be stored as several, e.g. q/k/v),
+the tensors it stores that our model does not, its code files. GLM (``model_type: glm`` with ``auto_map``) ships
+our remote code; ChatGLM-6B and ChatGLM2-6B (``model_type: chatglm``, told apart by their config keys, ChatGLM3 and
+GLM-4-9B's remote code included; ``hf_chatglm``) are written for THUDM's published code, which the export does not
+include; transformers' own ``GlmForCausalLM`` / ``Glm4ForCausalLM`` (``hf_native``) need no remote code and get
+``tokenizer.json`` files. Export picks the family whose architecture the model has, transformers' classes first,
+or the one ``--hf-layout`` names (:func:`family_for`).
 """
 
 from __future__ import annotations
@@ -338,7 +341,7 @@ def write_hf(
     def expand(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         pieces = family.split(config, name)
         if pieces:
-            return [(n, p) for (n, _), p in zip(pieces, t.split([r for _, r in pieces], dim=0))]
+            return [(n, p.clone()) for (n, _), p in zip(pieces, t.split([r for _, r in pieces], dim=0))]
         own = (family.hf_name(name), family.theirs(config, name, t))
         return [own] + [(d.name, d.make(t).clone()) for d in after.get(name, [])]
 

@@ -23,6 +23,8 @@ computed in the weights' dtype as their code does), per layer ``transformer.enco
 ``input_layernorm``, ``self_attention.query_key_value`` (``[Q; K of the groups; V of the groups]``: ours
 unchanged), ``self_attention.dense``, ``post_attention_layernorm``, ``mlp.dense_h_to_4h`` (SwiGLU ``[gate; up]``,
 ours), ``mlp.dense_4h_to_h``; ``transformer.encoder.final_layernorm``; ``transformer.output_layer.weight``.
+ChatGLM3-6B and GLM-4-9B's remote code (``THUDM/glm-4-9b(-chat)``) use the same layout with ``rope_ratio``: their
+rotary base is ``10000 x rope_ratio`` (read; written when the base is not 10000).
 """
 
 from __future__ import annotations

@@ -54,6 +54,8 @@ _RECORDED = frozenset(
     | {"rotary_percent", "rotary_base", "untie_embeddings_and_output_weights"}
 )
 _OPTIONS = {**FAMILY_OPTIONS["chatglm2-6b"], "apply_query_key_layer_scaling": False}
+#: Glm4ForCausalLM: GLM-4-0414's options (ChatGLM2's plus the sandwich norms).
+_GLM4_OPTIONS = dict(FAMILY_OPTIONS["glm-4-0414"])
 
 
 def _rename(name: str) -> str:
@@ -165,7 +167,8 @@ def _family(key: str, model_type: str, options: dict[str, Any]) -> HFFamily:
 
 
 GLM_NATIVE_FAMILY = _family("GlmForCausalLM", "glm", _OPTIONS)
-NATIVE_FAMILIES = (GLM_NATIVE_FAMILY,)
+GLM4_NATIVE_FAMILY = _family("Glm4ForCausalLM", "glm4", _GLM4_OPTIONS)
+NATIVE_FAMILIES = (GLM_NATIVE_FAMILY, GLM4_NATIVE_FAMILY)
 
 
 # -- the files besides the weights ----------------------------------------------------------------------------

@@ -359,6 +359,9 @@ def write_native(
     config["model"] = {**config.get("model", {}), **dataclasses.asdict(cfg)}
     par = config.setdefault("parallel", {})
     par.update({"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": target.pp, "data_parallel_size": dp})
+    data = config.setdefault("data", {})
+    if not data.get("tokenizer_model") and src.info.tokenizer_files:  # an imported release's own tokenizer
+        data["tokenizer_model"] = str(Path(src.info.tokenizer_files[0]).resolve())
     meta["converted_from"] = {
         "path": src.info.path,
         "format": src.info.format,
