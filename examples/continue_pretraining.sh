@@ -74,7 +74,7 @@ done_at "$OUT/pp2" || train "$OUT/pp2" --pipeline-model-parallel-size 2
 
 say "8. export: the TP=2 run -> the native transformers layout (GlmForCausalLM's names and config, tokenizer files)"
 [ -f "$OUT/export-hf/config.json" ] || $PY tools/convert_checkpoint.py --input "$OUT/tp2" --output "$OUT/export-hf" \
-  --format hf --tokenizer-model "$RELEASE" 2>&1 | quiet
+  --format hf 2>&1 | quiet
 
 say "9. transformers: AutoModelForCausalLM / AutoTokenizer from the exported folder, offline, no remote code; greedy generation"
 $PY examples/generate_with_transformers.py --model "$OUT/export-hf" --prompt "The for statement" \
