@@ -6,14 +6,16 @@
 # half of each head, untied head) with a byte-level BPE tokenizer.json trained on the embedded corpus. With a
 # real release (e.g. a GLM-4-9B "-hf" folder) skip steps 2-3 and point RELEASE at it.
 #
-#   bash examples/continue_pretraining.sh               # ~2-3 minutes on 2 CPU cores
+#   bash examples/continue_pretraining.sh               # ~70 s of CPU time: a few minutes on 2 CPU cores
 #   STEPS=100 bash examples/continue_pretraining.sh     # longer runs (the TP=2 run stops at STEPS/2 and resumes)
 #   CHECK_RESUME=1 bash examples/continue_pretraining.sh   # also the TP=2 run without the stop, to compare
 #
 # Steps: corpus -> tokenizer -> release -> import into our layout (TP=2) -> preprocess the corpus with the
 # release's tokenizer -> continue pretraining (causal objective) at TP=2, stopped halfway and resumed, and at
 # PP=2 -> export to the native transformers layout -> transformers loads it WITHOUT remote code and generates.
-# Each step whose output exists is skipped, so a rerun goes on where a failed one stopped.
+# Each step whose output exists is skipped, so a rerun goes on where a failed one stopped. Measured (2-core CPU
+# shared with other jobs, defaults): loss 7.55 -> 6.50 at TP=2 and PP=2 alike; 426 s wall, 68 s of CPU time.
+# A tiny model after 40 steps continues a prompt with the corpus's commonest tokens; the point is the round trip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/continue_pretraining}
