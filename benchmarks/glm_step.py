@@ -45,10 +45,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.original_glm import OriginalGLM, original_loss  # noqa: E402
 from megatron_glm.config import ObjectiveConfig, build_config  # noqa: E402
-from megatron_glm.data.blank_infilling import OBJECTIVE_NAMES, BlankInfilling, SpecialTokens  # noqa: E402
+from megatron_glm.data.blank_infilling import OBJECTIVE_NAMES, SpecialTokens  # noqa: E402
 from megatron_glm.data.indexed_dataset import IndexedDataset  # noqa: E402
 from megatron_glm.data.loader import GLMDataset, collate  # noqa: E402
 from megatron_glm.data.objective_choice import BLANK_OBJECTIVES  # noqa: E402
+from megatron_glm.data.objectives import Objectives  # noqa: E402
 from megatron_glm.data.samples import DocumentWindows  # noqa: E402
 from megatron_glm.data.tokenizer import GLMTokenizer  # noqa: E402
 from megatron_glm.model import GLMModel, compiled_glm_loss, flops_per_token  # noqa: E402
@@ -108,7 +109,7 @@ def real_batches(workdir: Path, seq: int, batch: int, vocab: int) -> tuple[list[
     windows = DocumentWindows(
         data, (0, data.num_documents), seq, cls_id=special.cls, eos_id=special.eos, seed=1, cache_dir=str(workdir)
     )
-    dataset = GLMDataset(windows, BlankInfilling(GLM_10B_MIXTURE, special, seq), seed=1, group_size=batch)
+    dataset = GLMDataset(windows, Objectives(GLM_10B_MIXTURE, special, seq), seed=1, group_size=batch)
     first: dict[int, int] = {}
     for group in range(1000):
         first.setdefault(dataset.choice(group * batch).objective, group)

@@ -46,6 +46,7 @@ from megatron_glm.data.blank_infilling import (
 from megatron_glm.data.char_boundaries import CharBoundaries
 from megatron_glm.data.indexed_dataset import IndexedDatasetBuilder
 from megatron_glm.data.loader import GLMDataset
+from megatron_glm.data.objectives import Objectives
 from megatron_glm.data.samples import DocumentWindows, KeyedRNG
 
 VOCAB = 30000
@@ -191,7 +192,7 @@ def main() -> None:
 
         for objective in (TOKEN, SENTENCE, DOCUMENT):
             cfg = ObjectiveConfig(bert_prob=float(objective == TOKEN), gap_sentence_prob=float(objective == SENTENCE))
-            ds = GLMDataset(windows, BlankInfilling(cfg, SP, L, chars), seed=1, group_size=8)
+            ds = GLMDataset(windows, Objectives(cfg, SP, L, chars), seed=1, group_size=8)
             rows.append((f"dataset   {OBJECTIVE_NAMES[objective]}", rate(ds.__getitem__, args.seconds)))
         for name, cfg in (
             ("mixture (default: 0.5 token, 0.5 document)", ObjectiveConfig()),
@@ -199,8 +200,9 @@ def main() -> None:
                 "mixture (10B: 0.5 token, 0.3 sentence, 0.2 document)",
                 ObjectiveConfig(gap_sentence_prob=0.3, gpt_min_ratio=0.25),
             ),
+            ("causal (GLM-4's [gMASK]<sop> format)", ObjectiveConfig(bert_prob=0.0, causal_prob=1.0)),
         ):
-            ds = GLMDataset(windows, BlankInfilling(cfg, SP, L, chars), seed=1, group_size=8)
+            ds = GLMDataset(windows, Objectives(cfg, SP, L, chars), seed=1, group_size=8)
             rows.append((f"dataset   {name}", rate(ds.__getitem__, args.seconds)))
 
         token_lists = [w.tokens.tolist() for w in pool[:100]]

@@ -46,7 +46,7 @@ from megatron_glm.batch import OBJECTIVE_NAMES
 from megatron_glm.config.sections import ObjectiveConfig
 from megatron_glm.data.blank_spans import fit_spans, place_many, truncated_poisson_pmf
 from megatron_glm.data.char_boundaries import CharBoundaries
-from megatron_glm.data.objective_choice import DOCUMENT, SENTENCE, TOKEN, ObjectiveChoice, choose_objective
+from megatron_glm.data.objective_choice import DOCUMENT, SENTENCE, TOKEN, ObjectiveChoice
 from megatron_glm.tokens import CommandTokens
 
 __all__ = [
@@ -74,8 +74,9 @@ class BlankInfilling:
     """Builds fixed-length GLM samples from token windows.
 
     ``objective`` holds the mixture flags, ``special`` the command-token ids and ``seq_length`` the
-    length of every sample. Call :meth:`choose` once per micro-batch (or sample) with that group's
-    generator, then :meth:`sample` per sample with the sample's own generator.
+    length of every sample. Call :meth:`sample` per sample with the sample's own generator and the
+    :class:`ObjectiveChoice` of its micro-batch (:func:`~megatron_glm.data.objective_choice.choose_objective`;
+    :class:`~megatron_glm.data.objectives.Objectives` does both, for every objective).
     """
 
     def __init__(
@@ -117,12 +118,6 @@ class BlankInfilling:
         self._spare = self._pool
         counts = np.arange(1, self._pool + 1)
         self._full_targets = np.maximum(1, (objective.mask_ratio * (seq_length - 2 * counts)).astype(np.int64))
-
-    # -- choices -------------------------------------------------------------------------------------
-
-    def choose(self, rng: np.random.Generator) -> ObjectiveChoice:
-        """Draw the objective (and the single-span / short-sequence switches) as the original does."""
-        return choose_objective(self.cfg, rng)
 
     def sample(
         self,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from megatron_glm.config import GLMConfig, batch_sizes
-from megatron_glm.data.blank_infilling import BlankInfilling, SpecialTokens
+from megatron_glm.data.blank_infilling import SpecialTokens
 from megatron_glm.data.blending import BlendedWindows
 from megatron_glm.data.char_boundaries import CharBoundaries
 from megatron_glm.data.dataset_meta import check_dataset_tokenizer
@@ -76,7 +76,7 @@ class GLMDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         windows: Windows,
-        sampler: Objectives | BlankInfilling,
+        sampler: Objectives,
         *,
         seed: int,
         group_size: int = 1,

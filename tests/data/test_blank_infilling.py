@@ -19,6 +19,7 @@ from megatron_glm.data.blank_infilling import (
     SpecialTokens,
     truncated_poisson_pmf,
 )
+from megatron_glm.data.objective_choice import choose_objective
 
 SP = SpecialTokens(pad=100, eos=101, cls=102, mask=103, smask=104, gmask=105, sop=106, eop=107, dblock=108)
 MASKS = {SP.mask, SP.smask, SP.gmask}
@@ -197,7 +198,7 @@ def test_truncated_poisson_pmf() -> None:
 def test_single_span() -> None:
     cfg = ObjectiveConfig(single_span_prob=1.0)
     bi = BlankInfilling(cfg, SP, 128)
-    choice = bi.choose(np.random.default_rng(0))
+    choice = choose_objective(cfg, np.random.default_rng(0))
     assert choice.single_span and choice.objective == TOKEN
     rng = np.random.default_rng(1)
     for i in range(300):
@@ -261,9 +262,8 @@ def test_document_infill_excludes_final_eos() -> None:
 
 def test_objective_frequencies_follow_the_flags() -> None:
     cfg = ObjectiveConfig(bert_prob=0.5, gap_sentence_prob=0.3, single_span_prob=0.1, short_seq_prob=0.2)
-    bi = BlankInfilling(cfg, SP, 64)
     count = 20000
-    choices = [bi.choose(np.random.default_rng([1, i])) for i in range(count)]
+    choices = [choose_objective(cfg, np.random.default_rng([1, i])) for i in range(count)]
     objectives = np.bincount([c.objective for c in choices], minlength=3) / count
     single = np.mean([c.single_span for c in choices])
     short = np.mean([c.short_seq for c in choices])
@@ -282,7 +282,7 @@ def test_short_seq_cuts_the_window() -> None:
     lengths = []
     for i in range(300):
         window = make_window(rng, 128)
-        choice = bi.choose(np.random.default_rng(i))
+        choice = choose_objective(cfg, np.random.default_rng(i))
         assert choice.short_seq
         sample = bi.sample(window, np.random.default_rng(i), choice)
         spans = check(sample, window, 128, exact=False)

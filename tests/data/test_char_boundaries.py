@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from megatron_glm.config import load_config
-from megatron_glm.data.blank_infilling import BlankInfilling, SpecialTokens
+from megatron_glm.data.blank_infilling import SpecialTokens
 from megatron_glm.data.char_boundaries import CharBoundaries
 from megatron_glm.data.loader import GLMDataset, build_pretraining_datasets
+from megatron_glm.data.objectives import Objectives
 from megatron_glm.data.preprocess import PreprocessConfig, preprocess
 from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.data.tokenizer_training import train_sentencepiece
@@ -70,7 +71,7 @@ def test_every_part_decodes_to_whole_characters(lunyu: dict[str, str], seq: int,
     ds, tokenizer = _dataset(lunyu, seq, *flags)
     chars = ds.sampler.chars
     assert chars is not None and chars.continuation.sum() > 30
-    unguarded = GLMDataset(ds.windows, BlankInfilling(ds.sampler.cfg, ds.sampler.special, seq), seed=ds.seed)
+    unguarded = GLMDataset(ds.windows, Objectives(ds.sampler.cfg, ds.sampler.special, seq), seed=ds.seed)
     broken = spans = 0
     for index in range(400):
         sample = ds[index]
