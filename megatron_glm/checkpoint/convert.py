@@ -154,6 +154,8 @@ def _target_vocab(
 def _check_target(src: ModelSource, opts: ConvertOptions) -> CheckpointFormat:
     """The target format, once ``opts`` is checked against it and the source's model."""
     fmt = format_named(opts.format)
+    if opts.hf_layout and fmt.name != "hf":
+        raise CheckpointError(f"--hf-layout {opts.hf_layout}: only the hf format has layouts (got --format {fmt.name})")
     if opts.target_pp != 1 and not fmt.pipelined:
         raise CheckpointError(f"--target-pp {opts.target_pp}: only the native format has pipeline layouts")
     if opts.target_pp < 1 or src.info.config.num_layers % opts.target_pp:

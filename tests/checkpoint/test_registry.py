@@ -82,3 +82,11 @@ def test_unknown_folders_and_names_are_one_line_errors_listing_the_formats(tmp_p
         detect_format(tmp_path / "missing")
     with pytest.raises(CheckpointError, match=f"unknown format 'onnx' \\(choose from {', '.join(FORMATS)}\\)"):
         format_named("onnx")
+
+
+def test_hf_layout_with_another_format_is_refused(folders: dict[str, Path], tmp_path: Path) -> None:
+    opts = ConvertOptions(format="safetensors", hf_layout="GlmForCausalLM")
+    with pytest.raises(CheckpointError) as caught:
+        convert_checkpoint(folders["native"], tmp_path / "out", opts)
+    assert str(caught.value) == "--hf-layout GlmForCausalLM: only the hf format has layouts (got --format safetensors)"
+    assert not (tmp_path / "out").exists()
