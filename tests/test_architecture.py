@@ -69,7 +69,7 @@ def test_a_reader_takes_what_the_command_line_does_not_restate() -> None:
     out = adopt_architecture(cfg, saved(), "ckpt", logs.append)
     assert out.model.architecture() == dataclasses.replace(saved(), hidden_dropout=0.0)
     assert out.model.attention_impl == "eager" and out.optimizer.lr == 0.1  # execution options stay this run's
-    assert logs == ["ckpt: the command line overrides the checkpoint's architecture: hidden_dropout 0.1 -> 0.0"]
+    assert logs == ["architecture override: hidden_dropout 0.1 -> 0.0 (checkpoint ckpt)"]
     # Restating the checkpoint's values is no contradiction.
     same = load_config([*ROPE, "--model.num_layers", "2"])
     assert adopt_architecture(same, saved(), "ckpt", logs.append).model.architecture() == saved()
@@ -99,15 +99,22 @@ def test_override_architecture_allows_rotary_base_and_rotary_positions_only() ->
     assert (out.model.rotary_base, out.model.max_sequence_length) == (1000000.0, 4096)
     assert out.model.residual_style == "post_ln_alpha"
     assert logs == [
-        "ckpt: the command line overrides the checkpoint's architecture: max_sequence_length 512 -> 4096, "
-        "rotary_base 500000.0 -> 1000000.0"
+        "architecture override: max_sequence_length 512 -> 4096, rotary_base 500000.0 -> 1000000.0 (checkpoint ckpt)"
     ]
+    # Megatron's name of the length is accepted too.
+    alias = load_config(
+        [*flags, "--override-architecture", "rotary_base", "--override-architecture", "max_position_embeddings"]
+    )
+    assert adopt_architecture(alias, saved(), "ckpt", logs.append).model.max_sequence_length == 4096
     with pytest.raises(ConfigError, match=r"max_sequence_length: checkpoint 512 vs command line 4096\); .* allow"):
         adopt_architecture(load_config(flags[2:]), saved(), "ckpt")
     with pytest.raises(
-        ConfigError, match=r"--override-architecture hidden_size: only max_sequence_length, rotary_base"
+        ConfigError,
+        match=r"--override-architecture hidden_size: changes the weights' shapes .*; only max_sequence_length, rotary_base",
     ):
         adopt_architecture(load_config(["--override-architecture", "hidden_size"]), saved(), "ckpt")
+    with pytest.raises(ConfigError, match=r"--override-architecture rope_theta: unknown field rope_theta; only"):
+        adopt_architecture(load_config(["--override-architecture", "rope_theta"]), saved(), "ckpt")
     learned = ModelConfig().architecture()
     with pytest.raises(ConfigError, match="learned position tables"):
         adopt_architecture(load_config(["--override-architecture", "max_sequence_length"]), learned, "ckpt")

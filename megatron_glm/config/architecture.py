@@ -9,7 +9,9 @@ the checkpoint; one the user set to something else is refused, every such field 
 - the training-only fields (:data:`TRAINING_ONLY`: dropouts, init_std, embedding_grad_shrink), which do not change
   what the weights compute: the command line's value is used and logged;
 - the fields of :data:`OVERRIDABLE` named in ``--override-architecture`` (``rotary_base``; ``max_sequence_length``
-  of a rotary model, which has no position tables): used and logged.
+  of a rotary model, which has no position tables, also named ``max_position_embeddings`` as Megatron's flag): used
+  and logged (``architecture override: rotary_base 10000.0 -> 1000000.0 (checkpoint ...)``), and recorded by the
+  run's new checkpoints. A length recipe (4K -> 32K -> 128K with the rotary base raised) is such an override.
 
 A checkpoint format declares the architectures it can hold as an :class:`ArchitectureFamily`: a full architecture
 value plus the fields the format records (closed world: any other field must have the family's value, so a new
@@ -89,6 +91,8 @@ Architecture.__doc__ = (
 TRAINING_ONLY = frozenset({"hidden_dropout", "attention_dropout", "init_std", "embedding_grad_shrink"})
 #: Fields that ``--override-architecture`` may change (``max_sequence_length`` only with rotary positions).
 OVERRIDABLE = frozenset({"rotary_base", "max_sequence_length"})
+#: Other names ``--override-architecture`` accepts for a field (Megatron's / transformers' name of the length).
+OVERRIDE_ALIASES = {"max_position_embeddings": "max_sequence_length"}
 
 
 def _value(arch: Any, name: str) -> Any:
@@ -101,12 +105,16 @@ def explicit_architecture_fields(cfg: GLMConfig) -> set[str]:
 
 
 def _overrides(cfg: GLMConfig, saved: Architecture) -> set[str]:
-    names = {n.strip() for v in cfg.checkpoint.override_architecture for n in v.split(",") if n.strip()}
+    given = [n.strip() for v in cfg.checkpoint.override_architecture for n in v.split(",") if n.strip()]
+    names = {OVERRIDE_ALIASES.get(n, n) for n in given}
     bad = sorted(names - OVERRIDABLE - TRAINING_ONLY)
     if bad:
+        unknown = sorted(set(bad) - set(ARCHITECTURE_FIELDS))
+        kind = f"unknown field {', '.join(unknown)}" if unknown else "changes the weights' shapes or what they compute"
         raise ConfigError(
-            f"--override-architecture {', '.join(bad)}: only {', '.join(sorted(OVERRIDABLE))} may be overridden "
-            f"(the training-only {', '.join(sorted(TRAINING_ONLY))} need no flag)"
+            f"--override-architecture {', '.join(bad)}: {kind}; only {', '.join(sorted(OVERRIDABLE))} (alias "
+            f"max_position_embeddings) may be overridden (the training-only {', '.join(sorted(TRAINING_ONLY))} "
+            "need no flag)"
         )
     if "max_sequence_length" in names and not saved.rotary:
         raise ConfigError(
@@ -139,7 +147,7 @@ def adopt_architecture(
         )
     if differing:
         changed = ", ".join(f"{n} {_value(saved, n)!r} -> {_value(mine, n)!r}" for n in differing)
-        log(f"{where}: the command line overrides the checkpoint's architecture: {changed}")
+        log(f"architecture override: {changed} (checkpoint {where})")
     arch = dataclasses.replace(saved, **{n: _value(mine, n) for n in differing})
     return dataclasses.replace(cfg, model=cfg.model.with_architecture(arch))
 
