@@ -6,7 +6,8 @@
 
 ``--dry-run`` validates the configuration (for the launcher's world size, else TP x PP x DP of the config) and
 prints it, the parameter count and the memory per rank (weights, grads, optimizer states; and the set-up peak, while
-the model is built), without training.
+the model is built) and the activation memory per rank for the run's sequence length, context-parallel size and
+recompute setting (``megatron_glm.model.activation_memory``), without training.
 ``--help`` lists every option.
 """
 
@@ -37,12 +38,14 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = adopt_checkpoint_architecture(cfg, lambda message: print(message, file=sys.stderr))
         p = cfg.parallel
-        planned = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * max(1, p.data_parallel_size)
+        planned = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+        planned *= max(1, p.data_parallel_size)
         world_size = int(os.environ.get("WORLD_SIZE", str(planned)))
         validate(cfg, world_size, local_device_type())  # fp16 on a CPU is refused here, before DeepSpeed
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         print(f"configuration is valid for world size {world_size}")
         print(dry_run_memory(cfg, world_size))
+        print(dry_run_activations(cfg, world_size))
         return 0
     from megatron_glm.training.failures import lost_peer_message
     from megatron_glm.training.run import pretrain  # heavy imports (torch, deepspeed) only when training
@@ -84,6 +87,31 @@ def dry_run_memory(cfg: GLMConfig, world_size: int) -> str:
         f"parameters: {est.parameters:,}\n{trainable}"
         f"memory per rank (TP {tp} x PP {pp} x DP {dp}, ZeRO {stage}, {t.precision}; "
         f"{est.stage_parameters:,} parameters on the largest rank): {est.describe()}"
+    )
+
+
+def dry_run_activations(cfg: GLMConfig, world_size: int) -> str:
+    """The activation memory per rank of one step (CUDA kernels: 1-byte dropout masks) on the busiest stage."""
+    from megatron_glm.config import derived_data_parallel_size
+    from megatron_glm.config.validate import batch_sizes
+    from megatron_glm.model.activation_memory import StepShape, estimate_activation_memory
+
+    p, m = cfg.parallel, cfg.model
+    _, accumulation, _ = batch_sizes(cfg, derived_data_parallel_size(cfg, world_size))
+    shape = StepShape(
+        seq_length=cfg.data.seq_length,
+        micro_batch_size=cfg.training.micro_batch_size,
+        tp=p.tensor_model_parallel_size,
+        cp=p.context_parallel_size,
+        pp=p.pipeline_model_parallel_size,
+        precision=cfg.training.precision,
+        micro_batches=accumulation,
+    )
+    est = estimate_activation_memory(m, shape)
+    sp = ", sequence parallel" if m.sequence_parallel and shape.tp > 1 else ""
+    return (
+        f"activation memory per rank (seq {shape.seq_length}, CP {shape.cp}: {shape.seq_length // shape.cp} tokens "
+        f"per rank, micro-batch {shape.micro_batch_size}, TP {shape.tp}{sp}, {m.attention_impl}): {est.describe()}"
     )
 
 

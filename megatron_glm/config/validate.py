@@ -15,10 +15,12 @@ def pad_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
 
 
 def derived_data_parallel_size(cfg: GLMConfig, world_size: int) -> int:
-    """world / (tp x pp), or the configured size when world_size is unknown (0)."""
+    """world / (tp x pp x cp), or the configured size when world_size is unknown (0)."""
     p = cfg.parallel
     if world_size:
-        return world_size // max(1, p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+        return world_size // max(
+            1, p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+        )
     return p.data_parallel_size or 1
 
 
@@ -190,14 +192,24 @@ def _execution_problems(m: ModelConfig, tp: int, seq_length: int) -> list[str]:
 def _parallel_problems(cfg: GLMConfig, world_size: int) -> list[str]:
     out: list[str] = []
     p = cfg.parallel
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    if world_size and tp * pp and world_size % (tp * pp):
-        out.append(f"world size ({world_size}) must be divisible by tensor ({tp}) x pipeline ({pp}) parallel sizes")
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    if cp < 1:
+        return [f"parallel.context_parallel_size must be positive, got {cp}"]
+    if cp > 1 and cfg.data.seq_length % (2 * cp):
+        out.append(
+            f"data.seq_length ({cfg.data.seq_length}) must be divisible by 2 x parallel.context_parallel_size "
+            f"({2 * cp}): each context-parallel rank holds two chunks"
+        )
+    cp_part = f" x context ({cp})" if cp > 1 else ""
+    if world_size and tp * pp and world_size % (tp * pp * cp):
+        out.append(
+            f"world size ({world_size}) must be divisible by tensor ({tp}) x pipeline ({pp}){cp_part} parallel sizes"
+        )
     dp = derived_data_parallel_size(cfg, world_size)
     if world_size and p.data_parallel_size and p.data_parallel_size != dp:
         out.append(
             f"parallel.data_parallel_size ({p.data_parallel_size}) disagrees with world size "
-            f"{world_size} / (tp {tp} x pp {pp}) = {dp}"
+            f"{world_size} / (tp {tp} x pp {pp}{f' x cp {cp}' if cp > 1 else ''}) = {dp}"
         )
     return out
 

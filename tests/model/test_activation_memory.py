@@ -1,0 +1,110 @@
+"""The activation-memory estimate (``--dry-run``) against the measured peak of a training forward + backward on CPU
+(profiler allocation events), for a tiny GLM-4-style model (GQA, SwiGLU, RMSNorm, partial rotary) and the 2021 GLM
+layer, at two sequence lengths, for each recompute setting and attention kernel."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from megatron_glm.config import ModelConfig, build_config, load_config, problems
+from megatron_glm.model import GLMModel
+from megatron_glm.model.activation_memory import StepShape, estimate_activation_memory
+from megatron_glm.testing import peak_memory
+from tests.model.helpers import make_batch
+
+GLM4 = dict(
+    position_embedding_type="rope",
+    rotary_percent=0.5,
+    activation="swiglu",
+    normalization="RMSNorm",
+    num_query_groups=2,
+    add_bias_linear=False,
+    block_position_encoding=False,
+    num_attention_heads=8,
+    ffn_hidden_size=160,
+)
+VOCAB, LAYERS, BATCH = 256, 4, 2
+
+
+def _config(family: dict, impl: str, recompute: str, dropout: float) -> ModelConfig:
+    base = build_config({"model.size": "glm-tiny"}).model
+    return dataclasses.replace(
+        base,
+        num_layers=LAYERS,
+        vocab_size=VOCAB,
+        max_sequence_length=512,
+        attention_impl=impl,
+        recompute_granularity=recompute,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
+        last_layer_loss_rows=False,  # the estimate counts the last layer whole
+        **family,
+    )
+
+
+def _measure(cfg: ModelConfig, seq: int) -> tuple[int, int]:
+    """(bytes the forward keeps for backward, peak bytes of forward + backward) above the start."""
+    torch.manual_seed(0)
+    model = GLMModel(cfg, seed=1).train()
+    batch = make_batch(0, batch=BATCH, seq=seq, vocab=VOCAB)
+    every_row = torch.ones_like(batch["loss_mask"])  # every row a loss row, as the estimate counts the head
+
+    def forward() -> torch.Tensor:
+        return model(
+            batch["input_ids"], batch["position_ids"], batch["sep"], labels=batch["labels"], loss_mask=every_row
+        ).loss
+
+    forward_peak, kept, loss = peak_memory(forward)
+    backward_peak, _, _ = peak_memory(loss.backward)
+    return kept, max(forward_peak, kept + backward_peak)
+
+
+@pytest.mark.parametrize("family", [GLM4, {}], ids=["glm4", "glm"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("recompute", ["", "selective", "full"])
+def test_the_estimate_is_the_measured_peak_within_35_percent(family: dict, impl: str, recompute: str) -> None:
+    measured = {}
+    for seq in (128, 256):
+        cfg = _config(family, impl, recompute, dropout=0.1)
+        kept, peak = _measure(cfg, seq)
+        est = estimate_activation_memory(cfg, StepShape(seq, BATCH, precision="fp32", device_type="cpu"))
+        assert est.recompute == (recompute or "none")
+        assert 0.65 * peak <= est.peak <= 1.35 * peak, (seq, est.peak, peak)
+        assert 0.8 * kept <= est.stored <= 1.2 * kept, (seq, est.stored, kept)  # what the forward keeps: closer
+        measured[seq] = peak
+    assert measured[256] > 1.5 * measured[128]  # the two lengths really differ (and the quadratic terms show)
+
+
+def test_the_formula_divides_as_stated() -> None:
+    cfg = dataclasses.replace(_config(GLM4, "sdpa", "", 0.0), hidden_size=512, num_attention_heads=8)
+    one = estimate_activation_memory(cfg, StepShape(4096, 1))
+    # Context parallelism holds s / cp tokens: at least halves every term (the mask bias is s/cp x s).
+    two = estimate_activation_memory(cfg, StepShape(4096, 1, cp=2))
+    assert two.stored == pytest.approx(one.stored / 2)
+    # Selective recompute keeps Megatron's linear part only; full keeps one hidden state per layer (w s b h).
+    selective = estimate_activation_memory(dataclasses.replace(cfg, recompute_granularity="selective"), StepShape(4096))
+    full = estimate_activation_memory(dataclasses.replace(cfg, recompute_granularity="full"), StepShape(4096))
+    assert full.stored < selective.stored < one.stored
+    head = 4096 * VOCAB * 4 + 4096 * 512 * 2 * 3  # the loss's fp32 softmax; final RMSNorm (2) and head input (1)
+    assert full.kept == pytest.approx(LAYERS * 4096 * 512 * 2 + head)
+    # Eager materialises the scores b a s s (fp32 softmax + bf16 probabilities) in every layer.
+    eager = estimate_activation_memory(dataclasses.replace(cfg, attention_impl="eager"), StepShape(4096))
+    bias = 2 * 4096 * 4096  # sdpa's explicit mask as a bf16 bias, per layer
+    assert eager.per_layer - one.per_layer == pytest.approx(8 * 4096 * 4096 * 6 - bias - 4096 * 512 * 2)
+    # Pipeline: the first stage holds up to pp micro-batches of its layers (1F1B).
+    piped = estimate_activation_memory(cfg, StepShape(4096, 1, pp=2, micro_batches=8))
+    assert (piped.layers, piped.in_flight) == (2, 2)
+
+
+def test_context_parallel_size_needs_the_sequence_divisible_by_twice_it() -> None:
+    assert problems(load_config(["--context-parallel-size", "2", "--seq-length", "512"])) == []
+    assert problems(load_config(["--context-parallel-size", "3", "--seq-length", "512"])) == [
+        "data.seq_length (512) must be divisible by 2 x parallel.context_parallel_size (6): each context-parallel "
+        "rank holds two chunks"
+    ]
+    assert problems(load_config(["--context-parallel-size", "0"])) == [
+        "parallel.context_parallel_size must be positive, got 0"
+    ]
