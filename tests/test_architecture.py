@@ -101,6 +101,14 @@ def test_override_architecture_allows_rotary_base_and_rotary_positions_only() ->
     assert logs == [
         "architecture override: max_sequence_length 512 -> 4096, rotary_base 500000.0 -> 1000000.0 (checkpoint ckpt)"
     ]
+    # A rotary option without restating the position type is the checkpoint's rotary model's: refused without the
+    # flag, applied with it (it was dropped silently: compared as an inert option of the default learned model).
+    # (A checkpoint at the default base 10000: the default learned model's inert base compared equal to it.)
+    rope = load_config(["--position-embedding-type", "rope"]).model.architecture()
+    with pytest.raises(ConfigError, match=r"rotary_base: checkpoint 10000.0 vs command line 1000000.0"):
+        adopt_architecture(load_config(["--rotary-base", "1000000"]), rope, "ckpt")
+    base_only = load_config(["--rotary-base", "1000000", "--override-architecture", "rotary_base"])
+    assert adopt_architecture(base_only, rope, "ckpt", logs.append).model.rotary_base == 1000000.0
     # Megatron's name of the length is accepted too.
     alias = load_config(
         [*flags, "--override-architecture", "rotary_base", "--override-architecture", "max_position_embeddings"]
@@ -110,11 +118,21 @@ def test_override_architecture_allows_rotary_base_and_rotary_positions_only() ->
         adopt_architecture(load_config(flags[2:]), saved(), "ckpt")
     with pytest.raises(
         ConfigError,
-        match=r"--override-architecture hidden_size: changes the weights' shapes .*; only max_sequence_length, rotary_base",
+        match=r"--override-architecture hidden_size: changes the weights' shapes .*; only apply_query_key_layer_scaling, "
+        r"attention_softmax_in_fp32, max_sequence_length, rotary_base \(alias max_position_embeddings\)",
     ):
         adopt_architecture(load_config(["--override-architecture", "hidden_size"]), saved(), "ckpt")
     with pytest.raises(ConfigError, match=r"--override-architecture rope_theta: unknown field rope_theta; only"):
         adopt_architecture(load_config(["--override-architecture", "rope_theta"]), saved(), "ckpt")
+    # The bf16 softmax options (GLM-4's configs set them) may be turned off for the fused kernels.
+    softmax = ("--attention-softmax-in-fp32", "--apply-query-key-layer-scaling")
+    glm4 = load_config([*ROPE, *softmax]).model.architecture()
+    off = ["--model.attention_softmax_in_fp32", "false", "--model.apply_query_key_layer_scaling", "false"]
+    with pytest.raises(ConfigError, match="attention_softmax_in_fp32: checkpoint True vs command line False"):
+        adopt_architecture(load_config(off), glm4, "ckpt")
+    flag = ["--override-architecture", "attention_softmax_in_fp32,apply_query_key_layer_scaling"]
+    out = adopt_architecture(load_config([*off, *flag]), glm4, "ckpt", logs.append).model
+    assert not out.attention_softmax_in_fp32 and not out.apply_query_key_layer_scaling and out.rotary_base == 500000.0
     learned = ModelConfig().architecture()
     with pytest.raises(ConfigError, match="learned position tables"):
         adopt_architecture(load_config(["--override-architecture", "max_sequence_length"]), learned, "ckpt")

@@ -11,7 +11,8 @@ the checkpoint; one the user set to something else is refused, every such field 
 - the fields of :data:`OVERRIDABLE` named in ``--override-architecture`` (``rotary_base``; ``max_sequence_length``
   of a rotary model, which has no position tables, also named ``max_position_embeddings`` as Megatron's flag): used
   and logged (``architecture override: rotary_base 10000.0 -> 1000000.0 (checkpoint ...)``), and recorded by the
-  run's new checkpoints. A length recipe (4K -> 32K -> 128K with the rotary base raised) is such an override.
+  run's new checkpoints. A length recipe (4K -> 32K -> 128K with the rotary base raised) is such an override;
+  so is turning off ``attention_softmax_in_fp32`` / ``apply_query_key_layer_scaling`` (see :data:`OVERRIDABLE`).
 
 A checkpoint format declares the architectures it can hold as an :class:`ArchitectureFamily`: a full architecture
 value plus the fields the format records (closed world: any other field must have the family's value, so a new
@@ -89,8 +90,13 @@ Architecture.__doc__ = (
 #: Fields that shape training only (regularisation, initialisation, gradient scaling): the function the weights
 #: compute does not depend on them, so a reader may take the command line's value and a format may drop them.
 TRAINING_ONLY = frozenset({"hidden_dropout", "attention_dropout", "init_std", "embedding_grad_shrink"})
-#: Fields that ``--override-architecture`` may change (``max_sequence_length`` only with rotary positions).
-OVERRIDABLE = frozenset({"rotary_base", "max_sequence_length"})
+#: Fields that ``--override-architecture`` may change (``max_sequence_length`` only with rotary positions). The
+#: two softmax options choose how bf16/fp16 attention rounds (an explicit kernel with fp32 softmax, the scores
+#: ``[b, a, s, s]`` materialised) against the fused kernels (fp32 accumulators, no scores): the same function in
+#: exact arithmetic, and what long sequences need (GLM-4's configs set them).
+OVERRIDABLE = frozenset(
+    {"rotary_base", "max_sequence_length", "attention_softmax_in_fp32", "apply_query_key_layer_scaling"}
+)
 #: Other names ``--override-architecture`` accepts for a field (Megatron's / transformers' name of the length).
 OVERRIDE_ALIASES = {"max_position_embeddings": "max_sequence_length"}
 
@@ -132,8 +138,11 @@ def adopt_architecture(
     A field the user set that differs from ``saved`` is a one-line :class:`ConfigError` naming each (``field:
     checkpoint value vs command line value``) unless it is training-only or overridden (see the module docstring);
     those are used and logged."""
-    mine = cfg.model.architecture()
-    differing = [n for n in saved.differences(mine) if n in explicit_architecture_fields(cfg)]
+    explicit, given = explicit_architecture_fields(cfg), cfg.model.architecture()
+    # The checkpoint's architecture with what the user set: a rotary option given without restating the position
+    # type is compared as the checkpoint's rotary model's (not reset as the default learned model's, i.e. dropped).
+    mine = dataclasses.replace(saved, **{n: _value(given, n) for n in explicit})
+    differing = [n for n in saved.differences(mine) if n in explicit]
     if "vocab_size" in differing and mine.vocab_size == 0:  # 0: derive it, i.e. the checkpoint's
         differing.remove("vocab_size")
     allowed = TRAINING_ONLY | _overrides(cfg, saved)

@@ -108,3 +108,26 @@ def test_context_parallel_size_needs_the_sequence_divisible_by_twice_it() -> Non
     assert problems(load_config(["--context-parallel-size", "0"])) == [
         "parallel.context_parallel_size must be positive, got 0"
     ]
+
+
+def test_dry_run_prints_the_activation_memory_per_rank() -> None:
+    import os
+    import subprocess
+    import sys
+
+    flags = ["--model.size", "glm-4-9b", "--seq-length", "32768", "--bf16", "--tensor-model-parallel-size", "2"]
+    flags += ["--sequence-parallel", "--context-parallel-size", "2", "--recompute-granularity", "selective"]
+    flags += ["--model.attention_softmax_in_fp32", "false", "--model.apply_query_key_layer_scaling", "false"]
+    flags += ["--micro-batch-size", "1", "--global-batch-size", "4", "--model.hidden_dropout", "0"]
+    flags += ["--model.attention_dropout", "0"]
+    env = {**os.environ, "WORLD_SIZE": "16", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "pretrain_glm.py", "--dry-run", *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+    cfg = load_config(flags)
+    est = estimate_activation_memory(cfg.model, StepShape(32768, 1, tp=2, cp=2, micro_batches=1))
+    line = (
+        "activation memory per rank (seq 32768, CP 2: 16384 tokens per rank, micro-batch 1, TP 2, sequence "
+        f"parallel, sdpa): {est.describe()}"
+    )
+    assert line in out.splitlines(), out[-2000:]
+    assert "configuration is valid for world size 16" in out and "DP 4" in out  # 16 = TP 2 x CP 2 x DP 4
