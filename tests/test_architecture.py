@@ -118,8 +118,9 @@ def test_override_architecture_allows_rotary_base_and_rotary_positions_only() ->
         adopt_architecture(load_config(flags[2:]), saved(), "ckpt")
     with pytest.raises(
         ConfigError,
-        match=r"--override-architecture hidden_size: changes the weights' shapes .*; only apply_query_key_layer_scaling, "
-        r"attention_softmax_in_fp32, max_sequence_length, rotary_base \(alias max_position_embeddings\)",
+        match=r"--override-architecture hidden_size: changes the weights' shapes .*; only "
+        r"apply_query_key_layer_scaling, attention_softmax_in_fp32, max_sequence_length, rotary_base "
+        r"\(alias max_position_embeddings\)",
     ):
         adopt_architecture(load_config(["--override-architecture", "hidden_size"]), saved(), "ckpt")
     with pytest.raises(ConfigError, match=r"--override-architecture rope_theta: unknown field rope_theta; only"):

@@ -380,8 +380,9 @@ class CheckpointConfig:
         "Architecture fields this run may set differently from the checkpoint it loads (resume, weights only, "
         "fine-tuning): rotary_base, max_sequence_length (alias max_position_embeddings) of a rotary model, and "
         "attention_softmax_in_fp32 / apply_query_key_layer_scaling (bf16 rounding only; long sequences need them "
-        "off: fused kernels) (names, or one comma-separated value; logged). Dropouts, init_std and embedding_grad_shrink need no flag (they do not change what the "
-        "weights compute); any other architecture field given on the command line must equal the checkpoint's.",
+        "off: fused kernels) (names, or one comma-separated value; logged). Dropouts, init_std and "
+        "embedding_grad_shrink need no flag (they do not change what the weights compute); any other architecture "
+        "field given on the command line must equal the checkpoint's.",
     )
 
 

@@ -114,7 +114,8 @@ def _layer_terms(config: ModelConfig, shape: StepShape) -> tuple[float, float, f
     t, w = shape.tp, BYTES[shape.precision]
     m = 1 if shape.device_type == "cuda" else w
     t_sp = t if config.sequence_parallel and t > 1 else 1
-    s_local, b, h, a = shape.seq_length / shape.cp, shape.micro_batch_size, config.hidden_size, config.num_attention_heads
+    s_local, b = shape.seq_length / shape.cp, shape.micro_batch_size
+    h, a = config.hidden_size, config.num_attention_heads
     sbh = s_local * b * h
     q = a * config.head_dim / h
     f = config.ffn_size / h

@@ -42,7 +42,8 @@ def test_continued_pretraining_with_a_new_rotary_base_and_length(tiny_corpus: di
 
     # Continue (weights only, lr 0 so the weights stay the loaded ones) at 128 tokens with base 1e6.
     longer = tmp_path / "32k"
-    cont = [*SHORT, *LONGER, "--load", str(short), "--checkpoint.load_weights_only", "true", "--lr", "0", "--train-iters", "1"]
+    cont = [*SHORT, *LONGER, "--load", str(short), "--checkpoint.load_weights_only", "true"]
+    cont += ["--lr", "0", "--train-iters", "1"]
     flag = ("--override-architecture", "rotary_base,max_position_embeddings")
     proc = launch(train_args(tiny_corpus, *cont, *flag, "--save", str(longer)), launcher="python")
     wanted = (
