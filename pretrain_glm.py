@@ -109,9 +109,11 @@ def dry_run_activations(cfg: GLMConfig, world_size: int) -> str:
     )
     est = estimate_activation_memory(m, shape)
     sp = ", sequence parallel" if m.sequence_parallel and shape.tp > 1 else ""
+    head = "" if m.vocab_size > 0 else " (the head's loss not counted: set model.vocab_size)"
     return (
-        f"activation memory per rank (seq {shape.seq_length}, CP {shape.cp}: {shape.seq_length // shape.cp} tokens "
-        f"per rank, micro-batch {shape.micro_batch_size}, TP {shape.tp}{sp}, {m.attention_impl}): {est.describe()}"
+        f"activation memory per rank{head} (seq {shape.seq_length}, CP {shape.cp}: "
+        f"{shape.seq_length // shape.cp} tokens per rank, micro-batch {shape.micro_batch_size}, TP {shape.tp}{sp}, "
+        f"{m.attention_impl}): {est.describe()}"
     )
 
 

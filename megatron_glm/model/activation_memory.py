@@ -24,7 +24,8 @@ dropout mask (1 on CUDA, ``w`` on a CPU, whose dropout keeps a mask of the input
 - ``D = 2`` dropout masks (attention and MLP outputs) with hidden dropout.
 
 Recompute: none keeps ``linear + scores + bias`` per layer; selective (the attention core) keeps ``linear`` less
-``O`` (Megatron's ``34 s b h / t`` with SP), and backward recomputes one layer's core (``scores + bias + O``);
+``O`` (Megatron's ``34 s b h / t`` with SP, where our all-gathered QKV and MLP inputs stay whole), and backward
+recomputes one layer's core (``scores + bias + O``);
 full keeps the input of every checkpointed chunk (``w s' b h / t_sp`` per ``checkpoint_num_layers`` layers, 2
 ``s b h`` bytes per layer in Megatron's terms) and backward recomputes one chunk (its no-recompute activations).
 Backward also holds the fp32 gradient of one layer's materialised scores (``4 b (a / t) s' s``, eager).
@@ -98,6 +99,11 @@ def recompute_of(config: ModelConfig) -> str:
     return config.recompute_granularity or "none"
 
 
+def _sp(config: ModelConfig, shape: StepShape) -> int:
+    """``t_sp``: the TP size under sequence parallelism (norms, dropouts, residuals on sequence shards), else 1."""
+    return shape.tp if config.sequence_parallel and shape.tp > 1 else 1
+
+
 def _core_inputs(config: ModelConfig) -> float:
     """Q, K, V as the attention core keeps them, in units of ``h`` (``C`` of the module doc)."""
     q = config.num_attention_heads * config.head_dim / config.hidden_size
@@ -113,7 +119,7 @@ def _layer_terms(config: ModelConfig, shape: StepShape) -> tuple[float, float, f
     micro-batch."""
     t, w = shape.tp, BYTES[shape.precision]
     m = 1 if shape.device_type == "cuda" else w
-    t_sp = t if config.sequence_parallel and t > 1 else 1
+    t_sp = _sp(config, shape)
     s_local, b = shape.seq_length / shape.cp, shape.micro_batch_size
     h, a = config.hidden_size, config.num_attention_heads
     sbh = s_local * b * h
@@ -138,8 +144,7 @@ def _layer_terms(config: ModelConfig, shape: StepShape) -> tuple[float, float, f
 def _outside(config: ModelConfig, shape: StepShape, first: bool, last: bool) -> float:
     """Bytes outside the layers: the embedding-dropout mask (first stage), the final norm, head input and the loss's
     fp32 softmax over the loss rows (last stage)."""
-    w = BYTES[shape.precision]
-    t_sp = shape.tp if config.sequence_parallel and shape.tp > 1 else 1
+    w, t_sp = BYTES[shape.precision], _sp(config, shape)
     sbh = shape.seq_length / shape.cp * shape.micro_batch_size * config.hidden_size
     out = 0.0
     if first and config.hidden_dropout > 0:
@@ -160,9 +165,8 @@ def estimate_activation_memory(config: ModelConfig, shape: StepShape) -> Activat
     pp, layers_total = shape.pp, config.num_layers
     counts = [sum(1 for i in range(layers_total) if min(pp - 1, i * pp // layers_total) == st) for st in range(pp)]
     chunk = max(1, config.checkpoint_num_layers)
-    w = BYTES[shape.precision]
-    t_sp = shape.tp if config.sequence_parallel and shape.tp > 1 else 1
-    chunk_input = shape.seq_length / shape.cp * shape.micro_batch_size * config.hidden_size * w / t_sp
+    chunk_input = shape.seq_length / shape.cp * shape.micro_batch_size * config.hidden_size
+    chunk_input *= BYTES[shape.precision] / _sp(config, shape)
     best: ActivationEstimate | None = None
     for stage, layers in enumerate(counts):
         if recompute == "full":
