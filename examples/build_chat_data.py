@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-chars", type=int, default=120, help="longest sentence used")
     parser.add_argument("--valid-every", type=int, default=5)
     parser.add_argument("--max-valid", type=int, default=40, help="most held-out conversations")
+    parser.add_argument("--max-train", type=int, default=0, help="most training conversations (0: all)")
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     rng.shuffle(train)
     rng.shuffle(valid)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    for split, rows in (("train", train), ("valid", valid[: args.max_valid])):
+    for split, rows in (("train", train[: args.max_train or None]), ("valid", valid[: args.max_valid])):
         path = f"{args.output}_{split}.jsonl"
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)

@@ -5,8 +5,9 @@ A conversation of tokens ``t_0 .. t_n`` (``[gMASK]<sop>...``, the end of text la
     input_ids  t_0 .. t_(n-1)          labels  t_1 .. t_n          loss_mask  targets of t_1 .. t_n
     positions  0 .. n-1 (block positions 0), restarting at 0 for every conversation of a row
 
-Rows are causal (``sep`` 0). Packed (``pack=True``), conversations are laid one after another in file order, a new
-row starting when the next one does not fit, and each row carries ``doc_ids`` (each position's conversation, -1 on
+Rows are causal (``sep`` 0). Packed (``pack=True``), each conversation in file order goes to the first of the
+latest :data:`OPEN_ROWS` rows with room for it (after the conversations already there), else to a new row; each row
+carries ``doc_ids`` (each position's conversation, -1 on
 padding): attention is then causal within each conversation only (the block-diagonal mask of
 :func:`~megatron_glm.model.masks.glm_document_mask_mod`), so a packed conversation is computed exactly as alone.
 Padding is ``[pad]``, position 0, no loss.
@@ -49,18 +50,23 @@ def _place(row: dict[str, np.ndarray], at: int, doc: int, enc: Encoded) -> int:
     return at + n
 
 
+#: Packing looks for room in the latest rows only (first fit among them), so it stays linear in the conversations.
+OPEN_ROWS = 64
+
+
 def chat_rows(conversations: Sequence[Encoded], length: int, pad: int, pack: bool) -> list[dict[str, np.ndarray]]:
     """The rows of the conversations (each at most ``length`` positions: :func:`~megatron_glm.finetune.chat.fit`)."""
     rows: list[dict[str, np.ndarray]] = []
-    at = length
-    doc = 0
+    used: list[list[int]] = []  # per row: positions taken, conversations placed
     for enc in conversations:
         n = len(enc.ids) - 1
         if not 0 < n <= length:
             raise ValueError(f"a conversation of {n} positions does not fit a row of {length}")
-        if not pack or at + n > length:
+        first = max(0, len(rows) - OPEN_ROWS)
+        r = next((r for r in range(first, len(rows)) if used[r][0] + n <= length), None) if pack else None
+        if r is None:
             rows.append(empty_chat_row(length, pad, pack))
-            at, doc = 0, 0
-        at = _place(rows[-1], at, doc, enc)
-        doc += 1
+            used.append([0, 0])
+            r = len(rows) - 1
+        used[r] = [_place(rows[r], used[r][0], used[r][1], enc), used[r][1] + 1]
     return rows
