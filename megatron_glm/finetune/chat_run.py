@@ -3,7 +3,8 @@
 Training rows: :mod:`.chat` (reading, the assistant-token rule, truncation) then :mod:`.packing`. Evaluation adds
 ``reply_1 .. reply_N`` to the held-out loss: the greedy reply to the first ``--chat-replies`` held-out
 conversations, each prompted with the conversation up to its last assistant turn (rendered with the generation
-prompt, ``<|assistant|>``), stopped at GLM-4's stop tokens or ``--target-length`` tokens.
+prompt, ``<|assistant|>``), stopped at GLM-4's stop tokens or ``--target-length`` tokens (newlines written ``\\n``,
+so a reply stays on the log's line).
 """
 
 from __future__ import annotations
@@ -94,4 +95,4 @@ def chat_replies(
     banned = (*range(tok.vocab_size, vocab_rows), tok.pad_id)
     config = GenerationConfig(strategy="greedy", max_new_tokens=max_new, banned_ids=banned)
     results = continue_causal(model, prompts, tok.pad_id, stop_token_ids(tok), config, ps)
-    return {f"reply_{i}": tok.decode(r.answers[0]).strip() for i, r in enumerate(results, 1)}
+    return {f"reply_{i}": tok.decode(r.answers[0]).strip().replace("\n", "\\n") for i, r in enumerate(results, 1)}
