@@ -1,7 +1,9 @@
 """Rendering conversations with a chat template, and which tokens are the assistant's (the trained ones).
 
 The template is the tokenizer folder's own (``chat_template`` in ``tokenizer_config.json`` or a
-``chat_template.jinja``), applied through transformers' ``apply_chat_template``. Where the folder has none (or the
+``chat_template.jinja``), applied through transformers' ``apply_chat_template`` (for a folder transformers cannot
+open without remote code, e.g. GLM-4-9B-chat's tiktoken one, its template file through transformers'
+``render_jinja_template``, which ``apply_chat_template`` runs). Where the folder has none (or the
 tokenizer is a single file), :data:`GLM4_CHAT_TEMPLATE` is used: GLM-4's format, every message one turn::
 
     [gMASK]<sop><|system|>\\n{content}<|user|>\\n{content}<|assistant|>\\n{content}<|observation|>\\n{content}...
@@ -21,6 +23,7 @@ model learns to write the reply and to stop; ``<|assistant|>`` itself, and every
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,7 +66,7 @@ class ChatTemplate:
                     f"({', '.join(CHAT_TOKENS)})"
                 ) from None
         self.hf = _folder_tokenizer(path)
-        own = getattr(self.hf, "chat_template", None) if self.hf is not None else None
+        own = getattr(self.hf, "chat_template", None) if self.hf is not None else folder_template(path)
         self.template = own if isinstance(own, str) and own else GLM4_CHAT_TEMPLATE
         self.source = f"{path}'s own" if self.template is not GLM4_CHAT_TEMPLATE else "the built-in GLM-4"
 
@@ -103,13 +106,29 @@ class ChatTemplate:
 
 
 def _folder_tokenizer(path: str | os.PathLike[str]) -> Any:
-    """transformers' tokenizer of a folder (``None`` for a single tokenizer file)."""
+    """transformers' tokenizer of a local folder (``None`` for a single tokenizer file, or a folder transformers cannot
+    open without remote code: its template is then read from the files, :func:`folder_template`)."""
     if not os.path.isdir(path):
         return None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: transformers cannot open the tokenizer folder ({exc})") from None
+    except (OSError, ValueError):
+        return None
+
+
+def folder_template(path: str | os.PathLike[str]) -> str | None:
+    """The chat template a folder ships: ``chat_template.jinja``, else ``tokenizer_config.json``'s ``chat_template``."""
+    if not os.path.isdir(path):
+        return None
+    jinja = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    config = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            value = json.load(f).get("chat_template")
+        return value if isinstance(value, str) and value else None
+    return None

@@ -13,7 +13,7 @@ import torch
 from megatron_glm.data.tokenizer import open_tokenizer
 from megatron_glm.errors import DataError
 from megatron_glm.finetune.chat import ChatStats, Conversation, encode_conversations, fit, read_chat_file
-from megatron_glm.finetune.chat_template import GLM4_CHAT_TEMPLATE, ChatTemplate
+from megatron_glm.finetune.chat_template import GLM4_CHAT_TEMPLATE, ChatTemplate, _folder_tokenizer
 from megatron_glm.finetune.encode import collate_rows
 from megatron_glm.finetune.packing import chat_rows
 from megatron_glm.model import GLMModel, batch_attention_mask
@@ -86,6 +86,18 @@ def test_the_folders_own_template_is_used(chat_setup: dict, tok, tmp_path: Path)
     assert enc.ids == [*tok.encode("[gMASK]<sop><|user|>Hi<|assistant|>Hello"), tok.eos_id]  # no "\n": its own
     start = enc.ids.index(a) + 1
     assert enc.targets == [0] * start + [1] * (len(enc.ids) - start)
+    # A remote-code folder (GLM-4-9B-chat's kind: a tiktoken file and its own tokenizer class) that transformers
+    # does not open without remote code: its chat_template.jinja is rendered all the same.
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    auto = {"AutoTokenizer": ["tokenization_chatglm.ChatGLM4Tokenizer", None]}
+    (remote / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "ChatGLM4Tokenizer", "auto_map": auto})
+    )
+    (remote / "chat_template.jinja").write_text(own)
+    assert _folder_tokenizer(remote) is None
+    template = ChatTemplate(remote, tok)
+    assert template.template == own and template.conversation(_turns(("Hi", "Hello")), None, "x") == enc
 
 
 BAD = {
