@@ -151,14 +151,10 @@ class FinetuneTrainer(Trainer):
     def _no_generation(self) -> bool:
         """Under pipeline parallelism: generation is left out (noted once)."""
         if self.pipelined and not self._warned:
-            self.log(
-                f"note: {self.task.task} generation metrics are not computed under pipeline parallelism"
-                + (
-                    "; run tools/evaluate.py --task seq2seq on the saved checkpoint"
-                    if self.task.task == "seq2seq"
-                    else ""
-                )
+            hint = (
+                "; run tools/evaluate.py --task seq2seq on the saved checkpoint" if self.task.task == "seq2seq" else ""
             )
+            self.log(f"note: {self.task.task} generation metrics are not computed under pipeline parallelism{hint}")
             self._warned = True
         return self.pipelined
 
