@@ -12,7 +12,9 @@
 # Steps: corpus -> tokenizer -> release -> conversations -> LoRA chat fine-tuning at TP=2 (loss on the assistant's
 # tokens only, conversations packed with document isolation; held-out loss and greedy replies before and after in
 # metrics.jsonl) -> --merge-lora into transformers' native layout -> transformers generates a reply. Each step
-# whose output exists is skipped. The script fails unless the held-out loss falls.
+# whose output exists is skipped. The script fails unless the held-out loss falls. Measured (2-core CPU shared with
+# other jobs, defaults): held-out loss 7.639 -> 6.535; the replies go from noise to "Topic: compound." (the commonest
+# topic: the model is tiny), and transformers replies the same on the merged model; 149 s wall, ~40 s of CPU time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/chat_lora}
