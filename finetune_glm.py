@@ -1,13 +1,14 @@
-"""Fine-tune a GLM checkpoint on a seq2seq or cloze task read from JSON lines.
+"""Fine-tune a GLM checkpoint on a seq2seq, cloze or chat task read from JSON lines.
 
     python finetune_glm.py --task cloze --train-data train.jsonl --valid-data valid.jsonl --load CKPT --save DIR
+    python finetune_glm.py --task chat --train-data chat.jsonl --load GLM4_FOLDER --save DIR --lora-rank 16
     torchrun --nproc_per_node 2 finetune_glm.py --task seq2seq ... --tensor-model-parallel-size 2
     deepspeed --num_gpus 8 finetune_glm.py ... --deepspeed_config ds_configs/zero1_bf16.json --bf16
 
 The architecture and tokenizer come from ``--load`` (any checkpoint we read); the task options below sit next
 to every pretraining option that applies (batch sizes, lr schedule, parallelism, precision, ZeRO, logging,
 ``--save`` / ``--save-interval``; re-running with the same ``--save`` resumes exactly). Evaluation results
-(``valid_loss`` and ``accuracy`` / ``rouge1`` / ``rouge2`` / ``rougeL`` / ``bleu``) go to
+(``valid_loss`` and ``accuracy`` / ``rouge1`` / ``rouge2`` / ``rougeL`` / ``bleu`` / chat ``reply_N``) go to
 ``DIR/metrics.jsonl``. ``--dry-run`` validates the configuration; ``--help`` lists every option.
 """
 

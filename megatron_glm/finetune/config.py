@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from megatron_glm.config.sections import opt
 from megatron_glm.errors import ConfigError
 
-TASKS = ("seq2seq", "cloze")
+TASKS = ("seq2seq", "cloze", "chat")
+PACKING = ("pack", "none")
 TRUNCATION = ("error", "left", "right")
 SCORING = ("sum", "mean")
 
@@ -20,7 +21,10 @@ class FinetuneConfig:
     """What task to fine-tune or evaluate on, and how its examples are laid out and scored."""
 
     task: str = opt(
-        "", "Task: seq2seq ({source, target} lines) or cloze ({text, choices, label} lines).", choices=TASKS
+        "",
+        "Task: seq2seq ({source, target} lines), cloze ({text, choices, label} lines) or chat ({messages, tools} "
+        "lines, loss on the assistant's tokens; see docs/finetuning.md).",
+        choices=TASKS,
     )
     train_data: str = opt("", "Training examples (JSON lines).")
     valid_data: str = opt("", "Held-out examples (JSON lines), evaluated every --eval-interval steps and at the end.")
@@ -45,10 +49,19 @@ class FinetuneConfig:
     length_penalty: float = opt(1.0, "Beam search: final score = log p / length ** length_penalty.")
     no_repeat_ngram_size: int = opt(0, "Generation never repeats an n-gram of this size within an answer (0: off).")
     eval_generate: int = opt(0, "Seq2seq: generate for the first N held-out examples only (0: all).")
+    chat_length: int = opt(512, "Chat: positions per training row (longer conversations are truncated).")
+    chat_packing: str = opt(
+        "pack",
+        "Chat: pack several conversations into a row (isolated from each other) or none (one per row).",
+        choices=PACKING,
+    )
+    chat_replies: int = opt(2, "Chat: greedy replies generated for the first N held-out conversations at evaluation.")
 
     @property
     def seq_length(self) -> int:
-        """Row length: [CLS] + source + [gMASK] + [sop]/target (+ [eop] label)."""
+        """Row length: [CLS] + source + [gMASK] + [sop]/target (+ [eop] label); chat: ``chat_length``."""
+        if self.task == "chat":
+            return self.chat_length
         return self.source_length + self.target_length + 3
 
     def check(self, *, need_train: bool) -> None:
@@ -63,6 +76,8 @@ class FinetuneConfig:
             problems.append(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.num_beams < 1:
             problems.append(f"--num-beams must be >= 1, got {self.num_beams}")
+        if self.chat_length < 2 or self.chat_replies < 0:
+            problems.append("--chat-length must be >= 2 and --chat-replies >= 0")
         if self.no_repeat_ngram_size < 0 or self.eval_generate < 0:
             problems.append("--no-repeat-ngram-size and --eval-generate must be >= 0")
         if problems:

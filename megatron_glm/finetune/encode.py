@@ -177,11 +177,12 @@ class TaskDataset(torch.utils.data.Dataset):
         pad: int,
         shuffle: bool,
         seed: int = 0,
+        padding: dict[str, np.ndarray] | None = None,
     ) -> None:
         if not encoded:
             raise DataError("no examples")
         self.encoded, self.rows, self.shuffle, self.seed = encoded, rows_per_example, shuffle, int(seed)
-        self.padding = stack_rows([empty_row(seq_length, pad)] * rows_per_example)
+        self.padding = padding if padding is not None else stack_rows([empty_row(seq_length, pad)] * rows_per_example)
         self._perm: tuple[int, np.ndarray] | None = None
 
     @property
@@ -204,8 +205,9 @@ class TaskDataset(torch.utils.data.Dataset):
 
 
 def collate_rows(samples: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Concatenate the examples' rows: the batch interface with ``rows = examples x rows_per_example``."""
-    return {k: torch.from_numpy(np.concatenate([s[k] for s in samples])) for k in KEYS}
+    """Concatenate the examples' rows: the batch interface with ``rows = examples x rows_per_example`` (the keys of
+    the rows: :data:`KEYS`, and chat rows' ``doc_ids``)."""
+    return {k: torch.from_numpy(np.concatenate([s[k] for s in samples])) for k in samples[0]}
 
 
 def task_batches(

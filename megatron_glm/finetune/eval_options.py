@@ -10,7 +10,7 @@ from megatron_glm.data.loader import SPLITS
 from megatron_glm.errors import ConfigError
 from megatron_glm.finetune.config import TASKS, FinetuneConfig
 
-EVAL_TASKS = (*TASKS, "ppl")
+EVAL_TASKS = (*(t for t in TASKS if t != "chat"), "ppl")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -1,6 +1,7 @@
 """Task losses on the rows of :mod:`megatron_glm.finetune.encode`, for the plain and the pipeline engine.
 
 - seq2seq: GLM's masked cross entropy over the target tokens (label smoothing while training).
+- chat: the same over the assistant tokens of causal rows (:mod:`.packing`).
 - cloze: each choice's score is the sum (or mean) of its tokens' log-probabilities in the blank; the loss
   is the cross entropy of the example's scores against its label (mean over examples), as GLM trains
   multiple-choice tasks. The returned :class:`~megatron_glm.model.loss.GLMLoss` then has one "token" per
@@ -70,7 +71,7 @@ class TaskLoss:
 
     def __call__(self, output: ModelOutput, batch: LossBatch) -> GLMLoss:
         training = bool(output.head.training)
-        smoothing = self.label_smoothing if self.task == "seq2seq" and training else 0.0
+        smoothing = self.label_smoothing if self.task in ("seq2seq", "chat") and training else 0.0
         base = head_loss(output, batch, smoothing)
         if self.task == "cloze":
             base = self._cloze(base, batch.objective, training)

@@ -9,7 +9,8 @@ Evaluation (every ``--eval-interval`` steps and at the end) logs one ``[eval]`` 
 ``<save>/metrics.jsonl`` with ``step``, ``valid_loss`` and the task metrics: ``accuracy`` (and
 ``f1_macro`` when every example has the same choices) for cloze; ``rouge1``, ``rouge2``, ``rougeL``,
 ``bleu`` for seq2seq (generated with beam search; not under pipeline parallelism, where
-``tools/evaluate.py`` scores the saved checkpoint).
+``tools/evaluate.py`` scores the saved checkpoint); ``reply_1 ..`` for chat (:mod:`.chat_run`; not under
+pipeline parallelism either), which is also evaluated once before the first step.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from megatron_glm.config.validate import local_device_type
 from megatron_glm.data.tokenizer import open_tokenizer, tokenizer_fingerprint
 from megatron_glm.errors import ConfigError
 from megatron_glm.fileio import file_sha256
+from megatron_glm.finetune.chat_run import chat_data, chat_replies
+from megatron_glm.finetune.chat_template import ChatTemplate
 from megatron_glm.finetune.config import FinetuneConfig
 from megatron_glm.finetune.encode import TaskDataset, TaskEncoder, encode_examples, num_choices, task_batches
 from megatron_glm.finetune.evaluate import gather_strings, generate_targets, generation_config
@@ -69,6 +72,8 @@ def task_config(cfg: GLMConfig, task: FinetuneConfig, log: Callable[[str], None]
     tok = cfg.data.tokenizer_model or tokenizer
     if not tok:
         raise ConfigError(f"{cfg.checkpoint.load} does not name its tokenizer: pass --tokenizer-model PATH.model")
+    if task.task == "chat" and task.chat_length > m.max_sequence_length:
+        raise ConfigError(f"--chat-length {task.chat_length} exceeds the model's {m.max_sequence_length} positions")
     if task.seq_length > m.max_sequence_length:
         raise ConfigError(
             f"--source-length {task.source_length} + --target-length {task.target_length} + 3 = "
@@ -113,9 +118,11 @@ class FinetuneTrainer(Trainer):
         valid_examples: list[Any],
         classes: bool,
         vocab_rows: int,
+        chat: ChatTemplate | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.chat = chat
         self.task, self.task_loss, self.encoder = task, task_loss, encoder
         self.valid_examples, self.classes, self.vocab_rows = valid_examples, classes, vocab_rows
         self.last_eval_step = -1
@@ -128,9 +135,10 @@ class FinetuneTrainer(Trainer):
             base = super().evaluate()
         finally:
             self.logger = logger
-        keep = ("valid_loss", "valid_ppl") if self.task.task == "seq2seq" else ("valid_loss",)  # ppl: per token
+        keep = ("valid_loss",) if self.task.task == "cloze" else ("valid_loss", "valid_ppl")  # ppl: per token
         values: dict[str, Any] = {k: base[k] for k in keep if k in base}
-        values.update(self._cloze_metrics() if self.task.task == "cloze" else self._seq2seq_metrics())
+        metrics = {"cloze": self._cloze_metrics, "seq2seq": self._seq2seq_metrics, "chat": self._chat_metrics}
+        values.update(metrics[self.task.task]())
         self.logger.log(self.state.step, values, prefix="[eval] ")
         self.last_eval_step = self.state.step
         return values
@@ -140,14 +148,26 @@ class FinetuneTrainer(Trainer):
         dist.all_reduce(counts)  # tensor-parallel ranks hold copies; other pipeline stages add zeros
         return classification_metrics(counts.cpu() / self.ps.tp_size, classes=self.classes)
 
+    def _no_generation(self) -> bool:
+        """Under pipeline parallelism: generation is left out (noted once)."""
+        if self.pipelined and not self._warned:
+            hint = (
+                "; run tools/evaluate.py --task seq2seq on the saved checkpoint" if self.task.task == "seq2seq" else ""
+            )
+            self.log(f"note: {self.task.task} generation metrics are not computed under pipeline parallelism{hint}")
+            self._warned = True
+        return self.pipelined
+
+    def _chat_metrics(self) -> dict[str, Any]:
+        if self._no_generation() or self.chat is None or not self.task.chat_replies:
+            return {}
+        conversations = self.valid_examples[: self.task.chat_replies]
+        out = chat_replies(self.model, self.chat, conversations, self.task.target_length, self.vocab_rows, self.ps)
+        self.engine.train()
+        return out
+
     def _seq2seq_metrics(self) -> dict[str, float]:
-        if self.pipelined:
-            if not self._warned:
-                self.log(
-                    "note: seq2seq generation metrics are not computed under pipeline parallelism; run "
-                    "tools/evaluate.py --task seq2seq on the saved checkpoint"
-                )
-                self._warned = True
+        if self._no_generation():
             return {}
         examples = self.valid_examples[: self.task.eval_generate or None]
         ps = self.ps
@@ -170,10 +190,14 @@ class TaskData:
     choices: int  # rows per example (cloze: the most choices; seq2seq: 1)
     classes: bool  # every example has the same choices (classification metrics apply)
     summary: str
+    chat: ChatTemplate | None = None
 
 
 def task_data(cfg: GLMConfig, task: FinetuneConfig, tokenizer: Any) -> TaskData:
     """Read and encode the task files (a malformed one is reported before any distributed set-up)."""
+    if task.task == "chat":
+        chat = chat_data(task, tokenizer, cfg.data.tokenizer_model, cfg.training.seed)
+        return TaskData(chat.train, chat.valid, chat.valid_conversations, 1, False, chat.summary, chat.template)
     train_examples = read_task_file(task.train_data, task.task)
     valid_examples = read_task_file(task.valid_data, task.task) if task.valid_data else []
     choices = num_choices(train_examples + valid_examples) if task.task == "cloze" else 1
@@ -214,7 +238,7 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     data = task_data(cfg, task, tokenizer)  # before distributed, model and engine set-up
     run = start_run(cfg, started)
     ps, log, mbs = run.ps, run.log, cfg.training.micro_batch_size
-    eval_steps = -(-len(data.valid_examples) // (mbs * ps.dp_size))
+    eval_steps = -(-(data.valid.num_examples if data.valid is not None else 0) // (mbs * ps.dp_size))
     cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, eval_iters=max(eval_steps, 1)))
     open_save_dir(run, cfg, {**config_to_dict(cfg), "finetune": dataclasses.asdict(task)})
     seed_everything(cfg.training.seed, ps.pp_rank)
@@ -249,11 +273,14 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
         valid_examples=data.valid_examples,
         classes=data.classes,
         vocab_rows=cfg.model.vocab_size,
+        chat=data.chat,
     )
     trainer.identity = task_identity(cfg, task, global_batch)
     trainer.lora = lora
     if resuming:
         trainer.resume(cfg.checkpoint.save)
+    elif task.task == "chat" and data.valid is not None:
+        trainer.evaluate()  # the held-out loss and replies before fine-tuning
 
     def final_evaluation(state: TrainState) -> None:
         if data.valid is not None and trainer.last_eval_step != state.step:

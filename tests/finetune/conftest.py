@@ -90,3 +90,21 @@ def read_metrics(save: Path) -> tuple[dict[int, dict], dict[int, dict]]:
         row = json.loads(line)
         (train if "loss" in row else evals)[row["step"]] = row
     return train, evals
+
+
+@pytest.fixture(scope="session")
+def chat_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny GLM-4-shaped release written by transformers (``GlmForCausalLM``, a BPE ``tokenizer.json`` with GLM-4's
+    chat tokens, no chat template of its own) and the chat example's conversations (``chat_{train,valid}.jsonl``)."""
+    d = tmp_path_factory.mktemp("chat")
+    run_tool("tools/export_pydoc_corpus.py", "--output", str(d / "pydoc.jsonl"))
+    tok = ("--vocab-size", "2000", "--model-prefix", str(d / "bpe"), "--threads", "1")
+    run_tool("tools/train_tokenizer.py", "--type", "bpe", "--input", str(d / "pydoc.jsonl"), *tok)
+    run_tool("examples/make_tiny_glm4_release.py", "--tokenizer", str(d / "bpe.json"), "--output", str(d / "release"))
+    run_tool("examples/build_chat_data.py", "--output", str(d / "chat"), "--max-train", "64", "--max-valid", "4")
+    return {
+        "release": d / "release",
+        "train": d / "chat_train.jsonl",
+        "valid": d / "chat_valid.jsonl",
+        "tokenizer_file": d / "bpe.json",
+    }
