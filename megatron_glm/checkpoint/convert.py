@@ -20,7 +20,7 @@ import torch
 
 from megatron_glm.checkpoint.formats.base import CheckpointFormat, Transform, WriteJob, Written
 from megatron_glm.checkpoint.formats.registry import FORMATS, REGISTRY, format_named, open_source
-from megatron_glm.checkpoint.lora_merge import open_merged
+from megatron_glm.checkpoint.lora_merge import MergedSource, open_merged
 from megatron_glm.checkpoint.reshard import check_divisible, resize_vocab
 from megatron_glm.checkpoint.stream import OPTIMIZER_KEYS, ModelSource
 from megatron_glm.checkpoint.verify import compare_checksums, source_logits, stream_checksums
@@ -224,7 +224,7 @@ def convert_checkpoint(
     notes = list(src.info.notes)
     if opts.merge_lora:
         notes.append(
-            f"merged the LoRA adapters of {input_path} (read from {src.origin}) in fp32, cast to the base's dtype"
+            f"merged the LoRA adapters of {input_path} in fp32, cast to the base's dtype; read from {src.origin}"
         )
     vocab = src.info.config.vocab_size if fmt.adapters else _target_vocab(src, opts, notes, open_tokenizer)
     dtype = _target_dtype(fmt, opts)
@@ -234,6 +234,8 @@ def convert_checkpoint(
         return t.to(dtype) if dtype is not None else t
 
     report, target_dp = _new_report(src, output, fmt, opts, notes)
+    if isinstance(src, MergedSource):
+        report.source = f"LoRA {src.lora.step} on {report.source}"
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     output.parent.mkdir(parents=True, exist_ok=True)
