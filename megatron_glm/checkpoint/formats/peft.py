@@ -35,6 +35,15 @@ PEFT_PREFIX = "base_model.model."
 NATIVE_LINEARS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"})
 
 
+def is_peft(path: Path) -> bool:
+    """A peft adapter folder (``adapter_config.json`` naming a ``peft_type``)."""
+    try:
+        raw = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(raw, dict) and "peft_type" in raw
+
+
 def _native_modules(family: HFFamily, config: ModelConfig, linear: str, rows: int) -> list[tuple[str, int]]:
     """``(native module name, rows of B)`` per native linear our ``linear`` is stored as (several for a packed
     weight, in row order)."""

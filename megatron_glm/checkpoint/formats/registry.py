@@ -15,7 +15,7 @@ from megatron_glm.checkpoint.formats.base import CheckpointFormat, WriteJob, Wri
 from megatron_glm.checkpoint.formats.glm_original import GLMOriginalSource, find_rank_dir, write_glm_original
 from megatron_glm.checkpoint.formats.hf import HFSource, family_for, is_hf, write_hf
 from megatron_glm.checkpoint.formats.native import NativeSource, NativeTarget, find_step_dir, write_native
-from megatron_glm.checkpoint.formats.peft import adapter_config, peft_tensors, write_peft
+from megatron_glm.checkpoint.formats.peft import adapter_config, is_peft, peft_tensors, write_peft
 from megatron_glm.checkpoint.formats.sat import SATSource, check_sat_architecture, is_sat, write_sat
 from megatron_glm.checkpoint.formats.standalone import StandaloneSource, is_standalone, write_standalone
 from megatron_glm.checkpoint.formats.universal import UniversalSource, is_universal, write_universal
@@ -218,8 +218,8 @@ GLM = CheckpointFormat(
 PEFT = CheckpointFormat(
     name="peft",
     help="a LoRA run's adapters for HuggingFace peft on transformers' own GlmForCausalLM / Glm4ForCausalLM "
-    "(adapter_config.json, adapter_model.safetensors; the input is a LoRA checkpoint, written only)",
-    detect=lambda path: False,
+    "(adapter_config.json, adapter_model.safetensors; the input is a LoRA checkpoint; written, not read)",
+    detect=is_peft,
     open=lambda path, heads: _unreadable(path),
     write=_write_peft,
     check=_check_family,
@@ -231,7 +231,10 @@ PEFT = CheckpointFormat(
 
 
 def _unreadable(path: Path) -> ModelSource:
-    raise CheckpointError(f"{path}: peft adapters are not read back as a model; load them with peft")
+    raise CheckpointError(
+        f"{path}: peft LoRA adapters, not a model: load them onto their base with peft's PeftModel.from_pretrained "
+        "(convert the LoRA run's own checkpoint with --merge-lora for a merged model)"
+    )
 
 
 #: Every format, in detection order (the first whose ``detect`` accepts a folder opens it).
