@@ -10,6 +10,8 @@ Examples (run from the repository root):
     python tools/convert_checkpoint.py --input ckpt/chatglm --output chatglm-hf --format hf --dtype fp16
     python tools/convert_checkpoint.py --input glm-4-9b-0414 --output ckpt/glm4 --format native --target-tp 2
     python tools/convert_checkpoint.py --input ckpt/glm4 --output glm4-hf --format hf --dtype bf16   # no remote code
+    python tools/convert_checkpoint.py --input ckpt/lora --output merged-hf --format hf --merge-lora  # LoRA merged
+    python tools/convert_checkpoint.py --input ckpt/lora --output adapter --format peft   # LoRA for HF peft
 
 The input format is detected: one of our training checkpoints (a --save directory or one global_stepN
 directory), an original GLM checkpoint (mp_rank_XX_model_states.pt), GLM-130B's SwissArmyTransformer

@@ -20,7 +20,7 @@ import torch
 
 from megatron_glm.checkpoint.formats.base import CheckpointFormat, Transform, WriteJob, Written
 from megatron_glm.checkpoint.formats.registry import FORMATS, REGISTRY, format_named, open_source
-from megatron_glm.checkpoint.lora_merge import open_merged
+from megatron_glm.checkpoint.lora_merge import MergedSource, open_merged
 from megatron_glm.checkpoint.reshard import check_divisible, resize_vocab
 from megatron_glm.checkpoint.stream import OPTIMIZER_KEYS, ModelSource
 from megatron_glm.checkpoint.verify import compare_checksums, source_logits, stream_checksums
@@ -64,13 +64,16 @@ class ConvertOptions:
     max_new_tokens: int = opt(32, "hf: answer length per blank written to generation_config.json ([eop] forced after).")
     hf_layout: str = opt(
         "",
-        "hf: the published layout to write (empty: transformers' own class when one holds the model, "
-        "GlmForCausalLM / Glm4ForCausalLM, else the family's remote-code layout: glm, chatglm-6b, chatglm2-6b).",
+        "hf (and peft: the native class the adapters are for): the published layout to write (empty: "
+        "transformers' own class when one holds the model, GlmForCausalLM / Glm4ForCausalLM, else the family's "
+        "remote-code layout: glm, chatglm-6b, chatglm2-6b).",
     )
     merge_lora: bool = opt(
         False,
-        "The input is a LoRA run's checkpoint (adapters only): merge its adapters into the base it records "
-        "(W + alpha/r B A; the base must be unchanged) and write a plain model in the chosen format and layout.",
+        "The input is a LoRA run's checkpoint (adapters only, any layout and ZeRO stage): merge its adapters into "
+        "the base it records (W + alpha/r B A in fp32 from the fp32 master copy where the checkpoint holds one, "
+        "cast to the base's dtype; the base must be unchanged) and write a plain model in the chosen format and "
+        "layout. (--format peft exports the adapters unmerged.)",
     )
 
 
@@ -154,7 +157,7 @@ def _target_vocab(
 def _check_target(src: ModelSource, opts: ConvertOptions) -> CheckpointFormat:
     """The target format, once ``opts`` is checked against it and the source's model."""
     fmt = format_named(opts.format)
-    if opts.hf_layout and fmt.name != "hf":
+    if opts.hf_layout and fmt.name != "hf" and not fmt.adapters:
         raise CheckpointError(f"--hf-layout {opts.hf_layout}: only the hf format has layouts (got --format {fmt.name})")
     if opts.target_pp != 1 and not fmt.pipelined:
         raise CheckpointError(f"--target-pp {opts.target_pp}: only the native format has pipeline layouts")
@@ -216,13 +219,14 @@ def convert_checkpoint(
     output = Path(output)
     if output.exists() and any(output.iterdir()) if output.is_dir() else output.exists():
         raise CheckpointError(f"{output}: already exists; choose a new output directory")
-    if opts.merge_lora:
-        src = open_merged(input_path, lambda p: open_source(p, num_attention_heads=opts.num_attention_heads or None))
-    else:
-        src = open_source(input_path, num_attention_heads=opts.num_attention_heads or None)
+    src = _open_input(input_path, opts)
     fmt = _check_target(src, opts)
-    notes = list(src.info.notes) + ([f"merged the LoRA adapters of {input_path}"] if opts.merge_lora else [])
-    vocab = _target_vocab(src, opts, notes, open_tokenizer)
+    notes = list(src.info.notes)
+    if opts.merge_lora:
+        notes.append(
+            f"merged the LoRA adapters of {input_path} in fp32, cast to the base's dtype; read from {src.origin}"
+        )
+    vocab = src.info.config.vocab_size if fmt.adapters else _target_vocab(src, opts, notes, open_tokenizer)
     dtype = _target_dtype(fmt, opts)
 
     def transform(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -230,6 +234,8 @@ def convert_checkpoint(
         return t.to(dtype) if dtype is not None else t
 
     report, target_dp = _new_report(src, output, fmt, opts, notes)
+    if isinstance(src, MergedSource):
+        report.source = f"LoRA {src.lora.step} on {report.source}"
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -238,9 +244,9 @@ def convert_checkpoint(
         job = WriteJob(src, tmp, opts, tcfg, transform, dtype, target_dp, notes, log, open_tokenizer)
         written = fmt.write(job)
         report.optimizer = written.optimizer
-        report.tensors = len(src.names())
+        report.tensors = written.tensors if fmt.adapters else len(src.names())
         if opts.verify:
-            report.verified = _verify(src, tmp, fmt, transform, written)
+            report.verified = written.verified if fmt.adapters else _verify(src, tmp, fmt, transform, written)
         if opts.verify_logits:
             report.logits_max_diff = _logits_diff(src, tmp, vocab)
         os.replace(tmp, output)
@@ -249,6 +255,23 @@ def convert_checkpoint(
         raise
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _open_input(input_path: str | Path, opts: ConvertOptions) -> ModelSource:
+    """The input as a full-tensor source: a LoRA checkpoint merged into its base for ``--merge-lora`` and for an
+    adapters format (which writes ``src.adapters``), else the detected format's reader."""
+    heads = opts.num_attention_heads or None
+    adapters = format_named(opts.format).adapters
+    if adapters and opts.merge_lora:
+        raise CheckpointError(
+            f"--merge-lora with --format {opts.format}: that format holds the adapters themselves; drop --merge-lora"
+        )
+    if adapters and opts.verify_logits:
+        raise CheckpointError(f"--verify-logits: --format {opts.format} holds adapters, not a model")
+    if opts.merge_lora or adapters:
+        flag = "--merge-lora" if opts.merge_lora else f"--format {opts.format}"
+        return open_merged(input_path, lambda p: open_source(p, num_attention_heads=heads), flag)
+    return open_source(input_path, num_attention_heads=heads)
 
 
 def _logits_diff(src: ModelSource, out: Path, vocab: int) -> float:

@@ -48,6 +48,9 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     meta = json.loads((step / "meta.json").read_text())
     (step / "meta.json").write_text(json.dumps({**meta, "format": "universal"}))
     out["universal"] = step
+    out["peft"] = root / "peft"  # written from a LoRA run (tests/checkpoint/test_peft_export.py); detected only
+    out["peft"].mkdir()
+    (out["peft"] / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     return out
 
 
@@ -61,7 +64,10 @@ def test_every_registered_format_has_a_fixture_and_a_converter_choice(folders: d
 @pytest.mark.parametrize("name", FORMATS)
 def test_detect_picks_the_format_of_each_folder(folders: dict[str, Path], name: str) -> None:
     assert detect_format(folders[name]).name == name
-    if name != "universal":  # the stand-in holds no optimizer state to open
+    if name == "peft":  # adapters, not a model: opening one says how to use it
+        with pytest.raises(CheckpointError, match=r"peft LoRA adapters, not a model: load them .* PeftModel"):
+            open_source(folders[name])
+    elif name != "universal":  # the stand-in holds no optimizer state to open
         src = open_source(folders[name], num_attention_heads=4)
         assert src.info.format == name and src.names()
 

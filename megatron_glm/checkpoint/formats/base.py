@@ -41,6 +41,8 @@ class Written:
 
     carry: bool = False  # the optimizer state was written (and is verified)
     optimizer: str = ""  # the report's optimizer line (empty: not applicable)
+    tensors: int = 0  # an adapters format: the tensors written
+    verified: int = 0  # an adapters format: the tensors its writer re-read and found equal
 
 
 def no_check(config: ModelConfig, opts: ConvertOptions) -> None:
@@ -61,6 +63,9 @@ class CheckpointFormat:
     ``--target-pp`` > 1; ``module_tensors``: holds the weights as the model held them (verified against
     :meth:`~megatron_glm.checkpoint.stream.ModelSource.module_tensor`, else against ``tensor``).
     ``layout(opts, target_dp)``: the report's target layout (``None``: ``"<name> tp=.. pp=.."``).
+    ``adapters``: writes a LoRA run's adapters, not a model: the converter opens the input as a LoRA checkpoint
+    (:func:`~megatron_glm.checkpoint.lora_merge.open_merged`: ``job.source.adapters``) and the writer verifies
+    what it wrote (``Written.verified``).
     """
 
     name: str
@@ -74,6 +79,7 @@ class CheckpointFormat:
     pipelined: bool = False
     module_tensors: bool = False
     layout: Callable[[ConvertOptions, int], str] | None = None
+    adapters: bool = False
 
     def target_layout(self, opts: ConvertOptions, target_dp: int) -> str:
         if self.layout is not None:

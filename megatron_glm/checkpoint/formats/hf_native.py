@@ -215,6 +215,8 @@ def write_native_files(out: Path, fields: dict[str, Any], config: ModelConfig, t
             "(it needs tokenizer.json): pass --tokenizer-model with a tokenizer.json"
         )
         tokenizer = None
+    if tokenizer is None:  # not transformers' default (GLM-4's 151329: outside a small vocab, the model fails to load)
+        fields["pad_token_id"] = None  # the embedding's padding_idx: must be within the vocab or None
     if tokenizer is not None:
         ids = {"eos_token_id": stop_token_ids(tokenizer), "pad_token_id": tokenizer.pad_id}
         fields.update(ids)

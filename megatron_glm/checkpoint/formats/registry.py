@@ -15,6 +15,7 @@ from megatron_glm.checkpoint.formats.base import CheckpointFormat, WriteJob, Wri
 from megatron_glm.checkpoint.formats.glm_original import GLMOriginalSource, find_rank_dir, write_glm_original
 from megatron_glm.checkpoint.formats.hf import HFSource, family_for, is_hf, write_hf
 from megatron_glm.checkpoint.formats.native import NativeSource, NativeTarget, find_step_dir, write_native
+from megatron_glm.checkpoint.formats.peft import adapter_config, is_peft, peft_tensors, write_peft
 from megatron_glm.checkpoint.formats.sat import SATSource, check_sat_architecture, is_sat, write_sat
 from megatron_glm.checkpoint.formats.standalone import StandaloneSource, is_standalone, write_standalone
 from megatron_glm.checkpoint.formats.universal import UniversalSource, is_universal, write_universal
@@ -135,6 +136,23 @@ def _write_standalone(job: WriteJob) -> Written:
     return Written()
 
 
+def _write_peft(job: WriteJob) -> Written:
+    src = job.source  # the LoRA checkpoint with its base (the converter opens an adapters format's input so)
+    tensors, targets = peft_tensors(src.adapters, job.config, family_for(job.config, job.opts.hf_layout))
+    family = getattr(src.base, "family", None)
+    base = str(src.lora.base_path) if family is not None and family.native else None
+    if base is None:
+        job.notes.append(
+            f"base_model_name_or_path is unset: the LoRA base {src.lora.base_path} is not a transformers folder "
+            "(export it with --format hf and load the adapters onto that)"
+        )
+    job.notes.append(f"adapters read from {src.origin}")
+    rank = int(src.lora.record["rank"])
+    fields = adapter_config(rank=rank, alpha=src.alpha, dropout=src.lora.dropout, targets=targets, base=base)
+    n = write_peft(job.out, tensors, fields, job.dtype)
+    return Written(tensors=n, verified=n if job.opts.verify else 0)
+
+
 def _shard_options(job: WriteJob) -> dict[str, Any]:
     """The safetensors writers' common keywords."""
     return {"transform": job.transform, "dtype": job.dtype, "max_shard_bytes": job.opts.max_shard_bytes}
@@ -197,9 +215,30 @@ GLM = CheckpointFormat(
     open=lambda path, heads: GLMOriginalSource(path, num_attention_heads=heads),
     write=_write_glm,
 )
+PEFT = CheckpointFormat(
+    name="peft",
+    help="a LoRA run's adapters for HuggingFace peft on transformers' own GlmForCausalLM / Glm4ForCausalLM "
+    "(adapter_config.json, adapter_model.safetensors; the input is a LoRA checkpoint; written, not read)",
+    detect=is_peft,
+    open=lambda path, heads: _unreadable(path),
+    write=_write_peft,
+    check=_check_family,
+    dtype="fp32",
+    sharded=False,
+    adapters=True,
+    layout=lambda opts, dp: "peft LoRA adapters",
+)
+
+
+def _unreadable(path: Path) -> ModelSource:
+    raise CheckpointError(
+        f"{path}: peft LoRA adapters, not a model: load them onto their base with peft's PeftModel.from_pretrained "
+        "(convert the LoRA run's own checkpoint with --merge-lora for a merged model)"
+    )
+
 
 #: Every format, in detection order (the first whose ``detect`` accepts a folder opens it).
-REGISTRY: tuple[CheckpointFormat, ...] = (NATIVE, UNIVERSAL, HF, SAFETENSORS, SAT, GLM)
+REGISTRY: tuple[CheckpointFormat, ...] = (NATIVE, UNIVERSAL, HF, SAFETENSORS, SAT, GLM, PEFT)
 
 #: The ``--format`` choices.
 FORMATS = tuple(f.name for f in REGISTRY)
