@@ -4,6 +4,7 @@ greedily from a GLM-4 prompt (``[gMASK]<sop>`` then the text).
 
     python examples/generate_with_transformers.py --model runs/continue_pretraining/export-hf \\
         --prompt "The for statement" --max-new-tokens 24 --report report.json
+    python examples/generate_with_transformers.py --model RELEASE --adapter ADAPTER ...   # + a peft adapter
 
 Prints the model's class, its parameter count and the continuation; ``--report`` also writes them as JSON.
 """
@@ -24,6 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--report", default="", help="write what was loaded and generated to this JSON file")
+    parser.add_argument("--adapter", default="", help="a peft adapter folder (--format peft) loaded onto the model")
     return parser.parse_args(argv)
 
 
@@ -41,6 +43,12 @@ def main(argv: list[str] | None = None) -> None:
     name = type(model).__name__
     print(f"loaded {args.model} without remote code: {name} ({model.__module__}), {params:,} parameters")
     report = {"class": name, "module": model.__module__, "parameters": params, "outputs": []}
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter).eval()
+        report["adapter"] = args.adapter
+        print(f"loaded the peft adapter {args.adapter} onto it ({type(model).__name__})")
     for prompt in args.prompt:
         inputs = tokenizer(GLM4_PREFIX + prompt, return_tensors="pt")
         with torch.no_grad():

@@ -1,6 +1,7 @@
 """examples/chat_lora.sh end to end: conversations built from the embedded corpus, LoRA chat fine-tuning of a tiny
 GLM-4-shaped release at TP=2, the adapters merged into transformers' native layout, and transformers generating
-replies from it. The held-out loss falls (the script checks it too) and the merged model loads without remote code."""
+replies from it. The held-out loss falls (the script checks it too) and the merged model loads without remote code;
+the same adapters exported for peft and loaded onto the release reply identically."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def test_chat_lora_example(tmp_path: Path) -> None:
     proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
-    for n in range(1, 8):
+    for n in range(1, 9):
         assert re.search(rf"^== \[\s*\d+s\] {n}\. ", log, re.MULTILINE), f"step {n} did not run:\n{log[-3000:]}"
     assert "chat template: the built-in GLM-4" in log and "tp 2 x pp 1" in log
     rows = [json.loads(line) for line in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
@@ -40,4 +41,8 @@ def test_chat_lora_example(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "transformers_chat.json").read_text())
     assert report["class"] == "GlmForCausalLM" and len(report["outputs"]) == 2
     assert all(o["prompt"].endswith("<|assistant|>") and o["new_ids"] for o in report["outputs"]), report["outputs"]
-    assert "--format peft" in SCRIPT.read_text()  # the marked spot for peft's adapter
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 8
+    peft = json.loads((tmp_path / "peft_chat.json").read_text())
+    assert peft["adapter"] and [o["new_ids"] for o in peft["outputs"]] == [o["new_ids"] for o in report["outputs"]]
+    assert "peft (release + adapter) replies exactly as the merged model" in log
