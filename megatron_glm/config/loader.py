@@ -54,6 +54,8 @@ FLAG_ALIASES: dict[str, tuple[str, Any]] = {
     "--untie-embeddings-and-output-weights": ("model.untie_embeddings_and_output_weights", True),
     "--sandwich-norm": ("model.sandwich_norm", True),
     "--qk-norm": ("model.qk_norm", True),
+    "--num-nextn-predict-layers": ("model.num_nextn_predict_layers", None),
+    "--mtp-loss-weight": ("model.mtp_loss_weight", None),
     "--checkpoint-activations": ("model.checkpoint_activations", True),
     "--checkpoint-num-layers": ("model.checkpoint_num_layers", None),
     "--recompute-granularity": ("model.recompute_granularity", None),

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
+from megatron_glm.config.mtp import MTPOptions
+
 if TYPE_CHECKING:
     from megatron_glm.config.architecture import Architecture
 
@@ -57,7 +59,7 @@ class ModelShape:
 
 
 @dataclass(kw_only=True)
-class ModelConfig(ModelShape):
+class ModelConfig(MTPOptions, ModelShape):
     """The GLM transformer: its architecture (every field that changes tensors or math; :meth:`architecture`, the
     sealed value a checkpoint records) and the execution options (fields with ``execution=True`` in their
     metadata: kernels, recomputation, sequence parallelism, loss rows; free to differ from run to run)."""
