@@ -14,10 +14,10 @@ class MTPOptions:
     num_nextn_predict_layers: int = field(
         default=0,
         metadata={
-            "help": "Multi-token prediction layers (GLM-4.5: 1; 0: off). MTP layer k (transformer.mtp.{k}.) computes "
-            "eh_proj(concat(enorm(embedding of the token k+1 ahead), hnorm(previous hidden states))), one decoder layer "
-            "(built as layer num_layers + k) and its final_layernorm, then the shared output head predicts the token k+2 "
-            "ahead (training and evaluation losses only; generation does not run it)."
+            "help": "Multi-token prediction layers (GLM-4.5: 1; 0: off). MTP layer k (transformer.mtp.{k}.) "
+            "computes eh_proj(concat(enorm(embedding of the token k+1 ahead), hnorm(previous hidden states))), one "
+            "decoder layer (built as layer num_layers + k) and its final_layernorm, then the shared output head "
+            "predicts the token k+2 ahead (training and evaluation losses only; generation does not run it)."
         },
     )
     mtp_loss_weight: float = field(
