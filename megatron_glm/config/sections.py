@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
+from megatron_glm.config.moe import MoEOptions
+
 if TYPE_CHECKING:
     from megatron_glm.config.architecture import Architecture
 
@@ -57,10 +59,11 @@ class ModelShape:
 
 
 @dataclass(kw_only=True)
-class ModelConfig(ModelShape):
-    """The GLM transformer: its architecture (every field that changes tensors or math; :meth:`architecture`, the
-    sealed value a checkpoint records) and the execution options (fields with ``execution=True`` in their
-    metadata: kernels, recomputation, sequence parallelism, loss rows; free to differ from run to run)."""
+class ModelConfig(MoEOptions, ModelShape):
+    """The GLM transformer: its architecture (every field that changes tensors or math, the MoE ones from
+    :class:`MoEOptions`; :meth:`architecture`, the sealed value a checkpoint records) and the execution options
+    (fields with ``execution=True`` in their metadata: kernels, recomputation, sequence parallelism, loss rows;
+    free to differ from run to run)."""
 
     size: str = opt(
         "",
