@@ -181,7 +181,7 @@ class MoEMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """``x [b, s, H]``, this rank's sequence shard ``[b, s/tp, H]`` (``ctx.sequence_parallel``), or rows
-        ``[n, H]`` (``ctx.rows``; the balance loss then takes them as one sequence)."""
+        ``[n, H]`` (``ctx.rows``: evaluation and generation only; training routes every row)."""
         group, seq_par = self.tp_group, ctx.sequence_parallel
         batch = x.shape[0] if x.dim() == 3 else 1
         tokens = x.reshape(-1, x.shape[-1])
