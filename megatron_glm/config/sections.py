@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
+from megatron_glm.config.moe import MoEOptions
 from megatron_glm.config.mtp import MTPOptions
 
 if TYPE_CHECKING:
@@ -59,10 +60,11 @@ class ModelShape:
 
 
 @dataclass(kw_only=True)
-class ModelConfig(MTPOptions, ModelShape):
-    """The GLM transformer: its architecture (every field that changes tensors or math; :meth:`architecture`, the
-    sealed value a checkpoint records) and the execution options (fields with ``execution=True`` in their
-    metadata: kernels, recomputation, sequence parallelism, loss rows; free to differ from run to run)."""
+class ModelConfig(MoEOptions, MTPOptions, ModelShape):
+    """The GLM transformer: its architecture (every field that changes tensors or math, the MoE ones from
+    :class:`MoEOptions`, the MTP ones from :class:`MTPOptions`; :meth:`architecture`, the sealed value a checkpoint
+    records) and the execution options (fields with ``execution=True`` in their metadata: kernels, recomputation,
+    sequence parallelism, loss rows; free to differ from run to run)."""
 
     size: str = opt(
         "",

@@ -272,7 +272,8 @@ class GLMModel(HeadMixin, nn.Module):
         seq_parallel = self.sequence_parallel and kv_cache is None
         rows = None
         mtp = batch is not None and self.config.num_nextn_predict_layers > 0  # the MTP layers read every row
-        if self.config.last_layer_loss_rows and kv_cache is None and not seq_parallel and not mtp:
+        moe_training = self.config.num_experts > 0 and self.training  # routers count and balance every token
+        if self.config.last_layer_loss_rows and kv_cache is None and not seq_parallel and not (mtp or moe_training):
             rows = None if batch is None else batch.rows
             if rows is None:
                 needed = logit_positions if batch is None else batch.positions()

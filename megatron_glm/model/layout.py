@@ -114,7 +114,8 @@ class ModelLayout:
         for i in range(n):
             prefix = LAYER_PREFIX.format(i)
             specs += [
-                dataclasses.replace(s, name=prefix + s.name, layer=i, pipe_layer=i + 2) for s in layer_tensors(config)
+                dataclasses.replace(s, name=prefix + s.name, layer=i, pipe_layer=i + 2)
+                for s in layer_tensors(config, i)
             ]
         specs += [dataclasses.replace(s, pipe_layer=n + 2) for s in final_tensors(config)]
         for k in range(config.num_nextn_predict_layers):  # GLM-4.5's MTP layers, with the final norm

@@ -45,13 +45,12 @@ def mtp_tensors(config: ModelConfig, k: int = 0) -> list[TensorSpec]:
     """MTP layer ``k``'s tensors, relative to ``transformer.mtp.{k}.``, in module order: ``enorm``, ``hnorm``,
     ``eh_proj.weight [H, 2H]`` (replicated), the decoder layer under ``layer.`` (layer ``num_layers + k``'s slots),
     ``final_layernorm``."""
-    del k  # every MTP layer has the slots of the layers after the dense ones
     h = config.hidden_size
     return [
         *norm_tensors(config, name="enorm"),
         *norm_tensors(config, name="hnorm"),
         TensorSpec("eh_proj.weight", (h, 2 * h), "weight", init="normal"),
-        *relative(layer_tensors(config), "layer."),
+        *relative(layer_tensors(config, config.num_layers + k), "layer."),
         *norm_tensors(config, name="final_layernorm"),
     ]
 
