@@ -18,15 +18,18 @@ from megatron_glm.config import build_config, validate
 from megatron_glm.errors import ConfigError
 from megatron_glm.model import (
     GLMModel,
+    GLMPart,
     LanguageModelLoss,
     LossBatch,
     ModelLayout,
     full_state_dict,
     load_full_state_dict,
+    new_rng_tracker,
 )
+from megatron_glm.model.context import aux_loss_names
 from megatron_glm.parallel import ParallelState, initialize_parallel_state
 from megatron_glm.testing import run_distributed
-from tests.model.helpers import make_batch, pipe_parts
+from tests.model.helpers import make_batch
 from tests.test_glm4_options import _linear, _norm, _rope, glm4_config, random_weights
 
 torch.set_num_threads(1)
@@ -35,6 +38,18 @@ torch.set_num_threads(1)
 def mtp_config(**overrides: object):
     """The GLM-4-shaped toy with QK-norm (half-split rotary), untied head, one MTP layer."""
     return glm4_config("qk-half-split", **{"num_nextn_predict_layers": 1, "mtp_loss_weight": 0.3, **overrides})
+
+
+#: GLM-4.5's MoE layers (one dense layer first): the MTP layer is an MoE layer too, with the balance loss on.
+MOE = dict(
+    num_experts=4,
+    moe_top_k=2,
+    moe_intermediate_size=16,
+    num_shared_experts=1,
+    first_k_dense_replace=1,
+    moe_routed_scaling_factor=2.5,
+    moe_aux_loss_coeff=0.01,
+)
 
 
 # -- the reference: the published equations, fp64, no package code --------------------------------------------
@@ -170,6 +185,10 @@ def test_layout_and_off_when_zero() -> None:
     assert layout.parameter_count() == sum(t.numel() for t in model.parameters())
     two = ModelLayout(mtp_config(num_nextn_predict_layers=2))
     assert "transformer.mtp.1.layer.mlp.dense_4h_to_h.weight" in two
+    moe = ModelLayout(mtp_config(**MOE))  # the MTP layer has the slots of layer num_layers: MoE
+    router = moe["transformer.mtp.0.layer.mlp.router.weight"]
+    assert router.shape == (4, 32) and "transformer.mtp.0.layer.mlp.dense_h_to_4h.weight" not in moe
+    assert moe["transformer.mtp.0.layer.mlp.experts.dense_h_to_4h.weight"].expert_dim == 0
 
 
 def _loss_and_grads(model, batch: dict, ps: ParallelState) -> tuple[float, float, dict]:
@@ -183,7 +202,9 @@ def _loss_and_grads(model, batch: dict, ps: ParallelState) -> tuple[float, float
 
 def _chained_parts(cfg, sd: dict, batch: dict, ps: ParallelState) -> tuple[float, float, dict]:
     """The pipeline's parts chained through their activations (as DeepSpeed hands them on), then the loss."""
-    parts = pipe_parts(cfg, ps, seed=5)
+    tracker = new_rng_tracker(5, ps, None)
+    names = aux_loss_names(cfg)  # the MoE balance loss travels in the accumulator
+    parts = [GLMPart(p, cfg, ps, seed=5, tracker=tracker, aux_names=names) for p in ModelLayout(cfg).pipe_layers]
     for part in parts:
         load_full_state_dict(part, sd, ps, ignore_unexpected=True)
     x = (batch["input_ids"], batch["position_ids"], batch["sep"])
@@ -200,34 +221,39 @@ def _chained_parts(cfg, sd: dict, batch: dict, ps: ParallelState) -> tuple[float
 def _parallel_checks(rank: int, world: int) -> dict[str, float]:
     ps = initialize_parallel_state(tp_size=world)
     batch = _causal_batch(20)
-    cfg = mtp_config()
-    sd = {k: v.float() for k, v in random_weights(cfg, seed=7).items()}
-    ref = GLMModel(cfg, seed=5)
-    load_full_state_dict(ref, sd)
-    rl, rm, rg = _loss_and_grads(ref, batch, ParallelState())
-    out = {"mtp-grad": min(rg[k].abs().max().item() for k in rg if ".mtp." in k)}
-    runs = {}
-    for sp in (False, True):
-        par = GLMModel(mtp_config(sequence_parallel=sp), ps, seed=5)
-        load_full_state_dict(par, sd, ps)
-        runs[f"tp/sp={sp}"] = _loss_and_grads(par, batch, ps)
-    runs["parts"] = _chained_parts(cfg, sd, batch, ParallelState())
-    runs["parts-tp"] = _chained_parts(cfg, sd, batch, ps)
-    for name, (loss, mtp, grads) in runs.items():
-        out[f"{name}/loss"] = abs(loss - rl) / rl
-        out[f"{name}/mtp"] = abs(mtp - rm) / rm
-        assert set(grads) == set(rg), name
-        out[f"{name}/grads"] = max(
-            ((grads[k] - rg[k]).abs().max() / rg[k].abs().max().clamp(min=1e-12)).item() for k in rg
-        )
+    out: dict[str, float] = {}
+    for variant, extra in (("dense", {}), ("moe", MOE)):
+        cfg = mtp_config(**extra)
+        sd = {k: v.float() for k, v in random_weights(cfg, seed=7).items()}
+        ref = GLMModel(cfg, seed=5)
+        load_full_state_dict(ref, sd)
+        rl, rm, rg = _loss_and_grads(ref, batch, ParallelState())
+        trained = [k for k in rg if ".mtp." in k and not k.endswith("expert_bias")]
+        out[f"{variant}/mtp-grad"] = min(rg[k].abs().max().item() for k in trained)
+        runs = {}
+        for sp in (False, True):
+            par = GLMModel(mtp_config(sequence_parallel=sp, **extra), ps, seed=5)
+            load_full_state_dict(par, sd, ps)
+            runs[f"tp/sp={sp}"] = _loss_and_grads(par, batch, ps)
+        runs["parts"] = _chained_parts(cfg, sd, batch, ParallelState())
+        runs["parts-tp"] = _chained_parts(cfg, sd, batch, ps)
+        for name, (loss, mtp, grads) in runs.items():
+            out[f"{variant}/{name}/loss"] = abs(loss - rl) / rl
+            out[f"{variant}/{name}/mtp"] = abs(mtp - rm) / rm
+            assert set(grads) == set(rg), name
+            out[f"{variant}/{name}/grads"] = max(
+                ((grads[k] - rg[k]).abs().max() / rg[k].abs().max().clamp(min=1e-12)).item() for k in rg
+            )
     return out
 
 
 def test_tp2_and_pipeline_parts_equal_one_process() -> None:
+    """Dense and MoE (the MTP layer an MoE layer, its balance loss carried by the parts' accumulator)."""
     results = run_distributed(_parallel_checks, 2)
     for rank, diffs in enumerate(results):
-        assert diffs.pop("mtp-grad") > 1e-4  # every MTP tensor gets a gradient
-        assert len(diffs) == 4 * 3
+        for variant in ("dense", "moe"):
+            assert diffs.pop(f"{variant}/mtp-grad") > 1e-4  # every trained MTP tensor gets a gradient
+        assert len(diffs) == 2 * 4 * 3
         bad = {k: v for k, v in diffs.items() if not v <= 1e-5}
         assert not bad, f"rank {rank}: {bad}"
 
