@@ -73,9 +73,7 @@ def dry_run_memory(cfg: GLMConfig, world_size: int) -> str:
         return "parameters: unknown until the tokenizer gives the vocabulary (set model.vocab_size to count them)"
     stage = build_deepspeed_config(cfg, dp)["zero_optimization"]["stage"]  # a --deepspeed_config may name it
     ep = getattr(p, "expert_parallel_size", 1)
-    est = estimate_memory(
-        cfg.model, tp=tp, pp=pp, dp=dp, zero_stage=stage, precision=t.precision, lora=cfg.lora, ep=ep
-    )
+    est = estimate_memory(cfg.model, tp=tp, pp=pp, dp=dp, zero_stage=stage, precision=t.precision, lora=cfg.lora, ep=ep)
     lora = cfg.lora
     trainable = (
         f"trainable per rank (LoRA rank {lora.rank} on {', '.join(lora.target_names())}, base frozen): "

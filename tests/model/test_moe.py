@@ -195,8 +195,16 @@ def test_aux_loss_free_balancing_evens_a_skewed_load() -> None:
         (["--num-experts", "8", "--moe-top-k", "2", "--model.activation", "gelu"], "needs model.activation swiglu"),
         (["--num-experts", "4", "--first-k-dense-replace", "5"], "model.first_k_dense_replace must be in [0, "),
         (
-            ["--num-experts", "4", "--moe-top-k", "2", "--moe-intermediate-size", "33", "--tensor-model-parallel-size",
-             "2"],
+            [
+                "--num-experts",
+                "4",
+                "--moe-top-k",
+                "2",
+                "--moe-intermediate-size",
+                "33",
+                "--tensor-model-parallel-size",
+                "2",
+            ],
             "model.moe_intermediate_size (33) must be divisible by parallel.tensor_model_parallel_size (2)",
         ),
     ],
