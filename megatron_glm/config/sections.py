@@ -70,7 +70,7 @@ class ModelConfig(MoEOptions, MTPOptions, ModelShape):
         "",
         "Named size to start from (glm-tiny, glm-base, glm-large, glm-large-chinese, "
         "glm-2b, glm-10b, glm-130b, chatglm-6b, chatglm2-6b, chatglm3-6b, glm-4-9b, glm-4-9b-0414, "
-        "glm-4-32b-0414); explicit fields override it.",
+        "glm-4-32b-0414, glm-4.5, glm-4.5-air, glm-4.6); explicit fields override it.",
         execution=True,
     )
     num_layers: int = opt(2, "Number of transformer layers.")

@@ -94,8 +94,8 @@ class LayerSlot:
 
 #: The GLM layer's slots, in module (and state-dict) order: ``input_layernorm``, ``attention``,
 #: [``post_self_attn_layernorm``], ``post_attention_layernorm``, ``mlp``, [``post_mlp_layernorm``] (bracketed:
-#: GLM-4-0414's sandwich norms, enabled by ``sandwich_norm``); ``mlp`` is the MoE MLP on GLM-4.5's MoE layers. A new part is one more slot (and its builder); a test
-#: replaces the tuple to add one without touching anything else.
+#: GLM-4-0414's sandwich norms, enabled by ``sandwich_norm``); ``mlp`` is the MoE MLP on GLM-4.5's MoE layers. A
+#: new part is one more slot (and its builder); a test replaces the tuple to add one without touching anything else.
 LAYER_SLOTS: tuple[LayerSlot, ...] = (
     LayerSlot("input_layernorm", NormBuilder()),
     LayerSlot("attention", AttentionBuilder()),

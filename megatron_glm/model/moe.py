@@ -72,7 +72,9 @@ def moe_tensors(config: ModelConfig) -> list[TensorSpec]:
     if config.moe_router_bias:
         out.append(TensorSpec("router.expert_bias", (e,), "bias", dtype="fp32"))
     out += [
-        TensorSpec("experts.dense_h_to_4h.weight", (e, 2 * f, h), "weight", 1, 2, expert_dim=0, experts=e, init="normal"),
+        TensorSpec(
+            "experts.dense_h_to_4h.weight", (e, 2 * f, h), "weight", 1, 2, expert_dim=0, experts=e, init="normal"
+        ),
         TensorSpec(
             "experts.dense_4h_to_h.weight", (e, h, f), "weight", 2, expert_dim=0, experts=e, init="scaled_normal"
         ),

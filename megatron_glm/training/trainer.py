@@ -21,10 +21,10 @@ from megatron_glm.errors import CheckpointError, GLMError
 from megatron_glm.model.glm import loss_rows
 from megatron_glm.model.loss import group_sums_dict, group_sums_tensor
 from megatron_glm.model.masks import CAUSAL, batch_attention_mask, is_causal_sep
+from megatron_glm.model.router import load_metrics, update_expert_bias
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
 from megatron_glm.training.drift import identity_drift
 from megatron_glm.training.evaluation import accumulate_losses, summarize_losses
-from megatron_glm.model.router import load_metrics, update_expert_bias
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.pipeline import StageLoss, pipeline_batch
 from megatron_glm.training.rng import get_rng_state, set_rng_state

@@ -195,8 +195,16 @@ def test_aux_loss_free_balancing_evens_a_skewed_load() -> None:
         (["--num-experts", "8", "--moe-top-k", "2", "--model.activation", "gelu"], "needs model.activation swiglu"),
         (["--num-experts", "4", "--first-k-dense-replace", "5"], "model.first_k_dense_replace must be in [0, "),
         (
-            ["--num-experts", "4", "--moe-top-k", "2", "--moe-intermediate-size", "33", "--tensor-model-parallel-size",
-             "2"],
+            [
+                "--num-experts",
+                "4",
+                "--moe-top-k",
+                "2",
+                "--moe-intermediate-size",
+                "33",
+                "--tensor-model-parallel-size",
+                "2",
+            ],
             "model.moe_intermediate_size (33) must be divisible by parallel.tensor_model_parallel_size (2)",
         ),
     ],
@@ -228,3 +236,31 @@ def test_layout_lists_dense_then_moe_layers() -> None:
     assert layout["transformer.layers.2.mlp.router.expert_bias"].dtype == "fp32"
     assert not any("layers.0.mlp.router" in n for n in layout.names())
     assert math.prod(spec.shard_shape(2, 4)) == 2 * 32 * 64
+
+
+def test_named_moe_sizes_have_their_published_parameter_counts() -> None:
+    """Exact counts of the layouts (MTP layer included, as the releases' 358B / 110B checkpoints); without the
+    embeddings and head the active counts are the published 32B / 12B."""
+    from megatron_glm.config import build_config
+    from megatron_glm.config.sizes import MTP_LAYERS
+    from megatron_glm.model.memory import estimate_memory, parameter_counts
+
+    expected = {
+        "glm-4.5": (356_785_898_816, 34_034_206_016),
+        "glm-4.6": (356_785_898_816, 34_034_206_016),
+        "glm-4.5-air": (109_227_310_848, 13_723_008_768),
+    }
+    for size, counts in expected.items():
+        cfg = build_config({"model.size": size})
+        assert not problems(cfg)
+        assert parameter_counts(cfg.model, MTP_LAYERS[size]) == counts
+        total, active = parameter_counts(cfg.model, 0)
+        embeddings = 2 * cfg.model.vocab_size * cfg.model.hidden_size
+        published = {"glm-4.5": (355e9, 32e9), "glm-4.6": (355e9, 32e9), "glm-4.5-air": (106e9, 12e9)}[size]
+        assert abs(total - published[0]) / published[0] < 0.01
+        assert abs(active - embeddings - published[1]) / published[1] < 0.02
+    m = build_config({"model.size": "glm-4.5"}).model
+    one = estimate_memory(m, tp=8, pp=4, dp=8, zero_stage=1, precision="bf16")
+    ep8 = estimate_memory(m, tp=8, pp=4, dp=8, zero_stage=1, precision="bf16", ep=8)
+    assert one.stage_parameters > 5 * ep8.stage_parameters
+    assert ep8.weights == ep8.stage_parameters * 2
