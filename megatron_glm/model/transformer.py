@@ -169,6 +169,7 @@ class GLMTransformer(nn.Module):
             self.checkpoint_activations = True
         for layer in self.layers.values():
             layer.attention.recompute_core = config.recompute_granularity == "selective"
+        self.mtp: nn.ModuleList | None = None  # GLM-4.5's MTP layers, after the final norm (megatron_glm.model.mtp)
         if post_process:
             self.final_layernorm = make_norm(config, params_dtype, device)
             if config.num_nextn_predict_layers:
@@ -240,7 +241,7 @@ class GLMTransformer(nn.Module):
         """The MTP layers' normed outputs (``megatron_glm.model.mtp``) from the stack's output ``h`` before the
         final norm and the word embeddings ``word`` of the input tokens, both the whole sequence ``[b, s, H]``;
         empty without MTP layers."""
-        if not hasattr(self, "mtp"):
+        if self.mtp is None:
             return ()
         whole = dataclasses.replace(ctx, sequence_parallel=False, rows=None, kv_cache=None)
         return run_mtp(self.mtp, h, word, whole)

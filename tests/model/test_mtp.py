@@ -237,6 +237,7 @@ def _parallel_checks(rank: int, world: int) -> dict[str, float]:
             runs[f"tp/sp={sp}"] = _loss_and_grads(par, batch, ps)
         runs["parts"] = _chained_parts(cfg, sd, batch, ParallelState())
         runs["parts-tp"] = _chained_parts(cfg, sd, batch, ps)
+        runs["parts-tp-sp"] = _chained_parts(mtp_config(sequence_parallel=True, **extra), sd, batch, ps)
         for name, (loss, mtp, grads) in runs.items():
             out[f"{variant}/{name}/loss"] = abs(loss - rl) / rl
             out[f"{variant}/{name}/mtp"] = abs(mtp - rm) / rm
@@ -253,7 +254,7 @@ def test_tp2_and_pipeline_parts_equal_one_process() -> None:
     for rank, diffs in enumerate(results):
         for variant in ("dense", "moe"):
             assert diffs.pop(f"{variant}/mtp-grad") > 1e-4  # every trained MTP tensor gets a gradient
-        assert len(diffs) == 2 * 4 * 3
+        assert len(diffs) == 2 * 5 * 3
         bad = {k: v for k, v in diffs.items() if not v <= 1e-5}
         assert not bad, f"rank {rank}: {bad}"
 
