@@ -7,8 +7,12 @@ its copies of the embedding and head) keeps it through import, resharding and ex
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,8 +201,35 @@ def test_dense_release_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"n_group = 2 is not supported \(megatron_glm reads 1\)"):
         open_source(grouped)
     glm4 = open_source(dense).info.config
-    import dataclasses
-
     with pytest.raises(CheckpointError, match="sandwich_norm"):
         family_for(dataclasses.replace(glm4, sandwich_norm=True), "Glm4MoeForCausalLM")
     assert "Glm4MoeForCausalLM" in FAMILIES
+
+
+TF4_SCRIPT = """
+import json, sys, torch, transformers
+from transformers import AutoModelForCausalLM
+assert transformers.__version__.startswith("4."), transformers.__version__
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32).eval()
+with torch.no_grad():
+    logits = model(torch.tensor(json.loads(sys.argv[2]))).logits
+print(json.dumps({"class": type(model).__name__, "logits": logits.tolist()}))
+"""
+
+
+def test_the_export_with_its_mtp_layer_loads_in_transformers_4(release: Path, tmp_path: Path) -> None:
+    """transformers 4.x (``MEGATRON_GLM_TRANSFORMERS4``, in a subprocess) loads the export, MTP layer and all, with
+    the original's logits."""
+    tf4 = os.environ.get("MEGATRON_GLM_TRANSFORMERS4")
+    if not tf4:
+        pytest.skip("MEGATRON_GLM_TRANSFORMERS4 is not set: no transformers 4.x folder to load the export with")
+    _with_mtp(release, tmp_path / "with_mtp")
+    convert(tmp_path / "with_mtp", tmp_path / "export", format="hf")
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tf4, root]), "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-c", TF4_SCRIPT, str(tmp_path / "export"), json.dumps(IDS.tolist())]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["class"] == "Glm4MoeForCausalLM"
+    assert (torch.tensor(got["logits"]) - hf_logits(release)).abs().max().item() < 1e-5
