@@ -81,6 +81,14 @@ def routers(module: nn.Module) -> list[Router]:
 
 
 @torch.no_grad()
+def keep_expert_bias_fp32(module: nn.Module) -> None:
+    """Every router's correction bias back in fp32 (after an engine cast the whole module to bf16/fp16)."""
+    for r in routers(module):
+        if r.expert_bias is not None and r.expert_bias.dtype != torch.float32:
+            r.expert_bias.data = r.expert_bias.data.float()
+
+
+@torch.no_grad()
 def update_expert_bias(module: nn.Module, dp_group: Any = None) -> list[torch.Tensor]:
     """Aux-loss-free balancing after an optimizer step: every router's ``load`` summed over ``dp_group`` (one
     all-reduce for all of them), ``expert_bias += rate x sign(mean load - load)``, ``load`` reset. Returns each

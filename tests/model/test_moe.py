@@ -264,3 +264,18 @@ def test_named_moe_sizes_have_their_published_parameter_counts() -> None:
     ep8 = estimate_memory(m, tp=8, pp=4, dp=8, zero_stage=1, precision="bf16", ep=8)
     assert one.stage_parameters > 5 * ep8.stage_parameters
     assert ep8.weights == ep8.stage_parameters * 2
+
+
+def test_flops_count_the_active_experts() -> None:
+    """Per token: the dense layer's matrices, and on an MoE layer the router, k of the E experts and the shared
+    expert (by hand), and the attention term."""
+    from megatron_glm.model import ModelLayout
+    from megatron_glm.model.flops import flops_per_token, matmul_parameters
+
+    cfg = moe_config()  # H 64, 3 layers (1 dense), 8 experts top-3 of F 32, 1 shared, untied 128-row head
+    h, f = 64, 32
+    attention = (64 + 2 * 64) * 64 + 64 * 64
+    dense = attention + 3 * cfg.ffn_size * h
+    moe = attention + 8 * h + 3 * (3 * f * h) + 3 * f * h
+    assert matmul_parameters(ModelLayout(cfg)) == dense + 2 * moe + 128 * h
+    assert flops_per_token(cfg, 16, training=False) == 2 * (dense + 2 * moe + 128 * h) + 3 * 4 * 16 * 64
