@@ -279,3 +279,40 @@ def test_flops_count_the_active_experts() -> None:
     moe = attention + 8 * h + 3 * (3 * f * h) + 3 * f * h
     assert matmul_parameters(ModelLayout(cfg)) == dense + 2 * moe + 128 * h
     assert flops_per_token(cfg, 16, training=False) == 2 * (dense + 2 * moe + 128 * h) + 3 * 4 * 16 * 64
+
+
+def test_pipeline_parts_carry_the_balance_loss_to_the_head() -> None:
+    """The pipeline's parts, chained through the activation protocol, give the whole model's loss with the MoE
+    layers' ``moe_aux`` term accumulated across the stages (its gradient reaches the routers of every stage)."""
+    from megatron_glm.model import GLMPart, ModelLayout, new_rng_tracker
+    from megatron_glm.model.context import aux_loss_names
+    from megatron_glm.model.objective import LanguageModelLoss, LossBatch
+
+    cfg = moe_config(moe_aux_loss_coeff=0.01)
+    batch = make_batch(4)
+    whole = GLMModel(cfg, seed=5).train()
+    ref = whole(
+        batch["input_ids"],
+        batch["position_ids"],
+        batch_attention_mask(batch),
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+    )
+    ref.loss.backward()
+    tracker, names = new_rng_tracker(5, ParallelState(), None), aux_loss_names(cfg)  # as training/pipeline.py
+    assert names == ("moe_aux",)
+    parts = [
+        GLMPart(p, cfg, ParallelState(), seed=5, tracker=tracker, aux_names=names).train()
+        for p in ModelLayout(cfg).pipe_layers
+    ]
+    act = (batch["input_ids"], batch["position_ids"], batch_attention_mask(batch))
+    for part in parts:
+        act = part(act)
+    got = LanguageModelLoss()(act, LossBatch(batch["labels"], batch["loss_mask"]))
+    got.loss.backward()
+    assert abs(got.aux["moe_aux"].item() - ref.aux["moe_aux"].item()) < 1e-6 and ref.aux["moe_aux"] > 0
+    assert abs(got.loss.item() - ref.loss.item()) < 1e-5
+    router = "transformer.layers.2.mlp.router.weight"
+    held = [dict(p.named_parameters()) for p in parts]
+    grad = next(h[router].grad for h in held if router in h)
+    assert torch.allclose(grad, dict(whole.named_parameters())[router].grad, atol=1e-6)
