@@ -316,3 +316,20 @@ def test_pipeline_parts_carry_the_balance_loss_to_the_head() -> None:
     held = [dict(p.named_parameters()) for p in parts]
     grad = next(h[router].grad for h in held if router in h)
     assert torch.allclose(grad, dict(whole.named_parameters())[router].grad, atol=1e-6)
+
+
+def _dp_bias_update(rank: int, world: int) -> list[list[float]]:
+    ps = initialize_parallel_state(tp_size=1)
+    model = GLMModel(moe_config(moe_bias_update_rate=0.5), ps, seed=1).train()
+    router = model.transformer.layers["1"].mlp.router
+    # each rank alone would move the biases differently; summed, the loads are 11 11 9 9 4 4 4 4 (mean 7)
+    router.load.copy_(torch.tensor([[9, 9, 9, 9, 0, 0, 0, 0], [2, 2, 0, 0, 4, 4, 4, 4]][rank]))
+    fractions = update_expert_bias(model, ps.dp_group)
+    return [router.expert_bias.tolist(), fractions[0].tolist()]
+
+
+def test_the_bias_update_sums_loads_over_data_parallel_ranks() -> None:
+    results = run_distributed(_dp_bias_update, 2)
+    assert results[0] == results[1]
+    assert results[0][0] == [-0.5, -0.5, -0.5, -0.5, 0.5, 0.5, 0.5, 0.5]
+    assert results[0][1] == pytest.approx([n / 56 for n in (11, 11, 9, 9, 4, 4, 4, 4)])
