@@ -70,7 +70,8 @@ class Router(nn.Module):
 
     def count(self, expert_ids: torch.Tensor) -> None:
         """Add the tokens of ``expert_ids`` (every token this layer routed, on every tensor-parallel rank alike) to
-        :attr:`load` (training forwards only)."""
+        :attr:`load` (training forwards only; full recomputation counts a layer's tokens twice, which changes
+        neither the signs of the update nor the logged fractions)."""
         if self.training:
             self.load += torch.bincount(expert_ids.reshape(-1), minlength=self.load.numel())
 
