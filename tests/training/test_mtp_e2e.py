@@ -69,3 +69,21 @@ def test_mtp_pp2_matches_pp1_and_converts(tiny_corpus: dict, tmp_path: Path) -> 
         nproc=2,
     )
     assert abs(_losses(tmp_path / "r1")[0] - _losses(tmp_path / "r2")[0]) < 1e-5
+
+
+MOE_FLAGS = [
+    *["--num-experts", "4", "--moe-top-k", "2", "--moe-intermediate-size", "32", "--num-shared-experts", "1"],
+    *["--first-k-dense-replace", "1", "--moe-aux-loss-coeff", "0.01"],
+]
+
+
+def test_mtp_on_moe_pp2_matches_pp1(tiny_corpus: dict, tmp_path: Path) -> None:
+    """GLM-4.5's shape: MoE layers after a dense one, the MTP layer an MoE layer, the balance loss on."""
+    common = [*MTP_FLAGS, *MOE_FLAGS, "--train-iters", "3", "--micro-batch-size", "2", "--global-batch-size", "4"]
+    launch(train_args(tiny_corpus, *common, "--save", str(tmp_path / "pp1")), nproc=1)
+    launch(
+        train_args(tiny_corpus, *common, "--pipeline-model-parallel-size", "2", "--save", str(tmp_path / "pp2")),
+        nproc=2,
+    )
+    ref, got = _losses(tmp_path / "pp1"), _losses(tmp_path / "pp2")
+    assert len(ref) == 3 and max(abs(a - b) for a, b in zip(ref, got, strict=True)) < 1e-5, (ref, got)
