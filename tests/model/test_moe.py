@@ -259,6 +259,9 @@ def test_named_moe_sizes_have_their_published_parameter_counts() -> None:
         published = {"glm-4.5": (355e9, 32e9), "glm-4.6": (355e9, 32e9), "glm-4.5-air": (106e9, 12e9)}[size]
         assert abs(total - published[0]) / published[0] < 0.01
         assert abs(active - embeddings - published[1]) / published[1] < 0.02
+    air = build_config({"model.size": "glm-4.5-air"}).model
+    built = sum(p.numel() for p in GLMModel(air, device="meta").parameters())
+    assert built == parameter_counts(air, 0)[0] == 106_852_251_264
     m = build_config({"model.size": "glm-4.5"}).model
     one = estimate_memory(m, tp=8, pp=4, dp=8, zero_stage=1, precision="bf16")
     ep8 = estimate_memory(m, tp=8, pp=4, dp=8, zero_stage=1, precision="bf16", ep=8)
