@@ -75,7 +75,7 @@ class TaskLoss:
         base = head_loss(output, batch, smoothing)
         if self.task == "cloze":
             base = self._cloze(base, batch.objective, training)
-        return with_aux(base, output)
+        return with_aux(base, output, batch)
 
     def _cloze(self, base: GLMLoss, objective: torch.Tensor, training: bool) -> GLMLoss:
         out, scores, target, has = cloze_loss(base, objective, self.num_choices, self.scoring)

@@ -263,14 +263,17 @@ class GLMModel(HeadMixin, nn.Module):
             raise ValueError("attention_mask is required ([b] sep values or a [b, 1, s, s] boolean mask)")
         if position_ids is None:
             raise ValueError("position_ids [b, 2, s] is required")
-        h = self.transformer.embed(self.word_embeddings(input_ids), position_ids)
+        word = self.word_embeddings(input_ids)
+        h = self.transformer.embed(word, position_ids)
         if h.device.type != self.rng_tracker.device.type:  # moved with .to(); reseed on the new device
             self.rng_tracker = new_rng_tracker(self.seed, self.parallel_state, h.device)
         b, s = input_ids.shape
         batch = None if labels is None else LossBatch(labels, loss_mask, objective, loss_rows)
         seq_parallel = self.sequence_parallel and kv_cache is None
         rows = None
-        if self.config.last_layer_loss_rows and kv_cache is None and not seq_parallel:
+        mtp = batch is not None and self.config.num_nextn_predict_layers > 0  # the MTP layers read every row
+        moe_training = self.config.num_experts > 0 and self.training  # routers count and balance every token
+        if self.config.last_layer_loss_rows and kv_cache is None and not seq_parallel and not (mtp or moe_training):
             rows = None if batch is None else batch.rows
             if rows is None:
                 needed = logit_positions if batch is None else batch.positions()
@@ -292,12 +295,17 @@ class GLMModel(HeadMixin, nn.Module):
             # is faster than the rows' queries against a gathered boolean mask, and the head on every row (the
             # other rows weigh 0) than on an odd row count, which CPU bf16 matmuls run ~9% slower. Both exact.
             ctx, rows, positions = ctx.without_rows(), None, torch.arange(b * s, device=h.device)
-        h = self.transformer(enter_sequence(h, seq_parallel, self.parallel_state), ctx)
+        h = self.transformer(enter_sequence(h, seq_parallel, self.parallel_state), ctx, final_norm=not mtp)
+        mtp_hidden: tuple[torch.Tensor, ...] = ()
+        if mtp:
+            whole = leave_sequence(h, seq_parallel, self.parallel_state)
+            mtp_hidden, h = self.transformer.mtp_outputs(whole, word, ctx), self.transformer.final_norm(h, ctx)
         h = leave_sequence(h, seq_parallel, self.parallel_state)
         if batch is not None:
             if rows is None and positions is not None:  # the head on every row
                 h = h.reshape(b * s, h.shape[-1])
-            return (loss or self.loss)(ModelOutput(h, self, positions, ctx.aux), batch)
+            output = ModelOutput(h, self, positions, ctx.aux, mtp=mtp_hidden, mtp_weight=self.config.mtp_loss_weight)
+            return (loss or self.loss)(output, batch)
         if rows is None and logit_positions is not None:
             h = h.reshape(b * s, h.shape[-1]).index_select(0, logit_positions)
         return self.logits(h)

@@ -14,6 +14,7 @@ Pipeline layers (DeepSpeed ``PipelineModule`` order; their files hold the origin
                                        (rotary models: no tensors; the layer only applies embedding dropout)
     2+i      transformer layer i       transformer.layers.{i}.*
     L+2      final norm                transformer.final_layernorm.*
+                                       (+ GLM-4.5's MTP layers transformer.mtp.{k}.*, megatron_glm.model.mtp)
     L+3      head                      tied: no tensors of its own (the word embedding's weight);
                                        untied: output_layer.weight [V, H], vocab-parallel
 
@@ -53,6 +54,7 @@ from dataclasses import dataclass
 from megatron_glm.config import ModelConfig
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model.builders import layer_tensors
+from megatron_glm.model.mtp import MTP_PREFIX, mtp_tensors
 from megatron_glm.model.tensor_spec import DTYPE_ROLES, INITS, ROLES, TensorSpec, norm_tensors
 
 __all__ = ["DTYPE_ROLES", "INITS", "ROLES", "TensorSpec", "layer_tensors"]  # re-exported: defined next door
@@ -112,9 +114,13 @@ class ModelLayout:
         for i in range(n):
             prefix = LAYER_PREFIX.format(i)
             specs += [
-                dataclasses.replace(s, name=prefix + s.name, layer=i, pipe_layer=i + 2) for s in layer_tensors(config)
+                dataclasses.replace(s, name=prefix + s.name, layer=i, pipe_layer=i + 2)
+                for s in layer_tensors(config, i)
             ]
         specs += [dataclasses.replace(s, pipe_layer=n + 2) for s in final_tensors(config)]
+        for k in range(config.num_nextn_predict_layers):  # GLM-4.5's MTP layers, with the final norm
+            prefix = MTP_PREFIX.format(k)
+            specs += [dataclasses.replace(s, name=prefix + s.name, pipe_layer=n + 2) for s in mtp_tensors(config, k)]
         specs += [dataclasses.replace(s, pipe_layer=n + 3) for s in head_tensors(config)]
         self.tensors: dict[str, TensorSpec] = {s.name: s for s in specs}
         first, positions, layer, final, head = PIPE_KINDS

@@ -19,6 +19,7 @@ import torch
 
 from megatron_glm.model.attention import QueryRows
 from megatron_glm.model.loss import GLMLoss, glm_loss_at, glm_loss_fused, loss_positions
+from megatron_glm.model.mtp import MTP_TERM, shifted
 from megatron_glm.parallel import ParallelState, copy_to_tensor_parallel_region
 
 
@@ -45,7 +46,9 @@ class ModelOutput:
     ``hidden``: ``[b, s, H]``, or the rows at flat ``positions`` (into ``b * s``) ``[n, H]`` when the last layer ran
     on the loss rows only. ``head``: turns hidden states into this rank's vocabulary slice of the logits.
     ``aux``: named scalar loss terms added by layers, summed into the total by :func:`with_aux`. ``carrier``: the
-    pipeline's auxiliary-loss accumulator; the total depends on it so its gradient reaches every stage.
+    pipeline's auxiliary-loss accumulator; the total depends on it so its gradient reaches every stage. ``mtp``:
+    the MTP layers' normed outputs ``[b, s, H]`` (``megatron_glm.model.mtp``; empty without them), whose loss
+    times ``mtp_weight`` :func:`with_aux` adds as the term ``mtp``.
     """
 
     hidden: torch.Tensor
@@ -53,6 +56,8 @@ class ModelOutput:
     positions: torch.Tensor | None = None
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
     carrier: torch.Tensor | None = None
+    mtp: tuple[torch.Tensor, ...] = ()
+    mtp_weight: float = 0.0
 
 
 @dataclass
@@ -107,16 +112,30 @@ def head_loss(output: ModelOutput, batch: LossBatch, label_smoothing: float = 0.
     )
 
 
-def with_aux(loss: GLMLoss, output: ModelOutput) -> GLMLoss:
-    """``loss`` with ``output``'s auxiliary terms added to the total (by name order) and recorded in ``aux``."""
-    if not output.aux and output.carrier is None:
+def mtp_loss(hidden: tuple[torch.Tensor, ...], head: Head, batch: LossBatch, weight: float) -> torch.Tensor:
+    """``weight`` times the mean over the MTP layers of each one's masked cross entropy: layer ``k``'s outputs
+    against ``labels`` and ``loss_mask`` moved ``k + 1`` positions back (``megatron_glm.model.mtp``)."""
+    total = hidden[0].new_zeros((), dtype=torch.float32)
+    for k, out in enumerate(hidden):
+        moved = LossBatch(shifted(batch.labels, k + 1), shifted(batch.loss_mask, k + 1), batch.objective)
+        total = total + head_loss(ModelOutput(out, head), moved).loss
+    return total * (weight / len(hidden))
+
+
+def with_aux(loss: GLMLoss, output: ModelOutput, batch: LossBatch | None = None) -> GLMLoss:
+    """``loss`` with ``output``'s auxiliary terms added to the total (by name order) and recorded in ``aux``; with
+    ``batch``, the MTP layers' weighted loss too (the term ``mtp``, :func:`~megatron_glm.model.mtp.mtp_loss`)."""
+    terms = dict(output.aux)
+    if output.mtp and batch is not None:
+        terms[MTP_TERM] = mtp_loss(output.mtp, output.head, batch, output.mtp_weight)
+    if not terms and output.carrier is None:
         return loss
     total = loss.loss
-    for name in sorted(output.aux):
-        total = total + output.aux[name]
-    if not output.aux:  # nothing to add: the accumulator still gets its (zero) gradient
+    for name in sorted(terms):
+        total = total + terms[name]
+    if output.carrier is not None and not output.aux:  # the accumulator still gets its (zero) gradient
         total = total + output.carrier.sum() * 0.0
-    return dataclasses.replace(loss, loss=total, aux={**loss.aux, **output.aux})
+    return dataclasses.replace(loss, loss=total, aux={**loss.aux, **terms})
 
 
 class LanguageModelLoss:
@@ -126,4 +145,4 @@ class LanguageModelLoss:
         self.label_smoothing = label_smoothing
 
     def __call__(self, output: ModelOutput, batch: LossBatch) -> GLMLoss:
-        return with_aux(head_loss(output, batch, self.label_smoothing), output)
+        return with_aux(head_loss(output, batch, self.label_smoothing), output, batch)

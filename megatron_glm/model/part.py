@@ -8,7 +8,9 @@ part computes what the whole model computes (``megatron_glm.training.pipeline`` 
 
 Activations between parts (:meth:`GLMPart.forward`) are one tuple for every architecture:
 ``(ids, position_ids, mask)`` into the word embedding, then ``(hidden, aux, position_ids, mask)``, and a
-:class:`~megatron_glm.model.objective.ModelOutput` out of the head. ``mask`` is the ``[b]`` sep or a
+:class:`~megatron_glm.model.objective.ModelOutput` out of the head. With GLM-4.5's MTP layers (on the final norm's
+part) the word embeddings of the input tokens travel as a fifth tensor up to the final norm, and the MTP layers'
+outputs (one tensor each) after the four from the final norm to the head. ``mask`` is the ``[b]`` sep or a
 ``[b, 1, s, s]`` boolean mask; ``hidden`` is this rank's sequence shard between the position embeddings and the
 final norm under sequence parallelism; ``aux`` is the ``[max(1, len(aux_names))]`` fp32 accumulator of the
 auxiliary loss terms (one slot per name), each stage adding its layers' terms.
@@ -124,22 +126,27 @@ class GLMPart(HeadMixin, nn.Module):
             ids, position_ids, mask = inputs
             slots = max(1, len(self.aux_names))
             aux = torch.zeros(slots, dtype=torch.float32, device=ids.device, requires_grad=torch.is_grad_enabled())
-            return self.embed_tokens(ids), aux, position_ids, mask
+            word = self.embed_tokens(ids)
+            return (word, aux, position_ids, mask, *((word,) if self.config.num_nextn_predict_layers else ()))
         if kind == "head":
             return self.head_output(inputs)
-        h, aux, position_ids, mask = inputs
+        h, aux, position_ids, mask, *carried = inputs
         sequence_parallel = self.sequence_parallel
         if kind == "position_embeddings":
             h = enter_sequence(self.embed_positions(h, position_ids), sequence_parallel, self.parallel_state)
-            return h, aux, position_ids, mask
+            return h, aux, position_ids, mask, *carried
         seq = h.shape[1] * (self.parallel_state.tp_size if sequence_parallel else 1)
         ctx = forward_context(
             self.transformer, self.tracker, mask, position_ids, (h.shape[0], seq), h.device, sequence_parallel
         )
-        h = self.transformer(h, ctx)
-        if kind == "final_norm":
-            h = leave_sequence(h, sequence_parallel, self.parallel_state)
-        return h, self.add_aux(aux, ctx), position_ids, mask
+        if kind != "final_norm":
+            return self.transformer(h, ctx), self.add_aux(aux, ctx), position_ids, mask, *carried
+        mtp = ()
+        if carried:  # the MTP layers: the stack's output before the final norm and the word embeddings
+            whole = leave_sequence(h, sequence_parallel, self.parallel_state)
+            mtp = self.transformer.mtp_outputs(whole, carried[0], ctx)
+        h = leave_sequence(self.transformer(h, ctx), sequence_parallel, self.parallel_state)
+        return h, self.add_aux(aux, ctx), position_ids, mask, *mtp
 
     def add_aux(self, aux: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """The accumulator ``aux`` plus the terms ``ctx`` collected (each in its name's slot)."""
@@ -153,6 +160,6 @@ class GLMPart(HeadMixin, nn.Module):
 
     def head_output(self, inputs: Activations) -> ModelOutput:
         """The head's output: the final hidden states for the loss, with the auxiliary terms by name."""
-        h, aux, _, _ = inputs
+        h, aux, _, _, *mtp = inputs
         terms = {n: aux[i] for i, n in enumerate(self.aux_names)}
-        return ModelOutput(h, self, aux=terms, carrier=aux)
+        return ModelOutput(h, self, aux=terms, carrier=aux, mtp=tuple(mtp), mtp_weight=self.config.mtp_loss_weight)

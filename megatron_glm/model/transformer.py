@@ -8,6 +8,7 @@ A stack holds layers ``[layer_start, layer_end)`` of the model (all of them, or 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -19,6 +20,7 @@ from megatron_glm.model.attention import QueryRows
 from megatron_glm.model.builders import BuildContext, all_slot_names, layer_slots, prefixed
 from megatron_glm.model.context import ForwardContext, KVCacheLike
 from megatron_glm.model.layout import LAYER_PREFIX
+from megatron_glm.model.mtp import MTP_PREFIX, MTPLayer, run_mtp
 from megatron_glm.model.norms import make_norm
 from megatron_glm.model.recompute import checkpointed
 from megatron_glm.model.rotary import RotaryPositions
@@ -69,7 +71,7 @@ class GLMLayer(nn.Module):
                 device=device,
                 branch_dropout=0.0 if sandwich else config.hidden_dropout,  # sandwich: after the post-norm
             )
-            setattr(self, slot.name, slot.builder.build(ctx))
+            setattr(self, slot.name, slot.builder_at(config, layer_number - 1).build(ctx))
         self.post_dropout = nn.Dropout(config.hidden_dropout) if sandwich else None
 
     def _post_norm(
@@ -167,8 +169,14 @@ class GLMTransformer(nn.Module):
             self.checkpoint_activations = True
         for layer in self.layers.values():
             layer.attention.recompute_core = config.recompute_granularity == "selective"
+        self.mtp: nn.ModuleList | None = None  # GLM-4.5's MTP layers, after the final norm (megatron_glm.model.mtp)
         if post_process:
             self.final_layernorm = make_norm(config, params_dtype, device)
+            if config.num_nextn_predict_layers:
+                self.mtp = nn.ModuleList(
+                    _mtp_layer(config, k, init_for, parallel_state, params_dtype, device)
+                    for k in range(config.num_nextn_predict_layers)
+                )
 
     def embed(self, word: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Word embeddings (gradient shrunk by ``embedding_grad_shrink``) plus position (row 0) and block
@@ -193,8 +201,8 @@ class GLMTransformer(nn.Module):
             raise ValueError("a rotary model's layers need position_ids [b, 2, s]")
         return RotaryPositions(self.config, position_ids)
 
-    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Layers ``[layer_start, layer_end)`` then the final norm (``post_process``) on ``h``.
+    def forward(self, h: torch.Tensor, ctx: ForwardContext, *, final_norm: bool = True) -> torch.Tensor:
+        """Layers ``[layer_start, layer_end)`` then the final norm (``post_process`` and ``final_norm``) on ``h``.
 
         ``ctx.kv_cache`` (generation): ``kv_cache.layer(i)`` is global layer ``i``'s cache.
         ``ctx.rows`` (no cache, no sequence parallelism): only those rows of the result are needed; the last
@@ -221,9 +229,45 @@ class GLMTransformer(nn.Module):
                 h = layer(h, full)
         if ctx.rows is not None:
             h = ctx.rows.select(h) if last is None else last(h, ctx)
-        if not self.post_process:
+        if not self.post_process or not final_norm:
             return h
+        return self.final_norm(h, ctx)
+
+    def final_norm(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The final norm of the stack's output ``h`` (a sequence shard with ``ctx.sequence_parallel``)."""
         return sp.layer_norm(self.final_layernorm, h, self.tp_group, ctx.sequence_parallel)
+
+    def mtp_outputs(self, h: torch.Tensor, word: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, ...]:
+        """The MTP layers' normed outputs (``megatron_glm.model.mtp``) from the stack's output ``h`` before the
+        final norm and the word embeddings ``word`` of the input tokens, both the whole sequence ``[b, s, H]``;
+        empty without MTP layers."""
+        if self.mtp is None:
+            return ()
+        whole = dataclasses.replace(ctx, sequence_parallel=False, rows=None, kv_cache=None)
+        return run_mtp(self.mtp, h, word, whole)
+
+
+def _mtp_layer(
+    config: ModelConfig,
+    k: int,
+    init_for: Callable[[str], InitMethod],
+    parallel_state: ParallelState,
+    params_dtype: torch.dtype,
+    device: torch.device | str | None,
+) -> MTPLayer:
+    """MTP layer ``k`` with its decoder layer numbered ``num_layers + k + 1`` (the slots of the layer after the
+    stack)."""
+    init = prefixed(init_for, MTP_PREFIX.format(k))
+    layer = GLMLayer(
+        config,
+        config.num_layers + k + 1,
+        init=prefixed(init, "layer."),
+        parallel_state=parallel_state,
+        params_dtype=params_dtype,
+        device=device,
+    )
+    layer.attention.recompute_core = config.recompute_granularity == "selective"
+    return MTPLayer(config, layer, init=init, params_dtype=params_dtype, device=device)
 
 
 def _embedding(

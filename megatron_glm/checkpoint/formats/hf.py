@@ -15,9 +15,9 @@ its config mapping both ways, its tensor names and packing (a tensor of ours may
 the tensors it stores that our model does not, its code files. GLM (``model_type: glm`` with ``auto_map``) ships
 our remote code; ChatGLM-6B and ChatGLM2-6B (``model_type: chatglm``, told apart by their config keys, ChatGLM3 and
 GLM-4-9B's remote code included; ``hf_chatglm``) are written for THUDM's published code, which the export does not
-include; transformers' own ``GlmForCausalLM`` / ``Glm4ForCausalLM`` (``hf_native``) need no remote code and get
-``tokenizer.json`` files. Export picks the family whose architecture the model has, transformers' classes first,
-or the one ``--hf-layout`` names (:func:`family_for`).
+include; transformers' own ``GlmForCausalLM`` / ``Glm4ForCausalLM`` (``hf_native``) and ``Glm4MoeForCausalLM``
+(GLM-4.5, ``hf_glm4moe``) need no remote code and get ``tokenizer.json`` files. Export picks the family whose
+architecture the model has, transformers' classes first, or the one ``--hf-layout`` names (:func:`family_for`).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from megatron_glm.model.layout import ModelLayout
 
 from .hf_chatglm import CHATGLM2_FAMILY, CHATGLM_FAMILY
 from .hf_family import Derived, HFFamily
+from .hf_glm4moe import GLM4_MOE_FAMILY
 from .hf_native import NATIVE_FAMILIES, TOKENIZER_JSON, write_native_files
 from .packing import PRECISION_ONLY
 from .standalone import DEFAULT_SHARD_BYTES, check_shards, read_weight_index, write_weight_shards
@@ -137,7 +138,9 @@ GLM_FAMILY = HFFamily(
 )
 
 #: Published layouts by name (``glm``, ``chatglm-6b``, ``chatglm2-6b``, ``GlmForCausalLM``, ...).
-FAMILIES: dict[str, HFFamily] = {f.name: f for f in (GLM_FAMILY, CHATGLM_FAMILY, CHATGLM2_FAMILY, *NATIVE_FAMILIES)}
+FAMILIES: dict[str, HFFamily] = {
+    f.name: f for f in (GLM_FAMILY, CHATGLM_FAMILY, CHATGLM2_FAMILY, *NATIVE_FAMILIES, GLM4_MOE_FAMILY)
+}
 
 
 def detect_family(raw: dict[str, Any]) -> HFFamily | None:
@@ -182,6 +185,12 @@ def is_hf(path: Path) -> bool:
     return any((path / f).is_file() for f in WEIGHT_FILES)
 
 
+def _piece_shape(shape: tuple[int, ...], rows: int) -> tuple[int, ...]:
+    """The shape of a published tensor holding ``rows`` rows of ours (of ``shape``; split as ``[-1, last]`` when it
+    has more than two dimensions)."""
+    return (rows, *shape[1:]) if len(shape) <= 2 else (rows, shape[-1])
+
+
 class HFSource:
     """A HuggingFace folder read as full tensors by original GLM name."""
 
@@ -198,16 +207,21 @@ class HFSource:
             )
         self.path, self.family, self.raw_config = path, family, raw
         config = family.from_config(raw, str(path / CONFIG))
-        self.config = config
         self.weight_map = self._weight_map(path)
+        notes: list[str] = []
+        if family.fit is not None:
+            config, notes = family.fit(config, self.weight_map)
+        self.config = config
         layout = ModelLayout(config)
         self._hf_name = {}
         self._pieces: dict[str, list[str]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         self._open: dict[str, Any] = {}
         for spec in layout:
             pieces = family.split(config, spec.name)
             if pieces:
-                self._pieces[spec.name] = [self._check_piece(n, (r, *spec.shape[1:])) for n, r in pieces]
+                self._pieces[spec.name] = [self._check_piece(n, _piece_shape(spec.shape, r)) for n, r in pieces]
+                self._shapes[spec.name] = spec.shape
                 continue
             cands = family.candidates(spec.name)
             hf_name = next((c for c in cands if c in self.weight_map), None)
@@ -217,7 +231,6 @@ class HFSource:
             if shape != tuple(spec.shape):
                 raise CheckpointError(f"{path}: tensor {hf_name} has shape {list(shape)}, expected {list(spec.shape)}")
             self._hf_name[spec.name] = hf_name
-        notes: list[str] = []
         derived = family.derived(config)
         for d in derived:
             self._check_derived(d, notes)
@@ -299,7 +312,7 @@ class HFSource:
 
     def tensor(self, name: str) -> torch.Tensor:
         if name in self._pieces:
-            return torch.cat([self._raw(n) for n in self._pieces[name]], dim=0)
+            return torch.cat([self._raw(n) for n in self._pieces[name]], dim=0).reshape(self._shapes[name])
         return self.family.ours(self.config, name, self._raw(self._hf_name[name]))
 
     module_tensor = tensor
@@ -341,7 +354,8 @@ def write_hf(
     def expand(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         pieces = family.split(config, name)
         if pieces:
-            return [(n, p.clone()) for (n, _), p in zip(pieces, t.split([r for _, r in pieces], dim=0))]
+            flat = t.reshape(-1, t.shape[-1]) if t.dim() > 2 else t
+            return [(n, p.clone()) for (n, _), p in zip(pieces, flat.split([r for _, r in pieces], dim=0))]
         own = (family.hf_name(name), family.theirs(config, name, t))
         return [own] + [(d.name, d.make(t).clone()) for d in after.get(name, [])]
 

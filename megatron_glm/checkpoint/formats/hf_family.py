@@ -8,7 +8,7 @@ head stored twice), which export recomputes and import checks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +72,11 @@ class HFFamily:
     derived: Callable[[ModelConfig], list[Derived]] = _no_derived
     split: Callable[[ModelConfig, str], tuple[tuple[str, int], ...]] = _no_split
     """Our tensor -> the published tensors it is stored as, stacked along dim 0 (``(name, rows)`` each, e.g. the
-    fused QKV as separate ``q/k/v_proj``); empty: one tensor, :meth:`hf_name`."""
+    fused QKV as separate ``q/k/v_proj``; a tensor of more than two dimensions is split as its ``[-1, last]``
+    view, e.g. packed experts ``[E, 2F, H]`` as per-expert ``[F, H]`` pieces); empty: one tensor, :meth:`hf_name`."""
+    fit: Callable[[ModelConfig, Collection[str]], tuple[ModelConfig, list[str]]] | None = None
+    """The config read from ``config.json`` fitted to the tensor names the folder holds (e.g. without the MTP layers
+    a config announces but transformers does not save), with notes; ``None``: as read."""
     native: bool = False
     """A transformers class holds the layout (no remote code): the export writes ``tokenizer.json`` and
     transformers' config, and is preferred over a remote-code layout that holds the same model."""

@@ -78,7 +78,8 @@ def _split(cfg: ModelConfig, name: str) -> tuple[tuple[str, int], ...]:
     return tuple((f"model.layers.{m.group(1)}.self_attn.{p}_proj.{kind}", r) for p, r in zip("qkv", rows))
 
 
-def _to_config(cfg: ModelConfig) -> dict[str, Any]:
+def native_config(cfg: ModelConfig) -> dict[str, Any]:
+    """transformers' GLM config keys of ``cfg`` (shape, rotary both spellings, norms, biases)."""
     rope = {"rope_type": "default", "rope_theta": cfg.rotary_base, "partial_rotary_factor": cfg.rotary_percent}
     return {
         "vocab_size": cfg.vocab_size,
@@ -116,11 +117,17 @@ def _rope(raw: dict[str, Any], where: str) -> tuple[float, float]:
     return float(theta), float(factor)
 
 
-def _from_config(raw: dict[str, Any], where: str, options: dict[str, Any]) -> ModelConfig:
+#: Config values the native classes may hold that our model does not (key, the one value we read).
+REFUSED = (("hidden_act", "silu"), ("use_qk_norm", False), ("mlp_bias", False))
+
+
+def native_values(raw: dict[str, Any], where: str, refused: tuple[tuple[str, Any], ...] = REFUSED) -> dict[str, Any]:
+    """The :class:`ModelConfig` fields a transformers GLM ``config.json`` records (shape, rotary, norms, biases),
+    after one-line errors for a missing key or a ``refused`` value."""
     missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size") if k not in raw]
     if missing:
         raise CheckpointError(f"{where}: transformers GLM config lacks {', '.join(missing)}")
-    for key, wanted in (("hidden_act", "silu"), ("use_qk_norm", False), ("mlp_bias", False)):
+    for key, wanted in refused:
         if raw.get(key, wanted) != wanted:
             raise CheckpointError(f"{where}: {key} = {raw[key]!r} is not supported (megatron_glm reads {wanted!r})")
     theta, factor = _rope(raw, where)
@@ -144,7 +151,11 @@ def _from_config(raw: dict[str, Any], where: str, options: dict[str, Any]) -> Mo
         attention_dropout=float(raw.get("attention_dropout", 0.0)),
         init_std=float(raw.get("initializer_range", 0.02)),
     )
-    return ModelConfig(**{**options, **values})
+    return values
+
+
+def _from_config(raw: dict[str, Any], where: str, options: dict[str, Any]) -> ModelConfig:
+    return ModelConfig(**{**options, **native_values(raw, where)})
 
 
 def _family(key: str, model_type: str, options: dict[str, Any]) -> HFFamily:
@@ -156,7 +167,7 @@ def _family(key: str, model_type: str, options: dict[str, Any]) -> HFFamily:
         tokenizer_class="PreTrainedTokenizerFast",
         code_files=(),
         prefix="",
-        to_config=_to_config,
+        to_config=native_config,
         from_config=lambda raw, where: _from_config(raw, where, options),
         markers=("num_hidden_layers",),
         architecture=ArchitectureFamily(key, Architecture(**options), recorded=_RECORDED, alternatives=PRECISION_ONLY),

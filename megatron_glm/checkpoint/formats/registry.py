@@ -181,9 +181,9 @@ UNIVERSAL = CheckpointFormat(
 )
 HF = CheckpointFormat(
     name="hf",
-    help="HuggingFace folder: transformers' own GlmForCausalLM / Glm4ForCausalLM for GLM-4-shaped models (no "
-    "remote code), else THUDM's published layout of the model's family (GLM with its transformers code; "
-    "ChatGLM-6B, ChatGLM2-6B; see --hf-layout)",
+    help="HuggingFace folder: transformers' own GlmForCausalLM / Glm4ForCausalLM / Glm4MoeForCausalLM for GLM-4 and "
+    "GLM-4.5-shaped models (no remote code), else THUDM's published layout of the model's family (GLM with its "
+    "transformers code; ChatGLM-6B, ChatGLM2-6B; see --hf-layout)",
     detect=is_hf,
     open=lambda path, heads: HFSource(path),
     write=_write_hf,
