@@ -61,13 +61,10 @@ FAMILY_OPTIONS = MappingProxyType(
             moe_router_score="sigmoid",
             moe_norm_topk_prob=True,
             moe_router_bias=True,
+            num_nextn_predict_layers=1,
         ),
     }
 )
-
-#: Multi-token-prediction layers of the releases (``num_nextn_predict_layers``); counted by
-#: ``model/memory.py:parameter_counts`` until the model config records them.
-MTP_LAYERS = MappingProxyType({"glm-4.5": 1, "glm-4.5-air": 1, "glm-4.6": 1})
 
 _GLM45 = dict(
     num_layers=92,

@@ -134,24 +134,10 @@ def estimate_memory(
     )
 
 
-def parameter_counts(config: ModelConfig, mtp_layers: int | None = None) -> tuple[int, int]:
-    """``(total, active)`` parameters: every tensor of the layout plus ``mtp_layers`` multi-token-prediction layers
-    (default: the config's ``num_nextn_predict_layers`` when it has the field, else 0), each counted as GLM-4.5's
-    (``enorm``, ``hnorm``, ``eh_proj [H, 2H]``, a decoder layer like the last one, the shared head's norm; the
-    embedding and head are shared); ``active`` counts ``moe_top_k`` of the ``num_experts`` of each expert tensor (the
-    parameters one token uses)."""
-    from megatron_glm.model.builders import layer_tensors
-    from megatron_glm.model.tensor_spec import norm_tensors
-
-    layout = ModelLayout(config)
-    if mtp_layers is None:
-        mtp_layers = getattr(config, "num_nextn_predict_layers", 0)
-    if any(name.startswith("transformer.mtp.") for name in layout.names()):
-        mtp_layers = 0  # the layout holds them already
-    h = config.hidden_size
-    mtp = [*layer_tensors(config, config.num_layers), *norm_tensors(config), *norm_tensors(config)]
-    mtp += [*norm_tensors(config), TensorSpec("eh_proj.weight", (h, 2 * h), "weight")]
-    specs = [*layout, *mtp * mtp_layers]
+def parameter_counts(config: ModelConfig) -> tuple[int, int]:
+    """``(total, active)`` parameters of the layout (its multi-token-prediction layers included); ``active`` counts
+    ``moe_top_k`` of the ``num_experts`` of each expert tensor (the parameters one token uses)."""
+    specs = list(ModelLayout(config))
 
     def active(spec: TensorSpec) -> int:
         n = math.prod(spec.shape)

@@ -3,6 +3,7 @@ tensor parallelism (and sequence parallelism) against one process, aux-loss-free
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -242,7 +243,6 @@ def test_named_moe_sizes_have_their_published_parameter_counts() -> None:
     """Exact counts of the layouts (MTP layer included, as the releases' 358B / 110B checkpoints); without the
     embeddings and head the active counts are the published 32B / 12B."""
     from megatron_glm.config import build_config
-    from megatron_glm.config.sizes import MTP_LAYERS
     from megatron_glm.model.memory import estimate_memory, parameter_counts
 
     expected = {
@@ -253,15 +253,18 @@ def test_named_moe_sizes_have_their_published_parameter_counts() -> None:
     for size, counts in expected.items():
         cfg = build_config({"model.size": size})
         assert not problems(cfg)
-        assert parameter_counts(cfg.model, MTP_LAYERS[size]) == counts
-        total, active = parameter_counts(cfg.model, 0)
+        assert cfg.model.num_nextn_predict_layers == 1
+        assert parameter_counts(cfg.model) == counts
+        total, active = parameter_counts(dataclasses.replace(cfg.model, num_nextn_predict_layers=0))
         embeddings = 2 * cfg.model.vocab_size * cfg.model.hidden_size
         published = {"glm-4.5": (355e9, 32e9), "glm-4.6": (355e9, 32e9), "glm-4.5-air": (106e9, 12e9)}[size]
         assert abs(total - published[0]) / published[0] < 0.01
         assert abs(active - embeddings - published[1]) / published[1] < 0.02
     air = build_config({"model.size": "glm-4.5-air"}).model
     built = sum(p.numel() for p in GLMModel(air, device="meta").parameters())
-    assert built == parameter_counts(air, 0)[0] == 106_852_251_264
+    assert built == parameter_counts(air)[0] == 109_227_310_848
+    dense_head = dataclasses.replace(air, num_nextn_predict_layers=0)
+    assert parameter_counts(dense_head)[0] == 106_852_251_264
     m = build_config({"model.size": "glm-4.5"}).model
     one = estimate_memory(m, tp=8, pp=4, dp=8, zero_stage=1, precision="bf16")
     ep8 = estimate_memory(m, tp=8, pp=4, dp=8, zero_stage=1, precision="bf16", ep=8)
