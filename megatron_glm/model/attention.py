@@ -30,6 +30,7 @@ from torch import nn
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.model import sequence_parallel as sp
+from megatron_glm.model.cp_attention import attention_with_dropout
 from megatron_glm.model.masks import AttentionMask
 from megatron_glm.model.norms import make_norm
 from megatron_glm.model.recompute import checkpointed
@@ -255,20 +256,26 @@ class ParallelSelfAttention(nn.Module):
             rows_mask = mask.bool_mask.gather(2, rows.index[:, None, :, None].expand(b, 1, m, s))
             mask = AttentionMask(mask.mask_mod, b, m, rows_mask.device, _bool=rows_mask)
             impl = "sdpa" if impl == "flex" else impl
+        if ctx.cp is not None:  # context parallelism: the keys and values of every position
+            k, v = ctx.cp.gather(k, 2), ctx.cp.gather(v, 2)
+            impl = "sdpa" if impl == "flex" else impl
         if self.groups_per_rank != self.num_heads_per_rank:
             rep = self.num_heads_per_rank // self.groups_per_rank
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         coeff = None
         if self.softmax_in_fp32 and q.dtype != torch.float32:  # in fp32 every kernel already is
             coeff = float(self.layer_number) if self.layer_scaling else 1.0
+        cp = ctx.cp
+
+        def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if cp is not None and p > 0.0:  # context parallelism: the attention-dropout mask of one rank
+                return attention_with_dropout(q, k, v, mask, p, tracker, cp, coeff)
+            return attention_core(q, k, v, mask, impl, p, tracker, coeff)
+
         if self.recompute_core and kv_cache is None and self.training and torch.is_grad_enabled():
-
-            def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return attention_core(q, k, v, mask, impl, p, tracker, coeff)
-
             ctx = checkpointed(core, tracker, q, k, v)
         else:
-            ctx = attention_core(q, k, v, mask, impl, p, tracker, coeff)
+            ctx = core(q, k, v)
         ctx = ctx.transpose(1, 2).reshape(b, ctx.shape[2], self.num_heads_per_rank * self.head_dim)
         if rows is None:
             return sp.dropout(self.output_dropout, self.dense(ctx, sequence_parallel), tracker, sequence_parallel)
