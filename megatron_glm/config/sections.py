@@ -215,7 +215,10 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = opt(1, "Tensor-parallel size (ranks that split each layer).")
     pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size (stages of layers).")
-    data_parallel_size: int = opt(0, "Data-parallel size; 0 derives world_size / (tp x pp).")
+    data_parallel_size: int = opt(0, "Data-parallel size; 0 derives world_size / (tp x pp x cp).")
+    context_parallel_size: int = opt(
+        1, "Context-parallel size: ranks that split every sequence (world = tp x pp x cp x dp)."
+    )
     pipeline_partition_method: str = opt(
         "uniform", "Pipeline partitioning: uniform (layers) or parameters.", choices=("uniform", "parameters")
     )

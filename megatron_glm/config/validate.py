@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from megatron_glm.config.context_parallel import context_parallel_problems
 from megatron_glm.config.finite import nonfinite_fields
 from megatron_glm.config.ranges import parse_iteration_ranges
 from megatron_glm.config.sections import LORA_TARGETS, GLMConfig, LoraConfig, ModelConfig, ObjectiveConfig
@@ -15,10 +16,12 @@ def pad_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
 
 
 def derived_data_parallel_size(cfg: GLMConfig, world_size: int) -> int:
-    """world / (tp x pp), or the configured size when world_size is unknown (0)."""
+    """world / (tp x pp x cp), or the configured size when world_size is unknown (0)."""
     p = cfg.parallel
     if world_size:
-        return world_size // max(1, p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+        return world_size // max(
+            1, p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+        )
     return p.data_parallel_size or 1
 
 
@@ -89,7 +92,7 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
     found = _positive_problems(cfg)
     ok = not found  # the divisibility checks need positive sizes
     found += _model_problems(cfg, ok)
-    found += _parallel_problems(cfg, world_size)
+    found += _parallel_problems(cfg, world_size) + context_parallel_problems(cfg, world_size)
     dp = derived_data_parallel_size(cfg, world_size)
     if ok and dp > 0:
         found += _batch_problems(cfg, dp)
@@ -191,13 +194,17 @@ def _parallel_problems(cfg: GLMConfig, world_size: int) -> list[str]:
     out: list[str] = []
     p = cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    if world_size and tp * pp and world_size % (tp * pp):
-        out.append(f"world size ({world_size}) must be divisible by tensor ({tp}) x pipeline ({pp}) parallel sizes")
+    cp = max(1, p.context_parallel_size)
+    if world_size and tp * pp and world_size % (tp * pp * cp):
+        out.append(
+            f"world size ({world_size}) must be divisible by tensor ({tp}) x pipeline ({pp}) x context ({cp}) "
+            "parallel sizes"
+        )
     dp = derived_data_parallel_size(cfg, world_size)
     if world_size and p.data_parallel_size and p.data_parallel_size != dp:
         out.append(
             f"parallel.data_parallel_size ({p.data_parallel_size}) disagrees with world size "
-            f"{world_size} / (tp {tp} x pp {pp}) = {dp}"
+            f"{world_size} / (tp {tp} x pp {pp} x cp {cp}) = {dp}"
         )
     return out
 

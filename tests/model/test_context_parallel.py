@@ -76,6 +76,7 @@ VARIANTS = {
     "rope_2d": FAMILY["chatglm-6b"],
     "selective": {"recompute_granularity": "selective"},
     "full-recompute": {"checkpoint_activations": True},
+    "fused-head": {"head_chunk_size": 5},
 }
 
 
