@@ -35,7 +35,6 @@ def context_parallel_problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
         "parallel.pipeline_model_parallel_size > 1": p.pipeline_model_parallel_size > 1,
         "lora.dropout > 0": cfg.lora.rank > 0 and cfg.lora.dropout > 0,
     }
-    out += [
-        f"parallel.context_parallel_size {cp} cannot be combined with {name}" for name, bad in unsupported.items() if bad
-    ]
+    refused = [name for name, bad in unsupported.items() if bad]
+    out += [f"parallel.context_parallel_size {cp} cannot be combined with {name}" for name in refused]
     return out

@@ -66,22 +66,25 @@ def attention_with_dropout(
     """Attention of the local queries ``[b, h, S / C, d]`` on the gathered keys and values ``[b, h, S, d]`` with the
     probability-dropout mask of ``C = 1`` (drawn over ``[b, h, S, S]`` as SDPA's math path and the eager kernel
     draw it; on CUDA, SDPA's fused kernels draw their own Philox masks, so ``C = 1`` with ``attention_impl eager``
-    is the reference there). ``fp32_coeff``: the scores of :func:`~megatron_glm.model.attention.layer_scaled_attention`."""
+    is the reference there). ``fp32_coeff``: the scores of
+    :func:`~megatron_glm.model.attention.layer_scaled_attention`."""
     b, h, s_loc, _ = q.shape
     seq = k.shape[2]
     coeff = 1.0 if fp32_coeff is None else fp32_coeff
     scale = 1.0 / (math.sqrt(q.shape[-1]) * coeff)
     if fp32_coeff is None:
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
     else:
-        scores = torch.matmul(q * scale, k.transpose(-1, -2)).float() * coeff
+        scores = torch.matmul(q * scale, k.transpose(-1, -2)).float().mul_(coeff)
     allowed = mask.bool_mask
-    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-    probs = (torch.softmax(scores, dim=-1) * allowed.any(dim=-1, keepdim=True)).to(v.dtype)
+    probs = torch.softmax(scores.masked_fill_(~allowed, torch.finfo(torch.float32).min), dim=-1).to(v.dtype)
     fork = tracker.fork(MODEL_PARALLEL_RNG) if tracker is not None else contextlib.nullcontext()
     with fork:
         qpos, kvpos = cp.local_positions(s_loc, q.device), cp.gathered_positions(s_loc, q.device)
         noise = _full_rows_noise(dropout_p, (b, h, seq, seq), probs.dtype, q.device, qpos, kvpos)
+    # A row with nothing visible outputs zeros (as SDPA); folded into the mask, which carries no gradient, so
+    # backward keeps the softmax output, the mask and the dropped probabilities: what SDPA's math path keeps.
+    noise.mul_(allowed.any(dim=-1, keepdim=True))
     return torch.matmul(probs * noise, v)
 
 

@@ -36,7 +36,8 @@ class DeepSpeedMPU:
 
     DeepSpeed's "model parallel" group is our tensor-parallel group (gradient-norm reduction, ZeRO);
     its data-parallel group is our gradient-reduction group: the data-parallel ranks times the context-parallel ones
-    (``ParallelState.grad_dp_group``; the data-parallel group without context parallelism). Needs a state built by ``initialize_parallel_state`` (real groups).
+    (``ParallelState.grad_dp_group``; the data-parallel group without context parallelism). Needs a state built by
+    ``initialize_parallel_state`` (real groups).
     """
 
     def __init__(self, parallel_state: ParallelState) -> None:

@@ -56,9 +56,7 @@ def test_cp2_matches_cp1_and_resumes_at_cp1(tiny_corpus: dict, tmp_path: Path) -
 
     resumed = tmp_path / "resumed"
     launch(
-        train_args(
-            tiny_corpus, *FLAGS, *DROPOUT, "--train-iters", "6", "--load", str(cp2), "--save", str(resumed)
-        ),
+        train_args(tiny_corpus, *FLAGS, *DROPOUT, "--train-iters", "6", "--load", str(cp2), "--save", str(resumed)),
         launcher="python",
     )
     after = _losses(resumed)
@@ -69,7 +67,9 @@ def test_cp2_matches_cp1_and_resumes_at_cp1(tiny_corpus: dict, tmp_path: Path) -
 
 def test_cp_config_errors_are_one_line(tiny_corpus: dict, tmp_path: Path) -> None:
     out = launch(
-        train_args(tiny_corpus, "--train-iters", "1", "--context-parallel-size", "3", "--pipeline-model-parallel-size", "2"),
+        train_args(
+            tiny_corpus, "--train-iters", "1", "--context-parallel-size", "3", "--pipeline-model-parallel-size", "2"
+        ),
         launcher="python",
         check=False,
     )
