@@ -20,9 +20,7 @@ def _losses(rank: int, world: int, assignments: dict) -> list[float]:
     return [row["loss"] for _, row in logger.rows if "loss" in row]
 
 
-@pytest.mark.parametrize(
-    "stage,world,ref_world", [(2, 4, 2), (3, 2, 1)], ids=["dp2xcp2-zero2", "cp2-zero3"]
-)
+@pytest.mark.parametrize("stage,world,ref_world", [(2, 4, 2), (3, 2, 1)], ids=["dp2xcp2-zero2", "cp2-zero3"])
 def test_context_parallel_with_dp_and_zero(stage: int, world: int, ref_world: int) -> None:
     common = {"training.zero_stage": stage, "training.global_batch_size": 2 * ref_world * 2}
     ref = run_distributed(_losses, ref_world, common)[0]
