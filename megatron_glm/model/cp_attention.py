@@ -76,16 +76,37 @@ def attention_with_dropout(
         scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
     else:
         scores = torch.matmul(q * scale, k.transpose(-1, -2)).float().mul_(coeff)
-    allowed = mask.bool_mask
-    probs = torch.softmax(scores.masked_fill_(~allowed, torch.finfo(torch.float32).min), dim=-1).to(v.dtype)
     fork = tracker.fork(MODEL_PARALLEL_RNG) if tracker is not None else contextlib.nullcontext()
     with fork:
         qpos, kvpos = cp.local_positions(s_loc, q.device), cp.gathered_positions(s_loc, q.device)
-        noise = _full_rows_noise(dropout_p, (b, h, seq, seq), probs.dtype, q.device, qpos, kvpos)
-    # A row with nothing visible outputs zeros (as SDPA); folded into the mask, which carries no gradient, so
-    # backward keeps the softmax output, the mask and the dropped probabilities: what SDPA's math path keeps.
-    noise.mul_(allowed.any(dim=-1, keepdim=True))
-    return torch.matmul(probs * noise, v)
+        noise = _full_rows_noise(dropout_p, (b, h, seq, seq), v.dtype, q.device, qpos, kvpos)
+    return _DroppedSoftmaxAttention.apply(scores, v, mask.bool_mask, noise)
+
+
+class _DroppedSoftmaxAttention(torch.autograd.Function):
+    """``dropout(softmax(masked scores)) @ v`` with the dropout mask ``noise`` given (scaled, no gradient).
+
+    Keeps the probabilities and the mask for backward (SDPA's math path keeps the dropped probabilities too) and
+    computes the scores' gradient in place: ``p * (g - rowsum(g * p))`` with ``g = (grad @ v^T) * noise`` and the
+    row sums ``grad . out`` (no ``[s, S]`` product made for them). A row with nothing visible outputs zeros."""
+
+    @staticmethod
+    def forward(ctx, scores, v, allowed, noise):
+        probs = torch.softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1).to(v.dtype)
+        noise = noise * allowed.any(dim=-1, keepdim=True)
+        out = torch.matmul(probs * noise, v)
+        ctx.save_for_backward(probs, noise, v, out)
+        ctx.scores_dtype = scores.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, noise, v, out = ctx.saved_tensors
+        grad_v = torch.matmul((probs * noise).transpose(-1, -2), grad)
+        g = torch.matmul(grad, v.transpose(-1, -2)).mul_(noise).to(ctx.scores_dtype)
+        rows = (grad.float() * out.float()).sum(dim=-1, keepdim=True).to(g.dtype)
+        g.sub_(rows).mul_(probs)
+        return g, grad_v, None, None
 
 
 class ContextParallelDropout(nn.Dropout):
