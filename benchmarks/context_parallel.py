@@ -69,6 +69,7 @@ def _measure(rank: int, world: int, args: argparse.Namespace) -> dict[str, float
         max_sequence_length=args.seq,
         hidden_dropout=args.dropout,
         attention_dropout=args.dropout,
+        head_chunk_size=args.head_chunk,
     )
     model = GLMModel(cfg, ps, seed=1, params_dtype=DTYPES[args.dtype], device=device).train()
     data = glm_batch(args.batch, args.seq, cfg.vocab_size)
@@ -147,6 +148,7 @@ def main() -> None:
         help="hidden and attention dropout (0 at long sequences: CP's exact attention dropout draws [b, h, S, S])",
     )
     ap.add_argument("--cuda", action="store_true", help="run each rank on its GPU (NCCL needs one GPU per rank)")
+    ap.add_argument("--head-chunk", type=int, default=0, help="model.head_chunk_size (the fused head; 0: unfused)")
     args = ap.parse_args()
     if args.seq % 4:
         ap.error("--seq must be divisible by 2 x CP = 4")
@@ -159,7 +161,7 @@ def main() -> None:
         return
     print(
         f"seq {args.seq}, batch {args.batch}, H {args.hidden}, {args.heads} heads, {args.layers} layers, {args.dtype}, "
-        f"dropout {args.dropout}; per rank (the larger of the ranks), MiB"
+        f"dropout {args.dropout}, head chunk {args.head_chunk}; per rank (the larger of the ranks), MiB"
     )
     print(f"{'CP':>4} {'activations':>12} {'peak fwd+bwd':>13} {'step s':>8} {'loss':>10}")
     for cp, r in rows.items():

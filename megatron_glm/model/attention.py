@@ -253,7 +253,8 @@ class ParallelSelfAttention(nn.Module):
         if core_on_rows:
             m = rows.index.shape[1]
             q = q.gather(2, rows.index[:, None, :, None].expand(b, q.shape[1], m, q.shape[3]))
-            rows_mask = mask.bool_mask.gather(2, rows.index[:, None, :, None].expand(b, 1, m, s))
+            cols = mask.bool_mask.shape[-1]  # s, or every gathered key under context parallelism
+            rows_mask = mask.bool_mask.gather(2, rows.index[:, None, :, None].expand(b, 1, m, cols))
             mask = AttentionMask(mask.mask_mod, b, m, rows_mask.device, _bool=rows_mask)
             impl = "sdpa" if impl == "flex" else impl
         if ctx.cp is not None:  # context parallelism: the keys and values of every position

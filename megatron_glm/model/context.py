@@ -57,8 +57,8 @@ class ForwardContext:
     cp: ContextParallel | None = None
 
     def __post_init__(self) -> None:
-        if self.cp is not None and (self.rows is not None or self.kv_cache is not None):
-            raise ValueError("context parallelism runs without rows or a KV cache")
+        if self.cp is not None and self.kv_cache is not None:
+            raise ValueError("context parallelism runs without a KV cache")
         if self.rows is not None and (self.kv_cache is not None or self.sequence_parallel):
             raise ValueError("rows needs a forward without a KV cache or sequence parallelism")
         if self.kv_cache is not None and self.sequence_parallel:

@@ -279,8 +279,7 @@ class GLMModel(HeadMixin, nn.Module):
         batch = None if labels is None else LossBatch(labels, loss_mask, objective, loss_rows)
         seq_parallel = self.sequence_parallel and kv_cache is None
         rows = None
-        context_parallel = self.parallel_state.cp_size > 1  # every rank's rows: no subset
-        if self.config.last_layer_loss_rows and kv_cache is None and not seq_parallel and not context_parallel:
+        if self.config.last_layer_loss_rows and kv_cache is None and not seq_parallel:
             rows = None if batch is None else batch.rows
             if rows is None:
                 needed = logit_positions if batch is None else batch.positions()
