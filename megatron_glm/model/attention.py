@@ -234,7 +234,7 @@ class ParallelSelfAttention(nn.Module):
         mask, tracker, rotary, rows = ctx.mask, ctx.tracker, ctx.rotary, ctx.rows
         sequence_parallel, kv_cache = ctx.sequence_parallel, ctx.layer_cache(self.layer_number - 1)
         qkv = self.query_key_value(x, sequence_parallel)
-        b, s, _ = qkv.shape
+        b = qkv.shape[0]
         q, k, v = self._split_qkv(qkv)
         if self.qk_norm:  # each rank normalises its own heads: the replicated weights' gradients are summed
             q = sp.layer_norm(self.q_norm, q, self.tp_group, True)
