@@ -83,6 +83,7 @@ VARIANTS = {
 def _cp_checks(rank: int, world: int, tp: int) -> dict[str, float]:
     ps = initialize_parallel_state(tp_size=tp, cp_size=world // tp)
     assert ps.cp_size == world // tp and ps.dp_size == 1 and ps.grad_dp_size == ps.cp_size
+    assert (ps.rank, ps.tp_rank, ps.cp_rank) == (rank, rank % tp, rank // tp)  # tp-cp-dp-pp order
     out: dict[str, float] = {}
     for vname, fields in VARIANTS.items():
         for bname, batch in _batches().items():
