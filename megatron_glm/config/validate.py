@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from megatron_glm.config.context_parallel import context_parallel_problems
 from megatron_glm.config.finite import nonfinite_fields
 from megatron_glm.config.moe import moe_problems
 from megatron_glm.config.mtp import mtp_problems
@@ -93,7 +94,7 @@ def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
     found = _positive_problems(cfg)
     ok = not found  # the divisibility checks need positive sizes
     found += _model_problems(cfg, ok)
-    found += _parallel_problems(cfg, world_size)
+    found += _parallel_problems(cfg, world_size) + context_parallel_problems(cfg, world_size)
     dp = derived_data_parallel_size(cfg, world_size)
     if ok and dp > 0:
         found += _batch_problems(cfg, dp)
@@ -195,14 +196,8 @@ def _execution_problems(m: ModelConfig, tp: int, seq_length: int) -> list[str]:
 def _parallel_problems(cfg: GLMConfig, world_size: int) -> list[str]:
     out: list[str] = []
     p = cfg.parallel
-    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
-    if cp < 1:
-        return [f"parallel.context_parallel_size must be positive, got {cp}"]
-    if cp > 1 and cfg.data.seq_length % (2 * cp):
-        out.append(
-            f"data.seq_length ({cfg.data.seq_length}) must be divisible by 2 x parallel.context_parallel_size "
-            f"({2 * cp}): each context-parallel rank holds two chunks"
-        )
+    # context_parallel_problems reports a non-positive size and the sequence's divisibility
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, max(1, p.context_parallel_size)
     cp_part = f" x context ({cp})" if cp > 1 else ""
     if world_size and tp * pp and world_size % (tp * pp * cp):
         out.append(

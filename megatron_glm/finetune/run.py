@@ -229,6 +229,8 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     started = time.perf_counter()
     cfg = task_config(cfg, task, log=launcher_log)
     validate(cfg, launcher_world_size(), local_device_type())  # once, before any process group starts
+    if cfg.parallel.context_parallel_size > 1:
+        raise ConfigError("fine-tuning runs without context parallelism: drop --context-parallel-size")
     tokenizer = open_tokenizer(cfg.data.tokenizer_model)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(

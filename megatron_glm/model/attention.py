@@ -30,6 +30,7 @@ from torch import nn
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.model import sequence_parallel as sp
+from megatron_glm.model.cp_attention import attention_with_dropout
 from megatron_glm.model.masks import AttentionMask
 from megatron_glm.model.norms import make_norm
 from megatron_glm.model.recompute import checkpointed
@@ -233,7 +234,7 @@ class ParallelSelfAttention(nn.Module):
         mask, tracker, rotary, rows = ctx.mask, ctx.tracker, ctx.rotary, ctx.rows
         sequence_parallel, kv_cache = ctx.sequence_parallel, ctx.layer_cache(self.layer_number - 1)
         qkv = self.query_key_value(x, sequence_parallel)
-        b, s, _ = qkv.shape
+        b = qkv.shape[0]
         q, k, v = self._split_qkv(qkv)
         if self.qk_norm:  # each rank normalises its own heads: the replicated weights' gradients are summed
             q = sp.layer_norm(self.q_norm, q, self.tp_group, True)
@@ -252,8 +253,12 @@ class ParallelSelfAttention(nn.Module):
         if core_on_rows:
             m = rows.index.shape[1]
             q = q.gather(2, rows.index[:, None, :, None].expand(b, q.shape[1], m, q.shape[3]))
-            rows_mask = mask.bool_mask.gather(2, rows.index[:, None, :, None].expand(b, 1, m, s))
+            cols = mask.bool_mask.shape[-1]  # s, or every gathered key under context parallelism
+            rows_mask = mask.bool_mask.gather(2, rows.index[:, None, :, None].expand(b, 1, m, cols))
             mask = AttentionMask(mask.mask_mod, b, m, rows_mask.device, _bool=rows_mask)
+            impl = "sdpa" if impl == "flex" else impl
+        if ctx.cp is not None:  # context parallelism: the keys and values of every position
+            k, v = ctx.cp.gather(k, 2), ctx.cp.gather(v, 2)
             impl = "sdpa" if impl == "flex" else impl
         if self.groups_per_rank != self.num_heads_per_rank:
             rep = self.num_heads_per_rank // self.groups_per_rank
@@ -261,14 +266,17 @@ class ParallelSelfAttention(nn.Module):
         coeff = None
         if self.softmax_in_fp32 and q.dtype != torch.float32:  # in fp32 every kernel already is
             coeff = float(self.layer_number) if self.layer_scaling else 1.0
+        cp = ctx.cp
+
+        def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if cp is not None and p > 0.0:  # context parallelism: the attention-dropout mask of one rank
+                return attention_with_dropout(q, k, v, mask, p, tracker, cp, coeff)
+            return attention_core(q, k, v, mask, impl, p, tracker, coeff)
+
         if self.recompute_core and kv_cache is None and self.training and torch.is_grad_enabled():
-
-            def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return attention_core(q, k, v, mask, impl, p, tracker, coeff)
-
             ctx = checkpointed(core, tracker, q, k, v)
         else:
-            ctx = attention_core(q, k, v, mask, impl, p, tracker, coeff)
+            ctx = core(q, k, v)
         ctx = ctx.transpose(1, 2).reshape(b, ctx.shape[2], self.num_heads_per_rank * self.head_dim)
         if rows is None:
             return sp.dropout(self.output_dropout, self.dense(ctx, sequence_parallel), tracker, sequence_parallel)

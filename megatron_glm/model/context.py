@@ -20,6 +20,7 @@ from megatron_glm.model.attention import LayerKVCache, QueryRows
 from megatron_glm.model.masks import AttentionMask
 from megatron_glm.model.rotary import RotaryPositions
 from megatron_glm.parallel import RNGStatesTracker
+from megatron_glm.parallel.context_parallel import ContextParallel
 
 
 class KVCacheLike(Protocol):
@@ -41,7 +42,9 @@ class ForwardContext:
     the hidden states are this rank's sequence shard ``[b, s/tp, H]``. ``rows`` (no cache, no sequence
     parallelism): only these rows' outputs are needed; the stack's last layer computes them only. ``kv_cache``
     (generation): the whole stack's cache. ``aux``: named scalar loss terms added by layers (:meth:`add_aux`),
-    carried to the loss (:class:`~megatron_glm.model.loss.GLMLoss` ``aux``).
+    carried to the loss (:class:`~megatron_glm.model.loss.GLMLoss` ``aux``). ``cp`` (context parallelism): the
+    hidden states are this rank's positions of the sequence, ``mask`` their rows against the gathered keys
+    (:mod:`megatron_glm.model.cp_attention`).
     """
 
     mask: AttentionMask
@@ -51,8 +54,11 @@ class ForwardContext:
     rows: QueryRows | None = None
     kv_cache: KVCacheLike | None = None
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    cp: ContextParallel | None = None
 
     def __post_init__(self) -> None:
+        if self.cp is not None and self.kv_cache is not None:
+            raise ValueError("context parallelism runs without a KV cache")
         if self.rows is not None and (self.kv_cache is not None or self.sequence_parallel):
             raise ValueError("rows needs a forward without a KV cache or sequence parallelism")
         if self.kv_cache is not None and self.sequence_parallel:

@@ -16,6 +16,7 @@ from megatron_glm.config import ModelConfig
 from megatron_glm.config.validate import family_problems
 from megatron_glm.model.attention import QueryRows
 from megatron_glm.model.context import ForwardContext, KVCacheLike
+from megatron_glm.model.cp_attention import local_mask, use_context_parallel_dropout
 from megatron_glm.model.layout import OUTPUT_TENSOR, VOCAB_TENSOR, ModelLayout
 from megatron_glm.model.loss import GLMLoss, loss_positions
 from megatron_glm.model.masks import AttentionMask, prepare_attention_mask
@@ -112,17 +113,23 @@ def forward_context(
     rows: QueryRows | None = None,
 ) -> ForwardContext:
     """The context of a forward of ``transformer`` on ``shape = (b, s)`` new positions (the whole sequence, also
-    under sequence parallelism): the prepared mask (over the cached positions too), the rotation of
-    ``position_ids`` (rotary models), the dropout stream."""
+    under sequence parallelism; this rank's positions under context parallelism): the prepared mask (over the cached
+    positions too), the rotation of ``position_ids`` (rotary models), the dropout stream."""
     b, s = shape
     kv_seq = None if kv_cache is None else kv_cache.length + s
+    cp = transformer.context_parallel
+    if cp is not None:  # this rank's rows of the global mask (cp_attention)
+        mask = local_mask(attention_mask, cp, b, s, torch.device(device))
+    else:
+        mask = prepare_attention_mask(attention_mask, b, s, device, kv_seq=kv_seq)
     return ForwardContext(
-        mask=prepare_attention_mask(attention_mask, b, s, device, kv_seq=kv_seq),
+        mask=mask,
         tracker=tracker,
         rotary=transformer.rotary_for(position_ids),
         sequence_parallel=sequence_parallel,
         rows=rows,
         kv_cache=kv_cache,
+        cp=cp,
     )
 
 
@@ -215,6 +222,8 @@ class GLMModel(HeadMixin, nn.Module):
         self.rng_tracker = new_rng_tracker(seed, ps, device)
         # Sequence parallelism applies to training/eval forwards; generation (a KV cache) runs without it.
         self.sequence_parallel = config.sequence_parallel and ps.tp_size > 1
+        if self.transformer.context_parallel is not None:  # dropout masks drawn as with one rank
+            use_context_parallel_dropout(self, self.transformer.context_parallel, self.sequence_parallel)
         self.loss: LossFunction = loss or LanguageModelLoss()
         # What backward will multiply the mean loss by (fp16: loss scale / accumulation; the trainer sets it):
         # the fused head computes its gradient in forward and rounds it to fp16 at this scale.

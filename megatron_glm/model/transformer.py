@@ -25,6 +25,7 @@ from megatron_glm.model.norms import make_norm
 from megatron_glm.model.recompute import checkpointed
 from megatron_glm.model.rotary import RotaryPositions
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
+from megatron_glm.parallel.context_parallel import ContextParallel
 from megatron_glm.parallel.random import InitMethod
 
 __all__ = ["GLMLayer", "GLMTransformer", "KVCacheLike", "make_norm"]
@@ -133,6 +134,7 @@ class GLMTransformer(nn.Module):
         self.config = config
         self.pre_process, self.post_process = pre_process, post_process
         self.tp_group = parallel_state.tp_group
+        self.context_parallel = ContextParallel.of(parallel_state)  # the hidden states: this rank's positions
         self.checkpoint_activations = config.checkpoint_activations
         self.checkpoint_num_layers = config.checkpoint_num_layers
         self.layer_start, self.layer_end = layer_start, layer_end

@@ -66,7 +66,9 @@ def start_run(cfg: GLMConfig, started: float) -> RunStart:
     t, p = cfg.training, cfg.parallel
     apply_determinism(t.deterministic)  # before CUDA starts (cuBLAS reads its workspace setting once)
     env, heartbeat = init_distributed(t.local_rank, t.distributed_timeout_minutes, t.heartbeat_timeout)
-    ps = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    ps = initialize_parallel_state(
+        p.tensor_model_parallel_size, p.pipeline_model_parallel_size, cp_size=p.context_parallel_size
+    )
     log = print if env.rank == 0 else (lambda *_: None)
     return RunStart(env=env, heartbeat=heartbeat, ps=ps, log=log, started=started)
 
@@ -170,7 +172,7 @@ def train_and_finish(
     run.log(
         f"set-up took {time.perf_counter() - run.started:.1f} s; training {t.train_iters} steps of "
         f"{trainer.global_batch} {unit} (micro-batch {t.micro_batch_size} x accumulation {trainer.accum} x dp "
-        f"{ps.dp_size})"
+        f"{ps.dp_size})" + (f"; each sequence split over cp {ps.cp_size}" if ps.cp_size > 1 else "")
     )
     state = trainer.train()
     if then is not None:

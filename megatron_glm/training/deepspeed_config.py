@@ -53,8 +53,10 @@ def _unpartitioned_activations(ds: dict[str, Any], source: str) -> None:
         section[key] = False
 
 
-def build_deepspeed_config(cfg: GLMConfig, dp_size: int) -> dict[str, Any]:
-    """The dict passed to ``deepspeed.initialize(config=...)``."""
+def build_deepspeed_config(cfg: GLMConfig, dp_size: int, cp_size: int = 1) -> dict[str, Any]:
+    """The dict passed to ``deepspeed.initialize(config=...)``. ``cp_size``: DeepSpeed's data-parallel world is the
+    ``dp x cp`` ranks reducing gradients, so its ``train_batch_size`` counts each context-parallel rank (they read
+    the same samples: the run's global batch stays ``training.global_batch_size``)."""
     source = cfg.training.deepspeed_config
     ds = copy.deepcopy(read_json(source)) if source else {}
     source = source or "derived DeepSpeed config"
@@ -62,6 +64,7 @@ def build_deepspeed_config(cfg: GLMConfig, dp_size: int) -> dict[str, Any]:
     _agree(ds, "train_micro_batch_size_per_gpu", micro, "training.micro_batch_size", source)
     _agree(ds, "gradient_accumulation_steps", accum, "training.global_batch_size / (micro x dp)", source)
     _agree(ds, "train_batch_size", global_batch, "training.global_batch_size", source)
+    ds["train_batch_size"] = global_batch * cp_size
     _agree(ds, "gradient_clipping", cfg.optimizer.clip_grad, "optimizer.clip_grad", source)
     for name in ("bf16", "fp16"):
         section = ds.setdefault(name, {})

@@ -35,11 +35,13 @@ class DeepSpeedMPU:
     """The model-parallel-unit interface DeepSpeed expects, backed by our :class:`ParallelState`.
 
     DeepSpeed's "model parallel" group is our tensor-parallel group (gradient-norm reduction, ZeRO);
-    its data-parallel group is ours. Needs a state built by ``initialize_parallel_state`` (real groups).
+    its data-parallel group is our gradient-reduction group: the data-parallel ranks times the context-parallel ones
+    (``ParallelState.grad_dp_group``; the data-parallel group without context parallelism). Needs a state built by
+    ``initialize_parallel_state`` (real groups).
     """
 
     def __init__(self, parallel_state: ParallelState) -> None:
-        if parallel_state.tp_group is None or parallel_state.dp_group is None:
+        if parallel_state.tp_group is None or parallel_state.grad_dp_group is None:
             raise ValueError("DeepSpeedMPU needs process groups: build the state with initialize_parallel_state")
         self.ps = parallel_state
 
@@ -60,13 +62,13 @@ class DeepSpeedMPU:
         return dist.get_rank() - self.ps.tp_rank
 
     def get_data_parallel_rank(self) -> int:
-        return self.ps.dp_rank
+        return self.ps.grad_dp_rank
 
     def get_data_parallel_world_size(self) -> int:
-        return self.ps.dp_size
+        return self.ps.grad_dp_size
 
     def get_data_parallel_group(self) -> object:
-        return self.ps.dp_group
+        return self.ps.grad_dp_group
 
     def get_pipeline_model_parallel_rank(self) -> int:
         return self.ps.pp_rank

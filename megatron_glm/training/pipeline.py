@@ -159,7 +159,7 @@ def build_pipeline_model(
             )
         else:
             specs.append(LayerSpec(GLMLayerPipe if pipe.kind == "layer" else PipeStage, pipe, *common))
-    topology = PipeModelDataParallelTopology(num_pp=ps.pp_size, num_mp=ps.tp_size, num_dp=ps.dp_size)
+    topology = PipeModelDataParallelTopology(num_pp=ps.pp_size, num_mp=ps.tp_size, num_dp=ps.grad_dp_size)
     stage_loss = PipelineLoss(loss)
     method = f"type:{GLMLayerPipe.__name__}" if partition_method == "uniform" else partition_method
     module = PipelineModule(

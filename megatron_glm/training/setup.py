@@ -154,9 +154,9 @@ def partitioned_construction(cfg: GLMConfig, parallel_state: ParallelState) -> I
 
     dtype = DTYPES[cfg.training.precision]
     with deepspeed.zero.Init(
-        config_dict_or_path=build_deepspeed_config(cfg, parallel_state.dp_size),
+        config_dict_or_path=build_deepspeed_config(cfg, parallel_state.dp_size, parallel_state.cp_size),
         mpu=DeepSpeedMPU(parallel_state),
-        data_parallel_group=parallel_state.dp_group,
+        data_parallel_group=parallel_state.grad_dp_group,
         dtype=dtype,
         tensor_overrides=[],  # keep our tensors' devices and dtypes: the init draws on the host, in fp32
     ):
@@ -176,7 +176,7 @@ def build_engine(cfg: GLMConfig, parallel_state: ParallelState, model: torch.nn.
     groups = param_groups(model, ModelLayout(cfg.model), o.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, **fused)
     scheduler = LRScheduler(optimizer, LRSchedule.from_config(o, cfg.training.train_iters))
-    ds_config = build_deepspeed_config(cfg, ps.dp_size)
+    ds_config = build_deepspeed_config(cfg, ps.dp_size, ps.cp_size)
     mpu = None if ps.pp_size > 1 else DeepSpeedMPU(ps)  # a PipelineModule brings its own grid
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu

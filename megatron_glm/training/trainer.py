@@ -23,6 +23,7 @@ from megatron_glm.model.loss import group_sums_dict, group_sums_tensor
 from megatron_glm.model.masks import CAUSAL, batch_attention_mask, is_causal_sep
 from megatron_glm.model.router import load_metrics, update_expert_bias
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
+from megatron_glm.parallel.context_parallel import ContextParallel, reduce_loss, split_batch
 from megatron_glm.training.drift import identity_drift
 from megatron_glm.training.evaluation import accumulate_losses, summarize_losses
 from megatron_glm.training.metrics import MetricsLogger
@@ -103,6 +104,7 @@ class Trainer:
         self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
         self.checkpoints, self.logger, self.log = checkpoints, logger, log
         self.rng_tracker, self.pipeline_loss = rng_tracker, pipeline_loss
+        self.cp = ContextParallel.of(parallel_state)  # this rank's positions of every sequence, the loss reduced
         self.state = TrainState()
         self.started = time.perf_counter() if started is None else started  # for exit_duration_in_mins
         self.skip_ranges = parse_iteration_ranges(cfg.training.skip_train_iteration_range)
@@ -122,7 +124,10 @@ class Trainer:
         return self.engine.module
 
     def _to_device(self, batch: Batch) -> Batch:
-        """The batch on the device, with its loss rows found on the host first (the device would wait for them)."""
+        """The batch on the device, with its loss rows found on the host first (the device would wait for them);
+        under context parallelism this rank's positions of the sequence (``split_batch``: the mask stays global)."""
+        if self.cp is not None:
+            batch = split_batch(batch, self.cp.size, self.cp.rank)
         moved: dict[str, Any] = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if "loss_mask" in batch:
             moved[LOSS_ROWS] = loss_rows(batch["loss_mask"]).to(self.device, non_blocking=True)
@@ -134,7 +139,7 @@ class Trainer:
         """The model's loss (its :class:`~megatron_glm.model.objective.LossFunction`) of a batch on the device."""
         self._set_head_grad_scale()
         # The model runs the head on Part B (loss) rows only (fused with the loss when model.head_chunk_size > 0).
-        return self.engine(
+        out = self.engine(
             batch["input_ids"],
             batch["position_ids"],
             batch_attention_mask(batch),
@@ -143,6 +148,7 @@ class Trainer:
             loss_rows=batch.get(LOSS_ROWS),
             objective=batch.get("objective"),
         )
+        return out if self.cp is None else reduce_loss(out, self.cp)  # the whole sequence's loss, as one rank's
 
     def _set_head_grad_scale(self) -> None:
         """Under fp16, tell the head (the model, or the pipeline's head stage) what backward will multiply the mean
@@ -179,6 +185,8 @@ class Trainer:
                 "tp": ps.tp_size,
                 "pp": ps.pp_size,
                 "dp": ps.dp_size,
+                "cp": ps.cp_size,
+                "dp_x_cp": ps.grad_dp_size,
                 "zero_stage": self.engine.zero_optimization_stage(),
             },
             "config": config_to_dict(self.cfg),
@@ -202,9 +210,10 @@ class Trainer:
     def resume(self, load_dir: str) -> bool:
         """Load the newest usable checkpoint of ``load_dir``; False when there is none."""
         ps = self.ps
-        loaded = self.checkpoints.load(
-            self.engine, load_dir, expect={"tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size}
-        )
+        expect = {"tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size}
+        if self.engine.zero_optimization_stage() > 0 or self.cfg.training.precision == "bf16":
+            expect["dp_x_cp"] = ps.grad_dp_size  # the optimizer's shards (ZeRO, DeepSpeed's bf16 optimizer)
+        loaded = self.checkpoints.load(self.engine, load_dir, expect=expect)
         if loaded is None:
             self.log(f"warning: no checkpoint in {load_dir}; starting from scratch")
             return False

@@ -1,0 +1,40 @@
+"""Config checks of context parallelism (``parallel.context_parallel_size``, ``--context-parallel-size``).
+
+Served: GLM's blank-infilling mask, document isolation, the causal objective, learned and rotary positions, tensor
+and sequence parallelism, data parallelism, ZeRO 0-3, recomputation, dropout, the fused head. Refused (one line
+each): pipeline parallelism, LoRA dropout, sequence lengths not divisible by ``2 x cp`` (the zigzag split's
+``2 cp`` chunks) or, under sequence parallelism, by ``cp x tp``. Generation (its KV cache) and fine-tuning run
+without context parallelism.
+"""
+
+from __future__ import annotations
+
+from megatron_glm.config.sections import GLMConfig
+
+
+def context_parallel_problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
+    """What ``parallel.context_parallel_size`` cannot serve in ``cfg`` (empty when it is 1 or everything fits)."""
+    p, m, seq = cfg.parallel, cfg.model, cfg.data.seq_length
+    cp, tp = p.context_parallel_size, p.tensor_model_parallel_size
+    if cp <= 0:
+        return [f"parallel.context_parallel_size must be positive, got {cp}"]
+    if cp == 1:
+        return []
+    out: list[str] = []
+    if seq % (2 * cp):
+        out.append(
+            f"data.seq_length ({seq}) must be divisible by 2 x parallel.context_parallel_size ({2 * cp})"
+            ": each context-parallel rank holds two chunks"
+        )
+    elif m.sequence_parallel and tp > 1 and (seq // cp) % tp:
+        out.append(
+            f"model.sequence_parallel with context parallelism needs data.seq_length ({seq}) divisible by "
+            f"parallel.context_parallel_size x tensor_model_parallel_size ({cp * tp})"
+        )
+    unsupported = {
+        "parallel.pipeline_model_parallel_size > 1": p.pipeline_model_parallel_size > 1,
+        "lora.dropout > 0": cfg.lora.rank > 0 and cfg.lora.dropout > 0,
+    }
+    refused = [name for name, bad in unsupported.items() if bad]
+    out += [f"parallel.context_parallel_size {cp} cannot be combined with {name}" for name in refused]
+    return out
