@@ -2,9 +2,9 @@
 
 Served: GLM's blank-infilling mask, document isolation, the causal objective, learned and rotary positions, tensor
 and sequence parallelism, data parallelism, ZeRO 0-3, recomputation, dropout, the fused head. Refused (one line
-each): pipeline parallelism, LoRA dropout, sequence lengths not divisible by ``2 x cp`` (the zigzag split's
-``2 cp`` chunks) or, under sequence parallelism, by ``cp x tp``. Generation (its KV cache) and fine-tuning run
-without context parallelism.
+each): pipeline parallelism, LoRA dropout, Mixture-of-Experts and MTP layers, sequence lengths not divisible by ``2
+x cp`` (the zigzag split's ``2 cp`` chunks) or, under sequence parallelism, by ``cp x tp``. Generation (its KV
+cache) and fine-tuning run without context parallelism.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ def context_parallel_problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
     unsupported = {
         "parallel.pipeline_model_parallel_size > 1": p.pipeline_model_parallel_size > 1,
         "lora.dropout > 0": cfg.lora.rank > 0 and cfg.lora.dropout > 0,
+        # the router's balance terms and the MTP shift would see this rank's chunks only
+        "model.num_experts > 0 (Mixture-of-Experts)": m.num_experts > 0,
+        "model.num_nextn_predict_layers > 0 (MTP)": m.num_nextn_predict_layers > 0,
     }
     refused = [name for name, bad in unsupported.items() if bad]
     out += [f"parallel.context_parallel_size {cp} cannot be combined with {name}" for name in refused]

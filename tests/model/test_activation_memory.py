@@ -131,3 +131,14 @@ def test_dry_run_prints_the_activation_memory_per_rank() -> None:
     )
     assert line in out.splitlines(), out[-2000:]
     assert "configuration is valid for world size 16" in out and "DP 4" in out  # 16 = TP 2 x CP 2 x DP 4
+
+
+def test_context_parallel_refuses_what_it_cannot_serve() -> None:
+    """MoE (balance terms over the local chunks) and MTP (the shift crosses chunk boundaries) are refused by name."""
+    base = ["--context-parallel-size", "2", "--seq-length", "512"]
+    moe = ["--num-experts", "4", "--moe-top-k", "2", "--moe-intermediate-size", "32", "--model.activation", "swiglu"]
+    got = problems(load_config(base + moe))
+    refused = "parallel.context_parallel_size 2 cannot be combined with"
+    assert got == [f"{refused} model.num_experts > 0 (Mixture-of-Experts)"]
+    got = problems(load_config([*base, "--num-nextn-predict-layers", "1", "--model.normalization", "RMSNorm"]))
+    assert "parallel.context_parallel_size 2 cannot be combined with model.num_nextn_predict_layers > 0 (MTP)" in got
