@@ -90,6 +90,11 @@ LAYER_SLOTS: tuple[LayerSlot, ...] = (
 )
 
 
+#: The stack's final norm (``transformer.final_layernorm``, built by ``GLMTransformer`` with ``post_process``): a
+#: norm declared and built by its builder like a layer's norm slots.
+FINAL_NORM = LayerSlot("final_layernorm", NormBuilder())
+
+
 def layer_slots(config: ModelConfig) -> list[LayerSlot]:
     """The slots ``config``'s layers have, in order."""
     return [s for s in LAYER_SLOTS if s.enabled(config)]

@@ -16,7 +16,7 @@ from torch import nn
 from megatron_glm.config import ModelConfig
 from megatron_glm.model import sequence_parallel as sp
 from megatron_glm.model.attention import QueryRows
-from megatron_glm.model.builders import BuildContext, all_slot_names, layer_slots, prefixed
+from megatron_glm.model.builders import FINAL_NORM, BuildContext, all_slot_names, layer_slots, prefixed
 from megatron_glm.model.context import ForwardContext, KVCacheLike
 from megatron_glm.model.layout import LAYER_PREFIX
 from megatron_glm.model.norms import make_norm
@@ -167,8 +167,17 @@ class GLMTransformer(nn.Module):
             self.checkpoint_activations = True
         for layer in self.layers.values():
             layer.attention.recompute_core = config.recompute_granularity == "selective"
-        if post_process:
-            self.final_layernorm = make_norm(config, params_dtype, device)
+        if post_process:  # built by its builder from its declaration (``layout.final_tensors``)
+            final = BuildContext(
+                config=config,
+                layer_number=config.num_layers,
+                init=prefixed(init_for, f"transformer.{FINAL_NORM.name}."),
+                parallel_state=parallel_state,
+                params_dtype=params_dtype,
+                device=device,
+                branch_dropout=0.0,
+            )
+            self.final_layernorm = FINAL_NORM.builder.build(final)
 
     def embed(self, word: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Word embeddings (gradient shrunk by ``embedding_grad_shrink``) plus position (row 0) and block
