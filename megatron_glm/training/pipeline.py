@@ -40,6 +40,7 @@ from megatron_glm.model import (
 )
 from megatron_glm.model.context import aux_loss_names
 from megatron_glm.model.glm import check_config
+from megatron_glm.model.meta_device import materialize
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
 
 TIED_KEY = "word_embeddings"
@@ -59,7 +60,10 @@ class PipeStage(GLMPart):
         dtype: torch.dtype,
         device: Any,
         aux_names: tuple[str, ...] = (),
+        for_loading: bool = False,
     ) -> None:
+        """``for_loading``: built on the meta device, then given uninitialised storage on ``device`` (its weights
+        are about to be loaded: no random init drawn)."""
         super().__init__(
             pipe,
             config,
@@ -67,9 +71,11 @@ class PipeStage(GLMPart):
             seed=seed,
             tracker=tracker,
             params_dtype=dtype,
-            device=device,
+            device="meta" if for_loading else device,
             aux_names=aux_names,
         )
+        if for_loading:
+            materialize(self, device)
 
 
 class GLMLayerPipe(PipeStage):
@@ -131,12 +137,14 @@ def build_pipeline_model(
     device: Any = None,
     loss: LossFunction | None = None,
     aux_names: tuple[str, ...] | None = None,
+    for_loading: bool = False,
 ) -> TrainingModel:
     """This rank's pipeline stage of the model, one ``LayerSpec`` per pipe layer of the layout.
 
     ``partition_method``: ``uniform`` balances transformer layers, ``parameters`` balances parameter counts.
     ``loss``: the loss of the last stage's output (default: the pretraining loss). ``aux_names``: the auxiliary
     loss terms the layers may add (default: the architecture's, :func:`~megatron_glm.model.context.aux_loss_names`).
+    ``for_loading``: every weight is about to be loaded (a weights-only start, a resume): no random init is drawn.
     Must be called after ``torch.distributed`` is initialised, on every rank (Megatron rank order).
     """
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -147,7 +155,7 @@ def build_pipeline_model(
     check_config(config, ps)  # once for the model, not per part
     tracker = new_rng_tracker(seed, ps, device)
     names = aux_loss_names(config) if aux_names is None else tuple(aux_names)
-    common = (config, ps, seed, tracker, params_dtype, device, names)
+    common = (config, ps, seed, tracker, params_dtype, device, names, for_loading)
     specs: list[Any] = []
     layout = ModelLayout(config)
     for pipe in layout.pipe_layers:
