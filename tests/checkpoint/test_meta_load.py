@@ -189,6 +189,7 @@ def test_a_resumed_model_draws_no_init(draws: list[tuple[int, ...]], tmp_path: P
         (k, v.shape, v.dtype, v.device) for k, v in got.items()
     ]
     assert all(getattr(got[k], a, "unset") == getattr(want[k], a, "unset") for k in want for a in PARTITION_ATTRIBUTES)
-    assert all(torch.equal(a, b) for a, b in zip(resumed.rng_tracker.states.values(), scratch.rng_tracker.states.values()))
+    streams = zip(resumed.rng_tracker.states.values(), scratch.rng_tracker.states.values())
+    assert all(torch.equal(a, b) for a, b in streams)
     resumed.module.load_state_dict(scratch.module.state_dict())  # what the engine's load does
     assert torch.equal(logits_of(resumed.module.eval()), logits_of(scratch.module.eval()))
