@@ -100,6 +100,13 @@ def loss_rows(loss_mask: torch.Tensor) -> QueryRows:
     return QueryRows.from_flat(loss_positions(loss_mask), b, s)
 
 
+def rows_pay_off(ctx: ForwardContext, rows: QueryRows, b: int, s: int) -> bool:
+    """Whether the last layer of a forward of ``ctx`` on ``b x s`` positions should run on ``rows`` only: not for a
+    causal batch with loss on most rows, where the whole last layer (its attention skips the masked half) is
+    faster than the rows' queries against a gathered boolean mask."""
+    return not (ctx.mask.causal and 2 * rows.flat.numel() > b * s)
+
+
 def forward_context(
     transformer: GLMTransformer,
     tracker: RNGStatesTracker,
@@ -287,10 +294,9 @@ class GLMModel(HeadMixin, nn.Module):
             rows,
         )
         positions = None if rows is None else rows.flat
-        if rows is not None and ctx.mask.causal and 2 * rows.flat.numel() > b * s:
-            # A causal batch with loss on most rows: the whole last layer (its attention skips the masked half)
-            # is faster than the rows' queries against a gathered boolean mask, and the head on every row (the
-            # other rows weigh 0) than on an odd row count, which CPU bf16 matmuls run ~9% slower. Both exact.
+        if rows is not None and not rows_pay_off(ctx, rows, b, s):
+            # ... and the head on every row (the other rows weigh 0) than on an odd row count, which CPU bf16
+            # matmuls run ~9% slower. Both exact.
             ctx, rows, positions = ctx.without_rows(), None, torch.arange(b * s, device=h.device)
         h = self.transformer(enter_sequence(h, seq_parallel, self.parallel_state), ctx)
         h = leave_sequence(h, seq_parallel, self.parallel_state)

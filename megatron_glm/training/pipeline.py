@@ -5,9 +5,10 @@ The pipe order and what each layer holds come from the model's layout
 (:attr:`megatron_glm.model.ModelLayout.pipe_layers`); each layer is a :class:`megatron_glm.model.GLMPart`,
 so its state-dict keys (and DeepSpeed's ``layer_XX`` files) carry the original GLM names and its weights
 are those of the whole model, and it runs the whole model's forward steps. Activations between layers are tuples
-of tensors, the same for every architecture (:mod:`megatron_glm.model.part`): ``(ids, position_ids, sep)`` into
-the first layer, then ``(hidden, aux, position_ids, sep)`` (``hidden``: sequence shards under sequence
-parallelism; ``aux``: the auxiliary-loss accumulator), the head's ``ModelOutput`` into the loss function (the
+of tensors, the same for every architecture (:mod:`megatron_glm.model.part`): ``(ids, position_ids, sep, rows)``
+into the first layer, then ``(hidden, aux, position_ids, sep, rows)`` (``hidden``: sequence shards under sequence
+parallelism; ``aux``: the auxiliary-loss accumulator; ``rows``: the boolean loss rows, on which the last layer runs
+when it shares the last stage with the head), the head's ``ModelOutput`` into the loss function (the
 model's one loss protocol, fused head and loss rows included); with document isolation a ``[b, 1, s, s]`` boolean
 mask travels in place of ``sep``. DeepSpeed's activation partitioning over tensor-parallel ranks is off (the
 accumulator carries a gradient; sequence shards differ by rank). DeepSpeed keeps
@@ -177,12 +178,25 @@ def build_pipeline_model(
         partition_method=method,
         checkpointable_layers=[GLMLayerPipe.__name__],
     )
+    _last_layer_on_loss_rows(module, config, ps)
     return TrainingModel(module=module, rng_tracker=tracker, loss=stage_loss)
 
 
+def _last_layer_on_loss_rows(module: Any, config: ModelConfig, parallel_state: ParallelState) -> None:
+    """``last_layer_loss_rows``: the model's last layer computes the loss rows only when it is on the last stage
+    (with the final norm and the head, so its ``[n, H]`` output never crosses stages) and without sequence
+    parallelism; the rows reach it in the activations (:func:`pipeline_batch`)."""
+    if not (config.last_layer_loss_rows and parallel_state.is_last_stage):
+        return
+    for part in module.modules():
+        if isinstance(part, GLMPart) and part.pipe.kind == "layer" and part.pipe.layer == config.num_layers - 1:
+            part.last_layer_rows = not part.sequence_parallel
+
+
 def pipeline_batch(batch: Batch) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """A micro-batch as the pipeline engine wants it: ``(inputs, labels)``."""
+    """A micro-batch as the pipeline engine wants it: ``(inputs, labels)``; the inputs carry the ``[b, s]`` boolean
+    loss rows to the last layer (``last_layer_loss_rows``)."""
     return (
-        (batch["input_ids"], batch["position_ids"], batch_attention_mask(batch)),
+        (batch["input_ids"], batch["position_ids"], batch_attention_mask(batch), batch["loss_mask"] != 0),
         (batch["labels"], batch["loss_mask"], batch["objective"]),
     )
