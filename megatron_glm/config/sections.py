@@ -197,6 +197,11 @@ class ModelConfig(ModelShape):
     untie_embeddings_and_output_weights: bool = opt(
         False, "A separate output layer (output_layer.weight [V, H]) instead of the tied word embedding."
     )
+    extra_options: list[str] = opt(
+        [],
+        "Architecture options outside the named fields, by name (experiments, tests): a builder enables its part "
+        "with one (model/builders.py); recorded and checked like every field. Unknown names are refused.",
+    )
 
     def architecture(self) -> Architecture:
         """The architecture of this model as one sealed value (every field but the execution options)."""

@@ -14,7 +14,9 @@ from torch import nn
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.config.validate import family_problems
+from megatron_glm.errors import ConfigError
 from megatron_glm.model.attention import QueryRows
+from megatron_glm.model.builders import known_options
 from megatron_glm.model.context import ForwardContext, KVCacheLike
 from megatron_glm.model.layout import OUTPUT_TENSOR, VOCAB_TENSOR, ModelLayout
 from megatron_glm.model.loss import GLMLoss, loss_positions
@@ -326,6 +328,9 @@ def check_config(config: ModelConfig, parallel_state: ParallelState) -> None:
         raise ValueError(f"vocab_size {config.vocab_size} is not divisible by the tensor-parallel size {ps.tp_size}")
     if config.hidden_size % config.num_attention_heads and not config.kv_channels:
         raise ValueError(f"hidden_size {config.hidden_size} is not divisible by {config.num_attention_heads} heads")
+    unknown = sorted(set(config.extra_options) - known_options())
+    if unknown:
+        raise ConfigError(f"model.extra_options {unknown}: no builder reads them (known: {sorted(known_options())})")
     found = family_problems(config, ps.tp_size)
     if found:
         raise ValueError("; ".join(found))
