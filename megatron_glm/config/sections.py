@@ -120,7 +120,8 @@ class ModelConfig(ModelShape):
         "Training with the head on the loss rows: the last layer computes its queries, attention output and "
         "MLP on those rows only (keys and values on every row), since nothing else reads them. Exact: its "
         "dropout masks are drawn over every row and the rows' part kept (with attention dropout the attention "
-        "core runs on every row). Ignored under sequence or pipeline parallelism. false: the whole last layer.",
+        "core runs on every row). Ignored under sequence parallelism, and under pipeline parallelism when the last "
+        "layer is not on the last stage. false: the whole last layer.",
         execution=True,
     )
     # -- GLM family architecture options (defaults: the 2021 GLM) ------------------------------------------
