@@ -148,6 +148,8 @@ def _other_value(arch: Architecture, name: str) -> object:
         return next(c for c in choices if c != value)
     if isinstance(value, bool):
         return not value
+    if isinstance(value, list):  # extra_options: a name a builder reads
+        return [*value, "extra_norm"]
     return value + 1 if isinstance(value, int) else value * 0.5
 
 

@@ -21,8 +21,11 @@ from megatron_glm.config import ModelConfig
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model.glm import GLMModel, new_rng_tracker
 from megatron_glm.model.layout import ModelLayout, original_name
+from megatron_glm.model.meta_device import materialize
 from megatron_glm.parallel import ParallelState
 from megatron_glm.parallel.lora import is_lora_name
+
+__all__ = ["load_glm_model", "load_model_weights", "materialize", "writable"]
 
 
 def load_model_weights(model: nn.Module, source: str | Path | ModelSource, tp_size: int, tp_rank: int) -> str:
@@ -43,17 +46,6 @@ def load_model_weights(model: nn.Module, source: str | Path | ModelSource, tp_si
                 _load_one(src, layout, name, param, tp_rank, tp_size)
     src.release()
     return src.info.path
-
-
-def materialize(model: nn.Module, device: torch.device | str | None) -> nn.Module:
-    """Uninitialised storage on ``device`` (``None``: the host) for ``model`` built on the meta device, for a
-    model whose every parameter is about to be loaded: no random init is drawn. The parameters keep their
-    attributes (tensor-parallel partitioning, which ``to_empty`` alone drops)."""
-    attributes = {name: dict(vars(p)) for name, p in model.named_parameters()}
-    model.to_empty(device=device if device is not None else "cpu")
-    for name, p in model.named_parameters():
-        vars(p).update(attributes[name])
-    return model
 
 
 def load_glm_model(

@@ -59,6 +59,7 @@ class _ArchitectureMethods(ModelShape):
             values.update({name: _DEFAULTS[name] for name in MOE_FIELDS})
         elif not self.moe_intermediate_size:
             values["moe_intermediate_size"] = self.ffn_size
+        values["extra_options"] = sorted(set(self.extra_options))  # a set of names
         if not self.rotary:
             values.update({name: _DEFAULTS[name] for name in ROTARY_FIELDS})
         else:
@@ -73,14 +74,21 @@ class _ArchitectureMethods(ModelShape):
 
 ROTARY_FIELDS = ("rotary_percent", "rotary_base", "rotary_interleaved")
 _MODEL_FIELDS = {f.name: f for f in fields(ModelConfig)}
-_DEFAULTS = {name: _MODEL_FIELDS[name].default for name in ARCHITECTURE_FIELDS}
+
+
+def _field(name: str) -> Any:
+    """``ModelConfig``'s field ``name`` as a field of :class:`Architecture` (same default, factory or value)."""
+    f = _MODEL_FIELDS[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return field(default_factory=f.default_factory, metadata=f.metadata)
+    return field(default=f.default, metadata=f.metadata)
+
+
+_DEFAULTS = {name: value for name, value in vars(ModelConfig()).items() if name in ARCHITECTURE_FIELDS}
 
 Architecture = make_dataclass(
     "Architecture",
-    [
-        (name, _MODEL_FIELDS[name].type, field(default=_DEFAULTS[name], metadata=_MODEL_FIELDS[name].metadata))
-        for name in ARCHITECTURE_FIELDS
-    ],
+    [(name, _MODEL_FIELDS[name].type, _field(name)) for name in ARCHITECTURE_FIELDS],
     bases=(_ArchitectureMethods,),
     frozen=True,
     kw_only=True,

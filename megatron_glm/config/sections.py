@@ -124,7 +124,8 @@ class ModelConfig(MoEOptions, MTPOptions, ModelShape):
         "Training with the head on the loss rows: the last layer computes its queries, attention output and "
         "MLP on those rows only (keys and values on every row), since nothing else reads them. Exact: its "
         "dropout masks are drawn over every row and the rows' part kept (with attention dropout the attention "
-        "core runs on every row). Ignored under sequence or pipeline parallelism. false: the whole last layer.",
+        "core runs on every row). Ignored under sequence parallelism, and under pipeline parallelism when the last "
+        "layer is not on the last stage. false: the whole last layer.",
         execution=True,
     )
     # -- GLM family architecture options (defaults: the 2021 GLM) ------------------------------------------
@@ -200,6 +201,11 @@ class ModelConfig(MoEOptions, MTPOptions, ModelShape):
     )
     untie_embeddings_and_output_weights: bool = opt(
         False, "A separate output layer (output_layer.weight [V, H]) instead of the tied word embedding."
+    )
+    extra_options: list[str] = opt(
+        [],
+        "Architecture options outside the named fields, by name (experiments, tests): a builder enables its part "
+        "with one (model/builders.py); recorded and checked like every field. Unknown names are refused.",
     )
 
     def architecture(self) -> Architecture:

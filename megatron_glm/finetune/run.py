@@ -254,7 +254,7 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     )
     resuming = bool(cfg.checkpoint.save and list_checkpoints(cfg.checkpoint.save))
     weights = None if resuming or cfg.lora.rank > 0 else cfg.checkpoint.load  # LoRA: the base, below
-    built = build_model(cfg, ps, run.device, weights=weights, log=log, loss=task_loss)  # the (last stage's) loss
+    built = build_model(cfg, ps, run.device, weights=weights, resume=resuming, log=log, loss=task_loss)
     model = built.module
     lora = load_lora_base(model, cfg, ps, cfg.checkpoint.load, log)  # LoRA: the frozen base, at every start
     engine, accum, global_batch = build_engine(cfg, ps, model)

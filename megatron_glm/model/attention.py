@@ -201,6 +201,7 @@ class ParallelSelfAttention(nn.Module):
         self.softmax_in_fp32 = config.attention_softmax_in_fp32 or config.apply_query_key_layer_scaling
         self.recompute_core = False  # selective recomputation: keep only q, k, v for backward
         self.query_key_value = column_parallel(ctx, tensors, "query_key_value")
+        self.qkv_blocks = tensors["query_key_value.weight"].rank_block_sizes(tp)  # this rank's [Q_r; K_r; V_r]
         self.qk_norm = "q_norm.weight" in tensors
         if self.qk_norm:  # GLM-4.5: over each head's dims, replicated on every rank
             size = tensors["q_norm.weight"].shape[0]
@@ -210,12 +211,13 @@ class ParallelSelfAttention(nn.Module):
         self.output_dropout = nn.Dropout(ctx.branch_dropout)
 
     def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``[b, s, (h_r + 2 g_r) d]`` laid out as ``[q_r; k_r; v_r]`` -> ``[b, h_r, s, d]``, ``[b, g_r, s, d]`` x 2."""
+        """``[b, s, (h_r + 2 g_r) d]`` packed as the builder declared (``qkv_blocks``: ``[q_r; k_r; v_r]``) ->
+        ``[b, h_r, s, d]``, ``[b, g_r, s, d]`` x 2."""
         b, s, _ = qkv.shape
-        h, g, d = self.num_heads_per_rank, self.groups_per_rank, self.head_dim
-        if h == g:
-            return qkv.view(b, s, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k, v = qkv.split([h * d, g * d, g * d], dim=-1)
+        blocks, d = self.qkv_blocks, self.head_dim
+        if len(set(blocks)) == 1:  # equal blocks: one view
+            return qkv.view(b, s, len(blocks), blocks[0] // d, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv.split(list(blocks), dim=-1)
         return tuple(t.reshape(b, s, -1, d).transpose(1, 2) for t in (q, k, v))
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -46,7 +46,8 @@ class BuildContext:
 
 
 class LayerBuilder(Protocol):
-    """One part of a transformer layer."""
+    """One part of a transformer layer. A builder may also name the ``ModelConfig.extra_options`` it reads (an
+    ``options`` tuple attribute): the closed world of option names a config may hold (:func:`known_options`)."""
 
     def tensors(self, config: ModelConfig) -> list[TensorSpec]:
         """The part's tensors, named relative to its module (``query_key_value.weight``), in module order."""
@@ -104,6 +105,16 @@ LAYER_SLOTS: tuple[LayerSlot, ...] = (
     LayerSlot("mlp", MLPBuilder(), alternative=MoEBuilder(), use_alternative=is_moe_layer),
     LayerSlot("post_mlp_layernorm", NormBuilder(), _sandwich),
 )
+
+
+#: The stack's final norm (``transformer.final_layernorm``, built by ``GLMTransformer`` with ``post_process``): a
+#: norm declared and built by its builder like a layer's norm slots.
+FINAL_NORM = LayerSlot("final_layernorm", NormBuilder())
+
+
+def known_options() -> frozenset[str]:
+    """The ``extra_options`` names the builders of :data:`LAYER_SLOTS` read (any other is refused)."""
+    return frozenset(o for s in LAYER_SLOTS for o in getattr(s.builder, "options", ()))
 
 
 def layer_slots(config: ModelConfig) -> list[LayerSlot]:

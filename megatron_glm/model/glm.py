@@ -14,7 +14,9 @@ from torch import nn
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.config.validate import family_problems
+from megatron_glm.errors import ConfigError
 from megatron_glm.model.attention import QueryRows
+from megatron_glm.model.builders import known_options
 from megatron_glm.model.context import ForwardContext, KVCacheLike
 from megatron_glm.model.cp_attention import local_mask, use_context_parallel_dropout
 from megatron_glm.model.layout import OUTPUT_TENSOR, VOCAB_TENSOR, ModelLayout
@@ -99,6 +101,13 @@ def loss_rows(loss_mask: torch.Tensor) -> QueryRows:
     synchronisation, where the model would otherwise wait twice per forward (``nonzero``, the widest sample)."""
     b, s = loss_mask.shape
     return QueryRows.from_flat(loss_positions(loss_mask), b, s)
+
+
+def rows_pay_off(ctx: ForwardContext, rows: QueryRows, b: int, s: int) -> bool:
+    """Whether the last layer of a forward of ``ctx`` on ``b x s`` positions should run on ``rows`` only: not for a
+    causal batch with loss on most rows, where the whole last layer (its attention skips the masked half) is
+    faster than the rows' queries against a gathered boolean mask."""
+    return not (ctx.mask.causal and 2 * rows.flat.numel() > b * s)
 
 
 def forward_context(
@@ -299,10 +308,9 @@ class GLMModel(HeadMixin, nn.Module):
             rows,
         )
         positions = None if rows is None else rows.flat
-        if rows is not None and ctx.mask.causal and 2 * rows.flat.numel() > b * s:
-            # A causal batch with loss on most rows: the whole last layer (its attention skips the masked half)
-            # is faster than the rows' queries against a gathered boolean mask, and the head on every row (the
-            # other rows weigh 0) than on an odd row count, which CPU bf16 matmuls run ~9% slower. Both exact.
+        if rows is not None and not rows_pay_off(ctx, rows, b, s):
+            # ... and the head on every row (the other rows weigh 0) than on an odd row count, which CPU bf16
+            # matmuls run ~9% slower. Both exact.
             ctx, rows, positions = ctx.without_rows(), None, torch.arange(b * s, device=h.device)
         h = self.transformer(enter_sequence(h, seq_parallel, self.parallel_state), ctx, final_norm=not mtp)
         mtp_hidden: tuple[torch.Tensor, ...] = ()
@@ -337,6 +345,9 @@ def check_config(config: ModelConfig, parallel_state: ParallelState) -> None:
         raise ValueError(f"vocab_size {config.vocab_size} is not divisible by the tensor-parallel size {ps.tp_size}")
     if config.hidden_size % config.num_attention_heads and not config.kv_channels:
         raise ValueError(f"hidden_size {config.hidden_size} is not divisible by {config.num_attention_heads} heads")
+    unknown = sorted(set(config.extra_options) - known_options())
+    if unknown:
+        raise ConfigError(f"model.extra_options {unknown}: no builder reads them (known: {sorted(known_options())})")
     found = family_problems(config, ps.tp_size)
     if found:
         raise ValueError("; ".join(found))

@@ -53,9 +53,9 @@ from dataclasses import dataclass
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.errors import CheckpointError
-from megatron_glm.model.builders import layer_tensors
+from megatron_glm.model.builders import FINAL_NORM, layer_tensors
 from megatron_glm.model.mtp import MTP_PREFIX, mtp_tensors
-from megatron_glm.model.tensor_spec import DTYPE_ROLES, INITS, ROLES, TensorSpec, norm_tensors
+from megatron_glm.model.tensor_spec import DTYPE_ROLES, INITS, ROLES, TensorSpec, relative
 
 __all__ = ["DTYPE_ROLES", "INITS", "ROLES", "TensorSpec", "layer_tensors"]  # re-exported: defined next door
 
@@ -93,8 +93,8 @@ def embedding_tensors(config: ModelConfig) -> list[TensorSpec]:
 
 
 def final_tensors(config: ModelConfig) -> list[TensorSpec]:
-    """Pipe layer L+2: the final norm."""
-    return norm_tensors(config, name="transformer.final_layernorm")
+    """Pipe layer L+2: the final norm, as its builder declares it (:data:`~megatron_glm.model.builders.FINAL_NORM`)."""
+    return relative(FINAL_NORM.builder.tensors(config), f"transformer.{FINAL_NORM.name}.")
 
 
 def head_tensors(config: ModelConfig) -> list[TensorSpec]:

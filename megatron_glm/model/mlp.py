@@ -56,13 +56,15 @@ class ParallelMLP(nn.Module):
         super().__init__()
         self.activation = ctx.config.activation
         self.dense_h_to_4h = column_parallel(ctx, tensors, "dense_h_to_4h")
+        # this rank's packed blocks of dense_h_to_4h as declared ([W1_r; W2_r] with a GLU, one block otherwise)
+        self.blocks = tensors["dense_h_to_4h.weight"].rank_block_sizes(ctx.parallel_state.tp_size)
         self.dense_4h_to_h = row_parallel(ctx, tensors, "dense_4h_to_h")
         self.dropout = nn.Dropout(ctx.branch_dropout)
 
     def _act(self, y: torch.Tensor) -> torch.Tensor:
         if self.activation == "gelu":
             return F.gelu(y, approximate="tanh")
-        y1, y2 = y.chunk(2, dim=-1)
+        y1, y2 = y.split(self.blocks, dim=-1)
         if self.activation == "swiglu":
             return F.silu(y1) * y2
         return y1 * F.gelu(y2)

@@ -84,6 +84,11 @@ class TensorSpec:
             return (self.shape[0],)
         return (self.shape[self.split_dim] // self.blocks,) * self.blocks
 
+    def rank_block_sizes(self, tp_size: int) -> tuple[int, ...]:
+        """The sizes of the packed blocks one of ``tp_size`` tensor-parallel ranks holds along the split dimension
+        (``[Q_r; K_r; V_r]``, the GLU halves ``[W1_r; W2_r]``), in order: how its module splits that dimension."""
+        return tuple(n // tp_size for n in self.sizes_along_split())
+
     @property
     def weight_decay(self) -> bool:
         return self.role in ("embedding", "weight")

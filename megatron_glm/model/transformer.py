@@ -17,7 +17,7 @@ from torch import nn
 from megatron_glm.config import ModelConfig
 from megatron_glm.model import sequence_parallel as sp
 from megatron_glm.model.attention import QueryRows
-from megatron_glm.model.builders import BuildContext, all_slot_names, layer_slots, prefixed
+from megatron_glm.model.builders import FINAL_NORM, BuildContext, all_slot_names, layer_slots, prefixed
 from megatron_glm.model.context import ForwardContext, KVCacheLike
 from megatron_glm.model.layout import LAYER_PREFIX
 from megatron_glm.model.mtp import MTP_PREFIX, MTPLayer, run_mtp
@@ -171,14 +171,23 @@ class GLMTransformer(nn.Module):
             self.checkpoint_activations = True
         for layer in self.layers.values():
             layer.attention.recompute_core = config.recompute_granularity == "selective"
+        if post_process:  # built by its builder from its declaration (``layout.final_tensors``)
+            final = BuildContext(
+                config=config,
+                layer_number=config.num_layers,
+                init=prefixed(init_for, f"transformer.{FINAL_NORM.name}."),
+                parallel_state=parallel_state,
+                params_dtype=params_dtype,
+                device=device,
+                branch_dropout=0.0,
+            )
+            self.final_layernorm = FINAL_NORM.builder.build(final)
         self.mtp: nn.ModuleList | None = None  # GLM-4.5's MTP layers, after the final norm (megatron_glm.model.mtp)
-        if post_process:
-            self.final_layernorm = make_norm(config, params_dtype, device)
-            if config.num_nextn_predict_layers:
-                self.mtp = nn.ModuleList(
-                    _mtp_layer(config, k, init_for, parallel_state, params_dtype, device)
-                    for k in range(config.num_nextn_predict_layers)
-                )
+        if post_process and config.num_nextn_predict_layers:
+            self.mtp = nn.ModuleList(
+                _mtp_layer(config, k, init_for, parallel_state, params_dtype, device)
+                for k in range(config.num_nextn_predict_layers)
+            )
 
     def embed(self, word: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Word embeddings (gradient shrunk by ``embedding_grad_shrink``) plus position (row 0) and block

@@ -5,9 +5,10 @@ The pipe order and what each layer holds come from the model's layout
 (:attr:`megatron_glm.model.ModelLayout.pipe_layers`); each layer is a :class:`megatron_glm.model.GLMPart`,
 so its state-dict keys (and DeepSpeed's ``layer_XX`` files) carry the original GLM names and its weights
 are those of the whole model, and it runs the whole model's forward steps. Activations between layers are tuples
-of tensors, the same for every architecture (:mod:`megatron_glm.model.part`): ``(ids, position_ids, sep)`` into
-the first layer, then ``(hidden, aux, position_ids, sep)`` (``hidden``: sequence shards under sequence
-parallelism; ``aux``: the auxiliary-loss accumulator), the head's ``ModelOutput`` into the loss function (the
+of tensors, the same for every architecture (:mod:`megatron_glm.model.part`): ``(ids, position_ids, sep, rows)``
+into the first layer, then ``(hidden, aux, position_ids, sep, rows)`` (``hidden``: sequence shards under sequence
+parallelism; ``aux``: the auxiliary-loss accumulator; ``rows``: the boolean loss rows, on which the last layer runs
+when it shares the last stage with the head), the head's ``ModelOutput`` into the loss function (the
 model's one loss protocol, fused head and loss rows included); with document isolation a ``[b, 1, s, s]`` boolean
 mask travels in place of ``sep``. DeepSpeed's activation partitioning over tensor-parallel ranks is off (the
 accumulator carries a gradient; sequence shards differ by rank). DeepSpeed keeps
@@ -40,6 +41,7 @@ from megatron_glm.model import (
 )
 from megatron_glm.model.context import aux_loss_names
 from megatron_glm.model.glm import check_config
+from megatron_glm.model.meta_device import materialize
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
 
 TIED_KEY = "word_embeddings"
@@ -59,7 +61,10 @@ class PipeStage(GLMPart):
         dtype: torch.dtype,
         device: Any,
         aux_names: tuple[str, ...] = (),
+        for_loading: bool = False,
     ) -> None:
+        """``for_loading``: built on the meta device, then given uninitialised storage on ``device`` (its weights
+        are about to be loaded: no random init drawn)."""
         super().__init__(
             pipe,
             config,
@@ -67,9 +72,11 @@ class PipeStage(GLMPart):
             seed=seed,
             tracker=tracker,
             params_dtype=dtype,
-            device=device,
+            device="meta" if for_loading else device,
             aux_names=aux_names,
         )
+        if for_loading:
+            materialize(self, device)
 
 
 class GLMLayerPipe(PipeStage):
@@ -131,12 +138,14 @@ def build_pipeline_model(
     device: Any = None,
     loss: LossFunction | None = None,
     aux_names: tuple[str, ...] | None = None,
+    for_loading: bool = False,
 ) -> TrainingModel:
     """This rank's pipeline stage of the model, one ``LayerSpec`` per pipe layer of the layout.
 
     ``partition_method``: ``uniform`` balances transformer layers, ``parameters`` balances parameter counts.
     ``loss``: the loss of the last stage's output (default: the pretraining loss). ``aux_names``: the auxiliary
     loss terms the layers may add (default: the architecture's, :func:`~megatron_glm.model.context.aux_loss_names`).
+    ``for_loading``: every weight is about to be loaded (a weights-only start, a resume): no random init is drawn.
     Must be called after ``torch.distributed`` is initialised, on every rank (Megatron rank order).
     """
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -147,7 +156,7 @@ def build_pipeline_model(
     check_config(config, ps)  # once for the model, not per part
     tracker = new_rng_tracker(seed, ps, device)
     names = aux_loss_names(config) if aux_names is None else tuple(aux_names)
-    common = (config, ps, seed, tracker, params_dtype, device, names)
+    common = (config, ps, seed, tracker, params_dtype, device, names, for_loading)
     specs: list[Any] = []
     layout = ModelLayout(config)
     for pipe in layout.pipe_layers:
@@ -169,12 +178,27 @@ def build_pipeline_model(
         partition_method=method,
         checkpointable_layers=[GLMLayerPipe.__name__],
     )
+    _last_layer_on_loss_rows(module, config, ps)
     return TrainingModel(module=module, rng_tracker=tracker, loss=stage_loss)
 
 
+def _last_layer_on_loss_rows(module: Any, config: ModelConfig, parallel_state: ParallelState) -> None:
+    """``last_layer_loss_rows``: the model's last layer computes the loss rows only when it is on the last stage
+    (with the final norm and the head, so its ``[n, H]`` output never crosses stages), without sequence
+    parallelism, MTP layers or experts; the rows reach it in the activations (:func:`pipeline_batch`)."""
+    if not (config.last_layer_loss_rows and parallel_state.is_last_stage):
+        return
+    if config.num_nextn_predict_layers or config.num_experts:  # MTP layers and routers read every row
+        return
+    for part in module.modules():
+        if isinstance(part, GLMPart) and part.pipe.kind == "layer" and part.pipe.layer == config.num_layers - 1:
+            part.last_layer_rows = not part.sequence_parallel
+
+
 def pipeline_batch(batch: Batch) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """A micro-batch as the pipeline engine wants it: ``(inputs, labels)``."""
+    """A micro-batch as the pipeline engine wants it: ``(inputs, labels)``; the inputs carry the ``[b, s]`` boolean
+    loss rows to the last layer (``last_layer_loss_rows``)."""
     return (
-        (batch["input_ids"], batch["position_ids"], batch_attention_mask(batch)),
+        (batch["input_ids"], batch["position_ids"], batch_attention_mask(batch), batch["loss_mask"] != 0),
         (batch["labels"], batch["loss_mask"], batch["objective"]),
     )

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_glm.checkpoint.architecture import adopt_checkpoint_architecture
+from megatron_glm.checkpoint.manager import list_checkpoints
 from megatron_glm.config import GLMConfig, config_to_dict, validate
 from megatron_glm.config.validate import local_device_type
 from megatron_glm.data.loader import build_data_iterator, build_pretraining_datasets
@@ -59,7 +60,8 @@ def pretrain(cfg: GLMConfig) -> TrainState:
         cfg, tokenizer, dp_size=ps.dp_size, is_rank0=run.is_logger, barrier=dist.barrier, log=log
     )
     weights = cfg.checkpoint.load if cfg.checkpoint.load_weights_only else ""
-    built = build_model(cfg, ps, run.device, weights=weights or None, log=log)
+    resuming = bool(cfg.checkpoint.load and not weights and list_checkpoints(cfg.checkpoint.load))
+    built = build_model(cfg, ps, run.device, weights=weights or None, resume=resuming, log=log)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in built.module.parameters())  # ZeRO-3: before partitioning
     lora = load_lora_base(built.module, cfg, ps, cfg.lora.base, log)  # LoRA: the frozen base ({} without)
     log(f"parameters on this rank: {n_params / 1e6:.2f} M")
@@ -82,6 +84,6 @@ def pretrain(cfg: GLMConfig) -> TrainState:
     )
     trainer.identity = run_identity(cfg, global_batch)
     trainer.lora = lora
-    if cfg.checkpoint.load and not cfg.checkpoint.load_weights_only:
+    if resuming:  # (a directory without checkpoints: a fresh start, the model's random init drawn)
         trainer.resume(cfg.checkpoint.load)
     return train_and_finish(run, trainer, "samples")

@@ -13,14 +13,16 @@ import torch.distributed as dist
 
 from megatron_glm.checkpoint import safe_checkpoint_engine
 from megatron_glm.checkpoint.lora import base_identity, lora_record
-from megatron_glm.checkpoint.weights import load_glm_model, load_model_weights
+from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import GLMConfig, pad_vocab_size
 from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import ConfigError
 from megatron_glm.model import GLMModel, LossFunction, ModelLayout
 from megatron_glm.model.compile import compile_layers
+from megatron_glm.model.glm import new_rng_tracker
 from megatron_glm.model.layout import original_name
 from megatron_glm.model.lora import attach_lora, trainable_parameters
+from megatron_glm.model.meta_device import materialize
 from megatron_glm.model.router import keep_expert_bias_fp32
 from megatron_glm.parallel import ParallelState
 from megatron_glm.parallel.lora import is_lora_name
@@ -64,6 +66,7 @@ def build_model(
     device: torch.device,
     *,
     weights: str | None = None,
+    resume: bool = False,
     log: Callable[[str], None] = lambda _: None,
     loss: LossFunction | None = None,
 ) -> TrainingModel:
@@ -71,19 +74,13 @@ def build_model(
     ``pp_size > 1``. Parameters are fp32 here; DeepSpeed casts them for bf16/fp16.
 
     ``weights``: a checkpoint (any format and layout we read) whose model weights this rank then holds (said
-    with ``log``); a whole model (no pipeline) outside ZeRO-3 is built on the meta device and loaded, drawing
-    no random init (:func:`~megatron_glm.checkpoint.weights.load_glm_model`). ``loss``: what the model's forward
-    with labels (or the last stage) computes (default: the pretraining loss)."""
+    with ``log``). ``resume``: the trainer restores the model from a training checkpoint next. Either way, outside
+    ZeRO-3, the model (or stage) is built on the meta device and given uninitialised storage: no random init is
+    drawn (:func:`~megatron_glm.model.meta_device.materialize`). ``loss``: what the model's forward with labels
+    (or the last stage) computes (default: the pretraining loss)."""
     ps = parallel_state
-    if weights and ps.pp_size == 1 and not zero3(cfg, ps):
-        model, loaded = load_glm_model(cfg.model, weights, ps, seed=cfg.training.seed, device=device)
-        if loss is not None:
-            model.loss = loss
-        attach_lora(model, cfg.lora, ModelLayout(cfg.model), cfg.training.seed)
-        built = TrainingModel(module=model, rng_tracker=model.rng_tracker)
-    else:
-        built = _build_initialised(cfg, ps, device, loss)
-        loaded = load_model_weights(built.module, weights, ps.tp_size, ps.tp_rank) if weights else None
+    built = _build(cfg, ps, device, loss, for_loading=bool(weights or resume) and not zero3(cfg, ps))
+    loaded = load_model_weights(built.module, weights, ps.tp_size, ps.tp_rank) if weights else None
     if cfg.training.compile:
         compile_layers(built.module)
     if loaded:
@@ -91,26 +88,33 @@ def build_model(
     return built
 
 
-def _build_initialised(
-    cfg: GLMConfig, parallel_state: ParallelState, device: torch.device, loss: LossFunction | None
+def _build(
+    cfg: GLMConfig, parallel_state: ParallelState, device: torch.device, loss: LossFunction | None, for_loading: bool
 ) -> TrainingModel:
-    """The model (or pipeline stage) with its random init drawn."""
-    ps = parallel_state
+    """The model (or pipeline stage) with LoRA attached: its random init drawn, or (``for_loading``) none drawn, on
+    the meta device then given storage, for weights about to be loaded."""
+    ps, seed = parallel_state, cfg.training.seed
     if ps.pp_size > 1:
         built = build_pipeline_model(
             cfg.model,
             ps,
-            seed=cfg.training.seed,
+            seed=seed,
             partition_method=cfg.parallel.pipeline_partition_method,
             device=device,
             loss=loss,
+            for_loading=for_loading,
         )
-        attach_lora(built.module, cfg.lora, ModelLayout(cfg.model), cfg.training.seed)
-        return built
-    with partitioned_construction(cfg, ps) as params_dtype:
-        model = GLMModel(cfg.model, ps, seed=cfg.training.seed, params_dtype=params_dtype, device=device, loss=loss)
-        attach_lora(model, cfg.lora, ModelLayout(cfg.model), cfg.training.seed)  # LoRA: adapters, base frozen
-    return TrainingModel(module=model, rng_tracker=model.rng_tracker)
+    elif for_loading:
+        model = materialize(GLMModel(cfg.model, ps, seed=seed, device="meta", loss=loss), device)
+        model.rng_tracker = new_rng_tracker(seed, ps, device)
+        built = TrainingModel(module=model, rng_tracker=model.rng_tracker)
+    else:
+        with partitioned_construction(cfg, ps) as params_dtype:
+            model = GLMModel(cfg.model, ps, seed=seed, params_dtype=params_dtype, device=device, loss=loss)
+            attach_lora(model, cfg.lora, ModelLayout(cfg.model), seed)  # LoRA: adapters, base frozen
+        return TrainingModel(module=model, rng_tracker=model.rng_tracker)
+    attach_lora(built.module, cfg.lora, ModelLayout(cfg.model), seed)
+    return built
 
 
 def zero3(cfg: GLMConfig, parallel_state: ParallelState) -> bool:

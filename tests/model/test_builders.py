@@ -5,15 +5,24 @@ the tensor spec's expert axis."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from megatron_glm.checkpoint.architecture import checkpoint_architecture
+from megatron_glm.checkpoint.convert import ConvertOptions
+from megatron_glm.checkpoint.formats.hf import GLM_ARCH
+from megatron_glm.checkpoint.formats.registry import format_named
+from megatron_glm.config import GLMConfig
+from megatron_glm.config.architecture import adopt_architecture
+from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.model import GLMModel, ModelLayout, TensorSpec, builders, flops_per_token, glm_loss
 from megatron_glm.model.tensor_spec import relative
 from megatron_glm.parallel import ParallelState
-from tests.model.fake_option import EXTRA, fake_slots
+from tests.model.fake_option import EXTRA, OPTION, fake_slots
 from tests.model.helpers import EXTRA_VARIANTS, FAMILY, family_config, make_batch, tiny_config
 from tests.test_glm4_options import VARIANTS as GLM4_VARIANTS
 from tests.test_glm4_options import glm4_config
@@ -90,12 +99,14 @@ def test_tensor_spec_expert_axis() -> None:
         assert all(s.expert_dim is None and s.experts == 1 for s in ModelLayout(cfg))
 
 
-def test_a_builder_swapped_through_the_seam_changes_model_and_layout_together(
+def test_an_option_added_through_a_builder_and_the_config_changes_model_and_layout_together(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(builders, "LAYER_SLOTS", fake_slots())
+    assert not any(EXTRA in n for n in ModelLayout(tiny_config()).names())  # the option is off by default
+    assert builders.known_options() == {OPTION}
     for normalization in ("LayerNorm", "RMSNorm"):
-        cfg = tiny_config(normalization=normalization)
+        cfg = tiny_config(normalization=normalization, extra_options=[OPTION])
         model, lay = GLMModel(cfg, seed=2), ModelLayout(cfg)
         sd = model.state_dict()
         extra = [n for n in lay.names() if f".{EXTRA}." in n]
@@ -114,3 +125,27 @@ def test_a_builder_swapped_through_the_seam_changes_model_and_layout_together(
     monkeypatch.undo()
     assert not any(EXTRA in n for n in ModelLayout(tiny_config()).names())
     assert math.isfinite(flops_per_token(tiny_config(), 8))
+    with pytest.raises(
+        ConfigError, match=r"model.extra_options \['extra_norm'\]: no builder reads them \(known: \[\]\)"
+    ):
+        GLMModel(tiny_config(extra_options=[OPTION]))  # closed world: no builder of this build reads it
+
+
+def test_the_option_is_part_of_the_sealed_architecture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint records the option; a reader takes it from the checkpoint, a command line contradicting it is
+    refused with the field named, and a format that does not hold it refuses it on export."""
+    monkeypatch.setattr(builders, "LAYER_SLOTS", fake_slots())
+    on = tiny_config(extra_options=[OPTION])
+    step = tmp_path / "global_step1"
+    step.mkdir()
+    (step / "meta.json").write_text(json.dumps({"config": {"model": dataclasses.asdict(on)}}))
+    saved, where = checkpoint_architecture(step)
+    assert saved == on.architecture() and saved.differences(tiny_config().architecture()) == ["extra_options"]
+    off = dataclasses.replace(GLMConfig(), model=tiny_config(), explicit=frozenset({"model.extra_options"}))
+    with pytest.raises(ConfigError, match=r"extra_options: checkpoint \['extra_norm'\] vs command line \[\]"):
+        adopt_architecture(off, saved, where, log=lambda _: None)
+    quiet = dataclasses.replace(off, explicit=frozenset())  # not restated: the checkpoint's option
+    assert adopt_architecture(quiet, saved, where, log=lambda _: None).model.extra_options == [OPTION]
+    assert GLM_ARCH.mismatch(saved) == "extra_options = ['extra_norm'] (this layout: [])"
+    with pytest.raises(CheckpointError, match="extra_options"):
+        format_named("hf").check(on, ConvertOptions(format="hf"))

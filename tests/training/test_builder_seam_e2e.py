@@ -1,6 +1,8 @@
-"""Issue 23's acceptance: an option added through the builder seam only (``tests/model/fake_option.py``: the MLP
-builder declares an extra TP-replicated per-layer norm and applies it) trains under ZeRO-3, and ZeRO-3
-consolidation, TP resharding, PP conversion and the standalone export carry its tensors, bitwise."""
+"""Issue 23's acceptance: an option added by touching a builder and the config only (``tests/model/fake_option.py``:
+``--model.extra_options extra_norm`` makes the MLP builder declare an extra TP-replicated per-layer norm and apply
+it) trains under ZeRO-3, the checkpoint records it (a contradicting command line is refused by name, a format that
+cannot hold it refuses it), and ZeRO-3 consolidation, TP resharding, PP conversion and the standalone export carry
+its tensors, bitwise."""
 
 from __future__ import annotations
 
@@ -11,11 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_glm.checkpoint.architecture import adopt_checkpoint_architecture
 from megatron_glm.checkpoint.convert import ConvertOptions, convert_checkpoint, open_source
 from megatron_glm.checkpoint.formats.native import NativeSource, layer_file
 from megatron_glm.checkpoint.safe_load import safe_torch_load
+from megatron_glm.config import load_config
+from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.model import ModelLayout, builders
-from tests.model.fake_option import EXTRA, fake_slots
+from tests.model.fake_option import EXTRA, OPTION, fake_slots
 from tests.training.conftest import PY, ROOT, metrics, train_args
 
 pytestmark = pytest.mark.slow
@@ -37,9 +42,23 @@ def test_an_option_added_through_a_builder_is_carried_everywhere(
 ) -> None:
     run = tmp_path / "z3"
     zero3 = ["--deepspeed_config", str(ROOT / "ds_configs" / "zero3.json")]
-    _train(train_args(tiny_corpus, "--train-iters", "3", "--micro-batch-size", "2", *zero3, "--save", str(run)), 2)
+    option = ["--model.extra_options", OPTION]
+    _train(
+        train_args(tiny_corpus, "--train-iters", "3", "--micro-batch-size", "2", *zero3, *option, "--save", str(run)), 2
+    )
     assert sorted(metrics(run)) == [1, 2, 3]
     monkeypatch.setattr(builders, "LAYER_SLOTS", fake_slots())  # this process reads and converts with the option
+    # the checkpoint records the option: a reader adopts it, a command line without it is refused by name
+    restated = load_config(["--load", str(run), "--model.extra_options", "other", "--model.extra_options", "x"])
+    with pytest.raises(
+        ConfigError, match=r"extra_options: checkpoint \['extra_norm'\] vs command line \['other', 'x'\]"
+    ):
+        adopt_checkpoint_architecture(restated, log=lambda _: None)
+    assert adopt_checkpoint_architecture(load_config(["--load", str(run)]), log=lambda _: None).model.extra_options == [
+        OPTION
+    ]
+    with pytest.raises(CheckpointError, match=r"extra_options = \['extra_norm'\] \(this layout: \[\]\)"):
+        convert_checkpoint(run, tmp_path / "hf", ConvertOptions(format="hf"), log=lambda *_: None)
 
     def convert(src: Path, dst: str, **kw: object) -> None:
         convert_checkpoint(src, tmp_path / dst, ConvertOptions(**kw), log=lambda *_: None)

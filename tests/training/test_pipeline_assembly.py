@@ -116,9 +116,11 @@ def _pipeline_step(rank: int, world: int, tp: int, pp: int, model_fields: dict, 
     parts = [m for m in module.modules() if isinstance(m, GLMPart)]
     assert all(p.sequence_parallel == bool(model_fields.get("sequence_parallel") and tp > 1) for p in parts)
     hidden_shapes: list[list[int]] = []
+    outputs: list[tuple[int, list[int]]] = []  # (layer, the shape of its hidden output)
     for p in parts:
         if p.pipe.kind == "layer":
             p.register_forward_pre_hook(lambda _m, args: hidden_shapes.append(list(args[0][0].shape)))
+            p.register_forward_hook(lambda m, _a, out: outputs.append((m.pipe.layer, list(out[0].shape))))
 
     def weights() -> dict[str, torch.Tensor]:
         return {k: v for p in parts for k, v in full_state_dict(p, ps).items()}
@@ -132,7 +134,14 @@ def _pipeline_step(rank: int, world: int, tp: int, pp: int, model_fields: dict, 
     after = weights()
     grads = {k: before[k] - after[k] for k in before}
     dist.barrier()
-    return {"loss": float(mean), "grads": grads, "seen": loss.seen, "stage": ps.pp_rank, "hidden": hidden_shapes}
+    return {
+        "loss": float(mean),
+        "grads": grads,
+        "seen": loss.seen,
+        "stage": ps.pp_rank,
+        "hidden": hidden_shapes,
+        "outputs": outputs,
+    }
 
 
 def _reference(model_fields: dict, aux: bool) -> dict:
@@ -208,6 +217,25 @@ def test_pp2_carries_auxiliary_losses_to_the_last_stage() -> None:
     without = _reference({}, False)["seen"]
     for got, base in zip(seen, without):  # the total is the plain loss plus the terms
         assert abs(got["loss"] - (base["loss"] + got["const"] + got["fake"])) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rotary", [False, True])
+def test_pp2_last_layer_runs_on_the_loss_rows(rotary: bool) -> None:
+    """PP=2 with ``last_layer_loss_rows``: the loss rows reach the last stage in the activations and its last layer
+    computes them only ([n, H], a hook sees it; every other layer the whole [b, s, H]); the loss and every gradient
+    equal the single-process model's (fp32, 1e-5)."""
+    fields = {"last_layer_loss_rows": True, **({"position_embedding_type": "rope"} if rotary else {})}
+    results = run_distributed(_pipeline_step, 2, 1, 2, fields, False, timeout=900)
+    ref = _reference(fields, False)
+    _compare(results, ref)
+    last, n_rows = ref["layers"] - 1, int(sum(b["loss_mask"].sum() for b in _micro_batches()))
+    outputs = [(layer, shape) for r in results for layer, shape in r["outputs"]]
+    on_rows = [shape for layer, shape in outputs if layer == last]
+    assert len(on_rows) == ACCUM and sum(shape[0] for shape in on_rows) == n_rows
+    assert all(len(shape) == 2 for shape in on_rows)  # [n, H]: the rows path was taken on the last stage
+    assert all(shape == [MICRO, SEQ, 64] for layer, shape in outputs if layer != last)
+    assert {layer for layer, _ in outputs} == set(range(ref["layers"]))
 
 
 def test_undeclared_auxiliary_term_is_refused() -> None:

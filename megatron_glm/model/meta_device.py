@@ -1,0 +1,18 @@
+"""A model built on the meta device, then given storage: for a model whose every parameter is about to be loaded,
+so no random init is drawn (weights-only starts, resumes, generation, pipeline stages)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def materialize(model: nn.Module, device: torch.device | str | None) -> nn.Module:
+    """Uninitialised storage on ``device`` (``None``: the host) for ``model`` built on the meta device, for a
+    model whose every parameter is about to be loaded: no random init is drawn. The parameters keep their
+    attributes (tensor-parallel partitioning, which ``to_empty`` alone drops)."""
+    attributes = {name: dict(vars(p)) for name, p in model.named_parameters()}
+    model.to_empty(device=device if device is not None else "cpu")
+    for name, p in model.named_parameters():
+        vars(p).update(attributes[name])
+    return model
