@@ -50,12 +50,13 @@ def mark_expert_parameters(
     names. Nothing is marked with one expert-parallel rank (their reduction group is the data-parallel one)."""
     if parallel_state.ep_size == 1:
         return []
-    group = expert_group_name(parallel_state.ep_size)
+    ps, group = parallel_state, expert_group_name(parallel_state.ep_size)
     names = []
     for name, p in model.named_parameters():
         if is_expert(name):
             p.allreduce = False
             p.group_name = group
+            p.expert_shard = (ps.pp_rank, ps.tp_rank, ps.ep_rank, ps.edp_rank)  # its checkpoint file's
             names.append(name)
     return names
 

@@ -176,6 +176,7 @@ class Trainer:
                 "tp": ps.tp_size,
                 "pp": ps.pp_size,
                 "dp": ps.dp_size,
+                **({"ep": ps.ep_size} if ps.ep_size > 1 else {}),
                 "zero_stage": self.engine.zero_optimization_stage(),
             },
             "config": config_to_dict(self.cfg),
@@ -200,7 +201,7 @@ class Trainer:
         """Load the newest usable checkpoint of ``load_dir``; False when there is none."""
         ps = self.ps
         loaded = self.checkpoints.load(
-            self.engine, load_dir, expect={"tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size}
+            self.engine, load_dir, expect={"tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size, "ep": ps.ep_size}
         )
         if loaded is None:
             self.log(f"warning: no checkpoint in {load_dir}; starting from scratch")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_glm.errors import ConfigError
+from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.parallel import ParallelState, initialize_parallel_state
 from megatron_glm.parallel.expert_dispatch import ExpertDispatcher
 from megatron_glm.testing import run_distributed
@@ -42,9 +43,10 @@ class ToyMoE(torch.nn.Module):
         return ((y + h - target) ** 2).mean()
 
 
-def _train(ep: int, stage: int, steps: int = 3) -> dict:
+def _engine(ep: int, stage: int) -> tuple[ToyMoE, object]:
     import deepspeed
 
+    from megatron_glm.checkpoint import safe_checkpoint_engine
     from megatron_glm.training.distributed import DeepSpeedMPU
 
     ps = initialize_parallel_state(ep_size=ep)
@@ -61,7 +63,12 @@ def _train(ep: int, stage: int, steps: int = 3) -> dict:
     }
     opt = torch.optim.SGD(groups, lr=0.5)  # the update is the gradient itself (Adam would hide its scale)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds, mpu=DeepSpeedMPU(ps))
-    g = torch.Generator().manual_seed(100 + ps.dp_rank)
+    engine.checkpoint_engine = safe_checkpoint_engine(engine._config)
+    return model, engine
+
+
+def _steps(engine: object, dp_rank: int, steps: int) -> list[float]:
+    g = torch.Generator().manual_seed(100 + dp_rank)
     norms = []
     for micro in range(steps * 2):
         loss = engine(torch.randn(B, H, generator=g), torch.randn(B, H, generator=g))
@@ -69,6 +76,12 @@ def _train(ep: int, stage: int, steps: int = 3) -> dict:
         engine.step()
         if micro % 2:
             norms.append(float(engine.get_global_grad_norm()))
+    return norms
+
+
+def _train(ep: int, stage: int, steps: int = 3) -> dict:
+    model, engine = _engine(ep, stage)
+    norms = _steps(engine, dist.get_rank(), steps)
     moe_groups = [grp.get("moe", False) for grp in engine.optimizer.optimizer.param_groups]
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     return {
@@ -113,3 +126,43 @@ def test_zero3_with_expert_parallelism_is_refused() -> None:
         refuse_zero3(ParallelState(dp_size=2, ep_size=2), 3, "ds.json")
     refuse_zero3(ParallelState(dp_size=2, ep_size=2), 2, "ds.json")
     refuse_zero3(ParallelState(dp_size=2), 3, "ds.json")
+
+
+def _save_and_resume(rank: int, world: int, save_dir: str) -> dict:
+    import deepspeed
+
+    from megatron_glm.checkpoint import CheckpointManager
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model, engine = _engine(2, 1)
+    _steps(engine, rank, 2)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    manager = CheckpointManager(save_dir, log=lambda _m: None)
+    path = manager.save(engine, 2, {"step": 2, "layout": {"tp": 1, "pp": 1, "dp": 4, "ep": 2}}, {})
+    with pytest.raises(CheckpointError, match="saved with ep=2 but this run has ep=1"):
+        manager.load(engine, save_dir, expect={"dp": 4, "ep": 1})
+    fresh_model, fresh = _engine(2, 1)
+    with torch.no_grad():
+        for p in fresh_model.parameters():
+            p.add_(1.0)  # nothing of the fresh start survives the load
+    manager.load(fresh, save_dir, expect={"dp": 4, "ep": 2})
+    loaded = {n: p.detach().clone() for n, p in fresh_model.named_parameters()}
+    after = (_steps(engine, rank, 1), _steps(fresh, rank, 1))  # and the optimizer state resumes too
+    return {
+        "saved": saved,
+        "loaded": loaded,
+        "next": after,
+        "files": sorted(str(p.relative_to(path)) for p in (path / "experts").iterdir()),
+        "same_next": all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh_model.parameters())),
+    }
+
+
+def test_expert_shards_are_saved_per_expert_rank_and_restored(tmp_path) -> None:
+    results = run_distributed(_save_and_resume, 4, str(tmp_path / "ckpt"))
+    for rank, res in enumerate(results):
+        for name, want in res["saved"].items():
+            assert torch.equal(res["loaded"][name], want), (rank, name)
+        assert res["files"] == ["experts/pp00_tp00_ep00.pt", "experts/pp00_tp00_ep01.pt"]
+        assert res["next"][0] == res["next"][1] and res["same_next"]
+    # the two expert-parallel ranks hold different experts, each restored from its own file
+    assert not torch.equal(results[0]["loaded"]["experts_w1"], results[1]["loaded"]["experts_w1"])

@@ -154,6 +154,10 @@ class NativeSource:
         config = model_config_from_dict(model_fields, str(step / META))
         tp, pp, dp = int(layout.get("tp", 1)), int(layout.get("pp", 1)), int(layout.get("dp", 1))
         stage = int(layout.get("zero_stage", 0))
+        if int(layout.get("ep", 1)) > 1:
+            raise CheckpointError(
+                f"{step}: an expert-parallel checkpoint (ep={layout['ep']}); converting those is not supported yet"
+            )
         if pp > 1 and stage > 1:
             raise CheckpointError(f"{step}: pipeline checkpoint with ZeRO stage {stage} (DeepSpeed supports 0/1)")
         if meta.get("lora"):
