@@ -178,6 +178,19 @@ def test_batch_consistency_with_accumulation() -> None:
     )
 
 
+def test_expert_parallel_size_divides_the_data_parallel_size() -> None:
+    cfg = load_config(["--tensor-model-parallel-size", "2", "--expert-parallel-size", "2"])
+    assert cfg.parallel.expert_parallel_size == 2
+    assert problems(cfg, world_size=8) == []  # dp 4
+    bad = problems(cfg, world_size=6)  # dp 3
+    assert bad == [
+        "parallel.expert_parallel_size (2) must divide the data-parallel size (3 = world size 6 / (tp 2 x pp 1))"
+    ]
+    assert problems(load_config(["--expert-parallel-size", "0"])) == [
+        "parallel.expert_parallel_size (0) must divide the data-parallel size (1)"
+    ]
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "pretrain_glm.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=120

@@ -216,6 +216,10 @@ class ParallelConfig:
     tensor_model_parallel_size: int = opt(1, "Tensor-parallel size (ranks that split each layer).")
     pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size (stages of layers).")
     data_parallel_size: int = opt(0, "Data-parallel size; 0 derives world_size / (tp x pp).")
+    expert_parallel_size: int = opt(
+        1,
+        "Expert-parallel size: ranks splitting each MoE layer's experts (all-to-all); divides the data-parallel size.",
+    )
     pipeline_partition_method: str = opt(
         "uniform", "Pipeline partitioning: uniform (layers) or parameters.", choices=("uniform", "parameters")
     )

@@ -199,6 +199,12 @@ def _parallel_problems(cfg: GLMConfig, world_size: int) -> list[str]:
             f"parallel.data_parallel_size ({p.data_parallel_size}) disagrees with world size "
             f"{world_size} / (tp {tp} x pp {pp}) = {dp}"
         )
+    ep = p.expert_parallel_size
+    if ep < 1 or (dp > 0 and dp % ep):
+        out.append(
+            f"parallel.expert_parallel_size ({ep}) must divide the data-parallel size ({dp}"
+            + (f" = world size {world_size} / (tp {tp} x pp {pp}))" if world_size else ")")
+        )
     return out
 
 

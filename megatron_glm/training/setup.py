@@ -25,6 +25,7 @@ from megatron_glm.parallel import ParallelState
 from megatron_glm.parallel.lora import is_lora_name
 from megatron_glm.training.deepspeed_config import batch_sizes, build_deepspeed_config
 from megatron_glm.training.distributed import DeepSpeedMPU
+from megatron_glm.training.expert_parallel import prepare_expert_parallel, refuse_zero3
 from megatron_glm.training.lr_schedule import LRSchedule, LRScheduler
 from megatron_glm.training.pipeline import TrainingModel, build_pipeline_model
 
@@ -113,8 +114,25 @@ def _build_initialised(
 
 
 def zero3(cfg: GLMConfig, parallel_state: ParallelState) -> bool:
-    """Whether the run partitions its parameters (ZeRO-3, offload included)."""
-    return build_deepspeed_config(cfg, parallel_state.dp_size)["zero_optimization"]["stage"] == 3
+    """Whether the run partitions its parameters (ZeRO-3, offload included); refused with expert parallelism."""
+    stage = build_deepspeed_config(cfg, parallel_state.dp_size)["zero_optimization"]["stage"]
+    refuse_zero3(parallel_state, stage, cfg.training.deepspeed_config or "--zero-stage")
+    return stage == 3
+
+
+def expert_groups(
+    cfg: GLMConfig, ps: ParallelState, model: torch.nn.Module, groups: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """With expert parallelism: the layout's expert tensors marked for DeepSpeed (reduced over the
+    expert-data-parallel group) and the optimizer groups split accordingly; else ``groups`` unchanged."""
+    if ps.ep_size == 1:
+        return groups
+    layout = ModelLayout(cfg.model)
+
+    def is_expert(name: str) -> bool:
+        return not is_lora_name(name) and layout[original_name(name)].expert_dim is not None
+
+    return prepare_expert_parallel(model, groups, is_expert, ps, max(s.experts for s in layout))
 
 
 def load_lora_base(
@@ -172,7 +190,8 @@ def build_engine(cfg: GLMConfig, parallel_state: ParallelState, model: torch.nn.
 
     o = cfg.optimizer
     fused = {"fused": True} if next(model.parameters()).device.type in ("cuda", "cpu") else {}
-    groups = param_groups(model, ModelLayout(cfg.model), o.weight_decay)
+    zero3(cfg, ps)  # refuses ZeRO-3 with expert parallelism
+    groups = expert_groups(cfg, ps, model, param_groups(model, ModelLayout(cfg.model), o.weight_decay))
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, **fused)
     scheduler = LRScheduler(optimizer, LRSchedule.from_config(o, cfg.training.train_iters))
     ds_config = build_deepspeed_config(cfg, ps.dp_size)

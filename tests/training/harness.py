@@ -67,7 +67,7 @@ def build_trainer(cfg: GLMConfig) -> tuple[Trainer, ParallelState, CapturingLogg
     """The real set-up of ``pretrain`` (no data files, no checkpoints) on the launched process group."""
     env, _ = init_distributed()  # no heartbeat
     p = cfg.parallel
-    ps = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    ps = initialize_parallel_state(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_parallel_size)
     built = build_model(cfg, ps, env.device)
     engine, accum, global_batch = build_engine(cfg, ps, built.module)
     logger = CapturingLogger()
