@@ -3,7 +3,8 @@
 The same contract as the MoE layer's local dispatcher (``megatron_glm.model.moe_dispatch``):
 ``dispatch(x [n, H], expert_ids [n, k]) -> (x_grouped [m, H], tokens_per_local_expert [E_local], handle)``, the
 rows of ``x_grouped`` grouped by this rank's experts (local expert 0 first); ``combine(y_grouped, handle,
-weights [n, k]) -> [n, H]``, the weighted sum over each token's ``k`` choices of its experts' outputs.
+weights [n, k]) -> [n, H]``, the weighted sum over each token's ``k`` choices of its experts' outputs (products
+in fp32, the result in ``y_grouped``'s dtype).
 
 Rank ``e`` of the expert-parallel group holds the experts ``[e E/ep, (e+1) E/ep)``. A dispatch sorts the
 ``n k`` token copies by global expert (so by destination rank), exchanges the per-expert counts (one
@@ -102,5 +103,4 @@ class ExpertDispatcher:
             received = torch.empty_like(y_grouped).index_copy(0, handle.regroup, y_grouped)
             back = _AllToAll.apply(received, handle.send_splits, handle.recv_splits, self.group)
         flat = torch.empty_like(back).index_copy(0, handle.order, back)  # (token, choice) order
-        out = flat.view(n, k, -1) * weights.to(flat.dtype).unsqueeze(-1)
-        return out.sum(1)
+        return torch.einsum("nkh,nk->nh", flat.view(n, k, -1).float(), weights.float()).to(back.dtype)
