@@ -19,6 +19,7 @@ import torch
 from megatron_glm.checkpoint.manifest import Digest, save_hashed
 from megatron_glm.checkpoint.safe_load import safe_torch_load
 from megatron_glm.errors import CheckpointError
+from megatron_glm.model.tensor_spec import TensorSpec
 
 EXPERT_DIR = "experts"
 
@@ -36,6 +37,13 @@ def expert_file(shard: tuple[int, int, int, int]) -> str:
     """The file (relative to the step directory) of the shard ``(pp, tp, ep, edp)`` ranks hold."""
     pp, tp, ep, _ = shard
     return f"{EXPERT_DIR}/pp{pp:02d}_tp{tp:02d}_ep{ep:02d}.pt"
+
+
+def expert_slice(spec: TensorSpec, value: torch.Tensor, ep_rank: int, ep: int) -> torch.Tensor:
+    """Expert-parallel rank ``ep_rank``'s experts of ``value`` (one rank's tensor-parallel shard)."""
+    if value.shape[spec.expert_dim] % ep:
+        raise CheckpointError(f"{spec.name}: {value.shape[spec.expert_dim]} experts do not split over ep={ep}")
+    return value.chunk(ep, dim=spec.expert_dim)[ep_rank]
 
 
 def save_expert_shards(module: torch.nn.Module, step_dir: Path) -> dict[str, Digest]:

@@ -83,7 +83,11 @@ def build_model(
         built = TrainingModel(module=model, rng_tracker=model.rng_tracker)
     else:
         built = _build_initialised(cfg, ps, device, loss)
-        loaded = load_model_weights(built.module, weights, ps.tp_size, ps.tp_rank) if weights else None
+        loaded = (
+            load_model_weights(built.module, weights, ps.tp_size, ps.tp_rank, (ps.ep_size, ps.ep_rank))
+            if weights
+            else None
+        )
     if cfg.training.compile:
         compile_layers(built.module)
     if loaded:
@@ -145,7 +149,7 @@ def load_lora_base(
         return {}
     if not base:
         raise ConfigError("lora.rank > 0 needs the base checkpoint the adapters go on: pass --lora-base PATH")
-    loaded = load_model_weights(model, base, ps.tp_size, ps.tp_rank)
+    loaded = load_model_weights(model, base, ps.tp_size, ps.tp_rank, (ps.ep_size, ps.ep_rank))
     sha = [base_identity(loaded) if dist.get_rank() == 0 else None]  # the base may be large: hashed once
     dist.broadcast_object_list(sha, src=0)
     trainable, total = trainable_parameters(model)
