@@ -72,7 +72,8 @@ def dry_run_memory(cfg: GLMConfig, world_size: int) -> str:
     if cfg.model.vocab_size <= 0:
         return "parameters: unknown until the tokenizer gives the vocabulary (set model.vocab_size to count them)"
     stage = build_deepspeed_config(cfg, dp)["zero_optimization"]["stage"]  # a --deepspeed_config may name it
-    est = estimate_memory(cfg.model, tp=tp, pp=pp, dp=dp, zero_stage=stage, precision=t.precision, lora=cfg.lora)
+    ep = getattr(p, "expert_parallel_size", 1)
+    est = estimate_memory(cfg.model, tp=tp, pp=pp, dp=dp, zero_stage=stage, precision=t.precision, lora=cfg.lora, ep=ep)
     lora = cfg.lora
     trainable = (
         f"trainable per rank (LoRA rank {lora.rank} on {', '.join(lora.target_names())}, base frozen): "
@@ -82,7 +83,7 @@ def dry_run_memory(cfg: GLMConfig, world_size: int) -> str:
     )
     return (
         f"parameters: {est.parameters:,}\n{trainable}"
-        f"memory per rank (TP {tp} x PP {pp} x DP {dp}, ZeRO {stage}, {t.precision}; "
+        f"memory per rank (TP {tp} x PP {pp} x DP {dp}{f' (EP {ep})' if ep > 1 else ''}, ZeRO {stage}, {t.precision}; "
         f"{est.stage_parameters:,} parameters on the largest rank): {est.describe()}"
     )
 

@@ -41,6 +41,7 @@ def test_the_split_covers_every_field_once_and_the_value_is_sealed() -> None:
         "sequence_parallel",
         "head_chunk_size",
         "last_layer_loss_rows",
+        "moe_capacity_factor",
     }
     arch = saved()
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -24,6 +24,7 @@ from dataclasses import field, fields, make_dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
+from megatron_glm.config.moe import MOE_FIELDS
 from megatron_glm.config.sections import GLMConfig, ModelConfig, ModelShape
 from megatron_glm.errors import ConfigError
 
@@ -51,6 +52,10 @@ class _ArchitectureMethods(ModelShape):
         equal models compare equal."""
         values = dict(ffn_hidden_size=self.ffn_size, kv_channels=self.head_dim, num_query_groups=self.query_groups)
         values["group_query_attention"] = self.query_groups != self.num_attention_heads
+        if not self.num_experts:
+            values.update({name: _DEFAULTS[name] for name in MOE_FIELDS})
+        elif not self.moe_intermediate_size:
+            values["moe_intermediate_size"] = self.ffn_size
         if not self.rotary:
             values.update({name: _DEFAULTS[name] for name in ROTARY_FIELDS})
         else:
@@ -86,7 +91,16 @@ Architecture.__doc__ = (
 
 #: Fields that shape training only (regularisation, initialisation, gradient scaling): the function the weights
 #: compute does not depend on them, so a reader may take the command line's value and a format may drop them.
-TRAINING_ONLY = frozenset({"hidden_dropout", "attention_dropout", "init_std", "embedding_grad_shrink"})
+TRAINING_ONLY = frozenset(
+    {
+        "hidden_dropout",
+        "attention_dropout",
+        "init_std",
+        "embedding_grad_shrink",
+        "moe_bias_update_rate",
+        "moe_aux_loss_coeff",
+    }
+)
 #: Fields that ``--override-architecture`` may change (``max_sequence_length`` only with rotary positions).
 OVERRIDABLE = frozenset({"rotary_base", "max_sequence_length"})
 

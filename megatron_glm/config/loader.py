@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from megatron_glm.config.moe import MoEOptions
 from megatron_glm.config.sections import GLMConfig
 from megatron_glm.config.sizes import MODEL_SIZES
 from megatron_glm.errors import ConfigError
@@ -54,6 +55,7 @@ FLAG_ALIASES: dict[str, tuple[str, Any]] = {
     "--untie-embeddings-and-output-weights": ("model.untie_embeddings_and_output_weights", True),
     "--sandwich-norm": ("model.sandwich_norm", True),
     "--qk-norm": ("model.qk_norm", True),
+    **{f"--{f.name.replace('_', '-')}": (f"model.{f.name}", None) for f in dataclasses.fields(MoEOptions)},
     "--checkpoint-activations": ("model.checkpoint_activations", True),
     "--checkpoint-num-layers": ("model.checkpoint_num_layers", None),
     "--recompute-granularity": ("model.recompute_granularity", None),

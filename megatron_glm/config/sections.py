@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
+from megatron_glm.config.moe import MoEOptions
+
 if TYPE_CHECKING:
     from megatron_glm.config.architecture import Architecture
 
@@ -57,16 +59,17 @@ class ModelShape:
 
 
 @dataclass(kw_only=True)
-class ModelConfig(ModelShape):
-    """The GLM transformer: its architecture (every field that changes tensors or math; :meth:`architecture`, the
-    sealed value a checkpoint records) and the execution options (fields with ``execution=True`` in their
-    metadata: kernels, recomputation, sequence parallelism, loss rows; free to differ from run to run)."""
+class ModelConfig(MoEOptions, ModelShape):
+    """The GLM transformer: its architecture (every field that changes tensors or math, the MoE ones from
+    :class:`MoEOptions`; :meth:`architecture`, the sealed value a checkpoint records) and the execution options
+    (fields with ``execution=True`` in their metadata: kernels, recomputation, sequence parallelism, loss rows;
+    free to differ from run to run)."""
 
     size: str = opt(
         "",
         "Named size to start from (glm-tiny, glm-base, glm-large, glm-large-chinese, "
         "glm-2b, glm-10b, glm-130b, chatglm-6b, chatglm2-6b, chatglm3-6b, glm-4-9b, glm-4-9b-0414, "
-        "glm-4-32b-0414); explicit fields override it.",
+        "glm-4-32b-0414, glm-4.5, glm-4.5-air, glm-4.6); explicit fields override it.",
         execution=True,
     )
     num_layers: int = opt(2, "Number of transformer layers.")

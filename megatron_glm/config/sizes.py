@@ -44,7 +44,44 @@ FAMILY_OPTIONS = MappingProxyType(
             attention_softmax_in_fp32=True,
             sandwich_norm=True,
         ),
+        # GLM-4.5 family (glm-family.md): half-split partial rotary, theta 1e6, QKV bias only, untied, sigmoid
+        # router with the correction bias, top-8, normalised weights, one shared expert.
+        "glm-4.5": dict(
+            position_embedding_type="rope",
+            rotary_percent=0.5,
+            rotary_base=1_000_000.0,
+            activation="swiglu",
+            normalization="RMSNorm",
+            add_bias_linear=False,
+            untie_embeddings_and_output_weights=True,
+            attention_softmax_in_fp32=True,
+            qk_norm=True,
+            moe_top_k=8,
+            num_shared_experts=1,
+            moe_router_score="sigmoid",
+            moe_norm_topk_prob=True,
+            moe_router_bias=True,
+        ),
     }
+)
+
+#: Multi-token-prediction layers of the releases (``num_nextn_predict_layers``); counted by
+#: ``model/memory.py:parameter_counts`` until the model config records them.
+MTP_LAYERS = MappingProxyType({"glm-4.5": 1, "glm-4.5-air": 1, "glm-4.6": 1})
+
+_GLM45 = dict(
+    num_layers=92,
+    hidden_size=5120,
+    num_attention_heads=96,
+    kv_channels=128,
+    num_query_groups=8,
+    ffn_hidden_size=12288,
+    moe_intermediate_size=1536,
+    num_experts=160,
+    first_k_dense_replace=3,
+    moe_routed_scaling_factor=2.5,
+    max_sequence_length=131072,
+    vocab_size=151552,
 )
 
 MODEL_SIZES = MappingProxyType(
@@ -142,6 +179,24 @@ MODEL_SIZES = MappingProxyType(
             vocab_size=151552,
             add_qkv_bias=False,
             **FAMILY_OPTIONS["glm-4-0414"],
+        ),
+        # GLM-4.5 family, Mixture-of-Experts (glm-family.md; published config.json files).
+        "glm-4.5": dict(**_GLM45, **FAMILY_OPTIONS["glm-4.5"]),
+        "glm-4.6": dict(**{**_GLM45, "max_sequence_length": 202752}, **FAMILY_OPTIONS["glm-4.5"]),
+        "glm-4.5-air": dict(
+            num_layers=46,
+            hidden_size=4096,
+            num_attention_heads=96,
+            kv_channels=128,
+            num_query_groups=8,
+            ffn_hidden_size=10944,
+            moe_intermediate_size=1408,
+            num_experts=128,
+            first_k_dense_replace=1,
+            moe_routed_scaling_factor=1.0,
+            max_sequence_length=131072,
+            vocab_size=151552,
+            **{**FAMILY_OPTIONS["glm-4.5"], "qk_norm": False},
         ),
     }
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from megatron_glm.config.finite import nonfinite_fields
+from megatron_glm.config.moe import moe_problems
 from megatron_glm.config.ranges import parse_iteration_ranges
 from megatron_glm.config.sections import LORA_TARGETS, GLMConfig, LoraConfig, ModelConfig, ObjectiveConfig
 from megatron_glm.errors import ConfigError
@@ -130,6 +131,7 @@ def _model_problems(cfg: GLMConfig, sizes_ok: bool) -> list[str]:
             out.append(f"data.seq_length ({d.seq_length}) exceeds model.max_sequence_length ({m.max_sequence_length})")
         out += _execution_problems(m, tp, d.seq_length)
         out += family_problems(m, tp)
+        out += moe_problems(m, tp, getattr(p, "expert_parallel_size", 1))
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(m, name) < 1.0:
             out.append(f"model.{name} must be in [0, 1), got {getattr(m, name)}")

@@ -73,6 +73,6 @@ class ForwardContext:
 
 def aux_loss_names(config: ModelConfig) -> tuple[str, ...]:
     """The auxiliary loss terms the layers of ``config``'s architecture may add (:meth:`ForwardContext.add_aux`),
-    in the order of the pipeline's accumulator slots. None today (an MoE layer would add its load-balancing term)."""
-    del config
-    return ()
+    in the order of the pipeline's accumulator slots: the MoE layers' sequence-level balance loss (``moe_aux``) when
+    ``moe_aux_loss_coeff`` > 0."""
+    return ("moe_aux",) if config.num_experts and config.moe_aux_loss_coeff > 0 else ()

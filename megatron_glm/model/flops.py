@@ -18,9 +18,15 @@ from megatron_glm.model.layout import VOCAB_TENSOR, ModelLayout
 
 
 def matmul_parameters(layout: ModelLayout) -> int:
-    """The weights each token multiplies in a forward: every 2-D ``weight`` tensor of the layout, plus the word
-    embedding when it is also the (tied) head."""
-    total = sum(math.prod(spec.shape) for spec in layout if spec.role == "weight" and len(spec.shape) == 2)
+    """The weights each token multiplies in a forward: every 2-D ``weight`` tensor of the layout, the ``moe_top_k``
+    of ``experts`` of each expert tensor (the active ones), plus the word embedding when it is also the (tied)
+    head."""
+    top_k = layout.config.moe_top_k
+    total = sum(
+        math.prod(spec.shape) if spec.expert_dim is None else math.prod(spec.shape) // spec.experts * top_k
+        for spec in layout
+        if spec.role == "weight" and len(spec.shape) == 2 + (spec.expert_dim is not None)
+    )
     if layout.tied_head:
         total += math.prod(layout[VOCAB_TENSOR].shape)
     return total

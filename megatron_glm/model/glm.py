@@ -270,7 +270,8 @@ class GLMModel(HeadMixin, nn.Module):
         batch = None if labels is None else LossBatch(labels, loss_mask, objective, loss_rows)
         seq_parallel = self.sequence_parallel and kv_cache is None
         rows = None
-        if self.config.last_layer_loss_rows and kv_cache is None and not seq_parallel:
+        moe_training = self.config.num_experts > 0 and self.training  # routers count and balance every token
+        if self.config.last_layer_loss_rows and kv_cache is None and not seq_parallel and not moe_training:
             rows = None if batch is None else batch.rows
             if rows is None:
                 needed = logit_positions if batch is None else batch.positions()

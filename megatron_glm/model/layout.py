@@ -112,7 +112,8 @@ class ModelLayout:
         for i in range(n):
             prefix = LAYER_PREFIX.format(i)
             specs += [
-                dataclasses.replace(s, name=prefix + s.name, layer=i, pipe_layer=i + 2) for s in layer_tensors(config)
+                dataclasses.replace(s, name=prefix + s.name, layer=i, pipe_layer=i + 2)
+                for s in layer_tensors(config, i)
             ]
         specs += [dataclasses.replace(s, pipe_layer=n + 2) for s in final_tensors(config)]
         specs += [dataclasses.replace(s, pipe_layer=n + 3) for s in head_tensors(config)]

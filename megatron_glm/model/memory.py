@@ -75,14 +75,19 @@ def estimate_memory(
     zero_stage: int,
     precision: str,
     lora: LoraConfig | None = None,
+    ep: int = 1,
 ) -> MemoryEstimate:
     """Parameter count and per-rank memory (see module doc). With ``lora`` (rank > 0) the base is frozen: its
-    weights are held but only the adapters have gradients and optimizer state."""
+    weights are held but only the adapters have gradients and optimizer state. ``ep``: expert-parallel size (each
+    rank holds ``E / ep`` experts; ZeRO partitions their gradients and optimizer state over the ``dp / ep``
+    expert-data-parallel ranks). The frozen router bias counts as held only."""
     layout = ModelLayout(config)
     rank = lora.rank if lora is not None else 0
     targets = {f"{t}.weight" for t in lora.target_names()} if rank else set()
     adapters = [0] * pp
     per_stage = [0] * pp
+    experts = [0] * pp  # expert parameters (sharded over expert-data-parallel ranks by ZeRO)
+    frozen = [0] * pp  # held without gradient (the router correction bias)
     largest_full = largest_local = 0
     for pipe in layout.pipe_layers:
         names = pipe.names
@@ -91,23 +96,28 @@ def estimate_memory(
         stage = stage_of(pipe, config, pp)
         for name in names:
             spec = layout[name]
-            full, shard = math.prod(spec.shape), math.prod(spec.shard_shape(tp))
+            full, shard = math.prod(spec.shape), math.prod(spec.shard_shape(tp, ep))
             if spec.layer is not None and name.split(".", 3)[3] in targets:
                 adapters[stage] += lora_numel(spec, rank, tp)
             per_stage[stage] += shard
+            experts[stage] += shard if spec.expert_dim is not None else 0
+            frozen[stage] += shard if name.endswith(".expert_bias") else 0
             largest_full, largest_local = max(largest_full, full), max(largest_local, shard)
     busiest = max(range(pp), key=lambda s: per_stage[s] + adapters[s])
     local = per_stage[busiest] + adapters[busiest]
-    trainable = adapters[busiest] if rank else local
+    trainable = adapters[busiest] if rank else local - frozen[busiest]
+    expert = 0 if rank else experts[busiest]
     width = BYTES[precision]
-    optimizer = trainable * (8 + (4 if width != 4 else 0))
-    grads = trainable * width
+    per_param = 8 + (4 if width != 4 else 0)
     weights = local * width
     dp = max(1, dp)
-    if zero_stage >= 1:
-        optimizer /= dp
-    if zero_stage >= 2:
-        grads /= dp
+    edp = max(1, dp // max(1, ep))
+    optimizer = float((trainable - expert) * per_param)
+    grads = float((trainable - expert) * width)
+    optimizer /= dp if zero_stage >= 1 else 1
+    grads /= dp if zero_stage >= 2 else 1
+    optimizer += expert * per_param / (edp if zero_stage >= 1 else 1)
+    grads += expert * width / (edp if zero_stage >= 2 else 1)
     drawing = 8 * largest_full  # the full fp32 tensor and the fp32 values drawn for it
     setup = local * 4 + drawing
     if zero_stage >= 3:
@@ -122,3 +132,29 @@ def estimate_memory(
         setup,
         adapters[busiest] if rank else 0,
     )
+
+
+def parameter_counts(config: ModelConfig, mtp_layers: int | None = None) -> tuple[int, int]:
+    """``(total, active)`` parameters: every tensor of the layout plus ``mtp_layers`` multi-token-prediction layers
+    (default: the config's ``num_nextn_predict_layers`` when it has the field, else 0), each counted as GLM-4.5's
+    (``enorm``, ``hnorm``, ``eh_proj [H, 2H]``, a decoder layer like the last one, the shared head's norm; the
+    embedding and head are shared); ``active`` counts ``moe_top_k`` of the ``num_experts`` of each expert tensor (the
+    parameters one token uses)."""
+    from megatron_glm.model.builders import layer_tensors
+    from megatron_glm.model.tensor_spec import norm_tensors
+
+    layout = ModelLayout(config)
+    if mtp_layers is None:
+        mtp_layers = getattr(config, "num_nextn_predict_layers", 0)
+    if any(name.startswith("transformer.mtp.") for name in layout.names()):
+        mtp_layers = 0  # the layout holds them already
+    h = config.hidden_size
+    mtp = [*layer_tensors(config, config.num_layers), *norm_tensors(config), *norm_tensors(config)]
+    mtp += [*norm_tensors(config), TensorSpec("eh_proj.weight", (h, 2 * h), "weight")]
+    specs = [*layout, *mtp * mtp_layers]
+
+    def active(spec: TensorSpec) -> int:
+        n = math.prod(spec.shape)
+        return n if spec.expert_dim is None else n // spec.experts * config.moe_top_k
+
+    return sum(math.prod(s.shape) for s in specs), sum(active(s) for s in specs)

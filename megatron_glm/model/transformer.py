@@ -69,7 +69,7 @@ class GLMLayer(nn.Module):
                 device=device,
                 branch_dropout=0.0 if sandwich else config.hidden_dropout,  # sandwich: after the post-norm
             )
-            setattr(self, slot.name, slot.builder.build(ctx))
+            setattr(self, slot.name, slot.builder_at(config, layer_number - 1).build(ctx))
         self.post_dropout = nn.Dropout(config.hidden_dropout) if sandwich else None
 
     def _post_norm(

@@ -21,6 +21,7 @@ from megatron_glm.errors import CheckpointError, GLMError
 from megatron_glm.model.glm import loss_rows
 from megatron_glm.model.loss import group_sums_dict, group_sums_tensor
 from megatron_glm.model.masks import CAUSAL, batch_attention_mask, is_causal_sep
+from megatron_glm.model.router import load_metrics, update_expert_bias
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
 from megatron_glm.training.drift import identity_drift
 from megatron_glm.training.evaluation import accumulate_losses, summarize_losses
@@ -109,6 +110,8 @@ class Trainer:
         self._last_saved = -1
         self.identity: dict[str, Any] = {}
         """What a resume must share with this run (:func:`~megatron_glm.training.drift.run_identity`)."""
+        self.expert_load: dict[str, float] = {}
+        """The MoE routers' per-expert load of the last step (:func:`~megatron_glm.model.router.load_metrics`)."""
         self.lora: dict[str, Any] = {}
         """A LoRA run's record (:func:`~megatron_glm.checkpoint.lora.lora_record`): saved, checked on resume."""
 
@@ -271,6 +274,7 @@ class Trainer:
         stats = StepStats(lr=float(self.engine.optimizer.param_groups[0]["lr"]))
         self._set_head_grad_scale()
         loss = self.engine.train_batch(data_iter=batches)
+        self._balance_experts()
         stats.micro_batches = self.accum
         if self._all_finite(loss.detach().float()):
             stats.loss_sum = loss.detach().double() * self.accum  # the engine's mean over micro-batches and DP ranks
@@ -300,7 +304,14 @@ class Trainer:
             stats.micro_batches += 1
             stats.lr = float(self.engine.optimizer.param_groups[0]["lr"])  # the rate this step applies
             self.engine.step()
+        self._balance_experts()
         return stats
+
+    def _balance_experts(self) -> None:
+        """After the step: the MoE routers' aux-loss-free bias update (loads summed over data-parallel ranks,
+        so every rank applies the same one); their per-expert loads are logged with the next step's metrics."""
+        if self.cfg.model.num_experts:
+            self.expert_load = load_metrics(update_expert_bias(self.model, self.ps.dp_group))
 
     def train(self) -> TrainState:
         cfg, st = self.cfg, self.state
@@ -399,6 +410,7 @@ class Trainer:
                 "consumed_samples": self.state.consumed_samples,
             }
         )
+        values.update(self.expert_load)
         if self.state.nonfinite_total:
             values["nonfinite_total"] = self.state.nonfinite_total
         self.logger.log(self.state.step, values)

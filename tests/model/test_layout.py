@@ -55,8 +55,8 @@ def test_layout_describes_the_built_model(overrides: dict) -> None:
 def _with_extra_bias(original):
     """``layer_tensors`` plus a per-layer bias of 4H split over tensor-parallel ranks (the fake option)."""
 
-    def layer_tensors(config):
-        return [*original(config), TensorSpec(EXTRA, (4 * config.hidden_size,), "bias", 0)]
+    def layer_tensors(config, layer=0):
+        return [*original(config, layer), TensorSpec(EXTRA, (4 * config.hidden_size,), "bias", 0)]
 
     return layer_tensors
 

@@ -1,0 +1,91 @@
+"""GLM-4.5's MoE MLP step (forward + backward) against a dense SwiGLU MLP with the same active FLOPs, and the
+batched (grouped-matmul) expert computation against a loop over the experts, in one run.
+
+Two shapes: 8 experts top-2 and 64 experts top-8, ``F_moe`` chosen so that ``top_k x F_moe`` equals the dense
+MLP's ffn (same active FLOPs; no shared expert; the router's ``E x H`` and the grouping are the MoE's overhead).
+Rounds are interleaved (dense, batched, loop) and the median is reported; the goal on CPU is MoE within 1.6x of
+the dense MLP.
+
+    python benchmarks/moe_step.py                      # H 512, 4096 tokens, fp32
+    python benchmarks/moe_step.py --dtype bf16 --tokens 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_glm.config import ModelConfig
+from megatron_glm.dtypes import DTYPES
+from megatron_glm.model.builders import BuildContext
+from megatron_glm.model.context import ForwardContext
+from megatron_glm.model.mlp import MLPBuilder
+from megatron_glm.model.moe import MoEBuilder, looped_linear
+from megatron_glm.parallel import ParallelState
+from megatron_glm.parallel.random import normal_init, stable_seed
+
+
+def build(cfg: ModelConfig, builder, dtype: torch.dtype) -> torch.nn.Module:
+    ctx = BuildContext(cfg, 1, lambda n: normal_init(0.02, stable_seed(1, n)), ParallelState(), dtype, "cpu", 0.0)
+    return builder.build(ctx).train()
+
+
+def step(module: torch.nn.Module, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    y = module(x, ForwardContext(mask=None))
+    y.float().square().mean().backward()
+    return time.perf_counter() - start
+
+
+def run(hidden: int, tokens: int, experts: int, top_k: int, dense_ffn: int, dtype: torch.dtype, rounds: int) -> dict:
+    base = ModelConfig(hidden_size=hidden, activation="swiglu", add_bias_linear=False, hidden_dropout=0.0)
+    dense = build(dataclasses.replace(base, ffn_hidden_size=dense_ffn), MLPBuilder(), dtype)
+    moe_cfg = dataclasses.replace(
+        base, num_experts=experts, moe_top_k=top_k, moe_intermediate_size=dense_ffn // top_k, moe_router_bias=True
+    )
+    batched = build(moe_cfg, MoEBuilder(), dtype)
+    looped = build(moe_cfg, MoEBuilder(), dtype)
+    looped.load_state_dict(batched.state_dict())
+    looped.experts.linear = looped_linear
+    x = torch.randn(1, tokens, hidden, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
+    times: dict[str, list[float]] = {"dense": [], "moe batched": [], "moe loop": []}
+    for r in range(rounds + 1):
+        for name, module in (("dense", dense), ("moe batched", batched), ("moe loop", looped)):
+            t = step(module, x)
+            if r:  # the first round warms up
+                times[name].append(t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--dense-ffn", type=int, default=1024)
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--rounds", type=int, default=5)
+    a = p.parse_args()
+    dtype = DTYPES[a.dtype]
+    print(
+        f"H {a.hidden}, {a.tokens} tokens, dense SwiGLU ffn {a.dense_ffn}, {a.dtype}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; forward + backward, median of {a.rounds}"
+    )
+    for experts, top_k in ((8, 2), (64, 8)):
+        t = run(a.hidden, a.tokens, experts, top_k, a.dense_ffn, dtype, a.rounds)
+        print(
+            f"{experts} experts top-{top_k} (F_moe {a.dense_ffn // top_k}): dense {t['dense'] * 1e3:.1f} ms, "
+            f"MoE batched {t['moe batched'] * 1e3:.1f} ms ({t['moe batched'] / t['dense']:.2f}x dense), "
+            f"MoE per-expert loop {t['moe loop'] * 1e3:.1f} ms ({t['moe loop'] / t['moe batched']:.2f}x batched)"
+        )
+
+
+if __name__ == "__main__":
+    main()

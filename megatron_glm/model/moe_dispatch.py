@@ -1,0 +1,78 @@
+"""Token dispatchers: how routed tokens reach their experts and come back (the seam expert parallelism plugs into).
+
+The contract (:class:`TokenDispatcher`), for ``n`` tokens of this rank each routed to ``k`` experts of ``E``
+(global expert ids), with ``E_local`` experts held here (``E / ep``, experts ``[ep_rank E_local, (ep_rank + 1)
+E_local)``):
+
+- ``dispatch(x [n, H], expert_ids [n, k] int64) -> (x_grouped [m, H], tokens_per_local_expert [E_local] int64,
+  handle)``: ``x_grouped`` holds one row per (token, chosen local expert) pair that this rank computes, grouped by
+  local expert in ascending order (expert 0's rows first), ``tokens_per_local_expert`` the rows of each (on the
+  device of ``x``; ``m`` = their sum; no host synchronisation needed by the caller), ``handle`` whatever
+  ``combine`` needs (opaque to the caller). Rows of one expert keep no particular order. Differentiable in ``x``.
+- ``combine(y_grouped [m, H], handle, weights [n, k]) -> [n, H]``: ``y_grouped`` is the experts' output row for row
+  of ``x_grouped``; the result is ``sum_j weights[t, j] * y(t, expert_ids[t, j])`` for each of this rank's tokens
+  ``t``, in ``y_grouped``'s dtype (the products taken in fp32), a dropped pair contributing 0. Differentiable in
+  ``y_grouped`` and ``weights``.
+
+``dispatch`` and ``combine`` are called once each per forward, in that order, with the same tokens;
+tensor parallelism is outside (the caller passes every TP rank the same tokens and sums the partial outputs).
+:class:`LocalDispatcher` is the single-process one (EP = 1: every expert is local, nothing is communicated),
+with the optional capacity (``moe_capacity_factor``); an all-to-all dispatcher implements the same two methods.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+class TokenDispatcher(Protocol):
+    """See the module docstring."""
+
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
+
+    def combine(self, y_grouped: torch.Tensor, handle: Any, weights: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class LocalHandle:
+    """Where each grouped row came from: ``order`` (indices into the flat ``[n k]`` pairs), ``n``, ``k``."""
+
+    order: torch.Tensor
+    n: int
+    k: int
+
+
+def combine_pairs(y_pairs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_j weights[t, j] y_pairs[t, j]`` for ``y_pairs [n, k, H]`` (products in fp32, result in its dtype)."""
+    return torch.einsum("nkh,nk->nh", y_pairs.float(), weights.float()).to(y_pairs.dtype)
+
+
+class LocalDispatcher:
+    """Every expert on this rank: a stable sort of the ``[n k]`` (token, expert) pairs by expert id. With
+    ``capacity_factor`` > 0, an expert keeps at most ``ceil(factor x n k / E)`` rows (the first in token order);
+    the rest are dropped (their routed output is 0)."""
+
+    def __init__(self, num_experts: int, capacity_factor: float = 0.0) -> None:
+        self.num_experts, self.capacity_factor = num_experts, capacity_factor
+
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, LocalHandle]:
+        n, k = expert_ids.shape
+        flat = expert_ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        if self.capacity_factor > 0:
+            cap = math.ceil(self.capacity_factor * n * k / self.num_experts)
+            starts = torch.cumsum(counts, 0) - counts
+            rank_in_expert = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+            order = order[rank_in_expert < cap]
+            counts = counts.clamp(max=cap)
+        return x.index_select(0, order // k), counts, LocalHandle(order, n, k)
+
+    def combine(self, y_grouped: torch.Tensor, handle: LocalHandle, weights: torch.Tensor) -> torch.Tensor:
+        n, k = handle.n, handle.k
+        pairs = y_grouped.new_zeros(n * k, y_grouped.shape[-1]).index_copy(0, handle.order, y_grouped)
+        return combine_pairs(pairs.view(n, k, -1), weights)
