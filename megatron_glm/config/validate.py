@@ -207,6 +207,10 @@ def _parallel_problems(cfg: GLMConfig, world_size: int) -> list[str]:
             f"parallel.expert_parallel_size ({ep}) must divide the data-parallel size ({dp}"
             + (f" = world size {world_size} / (tp {tp} x pp {pp}))" if world_size else ")")
         )
+    if ep > 1 and not cfg.model.num_experts:
+        out.append(f"parallel.expert_parallel_size ({ep}) needs an MoE model (model.num_experts > 0)")
+    if ep > 1 and cfg.model.moe_capacity_factor:
+        out.append("model.moe_capacity_factor: dropping tokens is not supported with expert parallelism (set 0)")
     return out
 
 
