@@ -89,6 +89,10 @@ def test_named_sizes_match_reference() -> None:
         "glm-4-9b": (40, 4096, 32, 131072),
         "glm-4-9b-0414": (40, 4096, 32, 32768),
         "glm-4-32b-0414": (61, 6144, 48, 32768),
+        # GLM-4.5 family, MoE (docs/family.md; parameter counts in tests/model/test_moe.py).
+        "glm-4.5": (92, 5120, 96, 131072),
+        "glm-4.6": (92, 5120, 96, 202752),
+        "glm-4.5-air": (46, 4096, 96, 131072),
     }
     for name, (layers, hidden, heads, positions) in published.items():
         m = build_config({"model.size": name}).model

@@ -24,9 +24,12 @@ from megatron_glm.fileio import file_sha256
 
 def frozen_excluded(engine: Any) -> dict[str, bool]:
     """``{"exclude_frozen_parameters": True}`` when the engine's model has frozen parameters (a LoRA run: its
-    checkpoints hold the adapters only), else nothing."""
+    checkpoints hold the adapters only), else nothing. The MoE routers' correction biases (``router.expert_bias``:
+    never trained by gradient, moved after each step) are part of the model's state, not a frozen base."""
     module = getattr(engine, "module", None)
-    frozen = module is not None and any(not p.requires_grad for p in module.parameters())
+    frozen = module is not None and any(
+        not p.requires_grad and not n.endswith("router.expert_bias") for n, p in module.named_parameters()
+    )
     return {"exclude_frozen_parameters": True} if frozen else {}
 
 

@@ -101,6 +101,11 @@ class ZeroReader:
     def names(self) -> list[str]:
         return list(self._index)
 
+    def __contains__(self, name: object) -> bool:
+        """Whether the optimizer holds ``name`` (a parameter without gradient, as an MoE router's correction bias,
+        is in the model files only)."""
+        return name in self._index
+
     @property
     def has_moments(self) -> bool:
         return self.stage in (1, 2)

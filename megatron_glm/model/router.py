@@ -70,7 +70,8 @@ class Router(nn.Module):
 
     def count(self, expert_ids: torch.Tensor) -> None:
         """Add the tokens of ``expert_ids`` (every token this layer routed, on every tensor-parallel rank alike) to
-        :attr:`load` (training forwards only)."""
+        :attr:`load` (training forwards only; full recomputation counts a layer's tokens twice, which changes
+        neither the signs of the update nor the logged fractions)."""
         if self.training:
             self.load += torch.bincount(expert_ids.reshape(-1), minlength=self.load.numel())
 
@@ -78,6 +79,14 @@ class Router(nn.Module):
 def routers(module: nn.Module) -> list[Router]:
     """The routers of ``module`` (a model or a pipeline stage), in module order."""
     return [m for m in module.modules() if isinstance(m, Router)]
+
+
+@torch.no_grad()
+def keep_expert_bias_fp32(module: nn.Module) -> None:
+    """Every router's correction bias back in fp32 (after an engine cast the whole module to bf16/fp16)."""
+    for r in routers(module):
+        if r.expert_bias is not None and r.expert_bias.dtype != torch.float32:
+            r.expert_bias.data = r.expert_bias.data.float()
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from megatron_glm.model import GLMModel, LossFunction, ModelLayout
 from megatron_glm.model.compile import compile_layers
 from megatron_glm.model.layout import original_name
 from megatron_glm.model.lora import attach_lora, trainable_parameters
+from megatron_glm.model.router import keep_expert_bias_fp32
 from megatron_glm.parallel import ParallelState
 from megatron_glm.parallel.lora import is_lora_name
 from megatron_glm.training.deepspeed_config import batch_sizes, build_deepspeed_config
@@ -204,5 +205,6 @@ def build_engine(cfg: GLMConfig, parallel_state: ParallelState, model: torch.nn.
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
     )
     engine.checkpoint_engine = safe_checkpoint_engine(engine._config)
+    keep_expert_bias_fp32(engine.module)  # DeepSpeed cast the module to bf16/fp16; the bias is not trained
     _, accum, global_batch = batch_sizes(cfg, ps.dp_size)
     return engine, accum, global_batch

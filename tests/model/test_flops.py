@@ -40,7 +40,7 @@ def _glm4_tiny(**overrides: object) -> ModelConfig:
     )
 
 
-@pytest.mark.parametrize("name", sorted(MODEL_SIZES))
+@pytest.mark.parametrize("name", sorted(n for n in MODEL_SIZES if not MODEL_SIZES[n].get("num_experts")))
 def test_spec_count_equals_the_old_formula_for_every_named_size(name: str) -> None:
     cfg = build_config({"model.size": name, "model.vocab_size": 50304}).model
     for seq in (512, 2048):

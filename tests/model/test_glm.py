@@ -350,6 +350,7 @@ def test_named_sizes_match_the_reference() -> None:
     }
     family = {"glm-130b", "chatglm-6b", "chatglm2-6b"}  # checked in tests/model/test_family.py
     family |= {"chatglm3-6b", "glm-4-9b", "glm-4-9b-0414", "glm-4-32b-0414"}  # tests/checkpoint/test_hf_native.py
+    family |= {"glm-4.5", "glm-4.5-air", "glm-4.6"}  # tests/model/test_moe.py
     assert set(MODEL_SIZES) == {"glm-tiny", *published, *family}
     for name, want in published.items():
         m = build_config({"model.size": name}).model

@@ -259,8 +259,80 @@ def test_named_moe_sizes_have_their_published_parameter_counts() -> None:
         published = {"glm-4.5": (355e9, 32e9), "glm-4.6": (355e9, 32e9), "glm-4.5-air": (106e9, 12e9)}[size]
         assert abs(total - published[0]) / published[0] < 0.01
         assert abs(active - embeddings - published[1]) / published[1] < 0.02
+    air = build_config({"model.size": "glm-4.5-air"}).model
+    built = sum(p.numel() for p in GLMModel(air, device="meta").parameters())
+    assert built == parameter_counts(air, 0)[0] == 106_852_251_264
     m = build_config({"model.size": "glm-4.5"}).model
     one = estimate_memory(m, tp=8, pp=4, dp=8, zero_stage=1, precision="bf16")
     ep8 = estimate_memory(m, tp=8, pp=4, dp=8, zero_stage=1, precision="bf16", ep=8)
     assert one.stage_parameters > 5 * ep8.stage_parameters
     assert ep8.weights == ep8.stage_parameters * 2
+
+
+def test_flops_count_the_active_experts() -> None:
+    """Per token: the dense layer's matrices, and on an MoE layer the router, k of the E experts and the shared
+    expert (by hand), and the attention term."""
+    from megatron_glm.model import ModelLayout
+    from megatron_glm.model.flops import flops_per_token, matmul_parameters
+
+    cfg = moe_config()  # H 64, 3 layers (1 dense), 8 experts top-3 of F 32, 1 shared, untied 128-row head
+    h, f = 64, 32
+    attention = (64 + 2 * 64) * 64 + 64 * 64
+    dense = attention + 3 * cfg.ffn_size * h
+    moe = attention + 8 * h + 3 * (3 * f * h) + 3 * f * h
+    assert matmul_parameters(ModelLayout(cfg)) == dense + 2 * moe + 128 * h
+    assert flops_per_token(cfg, 16, training=False) == 2 * (dense + 2 * moe + 128 * h) + 3 * 4 * 16 * 64
+
+
+def test_pipeline_parts_carry_the_balance_loss_to_the_head() -> None:
+    """The pipeline's parts, chained through the activation protocol, give the whole model's loss with the MoE
+    layers' ``moe_aux`` term accumulated across the stages (its gradient reaches the routers of every stage)."""
+    from megatron_glm.model import GLMPart, ModelLayout, new_rng_tracker
+    from megatron_glm.model.context import aux_loss_names
+    from megatron_glm.model.objective import LanguageModelLoss, LossBatch
+
+    cfg = moe_config(moe_aux_loss_coeff=0.01)
+    batch = make_batch(4)
+    whole = GLMModel(cfg, seed=5).train()
+    ref = whole(
+        batch["input_ids"],
+        batch["position_ids"],
+        batch_attention_mask(batch),
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+    )
+    ref.loss.backward()
+    tracker, names = new_rng_tracker(5, ParallelState(), None), aux_loss_names(cfg)  # as training/pipeline.py
+    assert names == ("moe_aux",)
+    parts = [
+        GLMPart(p, cfg, ParallelState(), seed=5, tracker=tracker, aux_names=names).train()
+        for p in ModelLayout(cfg).pipe_layers
+    ]
+    act = (batch["input_ids"], batch["position_ids"], batch_attention_mask(batch))
+    for part in parts:
+        act = part(act)
+    got = LanguageModelLoss()(act, LossBatch(batch["labels"], batch["loss_mask"]))
+    got.loss.backward()
+    assert abs(got.aux["moe_aux"].item() - ref.aux["moe_aux"].item()) < 1e-6 and ref.aux["moe_aux"] > 0
+    assert abs(got.loss.item() - ref.loss.item()) < 1e-5
+    router = "transformer.layers.2.mlp.router.weight"
+    held = [dict(p.named_parameters()) for p in parts]
+    grad = next(h[router].grad for h in held if router in h)
+    assert torch.allclose(grad, dict(whole.named_parameters())[router].grad, atol=1e-6)
+
+
+def _dp_bias_update(rank: int, world: int) -> list[list[float]]:
+    ps = initialize_parallel_state(tp_size=1)
+    model = GLMModel(moe_config(moe_bias_update_rate=0.5), ps, seed=1).train()
+    router = model.transformer.layers["1"].mlp.router
+    # each rank alone would move the biases differently; summed, the loads are 11 11 9 9 4 4 4 4 (mean 7)
+    router.load.copy_(torch.tensor([[9, 9, 9, 9, 0, 0, 0, 0], [2, 2, 0, 0, 4, 4, 4, 4]][rank]))
+    fractions = update_expert_bias(model, ps.dp_group)
+    return [router.expert_bias.tolist(), fractions[0].tolist()]
+
+
+def test_the_bias_update_sums_loads_over_data_parallel_ranks() -> None:
+    results = run_distributed(_dp_bias_update, 2)
+    assert results[0] == results[1]
+    assert results[0][0] == [-0.5, -0.5, -0.5, -0.5, 0.5, 0.5, 0.5, 0.5]
+    assert results[0][1] == pytest.approx([n / 56 for n in (11, 11, 9, 9, 4, 4, 4, 4)])

@@ -253,19 +253,22 @@ class NativeSource:
         spec = self.info.layout[name]
         if self.experts is not None and spec.expert_dim is not None:
             return self.experts.tensor(spec)
-        if self.info.zero_stage == 3:
+        if self.info.zero_stage == 3 and self._optimized(name):
             return self.tensor(name).to(
                 DTYPES.get(self.precision, torch.float32) if spec.dtype == "params" else torch.float32
             )
         return merge_shards(spec, [self._model(t)["module"][name] for t in range(self.info.tp)])
 
+    def _optimized(self, name: str) -> bool:  # not a parameter without gradient (``router.expert_bias``)
+        return bool(self.zero) and name in self.zero[0]
+
     def tensor(self, name: str) -> torch.Tensor:
-        if self.zero:
+        if self._optimized(name):
             return merge_shards(self.info.layout[name], [z.fp32(name) for z in self.zero])
         return self.module_tensor(name)
 
     def optimizer_state(self, name: str) -> dict[str, torch.Tensor] | None:
-        if not self.zero or not self.zero[0].has_moments:
+        if not self._optimized(name) or not self.zero[0].has_moments:
             return None
         per_rank = [{"fp32": z.fp32(name), **z.moments(name)} for z in self.zero]
         return {k: merge_shards(self.info.layout[name], [r[k] for r in per_rank]) for k in per_rank[0]}
