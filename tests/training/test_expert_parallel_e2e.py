@@ -12,48 +12,10 @@ import torch
 from megatron_glm.checkpoint.convert import ConvertOptions, convert_checkpoint
 from megatron_glm.checkpoint.formats.registry import open_source
 from tests.training.conftest import launch, metrics, train_args
+from tests.training.test_moe_e2e import GLM45_TINY
 
 pytestmark = pytest.mark.slow
 
-GLM45_TINY = [
-    "--num-layers",
-    "3",
-    "--qk-norm",
-    "--position-embedding-type",
-    "rope",
-    "--rotary-percent",
-    "0.5",
-    "--normalization",
-    "RMSNorm",
-    "--swiglu",
-    "--num-query-groups",
-    "2",
-    "--disable-bias-linear",
-    "--add-qkv-bias",
-    "--untie-embeddings-and-output-weights",
-    "--num-experts",
-    "4",
-    "--moe-top-k",
-    "2",
-    "--moe-intermediate-size",
-    "32",
-    "--num-shared-experts",
-    "1",
-    "--first-k-dense-replace",
-    "1",
-    "--moe-routed-scaling-factor",
-    "2.5",
-    "--moe-bias-update-rate",
-    "0.01",
-    "--moe-aux-loss-coeff",
-    "0.001",
-    "--micro-batch-size",
-    "2",
-    "--global-batch-size",
-    "4",
-    "--train-iters",
-    "8",
-]
 EXPERTS = "transformer.layers.2.mlp.experts.dense_h_to_4h.weight"
 
 
@@ -63,7 +25,7 @@ def _losses(save: Path) -> list[float]:
 
 
 def _run(corpus: dict, save: Path, *extra: str):
-    return launch(train_args(corpus, *GLM45_TINY, "--save", str(save), *extra), nproc=2)
+    return launch(train_args(corpus, *GLM45_TINY, "--train-iters", "8", "--save", str(save), *extra), nproc=2)
 
 
 def test_tiny_glm45_at_ep2_trains_resumes_and_reshards(tiny_corpus: dict, tmp_path: Path) -> None:
