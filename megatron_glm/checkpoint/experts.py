@@ -24,8 +24,10 @@ from megatron_glm.model.tensor_spec import TensorSpec
 EXPERT_DIR = "experts"
 
 
-def expert_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+def expert_parameters(module: torch.nn.Module | None) -> dict[str, torch.nn.Parameter]:
     """The parameters marked as expert-parallel shards (``allreduce`` False, with ``expert_shard``)."""
+    if module is None:
+        return {}
     return {
         n: p
         for n, p in module.named_parameters()
@@ -46,7 +48,7 @@ def expert_slice(spec: TensorSpec, value: torch.Tensor, ep_rank: int, ep: int) -
     return value.chunk(ep, dim=spec.expert_dim)[ep_rank]
 
 
-def save_expert_shards(module: torch.nn.Module, step_dir: Path) -> dict[str, Digest]:
+def save_expert_shards(module: torch.nn.Module | None, step_dir: Path) -> dict[str, Digest]:
     """Write this rank's expert shard when it is the shard's first expert-data-parallel rank; return the
     written file's digest by relative name (``{}`` when nothing was written)."""
     params = expert_parameters(module)
@@ -64,7 +66,7 @@ def save_expert_shards(module: torch.nn.Module, step_dir: Path) -> dict[str, Dig
     return {rel: digest}
 
 
-def load_expert_shards(module: torch.nn.Module, step_dir: Path) -> int:
+def load_expert_shards(module: torch.nn.Module | None, step_dir: Path) -> int:
     """Put this rank's expert shard from ``step_dir`` into ``module``; the number of tensors restored."""
     params = expert_parameters(module)
     if not params:

@@ -304,7 +304,9 @@ class CheckpointManager:
             part = rng_dir / f".rank{_rank():05d}.pt.part"
             digests[f"rng/rank{_rank():05d}.pt"] = save_hashed(rng_state, part)
             os.replace(part, rng_dir / f"rank{_rank():05d}.pt")
-            digests.update(save_expert_shards(engine.module, tmp))  # expert parallelism: each rank's experts
+            digests.update(
+                save_expert_shards(getattr(engine, "module", None), tmp)
+            )  # expert parallelism: each rank's experts
             for path, digest in (written or {}).items():  # hashed by this rank as it wrote them
                 if Path(path).is_relative_to(tmp):
                     digests[str(Path(path).relative_to(tmp))] = digest
@@ -431,7 +433,7 @@ class CheckpointManager:
                 )
                 if loaded is None:
                     raise CheckpointError(f"{path}: DeepSpeed could not load it")
-                load_expert_shards(engine.module, path)
+                load_expert_shards(getattr(engine, "module", None), path)
                 rng_file = path / "rng" / f"rank{_rank():05d}.pt"
                 if rng_file.is_file():
                     rng_state = safe_torch_load(rng_file)
