@@ -13,7 +13,7 @@ The engine turns that machinery on only when the model holds a module of DeepSpe
 (:class:`~megatron_glm.parallel.ParallelState`, registered under DeepSpeed's name ``ep_size_<ep>``), so DeepSpeed
 creates none. The marker declares no local experts: DeepSpeed's per-expert checkpoint files assume its own
 ``MoE`` module layout, so our checkpoint manager stores the expert shards instead. ZeRO-3 with expert
-parallelism is refused (DeepSpeed 0.19 refuses native MoE under stage 3).
+parallelism is refused (DeepSpeed 0.19 refuses native MoE under stage 3), and so is ZeRO-0 (:func:`check_zero_stage`).
 """
 
 from __future__ import annotations
@@ -35,10 +35,13 @@ def expert_group_name(ep_size: int) -> str:
     return f"ep_size_{ep_size}"
 
 
-def refuse_zero3(parallel_state: ParallelState, stage: int, source: str) -> None:
-    if parallel_state.ep_size > 1 and stage == 3:
+def check_zero_stage(parallel_state: ParallelState, stage: int, source: str) -> None:
+    """Expert parallelism runs under ZeRO-1/2 only: DeepSpeed 0.19 refuses MoE under ZeRO-3, and its ZeRO-0
+    gradient clipping averages each rank's norm over the data-parallel ranks instead of taking the global norm
+    (ranks hold different experts), so clipped steps would differ from EP = 1."""
+    if parallel_state.ep_size > 1 and stage in (0, 3):
         raise ConfigError(
-            f"{source}: ZeRO stage 3 cannot be used with expert parallelism (expert_parallel_size "
+            f"{source}: ZeRO stage {stage} cannot be used with expert parallelism (expert_parallel_size "
             f"{parallel_state.ep_size}); use ZeRO stage 1 or 2"
         )
 

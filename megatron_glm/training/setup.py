@@ -26,7 +26,7 @@ from megatron_glm.parallel import ParallelState
 from megatron_glm.parallel.lora import is_lora_name
 from megatron_glm.training.deepspeed_config import batch_sizes, build_deepspeed_config
 from megatron_glm.training.distributed import DeepSpeedMPU
-from megatron_glm.training.expert_parallel import prepare_expert_parallel, refuse_zero3
+from megatron_glm.training.expert_parallel import check_zero_stage, prepare_expert_parallel
 from megatron_glm.training.lr_schedule import LRSchedule, LRScheduler
 from megatron_glm.training.pipeline import TrainingModel, build_pipeline_model
 
@@ -119,9 +119,9 @@ def _build_initialised(
 
 
 def zero3(cfg: GLMConfig, parallel_state: ParallelState) -> bool:
-    """Whether the run partitions its parameters (ZeRO-3, offload included); refused with expert parallelism."""
+    """Whether the run partitions its parameters (ZeRO-3, offload included); stages 0 and 3 refused with EP."""
     stage = build_deepspeed_config(cfg, parallel_state.dp_size)["zero_optimization"]["stage"]
-    refuse_zero3(parallel_state, stage, cfg.training.deepspeed_config or "--zero-stage")
+    check_zero_stage(parallel_state, stage, cfg.training.deepspeed_config or "--zero-stage")
     return stage == 3
 
 
@@ -195,7 +195,7 @@ def build_engine(cfg: GLMConfig, parallel_state: ParallelState, model: torch.nn.
 
     o = cfg.optimizer
     fused = {"fused": True} if next(model.parameters()).device.type in ("cuda", "cpu") else {}
-    zero3(cfg, ps)  # refuses ZeRO-3 with expert parallelism
+    zero3(cfg, ps)  # refuses ZeRO-0 and ZeRO-3 with expert parallelism
     groups = expert_groups(cfg, ps, model, param_groups(model, ModelLayout(cfg.model), o.weight_decay))
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, **fused)
     scheduler = LRScheduler(optimizer, LRSchedule.from_config(o, cfg.training.train_iters))

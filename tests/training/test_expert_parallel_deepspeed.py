@@ -12,7 +12,7 @@ from megatron_glm.errors import CheckpointError, ConfigError
 from megatron_glm.parallel import ParallelState, initialize_parallel_state
 from megatron_glm.parallel.expert_dispatch import ExpertDispatcher
 from megatron_glm.testing import run_distributed
-from megatron_glm.training.expert_parallel import MARKER, prepare_expert_parallel, refuse_zero3
+from megatron_glm.training.expert_parallel import MARKER, check_zero_stage, prepare_expert_parallel
 
 E, K, H, FF, B = 4, 2, 6, 5, 8  # experts, top-k, hidden, expert intermediate, tokens per micro-batch
 
@@ -82,7 +82,8 @@ def _steps(engine: object, dp_rank: int, steps: int) -> list[float]:
 def _train(ep: int, stage: int, steps: int = 3) -> dict:
     model, engine = _engine(ep, stage)
     norms = _steps(engine, dist.get_rank(), steps)
-    moe_groups = [grp.get("moe", False) for grp in engine.optimizer.optimizer.param_groups]
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+    moe_groups = [grp.get("moe", False) for grp in optimizer.param_groups]
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     return {
         "params": state,
@@ -121,11 +122,13 @@ def test_ep2_dp4_takes_the_steps_of_ep1(stage: int) -> None:
     torch.testing.assert_close(results[0][2]["params"]["experts_w1"], results[2][2]["params"]["experts_w1"])
 
 
-def test_zero3_with_expert_parallelism_is_refused() -> None:
-    with pytest.raises(ConfigError, match="ZeRO stage 3 cannot be used with expert parallelism"):
-        refuse_zero3(ParallelState(dp_size=2, ep_size=2), 3, "ds.json")
-    refuse_zero3(ParallelState(dp_size=2, ep_size=2), 2, "ds.json")
-    refuse_zero3(ParallelState(dp_size=2), 3, "ds.json")
+def test_zero0_and_zero3_with_expert_parallelism_are_refused() -> None:
+    with pytest.raises(ConfigError, match="ds.json: ZeRO stage 3 cannot be used with expert parallelism"):
+        check_zero_stage(ParallelState(dp_size=2, ep_size=2), 3, "ds.json")
+    with pytest.raises(ConfigError, match="ZeRO stage 0 cannot be used with expert parallelism .* use ZeRO stage 1"):
+        check_zero_stage(ParallelState(dp_size=2, ep_size=2), 0, "--zero-stage")
+    check_zero_stage(ParallelState(dp_size=2, ep_size=2), 2, "ds.json")
+    check_zero_stage(ParallelState(dp_size=2), 3, "ds.json")
 
 
 def _save_and_resume(rank: int, world: int, save_dir: str) -> dict:
