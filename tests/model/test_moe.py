@@ -336,3 +336,19 @@ def test_the_bias_update_sums_loads_over_data_parallel_ranks() -> None:
     assert results[0] == results[1]
     assert results[0][0] == [-0.5, -0.5, -0.5, -0.5, 0.5, 0.5, 0.5, 0.5]
     assert results[0][1] == pytest.approx([n / 56 for n in (11, 11, 9, 9, 4, 4, 4, 4)])
+
+
+def test_local_dispatcher_groups_by_expert_and_capacity_drops_the_overflow() -> None:
+    from megatron_glm.model.moe_dispatch import LocalDispatcher
+
+    x = torch.arange(12.0).view(6, 2)
+    ids = torch.tensor([[0, 1], [0, 2], [0, 1], [0, 3], [0, 1], [3, 0]])  # expert 0 chosen by every token
+    w = torch.full((6, 2), 0.5)
+    grouped, counts, handle = LocalDispatcher(4).dispatch(x, ids)
+    assert counts.tolist() == [6, 3, 1, 2] and torch.equal(grouped[:6], x)  # expert 0's rows first, token order
+    assert torch.equal(LocalDispatcher(4).combine(grouped, handle, w), x)  # identity experts: weights sum to 1
+    grouped, counts, handle = LocalDispatcher(4, capacity_factor=1.0).dispatch(x, ids)  # capacity 3 per expert
+    assert counts.tolist() == [3, 3, 1, 2] and grouped.shape[0] == 9
+    out = LocalDispatcher(4, capacity_factor=1.0).combine(grouped, handle, w)
+    kept_zero = torch.tensor([1.0, 1, 1, 0, 0, 0]).view(6, 1)  # tokens 3-5 lost their expert-0 half
+    assert torch.equal(out, x * (0.5 + 0.5 * kept_zero))
