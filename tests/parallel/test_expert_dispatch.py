@@ -1,4 +1,5 @@
-"""All-to-all expert dispatch: EP ranks with their experts equal one process holding every expert (fp32)."""
+"""All-to-all expert dispatch: EP ranks with their experts equal the local dispatcher holding every expert on one
+process (fp32): outputs and gradients of the tokens, the routing weights and the experts."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_glm.model.moe_dispatch import LocalDispatcher
 from megatron_glm.parallel import ParallelState, initialize_parallel_state
 from megatron_glm.parallel.expert_dispatch import ExpertDispatcher
 from megatron_glm.testing import run_distributed
@@ -77,8 +79,11 @@ def _dense_reference(p: dict) -> torch.Tensor:
 @pytest.mark.parametrize("world", [2, 4])
 def test_all_to_all_dispatch_equals_every_expert_on_one_process(world: int) -> None:
     p = _problem(world)
-    full = _run(ExpertDispatcher(E, ParallelState()), p, slice(None), slice(None))
+    full = _run(LocalDispatcher(E), p, slice(None), slice(None))  # the MoE layer's dispatcher, every expert
     torch.testing.assert_close(full["out"], _dense_reference(p), rtol=0, atol=1e-6)
+    alone = _run(ExpertDispatcher(E, ParallelState()), p, slice(None), slice(None))  # EP = 1: no communication
+    for key in ("out", "x", "weights", "w1", "w2"):
+        torch.testing.assert_close(alone[key], full[key], rtol=0, atol=1e-6)
     assert full["w1"][0].abs().max() == 0  # expert 0 chose by no token: staged, so its rows are really empty
     results = run_distributed(_ep_rank, world)
     local = E // world
