@@ -182,6 +182,29 @@ def test_batch_consistency_with_accumulation() -> None:
     )
 
 
+def test_expert_parallel_size_divides_the_data_parallel_size() -> None:
+    moe = ["--num-experts", "4", "--moe-top-k", "2", "--swiglu"]
+    cfg = load_config(["--tensor-model-parallel-size", "2", "--expert-parallel-size", "2", *moe])
+    assert cfg.parallel.expert_parallel_size == 2
+    assert problems(cfg, world_size=8) == []  # dp 4
+    bad = problems(cfg, world_size=6)  # dp 3
+    assert bad == [
+        "parallel.expert_parallel_size (2) must divide the data-parallel size (3 = world size 6 / (tp 2 x pp 1))"
+    ]
+    assert problems(load_config(["--expert-parallel-size", "0"])) == [
+        "parallel.expert_parallel_size (0) must divide the data-parallel size (1)"
+    ]
+    dense = load_config(["--expert-parallel-size", "2"])
+    assert problems(dense, 2) == ["parallel.expert_parallel_size (2) needs an MoE model (model.num_experts > 0)"]
+    dropping = load_config(["--expert-parallel-size", "2", *moe, "--model.moe_capacity_factor", "1.5"])
+    assert problems(dropping, 2) == [
+        "model.moe_capacity_factor: dropping tokens is not supported with expert parallelism (set 0)"
+    ]
+    assert problems(load_config(["--expert-parallel-size", "4", *moe, "--num-experts", "6"]), 4) == [
+        "model.num_experts (6) must be divisible by parallel.expert_parallel_size (4)"
+    ]
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "pretrain_glm.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=120

@@ -42,6 +42,7 @@ class ConvertOptions:
     target_tp: int = opt(1, "Tensor-parallel size of the output.")
     target_pp: int = opt(1, "Pipeline-parallel size of the output (native format only).")
     target_dp: int = opt(0, "native: data-parallel size of the output (0: keep the world size when it divides).")
+    target_ep: int = opt(1, "native: expert-parallel size of the output (> 1: model weights only); divides target_dp.")
     vocab_size: int = opt(0, "Re-pad the vocabulary to this many rows (0: keep).")
     dtype: str = opt(
         "",
@@ -95,6 +96,7 @@ CONVERT_FLAGS: dict[str, tuple[str, object]] = {
             "target_tp",
             "target_pp",
             "target_dp",
+            "target_ep",
             "vocab_size",
             "dtype",
             "num_attention_heads",
@@ -165,6 +167,11 @@ def _check_target(src: ModelSource, opts: ConvertOptions) -> CheckpointFormat:
         raise CheckpointError(f"--target-pp {opts.target_pp} does not divide the {src.info.config.num_layers} layers")
     if not fmt.sharded and opts.target_tp != 1:
         raise CheckpointError(f"the {opts.format} format is unsharded: use --target-tp 1")
+    if opts.target_ep != 1 and (fmt.name != "native" or opts.target_pp != 1 or opts.target_ep < 1):
+        raise CheckpointError(f"--target-ep {opts.target_ep}: only native checkpoints without pipeline split experts")
+    if opts.target_ep > 1:
+        experts = getattr(src.info.config, "num_experts", 0)
+        check_divisible("number of experts", experts, opts.target_ep, "a dense model has none to split")
     cfg = src.info.config
     tp = opts.target_tp
     check_divisible("number of attention heads", cfg.num_attention_heads, tp, "choose a --target-tp that divides it")

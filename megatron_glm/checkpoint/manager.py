@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_glm.checkpoint.experts import load_expert_shards, save_expert_shards
 from megatron_glm.checkpoint.finite import nonfinite_parts
 from megatron_glm.checkpoint.lora import frozen_excluded
 from megatron_glm.checkpoint.manifest import Digest, gather_digests, save_hashed, verify_checkpoint, write_manifest
@@ -303,6 +304,9 @@ class CheckpointManager:
             part = rng_dir / f".rank{_rank():05d}.pt.part"
             digests[f"rng/rank{_rank():05d}.pt"] = save_hashed(rng_state, part)
             os.replace(part, rng_dir / f"rank{_rank():05d}.pt")
+            digests.update(
+                save_expert_shards(getattr(engine, "module", None), tmp)
+            )  # expert parallelism: each rank's experts
             for path, digest in (written or {}).items():  # hashed by this rank as it wrote them
                 if Path(path).is_relative_to(tmp):
                     digests[str(Path(path).relative_to(tmp))] = digest
@@ -410,11 +414,10 @@ class CheckpointManager:
                 universal_loadable(engine, path, expect or {})
             else:
                 for key, want in (expect or {}).items():
-                    if key in layout and layout[key] != want:
-                        raise CheckpointError(
-                            f"{path}: saved with {key}={layout[key]} but this run has {key}={want}; "
-                            + convert_hint(path, expect or {})
-                        )
+                    saved = layout.get(key, 1 if key == "ep" else want)  # no "ep": saved without experts split
+                    if saved != want:
+                        hint = "resume with that expert-parallel size" if key == "ep" else convert_hint(path, expect)
+                        raise CheckpointError(f"{path}: saved with {key}={saved} but this run has {key}={want}; {hint}")
             error = ""
             rng_state: dict[str, Any] = {}
             try:
@@ -430,6 +433,7 @@ class CheckpointManager:
                 )
                 if loaded is None:
                     raise CheckpointError(f"{path}: DeepSpeed could not load it")
+                load_expert_shards(getattr(engine, "module", None), path)
                 rng_file = path / "rng" / f"rank{_rank():05d}.pt"
                 if rng_file.is_file():
                     rng_state = safe_torch_load(rng_file)

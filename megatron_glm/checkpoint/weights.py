@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from megatron_glm.checkpoint.experts import expert_slice
 from megatron_glm.checkpoint.reshard import split_full
 from megatron_glm.checkpoint.stream import ModelSource
 from megatron_glm.config import ModelConfig
@@ -28,9 +29,16 @@ from megatron_glm.parallel.lora import is_lora_name
 __all__ = ["load_glm_model", "load_model_weights", "materialize", "writable"]
 
 
-def load_model_weights(model: nn.Module, source: str | Path | ModelSource, tp_size: int, tp_rank: int) -> str:
+def load_model_weights(
+    model: nn.Module,
+    source: str | Path | ModelSource,
+    tp_size: int,
+    tp_rank: int,
+    ep: tuple[int, int] = (1, 0),
+) -> str:
     """Load this rank's shard of every parameter of ``model`` from a checkpoint path (any format and layout)
-    or an already opened source (``megatron_glm.checkpoint.formats.registry.open_source``)."""
+    or an already opened source (``megatron_glm.checkpoint.formats.registry.open_source``); ``ep``: the
+    expert-parallel ``(size, rank)`` (expert tensors keep this rank's experts)."""
     from megatron_glm.checkpoint.formats.registry import open_source  # the formats import the model; keep this lazy
 
     src = open_source(source) if isinstance(source, (str, Path)) else source
@@ -43,7 +51,7 @@ def load_model_weights(model: nn.Module, source: str | Path | ModelSource, tp_si
             if name not in available:
                 raise CheckpointError(f"{src.info.path}: has no tensor {name} (needed by this model)")
             with writable(param):
-                _load_one(src, layout, name, param, tp_rank, tp_size)
+                _load_one(src, layout, name, param, tp_rank, tp_size, ep)
     src.release()
     return src.info.path
 
@@ -63,7 +71,7 @@ def load_glm_model(
     ps = parallel_state
     model = materialize(GLMModel(config, ps, seed=seed, params_dtype=params_dtype, device="meta"), device)
     model.rng_tracker = new_rng_tracker(seed, ps, device)
-    return model, load_model_weights(model, source, ps.tp_size, ps.tp_rank)
+    return model, load_model_weights(model, source, ps.tp_size, ps.tp_rank, (ps.ep_size, ps.ep_rank))
 
 
 def writable(param: nn.Parameter) -> contextlib.AbstractContextManager:
@@ -78,17 +86,27 @@ def writable(param: nn.Parameter) -> contextlib.AbstractContextManager:
 
 
 def _load_one(
-    src: ModelSource, layout: ModelLayout, name: str, param: nn.Parameter, tp_rank: int, tp_size: int
+    src: ModelSource,
+    layout: ModelLayout,
+    name: str,
+    param: nn.Parameter,
+    tp_rank: int,
+    tp_size: int,
+    ep: tuple[int, int] = (1, 0),
 ) -> None:
     """Copy this rank's shard of checkpoint tensor ``name`` into ``param``."""
-    full = src.tensor(name)
+    full, spec = src.tensor(name), layout[name]
     try:
-        value = split_full(layout[name], full, tp_rank, tp_size)
+        if ep[0] > 1 and spec.expert_dim is not None:
+            full = expert_slice(spec, full, ep[1], ep[0])
+        value = split_full(spec, full, tp_rank, tp_size)
     except (ValueError, RuntimeError) as exc:
         raise CheckpointError(
             f"{src.info.path}: {name} of shape {list(full.shape)} cannot be split for "
             f"tensor-parallel size {tp_size} ({exc})"
         ) from None
+    except CheckpointError as exc:
+        raise CheckpointError(f"{src.info.path}: {exc}") from None
     if tuple(value.shape) != tuple(param.shape):
         raise CheckpointError(
             f"{src.info.path}: {name} has shape {list(value.shape)} for tp rank {tp_rank}, "

@@ -67,6 +67,7 @@ FLAG_ALIASES: dict[str, tuple[str, Any]] = {
     "--tensor-model-parallel-size": ("parallel.tensor_model_parallel_size", None),
     "--context-parallel-size": ("parallel.context_parallel_size", None),
     "--pipeline-model-parallel-size": ("parallel.pipeline_model_parallel_size", None),
+    "--expert-parallel-size": ("parallel.expert_parallel_size", None),
     "--micro-batch-size": ("training.micro_batch_size", None),
     "--global-batch-size": ("training.global_batch_size", None),
     "--gradient-accumulation-steps": ("training.gradient_accumulation_steps", None),

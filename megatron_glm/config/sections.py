@@ -226,6 +226,10 @@ class ParallelConfig:
     tensor_model_parallel_size: int = opt(1, "Tensor-parallel size (ranks that split each layer).")
     pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size (stages of layers).")
     data_parallel_size: int = opt(0, "Data-parallel size; 0 derives world_size / (tp x pp x cp).")
+    expert_parallel_size: int = opt(
+        1,
+        "Expert-parallel size: ranks splitting each MoE layer's experts (all-to-all); divides the data-parallel size.",
+    )
     context_parallel_size: int = opt(
         1, "Context-parallel size: ranks that split every sequence (seq_length / CP tokens each, divisible by 2 x CP)."
     )

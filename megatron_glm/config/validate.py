@@ -209,6 +209,16 @@ def _parallel_problems(cfg: GLMConfig, world_size: int) -> list[str]:
             f"parallel.data_parallel_size ({p.data_parallel_size}) disagrees with world size "
             f"{world_size} / (tp {tp} x pp {pp}{f' x cp {cp}' if cp > 1 else ''}) = {dp}"
         )
+    ep = p.expert_parallel_size
+    if ep < 1 or (dp > 0 and dp % ep):
+        out.append(
+            f"parallel.expert_parallel_size ({ep}) must divide the data-parallel size ({dp}"
+            + (f" = world size {world_size} / (tp {tp} x pp {pp}))" if world_size else ")")
+        )
+    if ep > 1 and not cfg.model.num_experts:
+        out.append(f"parallel.expert_parallel_size ({ep}) needs an MoE model (model.num_experts > 0)")
+    if ep > 1 and cfg.model.moe_capacity_factor:
+        out.append("model.moe_capacity_factor: dropping tokens is not supported with expert parallelism (set 0)")
     return out
 
 

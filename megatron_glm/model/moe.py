@@ -37,6 +37,7 @@ from megatron_glm.parallel import (
     reduce_from_tensor_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
+from megatron_glm.parallel.expert_dispatch import ExpertDispatcher
 from megatron_glm.parallel.layers import _sharded_parameter
 
 if TYPE_CHECKING:
@@ -173,7 +174,11 @@ class MoEMLP(nn.Module):
             config, weight.to(device=device, dtype=ctx.params_dtype), None if bias is None else bias.to(device)
         )
         self.experts = GroupedExperts(ctx, tensors)
-        self.dispatcher: TokenDispatcher = LocalDispatcher(config.num_experts, config.moe_capacity_factor)
+        self.dispatcher: TokenDispatcher = (
+            ExpertDispatcher(config.num_experts, ps)  # all-to-all over the expert-parallel group
+            if ps.ep_size > 1
+            else LocalDispatcher(config.num_experts, config.moe_capacity_factor)
+        )
         self.shared_experts = None
         if config.num_shared_experts:
             shared = by_name(shared_expert_tensors(config))

@@ -2,7 +2,8 @@
 
 How each tensor is split over tensor-parallel ranks comes from the model's layout
 (:class:`~megatron_glm.model.layout.ModelLayout`; LoRA adapters: their parameters' ``lora_partition``).
-Both functions below are collective over the tensor-parallel group.
+Expert tensors (``expert_dim``) are also split over expert-parallel ranks: gathered and sliced along that
+dimension. Both functions below are collective over the tensor-parallel (and expert-parallel) group.
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ def _partitions(model: nn.Module) -> dict[str, tuple[int, int] | None]:
     return {**{s.name: s.partition for s in layout}, **lora_partitions(model)}
 
 
+def _expert_dims(model: nn.Module) -> dict[str, int]:
+    """The expert dimension of each expert tensor (split over expert-parallel ranks)."""
+    return {s.name: s.expert_dim for s in model.layout if s.expert_dim is not None}
+
+
+def _gather_experts(value: torch.Tensor, dim: int, ps: ParallelState) -> torch.Tensor:
+    parts = [torch.empty_like(value) for _ in range(ps.ep_size)]
+    dist.all_gather(parts, value.contiguous(), group=ps.ep_group)
+    return torch.cat(parts, dim=dim)
+
+
 def full_state_dict(
     model: nn.Module, parallel_state: ParallelState | None = None, *, grads: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -35,7 +47,7 @@ def full_state_dict(
     Collective: every tensor-parallel rank must call it.
     """
     ps = _parallel_state(model, parallel_state)
-    partitions = _partitions(model)
+    partitions, experts = _partitions(model), _expert_dims(model)
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict(keep_vars=True).items():
         value = t.detach()
@@ -46,6 +58,8 @@ def full_state_dict(
             parts = [torch.empty_like(value) for _ in range(ps.tp_size)]
             dist.all_gather(parts, value.contiguous(), group=ps.tp_group)
             value = unshard(parts, *spec)
+        if ps.ep_size > 1 and name in experts:
+            value = _gather_experts(value, experts[name], ps)
         out[name] = value.detach().clone()
     return out
 
@@ -65,7 +79,7 @@ def load_full_state_dict(
     """
     ps = _parallel_state(model, parallel_state)
     own = model.state_dict(keep_vars=True)
-    partitions = _partitions(model)
+    partitions, experts = _partitions(model), _expert_dims(model)
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     if strict and missing:
@@ -78,6 +92,8 @@ def load_full_state_dict(
             continue
         full = state_dict[name]
         spec = partitions[name]
+        if ps.ep_size > 1 and name in experts and full.shape[experts[name]] % ps.ep_size == 0:
+            full = full.chunk(ps.ep_size, dim=experts[name])[ps.ep_rank]
         if ps.tp_size > 1 and spec is not None:
             try:
                 full = shard(full, spec[0], ps.tp_rank, ps.tp_size, spec[1])
@@ -86,7 +102,7 @@ def load_full_state_dict(
         if tuple(full.shape) != tuple(t.shape):
             raise CheckpointError(
                 f"{name}: shape {list(full.shape)} does not fit this rank's "
-                f"{list(t.shape)} (tp {ps.tp_rank}/{ps.tp_size})"
+                f"{list(t.shape)} (tp {ps.tp_rank}/{ps.tp_size}, ep {ps.ep_rank}/{ps.ep_size})"
             )
         local[name] = full
     model.load_state_dict(local, strict=False)

@@ -67,7 +67,7 @@ def start_run(cfg: GLMConfig, started: float) -> RunStart:
     apply_determinism(t.deterministic)  # before CUDA starts (cuBLAS reads its workspace setting once)
     env, heartbeat = init_distributed(t.local_rank, t.distributed_timeout_minutes, t.heartbeat_timeout)
     ps = initialize_parallel_state(
-        p.tensor_model_parallel_size, p.pipeline_model_parallel_size, cp_size=p.context_parallel_size
+        p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_parallel_size, p.context_parallel_size
     )
     log = print if env.rank == 0 else (lambda *_: None)
     return RunStart(env=env, heartbeat=heartbeat, ps=ps, log=log, started=started)

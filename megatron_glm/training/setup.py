@@ -28,6 +28,7 @@ from megatron_glm.parallel import ParallelState
 from megatron_glm.parallel.lora import is_lora_name
 from megatron_glm.training.deepspeed_config import batch_sizes, build_deepspeed_config
 from megatron_glm.training.distributed import DeepSpeedMPU
+from megatron_glm.training.expert_parallel import check_zero_stage, prepare_expert_parallel
 from megatron_glm.training.lr_schedule import LRSchedule, LRScheduler
 from megatron_glm.training.pipeline import TrainingModel, build_pipeline_model
 
@@ -80,7 +81,8 @@ def build_model(
     (or the last stage) computes (default: the pretraining loss)."""
     ps = parallel_state
     built = _build(cfg, ps, device, loss, for_loading=bool(weights or resume) and not zero3(cfg, ps))
-    loaded = load_model_weights(built.module, weights, ps.tp_size, ps.tp_rank) if weights else None
+    experts = (ps.ep_size, ps.ep_rank)
+    loaded = load_model_weights(built.module, weights, ps.tp_size, ps.tp_rank, experts) if weights else None
     if cfg.training.compile:
         compile_layers(built.module)
     if loaded:
@@ -118,8 +120,25 @@ def _build(
 
 
 def zero3(cfg: GLMConfig, parallel_state: ParallelState) -> bool:
-    """Whether the run partitions its parameters (ZeRO-3, offload included)."""
-    return build_deepspeed_config(cfg, parallel_state.dp_size)["zero_optimization"]["stage"] == 3
+    """Whether the run partitions its parameters (ZeRO-3, offload included); stages 0 and 3 refused with EP."""
+    stage = build_deepspeed_config(cfg, parallel_state.dp_size)["zero_optimization"]["stage"]
+    check_zero_stage(parallel_state, stage, cfg.training.deepspeed_config or "--zero-stage")
+    return stage == 3
+
+
+def expert_groups(
+    cfg: GLMConfig, ps: ParallelState, model: torch.nn.Module, groups: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """With expert parallelism: the layout's expert tensors marked for DeepSpeed (reduced over the
+    expert-data-parallel group) and the optimizer groups split accordingly; else ``groups`` unchanged."""
+    if ps.ep_size == 1:
+        return groups
+    layout = ModelLayout(cfg.model)
+
+    def is_expert(name: str) -> bool:
+        return not is_lora_name(name) and layout[original_name(name)].expert_dim is not None
+
+    return prepare_expert_parallel(model, groups, is_expert, ps, max(s.experts for s in layout))
 
 
 def load_lora_base(
@@ -132,7 +151,7 @@ def load_lora_base(
         return {}
     if not base:
         raise ConfigError("lora.rank > 0 needs the base checkpoint the adapters go on: pass --lora-base PATH")
-    loaded = load_model_weights(model, base, ps.tp_size, ps.tp_rank)
+    loaded = load_model_weights(model, base, ps.tp_size, ps.tp_rank, (ps.ep_size, ps.ep_rank))
     sha = [base_identity(loaded) if dist.get_rank() == 0 else None]  # the base may be large: hashed once
     dist.broadcast_object_list(sha, src=0)
     trainable, total = trainable_parameters(model)
@@ -177,7 +196,8 @@ def build_engine(cfg: GLMConfig, parallel_state: ParallelState, model: torch.nn.
 
     o = cfg.optimizer
     fused = {"fused": True} if next(model.parameters()).device.type in ("cuda", "cpu") else {}
-    groups = param_groups(model, ModelLayout(cfg.model), o.weight_decay)
+    zero3(cfg, ps)  # refuses ZeRO-0 and ZeRO-3 with expert parallelism
+    groups = expert_groups(cfg, ps, model, param_groups(model, ModelLayout(cfg.model), o.weight_decay))
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, **fused)
     scheduler = LRScheduler(optimizer, LRSchedule.from_config(o, cfg.training.train_iters))
     ds_config = build_deepspeed_config(cfg, ps.dp_size, ps.cp_size)

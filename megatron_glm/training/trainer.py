@@ -187,6 +187,7 @@ class Trainer:
                 "dp": ps.dp_size,
                 "cp": ps.cp_size,
                 "dp_x_cp": ps.grad_dp_size,
+                **({"ep": ps.ep_size} if ps.ep_size > 1 else {}),
                 "zero_stage": self.engine.zero_optimization_stage(),
             },
             "config": config_to_dict(self.cfg),
@@ -210,7 +211,7 @@ class Trainer:
     def resume(self, load_dir: str) -> bool:
         """Load the newest usable checkpoint of ``load_dir``; False when there is none."""
         ps = self.ps
-        expect = {"tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size}
+        expect = {"tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size, "ep": ps.ep_size}
         if self.engine.zero_optimization_stage() > 0 or self.cfg.training.precision == "bf16":
             expect["dp_x_cp"] = ps.grad_dp_size  # the optimizer's shards (ZeRO, DeepSpeed's bf16 optimizer)
         loaded = self.checkpoints.load(self.engine, load_dir, expect=expect)

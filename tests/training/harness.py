@@ -68,7 +68,7 @@ def build_trainer(cfg: GLMConfig) -> tuple[Trainer, ParallelState, CapturingLogg
     env, _ = init_distributed()  # no heartbeat
     p = cfg.parallel
     ps = initialize_parallel_state(
-        p.tensor_model_parallel_size, p.pipeline_model_parallel_size, cp_size=p.context_parallel_size
+        p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_parallel_size, p.context_parallel_size
     )
     built = build_model(cfg, ps, env.device)
     engine, accum, global_batch = build_engine(cfg, ps, built.module)

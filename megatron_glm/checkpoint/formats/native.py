@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from megatron_glm.checkpoint.experts import expert_slice
 from megatron_glm.checkpoint.manager import (
     LATEST,
     META,
@@ -36,6 +37,7 @@ from megatron_glm.errors import CheckpointError
 from megatron_glm.model.layout import ModelLayout, original_name
 
 from .common import model_config_from_dict, tokenizer_files
+from .native_experts import ExpertShards, save_expert_shards
 
 
 def _warn(line: str) -> None:
@@ -154,6 +156,9 @@ class NativeSource:
         config = model_config_from_dict(model_fields, str(step / META))
         tp, pp, dp = int(layout.get("tp", 1)), int(layout.get("pp", 1)), int(layout.get("dp", 1))
         stage = int(layout.get("zero_stage", 0))
+        ep = int(layout.get("ep", 1))
+        if ep > 1 and pp > 1:
+            raise CheckpointError(f"{step}: pipeline checkpoints with expert parallelism (ep={ep}) are not read yet")
         if pp > 1 and stage > 1:
             raise CheckpointError(f"{step}: pipeline checkpoint with ZeRO stage {stage} (DeepSpeed supports 0/1)")
         if meta.get("lora"):
@@ -173,7 +178,8 @@ class NativeSource:
             meta=meta,
             tokenizer_files=tokenizer_files(tok),
         )
-        self.step = step
+        self.step, self.ep = step, ep
+        self.experts = ExpertShards(step, tp, ep) if ep > 1 else None
         if pp > 1:
             wanted = [layer_file(step, p.index, t) for t in range(tp) for p in self.info.layout.saved_pipe_layers]
         else:
@@ -187,6 +193,8 @@ class NativeSource:
             raise CheckpointError(f"{model_file(step, 0, stage)}: not a DeepSpeed model-states file (no 'module')")
         self.param_shapes = first.get("param_shapes")
         self.zero: list[ZeroReader] = []
+        if ep > 1:  # expert groups are partitioned over the expert-data-parallel ranks: weights only
+            stage = 0
         if stage > 0 and pp > 1:
             self.zero = pipeline_zero_readers(step, tp, pp, dp)
         if stage > 0 and pp == 1:
@@ -236,11 +244,15 @@ class NativeSource:
 
     def release(self) -> None:
         self._models.clear()
+        if self.experts is not None:
+            self.experts.release()
         for z in self.zero:
             z.release()
 
     def module_tensor(self, name: str) -> torch.Tensor:
         spec = self.info.layout[name]
+        if self.experts is not None and spec.expert_dim is not None:
+            return self.experts.tensor(spec)
         if self.info.zero_stage == 3 and self._optimized(name):
             return self.tensor(name).to(
                 DTYPES.get(self.precision, torch.float32) if spec.dtype == "params" else torch.float32
@@ -264,6 +276,8 @@ class NativeSource:
     def optimizer_note(self) -> str | None:
         """Why the optimizer state cannot be carried to a new layout (``None`` when it can)."""
         stage = self.info.zero_stage
+        if self.ep > 1:
+            return f"expert-parallel optimizer partitions (ep={self.ep}) are not resharded"
         if stage == 0:
             return "ZeRO stage 0 keeps the optimizer inside the model files; resharding it is not implemented"
         if stage == 3:
@@ -291,6 +305,7 @@ class NativeTarget:
     config: ModelConfig
     carry_optimizer: bool
     pp: int = 1
+    ep: int = 1
 
 
 def _tmp_save(obj: Any, path: Path) -> None:
@@ -326,10 +341,16 @@ def write_native(
         _write_pipeline_layers(src, step, layout, target, transform)
     for t in range(tp if target.pp == 1 else 0):
         module: OrderedDict[str, torch.Tensor] = OrderedDict()
+        experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {(t, e): {} for e in range(target.ep)}
         for _, run in iter_layers(names):
             for name in run:
                 module[name] = split_full(layout[name], transform(name, src.module_tensor(name)), t, tp).clone()
+                if target.ep > 1 and layout[name].expert_dim is not None:  # the model file: expert rank 0's
+                    for e in range(target.ep):
+                        experts[(t, e)][name] = expert_slice(layout[name], module[name], e, target.ep)
+                    module[name] = experts[(t, 0)][name].clone()
             src.release()
+        save_expert_shards(step, experts if target.ep > 1 else {})
         state = dict(extras)
         state.update(
             {
@@ -370,6 +391,7 @@ def _converted_meta(src: Any, meta_in: dict[str, Any], step_no: int, target: Nat
         "pp": target.pp,
         "dp": target.dp,
         "zero_stage": src.info.zero_stage if target.carry_optimizer else 0,
+        **({"ep": target.ep} if target.ep > 1 else {}),
     }
     meta["weights_only"] = not target.carry_optimizer
     config = meta.setdefault("config", {})
@@ -380,6 +402,7 @@ def _converted_meta(src: Any, meta_in: dict[str, Any], step_no: int, target: Nat
             "tensor_model_parallel_size": target.tp,
             "pipeline_model_parallel_size": target.pp,
             "data_parallel_size": target.dp,
+            "expert_parallel_size": target.ep,
         }
     )
     data = config.setdefault("data", {})

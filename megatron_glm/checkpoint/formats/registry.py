@@ -51,13 +51,20 @@ def _write_native(job: WriteJob) -> Written:
     note = src.optimizer_note() if isinstance(src, NativeSource) else "the source has no optimizer state"
     if opts.target_pp > 1 and note is None:
         note = "pipeline targets are written with model weights only"
+    if opts.target_ep > 1 and note is None:
+        note = "expert-parallel targets are written with model weights only"
     carry = opts.keep_optimizer and note is None
     if not opts.keep_optimizer:
         note = "dropped on request (--no-optimizer)"
     if opts.dtype:
         job.notes.append("--dtype is ignored for the native format (weights keep the training dtype)")
     target = NativeTarget(
-        tp=opts.target_tp, dp=job.target_dp, config=job.config, carry_optimizer=carry, pp=opts.target_pp
+        tp=opts.target_tp,
+        dp=job.target_dp,
+        config=job.config,
+        carry_optimizer=carry,
+        pp=opts.target_pp,
+        ep=opts.target_ep,
     )
     write_native(src, job.out, target, transform=job.transform, log=job.log)
     if carry:
@@ -167,7 +174,10 @@ NATIVE = CheckpointFormat(
     dtype="keep",
     pipelined=True,
     module_tensors=True,
-    layout=lambda opts, dp: f"native tp={opts.target_tp} pp={opts.target_pp} dp={dp}",
+    layout=lambda opts, dp: (
+        f"native tp={opts.target_tp} pp={opts.target_pp} dp={dp}"
+        + (f" ep={opts.target_ep}" if opts.target_ep > 1 else "")
+    ),
 )
 UNIVERSAL = CheckpointFormat(
     name="universal",
