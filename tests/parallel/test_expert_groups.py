@@ -28,7 +28,7 @@ def test_expert_rank_groups_split_the_data_parallel_ranks() -> None:
 def test_single_process_state_has_one_expert_rank() -> None:
     ps = initialize_parallel_state()
     assert (ps.ep_size, ps.ep_rank, ps.edp_size, ps.edp_rank, ps.ep_group, ps.edp_group) == (1, 0, 1, 0, None, None)
-    with pytest.raises(RuntimeError, match="expert parallelism needs torch.distributed"):
+    with pytest.raises(RuntimeError, match="expert/context parallelism needs torch.distributed"):
         initialize_parallel_state(ep_size=2)
 
 
