@@ -10,8 +10,10 @@ inert (``Architecture.canonical`` resets them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from megatron_glm.config.fields import opt
 
 #: The architecture fields that mean nothing without experts (reset by ``Architecture.canonical`` when dense).
 MOE_FIELDS = (
@@ -28,52 +30,48 @@ MOE_FIELDS = (
 )
 
 
-def _opt(default: Any, help: str, **kwargs: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kwargs})
-
-
 @dataclass(kw_only=True)
 class MoEOptions:
     """GLM-4.5's Mixture-of-Experts MLP (``model/moe.py``): ``num_experts`` routed SwiGLU experts of
     ``moe_intermediate_size``, ``moe_top_k`` per token, plus ``num_shared_experts`` always-on experts, on every
     layer from ``first_k_dense_replace`` on."""
 
-    num_experts: int = _opt(
+    num_experts: int = opt(
         0, "Routed experts per MoE layer (0: a dense model; GLM-4.5: 160, GLM-4.5-Air: 128). Needs swiglu."
     )
-    moe_top_k: int = _opt(8, "Experts each token is routed to (num_experts_per_tok).")
-    moe_intermediate_size: int = _opt(0, "Inner size of each routed and shared expert (0: ffn_hidden_size).")
-    num_shared_experts: int = _opt(
+    moe_top_k: int = opt(8, "Experts each token is routed to (num_experts_per_tok).")
+    moe_intermediate_size: int = opt(0, "Inner size of each routed and shared expert (0: ffn_hidden_size).")
+    num_shared_experts: int = opt(
         0, "Shared experts (one SwiGLU MLP of num_shared_experts x moe_intermediate_size) added to every token."
     )
-    first_k_dense_replace: int = _opt(
+    first_k_dense_replace: int = opt(
         0, "The first k layers keep the dense MLP (ffn_hidden_size); the others are MoE (GLM-4.5: 3, Air: 1)."
     )
-    moe_router_score: str = _opt(
+    moe_router_score: str = opt(
         "sigmoid",
         "Router scores from the fp32 logits x W_g^T: sigmoid (GLM-4.5, DeepSeek-V3) or softmax over the experts.",
         choices=("sigmoid", "softmax"),
     )
-    moe_norm_topk_prob: bool = _opt(True, "Divide the chosen k scores by their sum (norm_topk_prob).")
-    moe_routed_scaling_factor: float = _opt(
+    moe_norm_topk_prob: bool = opt(True, "Divide the chosen k scores by their sum (norm_topk_prob).")
+    moe_routed_scaling_factor: float = opt(
         1.0, "Factor on the routed experts' weights (routed_scaling_factor; GLM-4.5: 2.5, Air: 1.0)."
     )
-    moe_router_bias: bool = _opt(
+    moe_router_bias: bool = opt(
         True,
         "The per-expert correction bias (router.expert_bias, fp32, e_score_correction_bias): added to the scores "
         "to choose the experts only, moved by moe_bias_update_rate after every step (aux-loss-free balancing).",
     )
-    moe_bias_update_rate: float = _opt(
+    moe_bias_update_rate: float = opt(
         1e-3,
         "Aux-loss-free balancing: after each optimizer step expert_bias += rate x sign(mean load - expert load), "
         "loads counted over the step's tokens on every data-parallel rank (0: off).",
     )
-    moe_aux_loss_coeff: float = _opt(
+    moe_aux_loss_coeff: float = opt(
         0.0,
         "Coefficient of the sequence-level balance loss (DeepSeek-V3 / GLM-4.5 seq_aux_loss: "
         "coeff x sum_i f_i P_i per sequence, averaged; 0: off). Logged as loss term moe_aux.",
     )
-    moe_capacity_factor: float = _opt(
+    moe_capacity_factor: float = opt(
         0.0,
         "Expert capacity as a factor of the even share (tokens x top_k / experts); tokens over it are dropped "
         "(their routed output is 0). 0: no capacity, no token dropped.",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from megatron_glm.config.fields import opt
 
 
 @dataclass(kw_only=True)
@@ -11,21 +13,15 @@ class MTPOptions:
     """The MTP layers (DeepSeek-V3 / GLM-4.5): ``num_nextn_predict_layers`` blocks after the stack, each predicting
     one token further ahead; their loss, weighted, is added to the language-model loss."""
 
-    num_nextn_predict_layers: int = field(
-        default=0,
-        metadata={
-            "help": "Multi-token prediction layers (GLM-4.5: 1; 0: off). MTP layer k (transformer.mtp.{k}.) "
-            "computes eh_proj(concat(enorm(embedding of the token k+1 ahead), hnorm(previous hidden states))), one "
-            "decoder layer (built as layer num_layers + k) and its final_layernorm, then the shared output head "
-            "predicts the token k+2 ahead (training and evaluation losses only; generation does not run it)."
-        },
+    num_nextn_predict_layers: int = opt(
+        0,
+        "Multi-token prediction layers (GLM-4.5: 1; 0: off). MTP layer k (transformer.mtp.{k}.) "
+        "computes eh_proj(concat(enorm(embedding of the token k+1 ahead), hnorm(previous hidden states))), one "
+        "decoder layer (built as layer num_layers + k) and its final_layernorm, then the shared output head "
+        "predicts the token k+2 ahead (training and evaluation losses only; generation does not run it).",
     )
-    mtp_loss_weight: float = field(
-        default=0.3,
-        metadata={
-            "help": "Weight of the mean MTP loss added to the loss (GLM-4.5's report: 0.3, later 0.1).",
-            "execution": True,
-        },
+    mtp_loss_weight: float = opt(
+        0.3, "Weight of the mean MTP loss added to the loss (GLM-4.5's report: 0.3, later 0.1).", execution=True
     )
 
 

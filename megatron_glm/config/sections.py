@@ -1,35 +1,21 @@
-"""Typed configuration sections. Every field carries its help text in ``metadata["help"]``."""
+"""Typed configuration sections. Every field carries its help text in ``metadata["help"]`` (:func:`opt`).
+
+``opt`` / ``opt_from`` (``config/fields.py``) and ``LoraConfig`` (``config/lora.py``) are re-exported here."""
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
+from megatron_glm.config.fields import opt as opt
+from megatron_glm.config.fields import opt_from as opt_from
+from megatron_glm.config.lora import LORA_TARGETS as LORA_TARGETS
+from megatron_glm.config.lora import LoraConfig as LoraConfig
 from megatron_glm.config.moe import MoEOptions
 from megatron_glm.config.mtp import MTPOptions
 
 if TYPE_CHECKING:
     from megatron_glm.config.architecture import Architecture
-
-
-def opt(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with a default and a help string (shown by ``--help`` and in docs)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
-    return field(default=default, metadata={"help": help, **kwargs})
-
-
-_SAME = object()
-
-
-def opt_from(cls: type, name: str, *, default: Any = _SAME, note: str = "") -> Any:
-    """A field taking another config's field ``cls.name`` over (its default unless given, its help with
-    ``note`` appended, its choices), so that a tool's options do not restate the engine's facts."""
-    f = {f.name: f for f in fields(cls)}[name]
-    if default is _SAME:
-        default = f.default if f.default is not MISSING else f.default_factory()
-    meta = dict(f.metadata)
-    return opt(default, f"{meta.pop('help', '')} {note}".strip(), **meta)
 
 
 class ModelShape:
@@ -398,35 +384,6 @@ class CheckpointConfig:
         "embedding_grad_shrink need no flag (they do not change what the weights compute); any other architecture "
         "field given on the command line must equal the checkpoint's.",
     )
-
-
-LORA_TARGETS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-
-
-@dataclass(kw_only=True)
-class LoraConfig:
-    """LoRA: low-rank adapters on the transformer linears; the base weights are frozen."""
-
-    rank: int = opt(0, "LoRA rank r of every adapter (0: off, every weight trains).")
-    alpha: float = opt(16.0, "LoRA alpha: the adapters' output is scaled by alpha / rank.")
-    dropout: float = opt(0.0, "Dropout on the adapters' input, in [0, 1).")
-    base: str = opt(
-        "",
-        "pretrain_glm.py: the checkpoint (any layout or format we read) whose frozen weights the adapters go on, "
-        "loaded at every start, resumes included (finetune_glm.py: --load). Checkpoints hold the adapters and "
-        "the base's identity (sha256 of its manifest); a resume against another base is refused.",
-    )
-    targets: list[str] = opt(
-        ["attention.query_key_value", "attention.dense"],
-        "The linears of every layer that take an adapter (names, or one comma-separated value): "
-        + ", ".join(LORA_TARGETS)
-        + ".",
-    )
-
-    def target_names(self) -> list[str]:
-        """The targets, comma-separated values split (order kept, duplicates dropped)."""
-        names = [n.strip() for v in self.targets for n in v.split(",") if n.strip()]
-        return list(dict.fromkeys(names))
 
 
 @dataclass(kw_only=True)
