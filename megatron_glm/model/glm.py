@@ -288,14 +288,8 @@ class GLMModel(HeadMixin, nn.Module):
         b, s = input_ids.shape
         batch = None if labels is None else LossBatch(labels, loss_mask, objective, loss_rows)
         seq_parallel = self.sequence_parallel and kv_cache is None
-        rows = None
         mtp = batch is not None and self.config.num_nextn_predict_layers > 0  # the MTP layers read every row
-        moe_training = self.config.num_experts > 0 and self.training  # routers count and balance every token
-        if self.config.last_layer_loss_rows and kv_cache is None and not seq_parallel and not (mtp or moe_training):
-            rows = None if batch is None else batch.rows
-            if rows is None:
-                needed = logit_positions if batch is None else batch.positions()
-                rows = None if needed is None else QueryRows.from_flat(needed, b, s)
+        rows = None if kv_cache is not None or seq_parallel or mtp else self._loss_rows(batch, logit_positions, b, s)
         ctx = forward_context(
             self.transformer,
             self.rng_tracker,
@@ -326,6 +320,18 @@ class GLMModel(HeadMixin, nn.Module):
         if rows is None and logit_positions is not None:
             h = h.reshape(b * s, h.shape[-1]).index_select(0, logit_positions)
         return self.logits(h)
+
+    def _loss_rows(
+        self, batch: LossBatch | None, logit_positions: torch.Tensor | None, b: int, s: int
+    ) -> QueryRows | None:
+        """The rows the last layer computes with ``last_layer_loss_rows``: the loss rows (or the logit positions);
+        ``None``: every row (the option off, or MoE training: the routers count and balance every token)."""
+        if not self.config.last_layer_loss_rows or (self.config.num_experts > 0 and self.training):
+            return None
+        if batch is not None and batch.rows is not None:
+            return batch.rows
+        needed = logit_positions if batch is None else batch.positions()
+        return None if needed is None else QueryRows.from_flat(needed, b, s)
 
     def compile_layers(self, **kwargs: object) -> None:
         """``torch.compile`` every transformer layer in place (names and state dict unchanged).
