@@ -4,8 +4,8 @@ Served: GLM's blank-infilling mask, document isolation, the causal objective, le
 and sequence parallelism, pipeline parallelism (each micro-batch split per rank, the last stage's loss reduced over
 the group, DeepSpeed's pipeline data-parallel axis spanning dp x cp), data parallelism, ZeRO 0-3, recomputation,
 dropout, the fused head. Refused (one line each): LoRA dropout, Mixture-of-Experts and MTP layers, sequence lengths
-not divisible by ``2 x cp`` (the zigzag split's ``2 cp`` chunks) or, under sequence parallelism, by ``cp x tp``. Generation (its KV
-cache) and fine-tuning run without context parallelism.
+not divisible by ``2 x cp`` (the zigzag split's ``2 cp`` chunks) or, under sequence parallelism, by ``cp x tp``.
+Generation (its KV cache) and fine-tuning run without context parallelism.
 """
 
 from __future__ import annotations

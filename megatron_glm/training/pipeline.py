@@ -15,7 +15,9 @@ accumulator carries a gradient; sequence shards differ by rank). DeepSpeed keeps
 the tied word embedding identical on the first and last stage (broadcast at start,
 gradients all-reduced); an untied head (``output_layer``) is a plain layer of the last stage. Activation checkpointing
 runs inside each transformer layer (``model.checkpoint_activations``), restoring the tensor-parallel dropout
-stream on recompute.
+stream on recompute. Under context parallelism each micro-batch holds this rank's positions (:func:`pipeline_batch`),
+the last stage's loss is reduced over the context-parallel group (:class:`PipelineLoss`) and the topology's
+data-parallel axis is ``dp x cp`` (``ParallelState.grad_dp_size``: DeepSpeed averages gradients over it).
 """
 
 from __future__ import annotations

@@ -103,7 +103,15 @@ def test_pp2_cp2_matches_one_process_and_pp2_dropout(tiny_corpus: dict, tmp_path
 def test_cp_config_errors_are_one_line(tiny_corpus: dict, tmp_path: Path) -> None:
     out = launch(
         train_args(
-            tiny_corpus, "--train-iters", "1", "--context-parallel-size", "3", "--lora-rank", "4", "--lora-dropout", "0.1"
+            tiny_corpus,
+            "--train-iters",
+            "1",
+            "--context-parallel-size",
+            "3",
+            "--lora-rank",
+            "4",
+            "--lora-dropout",
+            "0.1",
         ),
         launcher="python",
         check=False,
