@@ -1,10 +1,11 @@
 """Config checks of context parallelism (``parallel.context_parallel_size``, ``--context-parallel-size``).
 
 Served: GLM's blank-infilling mask, document isolation, the causal objective, learned and rotary positions, tensor
-and sequence parallelism, data parallelism, ZeRO 0-3, recomputation, dropout, the fused head. Refused (one line
-each): pipeline parallelism, LoRA dropout, Mixture-of-Experts and MTP layers, sequence lengths not divisible by ``2
-x cp`` (the zigzag split's ``2 cp`` chunks) or, under sequence parallelism, by ``cp x tp``. Generation (its KV
-cache) and fine-tuning run without context parallelism.
+and sequence parallelism, pipeline parallelism (each micro-batch split per rank, the last stage's loss reduced over
+the group, DeepSpeed's pipeline data-parallel axis spanning dp x cp), data parallelism, ZeRO 0-3, recomputation,
+dropout, the fused head. Refused (one line each): LoRA dropout, Mixture-of-Experts and MTP layers, sequence lengths
+not divisible by ``2 x cp`` (the zigzag split's ``2 cp`` chunks) or, under sequence parallelism, by ``cp x tp``.
+Generation (its KV cache) and fine-tuning run without context parallelism.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ def context_parallel_problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
             f"parallel.context_parallel_size x tensor_model_parallel_size ({cp * tp})"
         )
     unsupported = {
-        "parallel.pipeline_model_parallel_size > 1": p.pipeline_model_parallel_size > 1,
         "lora.dropout > 0": cfg.lora.rank > 0 and cfg.lora.dropout > 0,
         # the router's balance terms and the MTP shift would see this rank's chunks only
         "model.num_experts > 0 (Mixture-of-Experts)": m.num_experts > 0,

@@ -30,6 +30,7 @@ from torch import nn
 from megatron_glm.config import ModelConfig
 from megatron_glm.model.attention import QueryRows
 from megatron_glm.model.context import ForwardContext
+from megatron_glm.model.cp_attention import use_context_parallel_dropout
 from megatron_glm.model.glm import (
     HeadMixin,
     enter_sequence,
@@ -108,6 +109,8 @@ class GLMPart(HeadMixin, nn.Module):
             params_dtype=params_dtype,
             device=device,
         )
+        if self.transformer.context_parallel is not None:  # dropout masks drawn as with one rank (as GLMModel)
+            use_context_parallel_dropout(self, self.transformer.context_parallel, self.sequence_parallel)
 
     # ------------------------------------------------------------ the steps, on plain tensors
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,9 @@ accumulator carries a gradient; sequence shards differ by rank). DeepSpeed keeps
 the tied word embedding identical on the first and last stage (broadcast at start,
 gradients all-reduced); an untied head (``output_layer``) is a plain layer of the last stage. Activation checkpointing
 runs inside each transformer layer (``model.checkpoint_activations``), restoring the tensor-parallel dropout
-stream on recompute.
+stream on recompute. Under context parallelism each micro-batch holds this rank's positions (:func:`pipeline_batch`),
+the last stage's loss is reduced over the context-parallel group (:class:`PipelineLoss`) and the topology's
+data-parallel axis is ``dp x cp`` (``ParallelState.grad_dp_size``: DeepSpeed averages gradients over it).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from megatron_glm.model.context import aux_loss_names
 from megatron_glm.model.glm import check_config
 from megatron_glm.model.meta_device import materialize
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
+from megatron_glm.parallel.context_parallel import ContextParallel, reduce_loss, split_batch
 
 TIED_KEY = "word_embeddings"
 TIED_WEIGHT = "word_embeddings.weight"
@@ -99,17 +102,21 @@ class StageLoss(Protocol):
 
 class PipelineLoss:
     """``loss_fn`` of the pipeline: the model's :class:`~megatron_glm.model.objective.LossFunction` on the engine's
-    ``(output, labels)``, keeping per-objective sums for logging."""
+    ``(output, labels)``, keeping per-objective sums for logging. ``cp``: under context parallelism the loss is
+    reduced over the context-parallel group as without pipelining (:func:`~megatron_glm.parallel.context_parallel.\
+reduce_loss`: the whole sequence's masked mean; the per-objective sums stay this rank's, summed over ranks when
+    logged)."""
 
-    def __init__(self, loss: LossFunction | None = None) -> None:
+    def __init__(self, loss: LossFunction | None = None, cp: ContextParallel | None = None) -> None:
         self.loss = loss or LanguageModelLoss()
+        self.cp = cp
         self.objectives: dict[int, list[float]] = {}
 
     def __call__(self, output: ModelOutput, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
         target, loss_mask, objective = labels
         out = self.loss(output, LossBatch(target, loss_mask, objective))
         add_group_sums(self.objectives, out.by_group(objective))
-        return out.loss
+        return out.loss if self.cp is None else reduce_loss(out, self.cp).loss
 
     def pop(self) -> dict[int, list[float]]:
         """Per-objective ``[loss sum, tokens]`` since the last call."""
@@ -169,7 +176,7 @@ def build_pipeline_model(
         else:
             specs.append(LayerSpec(GLMLayerPipe if pipe.kind == "layer" else PipeStage, pipe, *common))
     topology = PipeModelDataParallelTopology(num_pp=ps.pp_size, num_mp=ps.tp_size, num_dp=ps.grad_dp_size)
-    stage_loss = PipelineLoss(loss)
+    stage_loss = PipelineLoss(loss, ContextParallel.of(ps))
     method = f"type:{GLMLayerPipe.__name__}" if partition_method == "uniform" else partition_method
     module = PipelineModule(
         specs,
@@ -195,9 +202,15 @@ def _last_layer_on_loss_rows(module: Any, config: ModelConfig, parallel_state: P
             part.last_layer_rows = not part.sequence_parallel
 
 
-def pipeline_batch(batch: Batch) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+def pipeline_batch(
+    batch: Batch, cp: ContextParallel | None = None
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """A micro-batch as the pipeline engine wants it: ``(inputs, labels)``; the inputs carry the ``[b, s]`` boolean
-    loss rows to the last layer (``last_layer_loss_rows``)."""
+    loss rows to the last layer (``last_layer_loss_rows``). ``cp``: this rank's positions of the token ids, position
+    ids, labels and loss mask, as the trainer splits them without pipelining (``split_batch``: the mask stays
+    global)."""
+    if cp is not None:
+        batch = split_batch(batch, cp.size, cp.rank)
     return (
         (batch["input_ids"], batch["position_ids"], batch_attention_mask(batch), batch["loss_mask"] != 0),
         (batch["labels"], batch["loss_mask"], batch["objective"]),

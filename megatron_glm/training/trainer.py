@@ -7,6 +7,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -328,7 +329,7 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         batches = self.train_batches(st.consumed_samples)
         if self.pipelined:
-            batches = map(pipeline_batch, batches)
+            batches = map(partial(pipeline_batch, cp=self.cp), batches)
         window_start, window_steps, window = time.perf_counter(), 0, StepStats()
         compiling = t.compile  # the first step of this process compiles: timed apart from the steady state
         try:
@@ -432,7 +433,8 @@ class Trainer:
         batches = self.valid_batches()
         if self.pipelined:
             self.pipeline_loss.pop()
-            self.engine.eval_batch(map(pipeline_batch, batches), num_micro_batches=self.cfg.training.eval_iters)
+            batches = map(partial(pipeline_batch, cp=self.cp), batches)
+            self.engine.eval_batch(batches, num_micro_batches=self.cfg.training.eval_iters)
             sums = self.pipeline_loss.pop()
         else:
             sums = accumulate_losses(lambda b: self._forward(self._to_device(b)), batches, self.cfg.training.eval_iters)

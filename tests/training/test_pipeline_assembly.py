@@ -56,7 +56,7 @@ class RecordingLoss(LanguageModelLoss):
         return out
 
 
-def _config(tp: int, pp: int, **model: object):
+def _config(tp: int, pp: int, cp: int = 1, **model: object):
     fields = {
         "model.size": "glm-tiny",
         "model.vocab_size": VOCAB,
@@ -69,6 +69,7 @@ def _config(tp: int, pp: int, **model: object):
         "training.zero_stage": 0,
         "parallel.tensor_model_parallel_size": tp,
         "parallel.pipeline_model_parallel_size": pp,
+        "parallel.context_parallel_size": cp,
     }
     fields.update({f"model.{k}": v for k, v in model.items()})
     return build_config(fields)
@@ -96,18 +97,21 @@ def _micro_batches() -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _pipeline_step(rank: int, world: int, tp: int, pp: int, model_fields: dict, aux: bool) -> dict:
+def _pipeline_step(rank: int, world: int, tp: int, pp: int, model_fields: dict, aux: bool, cp: int = 1) -> dict:
     """One SGD step (lr 1, no clipping) of the pipelined model: the loss, the gradients (weights before - after,
-    unsharded, original names) and what the last stage's loss saw."""
+    unsharded, original names) and what the last stage's loss saw. ``cp``: context parallelism, each micro-batch
+    split per rank as the trainer splits it (``pipeline_batch``)."""
     import deepspeed
 
     from megatron_glm.parallel import initialize_parallel_state
     from megatron_glm.training.pipeline import build_pipeline_model, pipeline_batch
 
     deepspeed.init_distributed(dist_backend="gloo")
-    cfg = _config(tp, pp, **model_fields)
-    assert not problems(cfg, world)  # sequence parallelism with PP is no longer refused
-    ps = initialize_parallel_state(tp, pp)
+    from megatron_glm.parallel.context_parallel import ContextParallel
+
+    cfg = _config(tp, pp, cp, **model_fields)
+    assert not problems(cfg, world)  # sequence parallelism (and context parallelism) with PP is no longer refused
+    ps = initialize_parallel_state(tp, pp, cp_size=cp)
     loss = RecordingLoss()
     built = build_pipeline_model(cfg.model, ps, seed=3, loss=loss, aux_names=AUX_NAMES if aux else None)
     module = built.module
@@ -127,10 +131,12 @@ def _pipeline_step(rank: int, world: int, tp: int, pp: int, model_fields: dict, 
 
     before = weights()
     opt = torch.optim.SGD(module.parameters(), lr=1.0)
-    ds = build_deepspeed_config(cfg, ps.dp_size)
+    ds = build_deepspeed_config(cfg, ps.dp_size, ps.cp_size)
     assert ds["pipeline"] == {"pipe_partitioned": False, "grad_partitioned": False}
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds)
-    mean = engine.train_batch(data_iter=iter([pipeline_batch(b) for b in _micro_batches()]))
+    assert engine.dp_world_size == ps.grad_dp_size  # the pipeline's data-parallel axis spans dp x cp
+    split = ContextParallel.of(ps)
+    mean = engine.train_batch(data_iter=iter([pipeline_batch(b, split) for b in _micro_batches()]))
     after = weights()
     grads = {k: before[k] - after[k] for k in before}
     dist.barrier()
@@ -236,6 +242,21 @@ def test_pp2_last_layer_runs_on_the_loss_rows(rotary: bool) -> None:
     assert all(len(shape) == 2 for shape in on_rows)  # [n, H]: the rows path was taken on the last stage
     assert all(shape == [MICRO, SEQ, 64] for layer, shape in outputs if layer != last)
     assert {layer for layer, _ in outputs} == set(range(ref["layers"]))
+
+
+@pytest.mark.slow
+def test_pp2_cp2_equals_one_process() -> None:
+    """PP=2 x CP=2 on 4 processes with GLM's blank-infilling batches (Part A bidirectional, Part B causal): each
+    micro-batch split zigzag per context-parallel rank, the last stage's loss reduced over the group, gradients
+    averaged over dp x cp; the loss and every gradient equal the single-process model's (fp32, 1e-5)."""
+    results = run_distributed(_pipeline_step, 4, 1, 2, {}, False, 2, timeout=900)
+    _compare(results, _reference({}, False))
+    hidden = [shape for r in results for shape in r["hidden"]]
+    assert hidden and all(shape == [MICRO, SEQ // 2, 64] for shape in hidden)  # each rank: half of every sequence
+    last = [r for r in results if r["stage"] == 1]
+    assert len(last) == 2 and all(len(r["seen"]) == ACCUM for r in last)
+    # the two ranks' local losses differ (different positions); the reduced loss is the whole sequence's
+    assert any(a["loss"] != b["loss"] for a, b in zip(last[0]["seen"], last[1]["seen"]))
 
 
 def test_undeclared_auxiliary_term_is_refused() -> None:
