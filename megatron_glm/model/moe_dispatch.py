@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
-from megatron_glm.parallel.token_rows import combine_pairs, unpermute_rows
+from megatron_glm.parallel.token_rows import combine_sorted
 
 
 class TokenDispatcher(Protocol):
@@ -70,9 +70,4 @@ class LocalDispatcher:
         return x.index_select(0, order // k), counts, LocalHandle(order, n, k)
 
     def combine(self, y_grouped: torch.Tensor, handle: LocalHandle, weights: torch.Tensor) -> torch.Tensor:
-        n, k = handle.n, handle.k
-        if handle.order.numel() == n * k:  # nothing dropped: a permutation
-            pairs = unpermute_rows(y_grouped, handle.order)
-        else:
-            pairs = y_grouped.new_zeros(n * k, y_grouped.shape[-1]).index_copy(0, handle.order, y_grouped)
-        return combine_pairs(pairs.view(n, k, -1), weights)
+        return combine_sorted(y_grouped, handle.order, weights, handle.k)

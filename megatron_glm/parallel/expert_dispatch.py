@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_glm.parallel.state import ParallelState
-from megatron_glm.parallel.token_rows import combine_pairs, unpermute_rows
+from megatron_glm.parallel.token_rows import combine_sorted, unpermute_rows
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
@@ -97,11 +97,10 @@ class ExpertDispatcher:
         return got[regroup], received.sum(0), handle
 
     def combine(self, y_grouped: torch.Tensor, handle: DispatchHandle, weights: torch.Tensor) -> torch.Tensor:
-        n, k = handle.shape
+        k = handle.shape[1]
         if self.ep_size == 1:
             back = y_grouped
         else:
             received = unpermute_rows(y_grouped, handle.regroup)
             back = _AllToAll.apply(received, handle.send_splits, handle.recv_splits, self.group)
-        flat = unpermute_rows(back, handle.order)  # (token, choice) order
-        return combine_pairs(flat.view(n, k, -1), weights)
+        return combine_sorted(back, handle.order, weights, k)
