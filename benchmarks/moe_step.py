@@ -3,16 +3,24 @@ batched (grouped-matmul) expert computation against a loop over the experts, in 
 
 Two shapes: 8 experts top-2 and 64 experts top-8, ``F_moe`` chosen so that ``top_k x F_moe`` equals the dense
 MLP's ffn (same active FLOPs; no shared expert; the router's ``E x H`` and the grouping are the MoE's overhead).
-Rounds are interleaved (dense, batched, loop) and the median is reported; the goal on CPU is MoE within 1.6x of
-the dense MLP.
+Rounds are interleaved (dense, batched, loop) and the median is reported, of wall time and of this process's CPU
+time (steadier on a shared machine: time spent waiting for a core is not counted); the goal on CPU is MoE within
+1.6x of the dense MLP.
+
+The MoE moves ``k`` row copies of every token (``[n k, H]`` tensors, 64 MiB at the defaults with top-8): glibc
+serves allocations that large with fresh ``mmap`` pages, each first touched through a page fault, on every step.
+``--heap-allocations`` (glibc only) makes it reuse freed heap pages instead, as jemalloc or tcmalloc would.
 
     python benchmarks/moe_step.py                      # H 512, 4096 tokens, fp32
     python benchmarks/moe_step.py --dtype bf16 --tokens 8192
+    python benchmarks/moe_step.py --heap-allocations
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import dataclasses
 import statistics
 import sys
@@ -38,11 +46,20 @@ def build(cfg: ModelConfig, builder, dtype: torch.dtype) -> torch.nn.Module:
     return builder.build(ctx).train()
 
 
-def step(module: torch.nn.Module, x: torch.Tensor) -> float:
-    start = time.perf_counter()
+def step(module: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """One forward + backward: (wall seconds, CPU seconds of this process)."""
+    start, cpu = time.perf_counter(), time.process_time()
     y = module(x, ForwardContext(mask=None))
     y.float().square().mean().backward()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def heap_allocations() -> None:
+    """glibc: no ``mmap`` for large blocks and no trimming, so freed tensors' pages are reused (module docstring)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_max = -1, -4
+    if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 1 << 30)):
+        raise SystemExit("--heap-allocations: mallopt refused (not glibc?)")
 
 
 def run(hidden: int, tokens: int, experts: int, top_k: int, dense_ffn: int, dtype: torch.dtype, rounds: int) -> dict:
@@ -56,13 +73,13 @@ def run(hidden: int, tokens: int, experts: int, top_k: int, dense_ffn: int, dtyp
     looped.load_state_dict(batched.state_dict())
     looped.experts.linear = looped_linear
     x = torch.randn(1, tokens, hidden, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
-    times: dict[str, list[float]] = {"dense": [], "moe batched": [], "moe loop": []}
+    times: dict[str, list[tuple[float, float]]] = {"dense": [], "moe batched": [], "moe loop": []}
     for r in range(rounds + 1):
         for name, module in (("dense", dense), ("moe batched", batched), ("moe loop", looped)):
             t = step(module, x)
             if r:  # the first round warms up
                 times[name].append(t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {(k, c): statistics.median(t[c] for t in v) for k, v in times.items() for c in (0, 1)}
 
 
 def main() -> None:
@@ -72,19 +89,25 @@ def main() -> None:
     p.add_argument("--dense-ffn", type=int, default=1024)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--heap-allocations", action="store_true", help="glibc: reuse heap pages for large tensors")
     a = p.parse_args()
+    if a.heap_allocations:
+        heap_allocations()
     dtype = DTYPES[a.dtype]
     print(
         f"H {a.hidden}, {a.tokens} tokens, dense SwiGLU ffn {a.dense_ffn}, {a.dtype}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; forward + backward, median of {a.rounds}"
+        f"{torch.get_num_threads()} threads{', heap allocations' if a.heap_allocations else ''}; "
+        f"forward + backward, median of {a.rounds}"
     )
     for experts, top_k in ((8, 2), (64, 8)):
         t = run(a.hidden, a.tokens, experts, top_k, a.dense_ffn, dtype, a.rounds)
-        print(
-            f"{experts} experts top-{top_k} (F_moe {a.dense_ffn // top_k}): dense {t['dense'] * 1e3:.1f} ms, "
-            f"MoE batched {t['moe batched'] * 1e3:.1f} ms ({t['moe batched'] / t['dense']:.2f}x dense), "
-            f"MoE per-expert loop {t['moe loop'] * 1e3:.1f} ms ({t['moe loop'] / t['moe batched']:.2f}x batched)"
-        )
+        for c, clock in enumerate(("wall", "CPU")):
+            dense, moe, loop = t["dense", c], t["moe batched", c], t["moe loop", c]
+            print(
+                f"{experts} experts top-{top_k} (F_moe {a.dense_ffn // top_k}), {clock}: dense {dense * 1e3:.1f} ms, "
+                f"MoE batched {moe * 1e3:.1f} ms ({moe / dense:.2f}x dense), "
+                f"MoE per-expert loop {loop * 1e3:.1f} ms ({loop / moe:.2f}x batched)"
+            )
 
 
 if __name__ == "__main__":

@@ -143,6 +143,27 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` of ``h = [gate | up]`` whose backward writes both halves' gradients into one ``[m, 2F]``
+    tensor (no concatenation) and keeps only ``h`` (not ``silu(gate)``); the same operations as autograd's."""
+
+    @staticmethod
+    def forward(ctx, h):
+        gate, up = h.chunk(2, dim=-1)
+        ctx.save_for_backward(h)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        out = torch.empty_like(h)
+        d_gate, d_up = out.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(gate), out=d_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
+        return out
+
+
 class GroupedExperts(nn.Module):
     """This rank's experts (its slice of each one's ``F`` under TP): SwiGLU on rows grouped by expert."""
 
@@ -154,8 +175,8 @@ class GroupedExperts(nn.Module):
         self.linear = grouped_linear
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        gate, up = self.linear(x, self.dense_h_to_4h.weight, counts).chunk(2, dim=-1)
-        return self.linear(F.silu(gate) * up, self.dense_4h_to_h.weight, counts)
+        h = self.linear(x, self.dense_h_to_4h.weight, counts)
+        return self.linear(_SwiGLU.apply(h), self.dense_4h_to_h.weight, counts)
 
 
 class MoEMLP(nn.Module):

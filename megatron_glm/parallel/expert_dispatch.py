@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_glm.parallel.state import ParallelState
+from megatron_glm.parallel.token_rows import combine_sorted, unpermute_rows
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
@@ -96,11 +97,10 @@ class ExpertDispatcher:
         return got[regroup], received.sum(0), handle
 
     def combine(self, y_grouped: torch.Tensor, handle: DispatchHandle, weights: torch.Tensor) -> torch.Tensor:
-        n, k = handle.shape
+        k = handle.shape[1]
         if self.ep_size == 1:
             back = y_grouped
         else:
-            received = torch.empty_like(y_grouped).index_copy(0, handle.regroup, y_grouped)
+            received = unpermute_rows(y_grouped, handle.regroup)
             back = _AllToAll.apply(received, handle.send_splits, handle.recv_splits, self.group)
-        flat = torch.empty_like(back).index_copy(0, handle.order, back)  # (token, choice) order
-        return torch.einsum("nkh,nk->nh", flat.view(n, k, -1).float(), weights.float()).to(back.dtype)
+        return combine_sorted(back, handle.order, weights, k)
