@@ -103,7 +103,7 @@ def _both(rank: int, world: int, stage: int) -> dict:
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_ep2_dp4_takes_the_steps_of_ep1(stage: int) -> None:
-    results = run_distributed(_both, 4, stage)
+    results = run_distributed(_both, 4, stage, timeout=900)
     one = results[0][1]
     assert not one["moe"] and not one["marker"] and not any(one["moe_groups"])
     assert all(n > 0.05 for n in one["norms"]) and len(one["norms"]) == 3
@@ -161,7 +161,7 @@ def _save_and_resume(rank: int, world: int, save_dir: str) -> dict:
 
 
 def test_expert_shards_are_saved_per_expert_rank_and_restored(tmp_path) -> None:
-    results = run_distributed(_save_and_resume, 4, str(tmp_path / "ckpt"))
+    results = run_distributed(_save_and_resume, 4, str(tmp_path / "ckpt"), timeout=900)  # 4 DeepSpeed ranks, 2 cores
     for rank, res in enumerate(results):
         for name, want in res["saved"].items():
             assert torch.equal(res["loaded"][name], want), (rank, name)
