@@ -110,17 +110,24 @@ class ZeroReader:
     def has_moments(self) -> bool:
         return self.stage in (1, 2)
 
-    def _partition_size(self, g: int) -> int:
-        osd = self._states()[0]
+    def _partition_size(self, g: int, first: int = 0) -> int:
+        osd = self._states()[first]
         return osd["single_partition_of_fp32_groups"][g].numel() + osd["group_paddings"][g]
 
-    def fp32(self, name: str) -> torch.Tensor:
-        """This rank's fp32 master copy of ``name`` (its tensor-parallel shard)."""
-        g, offset, shape = self._lookup(name)
+    def _selected(self, ranks: list[int] | None) -> list[dict[str, Any]]:
         sds = self._states()
+        return sds if ranks is None else [sds[r] for r in ranks]
+
+    def fp32(self, name: str, ranks: list[int] | None = None) -> torch.Tensor:
+        """This rank's fp32 master copy of ``name`` (its tensor-parallel shard). ``ranks``: the data-parallel
+        files that partition its group, in partition order (an expert group's expert-data-parallel ranks;
+        default all, ZeRO-1/2 only)."""
+        g, offset, shape = self._lookup(name)
+        sds = self._selected(ranks)
         if self.stage < 3:
             parts = [sd["single_partition_of_fp32_groups"][g] for sd in sds]
-            return _range(parts, [self._partition_size(g)] * self.dp, offset, shape.numel()).view(shape)
+            size = self._partition_size(g, ranks[0] if ranks else 0)
+            return _range(parts, [size] * len(sds), offset, shape.numel()).view(shape)
         per_rank = math.ceil(shape.numel() / self.dp)
         pieces = []
         for sd in sds:
@@ -128,13 +135,13 @@ class ZeroReader:
             pieces.append(_range(groups, [t.numel() for t in groups], offset, per_rank))
         return torch.cat(pieces)[: shape.numel()].view(shape)
 
-    def moments(self, name: str) -> dict[str, torch.Tensor]:
-        """``exp_avg`` and ``exp_avg_sq`` of ``name`` (ZeRO-1/2 only)."""
+    def moments(self, name: str, ranks: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """``exp_avg`` and ``exp_avg_sq`` of ``name`` (ZeRO-1/2 only; ``ranks`` as for :meth:`fp32`)."""
         if not self.has_moments:
             raise CheckpointError(f"{self.files[0]}: Adam moments of ZeRO stage {self.stage} cannot be read")
         g, offset, shape = self._lookup(name)
-        sds = self._states()
-        sizes = [self._partition_size(g)] * self.dp
+        sds = self._selected(ranks)
+        sizes = [self._partition_size(g, ranks[0] if ranks else 0)] * len(sds)
         return {
             key: _range([_base_state(sd, g)[key] for sd in sds], sizes, offset, shape.numel()).view(shape)
             for key in ("exp_avg", "exp_avg_sq")
@@ -178,17 +185,23 @@ def write_zero12_file(
     global_state: dict[str, Any],
     step: Any,
     ds_config: Any,
+    partitions: list[tuple[int, int]] | None = None,
 ) -> None:
     """Write data-parallel rank ``dp_rank``'s ZeRO-1/2 optimizer file for one tensor-parallel rank.
 
     ``groups``: per param group, ``(name, shard shape)`` in group order. ``state_of(name)`` returns this
-    tensor-parallel rank's ``fp32`` / ``exp_avg`` / ``exp_avg_sq`` shards of the parameter.
+    tensor-parallel rank's ``fp32`` / ``exp_avg`` / ``exp_avg_sq`` shards of the parameter. ``partitions``: per
+    group, this file's ``(partition, count)`` (an expert group is partitioned over the expert-data-parallel
+    ranks); default ``(dp_rank, dp)`` for every group.
     """
     from deepspeed.utils.tensor_fragment import fragment_address
 
+    partitions = partitions or [(dp_rank, dp)] * len(groups)
     fp32_groups, paddings, states, mappings = [], [], {}, []
-    for g, (size, total) in enumerate(zero12_partitions([sum(s.numel() for _, s in grp) for grp in groups], dp)):
-        lo, hi = dp_rank * size, (dp_rank + 1) * size
+    for g, grp in enumerate(groups):
+        rank, count = partitions[g]
+        ((size, total),) = zero12_partitions([sum(s.numel() for _, s in grp)], count)
+        lo, hi = rank * size, (rank + 1) * size
         bufs = {k: torch.zeros(size, dtype=torch.float32) for k in ("fp32", "exp_avg", "exp_avg_sq")}
         mapping: OrderedDict[str, Any] = OrderedDict()
         offset = 0
@@ -221,7 +234,7 @@ def write_zero12_file(
             "single_partition_of_fp32_groups": fp32_groups,
             "group_paddings": paddings,
             "param_alignment_paddings": [[0] * len(grp) for grp in groups],
-            "partition_count": [dp] * len(groups),
+            "partition_count": [count for _, count in partitions],
             "param_slice_mappings": mappings,
         }
     )

@@ -44,7 +44,7 @@ def test_tiny_glm45_at_ep2_trains_resumes_and_reshards(tiny_corpus: dict, tmp_pa
     a, b = open_source(step), open_source(stopped / "global_step8")
     assert a.names() == b.names() and EXPERTS in a.names() and a.tensor(EXPERTS).shape[0] == 4
     assert all(torch.equal(a.tensor(n), b.tensor(n)) for n in a.names())
-    # EP 2 -> 1 -> 4 (weights only): every full tensor kept; each EP=4 rank file holds one expert
+    # EP 2 -> 1 -> 4: every full tensor kept; each EP=4 rank file holds one expert
     convert_checkpoint(step, tmp_path / "to1", ConvertOptions(target_ep=1), log=lambda _m: None)
     convert_checkpoint(
         tmp_path / "to1", tmp_path / "to4", ConvertOptions(target_ep=4, target_dp=4), log=lambda _m: None

@@ -30,14 +30,14 @@ from megatron_glm.checkpoint.manager import (
 from megatron_glm.checkpoint.reshard import merge_shards, split_full
 from megatron_glm.checkpoint.safe_load import safe_torch_load
 from megatron_glm.checkpoint.stream import SourceInfo, iter_layers
-from megatron_glm.checkpoint.zero import ZeroReader, write_zero12_file
+from megatron_glm.checkpoint.zero import ZeroReader
 from megatron_glm.config import ModelConfig
 from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model.layout import ModelLayout, original_name
 
 from .common import model_config_from_dict, tokenizer_files
-from .native_experts import ExpertShards, save_expert_shards
+from .native_experts import ExpertShards, expert_zero_state, save_expert_shards, target_groups, write_optimizer
 
 
 def _warn(line: str) -> None:
@@ -193,8 +193,6 @@ class NativeSource:
             raise CheckpointError(f"{model_file(step, 0, stage)}: not a DeepSpeed model-states file (no 'module')")
         self.param_shapes = first.get("param_shapes")
         self.zero: list[ZeroReader] = []
-        if ep > 1:  # expert groups are partitioned over the expert-data-parallel ranks: weights only
-            stage = 0
         if stage > 0 and pp > 1:
             self.zero = pipeline_zero_readers(step, tp, pp, dp)
         if stage > 0 and pp == 1:
@@ -262,22 +260,22 @@ class NativeSource:
     def _optimized(self, name: str) -> bool:  # not a parameter without gradient (``router.expert_bias``)
         return bool(self.zero) and name in self.zero[0]
 
+    def _zero_state(self, name: str, moments: bool) -> dict[str, torch.Tensor]:
+        spec = self.info.layout[name]
+        if self.ep > 1 and spec.expert_dim is not None:
+            return expert_zero_state(self.zero, spec, self.ep, moments)
+        per_rank = [{"fp32": z.fp32(name), **(z.moments(name) if moments else {})} for z in self.zero]
+        return {k: merge_shards(spec, [r[k] for r in per_rank]) for k in per_rank[0]}
+
     def tensor(self, name: str) -> torch.Tensor:
-        if self._optimized(name):
-            return merge_shards(self.info.layout[name], [z.fp32(name) for z in self.zero])
-        return self.module_tensor(name)
+        return self._zero_state(name, False)["fp32"] if self._optimized(name) else self.module_tensor(name)
 
     def optimizer_state(self, name: str) -> dict[str, torch.Tensor] | None:
-        if not self._optimized(name) or not self.zero[0].has_moments:
-            return None
-        per_rank = [{"fp32": z.fp32(name), **z.moments(name)} for z in self.zero]
-        return {k: merge_shards(self.info.layout[name], [r[k] for r in per_rank]) for k in per_rank[0]}
+        return self._zero_state(name, True) if self._optimized(name) and self.zero[0].has_moments else None
 
     def optimizer_note(self) -> str | None:
         """Why the optimizer state cannot be carried to a new layout (``None`` when it can)."""
         stage = self.info.zero_stage
-        if self.ep > 1:
-            return f"expert-parallel optimizer partitions (ep={self.ep}) are not resharded"
         if stage == 0:
             return "ZeRO stage 0 keeps the optimizer inside the model files; resharding it is not implemented"
         if stage == 3:
@@ -336,7 +334,9 @@ def write_native(
     extras = src.model_extras() if hasattr(src, "model_extras") else {}
     names = src.names()
     shapes_in = extras.get("param_shapes") or layout.param_groups(names)
-    groups = [[n for n in g if n in set(names)] for g in shapes_in]
+    groups = target_groups(
+        [[n for n in g if n in set(names)] for g in shapes_in], layout, names, getattr(src, "ep", 1), target.ep, dp
+    )
     if target.pp > 1:
         _write_pipeline_layers(src, step, layout, target, transform)
     for t in range(tp if target.pp == 1 else 0):
@@ -355,7 +355,7 @@ def write_native(
         state.update(
             {
                 "module": module,
-                "param_shapes": [OrderedDict((n, torch.Size(module[n].shape)) for n in g) for g in groups],
+                "param_shapes": [OrderedDict((n, torch.Size(module[n].shape)) for n in g) for g in groups.groups],
                 "dp_world_size": dp,
                 "mp_world_size": tp,
                 "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": tp},
@@ -368,7 +368,7 @@ def write_native(
         _tmp_save(state, step / f"mp_rank_{t:02d}_model_states.pt")
         del module, state
     if target.carry_optimizer:
-        _write_optimizer(src, step, groups, layout, target, transform)
+        write_optimizer(src, step, groups, layout, target, transform)
         src.release()
     same_layout = (src.info.tp, src.info.dp) == (tp, dp) and Path(src.info.path, "rng").is_dir()
     if same_layout:
@@ -433,52 +433,3 @@ def _write_pipeline_layers(
             shard = OrderedDict((n, split_full(layout[n], v, t, target.tp).clone()) for n, v in full.items())
             _tmp_save(shard, layer_file(step, pipe.index, t))
         src.release()
-
-
-def _write_optimizer(
-    src: Any,
-    step: Path,
-    groups: list[list[str]],
-    layout: ModelLayout,
-    target: NativeTarget,
-    transform: Callable[[str, torch.Tensor], torch.Tensor],
-) -> None:
-    """ZeRO-1/2 files for every (dp, tp) rank of the target, from the source's full per-parameter state."""
-    global_state, step_count = src.zero_globals()
-    ds_config = src.model_extras().get("ds_config")
-    cache: dict[str, dict[str, torch.Tensor]] = {}
-
-    def full_state(name: str) -> dict[str, torch.Tensor]:
-        if name not in cache:
-            cache.clear()
-            state = src.optimizer_state(name)
-            if state is None:
-                raise CheckpointError(f"{src.info.path}: no optimizer state for {name}")
-            cache[name] = {k: _resize_state(name, v, transform) for k, v in state.items()}
-        return cache[name]
-
-    for t in range(target.tp):
-        shard_groups = [[(n, torch.Size(layout[n].shard_shape(target.tp))) for n in g] for g in groups]
-
-        def state_of(name: str, t: int = t) -> dict[str, torch.Tensor]:
-            return {k: split_full(layout[name], v, t, target.tp) for k, v in full_state(name).items()}
-
-        for d in range(target.dp):
-            write_zero12_file(
-                step / f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt",
-                shard_groups,
-                d,
-                target.dp,
-                state_of,
-                global_state,
-                step_count,
-                ds_config,
-            )
-            src.release()
-            cache.clear()
-
-
-def _resize_state(name: str, t: torch.Tensor, transform: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Optimizer tensors follow the weight's vocab re-padding but stay fp32."""
-    out = transform(name, t)
-    return out.to(torch.float32)

@@ -51,8 +51,6 @@ def _write_native(job: WriteJob) -> Written:
     note = src.optimizer_note() if isinstance(src, NativeSource) else "the source has no optimizer state"
     if opts.target_pp > 1 and note is None:
         note = "pipeline targets are written with model weights only"
-    if opts.target_ep > 1 and note is None:
-        note = "expert-parallel targets are written with model weights only"
     carry = opts.keep_optimizer and note is None
     if not opts.keep_optimizer:
         note = "dropped on request (--no-optimizer)"
