@@ -10,9 +10,14 @@ from torch import nn
 def materialize(model: nn.Module, device: torch.device | str | None) -> nn.Module:
     """Uninitialised storage on ``device`` (``None``: the host) for ``model`` built on the meta device, for a
     model whose every parameter is about to be loaded: no random init is drawn. The parameters keep their
-    attributes (tensor-parallel partitioning, which ``to_empty`` alone drops)."""
+    attributes (tensor-parallel partitioning, which ``to_empty`` alone drops). Buffers are zeroed: a persistent
+    one is loaded with the parameters, and a non-persistent one (the router's per-expert ``load`` counts) is not
+    in any checkpoint, so it must start from zeros as built, not from uninitialised memory."""
     attributes = {name: dict(vars(p)) for name, p in model.named_parameters()}
     model.to_empty(device=device if device is not None else "cpu")
     for name, p in model.named_parameters():
         vars(p).update(attributes[name])
+    with torch.no_grad():
+        for b in model.buffers():
+            b.zero_()
     return model

@@ -117,6 +117,9 @@ class StagedZeroReader(ZeroReader):
     def names(self) -> list[str]:
         return list(self._owner)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._owner
+
     def release(self) -> None:
         for reader in self.stages:
             reader.release()
@@ -333,7 +336,9 @@ def write_native(
     layout = ModelLayout(cfg)
     extras = src.model_extras() if hasattr(src, "model_extras") else {}
     names = src.names()
-    shapes_in = extras.get("param_shapes") or layout.param_groups(names)
+    zero = getattr(src, "zero", None)  # without DeepSpeed's param_shapes (a pipeline's files): the optimized ones
+    trained = [n for n in names if not zero or n in zero[0]]  # (an MoE router's correction bias is not)
+    shapes_in = extras.get("param_shapes") or layout.param_groups(trained)
     groups = target_groups(
         [[n for n in g if n in set(names)] for g in shapes_in], layout, names, getattr(src, "ep", 1), target.ep, dp
     )
