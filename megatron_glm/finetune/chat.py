@@ -15,13 +15,13 @@ assistant token is skipped. Nothing is an error: the counts are returned and log
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_glm.errors import DataError
 from megatron_glm.finetune.chat_template import ChatTemplate, Encoded
+from megatron_glm.finetune.tasks import json_rows
 
 ROLES = ("system", "user", "assistant", "observation")
 
@@ -86,22 +86,8 @@ def parse_conversation(row: Any, where: str, line: int) -> Conversation:
 
 def read_chat_file(path: str | os.PathLike[str]) -> list[Conversation]:
     """The conversations of a chat JSON-lines file, in file order."""
-    try:
-        with open(path, encoding="utf-8") as stream:
-            lines = stream.read().splitlines()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read the chat file ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: is not UTF-8 text") from None
     out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    for row, where, n in json_rows(path, "chat file"):
         out.append(parse_conversation(row, where, n))
     if not out:
         raise DataError(f"{path}: no conversations")

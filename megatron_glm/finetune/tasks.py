@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,18 +77,16 @@ def _cloze(row: dict[str, Any], where: str, line: int) -> ClozeExample:
 READERS: dict[str, Callable[[dict[str, Any], str, int], Any]] = {"seq2seq": _seq2seq, "cloze": _cloze}
 
 
-def read_task_file(path: str | os.PathLike[str], task: str) -> list[Any]:
-    """The examples of a ``task`` (``seq2seq`` or ``cloze``) file, in file order."""
-    if task not in READERS:
-        raise DataError(f"unknown task {task!r} (expected one of {', '.join(READERS)})")
+def json_rows(path: str | os.PathLike[str], what: str) -> Iterator[tuple[Any, str, int]]:
+    """``(row, "path:line", line number)`` for every non-blank line of the JSON-lines file ``path`` (``what``: how
+    the one-line errors name it); unreadable files, bad UTF-8 and bad JSON are :class:`DataError` lines."""
     try:
         with open(path, encoding="utf-8") as stream:
             lines = stream.read().splitlines()
     except OSError as exc:
-        raise DataError(f"{path}: cannot read the {task} file ({exc.strerror})") from None
+        raise DataError(f"{path}: cannot read the {what} ({exc.strerror})") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: is not UTF-8 text") from None
-    out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -97,6 +95,15 @@ def read_task_file(path: str | os.PathLike[str], task: str) -> list[Any]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        yield row, where, n
+
+
+def read_task_file(path: str | os.PathLike[str], task: str) -> list[Any]:
+    """The examples of a ``task`` (``seq2seq`` or ``cloze``) file, in file order."""
+    if task not in READERS:
+        raise DataError(f"unknown task {task!r} (expected one of {', '.join(READERS)})")
+    out = []
+    for row, where, n in json_rows(path, f"{task} file"):
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
         out.append(READERS[task](row, where, n))
