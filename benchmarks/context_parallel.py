@@ -22,11 +22,16 @@ import argparse
 import dataclasses
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.memory import glm_batch as memory_batch
 from megatron_glm.config import build_config
 from megatron_glm.model import GLMModel
 from megatron_glm.parallel import ParallelState, initialize_parallel_state
@@ -37,23 +42,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def glm_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """GLM samples: Part A of a random length in [S/4, 3S/4), Part B (the loss rows) after it."""
-    g = torch.Generator().manual_seed(seed)
-    sep = torch.randint(seq // 4, 3 * seq // 4, (batch,), generator=g)
-    pos = torch.zeros(batch, 2, seq, dtype=torch.long)
-    loss_mask = torch.zeros(batch, seq)
-    for i, n in enumerate(sep.tolist()):
-        pos[i, 0, :n] = torch.arange(n)
-        pos[i, 0, n:] = n // 2
-        pos[i, 1, n:] = torch.arange(1, seq - n + 1)
-        loss_mask[i, n:] = 1
-    return {
-        "input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
-        "position_ids": pos,
-        "sep": sep,
-        "labels": torch.randint(0, vocab, (batch, seq), generator=g),
-        "loss_mask": loss_mask,
-    }
+    """benchmarks/memory.py's GLM samples (Part A of a random length in [S/4, 3S/4), Part B the loss rows), keyed
+    as the trainer's batches."""
+    data = memory_batch(batch, seq, vocab, seed)
+    data["input_ids"], data["position_ids"] = data.pop("ids"), data.pop("pos")
+    return data
 
 
 def _measure(rank: int, world: int, args: argparse.Namespace) -> dict[str, float]:
