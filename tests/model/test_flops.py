@@ -62,6 +62,32 @@ def test_gqa_swiglu_untied_count_by_hand() -> None:
     assert built == matmul_parameters(ModelLayout(cfg))
 
 
+def test_mtp_layer_counted_by_hand() -> None:
+    """GLM-4.5's shape (3 layers, the first dense, then MoE: 4 experts top-2 of F 32 and a shared one) with one MTP
+    layer: its eh_proj, its decoder layer (an MoE layer: attention, router, 2 active experts, shared expert), its
+    attention over the sequence and one more pass of the head; without MTP layers the count is the stack's alone."""
+    moe = dict(num_layers=3, num_experts=4, moe_top_k=2, moe_intermediate_size=32, num_shared_experts=1)
+    cfg = _glm4_tiny(**moe, first_k_dense_replace=1, qk_norm=True, num_nextn_predict_layers=1)
+    h, f, s = 64, 32, 16
+    attention = (64 + 2 * 32) * h + 64 * h  # QKV (4 heads, 2 key/value groups of 16) and dense
+    dense_layer = attention + 3 * 176 * h
+    moe_layer = attention + 4 * h + 2 * (3 * f * h) + 3 * f * h  # router, 2 of the 4 experts, shared expert
+    head, eh_proj = 128 * h, h * 2 * h
+    scores = 4 * s * 64  # scores and context per layer per token: 4 s nh hd
+    stack = 2 * (dense_layer + 2 * moe_layer + head) + 3 * scores
+    mtp = 2 * (eh_proj + moe_layer + head) + scores
+    assert matmul_parameters(ModelLayout(cfg)) == dense_layer + 2 * moe_layer + head + eh_proj + moe_layer
+    assert flops_per_token(cfg, s, training=False) == stack + mtp
+    assert flops_per_token(cfg, s) == 3.0 * (stack + mtp)
+    without = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+    assert flops_per_token(without, s, training=False) == stack  # 0 MTP layers: the count before MTP was counted
+    # the counted MTP weights are the built MTP layer's 2-D matrices (the 4 experts' counted as 2 of them)
+    built = GLMModel(cfg)
+    mtp_params = {n: p for n, p in built.named_parameters() if ".mtp." in n and p.dim() >= 2}
+    total = sum(p.numel() // 2 if p.dim() == 3 else p.numel() for p in mtp_params.values())
+    assert total == eh_proj + moe_layer
+
+
 @pytest.mark.parametrize(
     "cfg",
     [tiny_config(), _glm4_tiny(), tiny_config(num_query_groups=2, activation="geglu")],
