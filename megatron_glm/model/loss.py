@@ -17,7 +17,9 @@ class GLMLoss:
     ``per_token``: fp32 ``[b, s]`` loss times ``loss_mask``; ``sample_sum`` / ``sample_tokens``: ``[b]``
     sums of ``per_token`` and of ``loss_mask`` (per-objective losses are sums of these over the samples
     of one objective, see :meth:`by_group`). ``aux``: the auxiliary terms (e.g. an MoE load-balancing loss)
-    included in ``loss``, by name (``megatron_glm.model.objective.with_aux``).
+    included in ``loss``, by name (``megatron_glm.model.objective.with_aux``). ``parts`` (detached, for the logs;
+    empty without auxiliary terms): ``lm`` (:data:`LM_PART`, the language-model loss alone), ``mtp`` (the MTP loss
+    unweighted) and the other terms as added to ``loss``.
     """
 
     loss: torch.Tensor
@@ -25,6 +27,7 @@ class GLMLoss:
     sample_sum: torch.Tensor
     sample_tokens: torch.Tensor
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def group_sums(self, groups: torch.Tensor) -> torch.Tensor:
         """``[GROUP_SLOTS, 2]`` float64 ``(loss sum, token count)`` by group id (``groups``: ``[b]`` integers in
@@ -42,6 +45,9 @@ class GLMLoss:
             out[int(g)] = (float(sums[sel].sum()), float(counts[sel].sum()))
         return out
 
+
+LM_PART = "lm"
+"""The language-model loss (the total without the auxiliary terms) among :attr:`GLMLoss.parts`."""
 
 GROUP_SLOTS = 8
 """Group ids :meth:`GLMLoss.group_sums` takes: the objectives (0-3), fine-tuning's row kinds (up to 6)."""

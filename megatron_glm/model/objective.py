@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from megatron_glm.model.attention import QueryRows
-from megatron_glm.model.loss import GLMLoss, glm_loss_at, glm_loss_fused, loss_positions
+from megatron_glm.model.loss import LM_PART, GLMLoss, glm_loss_at, glm_loss_fused, loss_positions
 from megatron_glm.model.mtp import MTP_TERM, shifted
 from megatron_glm.parallel import ParallelState, copy_to_tensor_parallel_region
 
@@ -112,7 +112,7 @@ def head_loss(output: ModelOutput, batch: LossBatch, label_smoothing: float = 0.
     )
 
 
-def mtp_loss(hidden: tuple[torch.Tensor, ...], head: Head, batch: LossBatch, weight: float) -> torch.Tensor:
+def mtp_loss(hidden: tuple[torch.Tensor, ...], head: Head, batch: LossBatch, weight: float = 1.0) -> torch.Tensor:
     """``weight`` times the mean over the MTP layers of each one's masked cross entropy: layer ``k``'s outputs
     against ``labels`` and ``loss_mask`` moved ``k + 1`` positions back (``megatron_glm.model.mtp``)."""
     total = hidden[0].new_zeros((), dtype=torch.float32)
@@ -124,10 +124,13 @@ def mtp_loss(hidden: tuple[torch.Tensor, ...], head: Head, batch: LossBatch, wei
 
 def with_aux(loss: GLMLoss, output: ModelOutput, batch: LossBatch | None = None) -> GLMLoss:
     """``loss`` with ``output``'s auxiliary terms added to the total (by name order) and recorded in ``aux``; with
-    ``batch``, the MTP layers' weighted loss too (the term ``mtp``, :func:`~megatron_glm.model.mtp.mtp_loss`)."""
-    terms = dict(output.aux)
+    ``batch``, the MTP layers' weighted loss too (the term ``mtp``: ``mtp_weight`` x :func:`mtp_loss`). With any
+    term, ``parts`` (logged apart) holds ``lm`` (``loss`` before the terms), ``mtp`` (the MTP loss unweighted) and
+    each other term as added: the total is ``lm + mtp_weight x mtp + sum of the others``."""
+    terms, parts = dict(output.aux), {}
     if output.mtp and batch is not None:
-        terms[MTP_TERM] = mtp_loss(output.mtp, output.head, batch, output.mtp_weight)
+        parts[MTP_TERM] = mtp_loss(output.mtp, output.head, batch)
+        terms[MTP_TERM] = parts[MTP_TERM] * output.mtp_weight
     if not terms and output.carrier is None:
         return loss
     total = loss.loss
@@ -135,7 +138,10 @@ def with_aux(loss: GLMLoss, output: ModelOutput, batch: LossBatch | None = None)
         total = total + terms[name]
     if output.carrier is not None and not output.aux:  # the accumulator still gets its (zero) gradient
         total = total + output.carrier.sum() * 0.0
-    return dataclasses.replace(loss, loss=total, aux={**loss.aux, **terms})
+    parts = {LM_PART: loss.loss, **terms, **parts} if terms else {}
+    return dataclasses.replace(
+        loss, loss=total, aux={**loss.aux, **terms}, parts={n: v.detach() for n, v in parts.items()}
+    )
 
 
 class LanguageModelLoss:

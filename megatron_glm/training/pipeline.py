@@ -46,6 +46,7 @@ from megatron_glm.model.glm import check_config
 from megatron_glm.model.meta_device import materialize
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
 from megatron_glm.parallel.context_parallel import ContextParallel, reduce_loss, split_batch
+from megatron_glm.training.step_stats import PartSums
 
 TIED_KEY = "word_embeddings"
 TIED_WEIGHT = "word_embeddings.weight"
@@ -93,11 +94,14 @@ def head_forward(stage: PipeStage, inputs: tuple[torch.Tensor, ...]) -> ModelOut
 
 class StageLoss(Protocol):
     """What the pipeline engine's ``loss_fn`` must be for the trainer: the loss of the last stage's output,
-    keeping per-objective ``[loss sum, tokens]`` that :meth:`pop` hands over (and resets)."""
+    keeping per-objective ``[loss sum, tokens]`` that :meth:`pop` hands over (and resets), and the loss's parts
+    (:meth:`pop_parts`)."""
 
     def __call__(self, output: ModelOutput, labels: tuple[torch.Tensor, ...]) -> torch.Tensor: ...
 
     def pop(self) -> dict[int, list[float]]: ...
+
+    def pop_parts(self) -> PartSums: ...
 
 
 class PipelineLoss:
@@ -111,16 +115,23 @@ reduce_loss`: the whole sequence's masked mean; the per-objective sums stay this
         self.loss = loss or LanguageModelLoss()
         self.cp = cp
         self.objectives: dict[int, list[float]] = {}
+        self.parts = PartSums()
 
     def __call__(self, output: ModelOutput, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
         target, loss_mask, objective = labels
         out = self.loss(output, LossBatch(target, loss_mask, objective))
         add_group_sums(self.objectives, out.by_group(objective))
+        self.parts.add(out.parts)
         return out.loss if self.cp is None else reduce_loss(out, self.cp).loss
 
     def pop(self) -> dict[int, list[float]]:
-        """Per-objective ``[loss sum, tokens]`` since the last call."""
-        out, self.objectives = self.objectives, {}
+        """Per-objective ``[loss sum, tokens]`` since the last call (the loss's parts are reset too)."""
+        out, self.objectives, self.parts = self.objectives, {}, PartSums()
+        return out
+
+    def pop_parts(self) -> PartSums:
+        """The loss's parts since the last call (:mod:`~megatron_glm.training.step_stats`)."""
+        out, self.parts = self.parts, PartSums()
         return out
 
 

@@ -30,6 +30,7 @@ from megatron_glm.training.evaluation import accumulate_losses, summarize_losses
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.pipeline import StageLoss, pipeline_batch
 from megatron_glm.training.rng import get_rng_state, set_rng_state
+from megatron_glm.training.step_stats import StepStats, loss_part_names, part_means
 
 LOSS_ROWS = "loss_rows"
 """The key under which :meth:`Trainer._to_device` adds the batch's host-computed loss rows."""
@@ -43,32 +44,6 @@ class TrainState:
     consumed_samples: int = 0
     nonfinite_total: int = 0
     nonfinite_streak: int = 0
-
-
-@dataclass
-class StepStats:
-    """Loss sums and token counts of one step (per objective), reduced over data-parallel ranks when logged.
-
-    ``loss_sum`` (float64) and ``objectives`` (:meth:`~megatron_glm.model.loss.GLMLoss.group_sums`) stay on the
-    device until the log step reads them: accumulating them costs no host synchronisation."""
-
-    loss_sum: float | torch.Tensor = 0.0
-    micro_batches: int = 0
-    objectives: torch.Tensor | None = None
-    nonfinite: int = 0
-    lr: float = 0.0
-
-    def merge(self, other: StepStats) -> None:
-        """Add ``other`` (a later step) into this logging window."""
-        self.loss_sum += other.loss_sum
-        self.micro_batches += other.micro_batches
-        self.nonfinite += other.nonfinite
-        self.lr = other.lr
-        self.add_objectives(other.objectives)
-
-    def add_objectives(self, sums: torch.Tensor | None) -> None:
-        if sums is not None:
-            self.objectives = sums if self.objectives is None else self.objectives + sums
 
 
 class Trainer:
@@ -288,6 +263,7 @@ class Trainer:
         stats.micro_batches = self.accum
         if self._all_finite(loss.detach().float()):
             stats.loss_sum = loss.detach().double() * self.accum  # the engine's mean over micro-batches and DP ranks
+            stats.parts = self.pipeline_loss.pop_parts()  # the last stage's (the other stages count none)
             stats.objectives = group_sums_tensor(self.pipeline_loss.pop(), self.device)
         else:  # the pipeline engine cannot skip a micro-batch: the step is counted, not undone
             stats.nonfinite = self.accum
@@ -307,6 +283,7 @@ class Trainer:
                 self.engine.backward(out.loss)
                 stats.loss_sum += out.loss.detach().double()
                 stats.add_objectives(out.group_sums(batch["objective"]))
+                stats.parts.add(out.parts)
             else:  # skip this micro-batch's contribution: zero gradients, same collective pattern
                 stats.nonfinite += 1
                 zero = sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
@@ -396,9 +373,14 @@ class Trainer:
             st.nonfinite_streak = 0
 
     def _log_step(self, stats: StepStats, step_time: float) -> None:
-        """Log the averages of a window of steps (loss: mean over its micro-batches and DP ranks)."""
-        loss_sum, micro = self._world_sum([float(stats.loss_sum), stats.micro_batches - stats.nonfinite])
-        values: dict[str, Any] = {"loss": loss_sum / micro if micro else float("nan")}
+        """Log the averages of a window of steps (loss, the total, and its parts: means over its micro-batches and
+        DP ranks; :mod:`~megatron_glm.training.step_stats`)."""
+        names = loss_part_names(self.cfg.model)
+        summed = self._world_sum(
+            [float(stats.loss_sum), stats.micro_batches - stats.nonfinite, *stats.parts.values(names)]
+        )
+        loss_sum, micro = summed[:2]
+        values: dict[str, Any] = {"loss": loss_sum / micro if micro else float("nan"), **part_means(names, summed[2:])}
         summary = summarize_losses(group_sums_dict(stats.objectives), self._world_sum)
         values.update({f"loss_{n}": summary[f"loss_{n}"] for n in OBJECTIVE_NAMES if f"loss_{n}" in summary})
         opt = self.engine.optimizer

@@ -60,6 +60,9 @@ def test_tiny_glm45_trains_and_resumes_bitwise(tiny_corpus: dict, tmp_path: Path
     losses = [m[s]["loss"] for s in sorted(m)]
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.15, losses
     assert all(m[s]["moe_load_max"] >= 1.0 >= m[s]["moe_load_min"] for s in m)
+    # the loss's parts logged apart (no MTP layer: no mtp_loss): loss = lm_loss + moe_aux_loss
+    assert all(abs(m[s]["lm_loss"] + m[s]["moe_aux_loss"] - m[s]["loss"]) < 1e-5 for s in m) and "mtp_loss" not in m[1]
+    assert all(0 < m[s]["moe_aux_loss"] < 0.01 for s in m), m
     common = [*GLM45_TINY, "--train-iters", "8", "--save", str(stopped)]
     launch(train_args(tiny_corpus, *common, "--exit-interval", "4"))
     assert sorted(metrics(stopped)) == [1, 2, 3, 4]

@@ -42,6 +42,15 @@ def test_mtp_on_moe_pp2_matches_pp1_and_converts(tiny_corpus: dict, tmp_path: Pa
     assert len(ref) == 3 and max(abs(a - b) for a, b in zip(ref, got, strict=True)) < 1e-5, (ref, got)
     step1 = metrics(tmp_path / "pp1")[1]  # the logged total carries the MTP term, the objective's loss does not
     assert step1["loss"] - step1["loss_token"] > 0.1, step1
+    # The parts are logged apart on every step, PP=2 (the last stage's, averaged as the loss) as PP=1:
+    # loss = lm_loss + 0.3 x mtp_loss + moe_aux_loss.
+    one, two = metrics(tmp_path / "pp1"), metrics(pp2)
+    for run in (one, two):
+        for m in run.values():
+            assert abs(m["lm_loss"] + 0.3 * m["mtp_loss"] + m["moe_aux_loss"] - m["loss"]) < 1e-5, m
+            assert m["mtp_loss"] > 1.0 and 0 < m["moe_aux_loss"] < 0.1 and m["lm_loss"] > 1.0, m
+    parts = ("lm_loss", "mtp_loss", "moe_aux_loss")
+    assert max(abs(one[s][k] - two[s][k]) for s in one for k in parts) < 1e-5, (one, two)
 
     tp2 = tmp_path / "tp2"
     out = convert("--input", str(pp2), "--output", str(tp2), "--target-pp", "1", "--target-tp", "2", "--target-dp", "1")
