@@ -9,7 +9,6 @@ fresh.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from megatron_glm.config import ModelConfig
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model.glm import GLMModel, new_rng_tracker
 from megatron_glm.model.layout import ModelLayout, original_name
-from megatron_glm.model.meta_device import materialize
+from megatron_glm.model.meta_device import materialize, writable
 from megatron_glm.parallel import ParallelState
 from megatron_glm.parallel.lora import is_lora_name
 
@@ -72,17 +71,6 @@ def load_glm_model(
     model = materialize(GLMModel(config, ps, seed=seed, params_dtype=params_dtype, device="meta"), device)
     model.rng_tracker = new_rng_tracker(seed, ps, device)
     return model, load_model_weights(model, source, ps.tp_size, ps.tp_rank, (ps.ep_size, ps.ep_rank))
-
-
-def writable(param: nn.Parameter) -> contextlib.AbstractContextManager:
-    """A context in which ``param`` holds this tensor-parallel rank's whole value and writes to it are kept: under
-    ZeRO-3 (a model built in ``deepspeed.zero.Init``) it is gathered, then re-partitioned from rank 0's copy (every
-    rank writes the same); otherwise nothing."""
-    if not hasattr(param, "ds_id"):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
 
 
 def _load_one(

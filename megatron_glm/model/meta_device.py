@@ -1,7 +1,10 @@
 """A model built on the meta device, then given storage: for a model whose every parameter is about to be loaded,
-so no random init is drawn (weights-only starts, resumes, generation, pipeline stages)."""
+so no random init is drawn (weights-only starts, resumes, generation, pipeline stages); and a parameter made
+writable whole when ZeRO-3 partitions it (:func:`writable`)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -21,3 +24,14 @@ def materialize(model: nn.Module, device: torch.device | str | None) -> nn.Modul
         for b in model.buffers():
             b.zero_()
     return model
+
+
+def writable(param: nn.Parameter) -> contextlib.AbstractContextManager:
+    """A context in which ``param`` holds this tensor-parallel rank's whole value and writes to it are kept: under
+    ZeRO-3 (a model built in ``deepspeed.zero.Init``) it is gathered, then re-partitioned from rank 0's copy (every
+    rank writes the same); otherwise nothing."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=0)

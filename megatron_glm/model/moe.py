@@ -226,7 +226,7 @@ class MoEMLP(nn.Module):
         self.router.count(ids)
         if self.aux_coeff > 0 and self.training:
             shards = 1 if not seq_par or group is None else torch.distributed.get_world_size(group)
-            routing.expert_ids = ids
+            routing = routing._replace(expert_ids=ids)
             balance = sequence_balance_loss(routing, batch, self.top_k, group, shards)
             ctx.add_aux(AUX_LOSS_NAME, self.aux_coeff * balance)
         grouped, counts, handle = self.dispatcher.dispatch(tokens, ids)

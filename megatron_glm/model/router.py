@@ -16,20 +16,20 @@ same update. :func:`sequence_balance_loss` is the optional sequence-level balanc
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from megatron_glm.config import ModelConfig
+from megatron_glm.model.meta_device import writable
 
 
-@dataclass
-class Routing:
+class Routing(NamedTuple):
     """A router's decision for ``n`` tokens: ``expert_ids [n, k]`` (int64), ``weights [n, k]`` (fp32, with the
-    gradient to the router) and the fp32 ``scores [n, E]`` (unbiased; the balance loss reads them)."""
+    gradient to the router) and the fp32 ``scores [n, E]`` (unbiased; the balance loss reads them). A named tuple:
+    ZeRO-3's backward hooks find its tensors (they re-gather the router's partitioned weight for its backward)."""
 
     expert_ids: torch.Tensor
     weights: torch.Tensor
@@ -103,7 +103,8 @@ def update_expert_bias(module: nn.Module, dp_group: Any = None) -> list[torch.Te
     fractions = []
     for r, load in zip(rs, loads.double(), strict=True):
         if r.expert_bias is not None and r.rate > 0:
-            r.expert_bias.add_((r.rate * torch.sign(load.mean() - load)).to(r.expert_bias.dtype))
+            with writable(r.expert_bias):  # ZeRO-3: the whole bias, re-partitioned after (every rank moves it alike)
+                r.expert_bias.add_((r.rate * torch.sign(load.mean() - load)).to(r.expert_bias.dtype))
         r.load.zero_()
         fractions.append((load / load.sum().clamp(min=1)).float())
     return fractions

@@ -1,8 +1,10 @@
 """ZeRO-3 builds the model partitioned (``deepspeed.zero.Init``): set-up memory, identical init and losses, and
-weights loaded into a partitioned model."""
+weights loaded into a partitioned model; an MoE model (the router's correction bias partitioned too, moved by the
+balancing rule, not the optimizer) trains as under ZeRO-1."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from types import SimpleNamespace
 
@@ -90,6 +92,41 @@ class _Weights:
         pass
 
 
+MOE = {
+    "model.activation": "swiglu",
+    "model.num_experts": 4,
+    "model.moe_top_k": 2,
+    "model.moe_intermediate_size": 32,
+    "model.num_shared_experts": 1,
+    "model.first_k_dense_replace": 1,
+    "model.moe_bias_update_rate": 0.01,
+    "model.moe_aux_loss_coeff": 0.01,
+}
+BIAS = "transformer.layers.1.mlp.router.expert_bias"
+
+
+def _train_moe(stage: int) -> dict:
+    """3 steps of a 2-layer MoE model (a dense layer, an MoE layer): the losses and the final (gathered) weights."""
+    import deepspeed
+
+    cfg = tiny_config(
+        **MOE,
+        **{
+            "training.zero_stage": stage,
+            "training.train_iters": 3,
+            "training.micro_batch_size": 2,
+            "training.global_batch_size": 8,
+        },
+    )
+    trainer, _, logger = build_trainer(cfg)
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    bias_partitioned = hasattr(params[BIAS], "ds_id") and params[BIAS].numel() == 0
+    with deepspeed.zero.GatheredParameters(list(params.values())) if stage == 3 else contextlib.nullcontext():
+        weights = {n: p.detach().clone() for n, p in params.items()}
+    return {"loss": [v["loss"] for _, v in logger.rows], "weights": weights, "bias_partitioned": bias_partitioned}
+
+
 def _train(rank: int, world: int) -> dict:
     """Losses of 4 steps under ZeRO-1 and ZeRO-3 (same init, same batches); then weights loaded into a
     partitioned model."""
@@ -122,13 +159,24 @@ def _train(rank: int, world: int) -> dict:
         diffs = [(p.detach() - full[original_name(k)]).abs().max() for k, p in model.named_parameters()]
         out["load_diff"] = float(max(diffs))
     out["load_partitioned"] = all(p.numel() == 0 for p in model.parameters())
+    out["moe1"], out["moe3"] = _train_moe(1), _train_moe(3)
     return out
 
 
 def test_zero3_losses_equal_zero1_and_weights_load() -> None:
     """fp32, DP=2: the partitioned build's init gives ZeRO-1's losses; weights load into partitioned parameters."""
-    for r in run_distributed(_train, 2, timeout=900):
+    first, second = run_distributed(_train, 2, timeout=900)
+    for r in (first, second):
         assert not r["partitioned1"] and r["partitioned3"]
         assert len(r["loss3"]) == 4 and len(set(r["loss1"])) == 4
         assert max(abs(a - b) for a, b in zip(r["loss1"], r["loss3"], strict=True)) < 1e-5, r
         assert r["load_diff"] == 0.0 and r["load_partitioned"]
+        one, three = r["moe1"], r["moe3"]  # MoE: ZeRO-3 (the correction bias partitioned) takes ZeRO-1's steps
+        assert three["bias_partitioned"] and not one["bias_partitioned"]
+        assert len(three["loss"]) == 3 and max(abs(a - b) for a, b in zip(one["loss"], three["loss"])) < 1e-5, r
+        for name, want in one["weights"].items():
+            torch.testing.assert_close(three["weights"][name], want, rtol=0, atol=1e-5, msg=name)
+        assert one["weights"][BIAS].abs().max() > 0  # moved by the balancing rule (3 steps of +-0.01)
+    for stage in ("moe1", "moe3"):  # the same bias on both data-parallel ranks
+        results = [r[stage]["weights"][BIAS] for r in (first, second)]
+        assert torch.equal(*results)
