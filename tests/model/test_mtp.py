@@ -145,6 +145,9 @@ def test_fp64_loss_equals_the_published_equations(kind: str) -> None:
     assert abs(out.aux["mtp"].item() / (0.3 * mtp.item()) - 1) < 1e-5, (out.aux["mtp"], mtp)
     total = main + 0.3 * mtp
     assert abs(out.loss.item() / total.item() - 1) < 1e-5, (out.loss, total)
+    # The parts logged apart: the language-model loss alone and the MTP loss unweighted.
+    assert set(out.parts) == {"lm", "mtp"}
+    assert abs(out.parts["lm"].item() / main.item() - 1) < 1e-5 and abs(out.parts["mtp"].item() / mtp.item() - 1) < 1e-5
     # The MTP term is a real part of the total: other MTP weights change it.
     sd2 = {**sd, "transformer.mtp.0.eh_proj.weight": sd["transformer.mtp.0.eh_proj.weight"] * 2}
     assert abs(reference_losses(sd2, vars(cfg), batch)[1].item() - mtp.item()) > 1e-3
