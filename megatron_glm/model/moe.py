@@ -10,8 +10,9 @@ Tensors (relative to ``transformer.layers.{i}.mlp.``): ``router.weight [E, H]`` 
 Forward (``model/router.py`` for the routing equations): every token is routed on each tensor-parallel rank alike,
 the (token, expert) pairs are grouped by expert by the dispatcher (``model/moe_dispatch.py``: the seam for expert
 parallelism) and computed in two grouped matmuls (``torch.nn.functional.grouped_mm``; a loop over the experts'
-row segments where it is missing), combined with the routing weights, summed over tensor-parallel ranks (each holds
-a slice of every expert's ``F``, as the dense MLP), plus the shared experts' output. No token is dropped unless
+row segments where it is missing), each row weighed by its routing weight between the two (on the experts' inner
+``[m, F]`` rows, not their ``[m, H]`` outputs), the rows added up by token, summed over tensor-parallel ranks (each
+holds a slice of every expert's ``F``, as the dense MLP), plus the shared experts' output. No token is dropped unless
 ``moe_capacity_factor`` is set.
 """
 
@@ -144,24 +145,39 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 class _SwiGLU(torch.autograd.Function):
-    """``silu(gate) * up`` of ``h = [gate | up]`` whose backward writes both halves' gradients into one ``[m, 2F]``
-    tensor (no concatenation) and keeps only ``h`` (not ``silu(gate)``); the same operations as autograd's."""
+    """``silu(gate) * up`` of ``h = [gate | up]``, times each row's routing weight ``w [m]`` when given (an expert's
+    output is linear in it: weighing its ``[m, F]`` inner rows instead of its ``[m, H]`` output rows spares the
+    combine an ``[m, H]`` product, which its backward also needed, and the ``[m, H]`` output kept for the weights'
+    gradient). The backward keeps only ``h`` and ``w`` (not ``silu(gate)``) and writes both halves' gradients into
+    one ``[m, 2F]`` tensor (no concatenation): into ``h`` itself with ``reuse`` (``h`` an intermediate that nothing
+    else keeps; the backward then runs once). Without ``w`` and ``reuse``, the same operations as autograd's."""
 
     @staticmethod
-    def forward(ctx, h):
+    def forward(ctx, h, w=None, reuse=False):
         gate, up = h.chunk(2, dim=-1)
-        ctx.save_for_backward(h)
-        return F.silu(gate) * up
+        ctx.save_for_backward(h, w)
+        ctx.reuse, ctx.backward_done = reuse, False
+        out = F.silu(gate).mul_(up)
+        return out if w is None else out.mul_(w.to(h.dtype).unsqueeze(-1))  # h's dtype: mixed ones run ~25x slower
 
     @staticmethod
     def backward(ctx, grad):
-        (h,) = ctx.saved_tensors
+        if ctx.backward_done and ctx.reuse:
+            raise RuntimeError("grouped SwiGLU: backward runs once (retain_graph is not supported)")
+        ctx.backward_done = True
+        h, w = ctx.saved_tensors
         gate, up = h.chunk(2, dim=-1)
-        out = torch.empty_like(h)
+        act, d_w = F.silu(gate), None
+        if w is not None:
+            if ctx.needs_input_grad[1]:  # d w_i = <grad_i, silu(gate_i) up_i>, summed in fp32
+                d_w = (act * up).mul_(grad).sum(-1, dtype=torch.float32).to(w.dtype)
+            grad = grad * w.to(grad.dtype).unsqueeze(-1)
+        gu = grad * up
+        out = h if ctx.reuse else torch.empty_like(h)
         d_gate, d_up = out.chunk(2, dim=-1)
-        torch.mul(grad, F.silu(gate), out=d_up)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
-        return out
+        torch.mul(grad, act, out=d_up)
+        torch.ops.aten.silu_backward.grad_input(gu, gate, grad_input=d_gate)
+        return out, d_w, None
 
 
 class GroupedExperts(nn.Module):
@@ -174,9 +190,10 @@ class GroupedExperts(nn.Module):
             setattr(self, part, _Weight(_expert_parameter(ctx, tensors[name], name)))
         self.linear = grouped_linear
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [m, H]`` grouped by expert (``counts [E_local]``), each row's output times ``weights [m]`` if given."""
         h = self.linear(x, self.dense_h_to_4h.weight, counts)
-        return self.linear(_SwiGLU.apply(h), self.dense_4h_to_h.weight, counts)
+        return self.linear(_SwiGLU.apply(h, weights, True), self.dense_4h_to_h.weight, counts)
 
 
 class MoEMLP(nn.Module):
@@ -230,7 +247,8 @@ class MoEMLP(nn.Module):
             balance = sequence_balance_loss(routing, batch, self.top_k, group, shards)
             ctx.add_aux(AUX_LOSS_NAME, self.aux_coeff * balance)
         grouped, counts, handle = self.dispatcher.dispatch(tokens, ids)
-        y = self.dispatcher.combine(self.experts(grouped, counts), handle, w)
+        rows = self.experts(grouped, counts, self.dispatcher.row_weights(w, handle))  # weighted by the experts
+        y = self.dispatcher.combine(rows, handle, None)
         if seq_par:
             y = reduce_scatter_to_sequence_parallel_region(y.view(batch, -1, y.shape[-1]), group)
         else:

@@ -9,10 +9,13 @@ E_local)``):
   local expert in ascending order (expert 0's rows first), ``tokens_per_local_expert`` the rows of each (on the
   device of ``x``; ``m`` = their sum; no host synchronisation needed by the caller), ``handle`` whatever
   ``combine`` needs (opaque to the caller). Rows of one expert keep no particular order. Differentiable in ``x``.
-- ``combine(y_grouped [m, H], handle, weights [n, k]) -> [n, H]``: ``y_grouped`` is the experts' output row for row
-  of ``x_grouped``; the result is ``sum_j weights[t, j] * y(t, expert_ids[t, j])`` for each of this rank's tokens
-  ``t``, in ``y_grouped``'s dtype (the products taken in fp32), a dropped pair contributing 0. Differentiable in
-  ``y_grouped`` and ``weights``.
+- ``row_weights(weights [n, k], handle) -> [m]``: the routing weight of each row of ``x_grouped`` (its (token,
+  choice) pair's), in ``weights``' dtype, where the experts' rows are computed. Differentiable in ``weights``.
+- ``combine(y_grouped [m, H], handle, weights [n, k] | None) -> [n, H]``: ``y_grouped`` is the experts' output row
+  for row of ``x_grouped``; the result is ``sum_j weights[t, j] * y(t, expert_ids[t, j])`` for each of this rank's
+  tokens ``t`` (the products taken in fp32), or with ``weights`` None the plain ``sum_j y(t, expert_ids[t, j])``
+  (rows the experts already weighed with :meth:`row_weights`: what the MoE layer does), summed in fp32, in
+  ``y_grouped``'s dtype, a dropped pair contributing 0. Differentiable in ``y_grouped`` and ``weights``.
 
 ``dispatch`` and ``combine`` are called once each per forward, in that order, with the same tokens;
 tensor parallelism is outside (the caller passes every TP rank the same tokens and sums the partial outputs).
@@ -28,7 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
-from megatron_glm.parallel.token_rows import combine_sorted
+from megatron_glm.parallel.token_rows import combine_sorted, sum_sorted
 
 
 class TokenDispatcher(Protocol):
@@ -36,7 +39,9 @@ class TokenDispatcher(Protocol):
 
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
 
-    def combine(self, y_grouped: torch.Tensor, handle: Any, weights: torch.Tensor) -> torch.Tensor: ...
+    def row_weights(self, weights: torch.Tensor, handle: Any) -> torch.Tensor: ...
+
+    def combine(self, y_grouped: torch.Tensor, handle: Any, weights: torch.Tensor | None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -69,5 +74,10 @@ class LocalDispatcher:
             counts = counts.clamp(max=cap)
         return x.index_select(0, order // k), counts, LocalHandle(order, n, k)
 
-    def combine(self, y_grouped: torch.Tensor, handle: LocalHandle, weights: torch.Tensor) -> torch.Tensor:
+    def row_weights(self, weights: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
+        return weights.reshape(-1).index_select(0, handle.order)
+
+    def combine(self, y_grouped: torch.Tensor, handle: LocalHandle, weights: torch.Tensor | None) -> torch.Tensor:
+        if weights is None:
+            return sum_sorted(y_grouped, handle.order, handle.k, handle.n)
         return combine_sorted(y_grouped, handle.order, weights, handle.k)

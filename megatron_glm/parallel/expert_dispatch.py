@@ -2,9 +2,10 @@
 
 The same contract as the MoE layer's local dispatcher (``megatron_glm.model.moe_dispatch``):
 ``dispatch(x [n, H], expert_ids [n, k]) -> (x_grouped [m, H], tokens_per_local_expert [E_local], handle)``, the
-rows of ``x_grouped`` grouped by this rank's experts (local expert 0 first); ``combine(y_grouped, handle,
-weights [n, k]) -> [n, H]``, the weighted sum over each token's ``k`` choices of its experts' outputs (products
-in fp32, the result in ``y_grouped``'s dtype).
+rows of ``x_grouped`` grouped by this rank's experts (local expert 0 first); ``row_weights(weights [n, k], handle)
+-> [m]``, each grouped row's routing weight sent along (one more all-to-all, of ``n k`` scalars); ``combine(y_grouped,
+handle, weights [n, k] | None) -> [n, H]``, the weighted sum over each token's ``k`` choices of its experts' outputs
+(products in fp32, the result in ``y_grouped``'s dtype), or their plain sum when the rows are already weighted.
 
 Rank ``e`` of the expert-parallel group holds the experts ``[e E/ep, (e+1) E/ep)``. A dispatch sorts the
 ``n k`` token copies by global expert (so by destination rank), exchanges the per-expert counts (one
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_glm.parallel.state import ParallelState
-from megatron_glm.parallel.token_rows import combine_sorted, unpermute_rows
+from megatron_glm.parallel.token_rows import combine_sorted, sum_sorted, unpermute_rows
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
@@ -96,11 +97,20 @@ class ExpertDispatcher:
         handle = DispatchHandle(order, regroup, send_splits, recv_splits, (n, k))
         return got[regroup], received.sum(0), handle
 
-    def combine(self, y_grouped: torch.Tensor, handle: DispatchHandle, weights: torch.Tensor) -> torch.Tensor:
-        k = handle.shape[1]
+    def row_weights(self, weights: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        picked = weights.reshape(-1).index_select(0, handle.order)
+        if self.ep_size == 1:
+            return picked
+        got = _AllToAll.apply(picked.unsqueeze(-1), handle.recv_splits, handle.send_splits, self.group)
+        return got.squeeze(-1)[handle.regroup]
+
+    def combine(self, y_grouped: torch.Tensor, handle: DispatchHandle, weights: torch.Tensor | None) -> torch.Tensor:
+        n, k = handle.shape
         if self.ep_size == 1:
             back = y_grouped
         else:
             received = unpermute_rows(y_grouped, handle.regroup)
             back = _AllToAll.apply(received, handle.send_splits, handle.recv_splits, self.group)
+        if weights is None:
+            return sum_sorted(back, handle.order, k, n)
         return combine_sorted(back, handle.order, weights, k)

@@ -2,7 +2,8 @@
 
 A token routed to ``k`` experts travels as ``k`` row copies sorted by expert; :func:`unpermute_rows` puts rows back
 in (token, choice) order as a gather (its backward a gather too, no scatter-add), :func:`combine_sorted` takes each
-token's weighted sum straight from the sorted rows.
+token's weighted sum straight from the sorted rows, :func:`sum_sorted` its sum of rows already weighted (the MoE layer
+weighs the experts' inner activations, ``[m, F]``, instead of their ``[m, H]`` outputs).
 """
 
 from __future__ import annotations
@@ -58,3 +59,25 @@ def combine_sorted(rows: torch.Tensor, order: torch.Tensor, weights: torch.Tenso
     n = weights.shape[0]
     picked = weights.reshape(-1).index_select(0, order)
     return _CombineSorted.apply(rows, torch.div(order, k, rounding_mode="floor"), picked, n)
+
+
+class _SumSorted(torch.autograd.Function):
+    """:func:`sum_sorted`'s forward (rows added up by token in fp32) and a backward of one row gather."""
+
+    @staticmethod
+    def forward(ctx, rows, token, n):
+        ctx.save_for_backward(token)
+        out = torch.zeros(n, rows.shape[-1], dtype=torch.float32, device=rows.device)
+        return out.index_add_(0, token, rows.float()).to(rows.dtype)  # fp32 rows: no copy either way
+
+    @staticmethod
+    def backward(ctx, grad):
+        (token,) = ctx.saved_tensors
+        return grad.index_select(0, token), None, None
+
+
+def sum_sorted(rows: torch.Tensor, order: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """``out[t] = sum_j y(t, j)`` for ``n`` tokens, from ``rows [m, H]`` where row ``i`` is the (already weighted)
+    output of the flat (token, choice) pair ``order[i]`` (missing pairs add nothing): the sum in fp32, the result in
+    ``rows``' dtype; the backward is one gather of the output gradient. Differentiable in ``rows``."""
+    return _SumSorted.apply(rows, torch.div(order, k, rounding_mode="floor"), n)

@@ -1,5 +1,6 @@
 """All-to-all expert dispatch: EP ranks with their experts equal the local dispatcher holding every expert on one
-process (fp32): outputs and gradients of the tokens, the routing weights and the experts."""
+process (fp32): outputs and gradients of the tokens, the routing weights and the experts, with the weights applied
+by the combine or sent along to the rows (``row_weights``)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,16 @@ def _run(dispatcher: ExpertDispatcher, p: dict, rows: slice, experts: slice) -> 
     assert int(counts.sum()) == xg.shape[0] and counts.numel() == w1.shape[0]
     out = dispatcher.combine(_experts(xg, counts, w1, w2), handle, weights)
     (out * p["probe"][rows]).sum().backward()
-    return {"out": out.detach(), "x": x.grad, "weights": weights.grad, "w1": w1.grad, "w2": w2.grad, "m": xg.shape[0]}
+    res = {"out": out.detach(), "x": x.grad, "weights": weights.grad, "w1": w1.grad, "w2": w2.grad, "m": xg.shape[0]}
+    # the MoE layer's way: each row weighed where it is computed (row_weights), the rows summed (combine, None)
+    x.grad = weights.grad = w1.grad = w2.grad = None
+    xg, counts, handle = dispatcher.dispatch(x, p["ids"][rows])
+    rw = dispatcher.row_weights(weights, handle)
+    out = dispatcher.combine(_experts(xg, counts, w1, w2) * rw.unsqueeze(-1), handle, None)
+    (out * p["probe"][rows]).sum().backward()
+    for key, got in (("out", out.detach()), ("x", x.grad), ("weights", weights.grad), ("w1", w1.grad), ("w2", w2.grad)):
+        torch.testing.assert_close(got, res[key], rtol=0, atol=1e-6, msg=f"weighted rows: {key}")
+    return res
 
 
 def _ep_rank(rank: int, world: int) -> dict:
