@@ -9,7 +9,8 @@ The architecture and tokenizer come from ``--load`` (any checkpoint we read); th
 to every pretraining option that applies (batch sizes, lr schedule, parallelism, precision, ZeRO, logging,
 ``--save`` / ``--save-interval``; re-running with the same ``--save`` resumes exactly). Evaluation results
 (``valid_loss`` and ``accuracy`` / ``rouge1`` / ``rouge2`` / ``rougeL`` / ``bleu`` / chat ``reply_N``) go to
-``DIR/metrics.jsonl``. ``--dry-run`` validates the configuration; ``--help`` lists every option.
+``DIR/metrics.jsonl``. ``--dry-run`` validates the configuration and prints, as ``pretrain_glm.py --dry-run`` does,
+the parameter count, the memory and the activation memory per rank; ``--help`` lists every option.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg, world_size, local_device_type())
         print(yaml.safe_dump({**config_to_dict(cfg), "finetune": vars(task)}, sort_keys=False), end="")
         print(f"configuration is valid for world size {world_size}")
-        from pretrain_glm import dry_run_memory  # parameters (LoRA: trainable) and memory per rank
+        from megatron_glm.training.dry_run import dry_run_report  # parameters (LoRA: trainable), memory per rank
 
-        print(dry_run_memory(cfg, world_size))
+        print(dry_run_report(cfg, world_size))
         return 0
     from megatron_glm.finetune.run import finetune  # heavy imports (torch, deepspeed) only when training
     from megatron_glm.training.failures import lost_peer_message

@@ -414,7 +414,7 @@ class CheckpointManager:
                 universal_loadable(engine, path, expect or {})
             else:
                 for key, want in (expect or {}).items():
-                    saved = layout.get(key, 1 if key == "ep" else want)  # no "ep": saved without experts split
+                    saved = layout.get(key, {"ep": 1, "dp_x_cp": layout.get("dp", want)}.get(key, want))  # unsplit
                     if saved != want:
                         hint = "resume with that expert-parallel size" if key == "ep" else convert_hint(path, expect)
                         raise CheckpointError(f"{path}: saved with {key}={saved} but this run has {key}={want}; {hint}")

@@ -66,6 +66,8 @@ def task_config(cfg: GLMConfig, task: FinetuneConfig, log: Callable[[str], None]
     :func:`~megatron_glm.config.architecture.adopt_architecture`) and tokenizer and the task's row length."""
     if not cfg.checkpoint.load:
         raise ConfigError("--load CKPT is required: the checkpoint to fine-tune (any layout or format we read)")
+    if cfg.parallel.context_parallel_size > 1:  # --dry-run included
+        raise ConfigError("fine-tuning runs without context parallelism: drop --context-parallel-size")
     model, tokenizer = source_model(cfg.checkpoint.load)
     cfg = adopt_architecture(cfg, model.architecture(), cfg.checkpoint.load, log)
     m = cfg.model
@@ -229,8 +231,6 @@ def finetune(cfg: GLMConfig, task: FinetuneConfig) -> TrainState:
     started = time.perf_counter()
     cfg = task_config(cfg, task, log=launcher_log)
     validate(cfg, launcher_world_size(), local_device_type())  # once, before any process group starts
-    if cfg.parallel.context_parallel_size > 1:
-        raise ConfigError("fine-tuning runs without context parallelism: drop --context-parallel-size")
     tokenizer = open_tokenizer(cfg.data.tokenizer_model)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(

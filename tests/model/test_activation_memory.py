@@ -12,6 +12,7 @@ import torch
 from megatron_glm.config import ModelConfig, build_config, load_config, problems
 from megatron_glm.model import GLMModel
 from megatron_glm.model.activation_memory import StepShape, estimate_activation_memory
+from megatron_glm.model.memory import estimate_memory
 from megatron_glm.testing import peak_memory
 from tests.model.helpers import make_batch
 
@@ -131,6 +132,12 @@ def test_dry_run_prints_the_activation_memory_per_rank() -> None:
     )
     assert line in out.splitlines(), out[-2000:]
     assert "configuration is valid for world size 16" in out and "DP 4" in out  # 16 = TP 2 x CP 2 x DP 4
+    # ZeRO-1 (the default) partitions the optimizer over DeepSpeed's data-parallel group: the dp x cp = 8 ranks
+    by_dp = {dp: estimate_memory(cfg.model, tp=2, pp=1, dp=dp, zero_stage=1, precision="bf16") for dp in (4, 8)}
+    assert by_dp[8].optimizer < by_dp[4].optimizer
+    memory = next(row for row in out.splitlines() if row.startswith("memory per rank"))
+    assert "(TP 2 x PP 1 x DP 4 x CP 2, ZeRO 1, sharded over DP x CP = 8, bf16;" in memory, memory
+    assert memory.endswith(by_dp[8].describe()), memory
 
 
 def test_context_parallel_refuses_what_it_cannot_serve() -> None:

@@ -45,14 +45,18 @@ def tiny_config(**assignments: Any) -> GLMConfig:
     return build_config({**base, **assignments})
 
 
-def synthetic_batches(micro_batch_size: int, dp_rank: int, seed: int = 0) -> Iterator[Batch]:
-    """Endless GLM-shaped micro-batches (every objective present), different per data-parallel rank."""
+def synthetic_batches(micro_batch_size: int, dp_rank: int, seed: int = 0, skip: int = 0) -> Iterator[Batch]:
+    """Endless GLM-shaped micro-batches (every objective present), different per data-parallel rank; the first
+    ``skip`` are drawn and dropped (a resumed run continues the stream)."""
     g = torch.Generator().manual_seed(seed * 1000 + dp_rank)
     b, s = micro_batch_size, SEQ
     while True:
         ids = torch.randint(0, VOCAB, (b, s), generator=g)
         sep = torch.randint(s // 4, s // 2, (b,), generator=g)
         loss_mask = (torch.arange(s).expand(b, s) >= sep[:, None]).float()
+        if skip > 0:
+            skip -= 1
+            continue
         yield {
             "input_ids": ids,
             "labels": torch.roll(ids, -1, dims=1),
@@ -64,7 +68,8 @@ def synthetic_batches(micro_batch_size: int, dp_rank: int, seed: int = 0) -> Ite
 
 
 def build_trainer(cfg: GLMConfig) -> tuple[Trainer, ParallelState, CapturingLogger]:
-    """The real set-up of ``pretrain`` (no data files, no checkpoints) on the launched process group."""
+    """The real set-up of ``pretrain`` (no data files; checkpoints in ``checkpoint.save`` when set) on the launched
+    process group."""
     env, _ = init_distributed()  # no heartbeat
     p = cfg.parallel
     ps = initialize_parallel_state(
@@ -80,13 +85,13 @@ def build_trainer(cfg: GLMConfig) -> tuple[Trainer, ParallelState, CapturingLogg
         engine,
         env.device,
         rng_tracker=built.rng_tracker,
-        train_batches=lambda _consumed: synthetic_batches(mbs, ps.dp_rank),
+        train_batches=lambda consumed: synthetic_batches(mbs, ps.dp_rank, skip=consumed // (mbs * ps.dp_size)),
         valid_batches=None,
         accumulation_steps=accum,
         global_batch_size=global_batch,
         flops_per_sample=1.0,
         peak_flops=0.0,
-        checkpoints=CheckpointManager("", log=lambda _m: None),
+        checkpoints=CheckpointManager(cfg.checkpoint.save, log=lambda _m: None),
         logger=logger,
         log=lambda _m: None,
     )

@@ -70,6 +70,16 @@ def test_readers_take_the_checkpoints_architecture_and_refuse_a_contradiction(ti
     text = out.stdout.rsplit("configuration is valid", 1)[0]
     doc = yaml.safe_load(text[text.index("model:\n") :])  # after the accelerator's warning line
     assert _arch(SimpleNamespace(**doc["model"])) == WANTED and doc["model"]["vocab_size"] == 2048
+    # ... and the memory and activation lines of pretrain_glm.py --dry-run (shared code), at the task's row length
+    rows = out.stdout.splitlines()
+    assert any(r.startswith("memory per rank (TP 1 x PP 1 x DP 1, ZeRO 1, fp32;") for r in rows), out.stdout[-2000:]
+    seq = doc["data"]["seq_length"]
+    head = f"activation memory per rank (seq {seq}, CP 1: {seq} tokens per rank, micro-batch 4, TP 1, "
+    assert any(r.startswith(head) and "backward working set" in r for r in rows), out.stdout[-2000:]
+    refused = _finetune_dry_run(save, tmp_path, "--context-parallel-size", "2")  # as finetune_glm.py refuses it
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines() == [
+        "error: fine-tuning runs without context parallelism: drop --context-parallel-size"
+    ], refused.stderr
     # A fine-tuning run (lr 0: the weights stay the trained ones) trains and saves that architecture: its
     # checkpoint records it and generates the trained model's logits.
     examples = [

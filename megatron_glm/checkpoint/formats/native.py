@@ -158,6 +158,7 @@ class NativeSource:
             raise CheckpointError(f"{step / META}: not a megatron_glm checkpoint (no layout/config.model)")
         config = model_config_from_dict(model_fields, str(step / META))
         tp, pp, dp = int(layout.get("tp", 1)), int(layout.get("pp", 1)), int(layout.get("dp", 1))
+        zero_dp = int(layout.get("dp_x_cp", dp))  # the optimizer's partitions: dp x cp (DeepSpeed's dp group)
         stage = int(layout.get("zero_stage", 0))
         ep = int(layout.get("ep", 1))
         if ep > 1 and pp > 1:
@@ -197,10 +198,10 @@ class NativeSource:
         self.param_shapes = first.get("param_shapes")
         self.zero: list[ZeroReader] = []
         if stage > 0 and pp > 1:
-            self.zero = pipeline_zero_readers(step, tp, pp, dp)
+            self.zero = pipeline_zero_readers(step, tp, pp, zero_dp)
         if stage > 0 and pp == 1:
             for t in range(tp):
-                files = optim_files(step, t, dp)
+                files = optim_files(step, t, zero_dp)
                 absent = [f.name for f in files if not f.is_file()] if files else ["(none)"]
                 if absent and files:
                     raise CheckpointError(f"{step}: missing ZeRO optimizer files: {', '.join(absent)}")
@@ -395,6 +396,7 @@ def _converted_meta(src: Any, meta_in: dict[str, Any], step_no: int, target: Nat
         "tp": target.tp,
         "pp": target.pp,
         "dp": target.dp,
+        "dp_x_cp": target.dp,  # written for runs without context parallelism
         "zero_stage": src.info.zero_stage if target.carry_optimizer else 0,
         **({"ep": target.ep} if target.ep > 1 else {}),
     }
