@@ -18,13 +18,13 @@ already changes the masks): each rank keeps its own contiguous block of a ``C`` 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron_glm.model.masks import AttentionMask, prepare_attention_mask
+from megatron_glm.model.ring_attention import fp32_scores
 from megatron_glm.parallel import MODEL_PARALLEL_RNG, RNGStatesTracker
 from megatron_glm.parallel.context_parallel import ContextParallel
 
@@ -33,15 +33,12 @@ def local_mask(
     attention_mask: torch.Tensor | AttentionMask, cp: ContextParallel, batch: int, local_seq: int, device: torch.device
 ) -> AttentionMask:
     """The rows of the global mask (``[b]`` sep, ``[b, 1, S, S]`` boolean, or a prepared mask) at this rank's
-    query positions, its columns at the gathered keys' positions: a boolean ``[b, 1, S / C, S]`` mask."""
-    seq = local_seq * cp.size
-    full = prepare_attention_mask(attention_mask, batch, seq, device)
-    b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
-    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
-    q = cp.local_positions(local_seq, device).view(1, 1, local_seq, 1)
-    kv = cp.gathered_positions(local_seq, device).view(1, 1, 1, seq)
-    rows = full.mask_mod(b, h, q, kv)
-    return AttentionMask(full.mask_mod, batch, local_seq, rows.device, _bool=rows)
+    query positions, its columns at the gathered keys' positions: a boolean ``[b, 1, S / C, S]`` mask, evaluated
+    from the positions by the mask function when a kernel asks for it (the ring never does: it evaluates each
+    block's ``[b, 1, S / C, S / C]``)."""
+    full = prepare_attention_mask(attention_mask, batch, local_seq * cp.size, device)
+    q, kv = cp.local_positions(local_seq, device), cp.gathered_positions(local_seq, device)
+    return AttentionMask(full.mask_mod, batch, local_seq, torch.device(device), q_positions=q, kv_positions=kv)
 
 
 def _full_rows_noise(
@@ -70,12 +67,7 @@ def attention_with_dropout(
     :func:`~megatron_glm.model.attention.layer_scaled_attention`."""
     b, h, s_loc, _ = q.shape
     seq = k.shape[2]
-    coeff = 1.0 if fp32_coeff is None else fp32_coeff
-    scale = 1.0 / (math.sqrt(q.shape[-1]) * coeff)
-    if fp32_coeff is None:
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
-    else:
-        scores = torch.matmul(q * scale, k.transpose(-1, -2)).float().mul_(coeff)
+    scores = fp32_scores(q, k, fp32_coeff)
     fork = tracker.fork(MODEL_PARALLEL_RNG) if tracker is not None else contextlib.nullcontext()
     with fork:
         qpos, kvpos = cp.local_positions(s_loc, q.device), cp.gathered_positions(s_loc, q.device)

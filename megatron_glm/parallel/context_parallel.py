@@ -93,17 +93,20 @@ class _SumTimes(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class ContextParallel:
-    """This rank's place in its context-parallel group (``size > 1``)."""
+    """This rank's place in its context-parallel group (``size > 1``). ``comm``: how attention meets the other
+    ranks' keys and values (``ring``: :mod:`megatron_glm.model.ring_attention` when attention dropout is off;
+    ``gather``: :meth:`gather`)."""
 
     size: int
     rank: int
     group: Any
+    comm: str = "ring"
 
     @classmethod
-    def of(cls, parallel_state: ParallelState) -> ContextParallel | None:
+    def of(cls, parallel_state: ParallelState, comm: str = "ring") -> ContextParallel | None:
         """The state's context parallelism (``None`` with ``cp_size`` 1)."""
         ps = parallel_state
-        return None if ps.cp_size == 1 else cls(ps.cp_size, ps.cp_rank, ps.cp_group)
+        return None if ps.cp_size == 1 else cls(ps.cp_size, ps.cp_rank, ps.cp_group, comm)
 
     def local_positions(self, local_seq: int, device: torch.device | str | None = None) -> torch.Tensor:
         """The global positions of this rank's ``local_seq`` positions."""
