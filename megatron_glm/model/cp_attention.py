@@ -1,10 +1,13 @@
 """Attention and dropout under context parallelism (:mod:`megatron_glm.parallel.context_parallel`).
 
-Each rank holds the queries of its positions (two zigzag chunks); the keys and values of the group are
-all-gathered (rank after rank) and the mask is the rows of GLM's ``[S, S]`` mask at this rank's query positions with
-its columns in the gathered keys' order (:func:`local_mask`): Part A bidirectional, Part B causal, document isolation
-and the causal objective all come from the same mask function as ``C = 1``. Exact: the same scores and softmax over
-the same keys (the sums run in another order: fp32 reduction noise).
+Each rank holds the queries of its positions (two zigzag chunks). Without attention dropout and with
+``context_parallel_comm ring`` (the default) the keys and values travel around the group
+(:mod:`megatron_glm.model.ring_attention`); otherwise (``gather``, or attention dropout) they are all-gathered (rank
+after rank) and the mask is the rows of GLM's ``[S, S]`` mask at this rank's query positions with its columns in the
+gathered keys' order (:func:`local_mask`, evaluated from the positions by the mask function: the ``[S, S]`` grid is
+never built): Part A bidirectional, Part B causal, document isolation and the causal objective all come from the
+same mask function as ``C = 1``. Exact: the same scores and softmax over the same keys (the sums run in another
+order: fp32 reduction noise).
 
 Dropout is that of ``C = 1``: every mask is drawn over the whole sequence from the same RNG state and this rank's
 positions kept (:class:`ContextParallelDropout` for the hidden dropouts, :func:`attention_with_dropout` for the

@@ -5,7 +5,8 @@ chunks of ``S / 2C``; rank ``r`` holds chunks ``r`` and ``2C - 1 - r``, in that 
 Every rank of the group reads the same batch; the trainer keeps this rank's positions of the token ids, position
 ids, labels and loss mask (:func:`split_batch`), so the rotary positions are those of each token's global index.
 
-Attention gathers the keys and values of the whole group (:meth:`ContextParallel.gather`: all-gather forward,
+Attention passes the keys and values around the group (``comm`` ``ring``: :mod:`megatron_glm.model.ring_attention`,
+without attention dropout) or gathers those of the whole group (:meth:`ContextParallel.gather`: all-gather forward,
 reduce-scatter of their gradients backward) and computes this rank's queries against every key with the rows of
 the ``[S, S]`` mask at this rank's query positions; the gathered keys come rank after rank
 (:meth:`ContextParallel.gathered_positions`), and the mask's columns follow that order.
