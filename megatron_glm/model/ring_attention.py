@@ -68,6 +68,17 @@ class _Ring:
         return mask_mod(b, h, q_pos.view(q_pos.shape[0], 1, q_pos.shape[-1], 1), kv)
 
 
+TILE_ELEMENTS = 1 << 22
+"""Score elements of one tile (``b x h x rows x keys``: 16 MiB in fp32). Each step runs the local queries in row
+tiles of this size, so no step holds a block's whole ``[b, h, S / C, S / C]`` scores (the flash kernels' memory is
+linear in the sequence: the ring's must stay near it)."""
+
+
+def _tiles(m: int, b: int, h: int, n: int) -> list[slice]:
+    rows = max(1, TILE_ELEMENTS // (b * h * n))
+    return [slice(i, min(i + rows, m)) for i in range(0, m, rows)]
+
+
 def _repeat(x: torch.Tensor, rep: int) -> torch.Tensor:
     return x if rep == 1 else x.repeat_interleave(rep, dim=1)
 
@@ -75,6 +86,29 @@ def _repeat(x: torch.Tensor, rep: int) -> torch.Tensor:
 def _finite(lse: torch.Tensor) -> torch.Tensor:
     """``lse`` with ``-inf`` (a row with nothing visible) replaced by 0, so that ``exp(s - lse)`` is 0 there."""
     return lse.masked_fill(lse == float("-inf"), 0.0)
+
+
+def _forward_tile(q, k, v, allowed, fp32_coeff, out, lse) -> None:
+    """Merge the tile's attention on one block into its running ``out`` and ``lse`` (views, in place)."""
+    s = fp32_scores(q, k, fp32_coeff).masked_fill_(~allowed, float("-inf"))
+    block_lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    p = torch.exp(s.sub_(_finite(block_lse)))
+    block_out = torch.matmul(p.to(v.dtype), v).float()
+    merged = torch.logaddexp(lse, block_lse)
+    new = _finite(merged)
+    out.mul_(torch.exp(lse - new)).add_(block_out.mul_(torch.exp(block_lse - new)))
+    lse.copy_(merged)
+
+
+def _backward_tile(q, grad, rows, lse, k, v, allowed, fp32_coeff, dq, dk, dv) -> None:
+    """Add the tile's gradients on one block: ``dq`` (a view), ``dk`` and ``dv`` (the block's, per query head)."""
+    sm = 1.0 / math.sqrt(q.shape[-1])
+    s = fp32_scores(q, k, fp32_coeff).masked_fill_(~allowed, float("-inf"))
+    p = torch.exp(s.sub_(lse))
+    dv.add_(torch.matmul(p.to(grad.dtype).transpose(-1, -2), grad).float())
+    ds = torch.matmul(grad, v.transpose(-1, -2)).float().sub_(rows).mul_(p)
+    dq.add_(torch.matmul(ds, k.float()), alpha=sm)
+    dk.add_(torch.matmul(ds.transpose(-1, -2), q.float()), alpha=sm)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -86,16 +120,11 @@ class _RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v])
         for step in range(cp.size):
             pending = ring.exchange(kv) if step < cp.size - 1 else None
-            allowed = ring.block_mask(mask_mod, q_pos, step, q.shape[0], n)
-            if bool(allowed.any()):
-                kr, vr = _repeat(kv[0], rep), _repeat(kv[1], rep)
-                s = fp32_scores(q, kr, fp32_coeff).masked_fill_(~allowed, float("-inf"))
-                block_lse = torch.logsumexp(s, dim=-1, keepdim=True)
-                p = torch.exp(s.sub_(_finite(block_lse)))
-                block_out = torch.matmul(p.to(v.dtype), vr).float()
-                new = _finite(torch.logaddexp(lse, block_lse))
-                out = out.mul_(torch.exp(lse - new)).add_(block_out.mul_(torch.exp(block_lse - new)))
-                lse = torch.logaddexp(lse, block_lse)
+            kr, vr = _repeat(kv[0], rep), _repeat(kv[1], rep)
+            for t in _tiles(q.shape[2], *q.shape[:2], n):
+                allowed = ring.block_mask(mask_mod, q_pos[:, t], step, q.shape[0], n)
+                if bool(allowed.any()):  # skip what the mask hides entirely
+                    _forward_tile(q[:, :, t], kr, vr, allowed, fp32_coeff, out[:, :, t], lse[:, :, t])
             if pending is not None:
                 kv = ring.wait(pending)
         out = out.to(q.dtype)
@@ -110,23 +139,21 @@ class _RingAttention(torch.autograd.Function):
         b, g = k.shape[:2]
         grad = grad.contiguous()
         rows = (grad.float() * out.float()).sum(dim=-1, keepdim=True)
-        lse, sm = _finite(lse), 1.0 / math.sqrt(q.shape[-1])
+        lse = _finite(lse)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
         dkv = torch.zeros(kv.shape, dtype=torch.float32, device=k.device)  # travels with its block
         for step in range(cp.size):
             pending = ring.exchange(kv) if step < cp.size - 1 else None
-            allowed = ring.block_mask(ctx.mask_mod, q_pos, step, b, n)
-            if bool(allowed.any()):
-                kr, vr = _repeat(kv[0], rep), _repeat(kv[1], rep)
-                s = fp32_scores(q, kr, ctx.fp32_coeff).masked_fill_(~allowed, float("-inf"))
-                p = torch.exp(s.sub_(lse))
-                dv = torch.matmul(p.to(grad.dtype).transpose(-1, -2), grad).float()
-                ds = torch.matmul(grad, vr.transpose(-1, -2)).float().sub_(rows).mul_(p)
-                dq.add_(torch.matmul(ds, kr.float()), alpha=sm)
-                dk = torch.matmul(ds.transpose(-1, -2), q.float()).mul_(sm)
-                dkv[0].add_(dk.view(b, g, rep, n, -1).sum(2))
-                dkv[1].add_(dv.view(b, g, rep, n, -1).sum(2))
+            kr, vr = _repeat(kv[0], rep), _repeat(kv[1], rep)
+            dk, dv = (torch.zeros(kr.shape, dtype=torch.float32, device=k.device) for _ in range(2))
+            for t in _tiles(q.shape[2], *q.shape[:2], n):
+                allowed = ring.block_mask(ctx.mask_mod, q_pos[:, t], step, b, n)
+                if bool(allowed.any()):
+                    args = (q[:, :, t], grad[:, :, t], rows[:, :, t], lse[:, :, t], kr, vr, allowed)
+                    _backward_tile(*args, ctx.fp32_coeff, dq[:, :, t], dk, dv)
+            dkv[0].add_(dk.view(b, g, rep, n, -1).sum(2))
+            dkv[1].add_(dv.view(b, g, rep, n, -1).sum(2))
             dkv = ring.wait(ring.exchange(dkv, tag=1))  # to the next holder; after the last step, home
             if pending is not None:
                 kv = ring.wait(pending)

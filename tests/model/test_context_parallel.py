@@ -144,7 +144,8 @@ def _cp_checks(rank: int, world: int, tp: int, comms: tuple[str, ...]) -> dict[s
 def _ring_kernel_checks(cp: ContextParallel) -> dict[str, float]:
     """The ring on its own against softmax attention over the whole sequence: grouped-query heads (4 query heads,
     2 key/value groups), a mask with rows that see nothing (zeros out, zero gradients) and a key block that no
-    query of rank 0 sees (skipped), the layer-scaled scores (``fp32_coeff``); output and every gradient."""
+    query of rank 0 sees (skipped), the layer-scaled scores (``fp32_coeff``) in row tiles; output and every
+    gradient."""
     gen = torch.Generator().manual_seed(7)
     b, h, g, seq, d = 2, 4, 2, 16, 8
     q, k, v = (torch.randn(b, n, seq, d, generator=gen) for n in (h, g, g))
@@ -153,7 +154,9 @@ def _ring_kernel_checks(cp: ContextParallel) -> dict[str, float]:
     mask[:, :, zigzag_indices(seq, 2, 0)[:, None], zigzag_indices(seq, 2, 1)] = False  # rank 0 skips a block
     grad = torch.randn(b, h, seq, d, generator=gen)
     out: dict[str, float] = {}
-    for coeff in (None, 3.0):
+    tile = ring_attention.TILE_ELEMENTS
+    for coeff, rows in ((None, 0), (3.0, 3)):  # the second in tiles of 3 query rows (8 = 3 + 3 + 2)
+        ring_attention.TILE_ELEMENTS = rows * b * h * seq // 2 or tile
         full = [t.clone().requires_grad_() for t in (q, k, v)]
         kr, vr = (t.repeat_interleave(h // g, dim=1) for t in full[1:])
         scores = (full[0] @ kr.transpose(-1, -2) / d**0.5).masked_fill(~mask, float("-inf"))
@@ -161,8 +164,11 @@ def _ring_kernel_checks(cp: ContextParallel) -> dict[str, float]:
         ref.backward(grad)
         pos = cp.local_positions(seq // 2)
         local = [split_sequence(t, 2, cp.rank, dim=2).requires_grad_() for t in (q, k, v)]
-        got = ring_attention.ring_attention(*local, masks.dense_mask_mod(mask), pos, cp, coeff)
-        got.backward(split_sequence(grad, 2, cp.rank, dim=2))
+        try:
+            got = ring_attention.ring_attention(*local, masks.dense_mask_mod(mask), pos, cp, coeff)
+            got.backward(split_sequence(grad, 2, cp.rank, dim=2))
+        finally:
+            ring_attention.TILE_ELEMENTS = tile
         pairs = [(got, ref)] + [(t.grad, f.grad) for t, f in zip(local, full)]
         out[f"ring-kernel/coeff={coeff}"] = max(
             (a - split_sequence(r, 2, cp.rank, dim=2)).abs().max().item() for a, r in pairs
