@@ -2,7 +2,8 @@
 
 One training forward + backward of a GLM batch (Part B = the loss rows, about half) of ``--seq`` tokens, at CP=1
 (one process) and CP=2 (two gloo processes on CPU, each rank holding the zigzag half of every sequence, keys and
-values all-gathered), GLM's dropouts (``--dropout``, default 0.1). ``--cuda`` (under ``torchrun --nproc_per_node 2``,
+values passed around the ring or all-gathered: ``--comm``, ``both`` for a CP=2 row each), GLM's dropouts
+(``--dropout``, default 0.1; attention dropout always gathers). ``--cuda`` (under ``torchrun --nproc_per_node 2``,
 one GPU per rank, NCCL): each rank measures CP=1 alone on its GPU, then the two ranks CP=2.
 
 Memory (CPU: the profiler's allocation events, :func:`megatron_glm.testing.peak_memory`; CUDA: the allocator's
@@ -12,7 +13,7 @@ counted). Step time: the median of ``--steps`` forward + backward passes after o
 includes the gloo all-gathers; it is indicative only).
 
     python benchmarks/context_parallel.py                      # H 512, 8 heads, 2 layers, seq 2048, fp32
-    python benchmarks/context_parallel.py --seq 8192 --layers 4
+    python benchmarks/context_parallel.py --seq 8192 --dropout 0 --head-chunk 1024 --comm both
     torchrun --nproc_per_node 2 benchmarks/context_parallel.py --cuda --seq 32768 --hidden 1024 --heads 16
 """
 
@@ -63,6 +64,7 @@ def _measure(rank: int, world: int, args: argparse.Namespace) -> dict[str, float
         hidden_dropout=args.dropout,
         attention_dropout=args.dropout,
         head_chunk_size=args.head_chunk,
+        context_parallel_comm=args.comm,
     )
     model = GLMModel(cfg, ps, seed=1, params_dtype=DTYPES[args.dtype], device=device).train()
     data = glm_batch(args.batch, args.seq, cfg.vocab_size)
@@ -110,19 +112,31 @@ def _summary(results: list[dict[str, float]]) -> dict[str, float]:
     return {k: max(r[k] for r in results) for k in ("act", "peak", "time")} | {"loss": results[0]["loss"]}
 
 
-def _cuda_rows(args: argparse.Namespace) -> dict[int, dict[str, float]]:
+def _with_comm(args: argparse.Namespace, comm: str) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "comm": comm})
+
+
+def _cuda_rows(args: argparse.Namespace, comms: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """Under torchrun with 2 GPUs (NCCL): CP=1 on each rank's GPU alone, then CP=2; rows on rank 0 only."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world != 2:
         raise SystemExit("--cuda runs under torchrun --nproc_per_node 2 (one GPU per rank)")
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl")
-    one = _measure(rank, 1, args)
-    two = _measure(rank, 2, args)
-    gathered: list = [None, None]
-    dist.all_gather_object(gathered, two)
+    rows = {"1": _summary([_measure(rank, 1, args)])}
+    for comm in comms:
+        gathered: list = [None, None]
+        dist.all_gather_object(gathered, _measure(rank, 2, _with_comm(args, comm)))
+        rows[f"2 {comm}"] = _summary(gathered)
     dist.destroy_process_group()
-    return {1: _summary([one]), 2: _summary(gathered)} if rank == 0 else {}
+    return rows if rank == 0 else {}
+
+
+def _cpu_rows(args: argparse.Namespace, comms: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    rows = {"1": _summary(run_distributed(_measure, 1, args, timeout=3000.0))}
+    for comm in comms:
+        rows[f"2 {comm}"] = _summary(run_distributed(_measure, 2, _with_comm(args, comm), timeout=3000.0))
+    return rows
 
 
 def main() -> None:
@@ -142,28 +156,35 @@ def main() -> None:
     )
     ap.add_argument("--cuda", action="store_true", help="run each rank on its GPU (NCCL needs one GPU per rank)")
     ap.add_argument("--head-chunk", type=int, default=0, help="model.head_chunk_size (the fused head; 0: unfused)")
+    ap.add_argument(
+        "--comm",
+        default="ring",
+        choices=("ring", "gather", "both"),
+        help="model.context_parallel_comm at CP=2 (both: one CP=2 row each; attention dropout always gathers)",
+    )
     args = ap.parse_args()
     if args.seq % 4:
         ap.error("--seq must be divisible by 2 x CP = 4")
-    rows = (
-        _cuda_rows(args)
-        if args.cuda
-        else {cp: _summary(run_distributed(_measure, cp, args, timeout=3000.0)) for cp in (1, 2)}
-    )
+    comms = ("ring", "gather") if args.comm == "both" else (args.comm,)
+    rows = _cuda_rows(args, comms) if args.cuda else _cpu_rows(args, comms)
     if not rows:
         return
     print(
         f"seq {args.seq}, batch {args.batch}, H {args.hidden}, {args.heads} heads, {args.layers} layers, {args.dtype}, "
         f"dropout {args.dropout}, head chunk {args.head_chunk}; per rank (the larger of the ranks), MiB"
     )
-    print(f"{'CP':>4} {'activations':>12} {'peak fwd+bwd':>13} {'step s':>8} {'loss':>10}")
-    for cp, r in rows.items():
-        print(f"{cp:>4} {r['act'] / 2**20:12.1f} {r['peak'] / 2**20:13.1f} {r['time']:8.3f} {r['loss']:10.5f}")
-    one, two = rows[1], rows[2]
-    print(
-        f"CP=2 / CP=1: activations {two['act'] / one['act']:.3f}x, peak {two['peak'] / one['peak']:.3f}x, "
-        f"step time {two['time'] / one['time']:.3f}x; loss difference {abs(two['loss'] - one['loss']):.2e}"
-    )
+    print(f"{'CP':>9} {'activations':>12} {'peak fwd+bwd':>13} {'step s':>8} {'loss':>10}")
+    for name, r in rows.items():
+        print(f"{name:>9} {r['act'] / 2**20:12.1f} {r['peak'] / 2**20:13.1f} {r['time']:8.3f} {r['loss']:10.5f}")
+    one = rows["1"]
+    for comm in comms:
+        two = rows[f"2 {comm}"]
+        print(
+            f"CP=2 {comm} / CP=1: activations {two['act'] / one['act']:.3f}x, peak {two['peak'] / one['peak']:.3f}x, "
+            f"step time {two['time'] / one['time']:.3f}x; loss difference {abs(two['loss'] - one['loss']):.2e}"
+        )
+    if len(comms) == 2:
+        print(f"step time ring / gather: {rows['2 ring']['time'] / rows['2 gather']['time']:.3f}x")
 
 
 if __name__ == "__main__":

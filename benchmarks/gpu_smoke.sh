@@ -11,7 +11,7 @@
 #   4. with 2 or more GPUs only: a rank frozen with SIGSTOP under torchrun on NCCL, the other exits within
 #      60 s naming it (tests/reliability/test_frozen_rank.py), cap 150 s. One GPU cannot host two NCCL ranks.
 #   5. with 2 or more GPUs only: benchmarks/context_parallel.py --cuda under torchrun (NCCL): step time and peak
-#      activation memory per rank at CP 1 and 2 for a 32K-token sequence, cap 120 s.
+#      activation memory per rank at CP 1 and 2 (ring and gather) for a 32K-token sequence, cap 180 s.
 #   benchmarks/gpu_smoke.sh            # from the repository root; PYTHON=... to pick the interpreter
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,8 +26,8 @@ timeout 240 bash -c '"$0" benchmarks/gpu_step.py "$@" && "$0" benchmarks/gpu_ste
 timeout 240 bash benchmarks/train_smoke.sh
 if [ "$GPUS" -ge 2 ]; then
   timeout 150 "$PYTHON" -m pytest -q -s tests/reliability/test_frozen_rank.py -k torchrun
-  timeout 120 "$(dirname "$PYTHON")/torchrun" --nproc_per_node 2 benchmarks/context_parallel.py --cuda --seq 32768 \
-    --hidden 1024 --heads 16 --layers 2 --dtype bf16 --dropout 0
+  timeout 180 "$(dirname "$PYTHON")/torchrun" --nproc_per_node 2 benchmarks/context_parallel.py --cuda --seq 32768 \
+    --hidden 1024 --heads 16 --layers 2 --dtype bf16 --dropout 0 --comm both
 else
   echo "gpu_smoke.sh: 1 GPU: the frozen-rank check and the CP=2 benchmark on NCCL need 2 (one GPU cannot host two NCCL ranks)"
 fi

@@ -43,6 +43,7 @@ def test_the_split_covers_every_field_once_and_the_value_is_sealed() -> None:
         "last_layer_loss_rows",
         "moe_capacity_factor",
         "mtp_loss_weight",
+        "context_parallel_comm",
     }
     arch = saved()
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -6,11 +6,39 @@ the group, DeepSpeed's pipeline data-parallel axis spanning dp x cp), data paral
 dropout, the fused head. Refused (one line each): LoRA dropout, Mixture-of-Experts and MTP layers, sequence lengths
 not divisible by ``2 x cp`` (the zigzag split's ``2 cp`` chunks) or, under sequence parallelism, by ``cp x tp``.
 Generation (its KV cache) and fine-tuning run without context parallelism.
+
+How attention meets the other ranks' keys and values (``model.context_parallel_comm``, ``--context-parallel-comm``,
+:class:`ContextParallelOptions`, a mixin of :class:`~megatron_glm.config.sections.ModelConfig`): ``ring`` (the
+default) passes each rank's keys and values around the group with the log-sum-exp merge
+(:mod:`megatron_glm.model.ring_attention`), keeping only the local ones for backward; ``gather`` all-gathers them.
+Attention dropout always gathers (its exact ``C = 1`` masks are drawn over ``[b, h, S, S]``).
 """
 
 from __future__ import annotations
 
-from megatron_glm.config.sections import GLMConfig
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from megatron_glm.config.fields import opt
+
+if TYPE_CHECKING:
+    from megatron_glm.config.sections import GLMConfig
+
+CP_COMMS = ("ring", "gather")
+
+
+@dataclass(kw_only=True)
+class ContextParallelOptions:
+    """Execution options of context parallelism (``parallel.context_parallel_size > 1``)."""
+
+    context_parallel_comm: str = opt(
+        "ring",
+        "Context parallelism's attention: ring (keys and values travel around the group point-to-point, the "
+        "log-sum-exp merge; only the local ones kept for backward) or gather (all-gathered keys and values). "
+        "Attention dropout always gathers (its exact masks are drawn over the whole sequence).",
+        choices=CP_COMMS,
+        execution=True,
+    )
 
 
 def context_parallel_problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:

@@ -66,6 +66,7 @@ FLAG_ALIASES: dict[str, tuple[str, Any]] = {
     "--seq-length": ("data.seq_length", None),
     "--tensor-model-parallel-size": ("parallel.tensor_model_parallel_size", None),
     "--context-parallel-size": ("parallel.context_parallel_size", None),
+    "--context-parallel-comm": ("model.context_parallel_comm", None),
     "--pipeline-model-parallel-size": ("parallel.pipeline_model_parallel_size", None),
     "--expert-parallel-size": ("parallel.expert_parallel_size", None),
     "--micro-batch-size": ("training.micro_batch_size", None),

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from megatron_glm.config.context_parallel import ContextParallelOptions
 from megatron_glm.config.fields import opt as opt
 from megatron_glm.config.fields import opt_from as opt_from
 from megatron_glm.config.lora import LORA_TARGETS as LORA_TARGETS
@@ -46,7 +47,7 @@ class ModelShape:
 
 
 @dataclass(kw_only=True)
-class ModelConfig(MoEOptions, MTPOptions, ModelShape):
+class ModelConfig(MoEOptions, MTPOptions, ContextParallelOptions, ModelShape):
     """The GLM transformer: its architecture (every field that changes tensors or math, the MoE ones from
     :class:`MoEOptions`, the MTP ones from :class:`MTPOptions`; :meth:`architecture`, the sealed value a checkpoint
     records) and the execution options (fields with ``execution=True`` in their metadata: kernels, recomputation,

@@ -34,6 +34,7 @@ from megatron_glm.model.cp_attention import attention_with_dropout
 from megatron_glm.model.masks import AttentionMask
 from megatron_glm.model.norms import make_norm
 from megatron_glm.model.recompute import checkpointed
+from megatron_glm.model.ring_attention import ring_attention
 from megatron_glm.model.spec_linear import by_name, column_parallel, row_parallel
 from megatron_glm.model.tensor_spec import TensorSpec, matrix_init, norm_tensors
 from megatron_glm.parallel import RNGStatesTracker
@@ -251,26 +252,33 @@ class ParallelSelfAttention(nn.Module):
         # Queries (and their mask rows) at the needed rows only, per sample. With attention dropout every row
         # is computed (the probabilities' mask is drawn over [b, h, s, s], as in the full forward) and the rows
         # are taken from the result.
+        cp = ctx.cp
+        ring = cp is not None and cp.comm == "ring" and p == 0.0  # keys and values around the group (no dropout)
+        q_pos = None if cp is None else mask.q_positions
         core_on_rows = rows is not None and p == 0.0
         if core_on_rows:
             m = rows.index.shape[1]
             q = q.gather(2, rows.index[:, None, :, None].expand(b, q.shape[1], m, q.shape[3]))
-            cols = mask.bool_mask.shape[-1]  # s, or every gathered key under context parallelism
-            rows_mask = mask.bool_mask.gather(2, rows.index[:, None, :, None].expand(b, 1, m, cols))
-            mask = AttentionMask(mask.mask_mod, b, m, rows_mask.device, _bool=rows_mask)
+            if ring:  # the rows' global positions, per sample
+                q_pos = q_pos[rows.index]
+            else:
+                cols = mask.bool_mask.shape[-1]  # s, or every gathered key under context parallelism
+                rows_mask = mask.bool_mask.gather(2, rows.index[:, None, :, None].expand(b, 1, m, cols))
+                mask = AttentionMask(mask.mask_mod, b, m, rows_mask.device, _bool=rows_mask)
             impl = "sdpa" if impl == "flex" else impl
-        if ctx.cp is not None:  # context parallelism: the keys and values of every position
-            k, v = ctx.cp.gather(k, 2), ctx.cp.gather(v, 2)
+        if cp is not None and not ring:  # context parallelism: the keys and values of every position
+            k, v = cp.gather(k, 2), cp.gather(v, 2)
             impl = "sdpa" if impl == "flex" else impl
-        if self.groups_per_rank != self.num_heads_per_rank:
+        if self.groups_per_rank != self.num_heads_per_rank and not ring:  # the ring repeats per block
             rep = self.num_heads_per_rank // self.groups_per_rank
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         coeff = None
         if self.softmax_in_fp32 and q.dtype != torch.float32:  # in fp32 every kernel already is
             coeff = float(self.layer_number) if self.layer_scaling else 1.0
-        cp = ctx.cp
 
         def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if ring:
+                return ring_attention(q, k, v, mask.mask_mod, q_pos, cp, coeff)
             if cp is not None and p > 0.0:  # context parallelism: the attention-dropout mask of one rank
                 return attention_with_dropout(q, k, v, mask, p, tracker, cp, coeff)
             return attention_core(q, k, v, mask, impl, p, tracker, coeff)

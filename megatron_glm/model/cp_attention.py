@@ -1,10 +1,13 @@
 """Attention and dropout under context parallelism (:mod:`megatron_glm.parallel.context_parallel`).
 
-Each rank holds the queries of its positions (two zigzag chunks); the keys and values of the group are
-all-gathered (rank after rank) and the mask is the rows of GLM's ``[S, S]`` mask at this rank's query positions with
-its columns in the gathered keys' order (:func:`local_mask`): Part A bidirectional, Part B causal, document isolation
-and the causal objective all come from the same mask function as ``C = 1``. Exact: the same scores and softmax over
-the same keys (the sums run in another order: fp32 reduction noise).
+Each rank holds the queries of its positions (two zigzag chunks). Without attention dropout and with
+``context_parallel_comm ring`` (the default) the keys and values travel around the group
+(:mod:`megatron_glm.model.ring_attention`); otherwise (``gather``, or attention dropout) they are all-gathered (rank
+after rank) and the mask is the rows of GLM's ``[S, S]`` mask at this rank's query positions with its columns in the
+gathered keys' order (:func:`local_mask`, evaluated from the positions by the mask function: the ``[S, S]`` grid is
+never built): Part A bidirectional, Part B causal, document isolation and the causal objective all come from the
+same mask function as ``C = 1``. Exact: the same scores and softmax over the same keys (the sums run in another
+order: fp32 reduction noise).
 
 Dropout is that of ``C = 1``: every mask is drawn over the whole sequence from the same RNG state and this rank's
 positions kept (:class:`ContextParallelDropout` for the hidden dropouts, :func:`attention_with_dropout` for the
@@ -18,13 +21,13 @@ already changes the masks): each rank keeps its own contiguous block of a ``C`` 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron_glm.model.masks import AttentionMask, prepare_attention_mask
+from megatron_glm.model.ring_attention import fp32_scores
 from megatron_glm.parallel import MODEL_PARALLEL_RNG, RNGStatesTracker
 from megatron_glm.parallel.context_parallel import ContextParallel
 
@@ -33,15 +36,12 @@ def local_mask(
     attention_mask: torch.Tensor | AttentionMask, cp: ContextParallel, batch: int, local_seq: int, device: torch.device
 ) -> AttentionMask:
     """The rows of the global mask (``[b]`` sep, ``[b, 1, S, S]`` boolean, or a prepared mask) at this rank's
-    query positions, its columns at the gathered keys' positions: a boolean ``[b, 1, S / C, S]`` mask."""
-    seq = local_seq * cp.size
-    full = prepare_attention_mask(attention_mask, batch, seq, device)
-    b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
-    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
-    q = cp.local_positions(local_seq, device).view(1, 1, local_seq, 1)
-    kv = cp.gathered_positions(local_seq, device).view(1, 1, 1, seq)
-    rows = full.mask_mod(b, h, q, kv)
-    return AttentionMask(full.mask_mod, batch, local_seq, rows.device, _bool=rows)
+    query positions, its columns at the gathered keys' positions: a boolean ``[b, 1, S / C, S]`` mask, evaluated
+    from the positions by the mask function when a kernel asks for it (the ring never does: it evaluates each
+    block's ``[b, 1, S / C, S / C]``)."""
+    full = prepare_attention_mask(attention_mask, batch, local_seq * cp.size, device)
+    q, kv = cp.local_positions(local_seq, device), cp.gathered_positions(local_seq, device)
+    return AttentionMask(full.mask_mod, batch, local_seq, torch.device(device), q_positions=q, kv_positions=kv)
 
 
 def _full_rows_noise(
@@ -70,12 +70,7 @@ def attention_with_dropout(
     :func:`~megatron_glm.model.attention.layer_scaled_attention`."""
     b, h, s_loc, _ = q.shape
     seq = k.shape[2]
-    coeff = 1.0 if fp32_coeff is None else fp32_coeff
-    scale = 1.0 / (math.sqrt(q.shape[-1]) * coeff)
-    if fp32_coeff is None:
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
-    else:
-        scores = torch.matmul(q * scale, k.transpose(-1, -2)).float().mul_(coeff)
+    scores = fp32_scores(q, k, fp32_coeff)
     fork = tracker.fork(MODEL_PARALLEL_RNG) if tracker is not None else contextlib.nullcontext()
     with fork:
         qpos, kvpos = cp.local_positions(s_loc, q.device), cp.gathered_positions(s_loc, q.device)

@@ -49,10 +49,12 @@ CAUSAL = "causal"
 causal one, so :func:`batch_attention_mask` marks it for ``is_causal`` attention without reading the device."""
 
 
-def batch_attention_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | AttentionMask:
+def batch_attention_mask(batch: Mapping[str, torch.Tensor], dense: bool = False) -> torch.Tensor | AttentionMask:
     """The model's ``attention_mask`` for a data batch: its ``sep`` values (an :class:`AttentionMask` marked causal
-    when the batch carries the host's :data:`CAUSAL` flag), or with ``doc_ids`` (document isolation) the boolean
-    ``[b, 1, s, s]`` GLM mask within each document."""
+    when the batch carries the host's :data:`CAUSAL` flag), or with ``doc_ids`` (document isolation) the GLM mask
+    within each document: an :class:`AttentionMask` of its mask function (evaluated only where a kernel needs it:
+    context parallelism takes its rows from the per-token ``doc_ids``, never the ``[s, s]`` grid) or, ``dense``
+    (pipeline stages pass tensors), the boolean ``[b, 1, s, s]`` mask."""
     if "doc_ids" not in batch:
         sep = batch["sep"]
         if not batch.get(CAUSAL, False):
@@ -60,7 +62,9 @@ def batch_attention_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | At
         b, s = batch["input_ids"].shape
         return AttentionMask(glm_mask_mod(sep.long()), b, s, sep.device, causal=True)
     doc_ids = batch["doc_ids"]
-    return materialize(glm_document_mask_mod(batch["sep"], doc_ids), doc_ids.shape[0], doc_ids.shape[1], doc_ids.device)
+    b, s = doc_ids.shape
+    mask = AttentionMask(glm_document_mask_mod(batch["sep"].long(), doc_ids), b, s, doc_ids.device)
+    return mask.bool_mask if dense else mask
 
 
 def dense_mask_mod(mask: torch.Tensor) -> MaskMod:
@@ -72,12 +76,21 @@ def dense_mask_mod(mask: torch.Tensor) -> MaskMod:
     return mask_mod
 
 
-def materialize(mask_mod: MaskMod, batch: int, seq: int, device: torch.device | str) -> torch.Tensor:
-    """Evaluate ``mask_mod`` on the full grid: a boolean ``[batch, 1, seq, seq]`` tensor."""
+def materialize(
+    mask_mod: MaskMod,
+    batch: int,
+    seq: int,
+    device: torch.device | str,
+    q_idx: torch.Tensor | None = None,
+    kv_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Evaluate ``mask_mod`` on the full grid: a boolean ``[batch, 1, seq, seq]`` tensor; or at the query positions
+    ``q_idx [m]`` and key positions ``kv_idx [n]``: ``[batch, 1, m, n]``."""
     b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
     h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
-    idx = torch.arange(seq, device=device)
-    return mask_mod(b, h, idx.view(1, 1, seq, 1), idx.view(1, 1, 1, seq))
+    q = torch.arange(seq, device=device) if q_idx is None else q_idx
+    kv = torch.arange(seq, device=device) if kv_idx is None else kv_idx
+    return mask_mod(b, h, q.view(1, 1, -1, 1), kv.view(1, 1, 1, -1))
 
 
 def sep_to_mask(sep: torch.Tensor, seq: int) -> torch.Tensor:
@@ -100,6 +113,8 @@ class AttentionMask:
     is a flex-attention ``BlockMask`` (CUDA only). ``causal``: the mask is known to be the plain causal mask
     (found on the host: :data:`CAUSAL`), so SDPA runs with ``is_causal`` instead of the boolean mask (on CPU its
     flash kernel then skips the blocks above the diagonal: the same values, bitwise, in ~30% less time).
+    ``q_positions`` / ``kv_positions`` (context parallelism): the global positions of the rows and columns
+    (``bool_mask`` is then ``[b, 1, m, n]``, evaluated there only).
     """
 
     mask_mod: MaskMod
@@ -109,11 +124,14 @@ class AttentionMask:
     _bool: torch.Tensor | None = None
     _block: Any = None
     causal: bool = False
+    q_positions: torch.Tensor | None = None
+    kv_positions: torch.Tensor | None = None
 
     @property
     def bool_mask(self) -> torch.Tensor:
         if self._bool is None:
-            self._bool = materialize(self.mask_mod, self.batch, self.seq, self.device)
+            q, kv = self.q_positions, self.kv_positions
+            self._bool = materialize(self.mask_mod, self.batch, self.seq, self.device, q, kv)
         return self._bool
 
     @property

@@ -134,7 +134,8 @@ class GLMTransformer(nn.Module):
         self.config = config
         self.pre_process, self.post_process = pre_process, post_process
         self.tp_group = parallel_state.tp_group
-        self.context_parallel = ContextParallel.of(parallel_state)  # the hidden states: this rank's positions
+        # the hidden states: this rank's positions
+        self.context_parallel = ContextParallel.of(parallel_state, config.context_parallel_comm)
         self.checkpoint_activations = config.checkpoint_activations
         self.checkpoint_num_layers = config.checkpoint_num_layers
         self.layer_start, self.layer_end = layer_start, layer_end

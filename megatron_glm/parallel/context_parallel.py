@@ -5,7 +5,8 @@ chunks of ``S / 2C``; rank ``r`` holds chunks ``r`` and ``2C - 1 - r``, in that 
 Every rank of the group reads the same batch; the trainer keeps this rank's positions of the token ids, position
 ids, labels and loss mask (:func:`split_batch`), so the rotary positions are those of each token's global index.
 
-Attention gathers the keys and values of the whole group (:meth:`ContextParallel.gather`: all-gather forward,
+Attention passes the keys and values around the group (``comm`` ``ring``: :mod:`megatron_glm.model.ring_attention`,
+without attention dropout) or gathers those of the whole group (:meth:`ContextParallel.gather`: all-gather forward,
 reduce-scatter of their gradients backward) and computes this rank's queries against every key with the rows of
 the ``[S, S]`` mask at this rank's query positions; the gathered keys come rank after rank
 (:meth:`ContextParallel.gathered_positions`), and the mask's columns follow that order.
@@ -93,17 +94,20 @@ class _SumTimes(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class ContextParallel:
-    """This rank's place in its context-parallel group (``size > 1``)."""
+    """This rank's place in its context-parallel group (``size > 1``). ``comm``: how attention meets the other
+    ranks' keys and values (``ring``: :mod:`megatron_glm.model.ring_attention` when attention dropout is off;
+    ``gather``: :meth:`gather`)."""
 
     size: int
     rank: int
     group: Any
+    comm: str = "ring"
 
     @classmethod
-    def of(cls, parallel_state: ParallelState) -> ContextParallel | None:
+    def of(cls, parallel_state: ParallelState, comm: str = "ring") -> ContextParallel | None:
         """The state's context parallelism (``None`` with ``cp_size`` 1)."""
         ps = parallel_state
-        return None if ps.cp_size == 1 else cls(ps.cp_size, ps.cp_rank, ps.cp_group)
+        return None if ps.cp_size == 1 else cls(ps.cp_size, ps.cp_rank, ps.cp_group, comm)
 
     def local_positions(self, local_seq: int, device: torch.device | str | None = None) -> torch.Tensor:
         """The global positions of this rank's ``local_seq`` positions."""

@@ -223,6 +223,6 @@ def pipeline_batch(
     if cp is not None:
         batch = split_batch(batch, cp.size, cp.rank)
     return (
-        (batch["input_ids"], batch["position_ids"], batch_attention_mask(batch), batch["loss_mask"] != 0),
+        (batch["input_ids"], batch["position_ids"], batch_attention_mask(batch, dense=True), batch["loss_mask"] != 0),
         (batch["labels"], batch["loss_mask"], batch["objective"]),
     )

@@ -71,7 +71,7 @@ def test_attention_is_causal_and_isolated_per_document() -> None:
     iso = collate([causal(12, isolate=True).sample(window)])
     doc = iso["doc_ids"][0]
     expected = torch.ones(12, 12, dtype=torch.bool).tril() & (doc[:, None] == doc[None, :])
-    assert torch.equal(batch_attention_mask(iso)[0, 0], expected)
+    assert torch.equal(batch_attention_mask(iso).bool_mask[0, 0], expected)
     assert not bool(expected[6, 3]) and bool(expected[6, 5])  # document 1 does not see document 0
 
 

@@ -74,7 +74,7 @@ def test_without_the_flag_samples_have_no_doc_ids() -> None:
 
 def test_batch_mask_is_the_glm_mask_within_each_document() -> None:
     batch = collate(list(samples(DOCUMENT, 3, seq=48)))
-    mask = batch_attention_mask(batch)
+    mask = batch_attention_mask(batch).bool_mask  # evaluated from the per-token doc_ids where a kernel needs it
     doc, sep = batch["doc_ids"], batch["sep"]
     assert mask.shape == (3, 1, 48, 48) and mask.dtype == torch.bool
     glm = sep_to_mask(sep, 48)

@@ -53,7 +53,10 @@ def test_causal_flag_is_found_on_the_host_only_for_causal_seps() -> None:
     assert isinstance(marked, AttentionMask) and marked.causal and (marked.batch, marked.seq) == (B, S)
     assert torch.equal(marked.bool_mask, torch.ones(S, S, dtype=torch.bool).tril().expand(B, 1, S, S))
     docs = batch_attention_mask({**batch, CAUSAL: True, "doc_ids": torch.zeros(B, S, dtype=torch.long)})
-    assert isinstance(docs, torch.Tensor) and docs.shape == (B, 1, S, S)  # document isolation: the boolean mask
+    # document isolation: the mask function over the per-token doc_ids (not marked causal); dense on request
+    assert isinstance(docs, AttentionMask) and not docs.causal and docs._bool is None
+    dense = batch_attention_mask({**batch, CAUSAL: True, "doc_ids": torch.zeros(B, S, dtype=torch.long)}, dense=True)
+    assert isinstance(dense, torch.Tensor) and torch.equal(dense, docs.bool_mask) and dense.shape == (B, 1, S, S)
 
 
 @pytest.fixture

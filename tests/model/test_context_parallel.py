@@ -3,6 +3,7 @@ mask, document isolation, the causal objective, a rotary model, recomputation an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_glm.model import GLMModel, batch_attention_mask, full_state_dict
+from megatron_glm.model import GLMModel, batch_attention_mask, full_state_dict, masks, ring_attention
 from megatron_glm.model.cp_attention import ContextParallelDropout, local_mask
 from megatron_glm.model.masks import CAUSAL, sep_to_mask
 from megatron_glm.parallel import ParallelState, initialize_parallel_state
@@ -80,7 +81,29 @@ VARIANTS = {
 }
 
 
-def _cp_checks(rank: int, world: int, tp: int) -> dict[str, float]:
+@contextlib.contextmanager
+def _watch(seq: int):
+    """Count the ring's exchanges; refuse to build a mask over the whole ``[seq, seq]`` grid."""
+    hops = [0]
+    exchange, materialize = ring_attention._Ring.exchange, masks.materialize
+
+    def counted(self, *args, **kwargs):
+        hops[0] += 1
+        return exchange(self, *args, **kwargs)
+
+    def local_only(*args, **kwargs):
+        out = materialize(*args, **kwargs)
+        assert tuple(out.shape[-2:]) != (seq, seq), "a full [S, S] mask was built under context parallelism"
+        return out
+
+    ring_attention._Ring.exchange, masks.materialize = counted, local_only
+    try:
+        yield hops
+    finally:
+        ring_attention._Ring.exchange, masks.materialize = exchange, materialize
+
+
+def _cp_checks(rank: int, world: int, tp: int, comms: tuple[str, ...]) -> dict[str, float]:
     ps = initialize_parallel_state(tp_size=tp, cp_size=world // tp)
     assert ps.cp_size == world // tp and ps.dp_size == 1 and ps.grad_dp_size == ps.cp_size
     assert (ps.rank, ps.tp_rank, ps.cp_rank) == (rank, rank % tp, rank // tp)  # tp-cp-dp-pp order
@@ -92,8 +115,12 @@ def _cp_checks(rank: int, world: int, tp: int) -> dict[str, float]:
             cfg = tiny_config(**fields)
             ref = _loss_grads(GLMModel(cfg, seed=3).train(), batch, ParallelState())
             assert ref["loss"] > 1.0
-            model = GLMModel(dataclasses.replace(cfg, sequence_parallel=tp > 1), ps, seed=3).train()
-            out[f"{vname}/{bname}"] = _diff(_loss_grads(model, batch, ps), ref)
+            for comm in comms:
+                cp_cfg = dataclasses.replace(cfg, sequence_parallel=tp > 1, context_parallel_comm=comm)
+                model = GLMModel(cp_cfg, ps, seed=3).train()
+                with _watch(batch["input_ids"].shape[1]) as hops:  # document isolation: no [S, S] mask either
+                    out[f"{comm}/{vname}/{bname}"] = _diff(_loss_grads(model, batch, ps), ref)
+                assert (hops[0] > 0) == (comm == "ring"), (comm, hops)  # the ring ran (and only in ring mode)
     # Dropout: the masks of one process (hidden dropout drawn over the whole sequence, attention-probability
     # dropout over [b, h, S, S], the rows of this rank kept), so the same loss and gradients.
     if tp == 1:
@@ -102,19 +129,61 @@ def _cp_checks(rank: int, world: int, tp: int) -> dict[str, float]:
             torch.manual_seed(9)
             ref = _loss_grads(GLMModel(cfg, seed=3).train(), batch, ParallelState())
             torch.manual_seed(9)
-            got = _loss_grads(GLMModel(cfg, ps, seed=3).train(), batch, ps)
+            with _watch(batch["input_ids"].shape[1]) as hops:
+                got = _loss_grads(GLMModel(cfg, ps, seed=3).train(), batch, ps)
+            assert hops[0] == 0  # attention dropout gathers (the exact masks of one process)
             out[f"dropout/{bname}"] = _diff(got, ref)
             torch.manual_seed(9)
             other = GLMModel(cfg, seed=3).train()
             torch.manual_seed(10)  # another draw moves the loss far beyond the tolerance: the test can fail
             out[f"dropout-differs/{bname}"] = -_diff(_loss_grads(other, batch, ParallelState()), ref)
+        out |= _ring_kernel_checks(ContextParallel.of(ps))
     return out
 
 
-@pytest.mark.parametrize("world,tp", [(2, 1), (4, 2)], ids=["cp2", "tp2xcp2"])
-def test_context_parallel_matches_one_process(world: int, tp: int) -> None:
-    for rank, diffs in enumerate(run_distributed(_cp_checks, world, tp)):
-        assert len(diffs) >= 11
+def _ring_kernel_checks(cp: ContextParallel) -> dict[str, float]:
+    """The ring on its own against softmax attention over the whole sequence: grouped-query heads (4 query heads,
+    2 key/value groups), a mask with rows that see nothing (zeros out, zero gradients) and a key block that no
+    query of rank 0 sees (skipped), the layer-scaled scores (``fp32_coeff``) in row tiles; output and every
+    gradient."""
+    gen = torch.Generator().manual_seed(7)
+    b, h, g, seq, d = 2, 4, 2, 16, 8
+    q, k, v = (torch.randn(b, n, seq, d, generator=gen) for n in (h, g, g))
+    mask = torch.rand(b, 1, seq, seq, generator=gen) < 0.5
+    mask[0, :, 3] = False  # a row with nothing visible
+    mask[:, :, zigzag_indices(seq, 2, 0)[:, None], zigzag_indices(seq, 2, 1)] = False  # rank 0 skips a block
+    grad = torch.randn(b, h, seq, d, generator=gen)
+    out: dict[str, float] = {}
+    tile = ring_attention.TILE_ELEMENTS
+    for coeff, rows in ((None, 0), (3.0, 3)):  # the second in tiles of 3 query rows (8 = 3 + 3 + 2)
+        ring_attention.TILE_ELEMENTS = rows * b * h * seq // 2 or tile
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        kr, vr = (t.repeat_interleave(h // g, dim=1) for t in full[1:])
+        scores = (full[0] @ kr.transpose(-1, -2) / d**0.5).masked_fill(~mask, float("-inf"))
+        ref = torch.nan_to_num(torch.softmax(scores, dim=-1)) @ vr
+        ref.backward(grad)
+        pos = cp.local_positions(seq // 2)
+        local = [split_sequence(t, 2, cp.rank, dim=2).requires_grad_() for t in (q, k, v)]
+        try:
+            got = ring_attention.ring_attention(*local, masks.dense_mask_mod(mask), pos, cp, coeff)
+            got.backward(split_sequence(grad, 2, cp.rank, dim=2))
+        finally:
+            ring_attention.TILE_ELEMENTS = tile
+        pairs = [(got, ref)] + [(t.grad, f.grad) for t, f in zip(local, full)]
+        out[f"ring-kernel/coeff={coeff}"] = max(
+            (a - split_sequence(r, 2, cp.rank, dim=2)).abs().max().item() for a, r in pairs
+        )
+    if cp.rank == 0:  # position 3 (rank 0's row 3) sees nothing: zeros, no gradient
+        assert torch.all(got[0, :, 3] == 0) and torch.all(local[0].grad[0, :, 3] == 0)
+    return out
+
+
+@pytest.mark.parametrize(
+    "world,tp,comms", [(2, 1, ("ring", "gather")), (4, 2, ("ring",))], ids=["cp2-ring-gather", "tp2xcp2-ring"]
+)
+def test_context_parallel_matches_one_process(world: int, tp: int, comms: tuple[str, ...]) -> None:
+    for rank, diffs in enumerate(run_distributed(_cp_checks, world, tp, comms)):
+        assert len(diffs) >= 11 * len(comms)
         bad = {k: v for k, v in diffs.items() if not (v <= 1e-5 if "differs" not in k else v < -1e-3)}
         assert not bad, f"rank {rank}: {bad}"
 
