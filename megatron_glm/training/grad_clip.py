@@ -2,12 +2,14 @@
 
 DeepSpeed 0.19's ``clip_grad_norm_`` (what the engine's ``clip_fp32_gradients`` calls when neither ZeRO, bf16 nor
 fp16 is on) reduces the norm over the pipeline grid's "model parallel" group (every stage and tensor-parallel rank
-of a replica) but counts a parameter that is not tensor-parallel only on that group's rank 0: under pipeline
-parallelism the later stages' norms drop out, and the tied word embedding (held by the first and last stage,
-``ds_pipe_replicated`` on the second) is not skipped. Its ZeRO and bf16 optimizers count right. :func:`global_grad_norm`
-counts a tensor-parallel shard on every tensor-parallel rank, a tensor-parallel duplicate (norms, biases) on
-tensor-parallel rank 0 only, a pipeline replica once, and sums over the tensor- and pipeline-parallel groups;
-:func:`count_each_parameter_once` makes an engine clip (and report, ``get_global_grad_norm``) with it.
+of a replica) but counts a parameter that is not tensor-parallel only on that group's rank 0 (the first stage's):
+under pipeline parallelism the later stages' whole-tensor parameters drop out of the norm (all of them at TP=1),
+and ``ds_pipe_replicated`` is not read (a tensor-parallel shard of the tied word embedding counts on the first and
+the last stage). Its ZeRO and bf16 optimizers count right. :func:`global_grad_norm` counts a tensor-parallel shard
+on every tensor-parallel rank, a tensor-parallel duplicate (norms, biases) on tensor-parallel rank 0 only, a
+pipeline replica once, and sums over the tensor- and pipeline-parallel groups (ZeRO-0 is refused with expert
+parallelism: no expert-parallel sums); :func:`count_each_parameter_once` makes an engine clip (and report,
+``get_global_grad_norm``) with it.
 """
 
 from __future__ import annotations
