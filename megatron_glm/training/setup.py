@@ -29,6 +29,7 @@ from megatron_glm.parallel.lora import is_lora_name
 from megatron_glm.training.deepspeed_config import batch_sizes, build_deepspeed_config
 from megatron_glm.training.distributed import DeepSpeedMPU
 from megatron_glm.training.expert_parallel import check_zero_stage, prepare_expert_parallel
+from megatron_glm.training.grad_clip import count_each_parameter_once
 from megatron_glm.training.lr_schedule import LRSchedule, LRScheduler
 from megatron_glm.training.pipeline import TrainingModel, build_pipeline_model
 
@@ -206,6 +207,7 @@ def build_engine(cfg: GLMConfig, parallel_state: ParallelState, model: torch.nn.
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
     )
     engine.checkpoint_engine = safe_checkpoint_engine(engine._config)
+    count_each_parameter_once(engine, ps)  # DeepSpeed's fp32 ZeRO-0 clipping miscounts under pipeline parallelism
     keep_expert_bias_fp32(engine.module)  # DeepSpeed cast the module to bf16/fp16; the bias is not trained
     _, accum, global_batch = batch_sizes(cfg, ps.dp_size)
     return engine, accum, global_batch

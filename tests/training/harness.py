@@ -85,6 +85,7 @@ def build_trainer(cfg: GLMConfig) -> tuple[Trainer, ParallelState, CapturingLogg
         engine,
         env.device,
         rng_tracker=built.rng_tracker,
+        pipeline_loss=built.loss,
         train_batches=lambda consumed: synthetic_batches(mbs, ps.dp_rank, skip=consumed // (mbs * ps.dp_size)),
         valid_batches=None,
         accumulation_steps=accum,

@@ -73,11 +73,11 @@ def _valid_losses(save: Path) -> dict[int, float]:
 
 def test_pp2_cp2_matches_one_process_and_pp2_dropout(tiny_corpus: dict, tmp_path: Path) -> None:
     """PP=2 x CP=2 on 4 processes (the pipeline's micro-batches split per context-parallel rank, its loss reduced
-    over the group): the training and validation losses of one process (fp32, 1e-5; without gradient clipping: the
-    pipeline's clipped steps differ from one process's by ~1e-4 at CP=1 already); with dropout and clipping on,
-    those of PP=2 (CP=1's masks; PP=2's own dropout stream differs from one process's, so PP=2 is the reference)."""
+    over the group): the training and validation losses of one process (fp32, 1e-5, clipping acting on every step:
+    fp32 ZeRO-0's norm counts each parameter once, training/grad_clip.py); with dropout and clipping on, those of
+    PP=2 (CP=1's masks; PP=2's own dropout stream differs from one process's, so PP=2 is the reference)."""
     pp_cp = ["--pipeline-model-parallel-size", "2", "--context-parallel-size", "2"]
-    evals = ["--eval-interval", "3", "--eval-iters", "1", "--clip-grad", "0"]
+    evals = ["--eval-interval", "3", "--eval-iters", "1", "--clip-grad", "0.05"]  # below every step's norm
 
     def run(name: str, nproc: int, *extra: str) -> Path:
         save = tmp_path / name
@@ -86,6 +86,7 @@ def test_pp2_cp2_matches_one_process_and_pp2_dropout(tiny_corpus: dict, tmp_path
         return save
 
     one, ppcp = run("one", 1, *evals), run("ppcp", 4, *evals, *pp_cp)
+    assert all(row["grad_norm"] > 0.05 for row in metrics(one).values())  # clipping acts
     pp_drop, ppcp_drop = run("pp_drop", 2, *DROPOUT, *pp_cp[:2]), run("ppcp_drop", 4, *DROPOUT, *pp_cp)
     for ref_dir, got_dir in ((one, ppcp), (pp_drop, ppcp_drop)):
         ref, got = _losses(ref_dir), _losses(got_dir)

@@ -25,9 +25,18 @@ def _losses(save: Path) -> list[float]:
     return [m[s]["loss"] for s in sorted(m)]
 
 
+def _grad_norms(save: Path) -> list[float]:
+    m = metrics(save)
+    return [m[s].get("grad_norm", float("nan")) for s in sorted(m)]
+
+
 @pytest.mark.slow
 def test_pp2_tp2xpp2_pp2xdp2_match_pp1(tiny_corpus: dict, tmp_path: Path) -> None:
-    """Same global batches (8 samples as 4 micro-batches of 2), fp32: every layout gives PP=1's losses."""
+    """Same global batches (8 samples as 4 micro-batches of 2), fp32, clipping on every step: every layout gives
+    PP=1's losses and logs its gradient norm. PP=2 and TP2xPP2 run fp32 ZeRO-0, whose DeepSpeed clipping counts
+    each parameter once only through :mod:`megatron_glm.training.grad_clip`; PP=2xDP=2 runs ZeRO-1 (its optimizer's
+    norm)."""
+    clip = 0.05  # below every step's norm: clipping acts
     common = [
         "--train-iters",
         "5",
@@ -39,20 +48,26 @@ def test_pp2_tp2xpp2_pp2xdp2_match_pp1(tiny_corpus: dict, tmp_path: Path) -> Non
         "5",
         "--eval-iters",
         "2",
+        "--clip-grad",
+        str(clip),
     ]
     runs = {
         "pp1": ([], 1),
-        "pp2": (["--pipeline-model-parallel-size", "2"], 2),
-        "tp2pp2": (["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2"], 4),
+        "pp2": (["--pipeline-model-parallel-size", "2", "--zero-stage", "0"], 2),
+        "tp2pp2": (
+            ["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2", "--zero-stage", "0"],
+            4,
+        ),
         "pp2dp2": (["--pipeline-model-parallel-size", "2"], 4),
     }
     for name, (extra, nproc) in runs.items():
         launch(train_args(tiny_corpus, *common, *extra, "--save", str(tmp_path / name)), nproc=nproc)
-    ref = _losses(tmp_path / "pp1")
-    assert len(ref) == 5
+    ref, ref_norms = _losses(tmp_path / "pp1"), _grad_norms(tmp_path / "pp1")
+    assert len(ref) == 5 and min(ref_norms) > clip, ref_norms
     for name in ("pp2", "tp2pp2", "pp2dp2"):
-        got = _losses(tmp_path / name)
-        assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-5, (name, ref, got)
+        got, norms = _losses(tmp_path / name), _grad_norms(tmp_path / name)
+        assert max(abs(a - b) for a, b in zip(ref, got, strict=True)) < 1e-5, (name, ref, got)
+        assert max(abs(a / b - 1) for a, b in zip(ref_norms, norms, strict=True)) < 1e-5, (name, ref_norms, norms)
     valid = {
         n: [r for r in (tmp_path / n / "metrics.jsonl").read_text().splitlines() if "valid_loss" in r] for n in runs
     }
