@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from megatron_glm.config import build_config
 from megatron_glm.config.validate import problems
+from megatron_glm.errors import ConfigError
 from megatron_glm.model import GLMModel, GLMPart, LanguageModelLoss, LossBatch, ModelOutput, full_state_dict
 from megatron_glm.model.context import ForwardContext
 from megatron_glm.model.loss import GLMLoss
@@ -314,3 +315,21 @@ def test_undeclared_auxiliary_term_is_refused() -> None:
     h = torch.randn(MICRO, SEQ, cfg.hidden_size)
     with pytest.raises(ValueError, match=r"auxiliary loss term\(s\) \['const', 'fake'\] not among the model's \[\]"):
         part((h, torch.zeros(1), b["position_ids"], b["sep"]))
+
+
+def test_a_stage_without_moe_layers_is_refused_with_expert_parallelism() -> None:
+    """DeepSpeed's MoE engine needs an expert group on every stage: a stage of dense layers only is one line in the
+    config check (uniform partition) and at set-up (any partition)."""
+    from megatron_glm.parallel import ParallelState
+    from megatron_glm.training.expert_parallel import prepare_expert_parallel
+
+    dense_first = {**MOE_FIELDS, "first_k_dense_replace": 2}  # 4 layers over 2 stages: stage 0 = layers 0, 1
+    assert problems(_config(1, 2, 1, 2, **dense_first), 8) == [
+        "parallel.expert_parallel_size (2) with pipeline_model_parallel_size (2): pipeline stage 0 would hold dense "
+        "layers only (2 layers, model.first_k_dense_replace 2); every stage needs MoE layers (fewer stages or more "
+        "layers)"
+    ]
+    assert not problems(_config(1, 2, 1, 2, **MOE_FIELDS), 8)
+    ps = ParallelState(pp_size=2, dp_size=2, ep_size=2)
+    with pytest.raises(ConfigError, match="^expert_parallel_size 2: pipeline stage 0 holds no expert .MoE. layer; "):
+        prepare_expert_parallel(torch.nn.Linear(2, 2), [], lambda _n: False, ps, 4)
