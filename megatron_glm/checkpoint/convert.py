@@ -167,8 +167,8 @@ def _check_target(src: ModelSource, opts: ConvertOptions) -> CheckpointFormat:
         raise CheckpointError(f"--target-pp {opts.target_pp} does not divide the {src.info.config.num_layers} layers")
     if not fmt.sharded and opts.target_tp != 1:
         raise CheckpointError(f"the {opts.format} format is unsharded: use --target-tp 1")
-    if opts.target_ep != 1 and (fmt.name != "native" or opts.target_pp != 1 or opts.target_ep < 1):
-        raise CheckpointError(f"--target-ep {opts.target_ep}: only native checkpoints without pipeline split experts")
+    if opts.target_ep != 1 and (fmt.name != "native" or opts.target_ep < 1):
+        raise CheckpointError(f"--target-ep {opts.target_ep}: only native checkpoints split experts")
     if opts.target_ep > 1:
         experts = getattr(src.info.config, "num_experts", 0)
         check_divisible("number of experts", experts, opts.target_ep, "a dense model has none to split")

@@ -108,9 +108,15 @@ def prepare_expert_parallel(
 ) -> list[dict[str, Any]]:
     """Before ``deepspeed.initialize``: mark ``model``'s expert parameters, register our groups, attach the
     marker, and return the optimizer groups split into dense and expert groups (DeepSpeed's split; every group
-    needs a ``name``). With one expert-parallel rank, or no expert parameter, ``param_groups`` unchanged."""
-    if not mark_expert_parameters(model, is_expert, parallel_state):
+    needs a ``name``). With one expert-parallel rank, ``param_groups`` unchanged; with several, a model (a pipeline
+    stage) without expert parameters is refused (one line)."""
+    if parallel_state.ep_size == 1:
         return param_groups
+    if not mark_expert_parameters(model, is_expert, parallel_state):  # DeepSpeed's MoE engine needs an expert group
+        raise ConfigError(
+            f"expert_parallel_size {parallel_state.ep_size}: pipeline stage {parallel_state.pp_rank} holds no "
+            "expert (MoE) layer; with expert parallelism every stage needs one (fewer stages or more layers)"
+        )
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     register_expert_groups(parallel_state)

@@ -9,12 +9,15 @@ import torch.distributed as dist
 
 from megatron_glm.config import build_config
 from megatron_glm.config.validate import problems
+from megatron_glm.errors import ConfigError
 from megatron_glm.model import GLMModel, GLMPart, LanguageModelLoss, LossBatch, ModelOutput, full_state_dict
 from megatron_glm.model.context import ForwardContext
 from megatron_glm.model.loss import GLMLoss
 from megatron_glm.model.mlp import ParallelMLP
+from megatron_glm.model.router import routers, update_expert_bias
 from megatron_glm.testing import run_distributed
 from megatron_glm.training.deepspeed_config import build_deepspeed_config
+from megatron_glm.training.setup import expert_groups
 
 VOCAB, SEQ, MICRO, ACCUM = 128, 16, 2, 2
 AUX_NAMES = ("const", "fake")
@@ -56,7 +59,7 @@ class RecordingLoss(LanguageModelLoss):
         return out
 
 
-def _config(tp: int, pp: int, cp: int = 1, **model: object):
+def _config(tp: int, pp: int, cp: int = 1, ep: int = 1, **model: object):
     fields = {
         "model.size": "glm-tiny",
         "model.vocab_size": VOCAB,
@@ -64,19 +67,20 @@ def _config(tp: int, pp: int, cp: int = 1, **model: object):
         "model.attention_dropout": 0.0,
         "data.seq_length": SEQ,
         "training.micro_batch_size": MICRO,
-        "training.global_batch_size": MICRO * ACCUM,
+        "training.global_batch_size": MICRO * ACCUM * ep,  # data-parallel size = ep in these tests
         "optimizer.clip_grad": 0.0,
-        "training.zero_stage": 0,
+        "training.zero_stage": 1 if ep > 1 else 0,  # expert parallelism runs under ZeRO-1/2
         "parallel.tensor_model_parallel_size": tp,
         "parallel.pipeline_model_parallel_size": pp,
         "parallel.context_parallel_size": cp,
+        "parallel.expert_parallel_size": ep,
     }
     fields.update({f"model.{k}": v for k, v in model.items()})
     return build_config(fields)
 
 
-def _micro_batches() -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
+def _micro_batches(dp_rank: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(dp_rank)
     out = []
     for _ in range(ACCUM):
         ids = torch.randint(0, VOCAB, (MICRO, SEQ), generator=g)
@@ -97,10 +101,14 @@ def _micro_batches() -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _pipeline_step(rank: int, world: int, tp: int, pp: int, model_fields: dict, aux: bool, cp: int = 1) -> dict:
+def _pipeline_step(
+    rank: int, world: int, tp: int, pp: int, model_fields: dict, aux: bool, cp: int = 1, ep: int = 1
+) -> dict:
     """One SGD step (lr 1, no clipping) of the pipelined model: the loss, the gradients (weights before - after,
     unsharded, original names) and what the last stage's loss saw. ``cp``: context parallelism, each micro-batch
-    split per rank as the trainer splits it (``pipeline_batch``)."""
+    split per rank as the trainer splits it (``pipeline_batch``). ``ep``: expert parallelism over ``ep``
+    data-parallel ranks (each its own micro-batches; ZeRO-1, the trainer's expert groups), then the routers'
+    correction-bias update as the trainer applies it (loads summed over the stage's data-parallel group)."""
     import deepspeed
 
     from megatron_glm.parallel import initialize_parallel_state
@@ -109,9 +117,9 @@ def _pipeline_step(rank: int, world: int, tp: int, pp: int, model_fields: dict, 
     deepspeed.init_distributed(dist_backend="gloo")
     from megatron_glm.parallel.context_parallel import ContextParallel
 
-    cfg = _config(tp, pp, cp, **model_fields)
+    cfg = _config(tp, pp, cp, ep, **model_fields)
     assert not problems(cfg, world)  # sequence parallelism (and context parallelism) with PP is no longer refused
-    ps = initialize_parallel_state(tp, pp, cp_size=cp)
+    ps = initialize_parallel_state(tp, pp, ep, cp)
     loss = RecordingLoss()
     built = build_pipeline_model(cfg.model, ps, seed=3, loss=loss, aux_names=AUX_NAMES if aux else None)
     module = built.module
@@ -130,13 +138,17 @@ def _pipeline_step(rank: int, world: int, tp: int, pp: int, model_fields: dict, 
         return {k: v for p in parts for k, v in full_state_dict(p, ps).items()}
 
     before = weights()
-    opt = torch.optim.SGD(module.parameters(), lr=1.0)
+    opt = torch.optim.SGD(expert_groups(cfg, ps, module, [{"params": list(module.parameters())}]), lr=1.0)
     ds = build_deepspeed_config(cfg, ps.dp_size, ps.cp_size)
     assert ds["pipeline"] == {"pipe_partitioned": False, "grad_partitioned": False}
+    ds["zero_allow_untested_optimizer"] = True  # SGD under ZeRO-1 (expert parallelism): the update is the gradient
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds)
     assert engine.dp_world_size == ps.grad_dp_size  # the pipeline's data-parallel axis spans dp x cp
     split = ContextParallel.of(ps)
-    mean = engine.train_batch(data_iter=iter([pipeline_batch(b, split) for b in _micro_batches()]))
+    mean = engine.train_batch(data_iter=iter([pipeline_batch(b, split) for b in _micro_batches(ps.dp_rank)]))
+    loads = torch.stack([r.load for r in routers(module)] or [torch.zeros(0)])
+    dist.all_reduce(loads, group=ps.dp_group)  # every token copy this stage's routers sent to an expert
+    update_expert_bias(module, ps.dp_group)
     after = weights()
     grads = {k: before[k] - after[k] for k in before}
     dist.barrier()
@@ -147,12 +159,14 @@ def _pipeline_step(rank: int, world: int, tp: int, pp: int, model_fields: dict, 
         "stage": ps.pp_rank,
         "hidden": hidden_shapes,
         "outputs": outputs,
+        "loads": loads.sum(-1).tolist(),
+        "moe": engine.has_moe_layers,
     }
 
 
-def _reference(model_fields: dict, aux: bool) -> dict:
+def _reference(model_fields: dict, aux: bool, dp: int = 1) -> dict:
     """The same step's loss and gradients on one process (no tensor, pipeline or sequence parallelism, the unfused
-    head)."""
+    head), over the micro-batches of ``dp`` data-parallel ranks; the routers' correction-bias update after it."""
     fields = {k: v for k, v in model_fields.items() if k not in ("sequence_parallel", "head_chunk_size")}
     cfg = _config(1, 1, **fields)
     model = GLMModel(cfg.model, seed=3).train()
@@ -160,15 +174,18 @@ def _reference(model_fields: dict, aux: bool) -> dict:
         add_fake_aux(model)
     loss = RecordingLoss()
     total = 0.0
-    for b in _micro_batches():
+    for b in [b for d in range(dp) for b in _micro_batches(d)]:
         out = model(
             b["input_ids"], b["position_ids"], b["sep"], labels=b["labels"], loss_mask=b["loss_mask"], loss=loss
         )
-        (out.loss / ACCUM).backward()
-        total += float(out.loss.detach()) / ACCUM
+        (out.loss / (ACCUM * dp)).backward()
+        total += float(out.loss.detach()) / (ACCUM * dp)
+    bias = {k: v for k, v in full_state_dict(model).items() if k.endswith("expert_bias")}
+    update_expert_bias(model)
     return {
         "loss": total,
         "grads": full_state_dict(model, grads=True),
+        "bias": {k: v - bias[k] for k, v in full_state_dict(model).items() if k in bias},  # the update
         "seen": loss.seen,
         "layers": cfg.model.num_layers,
     }
@@ -186,6 +203,9 @@ def _merged_grads(results: list[dict]) -> dict[str, torch.Tensor]:
 
 def _compare(results: list[dict], ref: dict) -> None:
     grads = _merged_grads(results)
+    for name, update in ref["bias"].items():  # before - after: minus the bias update, the same on every stage
+        assert torch.equal(grads[name], -update) and update.abs().max() > 0, name
+        grads[name] = ref["grads"][name]
     assert set(grads) == set(ref["grads"])
     assert all(abs(r["loss"] - ref["loss"]) < 1e-5 for r in results), ([r["loss"] for r in results], ref["loss"])
     worst = max(float((grads[k] - ref["grads"][k]).abs().max()) for k in grads)
@@ -259,6 +279,31 @@ def test_pp2_cp2_equals_one_process() -> None:
     assert any(a["loss"] != b["loss"] for a, b in zip(last[0]["seen"], last[1]["seen"]))
 
 
+MOE_FIELDS = {
+    **{"activation": "swiglu", "normalization": "RMSNorm", "add_bias_linear": False, "num_layers": 4},
+    **{"position_embedding_type": "rope", "untie_embeddings_and_output_weights": True, "num_experts": 4},
+    **{"moe_top_k": 2, "moe_intermediate_size": 32, "num_shared_experts": 1, "first_k_dense_replace": 1},
+    **{"moe_aux_loss_coeff": 0.01, "moe_bias_update_rate": 0.01},
+}
+
+
+@pytest.mark.slow
+def test_pp2_ep2_equals_one_process() -> None:
+    """PP=2 x EP=2 on 4 processes (ZeRO-1, each data-parallel rank its own micro-batches, experts split over the
+    two data-parallel ranks of each stage): the loss, every gradient (expert ones reduced over the
+    expert-data-parallel group), the balance loss carried through the stages and the correction-bias update
+    equal one process's over both ranks' micro-batches (fp32, 1e-5); every token copy reached an expert."""
+    results = run_distributed(_pipeline_step, 4, 1, 2, MOE_FIELDS, False, 1, 2, timeout=900)
+    ref = _reference(MOE_FIELDS, False, dp=2)
+    _compare(results, ref)
+    assert all(r["moe"] for r in results)  # DeepSpeed's pipeline engine saw the expert parameters
+    assert sum(len(r["seen"]) for r in results) == 2 * ACCUM  # the last stage's two data-parallel ranks
+    assert all(seen["moe_aux"] > 0 for r in results for seen in r["seen"])  # the balance loss reached the loss
+    copies = MICRO * SEQ * ACCUM * 2 * MOE_FIELDS["moe_top_k"]  # tokens x top-k over both data-parallel ranks
+    per_stage = {r["stage"]: r["loads"] for r in results}
+    assert per_stage == {0: [copies], 1: [copies, copies]}, per_stage  # MoE layers 1 | 2, 3: no token dropped
+
+
 def test_undeclared_auxiliary_term_is_refused() -> None:
     from megatron_glm.model import ModelLayout
 
@@ -270,3 +315,21 @@ def test_undeclared_auxiliary_term_is_refused() -> None:
     h = torch.randn(MICRO, SEQ, cfg.hidden_size)
     with pytest.raises(ValueError, match=r"auxiliary loss term\(s\) \['const', 'fake'\] not among the model's \[\]"):
         part((h, torch.zeros(1), b["position_ids"], b["sep"]))
+
+
+def test_a_stage_without_moe_layers_is_refused_with_expert_parallelism() -> None:
+    """DeepSpeed's MoE engine needs an expert group on every stage: a stage of dense layers only is one line in the
+    config check (uniform partition) and at set-up (any partition)."""
+    from megatron_glm.parallel import ParallelState
+    from megatron_glm.training.expert_parallel import prepare_expert_parallel
+
+    dense_first = {**MOE_FIELDS, "first_k_dense_replace": 2}  # 4 layers over 2 stages: stage 0 = layers 0, 1
+    assert problems(_config(1, 2, 1, 2, **dense_first), 8) == [
+        "parallel.expert_parallel_size (2) with pipeline_model_parallel_size (2): pipeline stage 0 would hold dense "
+        "layers only (2 layers, model.first_k_dense_replace 2); every stage needs MoE layers (fewer stages or more "
+        "layers)"
+    ]
+    assert not problems(_config(1, 2, 1, 2, **MOE_FIELDS), 8)
+    ps = ParallelState(pp_size=2, dp_size=2, ep_size=2)
+    with pytest.raises(ConfigError, match="^expert_parallel_size 2: pipeline stage 0 holds no expert .MoE. layer; "):
+        prepare_expert_parallel(torch.nn.Linear(2, 2), [], lambda _n: False, ps, 4)

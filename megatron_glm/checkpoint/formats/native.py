@@ -36,6 +36,7 @@ from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model.layout import ModelLayout, original_name
 
+from . import native_experts
 from .common import model_config_from_dict, tokenizer_files
 from .native_experts import ExpertShards, expert_zero_state, save_expert_shards, target_groups, write_optimizer
 
@@ -124,11 +125,11 @@ class StagedZeroReader(ZeroReader):
         for reader in self.stages:
             reader.release()
 
-    def fp32(self, name: str) -> torch.Tensor:
-        return self._reader(name).fp32(name)
+    def fp32(self, name: str, ranks: list[int] | None = None) -> torch.Tensor:
+        return self._reader(name).fp32(name, ranks)
 
-    def moments(self, name: str) -> dict[str, torch.Tensor]:
-        return self._reader(name).moments(name)
+    def moments(self, name: str, ranks: list[int] | None = None) -> dict[str, torch.Tensor]:
+        return self._reader(name).moments(name, ranks)
 
     def step(self) -> Any:
         return self.stages[0].step()
@@ -161,8 +162,6 @@ class NativeSource:
         zero_dp = int(layout.get("dp_x_cp", dp))  # the optimizer's partitions: dp x cp (DeepSpeed's dp group)
         stage = int(layout.get("zero_stage", 0))
         ep = int(layout.get("ep", 1))
-        if ep > 1 and pp > 1:
-            raise CheckpointError(f"{step}: pipeline checkpoints with expert parallelism (ep={ep}) are not read yet")
         if pp > 1 and stage > 1:
             raise CheckpointError(f"{step}: pipeline checkpoint with ZeRO stage {stage} (DeepSpeed supports 0/1)")
         if meta.get("lora"):
@@ -183,8 +182,10 @@ class NativeSource:
             tokenizer_files=tokenizer_files(tok),
         )
         self.step, self.ep = step, ep
-        self.experts = ExpertShards(step, tp, ep) if ep > 1 else None
-        if pp > 1:
+        self.experts = ExpertShards(step, tp, ep, pp) if ep > 1 else None
+        if pp > 1 and ep > 1:  # DeepSpeed saves a pipeline with expert parameters per stage (native_experts)
+            wanted = [native_experts.stage_model_file(step, s, t, tp) for s in range(pp) for t in range(tp)]
+        elif pp > 1:
             wanted = [layer_file(step, p.index, t) for t in range(tp) for p in self.info.layout.saved_pipe_layers]
         else:
             wanted = [model_file(step, t, stage) for t in range(tp)]
@@ -226,7 +227,9 @@ class NativeSource:
     # ------------------------------------------------------------------ reading
     def _model(self, t: int) -> dict[str, Any]:
         if t not in self._models:
-            if self.info.pp > 1:  # pipeline: one file per pipe layer, keys are already the original names
+            if self.info.pp > 1 and self.ep > 1:
+                self._models[t] = native_experts.read_stage_models(self.step, t, self.info.tp, self.info.pp)
+            elif self.info.pp > 1:  # pipeline: one file per pipe layer, keys are already the original names
                 module: dict[str, Any] = {}
                 for p in self.info.layout.saved_pipe_layers:
                     module.update(safe_torch_load(layer_file(self.step, p.index, t), mmap=True))
@@ -340,21 +343,22 @@ def write_native(
     zero = getattr(src, "zero", None)  # without DeepSpeed's param_shapes (a pipeline's files): the optimized ones
     trained = [n for n in names if not zero or n in zero[0]]  # (an MoE router's correction bias is not)
     shapes_in = extras.get("param_shapes") or layout.param_groups(trained)
-    groups = target_groups(
-        [[n for n in g if n in set(names)] for g in shapes_in], layout, names, getattr(src, "ep", 1), target.ep, dp
-    )
-    if target.pp > 1:
+    src_ep = getattr(src, "ep", 1) if extras.get("param_shapes") or getattr(src, "ep", 1) == 1 else 0  # 0: unsplit
+    groups = target_groups([[n for n in g if n in set(names)] for g in shapes_in], layout, names, src_ep, target.ep, dp)
+    if target.pp > 1 and target.ep > 1:
+        native_experts.write_stage_models(src, step, layout, target, transform, extras)
+    elif target.pp > 1:
         _write_pipeline_layers(src, step, layout, target, transform)
     for t in range(tp if target.pp == 1 else 0):
         module: OrderedDict[str, torch.Tensor] = OrderedDict()
-        experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {(t, e): {} for e in range(target.ep)}
+        experts: dict[tuple[int, int, int], dict[str, torch.Tensor]] = {(0, t, e): {} for e in range(target.ep)}
         for _, run in iter_layers(names):
             for name in run:
                 module[name] = split_full(layout[name], transform(name, src.module_tensor(name)), t, tp).clone()
                 if target.ep > 1 and layout[name].expert_dim is not None:  # the model file: expert rank 0's
                     for e in range(target.ep):
-                        experts[(t, e)][name] = expert_slice(layout[name], module[name], e, target.ep)
-                    module[name] = experts[(t, 0)][name].clone()
+                        experts[(0, t, e)][name] = expert_slice(layout[name], module[name], e, target.ep)
+                    module[name] = experts[(0, t, 0)][name].clone()
             src.release()
         save_expert_shards(step, experts if target.ep > 1 else {})
         state = dict(extras)

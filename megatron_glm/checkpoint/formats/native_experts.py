@@ -3,8 +3,13 @@ checkpoint manager: :mod:`megatron_glm.checkpoint.experts`), read as full tensor
 
 An expert tensor's full value is, along its ``expert_dim``, the concatenation over expert-parallel ranks of each
 rank's tensor-parallel shards merged (as TP's ``split_dim``); the model-states files hold expert rank 0's only.
-Pipeline checkpoints with expert parallelism are not read or written here. The ZeRO-1/2 optimizer state of the
-expert groups is read and written too (section below).
+The ZeRO-1/2 optimizer state of the expert groups is read and written too (section below).
+
+Pipeline checkpoints with expert parallelism: DeepSpeed's pipeline engine saves a model holding expert
+parameters as one model-states file per stage and tensor rank (``mp_rank_{stage x tp + t}``, the stage's module
+under its pipe-prefixed names, as without pipelining), not as per-layer files; each stage's expert ranks write
+``experts/pp{stage}_...``. Both are read here under the original names (section at the end), and written for a
+pipeline target (weights only, as every pipeline target: the stage of each pipe layer by the uniform partition).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,32 +29,44 @@ from megatron_glm.checkpoint.reshard import merge_shards, split_full
 from megatron_glm.checkpoint.safe_load import safe_torch_load
 from megatron_glm.checkpoint.zero import ZeroReader, write_zero12_file
 from megatron_glm.errors import CheckpointError
-from megatron_glm.model.layout import ModelLayout
+from megatron_glm.model.layout import ModelLayout, PipeLayer, original_name
+from megatron_glm.model.memory import stage_of
 from megatron_glm.model.tensor_spec import TensorSpec
 from megatron_glm.training.expert_parallel import expert_group_name
+from megatron_glm.training.pipeline import TIED_KEY
 
 
 class ExpertShards:
-    """The expert files of a step directory saved with ``tp`` x ``ep`` ranks (memory-mapped, cached)."""
+    """The expert files of a step directory saved with ``tp`` x ``ep`` ranks on ``pp`` pipeline stages
+    (memory-mapped, cached; names mapped back to the original ones)."""
 
-    def __init__(self, step: Path, tp: int, ep: int) -> None:
-        self.step, self.tp, self.ep = step, tp, ep
-        self._files: dict[tuple[int, int], dict[str, Any]] = {}
-        missing = [expert_file((0, t, e, 0)) for t in range(tp) for e in range(ep)]
+    def __init__(self, step: Path, tp: int, ep: int, pp: int = 1) -> None:
+        self.step, self.tp, self.ep, self.pp = step, tp, ep, pp
+        self._files: dict[tuple[int, int, int], dict[str, Any]] = {}
+        self._stage: dict[str, int] = {}
+        missing = [expert_file((s, t, e, 0)) for s in range(pp) for t in range(tp) for e in range(ep)]
         missing = [m for m in missing if not (step / m).is_file()]
         if missing:
-            raise CheckpointError(f"{step}: missing expert shards {', '.join(missing[:4])} (layout tp={tp} ep={ep})")
+            raise CheckpointError(
+                f"{step}: missing expert shards {', '.join(missing[:4])} (layout tp={tp} pp={pp} ep={ep})"
+            )
 
-    def _file(self, t: int, e: int) -> dict[str, Any]:
-        if (t, e) not in self._files:
-            self._files[(t, e)] = safe_torch_load(self.step / expert_file((0, t, e, 0)), mmap=True)
-        return self._files[(t, e)]
+    def _file(self, s: int, t: int, e: int) -> dict[str, Any]:
+        if (s, t, e) not in self._files:
+            saved = safe_torch_load(self.step / expert_file((s, t, e, 0)), mmap=True)
+            self._files[(s, t, e)] = {original_name(n): v for n, v in saved.items()}
+        return self._files[(s, t, e)]
+
+    def _stage_of(self, name: str) -> int:
+        if not self._stage:
+            self._stage = {n: s for s in reversed(range(self.pp)) for n in self._file(s, 0, 0)}
+        return self._stage.get(name, 0)
 
     def tensor(self, spec: TensorSpec) -> torch.Tensor:
-        parts = []
+        parts, s = [], self._stage_of(spec.name)
         for e in range(self.ep):
-            shards = [self._file(t, e).get(spec.name) for t in range(self.tp)]
-            if any(s is None for s in shards):
+            shards = [self._file(s, t, e).get(spec.name) for t in range(self.tp)]
+            if any(x is None for x in shards):
                 raise CheckpointError(f"{self.step}: expert shard of ep rank {e} has no {spec.name}")
             parts.append(merge_shards(spec, shards))
         return torch.cat(parts, dim=spec.expert_dim)
@@ -57,14 +75,19 @@ class ExpertShards:
         self._files.clear()
 
 
-def save_expert_shards(step: Path, shards: dict[tuple[int, int], dict[str, torch.Tensor]]) -> None:
-    """Write ``shards[(tp_rank, ep_rank)]`` (name -> tensor) as the manager's expert files (temp name, rename)."""
-    for (t, e), tensors in shards.items():
-        path = step / expert_file((0, t, e, 0))
+def save_expert_shards(step: Path, shards: dict[tuple[int, int, int], dict[str, torch.Tensor]]) -> None:
+    """Write ``shards[(stage, tp_rank, ep_rank)]`` (name -> tensor) as the manager's expert files (temp name,
+    rename)."""
+    for (s, t, e), tensors in shards.items():
+        path = step / expert_file((s, t, e, 0))
         path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(f".{path.name}.part")
-        torch.save({n: v.clone() for n, v in tensors.items()}, part)
-        os.replace(part, path)
+        _save({n: v.clone() for n, v in tensors.items()}, path)
+
+
+def _save(obj: Any, path: Path) -> None:
+    part = path.with_name(f".{path.name}.part")
+    torch.save(obj, part)
+    os.replace(part, path)
 
 
 # ----------------------------------------------------------------------------- optimizer state
@@ -207,3 +230,71 @@ def write_optimizer(
             )
             src.release()
             cache.clear()
+
+
+# ----------------------------------------------------------------------------- pipeline stages with experts
+
+
+def stage_model_file(step: Path, stage: int, tp_rank: int, tp: int) -> Path:
+    """DeepSpeed's model-states file of pipeline stage ``stage``, tensor rank ``tp_rank`` (stage-major)."""
+    return step / f"mp_rank_{stage * tp + tp_rank:02d}_model_states.pt"
+
+
+def read_stage_models(step: Path, tp_rank: int, tp: int, pp: int) -> dict[str, Any]:
+    """Tensor rank ``tp_rank``'s model-states files of every stage as one: stage 0's entries, and ``module`` the
+    union of the stages' modules under the original names (the tied word embedding: the first stage's)."""
+    module: dict[str, Any] = {}
+    extras: dict[str, Any] = {}
+    for s in range(pp):
+        path = stage_model_file(step, s, tp_rank, tp)
+        state = safe_torch_load(path, mmap=True)
+        if not isinstance(state.get("module"), dict):
+            raise CheckpointError(f"{path}: not a stage's model-states file (no 'module' of the stage's tensors)")
+        for n, v in state["module"].items():
+            module.setdefault(original_name(n), v)
+        extras = extras or {k: v for k, v in state.items() if k != "module"}
+    return {**extras, "module": module, "param_shapes": None}
+
+
+def _pipe_prefix(pipe: PipeLayer, layout: ModelLayout) -> str:
+    """The prefix DeepSpeed's ``PipelineModule`` gives pipe layer ``pipe``'s parameters (``build_pipeline_model``)."""
+    if pipe.kind == "word_embedding" or (pipe.kind == "head" and layout.tied_head):
+        return f"tied_modules.{TIED_KEY}."
+    return f"{pipe.index}."
+
+
+def write_stage_models(
+    src: Any,
+    step: Path,
+    layout: ModelLayout,
+    target: Any,
+    transform: Callable[[str, torch.Tensor], torch.Tensor],
+    extras: dict[str, Any],
+) -> None:
+    """A weights-only pipeline checkpoint with expert parallelism (``target``: a ``NativeTarget``), as the
+    pipeline engine saves one: per stage and tensor rank, the stage's model-states file (expert rank 0's
+    experts) and every expert rank's expert file."""
+    tp, pp, ep = target.tp, target.pp, target.ep
+    base = {k: v for k, v in extras.items() if k not in ("module", "optimizer", "param_shapes")}
+    for s in range(pp):
+        modules: list[OrderedDict[str, torch.Tensor]] = [OrderedDict() for _ in range(tp)]
+        experts: dict[tuple[int, int, int], dict[str, torch.Tensor]] = {
+            (s, t, e): {} for t in range(tp) for e in range(ep)
+        }
+        for pipe in (p for p in layout.saved_pipe_layers if stage_of(p, target.config, pp) == s):
+            for name in pipe.names:
+                spec, key = layout[name], _pipe_prefix(pipe, layout) + name
+                full = transform(name, src.module_tensor(name))
+                for t in range(tp):
+                    shard = split_full(spec, full, t, tp)
+                    if spec.expert_dim is not None:
+                        for e in range(ep):
+                            experts[(s, t, e)][key] = expert_slice(spec, shard, e, ep)
+                        shard = experts[(s, t, 0)][key]
+                    modules[t][key] = shard.clone()
+            src.release()
+        save_expert_shards(step, experts)
+        for t in range(tp):
+            dims = {"pp_degree": pp, "tp_degree": tp}
+            state = {**base, "module": modules[t], "dp_world_size": target.dp, "mp_world_size": pp * tp}
+            _save({**state, "checkpoint_parallel_dimensions": dims}, stage_model_file(step, s, t, tp))
