@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 from megatron_glm.parallel.launch import find_free_port
 
 #: what the fork server imports once, so that every rank forked from it starts with torch ready
-_PRELOAD = ["torch", "torch.distributed", "megatron_glm.testing.distributed"]
+_PRELOAD = ("torch", "torch.distributed", "megatron_glm.testing.distributed")
 
 
 def _worker(
@@ -60,7 +60,7 @@ def run_distributed(
 
     Raises ``RuntimeError`` with the failing rank's traceback, or on timeout (all children are killed).
     """
-    multiprocessing.set_forkserver_preload(_PRELOAD)  # takes effect when the server starts (first use)
+    multiprocessing.set_forkserver_preload(list(_PRELOAD))  # takes effect when the server starts (first use)
     with tempfile.TemporaryDirectory(prefix="glm-dist-") as out_dir:
         ctx = mp.start_processes(
             _worker,
