@@ -2,10 +2,18 @@
 
 ``fn(rank, world_size, *args)`` must be importable (module level). Whatever it returns is saved with
 ``torch.save`` and handed back to the caller, one value per rank (tensors, lists, dicts, numbers).
+
+The ranks are forked from a fork server that has imported torch once (``forkserver`` with torch preloaded),
+not started fresh (``spawn``): a spawned rank spends seconds importing torch, and the test suite starts ranks
+some hundred times. Like a spawned one, a rank starts from a clean interpreter state (the server never runs
+anything), the caller's ``sys.path`` and working directory, and the caller's environment of the moment of the
+call applied when it starts (what is read at process start, e.g. glibc's ``MALLOC_*`` variables, is the fork
+server's: pass ``start_method="spawn"`` for that).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import tempfile
 import time
@@ -20,8 +28,15 @@ import torch.multiprocessing as mp
 
 from megatron_glm.parallel.launch import find_free_port
 
+#: what the fork server imports once, so that every rank forked from it starts with torch ready
+_PRELOAD = ("torch", "torch.distributed", "megatron_glm.testing.distributed")
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable[..., Any], args: tuple) -> None:
+
+def _worker(
+    rank: int, world_size: int, port: int, out_dir: str, environ: dict, fn: Callable[..., Any], args: tuple
+) -> None:
+    os.environ.clear()  # the caller's environment, not the fork server's (that of its own start)
+    os.environ.update(environ)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
     )
@@ -38,18 +53,21 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable[..
         dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0) -> list[Any]:
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0, start_method: str = "forkserver"
+) -> list[Any]:
     """Run ``fn`` on ``world_size`` gloo processes and return each rank's result (rank order).
 
     Raises ``RuntimeError`` with the failing rank's traceback, or on timeout (all children are killed).
     """
+    multiprocessing.set_forkserver_preload(list(_PRELOAD))  # takes effect when the server starts (first use)
     with tempfile.TemporaryDirectory(prefix="glm-dist-") as out_dir:
         ctx = mp.start_processes(
             _worker,
-            args=(world_size, find_free_port(), out_dir, fn, args),
+            args=(world_size, find_free_port(), out_dir, dict(os.environ), fn, args),
             nprocs=world_size,
             join=False,
-            start_method="spawn",
+            start_method=start_method,
         )
         deadline = time.monotonic() + timeout
         try:

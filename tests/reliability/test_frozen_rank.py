@@ -25,6 +25,8 @@ pytestmark = pytest.mark.slow
 FLAGS = shlex.split(  # the two-node test's run, without an exit interval: it must still be training when frozen
     "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --micro-batch-size 2 "
     "--global-batch-size 4 --lr 1e-3 --train-iters 100000 --log-interval 1 --eval-interval 0 --save-interval 100000"
+    # the default (30 s) is checked under torchrun; here a shorter one, set on the recipe's command line
+    " --heartbeat-timeout 10"
 )
 
 
@@ -120,5 +122,6 @@ def test_frozen_rank_on_two_nodes(tiny_corpus, tmp_path):
     errors = [line for line in out0.splitlines() if line.startswith("error: ")]
     # every line names the frozen rank (a survivor that its launcher stopped first may print none)
     assert errors and all(f"lost contact with rank {victim}, " in e for e in errors), out0[-3000:]
+    assert any("silent for 10 s" in e for e in errors), out0[-3000:]  # the recipe passed --heartbeat-timeout on
     print(f"node 0 stopped {took:.1f} s after rank {victim} froze")
     assert took < 60, f"node 0's workers took {took:.0f} s to stop"

@@ -241,18 +241,6 @@ def test_resume_after_kill_matches_uninterrupted(tiny_corpus: dict, straight, tm
 # -- stop controls (one process) -------------------------------------------------------------------
 
 
-def test_exit_interval_stops_and_resumes_bitwise(tiny_corpus: dict, straight, tmp_path: Path) -> None:
-    save = tmp_path / "run"
-    args = ["--save", str(save), "--exit-interval", "10", "--eval-interval", "0"]
-    first = _launch(tiny_corpus, "tp1", *args)
-    assert "exit interval 10 reached: saving and stopping at step 10" in first.stdout
-    assert trained_steps(first.stdout) == list(range(1, 11))
-    assert (save / "latest").read_text() == "global_step10" and verify_checkpoint(save / "global_step10") is None
-    second = _launch(tiny_corpus, "tp1", *args, "--load", str(save))
-    assert trained_steps(second.stdout) == list(range(11, 21)) and "exit interval" not in second.stdout
-    assert losses(save) == straight("tp1")
-
-
 def test_exit_duration_stops_and_resumes_bitwise(tiny_corpus: dict, straight, tmp_path: Path) -> None:
     """A limit already passed at the first step: every launch trains one step, saves and stops."""
     save = tmp_path / "run"
@@ -277,9 +265,13 @@ def test_skip_iteration_range_consumes_samples_without_updates(tiny_corpus: dict
     assert rows[5]["consumed_samples"] == 40 and rows[5]["loss"] != ref[5]  # same samples, two updates fewer
     # the schedule counts updates: step 5 is the third update, at the rate the straight run used at step 3
     assert rows[5]["lr"] == straight("tp1", "lr")[3]
+    # --exit-interval stops and the resume is bitwise (also across the skipped ranges): the same run, stopped at 11
     stopped = tmp_path / "stopped"
     args = [*skip, "--save", str(stopped), "--exit-interval", "11"]
     first = _launch(tiny_corpus, "tp1", *args)
-    assert "saving and stopping at step 11" in first.stdout
-    _launch(tiny_corpus, "tp1", *args, "--load", str(stopped))
+    assert "exit interval 11 reached: saving and stopping at step 11" in first.stdout
+    assert trained_steps(first.stdout) == [1, 2, *range(5, 12)]
+    assert (stopped / "latest").read_text() == "global_step11" and verify_checkpoint(stopped / "global_step11") is None
+    second = _launch(tiny_corpus, "tp1", *args, "--load", str(stopped))
+    assert trained_steps(second.stdout) == list(range(13, 21)) and "exit interval" not in second.stdout
     assert losses(stopped) == losses(whole)

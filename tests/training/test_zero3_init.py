@@ -57,7 +57,8 @@ def _setup_peaks(rank: int, world: int) -> dict:
 def test_zero3_setup_peak_is_partitioned(monkeypatch: pytest.MonkeyPatch) -> None:
     """DP=2: each rank's set-up peak building ~200M parameters under ZeRO-3 is at most 0.6x the whole build's."""
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 20))  # freed tensors leave the resident set at once
-    results = run_distributed(_setup_peaks, 2, timeout=900)
+    # spawned, not forked from the fork server: glibc reads MALLOC_* when a process starts
+    results = run_distributed(_setup_peaks, 2, timeout=900, start_method="spawn")
     for rank, r in enumerate(results):
         ratio = r["peak3"] / r["peak1"]
         print(
