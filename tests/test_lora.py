@@ -16,6 +16,7 @@ from megatron_glm.parallel import ParallelState, gather_from_tensor_parallel_reg
 from megatron_glm.parallel.lora import is_lora_name
 from megatron_glm.testing import run_distributed
 from tests.model.helpers import family_config, make_batch, tiny_config
+from tests.model.test_moe import moe_config
 
 ATOL = 1e-5
 ALL_TARGETS = ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]
@@ -26,6 +27,7 @@ CONFIGS = {
     "glm": lambda: tiny_config(),
     "chatglm2": lambda: family_config("chatglm2-6b"),
     "sequence-parallel": lambda: tiny_config(sequence_parallel=True),  # reduce-scatter before B (TP > 1)
+    "moe": lambda: moe_config(),  # per-expert adapters (A [E, r, in], B [E, out, r]) and the shared experts'
 }
 
 
@@ -42,7 +44,8 @@ def _adapters(model: GLMModel, ps: ParallelState, grads: bool = False) -> dict[s
 def _train(model: GLMModel, ps: ParallelState, steps: int) -> tuple[list[float], dict, dict, torch.Tensor]:
     """``steps`` AdamW steps on the adapters (each on its own batch); returns the losses, the last step's full
     adapter gradients, the adapters after training and the final full logits."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    # eps 1e-6: an expert seeing few tokens has gradients near 1e-8, where eps 1e-8 turns rounding into steps
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, eps=1e-6)
     losses, grads = [], {}
     model.train()
     for step in range(steps):
@@ -115,10 +118,21 @@ def test_only_adapters_train_and_shapes_follow_the_split() -> None:
     assert n_train == sum(p.numel() for n, p in model.named_parameters() if is_lora_name(n)) and n_train < total
 
 
-def test_merged_model_equals_adapter_model() -> None:
-    cfg = family_config("chatglm2-6b")
+@pytest.mark.parametrize("family", ["chatglm2-6b", "moe"])
+def test_merged_model_equals_adapter_model(family: str) -> None:
+    cfg = moe_config() if family == "moe" else family_config(family)
     model = _lora_model(cfg, ParallelState())
     full = full_state_dict(model)
+    if family == "moe":  # layer 0 dense; 1, 2: the routed experts (one adapter each) and the shared experts
+        e, h, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        experts = {k: tuple(v.shape) for k, v in full.items() if ".mlp.experts." in k and is_lora_name(k)}
+        assert experts == {
+            **{f"transformer.layers.{i}.mlp.experts.dense_h_to_4h.lora.{x}": s for i in (1, 2)
+               for x, s in (("A", (e, 4, h)), ("B", (e, 2 * f, 4)))},
+            **{f"transformer.layers.{i}.mlp.experts.dense_4h_to_h.lora.{x}": s for i in (1, 2)
+               for x, s in (("A", (e, 4, f)), ("B", (e, h, 4)))},
+        }  # fmt: skip
+        assert "transformer.layers.1.mlp.shared_experts.dense_4h_to_h.lora.B" in full
     g = torch.Generator().manual_seed(3)
     trained = {k: (0.1 * torch.randn(v.shape, generator=g) if is_lora_name(k) else v) for k, v in full.items()}
     load_full_state_dict(model, trained)
@@ -184,6 +198,13 @@ def test_dry_run_counts_the_trainable_adapters() -> None:
         + cfg.hidden_size * 4  # dense_4h_to_h
     )
     assert tp2.trainable == cfg.num_layers * per_layer
+    # MoE layers: every expert's adapters (split over EP like the experts) and the shared experts' (a model's count).
+    moe = moe_config()
+    for tp, ep in ((1, 1), (2, 2)):
+        ps = ParallelState(tp_size=tp, ep_size=ep, ep_group=object())  # shapes only: nothing communicates
+        want = trainable_parameters(_lora_model(moe, ps))[0]
+        got = estimate_memory(moe, tp=tp, pp=1, dp=ep, zero_stage=1, precision="fp32", lora=LORA, ep=ep).trainable
+        assert got == want, (tp, ep)
 
 
 def test_pretrain_dry_run_prints_trainable_parameters() -> None:

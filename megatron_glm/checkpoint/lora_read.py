@@ -27,6 +27,7 @@ from megatron_glm.checkpoint.reshard import merge_shards
 from megatron_glm.checkpoint.safe_load import safe_torch_load
 from megatron_glm.checkpoint.zero import ZeroReader
 from megatron_glm.errors import CheckpointError
+from megatron_glm.model.expert_lora import expert_adapter_specs
 from megatron_glm.model.layout import ModelLayout, TensorSpec, original_name
 from megatron_glm.parallel.lora import is_lora_name
 
@@ -36,9 +37,12 @@ _TP_RANK = re.compile(r"(?:mp_rank_|-model_)(\d+)(?:_model_states|-model_states)
 def adapter_spec(layout: ModelLayout, name: str) -> TensorSpec:
     """The full shape and tensor-parallel split of adapter tensor ``name`` (``<linear>.lora.A`` / ``.B``): for a
     column-parallel weight ``A`` is replicated and ``B`` split with the weight's packed blocks, for a row-parallel
-    one ``A`` split by columns and ``B`` replicated."""
+    one ``A`` split by columns and ``B`` replicated (an expert weight ``[E, out, in]``: ``A [E, r, in]``, ``B [E, out,
+    r]``, :func:`~megatron_glm.model.expert_lora.expert_adapter_specs`; ``r`` is 0 in the shapes)."""
     linear, _, which = name.rpartition(".lora.")
     weight = layout[f"{linear}.weight"]
+    if weight.expert_dim is not None:
+        return dict(zip("AB", expert_adapter_specs(f"{linear}.lora", weight, 0), strict=True))[which]
     out_f, in_f = weight.shape
     if which == "A":
         return TensorSpec(name, (0, in_f), "weight", 1 if weight.split_dim == 1 else None)
@@ -101,6 +105,11 @@ def read_adapter_set(step: Path, layout: ModelLayout) -> AdapterSet:
     """The full adapters of LoRA checkpoint ``step`` (any tp/pp/dp layout, ZeRO-0/1/2/3), fp32."""
     lay: dict[str, Any] = read_meta(step).get("layout") or {}
     tp, pp, dp, stage = (int(lay.get(k, d)) for k, d in (("tp", 1), ("pp", 1), ("dp", 1), ("zero_stage", 0)))
+    if int(lay.get("ep", 1)) > 1:
+        raise CheckpointError(
+            f"{step}: LoRA adapters of an expert-parallel run (ep {lay['ep']}) cannot be read yet (each expert rank's "
+            "adapters are in its experts/ file); train the adapters at expert_parallel_size 1 to merge or export them"
+        )
     readers = _zero_readers(step, tp, pp, dp, stage)
     if readers:
         names = [n for n in readers[0].names if is_lora_name(n)]
