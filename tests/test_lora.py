@@ -347,3 +347,25 @@ def test_a_lora_checkpoint_is_not_opened_as_a_model(tmp_path) -> None:
     with pytest.raises(CheckpointError) as err:  # the same directory without the record: the usual complaint
         open_source(step)
     assert "LoRA" not in str(err.value)
+
+
+def test_lora_base_gives_the_run_its_architecture(tmp_path) -> None:
+    """pretrain_glm.py --lora-base PATH takes the base's sealed architecture as --load does (none restated), and
+    refuses a contradicting command line in one line."""
+    import json
+
+    from megatron_glm.checkpoint.architecture import adopt_checkpoint_architecture
+    from megatron_glm.config import load_config
+
+    base = moe_config()
+    step = tmp_path / "global_step1"
+    step.mkdir()
+    (step / "meta.json").write_text(json.dumps({"config": {"model": dataclasses.asdict(base)}}))
+    cfg = adopt_checkpoint_architecture(load_config(["--lora-rank", "4", "--lora-base", str(step)]), log=print)
+    assert cfg.model.architecture() == base.architecture() and cfg.model.num_experts == 8
+    plain = adopt_checkpoint_architecture(load_config(["--lora-base", str(step)]), log=print)  # rank 0: no LoRA run
+    assert plain.model.num_experts == 0
+    with pytest.raises(ConfigError, match=r"contradicts the checkpoint's architecture \(hidden_size: checkpoint 64"):
+        adopt_checkpoint_architecture(
+            load_config(["--lora-rank", "4", "--lora-base", str(step), "--hidden-size", "96"])
+        )
