@@ -1,0 +1,111 @@
+"""LoRA on a GLM-4.5-shaped MoE model's experts through the converter: the adapters of a TP=2 LoRA checkpoint (each
+rank's shards as its model saves them: the experts' ``B`` split along ``2F`` with the GLU blocks, ``A`` of
+``dense_4h_to_h`` along ``F``) are joined, merged per expert into the base (a ``Glm4MoeForCausalLM`` saved by
+transformers) and exported as ``Glm4MoeForCausalLM``, whose logits in transformers equal our adapted model's; the peft
+export of MoE MLP adapters and the adapters of an expert-parallel run are refused in one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_glm.checkpoint.convert import ConvertOptions, convert_checkpoint, open_source
+from megatron_glm.checkpoint.lora import base_identity, lora_record
+from megatron_glm.checkpoint.lora_read import read_adapter_set
+from megatron_glm.checkpoint.weights import load_model_weights
+from megatron_glm.config import LoraConfig
+from megatron_glm.errors import CheckpointError
+from megatron_glm.model import GLMModel, ModelLayout, full_state_dict, load_full_state_dict
+from megatron_glm.model.lora import attach_lora
+from megatron_glm.parallel import ParallelState
+from megatron_glm.parallel.lora import is_lora_name
+from tests.checkpoint.test_hf_glm4moe import IDS, _save_release, hf_logits
+
+transformers = pytest.importorskip("transformers")
+
+LORA = LoraConfig(
+    rank=4, alpha=8.0, targets=["attention.query_key_value,attention.dense,mlp.dense_h_to_4h,mlp.dense_4h_to_h"]
+)
+QUIET = lambda *_: None
+
+
+def _adapted(cfg, ps: ParallelState, adapters: dict[str, torch.Tensor] | None = None) -> GLMModel:
+    model = GLMModel(cfg, ps, seed=0).eval()
+    attach_lora(model, LORA, ModelLayout(cfg), seed=0)
+    if adapters is not None:
+        load_full_state_dict(model, adapters, ps, strict=False)
+    return model
+
+
+def _logits(model: GLMModel) -> torch.Tensor:
+    b, n = IDS.shape
+    pos = torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)]).expand(b, 2, n)
+    with torch.no_grad():
+        return model(IDS, pos, torch.zeros(b, dtype=torch.long))  # sep 0: causal
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    d = tmp_path_factory.mktemp("lora_moe")
+    release = _save_release(d / "release", num_nextn_predict_layers=0)
+    cfg = open_source(release).info.config
+    g = torch.Generator().manual_seed(5)
+    full = full_state_dict(_adapted(cfg, ParallelState()))
+    adapters = {k: 0.1 * torch.randn(v.shape, generator=g) for k, v in full.items() if is_lora_name(k)}
+    step = d / "lora" / "global_step2"
+    step.mkdir(parents=True)
+    for r in range(2):  # what each tensor-parallel rank's model holds (and DeepSpeed saves: the trainable tensors)
+        model = _adapted(cfg, ParallelState(tp_size=2, tp_rank=r), adapters)
+        module = {k: v for k, v in model.state_dict().items() if is_lora_name(k)}
+        torch.save({"module": module}, step / f"mp_rank_{r:02d}_model_states.pt")
+    meta = {
+        "layout": {"tp": 2, "pp": 1, "dp": 1, "zero_stage": 0},
+        "lora": lora_record(LORA, release, base_identity(release)),
+        "config": {"model": dataclasses.asdict(cfg), "lora": dataclasses.asdict(LORA)},
+    }
+    (step / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    return {"release": release, "step": step, "cfg": cfg, "adapters": adapters, "module": module}
+
+
+def test_merged_export_of_expert_adapters_gives_the_adapted_model(lora_run: dict, tmp_path: Path) -> None:
+    cfg, adapters = lora_run["cfg"], lora_run["adapters"]
+    e, f, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    name = "transformer.layers.1.mlp.experts.dense_h_to_4h.lora.B"
+    assert tuple(lora_run["module"][name].shape) == (e, f, 4)  # rank 1's half of 2F (its gate and up rows)
+    assert tuple(lora_run["module"][name.replace("h_to_4h.lora.B", "4h_to_h.lora.A")].shape) == (e, 4, f // 2)
+    read = read_adapter_set(lora_run["step"], open_source(lora_run["release"]).info.layout).tensors
+    assert set(read) == set(adapters) and all(torch.equal(read[k], adapters[k]) for k in adapters)
+    assert tuple(read[name].shape) == (e, 2 * f, 4) and tuple(read[name.replace(".B", ".A")].shape) == (e, 4, h)
+    out = tmp_path / "merged"
+    convert_checkpoint(
+        lora_run["step"], out, ConvertOptions(format="hf", merge_lora=True, hf_layout="Glm4MoeForCausalLM"),
+        log=QUIET,
+    )  # fmt: skip
+    ours = _adapted(cfg, ParallelState())
+    load_model_weights(ours, open_source(lora_run["release"]), 1, 0)
+    base = _logits(ours)
+    load_full_state_dict(ours, adapters, strict=False)
+    want, theirs = _logits(ours), hf_logits(out)
+    assert (want - base).abs().max() > 1e-2  # the adapters (experts' included) change the model
+    assert (theirs - want).abs().max() < 1e-5
+
+
+def test_peft_export_and_expert_parallel_adapters_are_refused(lora_run: dict, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"MoE model's MLPs .* cannot be loaded by peft 0\.21 .*--merge-lora"):
+        convert_checkpoint(
+            lora_run["step"],
+            tmp_path / "peft",
+            ConvertOptions(format="peft", hf_layout="Glm4MoeForCausalLM"),
+            log=QUIET,
+        )
+    assert not (tmp_path / "peft").exists()
+    meta = json.loads((lora_run["step"] / "meta.json").read_text())
+    ep = tmp_path / "ep" / "global_step2"
+    ep.mkdir(parents=True)
+    (ep / "meta.json").write_text(json.dumps({**meta, "layout": {**meta["layout"], "ep": 2}}), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"adapters of an expert-parallel run \(ep 2\) cannot be read yet"):
+        read_adapter_set(ep, open_source(lora_run["release"]).info.layout)
