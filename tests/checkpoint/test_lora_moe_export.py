@@ -2,12 +2,14 @@
 rank's shards as its model saves them: the experts' ``B`` split along ``2F`` with the GLU blocks, ``A`` of
 ``dense_4h_to_h`` along ``F``) are joined, merged per expert into the base (a ``Glm4MoeForCausalLM`` saved by
 transformers) and exported as ``Glm4MoeForCausalLM``, whose logits in transformers equal our adapted model's; the peft
-export of MoE MLP adapters and the adapters of an expert-parallel run are refused in one line."""
+export of MoE MLP adapters and the adapters of an expert-parallel run are refused in one line; attention-only
+adapters of the MoE model load in peft with our logits."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import torch
 from megatron_glm.checkpoint.convert import ConvertOptions, convert_checkpoint, open_source
 from megatron_glm.checkpoint.lora import base_identity, lora_record
 from megatron_glm.checkpoint.lora_read import read_adapter_set
+from megatron_glm.checkpoint.safe_load import safe_torch_load
 from megatron_glm.checkpoint.weights import load_model_weights
 from megatron_glm.config import LoraConfig
 from megatron_glm.errors import CheckpointError
@@ -109,3 +112,27 @@ def test_peft_export_and_expert_parallel_adapters_are_refused(lora_run: dict, tm
     (ep / "meta.json").write_text(json.dumps({**meta, "layout": {**meta["layout"], "ep": 2}}), encoding="utf-8")
     with pytest.raises(CheckpointError, match=r"adapters of an expert-parallel run \(ep 2\) cannot be read yet"):
         read_adapter_set(ep, open_source(lora_run["release"]).info.layout)
+
+
+def test_attention_adapters_of_an_moe_model_load_in_peft(lora_run: dict, tmp_path: Path) -> None:
+    """What the refusal offers: LoRA on the attention linears only exports, and peft's logits are ours."""
+    peft = pytest.importorskip("peft")
+    step = tmp_path / "attention" / "global_step2"
+    step.mkdir(parents=True)
+    shutil.copy(lora_run["step"] / "meta.json", step / "meta.json")
+    for f in lora_run["step"].glob("mp_rank_*_model_states.pt"):
+        module = safe_torch_load(f)["module"]
+        torch.save({"module": {k: v for k, v in module.items() if ".attention." in k}}, step / f.name)
+    convert_checkpoint(
+        step, tmp_path / "peft", ConvertOptions(format="peft", hf_layout="Glm4MoeForCausalLM"), log=QUIET
+    )
+    base = transformers.AutoModelForCausalLM.from_pretrained(lora_run["release"], dtype=torch.float32)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()(IDS).logits
+    ours = _adapted(lora_run["cfg"], ParallelState())
+    load_model_weights(ours, open_source(lora_run["release"]), 1, 0)
+    base_logits = _logits(ours)
+    load_full_state_dict(ours, {k: v for k, v in lora_run["adapters"].items() if ".attention." in k}, strict=False)
+    want = _logits(ours)
+    assert (want - base_logits).abs().max() > 1e-2
+    assert (theirs - want).abs().max() < 1e-5
