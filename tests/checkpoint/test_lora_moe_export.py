@@ -2,8 +2,8 @@
 rank's shards as its model saves them: the experts' ``B`` split along ``2F`` with the GLU blocks, ``A`` of
 ``dense_4h_to_h`` along ``F``) are joined, merged per expert into the base (a ``Glm4MoeForCausalLM`` saved by
 transformers) and exported as ``Glm4MoeForCausalLM``, whose logits in transformers equal our adapted model's; the peft
-export of MoE MLP adapters and the adapters of an expert-parallel run are refused in one line; attention-only
-adapters of the MoE model load in peft with our logits."""
+export of MoE MLP adapters is refused in one line; attention-only adapters of the MoE model load in peft with our
+logits; a TP=2 x EP=2 checkpoint's expert adapters are joined over the expert ranks' files."""
 
 from __future__ import annotations
 
@@ -74,6 +74,26 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"release": release, "step": step, "cfg": cfg, "adapters": adapters, "module": module}
 
 
+def _stage_expert_parallel(lora_run: dict, step: Path) -> None:
+    """A TP=2 x EP=2 LoRA checkpoint as training writes it: the model files (data-parallel rank 0: expert rank 0's
+    experts) and each (tp, ep) rank's expert tensors, base weights and adapters, in ``experts/``."""
+    cfg, adapters = lora_run["cfg"], lora_run["adapters"]
+    (step / "experts").mkdir(parents=True)
+    for t in range(2):
+        for e in range(2):
+            ps = ParallelState(tp_size=2, tp_rank=t, ep_size=2, ep_rank=e, dp_size=2, ep_group=object())
+            state = _adapted(cfg, ps, adapters).state_dict()
+            torch.save(
+                {k: v for k, v in state.items() if ".mlp.experts." in k}, step / f"experts/pp00_tp{t:02d}_ep{e:02d}.pt"
+            )
+            if e == 0:
+                module = {k: v for k, v in state.items() if is_lora_name(k)}
+                torch.save({"module": module}, step / f"mp_rank_{t:02d}_model_states.pt")
+    meta = json.loads((lora_run["step"] / "meta.json").read_text())
+    meta["layout"] = {"tp": 2, "pp": 1, "dp": 2, "ep": 2, "zero_stage": 1}
+    (step / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
 def test_merged_export_of_expert_adapters_gives_the_adapted_model(lora_run: dict, tmp_path: Path) -> None:
     cfg, adapters = lora_run["cfg"], lora_run["adapters"]
     e, f, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
@@ -97,7 +117,7 @@ def test_merged_export_of_expert_adapters_gives_the_adapted_model(lora_run: dict
     assert (theirs - want).abs().max() < 1e-5
 
 
-def test_peft_export_and_expert_parallel_adapters_are_refused(lora_run: dict, tmp_path: Path) -> None:
+def test_peft_export_and_expert_parallel_pipelines_are_refused(lora_run: dict, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"MoE model's MLPs .* cannot be loaded by peft 0\.21 .*--merge-lora"):
         convert_checkpoint(
             lora_run["step"],
@@ -109,9 +129,18 @@ def test_peft_export_and_expert_parallel_adapters_are_refused(lora_run: dict, tm
     meta = json.loads((lora_run["step"] / "meta.json").read_text())
     ep = tmp_path / "ep" / "global_step2"
     ep.mkdir(parents=True)
-    (ep / "meta.json").write_text(json.dumps({**meta, "layout": {**meta["layout"], "ep": 2}}), encoding="utf-8")
-    with pytest.raises(CheckpointError, match=r"adapters of an expert-parallel run \(ep 2\) cannot be read yet"):
+    (ep / "meta.json").write_text(json.dumps({**meta, "layout": {**meta["layout"], "ep": 2, "pp": 2}}))
+    with pytest.raises(CheckpointError, match=r"adapters of a run with expert and pipeline parallelism cannot be read"):
         read_adapter_set(ep, open_source(lora_run["release"]).info.layout)
+
+
+def test_expert_parallel_adapters_are_joined_over_the_expert_ranks(lora_run: dict, tmp_path: Path) -> None:
+    step = tmp_path / "ep" / "global_step2"
+    _stage_expert_parallel(lora_run, step)
+    got = read_adapter_set(step, open_source(lora_run["release"]).info.layout)
+    assert got.origin.startswith("the model files and each expert rank's experts/ file")
+    adapters = lora_run["adapters"]
+    assert set(got.tensors) == set(adapters) and all(torch.equal(got.tensors[k], adapters[k]) for k in adapters)
 
 
 def test_attention_adapters_of_an_moe_model_load_in_peft(lora_run: dict, tmp_path: Path) -> None:
