@@ -369,3 +369,29 @@ def test_lora_base_gives_the_run_its_architecture(tmp_path) -> None:
         adopt_checkpoint_architecture(
             load_config(["--lora-rank", "4", "--lora-base", str(step), "--hidden-size", "96"])
         )
+
+
+@pytest.mark.parametrize(("dtype", "rank"), [(torch.bfloat16, 4), (torch.float32, 3)])
+def test_expert_adapters_of_any_rank_run_in_the_grouped_matmul(dtype: torch.dtype, rank: int) -> None:
+    """``grouped_mm`` refuses strides that are not 16 bytes (r = 4 in bf16): the adapter pads r with zeros, and
+    equals a loop over the experts, outputs and gradients."""
+    from megatron_glm.model.expert_lora import ExpertLoRAAdapter
+    from megatron_glm.model.moe import grouped_linear, looped_linear
+
+    spec = ModelLayout(moe_config())["transformer.layers.1.mlp.experts.dense_h_to_4h.weight"]
+    adapter = ExpertLoRAAdapter(
+        spec, rank=rank, alpha=8.0, dropout=0.0, seed=1, parallel_state=ParallelState(), dtype=dtype, device="cpu"
+    )
+    with torch.no_grad():
+        adapter.B.normal_(generator=torch.Generator().manual_seed(2))
+    counts = torch.tensor([3, 0, 5, 2, 1, 0, 4, 1])
+    x = torch.randn(16, spec.shape[2], dtype=dtype, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for linear in (grouped_linear, looped_linear):
+        adapter.zero_grad()
+        y = adapter(x, counts, linear)
+        y.float().square().sum().backward()
+        outs.append((y.detach().float(), adapter.A.grad.float(), adapter.B.grad.float()))
+    assert outs[0][0].abs().max() > 0
+    for got, want in zip(outs[0], outs[1], strict=True):
+        assert (got - want).abs().max() <= 1e-2 * max(1.0, want.abs().max().item())

@@ -13,7 +13,8 @@ the expert axis like the weight, and over tensor-parallel ranks as the dense ada
   its ``x_r W_r^T``, and summed by the MoE layer's own tensor-parallel reduction (so ``B`` enters through
   ``copy_to_tensor_parallel_region``: its gradient is summed over the group).
 
-The products run through the experts' own grouped matmul (``GroupedExperts.linear``) on the rows grouped by expert.
+The products run through the experts' own grouped matmul (``GroupedExperts.linear``) on the rows grouped by expert
+(``r`` padded with zeros to a 16-byte stride, which ``grouped_mm`` requires: e.g. ``r = 4`` in bf16).
 Adapter dropout draws its mask for the rows this rank computes (the same for any TP size; under expert parallelism
 the rows are another rank's, so EP = 1 and EP = 2 only agree without it).
 """
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megatron_glm.model.moe import expert_parameter
@@ -90,6 +92,9 @@ class ExpertLoRAAdapter(nn.Module):
             a = copy_to_tensor_parallel_region(a, ps.tp_group)
         else:
             b = copy_to_tensor_parallel_region(b, ps.tp_group)
+        pad = -self.rank % (16 // a.element_size())  # grouped_mm wants 16-byte strides: r padded with zeros (exact)
+        if pad:
+            a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
         return linear(linear(x, a, counts), b, counts) * self.scaling
 
     def extra_repr(self) -> str:
