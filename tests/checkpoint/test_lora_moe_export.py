@@ -165,3 +165,23 @@ def test_attention_adapters_of_an_moe_model_load_in_peft(lora_run: dict, tmp_pat
     want = _logits(ours)
     assert (want - base_logits).abs().max() > 1e-2
     assert (theirs - want).abs().max() < 1e-5
+
+
+def test_an_expert_parallel_lora_run_saves_only_the_expert_adapters(lora_run: dict) -> None:
+    """The experts/ files of a LoRA run hold the experts' adapters, not the frozen base experts (GLM-4.5: ~340B)."""
+    from megatron_glm.checkpoint.experts import expert_parameters
+    from megatron_glm.training.expert_parallel import mark_expert_parameters
+
+    cfg = lora_run["cfg"]
+    ps = ParallelState(ep_size=2, dp_size=2, ep_group=object())
+    model, layout = _adapted(cfg, ps), ModelLayout(cfg)
+
+    def is_expert(name: str) -> bool:
+        weight = name.rpartition(".lora.")[0] + ".weight" if is_lora_name(name) else name
+        return layout[weight].expert_dim is not None
+
+    marked = mark_expert_parameters(model, is_expert, ps)
+    saved = sorted(expert_parameters(model))
+    frozen = sorted(set(marked) - set(saved))  # per expert weight: the weight, A and B marked; A and B saved
+    assert len(saved) == 2 * len(frozen) == 4 * (cfg.num_layers - 1) and all(n.endswith(".weight") for n in frozen)
+    assert saved == sorted(n for n in marked if is_lora_name(n))
