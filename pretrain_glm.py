@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--dry-run"]
     cfg = load_config(argv)
     if dry_run:
-        if cfg.checkpoint.load:  # the architecture it would train with (torch imported only then)
+        if cfg.checkpoint.load or (cfg.lora.rank > 0 and cfg.lora.base):  # its architecture (torch only then)
             from megatron_glm.checkpoint.architecture import adopt_checkpoint_architecture
 
             cfg = adopt_checkpoint_architecture(cfg, lambda message: print(message, file=sys.stderr))

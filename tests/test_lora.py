@@ -16,6 +16,7 @@ from megatron_glm.parallel import ParallelState, gather_from_tensor_parallel_reg
 from megatron_glm.parallel.lora import is_lora_name
 from megatron_glm.testing import run_distributed
 from tests.model.helpers import family_config, make_batch, tiny_config
+from tests.model.test_moe import moe_config
 
 ATOL = 1e-5
 ALL_TARGETS = ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]
@@ -26,6 +27,7 @@ CONFIGS = {
     "glm": lambda: tiny_config(),
     "chatglm2": lambda: family_config("chatglm2-6b"),
     "sequence-parallel": lambda: tiny_config(sequence_parallel=True),  # reduce-scatter before B (TP > 1)
+    "moe": lambda: moe_config(),  # per-expert adapters (A [E, r, in], B [E, out, r]) and the shared experts'
 }
 
 
@@ -42,7 +44,8 @@ def _adapters(model: GLMModel, ps: ParallelState, grads: bool = False) -> dict[s
 def _train(model: GLMModel, ps: ParallelState, steps: int) -> tuple[list[float], dict, dict, torch.Tensor]:
     """``steps`` AdamW steps on the adapters (each on its own batch); returns the losses, the last step's full
     adapter gradients, the adapters after training and the final full logits."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    # eps 1e-6: an expert seeing few tokens has gradients near 1e-8, where eps 1e-8 turns rounding into steps
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, eps=1e-6)
     losses, grads = [], {}
     model.train()
     for step in range(steps):
@@ -115,10 +118,21 @@ def test_only_adapters_train_and_shapes_follow_the_split() -> None:
     assert n_train == sum(p.numel() for n, p in model.named_parameters() if is_lora_name(n)) and n_train < total
 
 
-def test_merged_model_equals_adapter_model() -> None:
-    cfg = family_config("chatglm2-6b")
+@pytest.mark.parametrize("family", ["chatglm2-6b", "moe"])
+def test_merged_model_equals_adapter_model(family: str) -> None:
+    cfg = moe_config() if family == "moe" else family_config(family)
     model = _lora_model(cfg, ParallelState())
     full = full_state_dict(model)
+    if family == "moe":  # layer 0 dense; 1, 2: the routed experts (one adapter each) and the shared experts
+        e, h, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        experts = {k: tuple(v.shape) for k, v in full.items() if ".mlp.experts." in k and is_lora_name(k)}
+        assert experts == {
+            **{f"transformer.layers.{i}.mlp.experts.dense_h_to_4h.lora.{x}": s for i in (1, 2)
+               for x, s in (("A", (e, 4, h)), ("B", (e, 2 * f, 4)))},
+            **{f"transformer.layers.{i}.mlp.experts.dense_4h_to_h.lora.{x}": s for i in (1, 2)
+               for x, s in (("A", (e, 4, f)), ("B", (e, h, 4)))},
+        }  # fmt: skip
+        assert "transformer.layers.1.mlp.shared_experts.dense_4h_to_h.lora.B" in full
     g = torch.Generator().manual_seed(3)
     trained = {k: (0.1 * torch.randn(v.shape, generator=g) if is_lora_name(k) else v) for k, v in full.items()}
     load_full_state_dict(model, trained)
@@ -184,6 +198,13 @@ def test_dry_run_counts_the_trainable_adapters() -> None:
         + cfg.hidden_size * 4  # dense_4h_to_h
     )
     assert tp2.trainable == cfg.num_layers * per_layer
+    # MoE layers: every expert's adapters (split over EP like the experts) and the shared experts' (a model's count).
+    moe = moe_config()
+    for tp, ep in ((1, 1), (2, 2)):
+        ps = ParallelState(tp_size=tp, ep_size=ep, ep_group=object())  # shapes only: nothing communicates
+        want = trainable_parameters(_lora_model(moe, ps))[0]
+        got = estimate_memory(moe, tp=tp, pp=1, dp=ep, zero_stage=1, precision="fp32", lora=LORA, ep=ep).trainable
+        assert got == want, (tp, ep)
 
 
 def test_pretrain_dry_run_prints_trainable_parameters() -> None:
@@ -326,3 +347,51 @@ def test_a_lora_checkpoint_is_not_opened_as_a_model(tmp_path) -> None:
     with pytest.raises(CheckpointError) as err:  # the same directory without the record: the usual complaint
         open_source(step)
     assert "LoRA" not in str(err.value)
+
+
+def test_lora_base_gives_the_run_its_architecture(tmp_path) -> None:
+    """pretrain_glm.py --lora-base PATH takes the base's sealed architecture as --load does (none restated), and
+    refuses a contradicting command line in one line."""
+    import json
+
+    from megatron_glm.checkpoint.architecture import adopt_checkpoint_architecture
+    from megatron_glm.config import load_config
+
+    base = moe_config()
+    step = tmp_path / "global_step1"
+    step.mkdir()
+    (step / "meta.json").write_text(json.dumps({"config": {"model": dataclasses.asdict(base)}}))
+    cfg = adopt_checkpoint_architecture(load_config(["--lora-rank", "4", "--lora-base", str(step)]), log=print)
+    assert cfg.model.architecture() == base.architecture() and cfg.model.num_experts == 8
+    plain = adopt_checkpoint_architecture(load_config(["--lora-base", str(step)]), log=print)  # rank 0: no LoRA run
+    assert plain.model.num_experts == 0
+    with pytest.raises(ConfigError, match=r"contradicts the checkpoint's architecture \(hidden_size: checkpoint 64"):
+        adopt_checkpoint_architecture(
+            load_config(["--lora-rank", "4", "--lora-base", str(step), "--hidden-size", "96"])
+        )
+
+
+@pytest.mark.parametrize(("dtype", "rank"), [(torch.bfloat16, 4), (torch.float32, 3)])
+def test_expert_adapters_of_any_rank_run_in_the_grouped_matmul(dtype: torch.dtype, rank: int) -> None:
+    """``grouped_mm`` refuses strides that are not 16 bytes (r = 4 in bf16): the adapter pads r with zeros, and
+    equals a loop over the experts, outputs and gradients."""
+    from megatron_glm.model.expert_lora import ExpertLoRAAdapter
+    from megatron_glm.model.moe import grouped_linear, looped_linear
+
+    spec = ModelLayout(moe_config())["transformer.layers.1.mlp.experts.dense_h_to_4h.weight"]
+    adapter = ExpertLoRAAdapter(
+        spec, rank=rank, alpha=8.0, dropout=0.0, seed=1, parallel_state=ParallelState(), dtype=dtype, device="cpu"
+    )
+    with torch.no_grad():
+        adapter.B.normal_(generator=torch.Generator().manual_seed(2))
+    counts = torch.tensor([3, 0, 5, 2, 1, 0, 4, 1])
+    x = torch.randn(16, spec.shape[2], dtype=dtype, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for linear in (grouped_linear, looped_linear):
+        adapter.zero_grad()
+        y = adapter(x, counts, linear)
+        y.float().square().sum().backward()
+        outs.append((y.detach().float(), adapter.A.grad.float(), adapter.B.grad.float()))
+    assert outs[0][0].abs().max() > 0
+    for got, want in zip(outs[0], outs[1], strict=True):
+        assert (got - want).abs().max() <= 1e-2 * max(1.0, want.abs().max().item())

@@ -1,4 +1,5 @@
-"""The architecture a checkpoint records, and a run that loads one taking it (resume and weights-only loading).
+"""The architecture a checkpoint records, and a run that loads one taking it (resume, weights-only loading, a
+LoRA run's base).
 
 Our step directories record the whole model config in ``meta.json`` (read here without opening the weights);
 every other format we read yields its architecture through its source (config.json, model_config.json, or the
@@ -42,11 +43,15 @@ def checkpoint_architecture(path: str | Path, *, any_format: bool = True) -> tup
 
 
 def adopt_checkpoint_architecture(cfg: GLMConfig, log: Callable[[str], None] = print) -> GLMConfig:
-    """``cfg`` with the architecture of ``cfg.checkpoint.load`` (unchanged without one, or when a resume finds no
-    checkpoint there); a contradicting command line is a one-line error naming each field."""
-    if not cfg.checkpoint.load:
-        return cfg
-    found = checkpoint_architecture(cfg.checkpoint.load, any_format=cfg.checkpoint.load_weights_only)
+    """``cfg`` with the architecture of the checkpoint it starts from: ``cfg.checkpoint.load`` (a resume or
+    weights), else a LoRA run's base (``lora.base``, any format we read); unchanged without one, or when a resume
+    finds no checkpoint there and there is no base. A contradicting command line is a one-line error naming each
+    field."""
+    found = None
+    if cfg.checkpoint.load:
+        found = checkpoint_architecture(cfg.checkpoint.load, any_format=cfg.checkpoint.load_weights_only)
+    if found is None and cfg.lora.rank > 0 and cfg.lora.base:
+        found = checkpoint_architecture(cfg.lora.base)
     if found is None:
         return cfg
     saved, where = found

@@ -25,13 +25,14 @@ EXPERT_DIR = "experts"
 
 
 def expert_parameters(module: torch.nn.Module | None) -> dict[str, torch.nn.Parameter]:
-    """The parameters marked as expert-parallel shards (``allreduce`` False, with ``expert_shard``)."""
+    """The trained parameters marked as expert-parallel shards (``allreduce`` False, with ``expert_shard``); a LoRA
+    run's frozen base experts are not (its checkpoints hold the adapters; the base is loaded at every start)."""
     if module is None:
         return {}
     return {
         n: p
         for n, p in module.named_parameters()
-        if getattr(p, "allreduce", True) is False and hasattr(p, "expert_shard")
+        if getattr(p, "allreduce", True) is False and hasattr(p, "expert_shard") and p.requires_grad
     }
 
 

@@ -27,6 +27,7 @@ from megatron_glm.checkpoint.reshard import merge_shards
 from megatron_glm.checkpoint.safe_load import safe_torch_load
 from megatron_glm.checkpoint.zero import ZeroReader
 from megatron_glm.errors import CheckpointError
+from megatron_glm.model.expert_lora import expert_adapter_specs
 from megatron_glm.model.layout import ModelLayout, TensorSpec, original_name
 from megatron_glm.parallel.lora import is_lora_name
 
@@ -36,9 +37,12 @@ _TP_RANK = re.compile(r"(?:mp_rank_|-model_)(\d+)(?:_model_states|-model_states)
 def adapter_spec(layout: ModelLayout, name: str) -> TensorSpec:
     """The full shape and tensor-parallel split of adapter tensor ``name`` (``<linear>.lora.A`` / ``.B``): for a
     column-parallel weight ``A`` is replicated and ``B`` split with the weight's packed blocks, for a row-parallel
-    one ``A`` split by columns and ``B`` replicated."""
+    one ``A`` split by columns and ``B`` replicated (an expert weight ``[E, out, in]``: ``A [E, r, in]``, ``B [E, out,
+    r]``, :func:`~megatron_glm.model.expert_lora.expert_adapter_specs`; ``r`` is 0 in the shapes)."""
     linear, _, which = name.rpartition(".lora.")
     weight = layout[f"{linear}.weight"]
+    if weight.expert_dim is not None:
+        return dict(zip("AB", expert_adapter_specs(f"{linear}.lora", weight, 0), strict=True))[which]
     out_f, in_f = weight.shape
     if which == "A":
         return TensorSpec(name, (0, in_f), "weight", 1 if weight.split_dim == 1 else None)
@@ -71,6 +75,29 @@ def _module_shards(step: Path, tp: int) -> dict[str, dict[int, torch.Tensor]]:
     return shards
 
 
+def _layout_expert(layout: ModelLayout, name: str) -> int | None:
+    """The expert dimension of adapter ``name``'s linear weight (``None``: not a routed expert's)."""
+    spec = layout.tensors.get(name.rpartition(".lora.")[0] + ".weight")
+    return None if spec is None else spec.expert_dim
+
+
+def _expert_shards(step: Path, tp: int, ep: int) -> dict[str, dict[int, torch.Tensor]]:
+    """``{name: {tp_rank: shard}}`` of the routed experts' adapters of an expert-parallel run: each tensor-parallel
+    rank's ``experts/pp00_tp{T}_ep{E}.pt`` files joined over the expert ranks (expert axis 0)."""
+    from megatron_glm.checkpoint.experts import expert_file
+
+    parts: dict[str, dict[int, list[torch.Tensor]]] = {}
+    for t in range(tp):
+        for e in range(ep):
+            path = step / expert_file((0, t, e, 0))
+            if not path.is_file():
+                raise CheckpointError(f"{step}: no expert shard {path.name} (expert-parallel LoRA checkpoint)")
+            for local, v in safe_torch_load(path).items():
+                if is_lora_name(original_name(local)):
+                    parts.setdefault(original_name(local), {}).setdefault(t, []).append(v.detach().float())
+    return {n: {t: torch.cat(v, dim=0) for t, v in by_tp.items()} for n, by_tp in parts.items()}
+
+
 def _zero_readers(step: Path, tp: int, pp: int, dp: int, stage: int) -> list[ZeroReader]:
     """Per tensor-parallel rank, the reader of the fp32 master copies (``[]``: the checkpoint has none)."""
     from megatron_glm.checkpoint.formats.native import model_file, optim_files, pipeline_zero_readers
@@ -98,11 +125,19 @@ def _zero_readers(step: Path, tp: int, pp: int, dp: int, stage: int) -> list[Zer
 
 
 def read_adapter_set(step: Path, layout: ModelLayout) -> AdapterSet:
-    """The full adapters of LoRA checkpoint ``step`` (any tp/pp/dp layout, ZeRO-0/1/2/3), fp32."""
+    """The full adapters of LoRA checkpoint ``step`` (any tp/pp/dp layout, ZeRO-0/1/2/3, expert parallelism without
+    a pipeline), fp32."""
     lay: dict[str, Any] = read_meta(step).get("layout") or {}
     tp, pp, dp, stage = (int(lay.get(k, d)) for k, d in (("tp", 1), ("pp", 1), ("dp", 1), ("zero_stage", 0)))
-    readers = _zero_readers(step, tp, pp, dp, stage)
-    if readers:
+    ep = int(lay.get("ep", 1))
+    if ep > 1 and pp > 1:
+        raise CheckpointError(f"{step}: LoRA adapters of a run with expert and pipeline parallelism cannot be read")
+    readers = [] if ep > 1 else _zero_readers(step, tp, pp, dp, stage)
+    if ep > 1:  # the routed experts' adapters from each expert rank's file, the others from the model files
+        shards = {n: s for n, s in _module_shards(step, tp).items() if _layout_expert(layout, n) is None}
+        shards.update(_expert_shards(step, tp, ep))
+        origin = "the model files and each expert rank's experts/ file (expert-parallel run: the training dtype)"
+    elif readers:
         names = [n for n in readers[0].names if is_lora_name(n)]
         shards = {n: {t: r.fp32(n) for t, r in enumerate(readers)} for n in names}
         origin = f"the fp32 master copy (ZeRO-{stage} optimizer files)"

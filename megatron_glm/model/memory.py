@@ -59,11 +59,13 @@ def stage_of(pipe: PipeLayer, config: ModelConfig, pp: int) -> int:
 
 def lora_numel(spec: TensorSpec, rank: int, tp: int) -> int:
     """One tensor-parallel rank's adapter parameters (``A`` and ``B``) of rank ``rank`` on weight ``spec``:
-    column-parallel ``A`` whole and ``B`` split, row-parallel the reverse."""
-    out_f, in_f = spec.shape
-    if spec.split_dim == 0:
-        return rank * in_f + out_f // tp * rank
-    return rank * in_f // tp + out_f * rank
+    column-parallel ``A`` whole and ``B`` split, row-parallel the reverse (an expert weight: one adapter per
+    expert, all ``E`` of them; the caller divides by the expert-parallel size)."""
+    out_f, in_f = spec.shape[-2:]
+    experts = spec.shape[0] if len(spec.shape) == 3 else 1
+    if spec.split_dim == len(spec.shape) - 2:
+        return experts * (rank * in_f + out_f // tp * rank)
+    return experts * (rank * in_f // tp + out_f * rank)
 
 
 def estimate_memory(
@@ -83,7 +85,6 @@ def estimate_memory(
     expert-data-parallel ranks). The frozen router bias counts as held only."""
     layout = ModelLayout(config)
     rank = lora.rank if lora is not None else 0
-    targets = {f"{t}.weight" for t in lora.target_names()} if rank else set()
     adapters = [0] * pp
     per_stage = [0] * pp
     experts = [0] * pp  # expert parameters (sharded over expert-data-parallel ranks by ZeRO)
@@ -97,8 +98,8 @@ def estimate_memory(
         for name in names:
             spec = layout[name]
             full, shard = math.prod(spec.shape), math.prod(spec.shard_shape(tp, ep))
-            if spec.layer is not None and name.split(".", 3)[3] in targets:
-                adapters[stage] += lora_numel(spec, rank, tp)
+            if rank and spec.layer is not None and name.endswith(".weight") and lora.adapts(name.split(".", 3)[3][:-7]):
+                adapters[stage] += lora_numel(spec, rank, tp) // (ep if spec.expert_dim is not None else 1)
             per_stage[stage] += shard
             experts[stage] += shard if spec.expert_dim is not None else 0
             frozen[stage] += shard if name.endswith(".expert_bias") else 0

@@ -19,7 +19,7 @@ holds a slice of every expert's ``F``, as the dense MLP), plus the shared expert
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,8 @@ from megatron_glm.parallel import (
 )
 from megatron_glm.parallel.expert_dispatch import ExpertDispatcher
 from megatron_glm.parallel.layers import _sharded_parameter
+from megatron_glm.parallel.random import InitMethod
+from megatron_glm.parallel.state import ParallelState
 
 if TYPE_CHECKING:
     from megatron_glm.model.builders import BuildContext
@@ -97,16 +99,22 @@ class MoEBuilder:
 
 
 def _expert_parameter(ctx: BuildContext, spec: TensorSpec, name: str) -> nn.Parameter:
+    return expert_parameter(spec, ctx.init(name), ctx.parallel_state, ctx.params_dtype, ctx.device)
+
+
+def expert_parameter(
+    spec: TensorSpec, init: InitMethod | None, ps: ParallelState, dtype: torch.dtype, device: Any
+) -> nn.Parameter:
     """The full expert tensor drawn (as every parameter: same seed, same model for any layout), this rank's
-    tensor-parallel slice along ``split_dim`` (packed blocks kept) and its experts along ``expert_dim``."""
-    ps = ctx.parallel_state
-    param = _sharded_parameter(
-        spec.shape, spec.split_dim, spec.blocks, ctx.init(name), ps, ctx.params_dtype, ctx.device
-    )
+    tensor-parallel slice along ``split_dim`` (packed blocks kept; ``None``: replicated, e.g. a LoRA adapter's) and
+    its experts along ``expert_dim`` (0)."""
+    split = spec.split_dim is not None
+    tp_ps = ps if split else ParallelState()
+    param = _sharded_parameter(spec.shape, spec.split_dim or 0, spec.blocks, init, tp_ps, dtype, device)
     if ps.ep_size > 1:
         local = spec.experts // ps.ep_size
         param = nn.Parameter(param.data.narrow(0, ps.ep_rank * local, local).clone())
-        param.tensor_model_parallel, param.partition_dim = ps.tp_size > 1, spec.split_dim
+        param.tensor_model_parallel, param.partition_dim = split and ps.tp_size > 1, spec.split_dim
     param.expert = True  # reduced over the expert-data-parallel group, not the data-parallel one
     return param
 
@@ -115,6 +123,7 @@ class _Weight(nn.Module):
     def __init__(self, weight: nn.Parameter) -> None:
         super().__init__()
         self.weight = weight
+        self.register_module("lora", None)  # LoRA: per-expert adapters (model/expert_lora.py), added in forward
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -188,12 +197,17 @@ class GroupedExperts(nn.Module):
         for part in ("dense_h_to_4h", "dense_4h_to_h"):
             name = f"experts.{part}.weight"
             setattr(self, part, _Weight(_expert_parameter(ctx, tensors[name], name)))
-        self.linear = grouped_linear
+        self.linear, self.ps = grouped_linear, ctx.parallel_state
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [m, H]`` grouped by expert (``counts [E_local]``), each row's output times ``weights [m]`` if given."""
-        h = self.linear(x, self.dense_h_to_4h.weight, counts)
-        return self.linear(_SwiGLU.apply(h, weights, True), self.dense_4h_to_h.weight, counts)
+        """``x [m, H]`` grouped by expert (``counts [E_local]``), each row's output times ``weights [m]`` if given
+        (the weight scales the inner rows: the down projection and its adapter are linear)."""
+        h = self._project(self.dense_h_to_4h, x, counts)
+        return self._project(self.dense_4h_to_h, _SwiGLU.apply(h, weights, True), counts)
+
+    def _project(self, part: _Weight, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x, part.weight, counts)
+        return y if part.lora is None else y + part.lora(x, counts, self.linear)
 
 
 class MoEMLP(nn.Module):

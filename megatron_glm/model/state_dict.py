@@ -28,8 +28,9 @@ def _partitions(model: nn.Module) -> dict[str, tuple[int, int] | None]:
 
 
 def _expert_dims(model: nn.Module) -> dict[str, int]:
-    """The expert dimension of each expert tensor (split over expert-parallel ranks)."""
-    return {s.name: s.expert_dim for s in model.layout if s.expert_dim is not None}
+    """The expert dimension of each expert tensor (split over expert-parallel ranks; the experts' LoRA adapters too)."""
+    dims = {s.name: s.expert_dim for s in model.layout if s.expert_dim is not None}
+    return {**dims, **{n: p.lora_expert_dim for n, p in model.named_parameters() if hasattr(p, "lora_expert_dim")}}
 
 
 def _gather_experts(value: torch.Tensor, dim: int, ps: ParallelState) -> torch.Tensor:

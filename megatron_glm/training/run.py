@@ -39,7 +39,7 @@ def pretrain(cfg: GLMConfig) -> TrainState:
         raise ConfigError("data.data_path is empty: pass --data-path PREFIX (see tools/preprocess_data.py)")
     if not cfg.data.tokenizer_model:
         raise ConfigError("data.tokenizer_model is empty: pass --tokenizer-model PATH.model")
-    cfg = adopt_checkpoint_architecture(cfg, launcher_log)  # resuming or loading weights: its architecture
+    cfg = adopt_checkpoint_architecture(cfg, launcher_log)  # resuming, loading weights, a LoRA base: its architecture
     validate(cfg, launcher_world_size(), local_device_type())  # once, before any process group starts
     run = start_run(cfg, time.perf_counter())
     ps, log = run.ps, run.log

@@ -136,8 +136,9 @@ def expert_groups(
         return groups
     layout = ModelLayout(cfg.model)
 
-    def is_expert(name: str) -> bool:
-        return not is_lora_name(name) and layout[original_name(name)].expert_dim is not None
+    def is_expert(name: str) -> bool:  # an expert tensor or an expert's LoRA adapter (model/expert_lora.py)
+        weight = name.rpartition(".lora.")[0] + ".weight" if is_lora_name(name) else name
+        return layout[original_name(weight)].expert_dim is not None
 
     return prepare_expert_parallel(model, groups, is_expert, ps, max(s.experts for s in layout))
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from megatron_glm.checkpoint.convert import ConvertOptions, convert_checkpoint, open_source
@@ -48,7 +47,7 @@ def convert(src: Path, dst: Path, **kw: object):
 
 def _train(corpus: dict, d: Path, name: str, nproc: int, *extra: str) -> Path:
     args = [
-        *("--config", str(d / "model.yaml"), "--seq-length", "64", "--data-path", corpus["data_path"]),
+        *("--seq-length", "64", "--data-path", corpus["data_path"]),  # the architecture: --lora-base's
         *("--tokenizer-model", corpus["tokenizer"], "--lr", "2e-2", "--log-interval", "1", "--eval-interval", "0"),
         *("--bert-prob", "0", "--gap-sentence-prob", "0", "--data.objective.causal_prob", "1"),
         *("--train-iters", "2", "--micro-batch-size", "1", "--global-batch-size", "2"),
@@ -70,8 +69,6 @@ def runs(tiny_corpus: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     model = transformers.AutoModelForCausalLM.from_config(hf_config("glm4", 2048))
     _randomize(model, seed=1)
     model.save_pretrained(d / "release")
-    arch = open_source(d / "release").info.config.architecture().to_dict()
-    (d / "model.yaml").write_text(yaml.safe_dump({"model": arch}), encoding="utf-8")
     return {
         "release": d / "release",
         "tp2": _train(tiny_corpus, d, "tp2", 2, "--tensor-model-parallel-size", "2"),

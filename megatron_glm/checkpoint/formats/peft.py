@@ -10,9 +10,11 @@ and ``.lora_B.weight`` ``[out, r]``, e.g. ``base_model.model.model.layers.0.self
 Our linears map to the native ones as the weights do: ``attention.dense`` -> ``self_attn.o_proj``,
 ``mlp.dense_h_to_4h`` -> ``mlp.gate_up_proj`` (fused in both, kept fused), ``mlp.dense_4h_to_h`` ->
 ``mlp.down_proj``, and the packed ``attention.query_key_value`` -> ``self_attn.q_proj`` / ``k_proj`` /
-``v_proj``. An adapter on a packed weight has one ``A`` shared by the blocks, so the per-projection adapters
-are exact: each gets the same ``A`` and its row block of ``B`` (``delta_q = B_q A``). peft scales by
-``lora_alpha / r`` like our runs. The tensors are the full adapters in fp32 (the fp32 master copy where the
+``v_proj``. An MoE model's MLP adapters are refused (:func:`peft_tensors` says why: peft 0.21's transformers-v5
+conversion retargets every ``gate_proj``/``up_proj``/``down_proj`` to the fused experts); its attention ones
+export. An adapter on a packed weight has one ``A`` shared by the blocks, so the per-projection adapters are exact:
+each gets the same ``A`` and its row block of ``B`` (``delta_q = B_q A``). peft scales by ``lora_alpha / r`` like
+our runs. The tensors are the full adapters in fp32 (the fp32 master copy where the
 checkpoint holds one; ``--dtype`` casts).
 """
 
@@ -73,6 +75,14 @@ def peft_tensors(
         raise CheckpointError(
             f"--format peft writes adapters for transformers' own GLM classes (GlmForCausalLM / Glm4ForCausalLM); "
             f"the {family.name} layout is not one of them"
+        )
+    if config.num_experts and any(".mlp." in k for k in adapters):
+        raise CheckpointError(
+            "--format peft: LoRA adapters on an MoE model's MLPs (routed and shared experts, dense first layers) "
+            "cannot be loaded by peft 0.21 on transformers 5's Glm4MoeForCausalLM: its v4->v5 conversion rewrites "
+            "every gate_proj/up_proj/down_proj target into the fused expert parameters, so the shared experts' and "
+            "dense layers' adapters would be dropped; export the merged model instead (--merge-lora --format hf), "
+            "or train LoRA on the attention linears only"
         )
     tensors: dict[str, torch.Tensor] = {}
     targets: set[str] = set()
