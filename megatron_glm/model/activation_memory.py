@@ -44,6 +44,7 @@ import math
 from dataclasses import dataclass
 
 from megatron_glm.config import ModelConfig
+from megatron_glm.model.ring_attention import TILE_ELEMENTS
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -104,14 +105,26 @@ def _sp(config: ModelConfig, shape: StepShape) -> int:
     return shape.tp if config.sequence_parallel and shape.tp > 1 else 1
 
 
-def _core_inputs(config: ModelConfig) -> float:
+def _cp_comm(config: ModelConfig, shape: StepShape) -> str:
+    """How attention meets the other context-parallel ranks' keys and values: ``ring`` (``context_parallel_comm``
+    ring, no attention dropout), ``gather``, or ``""`` without context parallelism."""
+    if shape.cp == 1:
+        return ""
+    return "ring" if config.context_parallel_comm == "ring" and config.attention_dropout == 0 else "gather"
+
+
+def _core_inputs(config: ModelConfig, comm: str = "", cp: int = 1) -> float:
     """Q, K, V as the attention core keeps them, in units of ``h`` (``C`` of the module doc)."""
     q = config.num_attention_heads * config.head_dim / config.hidden_size
     k = config.query_groups * config.head_dim / config.hidden_size
     gqa, rot = config.query_groups != config.num_attention_heads, config.rotary
+    norm = 2 * (q + k) if config.qk_norm else 0.0
+    if comm:  # new K and V: the ring's local ones (never repeated), or gathered over the S keys (repeated under GQA)
+        kv = 2 * k if comm == "ring" else 2 * cp * (q if gqa else k)
+        return q * rot + kv + (q + 2 * k if not rot else 0.0) + norm  # the QKV output kept while Q is a view of it
     new = q * rot + (q if gqa else k * rot) + (q if gqa else 0.0)
     buffer = q + 2 * k if (not gqa or not rot) else 0.0
-    return new + buffer + (2 * (q + k) if config.qk_norm else 0.0)
+    return new + buffer + norm
 
 
 def _layer_terms(config: ModelConfig, shape: StepShape) -> tuple[float, float, float, float]:
@@ -123,16 +136,22 @@ def _layer_terms(config: ModelConfig, shape: StepShape) -> tuple[float, float, f
     s_local, b = shape.seq_length / shape.cp, shape.micro_batch_size
     h, a = config.hidden_size, config.num_attention_heads
     sbh = s_local * b * h
-    q = a * config.head_dim / h
+    q, k = a * config.head_dim / h, config.query_groups * config.head_dim / h
     f = config.ffn_size / h
     norms = (1 if config.normalization == "LayerNorm" else 2) * (4 if config.sandwich_norm else 2)
     masks = 2 if config.hidden_dropout > 0 else 0
     mlp = (4 if config.glu else 2) * f
-    linear = sbh * (w * (norms / t_sp + 2 + (_core_inputs(config) + q + mlp) / t) + m * masks / t_sp)
-    fused_out = sbh * w * q / t if config.attention_impl != "eager" else 0.0
+    comm = _cp_comm(config, shape)
+    linear = sbh * (w * (norms / t_sp + 2 + (_core_inputs(config, comm, shape.cp) + q + mlp) / t) + m * masks / t_sp)
+    fused_out = sbh * w * q / t if config.attention_impl != "eager" or comm else 0.0
     dropout = config.attention_dropout > 0
     layer_scaled = w != 4 and (config.attention_softmax_in_fp32 or config.apply_query_key_layer_scaling)
     scores = b * (a / t) * s_local * shape.seq_length
+    if comm == "ring":  # the log-sum-exp; backward: fp32 dQ, the block's dK, dV (per head, and travelling), tiles
+        tile = min(TILE_ELEMENTS, b * (a / t) * s_local * s_local)
+        return linear, fused_out, 4 * b * (a / t) * s_local, 4 * (sbh * (3 * q + 2 * k) / t + 3 * tile)
+    if comm and dropout:  # the probabilities and the dropout mask (values' dtype); forward draws the [S, S] mask
+        return linear, fused_out, scores * 2 * w, scores * (4 + 2 * (shape.cp - 1) * w)
     if config.attention_impl == "eager" or layer_scaled:
         return linear, fused_out, scores * (4 + w + m * dropout), scores * 4
     if dropout and shape.device_type != "cuda":
