@@ -13,7 +13,9 @@ from megatron_glm.config import ModelConfig, build_config, load_config, problems
 from megatron_glm.model import GLMModel
 from megatron_glm.model.activation_memory import StepShape, estimate_activation_memory
 from megatron_glm.model.memory import estimate_memory
-from megatron_glm.testing import peak_memory
+from megatron_glm.parallel import ParallelState, initialize_parallel_state
+from megatron_glm.parallel.context_parallel import ContextParallel, reduce_loss, split_batch
+from megatron_glm.testing import peak_memory, run_distributed
 from tests.model.helpers import make_batch
 
 GLM4 = dict(
@@ -46,17 +48,26 @@ def _config(family: dict, impl: str, recompute: str, dropout: float) -> ModelCon
     )
 
 
-def _measure(cfg: ModelConfig, seq: int) -> tuple[int, int]:
-    """(bytes the forward keeps for backward, peak bytes of forward + backward) above the start."""
+def _measure(cfg: ModelConfig, seq: int, ps: ParallelState | None = None) -> tuple[int, int]:
+    """(bytes the forward keeps for backward, peak bytes of forward + backward) above the start; with ``ps`` (context
+    parallelism), this rank's positions of the batch and the loss reduced over the group."""
     torch.manual_seed(0)
-    model = GLMModel(cfg, seed=1).train()
+    model = GLMModel(cfg, ps, seed=1).train()
     batch = make_batch(0, batch=BATCH, seq=seq, vocab=VOCAB)
-    every_row = torch.ones_like(batch["loss_mask"])  # every row a loss row, as the estimate counts the head
+    batch["loss_mask"] = torch.ones_like(batch["loss_mask"])  # every row a loss row, as the estimate counts the head
+    cp = None if ps is None else ContextParallel.of(ps, cfg.context_parallel_comm)
+    if cp is not None:
+        batch = split_batch(batch, cp.size, cp.rank)
 
     def forward() -> torch.Tensor:
-        return model(
-            batch["input_ids"], batch["position_ids"], batch["sep"], labels=batch["labels"], loss_mask=every_row
-        ).loss
+        out = model(
+            batch["input_ids"],
+            batch["position_ids"],
+            batch["sep"],
+            labels=batch["labels"],
+            loss_mask=batch["loss_mask"],
+        )
+        return (out if cp is None else reduce_loss(out, cp)).loss
 
     forward_peak, kept, loss = peak_memory(forward)
     backward_peak, _, _ = peak_memory(loss.backward)
@@ -79,12 +90,52 @@ def test_the_estimate_is_the_measured_peak_within_35_percent(family: dict, impl:
     assert measured[256] > 1.5 * measured[128]  # the two lengths really differ (and the quadratic terms show)
 
 
+CP_CASES = [
+    ("ring", 0.0, ""),
+    ("gather", 0.0, ""),
+    ("ring", 0.1, ""),
+    ("ring", 0.0, "full"),
+    ("gather", 0.1, "selective"),
+]
+
+
+def _measure_cp(rank: int, world: int, configs: list[ModelConfig], seq: int) -> list[tuple[int, int]]:
+    ps = initialize_parallel_state(cp_size=world)
+    return [_measure(cfg, seq, ps) for cfg in configs]
+
+
+def test_the_estimate_follows_the_context_parallel_comm() -> None:
+    """CP=2 (one launch, the larger rank's figures): the ring keeps the local keys and values and no score matrix,
+    the gather the keys and values of the whole sequence (and the mask rows), attention dropout always gathers."""
+    seq = 256
+    configs = [
+        dataclasses.replace(_config(GLM4, "sdpa", recompute, dropout), context_parallel_comm=comm)
+        for comm, dropout, recompute in CP_CASES
+    ]
+    per_rank = run_distributed(_measure_cp, 2, configs, seq)
+    for case, cfg, *ranks in zip(CP_CASES, configs, *per_rank, strict=True):
+        kept, peak = max(k for k, _ in ranks), max(p for _, p in ranks)
+        est = estimate_activation_memory(cfg, StepShape(seq, BATCH, cp=2, precision="fp32", device_type="cpu"))
+        assert 0.75 * peak <= est.peak <= 1.25 * peak, (case, est.peak, peak)
+        assert 0.8 * kept <= est.stored <= 1.2 * kept, (case, est.stored, kept)
+
+
 def test_the_formula_divides_as_stated() -> None:
     cfg = dataclasses.replace(_config(GLM4, "sdpa", "", 0.0), hidden_size=512, num_attention_heads=8)
     one = estimate_activation_memory(cfg, StepShape(4096, 1))
-    # Context parallelism holds s / cp tokens: at least halves every term (the mask bias is s/cp x s).
+    # Context parallelism holds s / cp tokens. The ring (no attention dropout) keeps every layer term linear in
+    # them (the local keys and values, a log-sum-exp per row, no [s/cp, s] scores nor mask): less than half CP=1.
     two = estimate_activation_memory(cfg, StepShape(4096, 1, cp=2))
-    assert two.stored == pytest.approx(one.stored / 2)
+    assert two.stored < one.stored / 2
+    assert estimate_activation_memory(cfg, StepShape(8192, 1, cp=2)).per_layer == pytest.approx(2 * two.per_layer)
+    # The gather keeps the keys and values of all s tokens (repeated to the 8 heads: 2 x cp x q, q = 1, against the
+    # ring's 2 k, k = 2 groups / 8 heads) and sdpa's mask rows s/cp x s as a bias (no log-sum-exp).
+    gather = estimate_activation_memory(
+        dataclasses.replace(cfg, context_parallel_comm="gather"), StepShape(4096, 1, cp=2)
+    )
+    s_local = 2048
+    kv = s_local * 512 * 2 * (2 * 2 * 1 - 2 * 0.25)
+    assert gather.per_layer - two.per_layer == pytest.approx(kv + 2 * s_local * 4096 - 4 * 8 * s_local)
     # Selective recompute keeps Megatron's linear part only; full keeps one hidden state per layer (w s b h).
     selective = estimate_activation_memory(dataclasses.replace(cfg, recompute_granularity="selective"), StepShape(4096))
     full = estimate_activation_memory(dataclasses.replace(cfg, recompute_granularity="full"), StepShape(4096))
