@@ -23,6 +23,17 @@ dropout mask (1 on CUDA, ``w`` on a CPU, whose dropout keeps a mask of the input
 - ``M``: the MLP, ``4 f`` with a GLU (the ``2 f`` projection, its activated half and the product), else ``2 f``;
 - ``D = 2`` dropout masks (attention and MLP outputs) with hidden dropout.
 
+Context parallelism (``cp > 1``), as :mod:`~megatron_glm.model.attention` runs it. The ring (``context_parallel_comm
+ring`` and no attention dropout; any kernel) keeps the local rotated Q, the local K and V (``2 k``, never repeated),
+the output (``O = q``) and a fp32 log-sum-exp per row and head (``scores = 4 b (a / t) s'``): no ``[s', s]`` term;
+its backward holds fp32 dQ, the visiting block's dK, dV per head and the travelling ``2 k`` (``4 s' b h (3 q + 2 k)
+/ t``) and three fp32 score tiles of ``min(TILE_ELEMENTS, b (a / t) s' s')``. The gather keeps K and V over the
+``s`` keys (``2 cp q``, repeated to the heads, under GQA; ``2 cp k`` else) and the scores or mask bias above; with
+attention dropout (always gathered) the probabilities and the dropout mask, both ``w`` (``scores = b (a / t) s' s
+2 w``, no bias, ``O = q``), while forward draws the mask of the whole ``[b, a / t, s, s]`` next to the fp32 scores
+(the working set ``b (a / t) s' s (4 + 2 (cp - 1) w)``, also backward's fp32 scores gradient). The QKV output stays
+kept while Q is a view of it (no rotary): ``q + 2 k``.
+
 Recompute: none keeps ``linear + scores + bias`` per layer; selective (the attention core) keeps ``linear`` less
 ``O`` (Megatron's ``34 s b h / t`` with SP, where our all-gathered QKV and MLP inputs stay whole), and backward
 recomputes one layer's core (``scores + bias + O``);
