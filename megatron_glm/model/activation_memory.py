@@ -116,7 +116,7 @@ def _sp(config: ModelConfig, shape: StepShape) -> int:
     return shape.tp if config.sequence_parallel and shape.tp > 1 else 1
 
 
-def _cp_comm(config: ModelConfig, shape: StepShape) -> str:
+def cp_comm(config: ModelConfig, shape: StepShape) -> str:
     """How attention meets the other context-parallel ranks' keys and values: ``ring`` (``context_parallel_comm``
     ring, no attention dropout), ``gather``, or ``""`` without context parallelism."""
     if shape.cp == 1:
@@ -152,7 +152,7 @@ def _layer_terms(config: ModelConfig, shape: StepShape) -> tuple[float, float, f
     norms = (1 if config.normalization == "LayerNorm" else 2) * (4 if config.sandwich_norm else 2)
     masks = 2 if config.hidden_dropout > 0 else 0
     mlp = (4 if config.glu else 2) * f
-    comm = _cp_comm(config, shape)
+    comm = cp_comm(config, shape)
     linear = sbh * (w * (norms / t_sp + 2 + (_core_inputs(config, comm, shape.cp) + q + mlp) / t) + m * masks / t_sp)
     fused_out = sbh * w * q / t if config.attention_impl != "eager" or comm else 0.0
     dropout = config.attention_dropout > 0

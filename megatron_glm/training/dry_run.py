@@ -9,7 +9,7 @@ ZeRO partitions over DeepSpeed's data-parallel group, the ``dp x cp`` ranks that
 from __future__ import annotations
 
 from megatron_glm.config import GLMConfig, batch_sizes, derived_data_parallel_size
-from megatron_glm.model.activation_memory import StepShape, estimate_activation_memory
+from megatron_glm.model.activation_memory import StepShape, cp_comm, estimate_activation_memory
 from megatron_glm.model.memory import estimate_memory
 from megatron_glm.training.deepspeed_config import build_deepspeed_config
 
@@ -57,9 +57,10 @@ def dry_run_activations(cfg: GLMConfig, world_size: int) -> str:
     )
     est = estimate_activation_memory(m, shape)
     sp = ", sequence parallel" if m.sequence_parallel and shape.tp > 1 else ""
+    comm = f" ({cp_comm(m, shape)} attention)" if shape.cp > 1 else ""
     head = "" if m.vocab_size > 0 else " (the head's loss not counted: set model.vocab_size)"
     return (
-        f"activation memory per rank{head} (seq {shape.seq_length}, CP {shape.cp}: "
+        f"activation memory per rank{head} (seq {shape.seq_length}, CP {shape.cp}{comm}: "
         f"{shape.seq_length // shape.cp} tokens per rank, micro-batch {shape.micro_batch_size}, TP {shape.tp}{sp}, "
         f"{m.attention_impl}): {est.describe()}"
     )

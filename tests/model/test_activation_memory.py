@@ -178,8 +178,8 @@ def test_dry_run_prints_the_activation_memory_per_rank() -> None:
     cfg = load_config(flags)
     est = estimate_activation_memory(cfg.model, StepShape(32768, 1, tp=2, cp=2, micro_batches=1))
     line = (
-        "activation memory per rank (seq 32768, CP 2: 16384 tokens per rank, micro-batch 1, TP 2, sequence "
-        f"parallel, sdpa): {est.describe()}"
+        "activation memory per rank (seq 32768, CP 2 (ring attention): 16384 tokens per rank, micro-batch 1, TP 2, "
+        f"sequence parallel, sdpa): {est.describe()}"
     )
     assert line in out.splitlines(), out[-2000:]
     assert "configuration is valid for world size 16" in out and "DP 4" in out  # 16 = TP 2 x CP 2 x DP 4
