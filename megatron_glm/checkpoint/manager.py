@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from megatron_glm.checkpoint.experts import load_expert_shards, save_expert_shards
 from megatron_glm.checkpoint.finite import nonfinite_parts
+from megatron_glm.checkpoint.layout import check_resumable
 from megatron_glm.checkpoint.lora import frozen_excluded
 from megatron_glm.checkpoint.manifest import Digest, gather_digests, save_hashed, verify_checkpoint, write_manifest
 from megatron_glm.checkpoint.safe_load import check_data_files, safe_torch_load
@@ -233,36 +234,6 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta_path}: cannot read checkpoint metadata ({exc})") from None
 
 
-def convert_hint(path: Path, expect: dict[str, Any]) -> str:
-    """The exact command that makes checkpoint ``path`` loadable by a run of layout ``expect``."""
-    out = f"{path.parent}_universal"
-    if expect.get("pp", 1) == 1:
-        return (
-            f"convert it once (optimizer state included) with: python tools/convert_checkpoint.py --input {path} "
-            f"--output {out} --format universal, then resume with --load {out}"
-        )
-    out = f"{path.parent}_tp{expect.get('tp', 1)}pp{expect['pp']}dp{expect.get('dp', 1)}"
-    return (
-        f"pipeline runs load only their own layout: python tools/convert_checkpoint.py --input {path} --output "
-        f"{out} --format native --target-tp {expect.get('tp', 1)} --target-pp {expect['pp']} --target-dp "
-        f"{expect.get('dp', 1)} writes the weights (the optimizer starts afresh), then resume with --load {out} "
-        f"--checkpoint.load_weights_only true"
-    )
-
-
-def universal_loadable(engine: Any, path: Path, expect: dict[str, Any]) -> None:
-    """Refuse, in one line, a run that DeepSpeed cannot load a universal checkpoint into."""
-    if expect.get("pp", 1) > 1:
-        raise CheckpointError(
-            f"{path}: a universal checkpoint resumes runs without pipeline parallelism; " + convert_hint(path, expect)
-        )
-    if engine.zero_optimization_stage() not in (1, 2):
-        raise CheckpointError(
-            f"{path}: a universal checkpoint loads into ZeRO stage 1 or 2 (this run has stage "
-            f"{engine.zero_optimization_stage()}); pass --zero-stage 1"
-        )
-
-
 class CheckpointManager:
     """Saves and restores a DeepSpeed engine plus our run state, atomically and verifiably."""
 
@@ -403,21 +374,7 @@ class CheckpointManager:
             candidates.append(tag)
             path = load_dir / tag
             meta = read_meta(path)
-            layout = meta.get("layout", {})
-            if meta.get("weights_only"):
-                raise CheckpointError(
-                    f"{path}: holds model weights only (converted without optimizer state); "
-                    f"start from it with --checkpoint.load_weights_only true"
-                )
-            universal = meta.get("format") == "universal"
-            if universal:
-                universal_loadable(engine, path, expect or {})
-            else:
-                for key, want in (expect or {}).items():
-                    saved = layout.get(key, {"ep": 1, "dp_x_cp": layout.get("dp", want)}.get(key, want))  # unsplit
-                    if saved != want:
-                        hint = "resume with that expert-parallel size" if key == "ep" else convert_hint(path, expect)
-                        raise CheckpointError(f"{path}: saved with {key}={saved} but this run has {key}={want}; {hint}")
+            universal = check_resumable(engine, path, meta, expect)
             error = ""
             rng_state: dict[str, Any] = {}
             try:
