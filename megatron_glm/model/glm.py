@@ -187,6 +187,21 @@ class HeadMixin:
         return tied_logits(h, self.head_weight, self.parallel_state)
 
 
+def _check_forward_inputs(
+    labels: torch.Tensor | None,
+    loss_mask: torch.Tensor | None,
+    attention_mask: torch.Tensor | AttentionMask | None,
+    position_ids: torch.Tensor | None,
+) -> None:
+    """``ValueError`` naming the missing argument of :meth:`GLMModel.forward`."""
+    if (labels is None) != (loss_mask is None):
+        raise ValueError("labels and loss_mask must be given together")
+    if attention_mask is None:
+        raise ValueError("attention_mask is required ([b] sep values or a [b, 1, s, s] boolean mask)")
+    if position_ids is None:
+        raise ValueError("position_ids [b, 2, s] is required")
+
+
 class GLMModel(HeadMixin, nn.Module):
     """GLM (Du et al. 2022) with tensor parallelism.
 
@@ -275,12 +290,7 @@ class GLMModel(HeadMixin, nn.Module):
         :func:`loss_rows` of ``loss_mask``, computed on the host beforehand (no device sync). ``objective``
         (optional, ``[b]``): the samples' objective or row kind, for the loss.
         """
-        if (labels is None) != (loss_mask is None):
-            raise ValueError("labels and loss_mask must be given together")
-        if attention_mask is None:
-            raise ValueError("attention_mask is required ([b] sep values or a [b, 1, s, s] boolean mask)")
-        if position_ids is None:
-            raise ValueError("position_ids [b, 2, s] is required")
+        _check_forward_inputs(labels, loss_mask, attention_mask, position_ids)
         word = self.word_embeddings(input_ids)
         h = self.transformer.embed(word, position_ids)
         if h.device.type != self.rng_tracker.device.type:  # moved with .to(); reseed on the new device
@@ -306,12 +316,7 @@ class GLMModel(HeadMixin, nn.Module):
             # ... and the head on every row (the other rows weigh 0) than on an odd row count, which CPU bf16
             # matmuls run ~9% slower. Both exact.
             ctx, rows, positions = ctx.without_rows(), None, torch.arange(b * s, device=h.device)
-        h = self.transformer(enter_sequence(h, seq_parallel, self.parallel_state), ctx, final_norm=not mtp)
-        mtp_hidden: tuple[torch.Tensor, ...] = ()
-        if mtp:
-            whole = leave_sequence(h, seq_parallel, self.parallel_state)
-            mtp_hidden, h = self.transformer.mtp_outputs(whole, word, ctx), self.transformer.final_norm(h, ctx)
-        h = leave_sequence(h, seq_parallel, self.parallel_state)
+        h, mtp_hidden = self._layers(h, word, ctx, seq_parallel, mtp)
         if batch is not None:
             if rows is None and positions is not None:  # the head on every row
                 h = h.reshape(b * s, h.shape[-1])
@@ -320,6 +325,18 @@ class GLMModel(HeadMixin, nn.Module):
         if rows is None and logit_positions is not None:
             h = h.reshape(b * s, h.shape[-1]).index_select(0, logit_positions)
         return self.logits(h)
+
+    def _layers(
+        self, h: torch.Tensor, word: torch.Tensor, ctx: ForwardContext, seq_parallel: bool, mtp: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The transformer stack on the embeddings ``h`` (whole sequence out, also under sequence parallelism) and,
+        with ``mtp``, the MTP layers' hidden states (the final norm applied after they read the stack's output)."""
+        h = self.transformer(enter_sequence(h, seq_parallel, self.parallel_state), ctx, final_norm=not mtp)
+        mtp_hidden: tuple[torch.Tensor, ...] = ()
+        if mtp:
+            whole = leave_sequence(h, seq_parallel, self.parallel_state)
+            mtp_hidden, h = self.transformer.mtp_outputs(whole, word, ctx), self.transformer.final_norm(h, ctx)
+        return leave_sequence(h, seq_parallel, self.parallel_state), mtp_hidden
 
     def _loss_rows(
         self, batch: LossBatch | None, logit_positions: torch.Tensor | None, b: int, s: int
