@@ -97,6 +97,6 @@ def test_mtp_on_moe_pp2_ep2_matches_pp1_converts_and_resumes(tiny_corpus: dict, 
     assert torch.equal(tp2_source.tensor("transformer.mtp.0.eh_proj.weight"), layer["transformer.mtp.0.eh_proj.weight"])
 
     resumed = tmp_path / "one"  # step 2 on one process, optimizer state carried: step 3 is PP2 x EP2's
-    convert_checkpoint(pp2 / "global_step2", one, ConvertOptions(target_pp=1, target_ep=1, target_dp=1), log=quiet)
+    convert_checkpoint(pp2 / "global_step2", resumed, ConvertOptions(target_pp=1, target_ep=1, target_dp=1), log=quiet)
     launch(train_args(tiny_corpus, *common, "--save", str(resumed), "--load", str(resumed)), nproc=1)
     assert sorted(metrics(resumed)) == [3] and abs(metrics(resumed)[3]["loss"] - got[2]) < 1e-5, (metrics(resumed), got)
