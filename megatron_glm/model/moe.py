@@ -60,6 +60,17 @@ def is_moe_layer(config: ModelConfig, layer: int) -> bool:
     return config.num_experts > 0 and layer >= config.first_k_dense_replace
 
 
+def moe_layer_position(config: ModelConfig, layer: int) -> int:
+    """How many MoE layers come before 0-based layer ``layer`` (the MTP layers numbered after the stack): the
+    position of that layer's router among the model's, the same under any pipeline split."""
+    return sum(is_moe_layer(config, i) for i in range(layer))
+
+
+def moe_layer_count(config: ModelConfig) -> int:
+    """The model's MoE layers, its MTP layers included."""
+    return moe_layer_position(config, config.num_layers + config.num_nextn_predict_layers)
+
+
 def shared_expert_tensors(config: ModelConfig) -> list[TensorSpec]:
     """The shared experts as one dense SwiGLU MLP (names relative to ``shared_experts.``)."""
     h, f = config.hidden_size, moe_ffn(config) * config.num_shared_experts
@@ -225,6 +236,7 @@ class MoEMLP(nn.Module):
         self.router = Router(
             config, weight.to(device=device, dtype=ctx.params_dtype), None if bias is None else bias.to(device)
         )
+        self.router.position = moe_layer_position(config, ctx.layer_number - 1)
         self.experts = GroupedExperts(ctx, tensors)
         self.dispatcher: TokenDispatcher = (
             ExpertDispatcher(config.num_experts, ps)  # all-to-all over the expert-parallel group

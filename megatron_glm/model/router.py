@@ -62,6 +62,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(weight)
         self.expert_bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.register_buffer("load", torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device), False)
+        self.position: int | None = None
+        """This router's place among the model's MoE layers (``moe.moe_layer_position``; set by the MoE MLP)."""
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> Routing:
         """Route ``x [n, H]``; ``weight``: the router weight as the caller maps it (sequence parallelism)."""

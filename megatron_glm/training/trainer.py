@@ -22,11 +22,11 @@ from megatron_glm.errors import CheckpointError, GLMError
 from megatron_glm.model.glm import loss_rows
 from megatron_glm.model.loss import group_sums_dict, group_sums_tensor
 from megatron_glm.model.masks import CAUSAL, batch_attention_mask, is_causal_sep
-from megatron_glm.model.router import load_metrics, update_expert_bias
 from megatron_glm.parallel import ParallelState, RNGStatesTracker
 from megatron_glm.parallel.context_parallel import ContextParallel, reduce_loss, split_batch
 from megatron_glm.training.drift import identity_drift
 from megatron_glm.training.evaluation import accumulate_losses, summarize_losses
+from megatron_glm.training.expert_load import ExpertLoad
 from megatron_glm.training.metrics import MetricsLogger
 from megatron_glm.training.pipeline import StageLoss, pipeline_batch
 from megatron_glm.training.rng import get_rng_state, set_rng_state
@@ -88,8 +88,8 @@ class Trainer:
         self._last_saved = -1
         self.identity: dict[str, Any] = {}
         """What a resume must share with this run (:func:`~megatron_glm.training.drift.run_identity`)."""
-        self.expert_load: dict[str, float] = {}
-        """The MoE routers' per-expert load of the last step (:func:`~megatron_glm.model.router.load_metrics`)."""
+        self.expert_load = ExpertLoad.of(cfg.model)
+        """The MoE routers' per-expert load of the last step, logged over every stage's layers."""
         self.lora: dict[str, Any] = {}
         """A LoRA run's record (:func:`~megatron_glm.checkpoint.lora.lora_record`): saved, checked on resume."""
 
@@ -298,7 +298,7 @@ class Trainer:
         """After the step: the MoE routers' aux-loss-free bias update (loads summed over data-parallel ranks,
         so every rank applies the same one); their per-expert loads are logged with the next step's metrics."""
         if self.cfg.model.num_experts:
-            self.expert_load = load_metrics(update_expert_bias(self.model, self.ps.dp_group))
+            self.expert_load.update(self.model, self.ps.dp_group)
 
     def train(self) -> TrainState:
         cfg, st = self.cfg, self.state
@@ -375,12 +375,12 @@ class Trainer:
     def _log_step(self, stats: StepStats, step_time: float) -> None:
         """Log the averages of a window of steps (loss, the total, and its parts: means over its micro-batches and
         DP ranks; :mod:`~megatron_glm.training.step_stats`)."""
-        names = loss_part_names(self.cfg.model)
+        names, loads = loss_part_names(self.cfg.model), self.expert_load.values()  # the loads: every stage's layers
         summed = self._world_sum(
-            [float(stats.loss_sum), stats.micro_batches - stats.nonfinite, *stats.parts.values(names)]
+            [float(stats.loss_sum), stats.micro_batches - stats.nonfinite, *stats.parts.values(names), *loads]
         )
-        loss_sum, micro = summed[:2]
-        values: dict[str, Any] = {"loss": loss_sum / micro if micro else float("nan"), **part_means(names, summed[2:])}
+        loss_sum, micro, parts = summed[0], summed[1], summed[2 : len(summed) - len(loads)]
+        values: dict[str, Any] = {"loss": loss_sum / micro if micro else float("nan"), **part_means(names, parts)}
         summary = summarize_losses(group_sums_dict(stats.objectives), self._world_sum)
         values.update({f"loss_{n}": summary[f"loss_{n}"] for n in OBJECTIVE_NAMES if f"loss_{n}" in summary})
         opt = self.engine.optimizer
@@ -402,7 +402,7 @@ class Trainer:
                 "consumed_samples": self.state.consumed_samples,
             }
         )
-        values.update(self.expert_load)
+        values.update(self.expert_load.metrics(summed[len(summed) - len(loads) :]))
         if self.state.nonfinite_total:
             values["nonfinite_total"] = self.state.nonfinite_total
         self.logger.log(self.state.step, values)

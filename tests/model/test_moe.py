@@ -188,6 +188,31 @@ def test_aux_loss_free_balancing_evens_a_skewed_load() -> None:
     assert mlps[0].router.expert_bias[:2].max() < 0 < mlps[0].router.expert_bias[2:].max()
 
 
+def test_logged_loads_name_every_moe_layer_when_split_over_stages() -> None:
+    """Each router knows its place among the model's MoE layers (the MTP layer's last); two "stages" holding half
+    the routers each, their :meth:`ExpertLoad.values` summed (the trainer's world sum) log what the whole model
+    logs, every layer named."""
+    from megatron_glm.model.router import load_metrics, routers
+    from megatron_glm.training.expert_load import ExpertLoad
+
+    cfg = moe_config(num_nextn_predict_layers=1)
+    model = GLMModel(cfg, seed=7).train()
+    assert [r.position for r in routers(model)] == [0, 1, 2]  # layers 1, 2 and the MTP layer
+    for j, r in enumerate(routers(model)):
+        r.load += torch.arange(cfg.num_experts) * (j + 1) + 1
+    whole = ExpertLoad.of(cfg)
+    whole.update(model)
+    assert whole.layers == 3 and sorted(whole.fractions) == [0, 1, 2]
+    stages = [ExpertLoad.of(cfg), ExpertLoad.of(cfg)]
+    stages[0].fractions = {0: whole.fractions[0]}
+    stages[1].fractions = {j: whole.fractions[j] for j in (1, 2)}
+    summed = [sum(v) for v in zip(*(st.values() for st in [*stages, whole]), strict=True)]  # each layer on two ranks
+    logged = whole.metrics(summed)
+    assert logged == load_metrics(whole.fractions[j] for j in range(3)), logged
+    assert {k for k in logged if k.startswith("moe_load_max_")} == {f"moe_load_max_{j}" for j in range(3)}
+    assert logged["moe_load_max_2"] > logged["moe_load_max_0"] > 1.0
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -1,7 +1,7 @@
 """GLM-4.5's MTP layer through the training command line and the converter: with --num-nextn-predict-layers 1 on a
 GLM-4.5-shaped toy (fp32, MoE), PP=2 x EP=2 on DeepSpeed's pipeline engine gives PP=1's losses; the checkpoint
-converts PP2 x EP2 -> TP2 x PP1 -> PP2 x EP2 bitwise, the MTP tensors kept. (MTP = fp64 reference, TP and pipeline
-parts: test_mtp.)"""
+converts PP2 x EP2 -> TP2 x PP1 -> PP2 x EP2 bitwise, the MTP tensors kept, and a run resumed from a converted one
+continues it. (MTP = fp64 reference, TP and pipeline parts: test_mtp.)"""
 
 from __future__ import annotations
 
@@ -38,16 +38,17 @@ def _stage_files(step: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {**files, **{f"experts/{f.name}": safe_torch_load(f) for f in sorted((step / "experts").glob("*.pt"))}}
 
 
-def test_mtp_on_moe_pp2_ep2_matches_pp1_and_converts(tiny_corpus: dict, tmp_path: Path) -> None:
+def test_mtp_on_moe_pp2_ep2_matches_pp1_converts_and_resumes(tiny_corpus: dict, tmp_path: Path) -> None:
     """GLM-4.5's shape: MoE layers after a dense one, the MTP layer an MoE layer, the balance loss on; PP=2 x EP=2
-    (4 processes) logs PP=1's losses. Its checkpoint (a model file and expert shards per stage) converts
-    PP2 x EP2 -> TP2 x PP1 x EP1 (optimizer included) -> PP2 x EP2 back bitwise, and to PP2 x EP1 (the MTP tensors
-    in the final norm's layer file)."""
+    (4 processes) logs PP=1's losses and its per-expert loads of every MoE layer (both stages'). Its checkpoint (a
+    model file and expert shards per stage) converts PP2 x EP2 -> TP2 x PP1 x EP1 (optimizer included) -> PP2 x EP2
+    back bitwise, and to PP2 x EP1 (the MTP tensors in the final norm's layer file); PP=1 resumed from its step 2
+    converted to PP1 x EP1 takes its step 3 (1e-5)."""
     common = [*MTP_FLAGS, *MOE_FLAGS, "--num-layers", "4", "--train-iters", "3", "--micro-batch-size", "2"]
     common += ["--global-batch-size", "4"]
     launch(train_args(tiny_corpus, *common, "--save", str(tmp_path / "pp1")), nproc=1)
     pp2, par = tmp_path / "pp2", ["--pipeline-model-parallel-size", "2", "--expert-parallel-size", "2"]
-    launch(train_args(tiny_corpus, *common, *par, "--save", str(pp2)), nproc=4)
+    launch(train_args(tiny_corpus, *common, *par, "--save-interval", "2", "--save", str(pp2)), nproc=4)
     ref, got = _losses(tmp_path / "pp1"), _losses(pp2)
     assert len(ref) == 3 and max(abs(a - b) for a, b in zip(ref, got, strict=True)) < 1e-5, (ref, got)
     step1 = metrics(tmp_path / "pp1")[1]  # the logged total carries the MTP term, the objective's loss does not
@@ -61,6 +62,12 @@ def test_mtp_on_moe_pp2_ep2_matches_pp1_and_converts(tiny_corpus: dict, tmp_path
             assert m["mtp_loss"] > 1.0 and 0 < m["moe_aux_loss"] < 0.1 and m["lm_loss"] > 1.0, m
     parts = ("lm_loss", "mtp_loss", "moe_aux_loss")
     assert max(abs(one[s][k] - two[s][k]) for s in one for k in parts) < 1e-5, (one, two)
+    # Layers 1-3 and the MTP layer route (MoE layers 0-3, split over the two stages): every one logged under PP=2
+    # (rank 0 holds only stage 0's routers) as under PP=1, the same token counts exactly.
+    loads = {f"moe_load_max_{j}" for j in range(4)} | {"moe_load_max", "moe_load_min"}
+    for s in one:
+        assert {k for k in two[s] if k.startswith("moe_load")} == loads, two[s]
+        assert all(one[s][k] == two[s][k] for k in loads), (one[s], two[s])
 
     original, quiet = pp2 / "global_step3", lambda _m: None
     files = _stage_files(original)
@@ -88,3 +95,8 @@ def test_mtp_on_moe_pp2_ep2_matches_pp1_and_converts(tiny_corpus: dict, tmp_path
     qkv = "transformer.mtp.0.layer.attention.query_key_value.weight"
     assert torch.equal(tp2_source.tensor(qkv), layer[qkv])
     assert torch.equal(tp2_source.tensor("transformer.mtp.0.eh_proj.weight"), layer["transformer.mtp.0.eh_proj.weight"])
+
+    resumed = tmp_path / "one"  # step 2 on one process, optimizer state carried: step 3 is PP2 x EP2's
+    convert_checkpoint(pp2 / "global_step2", resumed, ConvertOptions(target_pp=1, target_ep=1, target_dp=1), log=quiet)
+    launch(train_args(tiny_corpus, *common, "--save", str(resumed), "--load", str(resumed)), nproc=1)
+    assert sorted(metrics(resumed)) == [3] and abs(metrics(resumed)[3]["loss"] - got[2]) < 1e-5, (metrics(resumed), got)
