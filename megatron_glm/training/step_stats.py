@@ -38,10 +38,7 @@ class PartSums:
     def add(self, parts: dict[str, torch.Tensor]) -> None:
         """One micro-batch's :attr:`~megatron_glm.model.loss.GLMLoss.parts` (nothing when it has none)."""
         if parts:
-            for name, value in parts.items():
-                value = value.detach().double()
-                self.sums[name] = self.sums[name] + value if name in self.sums else value
-            self.micro_batches += 1
+            self.merge(PartSums({name: value.detach().double() for name, value in parts.items()}, 1))
 
     def merge(self, other: PartSums) -> None:
         for name, value in other.sums.items():
