@@ -7,20 +7,19 @@ Rounds are interleaved (dense, batched, loop) and the median is reported, of wal
 time (steadier on a shared machine: time spent waiting for a core is not counted), with the load average; the goal
 on CPU is the batched MoE within 1.6x of the dense MLP (a last line says, per shape and clock, whether it is met).
 
-The MoE moves ``k`` row copies of every token (``[n k, H]`` tensors, 64 MiB at the defaults with top-8): glibc
-serves allocations that large with fresh ``mmap`` pages, each first touched through a page fault, on every step.
-``--heap-allocations`` (glibc only) makes it reuse freed heap pages instead, as jemalloc or tcmalloc would.
+The MoE moves ``k`` row copies of every token (``[n k, H]`` tensors, 64 MiB at the defaults with top-8): with glibc's
+defaults each is served with fresh ``mmap`` pages, page-faulted in and unmapped on every step. The trainer's
+``--cpu-allocator heap`` (its default on CPU: ``megatron_glm.training.cpu_allocator``) reuses freed heap blocks
+instead; this benchmark applies the same setting (``--cpu-allocator system``: glibc's defaults, for comparison).
 
     python benchmarks/moe_step.py                      # H 512, 4096 tokens, fp32
     python benchmarks/moe_step.py --dtype bf16 --tokens 8192
-    python benchmarks/moe_step.py --heap-allocations
+    python benchmarks/moe_step.py --cpu-allocator system
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import dataclasses
 import os
 import statistics
@@ -40,6 +39,7 @@ from megatron_glm.model.mlp import MLPBuilder
 from megatron_glm.model.moe import MoEBuilder, looped_linear
 from megatron_glm.parallel import ParallelState
 from megatron_glm.parallel.random import normal_init, stable_seed
+from megatron_glm.training.cpu_allocator import CPU_ALLOCATORS, cpu_allocator
 
 GOAL = 1.6  # issue 25: the MoE step within 1.6x of the dense MLP's on CPU
 
@@ -55,14 +55,6 @@ def step(module: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
     y = module(x, ForwardContext(mask=None))
     y.float().square().mean().backward()
     return time.perf_counter() - start, time.process_time() - cpu
-
-
-def heap_allocations() -> None:
-    """glibc: no ``mmap`` for large blocks and no trimming, so freed tensors' pages are reused (module docstring)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    m_trim_threshold, m_mmap_max = -1, -4
-    if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 1 << 30)):
-        raise SystemExit("--heap-allocations: mallopt refused (not glibc?)")
 
 
 def run(hidden: int, tokens: int, experts: int, top_k: int, dense_ffn: int, dtype: torch.dtype, rounds: int) -> dict:
@@ -92,14 +84,13 @@ def main() -> None:
     p.add_argument("--dense-ffn", type=int, default=1024)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--heap-allocations", action="store_true", help="glibc: reuse heap pages for large tensors")
+    p.add_argument("--cpu-allocator", default="heap", choices=CPU_ALLOCATORS, help="as the trainer's (docstring)")
     a = p.parse_args()
-    if a.heap_allocations:
-        heap_allocations()
+    allocator, _ = cpu_allocator(a.cpu_allocator, torch.device("cpu"))
     dtype = DTYPES[a.dtype]
     print(
         f"H {a.hidden}, {a.tokens} tokens, dense SwiGLU ffn {a.dense_ffn}, {a.dtype}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads{', heap allocations' if a.heap_allocations else ''}; "
+        f"{torch.get_num_threads()} threads, cpu allocator {a.cpu_allocator if allocator else 'system'}; "
         f"forward + backward, median of {a.rounds}"
     )
     verdicts = []

@@ -63,6 +63,7 @@ FLAG_ALIASES: dict[str, tuple[str, Any]] = {
     "--recompute-granularity": ("model.recompute_granularity", None),
     "--sequence-parallel": ("model.sequence_parallel", True),
     "--compile": ("training.compile", True),
+    "--cpu-allocator": ("training.cpu_allocator", None),
     "--seq-length": ("data.seq_length", None),
     "--tensor-model-parallel-size": ("parallel.tensor_model_parallel_size", None),
     "--context-parallel-size": ("parallel.context_parallel_size", None),

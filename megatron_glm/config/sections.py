@@ -338,6 +338,13 @@ class TrainingConfig:
     )
     eval_interval: int = opt(1000, "Evaluate on the validation split every N steps (0: never).")
     eval_iters: int = opt(10, "Micro-batches per evaluation.")
+    cpu_allocator: str = opt(
+        "heap",
+        "CPU runs on glibc: 'heap' serves large tensors from the malloc heap and keeps freed blocks for the next "
+        "step (no fresh pages faulted in and unmapped every step; the resident set stays near the run's peak), "
+        "'system' keeps glibc's defaults (megatron_glm.training.cpu_allocator). No effect on GPUs.",
+        choices=("heap", "system"),
+    )
     compile: bool = opt(
         False, "torch.compile the transformer layers (first step pays the compilation, reported separately in the log)."
     )

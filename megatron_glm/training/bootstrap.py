@@ -1,11 +1,11 @@
 """The start-up and wind-down every training entry point shares (``pretrain``, ``finetune``).
 
-In order: :func:`start_run` (the launcher lifeline, deterministic kernels, the process group and the parallel
-state), :func:`open_save_dir` (``--save`` checked, locked for this run, its ``config.yaml``), the model
-(:func:`~megatron_glm.training.setup.build_model`, loaded without a random init when it starts from a
+In order: :func:`start_run` (the launcher lifeline, deterministic kernels, the process group, the parallel
+state, the CPU allocator), :func:`open_save_dir` (``--save`` checked, locked for this run, its ``config.yaml``), the
+model (:func:`~megatron_glm.training.setup.build_model`, loaded without a random init when it starts from a
 checkpoint's weights), :func:`new_trainer` (the batches, the compute peak, metrics, checkpoints) and
-:func:`train_and_finish` (the set-up line, training, the group ended, the lock released). An entry point adds
-only what is its own: its config, data, loss and identity.
+:func:`train_and_finish` (the set-up line, training, the group ended, the lock released, the allocator restored).
+An entry point adds only what is its own: its config, data, loss and identity.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from megatron_glm.errors import CheckpointError
 from megatron_glm.locking import DirLock
 from megatron_glm.parallel import ParallelState, initialize_parallel_state
 from megatron_glm.parallel.launch import DistributedEnv
+from megatron_glm.training.cpu_allocator import cpu_allocator
 from megatron_glm.training.determinism import apply_determinism
 from megatron_glm.training.distributed import finish_distributed, init_distributed
 from megatron_glm.training.heartbeat import Heartbeat
@@ -49,6 +50,7 @@ class RunStart:
     log: Callable[[str], None]
     started: float
     save_lock: DirLock | None = None
+    restore_allocator: Callable[[], None] | None = None
 
     @property
     def is_logger(self) -> bool:
@@ -70,7 +72,10 @@ def start_run(cfg: GLMConfig, started: float) -> RunStart:
         p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_parallel_size, p.context_parallel_size
     )
     log = print if env.rank == 0 else (lambda *_: None)
-    return RunStart(env=env, heartbeat=heartbeat, ps=ps, log=log, started=started)
+    line, restore = cpu_allocator(t.cpu_allocator, env.device)
+    if line:
+        log(line)
+    return RunStart(env=env, heartbeat=heartbeat, ps=ps, log=log, started=started, restore_allocator=restore)
 
 
 def open_save_dir(run: RunStart, cfg: GLMConfig, doc: dict[str, Any]) -> None:
@@ -182,4 +187,6 @@ def train_and_finish(
     finish_distributed(run.heartbeat)
     if run.save_lock is not None:
         run.save_lock.release()
+    if run.restore_allocator is not None:
+        run.restore_allocator()
     return state
