@@ -166,6 +166,35 @@ class ZeroReader:
         return self._index[name]
 
 
+class FrozenReader:
+    """ZeRO-3's parameters outside the optimizer (an MoE router's correction bias) of one tensor-parallel rank:
+    every data-parallel rank's model-states file holds its partition (``frozen_param_fragments``, padded to
+    ``ceil(numel / dp)``) and the shape (``frozen_param_shapes``); ``module`` has an empty tensor there."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+        self._parts: list[dict[str, Any]] | None = None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The whole (this tensor-parallel rank's) ``name``, in its saved dtype."""
+        if self._parts is None:
+            self._parts = [safe_torch_load(f, mmap=True) for f in self.files]
+        shape = (self._parts[0].get("frozen_param_shapes") or {}).get(name)
+        pieces = [(sd.get("frozen_param_fragments") or {}).get(name) for sd in self._parts]
+        if shape is None or any(p is None for p in pieces):
+            raise CheckpointError(
+                f"{self.files[0]}: ZeRO-3 checkpoint without the partitions of {name} (frozen_param_fragments)"
+            )
+        numel = torch.Size(shape).numel()
+        whole = torch.cat([p.reshape(-1) for p in pieces])
+        if whole.numel() < numel:
+            raise CheckpointError(f"{self.files[0].parent}: the ZeRO-3 partitions of {name} are shorter than it")
+        return whole[:numel].view(shape)
+
+    def release(self) -> None:
+        self._parts = None
+
+
 def zero12_partitions(group_numels: list[int], dp: int) -> list[tuple[int, int]]:
     """``(partition_size, total)`` per group: the padded flat group split into ``dp`` equal partitions."""
     out = []
