@@ -7,7 +7,8 @@ Layouts (DeepSpeed 0.19, ``parameter_alignment`` off), per tensor-parallel rank:
   ``dp`` equal partitions. Each file holds its partition of the fp32 master weights (trailing padding
   removed) and the torch optimizer's state (``exp_avg``, ``exp_avg_sq`` of the padded partition).
 - ZeRO-3: every parameter is partitioned on its own (``ceil(numel / dp)`` elements per rank); each rank's
-  flat fp32 groups hold its pieces in parameter order. Only the fp32 master weights are read.
+  flat fp32 groups hold its pieces in parameter order. Only the fp32 master weights are read. A parameter outside
+  the optimizer (an MoE router's correction bias) is in each rank's model-states file instead (:class:`FrozenReader`).
 
 The order and shapes of the parameters come from ``param_shapes`` in the model-states file.
 """
