@@ -235,10 +235,12 @@ def convert_checkpoint(
         )
     vocab = src.info.config.vocab_size if fmt.adapters else _target_vocab(src, opts, notes, open_tokenizer)
     dtype = _target_dtype(fmt, opts)
+    layout = src.info.layout
 
     def transform(name: str, t: torch.Tensor) -> torch.Tensor:
         t = resize_vocab(name, t, vocab)
-        return t.to(dtype) if dtype is not None else t
+        spec = layout.tensors.get(name)  # an fp32 tensor (the router's correction bias) stays fp32 under --dtype
+        return t if dtype is None else t.float() if spec is not None and spec.dtype == "fp32" else t.to(dtype)
 
     report, target_dp = _new_report(src, output, fmt, opts, notes)
     if isinstance(src, MergedSource):

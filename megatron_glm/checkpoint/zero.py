@@ -7,7 +7,8 @@ Layouts (DeepSpeed 0.19, ``parameter_alignment`` off), per tensor-parallel rank:
   ``dp`` equal partitions. Each file holds its partition of the fp32 master weights (trailing padding
   removed) and the torch optimizer's state (``exp_avg``, ``exp_avg_sq`` of the padded partition).
 - ZeRO-3: every parameter is partitioned on its own (``ceil(numel / dp)`` elements per rank); each rank's
-  flat fp32 groups hold its pieces in parameter order. Only the fp32 master weights are read.
+  flat fp32 groups hold its pieces in parameter order. Only the fp32 master weights are read. A parameter outside
+  the optimizer (an MoE router's correction bias) is in each rank's model-states file instead (:class:`FrozenReader`).
 
 The order and shapes of the parameters come from ``param_shapes`` in the model-states file.
 """
@@ -164,6 +165,35 @@ class ZeroReader:
         if name not in self._index:
             raise CheckpointError(f"{self.files[0]}: the ZeRO state has no parameter {name}")
         return self._index[name]
+
+
+class FrozenReader:
+    """ZeRO-3's parameters outside the optimizer (an MoE router's correction bias) of one tensor-parallel rank:
+    every data-parallel rank's model-states file holds its partition (``frozen_param_fragments``, padded to
+    ``ceil(numel / dp)``) and the shape (``frozen_param_shapes``); ``module`` has an empty tensor there."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+        self._parts: list[dict[str, Any]] | None = None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The whole (this tensor-parallel rank's) ``name``, in its saved dtype."""
+        if self._parts is None:
+            self._parts = [safe_torch_load(f, mmap=True) for f in self.files]
+        shape = (self._parts[0].get("frozen_param_shapes") or {}).get(name)
+        pieces = [(sd.get("frozen_param_fragments") or {}).get(name) for sd in self._parts]
+        if shape is None or any(p is None for p in pieces):
+            raise CheckpointError(
+                f"{self.files[0]}: ZeRO-3 checkpoint without the partitions of {name} (frozen_param_fragments)"
+            )
+        numel = torch.Size(shape).numel()
+        whole = torch.cat([p.reshape(-1) for p in pieces])
+        if whole.numel() < numel:
+            raise CheckpointError(f"{self.files[0].parent}: the ZeRO-3 partitions of {name} are shorter than it")
+        return whole[:numel].view(shape)
+
+    def release(self) -> None:
+        self._parts = None
 
 
 def zero12_partitions(group_numels: list[int], dp: int) -> list[tuple[int, int]]:

@@ -133,6 +133,13 @@ def test_release_imports_reshards_and_exports_back(release: Path, tmp_path: Path
         assert config[key] == original[key], key
     assert "auto_map" not in config and config["num_nextn_predict_layers"] == 0
     assert (hf_logits(tmp_path / "export") - want).abs().max().item() < 1e-5
+    # --dtype bf16: the weights in bf16, the correction bias kept fp32 with its fp32 values (not bf16-rounded)
+    convert(tmp_path / "tp2", tmp_path / "bf16", format="hf", dtype="bf16")
+    half = _stored(tmp_path / "bf16")
+    assert half["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
+    for k in (k for k in theirs if "e_score" in k):
+        assert half[k].dtype == torch.float32 and torch.equal(half[k], theirs[k]), k
+    assert not torch.equal(theirs[k], theirs[k].bfloat16().float())  # (bf16 would have rounded them)
 
 
 def _with_mtp(release: Path, folder: Path) -> dict[str, torch.Tensor]:

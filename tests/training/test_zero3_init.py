@@ -1,16 +1,19 @@
 """ZeRO-3 builds the model partitioned (``deepspeed.zero.Init``): set-up memory, identical init and losses, and
 weights loaded into a partitioned model; an MoE model (the router's correction bias partitioned too, moved by the
-balancing rule, not the optimizer) trains as under ZeRO-1."""
+balancing rule, not the optimizer) trains as under ZeRO-1, in fp32 and in bf16 (the bias stays fp32, and its
+checkpoint holds it: DeepSpeed saves a parameter outside the optimizer as each rank's partition)."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from megatron_glm.checkpoint.convert import open_source
 from megatron_glm.testing import run_distributed
 from tests.training.harness import build_trainer, tiny_config
 
@@ -106,17 +109,20 @@ MOE = {
 BIAS = "transformer.layers.1.mlp.router.expert_bias"
 
 
-def _train_moe(stage: int) -> dict:
-    """3 steps of a 2-layer MoE model (a dense layer, an MoE layer): the losses and the final (gathered) weights."""
+def _train_moe(stage: int, precision: str = "fp32", save: str = "") -> dict:
+    """3 steps of a 2-layer MoE model (a dense layer, an MoE layer): the losses and the final (gathered) weights;
+    saved in ``save`` when given."""
     import deepspeed
 
     cfg = tiny_config(
         **MOE,
         **{
             "training.zero_stage": stage,
+            "training.precision": precision,
             "training.train_iters": 3,
             "training.micro_batch_size": 2,
             "training.global_batch_size": 8,
+            "checkpoint.save": save,
         },
     )
     trainer, _, logger = build_trainer(cfg)
@@ -129,9 +135,9 @@ def _train_moe(stage: int) -> dict:
     return {"loss": [v["loss"] for _, v in logger.rows], "weights": weights, "bias_shard": shard}
 
 
-def _train(rank: int, world: int) -> dict:
+def _train(rank: int, world: int, save: str) -> dict:
     """Losses of 4 steps under ZeRO-1 and ZeRO-3 (same init, same batches); then weights loaded into a
-    partitioned model."""
+    partitioned model; the MoE model's steps under both, in fp32 and bf16 (the bf16 ZeRO-3 run saved in ``save``)."""
     import deepspeed
 
     from megatron_glm.checkpoint.weights import load_model_weights
@@ -162,12 +168,15 @@ def _train(rank: int, world: int) -> dict:
         out["load_diff"] = float(max(diffs))
     out["load_partitioned"] = all(p.numel() == 0 for p in model.parameters())
     out["moe1"], out["moe3"] = _train_moe(1), _train_moe(3)
+    out["bf16_1"], out["bf16_3"] = _train_moe(1, "bf16"), _train_moe(3, "bf16", save)
     return out
 
 
-def test_zero3_losses_equal_zero1_and_weights_load() -> None:
-    """fp32, DP=2: the partitioned build's init gives ZeRO-1's losses; weights load into partitioned parameters."""
-    first, second = run_distributed(_train, 2, timeout=900)
+def test_zero3_losses_equal_zero1_and_weights_load(tmp_path: Path) -> None:
+    """fp32, DP=2: the partitioned build's init gives ZeRO-1's losses; weights load into partitioned parameters.
+    bf16: the MoE router's correction bias stays fp32 under ZeRO-3, takes ZeRO-1's steps and is read back whole
+    from the ZeRO-3 checkpoint."""
+    first, second = run_distributed(_train, 2, str(tmp_path / "bf16z3"), timeout=900)
     for r in (first, second):
         assert not r["partitioned1"] and r["partitioned3"]
         assert len(r["loss3"]) == 4 and len(set(r["loss1"])) == 4
@@ -185,3 +194,13 @@ def test_zero3_losses_equal_zero1_and_weights_load() -> None:
     # each rank's ZeRO-3 partition of the bias holds its half of the moved bias (not the initial zeros)
     moved = first["moe1"]["weights"][BIAS]
     assert torch.equal(torch.cat([first["moe3"]["bias_shard"], second["moe3"]["bias_shard"]]), moved)
+    # bf16: the bias is fp32 (its ZeRO-3 partition too) and moves as under ZeRO-1 (same loads, same signs)
+    one, three = first["bf16_1"]["weights"][BIAS], first["bf16_3"]["weights"][BIAS]
+    assert first["bf16_1"]["weights"]["transformer.layers.1.mlp.router.weight"].dtype == torch.bfloat16
+    assert one.dtype == three.dtype == first["bf16_3"]["bias_shard"].dtype == torch.float32
+    assert torch.equal(three, one) and one.abs().max() > 0
+    assert not torch.equal(one, one.bfloat16().float())  # fp32 values (0.01 steps): bf16 would round them
+    assert torch.equal(torch.cat([first["bf16_3"]["bias_shard"], second["bf16_3"]["bias_shard"]]), one)
+    saved = open_source(tmp_path / "bf16z3")  # the ZeRO-3 checkpoint: the whole fp32 bias, not an empty tensor
+    assert saved.info.zero_stage == 3
+    torch.testing.assert_close(saved.tensor(BIAS), one, rtol=0, atol=0)

@@ -30,7 +30,7 @@ from megatron_glm.checkpoint.manager import (
 from megatron_glm.checkpoint.reshard import merge_shards, split_full
 from megatron_glm.checkpoint.safe_load import safe_torch_load
 from megatron_glm.checkpoint.stream import SourceInfo, iter_layers
-from megatron_glm.checkpoint.zero import ZeroReader
+from megatron_glm.checkpoint.zero import FrozenReader, ZeroReader
 from megatron_glm.config import ModelConfig
 from megatron_glm.dtypes import DTYPES
 from megatron_glm.errors import CheckpointError
@@ -58,9 +58,9 @@ def find_step_dir(path: Path, log: Callable[[str], None] = _warn) -> Path:
     raise CheckpointError(f"{path}: no complete checkpoint: " + "; ".join(problems))
 
 
-def model_file(step: Path, tp_rank: int, zero_stage: int) -> Path:
+def model_file(step: Path, tp_rank: int, zero_stage: int, dp_rank: int = 0) -> Path:
     if zero_stage == 3:
-        return step / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt"
+        return step / f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_model_states.pt"
     return step / f"mp_rank_{tp_rank:02d}_model_states.pt"
 
 
@@ -213,6 +213,8 @@ class NativeSource:
                         )
                     break
                 self.zero.append(ZeroReader(files, self.param_shapes))
+        ranks = range(zero_dp if stage == 3 else 0)  # ZeRO-3 saves each rank's part of a frozen parameter
+        self.frozen = [FrozenReader([model_file(step, t, 3, d) for d in ranks]) for t in range(tp) if ranks]
         self.bf16_optimizer = bool(self.zero) and self.zero[0].files[0].name.startswith("bf16_")
         self.precision = ((meta.get("config") or {}).get("training") or {}).get("precision", "fp32")
         self._names = self.info.layout.names()
@@ -251,7 +253,7 @@ class NativeSource:
         self._models.clear()
         if self.experts is not None:
             self.experts.release()
-        for z in self.zero:
+        for z in [*self.zero, *self.frozen]:
             z.release()
 
     def module_tensor(self, name: str) -> torch.Tensor:
@@ -262,6 +264,8 @@ class NativeSource:
             return self.tensor(name).to(
                 DTYPES.get(self.precision, torch.float32) if spec.dtype == "params" else torch.float32
             )
+        if self.frozen:  # ZeRO-3, a parameter without gradient (``router.expert_bias``): not in ``module``
+            return merge_shards(spec, [f.tensor(name) for f in self.frozen])
         return merge_shards(spec, [self._model(t)["module"][name] for t in range(self.info.tp)])
 
     def _optimized(self, name: str) -> bool:  # not a parameter without gradient (``router.expert_bias``)
