@@ -348,10 +348,16 @@ def _data_problems(cfg: GLMConfig) -> list[str]:
 
 
 def lora_problems(lora: LoraConfig) -> list[str]:
-    """The LoRA section: rank >= 0, alpha > 0, dropout in [0, 1), targets among :data:`LORA_TARGETS`."""
+    """The LoRA section: rank >= 0, alpha > 0, dropout in [0, 1), targets among :data:`LORA_TARGETS`, no base
+    without a rank (it would be ignored)."""
     out: list[str] = []
     if lora.rank < 0:
         out.append(f"lora.rank (--lora-rank) must be >= 0 (0: off), got {lora.rank}")
+    if lora.base and not lora.rank:
+        out.append(
+            f"lora.base (--lora-base {lora.base}) is set but lora.rank is 0: pass --lora-rank R for adapters on "
+            "that base (to continue training a checkpoint, use --load)"
+        )
     if lora.rank and lora.alpha <= 0:
         out.append(f"lora.alpha (--lora-alpha) must be positive, got {lora.alpha}")
     if not 0.0 <= lora.dropout < 1.0:
