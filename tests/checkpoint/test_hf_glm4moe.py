@@ -270,3 +270,26 @@ def test_a_bad_moe_config_is_one_line_naming_the_key(
     (folder / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match=message):
         open_source(folder)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (torch.zeros(16, 32, dtype=torch.int64), r"has dtype torch\.int64, expected a floating-point weight$"),
+        (torch.full((16, 32), float("nan")), r"holds non-finite values \(NaN or inf\)$"),
+    ],
+)
+def test_an_expert_tensor_that_is_no_weight_is_refused(
+    release: Path, tmp_path: Path, value: torch.Tensor, message: str
+) -> None:
+    """An integer or NaN expert tensor of the right shape converted silently before (cast into the packed experts)."""
+    folder = tmp_path / "bad"
+    shutil.copytree(release, folder)
+    sd = load_file(release / "model.safetensors")
+    sd["model.layers.2.mlp.experts.1.up_proj.weight"] = value
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(
+        CheckpointError, match=r"bad: tensor model\.layers\.2\.mlp\.experts\.1\.up_proj\.weight " + message
+    ):
+        convert(folder, tmp_path / "out", format="native")
+    assert not (tmp_path / "out").exists()
