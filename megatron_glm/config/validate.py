@@ -133,6 +133,11 @@ def _model_problems(cfg: GLMConfig, sizes_ok: bool) -> list[str]:
         out += _shape_problems(m, tp, pp, p.pipeline_partition_method)
         if d.seq_length > m.max_sequence_length:
             out.append(f"data.seq_length ({d.seq_length}) exceeds model.max_sequence_length ({m.max_sequence_length})")
+        if m.num_nextn_predict_layers >= d.seq_length:  # MTP layer k's targets: the tokens k + 2 ahead
+            out.append(
+                f"model.num_nextn_predict_layers ({m.num_nextn_predict_layers}) must be below data.seq_length "
+                f"({d.seq_length}): MTP layers from seq_length - 1 on have no token to predict"
+            )
         out += _execution_problems(m, tp, d.seq_length)
         out += family_problems(m, tp)
         out += moe_problems(m, tp, getattr(p, "expert_parallel_size", 1))
