@@ -78,9 +78,10 @@ def test_release_reshards_through_tp2_ep2_and_exports_back(release: Path, tmp_pa
         assert (hf_logits(out) - want).abs().max().item() < 1e-5
 
 
-def test_an_inconsistent_expert_shard_is_one_line(release: Path, tmp_path: Path) -> None:  # noqa: F811
-    """An expert shard of the wrong shape or not a dict of tensors (its manifest consistent: written so) was a bare
-    RuntimeError / AttributeError from the merge; now one line naming the file, the tensor and the shape wanted."""
+def test_an_inconsistent_shard_is_one_line(release: Path, tmp_path: Path) -> None:  # noqa: F811
+    """An expert shard of the wrong shape or not a dict of tensors, a model tensor of the wrong shape (the manifest
+    consistent: written so) were a bare RuntimeError / AttributeError; now one line naming the file or step, the
+    tensor and the shape wanted."""
     from megatron_glm.checkpoint.manifest import write_manifest
     from megatron_glm.errors import CheckpointError
 
@@ -100,4 +101,16 @@ def test_an_inconsistent_expert_shard_is_one_line(release: Path, tmp_path: Path)
     with pytest.raises(
         CheckpointError, match=r"pp00_tp00_ep01\.pt: not an expert shard \(a dict of tensors by name\)$"
     ):
+        convert(ep2, tmp_path / "out", format="hf")
+    # ... and the model-states file: a tensor of another shape than meta.json's config gives (a bare RuntimeError
+    # from the export's split before)
+    model_file = step / "mp_rank_00_model_states.pt"
+    states = safe_torch_load(model_file)
+    qkv = "transformer.layers.0.attention.query_key_value.weight"
+    states["module"][qkv] = torch.zeros(5, 32)
+    torch.save(states, model_file)
+    torch.save(saved, shard)
+    write_manifest(step, step.name)
+    match = rf"global_step0: {re.escape(qkv)} has shape \[5, 32\], expected \[64, 32\] \(meta\.json's config\)$"
+    with pytest.raises(CheckpointError, match=match):
         convert(ep2, tmp_path / "out", format="hf")

@@ -262,7 +262,12 @@ class NativeSource:
             return self.tensor(name).to(
                 DTYPES.get(self.precision, torch.float32) if spec.dtype == "params" else torch.float32
             )
-        return merge_shards(spec, [self._model(t)["module"][name] for t in range(self.info.tp)])
+        full = merge_shards(spec, [self._model(t)["module"][name] for t in range(self.info.tp)])
+        if tuple(full.shape) != tuple(spec.shape):  # a file at odds with the config its meta.json records
+            raise CheckpointError(
+                f"{self.step}: {name} has shape {list(full.shape)}, expected {list(spec.shape)} (meta.json's config)"
+            )
+        return full
 
     def _optimized(self, name: str) -> bool:  # not a parameter without gradient (``router.expert_bias``)
         return bool(self.zero) and name in self.zero[0]
