@@ -206,7 +206,12 @@ class HFSource:
                 f"({', '.join(FAMILIES)})"
             )
         self.path, self.family, self.raw_config = path, family, raw
-        config = family.from_config(raw, str(path / CONFIG))
+        try:
+            config = family.from_config(raw, str(path / CONFIG))
+        except (KeyError, TypeError, ValueError) as exc:  # a family's reader without a check for this value
+            raise CheckpointError(
+                f"{path / CONFIG}: unreadable {family.name} config ({type(exc).__name__}: {exc})"
+            ) from None
         self.weight_map = self._weight_map(path)
         notes: list[str] = []
         if family.fit is not None:
