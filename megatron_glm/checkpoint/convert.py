@@ -151,7 +151,7 @@ def _target_vocab(
     if vocab != cfg.vocab_size:
         notes.append(
             f"vocab re-padded {cfg.vocab_size} -> {vocab} rows"
-            + (" (new rows are zeros)" if vocab > cfg.vocab_size else "")
+            + (" (new rows are zeros)" if vocab > cfg.vocab_size else f" (rows from {vocab} on dropped)")
         )
     return vocab
 
@@ -167,6 +167,11 @@ def _check_target(src: ModelSource, opts: ConvertOptions) -> CheckpointFormat:
         raise CheckpointError(f"--target-pp {opts.target_pp} does not divide the {src.info.config.num_layers} layers")
     if not fmt.sharded and opts.target_tp != 1:
         raise CheckpointError(f"the {opts.format} format is unsharded: use --target-tp 1")
+    if opts.vocab_size < 0 or opts.max_shard_bytes < 1:
+        raise CheckpointError(
+            f"--vocab-size must be >= 0 (0: keep) and --max-shard-size positive, got {opts.vocab_size} and "
+            f"{opts.max_shard_bytes}"
+        )
     if opts.target_ep < 1 or opts.target_dp < 0:
         raise CheckpointError(
             f"--target-ep must be >= 1 and --target-dp >= 0 (0: keep), got {opts.target_ep} and {opts.target_dp}"

@@ -120,6 +120,12 @@ def test_clear_errors(tmp_path: Path) -> None:
         convert(tmp_path / "glm", tmp_path / "x", target_dp=-1)
     with pytest.raises(CheckpointError, match=r"^--target-ep 2: the model is dense \(no experts to split\); use 1$"):
         convert(tmp_path / "glm", tmp_path / "x", target_ep=2, target_dp=2)
+    with pytest.raises(
+        CheckpointError, match=r"^--vocab-size must be >= 0 \(0: keep\) and --max-shard-size positive, got -1"
+    ):
+        convert(tmp_path / "glm", tmp_path / "x", vocab_size=-1)  # was a shape error naming the temporary output
+    with pytest.raises(CheckpointError, match=r"and --max-shard-size positive, got 0 and 0$"):
+        convert(tmp_path / "glm", tmp_path / "x", format="safetensors", max_shard_bytes=0)  # was accepted
     (tmp_path / "afile").write_text("")  # an output under a file: was a bare FileExistsError after the conversion
     with pytest.raises(CheckpointError, match=r"afile/x: .*afile is a file, not a directory; choose another"):
         convert(tmp_path / "glm", tmp_path / "afile" / "x")
