@@ -86,6 +86,15 @@ def family_problems(m: ModelConfig, tp: int) -> list[str]:
     return out + mtp_problems(m)
 
 
+def model_config_problems(m: ModelConfig) -> list[str]:
+    """Why model config ``m`` (read from another format's config file) cannot be built, at tensor-parallel size 1:
+    non-positive sizes, non-finite values, the family and MoE options (empty when it can)."""
+    sizes = ("num_layers", "hidden_size", "num_attention_heads", "max_sequence_length", "layernorm_epsilon")
+    out = nonfinite_fields(m, "model.")
+    out += [f"model.{n} must be positive, got {getattr(m, n)}" for n in sizes if not getattr(m, n) > 0]
+    return out + family_problems(m, 1) + moe_problems(m, 1)
+
+
 def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
     """Every inconsistency in ``cfg`` as a readable message (empty when valid), section by section.
 

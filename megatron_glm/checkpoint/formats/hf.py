@@ -39,6 +39,7 @@ from megatron_glm.dtypes import DTYPE_NAMES
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model.layout import ModelLayout
 
+from .common import check_imported_model
 from .hf_chatglm import CHATGLM2_FAMILY, CHATGLM_FAMILY
 from .hf_family import Derived, HFFamily
 from .hf_glm4moe import GLM4_MOE_FAMILY
@@ -207,7 +208,7 @@ class HFSource:
             )
         self.path, self.family, self.raw_config = path, family, raw
         try:
-            config = family.from_config(raw, str(path / CONFIG))
+            config = check_imported_model(family.from_config(raw, str(path / CONFIG)), str(path / CONFIG))
         except (KeyError, TypeError, ValueError) as exc:  # a family's reader without a check for this value
             raise CheckpointError(
                 f"{path / CONFIG}: unreadable {family.name} config ({type(exc).__name__}: {exc})"
