@@ -254,6 +254,8 @@ DROP = object()
         ({"num_nextn_predict_layers": -1}, r"config\.json: num_nextn_predict_layers must be >= 0, got -1$"),
         ({"hidden_size": "big"}, r"config\.json: hidden_size must be an integer, got 'big'$"),
         ({"num_attention_heads": 0}, r"config\.json: num_attention_heads = 0: must be positive$"),
+        ({"norm_topk_prob": "false"}, r"config\.json: norm_topk_prob must be true or false, got 'false'$"),
+        ({"tie_word_embeddings": "no"}, r"config\.json: tie_word_embeddings must be true or false, got 'no'$"),
     ],
 )
 def test_a_bad_moe_config_is_one_line_naming_the_key(

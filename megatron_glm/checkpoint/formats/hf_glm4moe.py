@@ -40,7 +40,7 @@ from megatron_glm.model.layout import OUTPUT_TENSOR, VOCAB_TENSOR
 from megatron_glm.model.moe import moe_ffn
 
 from .hf_family import Derived, HFFamily
-from .hf_native import REFUSED, config_number, native_config, native_values
+from .hf_native import REFUSED, config_flag, config_number, native_config, native_values
 from .packing import PRECISION_ONLY
 
 _LAYER = re.compile(r"^transformer\.layers\.(\d+)\.(.*)$")
@@ -215,7 +215,7 @@ def _moe_values(raw: dict[str, Any], where: str, dense: int, layers: int) -> dic
         num_shared_experts=shared,
         first_k_dense_replace=dense,
         moe_routed_scaling_factor=scale,
-        moe_norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
+        moe_norm_topk_prob=config_flag(raw, "norm_topk_prob", True, where),
     )
 
 
@@ -233,7 +233,9 @@ def _from_config(raw: dict[str, Any], where: str) -> ModelConfig:
     if mtp < 0:
         raise CheckpointError(f"{where}: num_nextn_predict_layers must be >= 0, got {mtp}")
     return ModelConfig(
-        **{**_OPTIONS, **values, **moe}, qk_norm=bool(raw.get("use_qk_norm", False)), num_nextn_predict_layers=mtp
+        **{**_OPTIONS, **values, **moe},
+        qk_norm=config_flag(raw, "use_qk_norm", False, where),
+        num_nextn_predict_layers=mtp,
     )
 
 

@@ -136,6 +136,17 @@ def config_number(raw: dict[str, Any], key: str, default: Any, where: str, kind:
     return kind(value)
 
 
+def config_flag(raw: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    """``raw[key]`` (``default`` when absent or null), which must be a JSON boolean: the string "false" is true to
+    ``bool``."""
+    value = raw.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
 def native_values(raw: dict[str, Any], where: str, refused: tuple[tuple[str, Any], ...] = REFUSED) -> dict[str, Any]:
     """The :class:`ModelConfig` fields a transformers GLM ``config.json`` records (shape, rotary, norms, biases),
     after one-line errors for a missing key or a ``refused`` value."""
@@ -165,8 +176,8 @@ def native_values(raw: dict[str, Any], where: str, refused: tuple[tuple[str, Any
         layernorm_epsilon=config_number(raw, "rms_norm_eps", 1e-5, where, float),
         rotary_base=theta,
         rotary_percent=factor,
-        add_qkv_bias=bool(raw.get("attention_bias", True)),
-        untie_embeddings_and_output_weights=not raw.get("tie_word_embeddings", False),
+        add_qkv_bias=config_flag(raw, "attention_bias", True, where),
+        untie_embeddings_and_output_weights=not config_flag(raw, "tie_word_embeddings", False, where),
         hidden_dropout=0.0,
         attention_dropout=config_number(raw, "attention_dropout", 0.0, where, float),
         init_std=config_number(raw, "initializer_range", 0.02, where, float),
