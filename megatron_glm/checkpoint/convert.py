@@ -110,6 +110,11 @@ CONVERT_FLAGS: dict[str, tuple[str, object]] = {
     "--verify-logits": ("convert.verify_logits", True),
     "--max-shard-size": ("convert.max_shard_bytes", None),
     "--merge-lora": ("convert.merge_lora", True),
+    # the training scripts' spellings of the parallel sizes, with --target- in front
+    **{
+        f"--target-{kind}-parallel-size": (f"convert.target_{short}", None)
+        for kind, short in (("tensor", "tp"), ("pipeline", "pp"), ("data", "dp"), ("expert", "ep"))
+    },
 }
 
 

@@ -192,3 +192,14 @@ def test_converter_options_come_from_the_typed_config(tmp_path: Path) -> None:
     assert all(f"--convert.{f.name} " in text for f in __import__("dataclasses").fields(ConvertOptions))
     with pytest.raises(ConfigError, match="must be one of"):
         load_config(["--format", "zip"], root=ConvertRun, aliases=CONVERT_FLAGS)
+    # the training scripts' long spellings (--target-expert-parallel-size was an unknown option)
+    long = [
+        "--target-tensor-parallel-size",
+        "2",
+        "--target-expert-parallel-size",
+        "4",
+        "--target-data-parallel-size",
+        "4",
+    ]
+    got = load_config(long, root=ConvertRun, aliases=CONVERT_FLAGS).convert
+    assert (got.target_tp, got.target_ep, got.target_dp, got.target_pp) == (2, 4, 4, 1)
