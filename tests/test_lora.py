@@ -155,6 +155,8 @@ def test_merged_model_equals_adapter_model(family: str) -> None:
         ({"lora.dropout": 1.0}, "lora.dropout (--lora-dropout) must be in [0, 1)"),
         ({"lora.targets": ["attention.dense,mlp.gate"]}, "lora.targets (--lora-targets): unknown mlp.gate"),
         ({"lora.rank": 4, "lora.targets": [""]}, "lora.targets (--lora-targets) is empty"),
+        # was ignored: a run from scratch, not on the base
+        ({"lora.base": "base"}, "lora.base (--lora-base base) is set but lora.rank is 0: pass --lora-rank R"),
     ],
 )
 def test_config_errors_are_one_line(overrides: dict, message: str) -> None:
@@ -369,6 +371,18 @@ def test_lora_base_gives_the_run_its_architecture(tmp_path) -> None:
         adopt_checkpoint_architecture(
             load_config(["--lora-rank", "4", "--lora-base", str(step), "--hidden-size", "96"])
         )
+
+
+def test_finetune_refuses_a_lora_base_other_than_load(tmp_path) -> None:
+    """finetune_glm.py puts the adapters on --load; a different --lora-base was silently ignored."""
+    from megatron_glm.config import load_config
+    from megatron_glm.finetune.config import FinetuneConfig
+    from megatron_glm.finetune.run import task_config
+
+    cfg = load_config(["--load", str(tmp_path / "ckpt"), "--lora-rank", "4", "--lora-base", str(tmp_path / "other")])
+    want = rf"^--lora-base {tmp_path}/other: fine-tuning puts the adapters on --load \({tmp_path}/ckpt\); drop"
+    with pytest.raises(ConfigError, match=want):
+        task_config(cfg, FinetuneConfig(task="chat"))
 
 
 @pytest.mark.parametrize(("dtype", "rank"), [(torch.bfloat16, 4), (torch.float32, 3)])

@@ -110,6 +110,11 @@ CONVERT_FLAGS: dict[str, tuple[str, object]] = {
     "--verify-logits": ("convert.verify_logits", True),
     "--max-shard-size": ("convert.max_shard_bytes", None),
     "--merge-lora": ("convert.merge_lora", True),
+    # the training scripts' spellings of the parallel sizes, with --target- in front
+    **{
+        f"--target-{kind}-parallel-size": (f"convert.target_{short}", None)
+        for kind, short in (("tensor", "tp"), ("pipeline", "pp"), ("data", "dp"), ("expert", "ep"))
+    },
 }
 
 
@@ -151,7 +156,7 @@ def _target_vocab(
     if vocab != cfg.vocab_size:
         notes.append(
             f"vocab re-padded {cfg.vocab_size} -> {vocab} rows"
-            + (" (new rows are zeros)" if vocab > cfg.vocab_size else "")
+            + (" (new rows are zeros)" if vocab > cfg.vocab_size else f" (rows from {vocab} on dropped)")
         )
     return vocab
 
@@ -167,11 +172,22 @@ def _check_target(src: ModelSource, opts: ConvertOptions) -> CheckpointFormat:
         raise CheckpointError(f"--target-pp {opts.target_pp} does not divide the {src.info.config.num_layers} layers")
     if not fmt.sharded and opts.target_tp != 1:
         raise CheckpointError(f"the {opts.format} format is unsharded: use --target-tp 1")
-    if opts.target_ep != 1 and (fmt.name != "native" or opts.target_ep < 1):
+    if opts.vocab_size < 0 or opts.max_shard_bytes < 1:
+        raise CheckpointError(
+            f"--vocab-size must be >= 0 (0: keep) and --max-shard-size positive, got {opts.vocab_size} and "
+            f"{opts.max_shard_bytes}"
+        )
+    if opts.target_ep < 1 or opts.target_dp < 0:
+        raise CheckpointError(
+            f"--target-ep must be >= 1 and --target-dp >= 0 (0: keep), got {opts.target_ep} and {opts.target_dp}"
+        )
+    if opts.target_ep != 1 and fmt.name != "native":
         raise CheckpointError(f"--target-ep {opts.target_ep}: only native checkpoints split experts")
     if opts.target_ep > 1:
         experts = getattr(src.info.config, "num_experts", 0)
-        check_divisible("number of experts", experts, opts.target_ep, "a dense model has none to split")
+        if not experts:
+            raise CheckpointError(f"--target-ep {opts.target_ep}: the model is dense (no experts to split); use 1")
+        check_divisible("number of experts", experts, opts.target_ep, "choose a --target-ep that divides it")
     cfg = src.info.config
     tp = opts.target_tp
     check_divisible("number of attention heads", cfg.num_attention_heads, tp, "choose a --target-tp that divides it")
@@ -226,6 +242,9 @@ def convert_checkpoint(
     output = Path(output)
     if output.exists() and any(output.iterdir()) if output.is_dir() else output.exists():
         raise CheckpointError(f"{output}: already exists; choose a new output directory")
+    blocker = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise CheckpointError(f"{output}: {blocker} is a file, not a directory; choose another output directory")
     src = _open_input(input_path, opts)
     fmt = _check_target(src, opts)
     notes = list(src.info.notes)

@@ -86,6 +86,15 @@ def family_problems(m: ModelConfig, tp: int) -> list[str]:
     return out + mtp_problems(m)
 
 
+def model_config_problems(m: ModelConfig) -> list[str]:
+    """Why model config ``m`` (read from another format's config file) cannot be built, at tensor-parallel size 1:
+    non-positive sizes, non-finite values, the family and MoE options (empty when it can)."""
+    sizes = ("num_layers", "hidden_size", "num_attention_heads", "max_sequence_length", "layernorm_epsilon")
+    out = nonfinite_fields(m, "model.")
+    out += [f"model.{n} must be positive, got {getattr(m, n)}" for n in sizes if not getattr(m, n) > 0]
+    return out + family_problems(m, 1) + moe_problems(m, 1)
+
+
 def problems(cfg: GLMConfig, world_size: int = 0) -> list[str]:
     """Every inconsistency in ``cfg`` as a readable message (empty when valid), section by section.
 
@@ -133,6 +142,11 @@ def _model_problems(cfg: GLMConfig, sizes_ok: bool) -> list[str]:
         out += _shape_problems(m, tp, pp, p.pipeline_partition_method)
         if d.seq_length > m.max_sequence_length:
             out.append(f"data.seq_length ({d.seq_length}) exceeds model.max_sequence_length ({m.max_sequence_length})")
+        if m.num_nextn_predict_layers >= d.seq_length:  # MTP layer k's targets: the tokens k + 2 ahead
+            out.append(
+                f"model.num_nextn_predict_layers ({m.num_nextn_predict_layers}) must be below data.seq_length "
+                f"({d.seq_length}): MTP layers from seq_length - 1 on have no token to predict"
+            )
         out += _execution_problems(m, tp, d.seq_length)
         out += family_problems(m, tp)
         out += moe_problems(m, tp, getattr(p, "expert_parallel_size", 1))
@@ -348,10 +362,16 @@ def _data_problems(cfg: GLMConfig) -> list[str]:
 
 
 def lora_problems(lora: LoraConfig) -> list[str]:
-    """The LoRA section: rank >= 0, alpha > 0, dropout in [0, 1), targets among :data:`LORA_TARGETS`."""
+    """The LoRA section: rank >= 0, alpha > 0, dropout in [0, 1), targets among :data:`LORA_TARGETS`, no base
+    without a rank (it would be ignored)."""
     out: list[str] = []
     if lora.rank < 0:
         out.append(f"lora.rank (--lora-rank) must be >= 0 (0: off), got {lora.rank}")
+    if lora.base and not lora.rank:
+        out.append(
+            f"lora.base (--lora-base {lora.base}) is set but lora.rank is 0: pass --lora-rank R for adapters on "
+            "that base (to continue training a checkpoint, use --load)"
+        )
     if lora.rank and lora.alpha <= 0:
         out.append(f"lora.alpha (--lora-alpha) must be positive, got {lora.alpha}")
     if not 0.0 <= lora.dropout < 1.0:

@@ -68,6 +68,11 @@ def task_config(cfg: GLMConfig, task: FinetuneConfig, log: Callable[[str], None]
         raise ConfigError("--load CKPT is required: the checkpoint to fine-tune (any layout or format we read)")
     if cfg.parallel.context_parallel_size > 1:  # --dry-run included
         raise ConfigError("fine-tuning runs without context parallelism: drop --context-parallel-size")
+    if cfg.lora.base and os.path.abspath(cfg.lora.base) != os.path.abspath(cfg.checkpoint.load):
+        raise ConfigError(
+            f"--lora-base {cfg.lora.base}: fine-tuning puts the adapters on --load ({cfg.checkpoint.load}); "
+            "drop --lora-base"
+        )
     model, tokenizer = source_model(cfg.checkpoint.load)
     cfg = adopt_architecture(cfg, model.architecture(), cfg.checkpoint.load, log)
     m = cfg.model

@@ -110,6 +110,25 @@ def test_clear_errors(tmp_path: Path) -> None:
         convert(tmp_path / "glm", tmp_path / "x", format="glm", target_pp=2)
     with pytest.raises(CheckpointError, match="--target-pp 3 does not divide the 2 layers"):
         convert(tmp_path / "glm", tmp_path / "x", target_pp=3)
+    # expert parallelism: a size below 1 (was "only native checkpoints split experts", wrongly), a dense model
+    # (was accepted, writing a layout training refuses), a negative --target-dp (was accepted)
+    with pytest.raises(
+        CheckpointError, match=r"^--target-ep must be >= 1 and --target-dp >= 0 \(0: keep\), got 0 and 0$"
+    ):
+        convert(tmp_path / "glm", tmp_path / "x", target_ep=0)
+    with pytest.raises(CheckpointError, match=r"got 1 and -1$"):
+        convert(tmp_path / "glm", tmp_path / "x", target_dp=-1)
+    with pytest.raises(CheckpointError, match=r"^--target-ep 2: the model is dense \(no experts to split\); use 1$"):
+        convert(tmp_path / "glm", tmp_path / "x", target_ep=2, target_dp=2)
+    with pytest.raises(
+        CheckpointError, match=r"^--vocab-size must be >= 0 \(0: keep\) and --max-shard-size positive, got -1"
+    ):
+        convert(tmp_path / "glm", tmp_path / "x", vocab_size=-1)  # was a shape error naming the temporary output
+    with pytest.raises(CheckpointError, match=r"and --max-shard-size positive, got 0 and 0$"):
+        convert(tmp_path / "glm", tmp_path / "x", format="safetensors", max_shard_bytes=0)  # was accepted
+    (tmp_path / "afile").write_text("")  # an output under a file: was a bare FileExistsError after the conversion
+    with pytest.raises(CheckpointError, match=r"afile/x: .*afile is a file, not a directory; choose another"):
+        convert(tmp_path / "glm", tmp_path / "afile" / "x")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("hi")
     with pytest.raises(CheckpointError, match="not a checkpoint we can read"):
@@ -173,3 +192,14 @@ def test_converter_options_come_from_the_typed_config(tmp_path: Path) -> None:
     assert all(f"--convert.{f.name} " in text for f in __import__("dataclasses").fields(ConvertOptions))
     with pytest.raises(ConfigError, match="must be one of"):
         load_config(["--format", "zip"], root=ConvertRun, aliases=CONVERT_FLAGS)
+    # the training scripts' long spellings (--target-expert-parallel-size was an unknown option)
+    long = [
+        "--target-tensor-parallel-size",
+        "2",
+        "--target-expert-parallel-size",
+        "4",
+        "--target-data-parallel-size",
+        "4",
+    ]
+    got = load_config(long, root=ConvertRun, aliases=CONVERT_FLAGS).convert
+    assert (got.target_tp, got.target_ep, got.target_dp, got.target_pp) == (2, 4, 4, 1)

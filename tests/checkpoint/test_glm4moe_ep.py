@@ -5,6 +5,7 @@ processes from the TP=2 x EP=2 checkpoint gives transformers' logits too (forwar
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,41 @@ def test_release_reshards_through_tp2_ep2_and_exports_back(release: Path, tmp_pa
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
         assert "auto_map" not in (out / "config.json").read_text()
         assert (hf_logits(out) - want).abs().max().item() < 1e-5
+
+
+def test_an_inconsistent_shard_is_one_line(release: Path, tmp_path: Path) -> None:  # noqa: F811
+    """An expert shard of the wrong shape or not a dict of tensors, a model tensor of the wrong shape (the manifest
+    consistent: written so) were a bare RuntimeError / AttributeError; now one line naming the file or step, the
+    tensor and the shape wanted."""
+    from megatron_glm.checkpoint.manifest import write_manifest
+    from megatron_glm.errors import CheckpointError
+
+    ep2 = tmp_path / "ep2"
+    convert(release, ep2, format="native", target_ep=2, target_dp=2)
+    step = ep2 / "global_step0"
+    shard = step / expert_file((0, 0, 1, 0))
+    saved = safe_torch_load(shard)
+    name = next(n for n in saved if n.endswith("dense_h_to_4h.weight"))
+    torch.save({**saved, name: torch.zeros(3, *saved[name].shape[1:])}, shard)
+    write_manifest(step, step.name)
+    wanted = re.escape(f"has shape [3, 32, 32], expected {[EXPERTS // 2, *saved[name].shape[1:]]} (tp=1 ep=2)")
+    with pytest.raises(CheckpointError, match=rf"pp00_tp00_ep01\.pt: {re.escape(name)} {wanted}$"):
+        convert(ep2, tmp_path / "out", format="hf")
+    torch.save([1, 2], shard)
+    write_manifest(step, step.name)
+    with pytest.raises(
+        CheckpointError, match=r"pp00_tp00_ep01\.pt: not an expert shard \(a dict of tensors by name\)$"
+    ):
+        convert(ep2, tmp_path / "out", format="hf")
+    # ... and the model-states file: a tensor of another shape than meta.json's config gives (a bare RuntimeError
+    # from the export's split before)
+    model_file = step / "mp_rank_00_model_states.pt"
+    states = safe_torch_load(model_file)
+    qkv = "transformer.layers.0.attention.query_key_value.weight"
+    states["module"][qkv] = torch.zeros(5, 32)
+    torch.save(states, model_file)
+    torch.save(saved, shard)
+    write_manifest(step, step.name)
+    match = rf"global_step0: {re.escape(qkv)} has shape \[5, 32\], expected \[64, 32\] \(meta\.json's config\)$"
+    with pytest.raises(CheckpointError, match=match):
+        convert(ep2, tmp_path / "out", format="hf")

@@ -321,6 +321,11 @@ def test_missing_or_mismatched_tensor_is_a_one_line_error(tmp_path, spm) -> None
     msg = str(err.value)
     assert "\n" not in msg and name in msg and "[100, 64]" in msg and "expected [256, 64]" in msg
     assert not (tmp_path / "x").exists()
+    # a config value of the wrong type: was a bare ValueError from the family's reader
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "num_layers": "two"}))
+    with pytest.raises(CheckpointError, match=r"config\.json: unreadable \w+ config \(ValueError: invalid literal"):
+        open_source(out)
 
 
 def test_hf_format_does_not_import_transformers() -> None:

@@ -240,3 +240,65 @@ def test_the_export_with_its_mtp_layer_loads_in_transformers_4(release: Path, tm
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["class"] == "Glm4MoeForCausalLM"
     assert (torch.tensor(got["logits"]) - hf_logits(release)).abs().max().item() < 1e-5
+
+
+DROP = object()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"num_experts_per_tok": DROP}, r"config\.json: lacks num_experts_per_tok \(layers 1\.\.3 are MoE layers"),
+        ({"n_routed_experts": DROP}, r"config\.json: lacks n_routed_experts \("),
+        ({"moe_intermediate_size": DROP}, r"config\.json: lacks moe_intermediate_size \("),
+        ({"num_experts_per_tok": 8}, r"num_experts_per_tok \(8\) must be in \[1, n_routed_experts = 4\]$"),
+        ({"num_experts_per_tok": 0}, r"num_experts_per_tok \(0\) must be in \[1, n_routed_experts = 4\]$"),
+        ({"n_routed_experts": "four"}, r"config\.json: n_routed_experts must be an integer, got 'four'$"),
+        ({"num_experts_per_tok": 1.5}, r"config\.json: num_experts_per_tok must be an integer, got 1\.5$"),
+        ({"routed_scaling_factor": 0}, r"routed_scaling_factor must be a positive finite number, got 0\.0$"),
+        ({"routed_scaling_factor": float("nan")}, r"routed_scaling_factor must be a positive finite number, got nan$"),
+        ({"first_k_dense_replace": -1}, r"config\.json: first_k_dense_replace must be >= 0, got -1$"),
+        ({"num_nextn_predict_layers": -1}, r"config\.json: num_nextn_predict_layers must be >= 0, got -1$"),
+        ({"hidden_size": "big"}, r"config\.json: hidden_size must be an integer, got 'big'$"),
+        ({"num_attention_heads": 0}, r"config\.json: num_attention_heads = 0: must be positive$"),
+        ({"norm_topk_prob": "false"}, r"config\.json: norm_topk_prob must be true or false, got 'false'$"),
+        ({"tie_word_embeddings": "no"}, r"config\.json: tie_word_embeddings must be true or false, got 'no'$"),
+    ],
+)
+def test_a_bad_moe_config_is_one_line_naming_the_key(
+    release: Path, tmp_path: Path, edit: dict[str, object], message: str
+) -> None:
+    """config.json values transformers' defaults or a hand edit would make nonsense (more experts chosen than
+    exist, a zero scale, a string) are refused before any tensor is read, naming the key; before, they converted
+    silently or raised a bare ValueError."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to(release / "model.safetensors")
+    raw = json.loads((release / "config.json").read_text())
+    raw = {k: v for k, v in {**raw, **edit}.items() if v is not DROP}
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=message):
+        open_source(folder)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (torch.zeros(16, 32, dtype=torch.int64), r"has dtype torch\.int64, expected a floating-point weight$"),
+        (torch.full((16, 32), float("nan")), r"holds non-finite values \(NaN or inf\)$"),
+    ],
+)
+def test_an_expert_tensor_that_is_no_weight_is_refused(
+    release: Path, tmp_path: Path, value: torch.Tensor, message: str
+) -> None:
+    """An integer or NaN expert tensor of the right shape converted silently before (cast into the packed experts)."""
+    folder = tmp_path / "bad"
+    shutil.copytree(release, folder)
+    sd = load_file(release / "model.safetensors")
+    sd["model.layers.2.mlp.experts.1.up_proj.weight"] = value
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(
+        CheckpointError, match=r"bad: tensor model\.layers\.2\.mlp\.experts\.1\.up_proj\.weight " + message
+    ):
+        convert(folder, tmp_path / "out", format="native")
+    assert not (tmp_path / "out").exists()

@@ -310,6 +310,33 @@ def test_glm4_needs_the_sandwich_norms(glm_release: Path, glm4_release: Path, tm
         open_source(bad)
 
 
+@pytest.mark.parametrize(
+    ("rope", "top", "message"),
+    [
+        ({"partial_rotary_factor": 0.0}, {}, r"model\.rotary_percent must be in \(0, 1\], got 0\.0$"),
+        ({"partial_rotary_factor": 3.0}, {}, r"model\.rotary_percent must be in \(0, 1\], got 3\.0$"),
+        ({"rope_theta": -1.0}, {}, r"model\.rotary_base must be positive, got -1\.0$"),
+        ({}, {"rms_norm_eps": -1.0}, r"model\.layernorm_epsilon must be positive, got -1\.0$"),
+        ({}, {"max_position_embeddings": 0}, r"model\.max_sequence_length must be positive, got 0$"),
+    ],
+)
+def test_a_config_giving_no_buildable_model_is_refused(
+    glm4_release: Path, tmp_path: Path, rope: dict, top: dict, message: str
+) -> None:
+    """config.json values our model cannot be built with converted silently before (to a checkpoint training
+    refuses, or no rotary at all): one line naming config.json and the field."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in glm4_release.iterdir():
+        (bad / f.name).symlink_to(f)
+    raw = json.loads((glm4_release / "config.json").read_text())
+    raw = {**raw, **top, "rope_parameters": {**raw["rope_parameters"], **rope}}
+    (bad / "config.json").unlink()
+    (bad / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"bad/config\.json: not a model megatron_glm can build: " + message):
+        open_source(bad)
+
+
 def test_native_release_through_a_pipeline_layout(glm4_release: Path, tmp_path: Path) -> None:
     """Glm4ForCausalLM -> native PP=2 (model only) -> Glm4ForCausalLM: the release's tensors, bitwise."""
     convert(glm4_release, tmp_path / "pp2", format="native", target_pp=2)

@@ -267,6 +267,10 @@ def test_tp2_and_pipeline_parts_equal_one_process() -> None:
     [
         ({"model.num_nextn_predict_layers": -1}, "model.num_nextn_predict_layers must be >= 0 (0: off), got -1"),
         ({"model.mtp_loss_weight": -0.5}, "model.mtp_loss_weight must be >= 0, got -0.5"),
+        (  # was trained: the layers without a target diluted the MTP loss
+            {"model.num_nextn_predict_layers": 20, "data.seq_length": 16},
+            "model.num_nextn_predict_layers (20) must be below data.seq_length (16): MTP layers from seq_length - 1",
+        ),
         (
             {"model.num_nextn_predict_layers": 1, "model.residual_style": "deepnorm"},
             "model.num_nextn_predict_layers needs model.residual_style pre_ln, got deepnorm",

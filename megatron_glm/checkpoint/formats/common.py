@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_glm.config import ModelConfig
+from megatron_glm.config.validate import model_config_problems
 from megatron_glm.errors import CheckpointError
 
 
@@ -17,6 +18,14 @@ def model_config_from_dict(fields: dict[str, Any], where: str) -> ModelConfig:
     if missing:
         raise CheckpointError(f"{where}: model config lacks {', '.join(missing)}")
     return ModelConfig(**{k: v for k, v in fields.items() if k in names})
+
+
+def check_imported_model(config: ModelConfig, where: str) -> ModelConfig:
+    """``config`` (read from ``where``), refused in one line when it is no model we can build."""
+    bad = model_config_problems(config)
+    if bad:
+        raise CheckpointError(f"{where}: not a model megatron_glm can build: {'; '.join(bad)}")
+    return config
 
 
 def tokenizer_files(model_path: str | Path | None) -> list[str]:

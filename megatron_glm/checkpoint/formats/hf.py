@@ -39,6 +39,7 @@ from megatron_glm.dtypes import DTYPE_NAMES
 from megatron_glm.errors import CheckpointError
 from megatron_glm.model.layout import ModelLayout
 
+from .common import check_imported_model
 from .hf_chatglm import CHATGLM2_FAMILY, CHATGLM_FAMILY
 from .hf_family import Derived, HFFamily
 from .hf_glm4moe import GLM4_MOE_FAMILY
@@ -206,7 +207,12 @@ class HFSource:
                 f"({', '.join(FAMILIES)})"
             )
         self.path, self.family, self.raw_config = path, family, raw
-        config = family.from_config(raw, str(path / CONFIG))
+        try:
+            config = check_imported_model(family.from_config(raw, str(path / CONFIG)), str(path / CONFIG))
+        except (KeyError, TypeError, ValueError) as exc:  # a family's reader without a check for this value
+            raise CheckpointError(
+                f"{path / CONFIG}: unreadable {family.name} config ({type(exc).__name__}: {exc})"
+            ) from None
         self.weight_map = self._weight_map(path)
         notes: list[str] = []
         if family.fit is not None:
@@ -310,10 +316,22 @@ class HFSource:
         f = self._file(self.weight_map[hf_name])
         return f[hf_name] if isinstance(f, dict) else f.get_tensor(hf_name)
 
+    def _weight(self, hf_name: str) -> torch.Tensor:
+        """A stored weight, refused in one line when it is not floating point or not finite (a NaN copied into a
+        converted checkpoint or a training run's base would surface only as a NaN loss)."""
+        t = self._raw(hf_name)
+        if not t.is_floating_point():
+            raise CheckpointError(
+                f"{self.path}: tensor {hf_name} has dtype {t.dtype}, expected a floating-point weight"
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{self.path}: tensor {hf_name} holds non-finite values (NaN or inf)")
+        return t
+
     def tensor(self, name: str) -> torch.Tensor:
         if name in self._pieces:
-            return torch.cat([self._raw(n) for n in self._pieces[name]], dim=0).reshape(self._shapes[name])
-        return self.family.ours(self.config, name, self._raw(self._hf_name[name]))
+            return torch.cat([self._weight(n) for n in self._pieces[name]], dim=0).reshape(self._shapes[name])
+        return self.family.ours(self.config, name, self._weight(self._hf_name[name]))
 
     module_tensor = tensor
 

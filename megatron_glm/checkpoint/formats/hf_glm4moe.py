@@ -27,6 +27,7 @@ Config keys: the native GLM ones (``hf_native``) plus ``n_routed_experts``, ``nu
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Collection
 from dataclasses import replace
@@ -39,7 +40,7 @@ from megatron_glm.model.layout import OUTPUT_TENSOR, VOCAB_TENSOR
 from megatron_glm.model.moe import moe_ffn
 
 from .hf_family import Derived, HFFamily
-from .hf_native import REFUSED, native_config, native_values
+from .hf_native import REFUSED, config_flag, config_number, native_config, native_values
 from .packing import PRECISION_ONLY
 
 _LAYER = re.compile(r"^transformer\.layers\.(\d+)\.(.*)$")
@@ -178,25 +179,63 @@ def _to_config(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+#: The config keys the MoE layers need (transformers' defaults are GLM-4.5's sizes, not the folder's).
+_MOE_KEYS = ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
+
+
+def _moe_values(raw: dict[str, Any], where: str, dense: int, layers: int) -> dict[str, Any]:
+    """The MoE fields of the layers from ``first_k_dense_replace`` (``dense``) on, after one-line errors for a
+    missing key or a value out of range (every problem found, named by its config.json key)."""
+    missing = [k for k in _MOE_KEYS if k not in raw]
+    if missing:
+        raise CheckpointError(
+            f"{where}: lacks {', '.join(missing)} (layers {dense}..{layers - 1} are MoE layers: "
+            f"first_k_dense_replace = {dense}, num_hidden_layers = {layers})"
+        )
+    experts, top_k, size = (config_number(raw, k, 0, where) for k in _MOE_KEYS)
+    shared = config_number(raw, "n_shared_experts", 1, where)
+    scale = config_number(raw, "routed_scaling_factor", 1.0, where, float)
+    bad = [
+        f"n_routed_experts must be positive, got {experts}" if experts < 1 else "",
+        f"num_experts_per_tok ({top_k}) must be in [1, n_routed_experts = {experts}]"
+        if experts >= 1 and not 1 <= top_k <= experts
+        else "",
+        f"moe_intermediate_size must be positive, got {size}" if size < 1 else "",
+        f"n_shared_experts must be >= 0, got {shared}" if shared < 0 else "",
+        f"routed_scaling_factor must be a positive finite number, got {scale}"
+        if not (math.isfinite(scale) and scale > 0)
+        else "",
+    ]
+    if any(bad):
+        raise CheckpointError(f"{where}: {'; '.join(b for b in bad if b)}")
+    return dict(
+        num_experts=experts,
+        moe_top_k=top_k,
+        moe_intermediate_size=size,
+        num_shared_experts=shared,
+        first_k_dense_replace=dense,
+        moe_routed_scaling_factor=scale,
+        moe_norm_topk_prob=config_flag(raw, "norm_topk_prob", True, where),
+    )
+
+
 def _from_config(raw: dict[str, Any], where: str) -> ModelConfig:
     refused = (*[r for r in REFUSED if r[0] != "use_qk_norm"], ("n_group", 1), ("topk_group", 1))
     values = native_values(raw, where, refused)
     layers = values["num_layers"]
-    dense = int(raw.get("first_k_dense_replace", 1))
-    moe: dict[str, Any] = {}
-    if dense < layers:  # MoE layers from first_k_dense_replace on
-        moe = dict(
-            num_experts=int(raw.get("n_routed_experts", 128)),
-            moe_top_k=int(raw.get("num_experts_per_tok", 8)),
-            moe_intermediate_size=int(raw.get("moe_intermediate_size", 1408)),
-            num_shared_experts=int(raw.get("n_shared_experts", 1)),
-            first_k_dense_replace=dense,
-            moe_routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
-            moe_norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
-        )
-    mtp = int(raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers", 0)) or 0)
+    dense = config_number(raw, "first_k_dense_replace", 1, where)
+    if dense < 0:
+        raise CheckpointError(f"{where}: first_k_dense_replace must be >= 0, got {dense}")
+    if "n_routed_experts" in raw and raw["n_routed_experts"] is None:  # transformers: no MoE layer at all
+        dense = layers
+    moe = _moe_values(raw, where, dense, layers) if dense < layers else {}
+    mtp = config_number(raw, "num_nextn_predict_layers", config_number(raw, "num_mtp_layers", 0, where), where)
+    if mtp < 0:
+        raise CheckpointError(f"{where}: num_nextn_predict_layers must be >= 0, got {mtp}")
     return ModelConfig(
-        **{**_OPTIONS, **values, **moe}, qk_norm=bool(raw.get("use_qk_norm", False)), num_nextn_predict_layers=mtp
+        **{**_OPTIONS, **values, **moe},
+        qk_norm=config_flag(raw, "use_qk_norm", False, where),
+        num_nextn_predict_layers=mtp,
     )
 
 

@@ -112,13 +112,39 @@ def _rope(raw: dict[str, Any], where: str) -> tuple[float, float]:
     kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
     if kind != "default":
         raise CheckpointError(f"{where}: rope type {kind!r} is not supported (megatron_glm reads 'default' rotary)")
-    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
-    factor = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.5))
-    return float(theta), float(factor)
+    merged = {**raw, **params}
+    return (
+        config_number(merged, "rope_theta", 10000.0, where, float),
+        config_number(merged, "partial_rotary_factor", 0.5, where, float),
+    )
 
 
 #: Config values the native classes may hold that our model does not (key, the one value we read).
 REFUSED = (("hidden_act", "silu"), ("use_qk_norm", False), ("mlp_bias", False))
+
+
+def config_number(raw: dict[str, Any], key: str, default: Any, where: str, kind: type = int) -> Any:
+    """``raw[key]`` (``default`` when absent or null) as ``kind`` (int or float); a one-line error naming the key
+    when it holds something else (a string, a list, a fractional integer)."""
+    value = raw.get(key)
+    if value is None:
+        return default
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not whole):
+        expected = "an integer" if kind is int else "a number"
+        raise CheckpointError(f"{where}: {key} must be {expected}, got {value!r}")
+    return kind(value)
+
+
+def config_flag(raw: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    """``raw[key]`` (``default`` when absent or null), which must be a JSON boolean: the string "false" is true to
+    ``bool``."""
+    value = raw.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
 
 
 def native_values(raw: dict[str, Any], where: str, refused: tuple[tuple[str, Any], ...] = REFUSED) -> dict[str, Any]:
@@ -131,25 +157,30 @@ def native_values(raw: dict[str, Any], where: str, refused: tuple[tuple[str, Any
         if raw.get(key, wanted) != wanted:
             raise CheckpointError(f"{where}: {key} = {raw[key]!r} is not supported (megatron_glm reads {wanted!r})")
     theta, factor = _rope(raw, where)
-    hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
-    groups = int(raw.get("num_key_value_heads") or heads)
+    hidden, heads = config_number(raw, "hidden_size", 0, where), config_number(raw, "num_attention_heads", 0, where)
+    groups = config_number(raw, "num_key_value_heads", 0, where) or heads
+    layers, vocab = config_number(raw, "num_hidden_layers", 0, where), config_number(raw, "vocab_size", 0, where)
+    sizes = {"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads, "vocab_size": vocab}
+    if any(v < 1 for v in sizes.values()):
+        bad = ", ".join(f"{k} = {v}" for k, v in sizes.items() if v < 1)
+        raise CheckpointError(f"{where}: {bad}: must be positive")
     values = dict(
-        num_layers=int(raw["num_hidden_layers"]),
+        num_layers=layers,
         hidden_size=hidden,
         num_attention_heads=heads,
-        kv_channels=int(raw.get("head_dim") or hidden // heads),
+        kv_channels=config_number(raw, "head_dim", 0, where) or hidden // heads,
         num_query_groups=groups if groups != heads else 0,
-        ffn_hidden_size=int(raw.get("intermediate_size") or 4 * hidden),
-        vocab_size=int(raw["vocab_size"]),
-        max_sequence_length=int(raw.get("max_position_embeddings", 2048)),
-        layernorm_epsilon=float(raw.get("rms_norm_eps", 1e-5)),
+        ffn_hidden_size=config_number(raw, "intermediate_size", 0, where) or 4 * hidden,
+        vocab_size=vocab,
+        max_sequence_length=config_number(raw, "max_position_embeddings", 2048, where),
+        layernorm_epsilon=config_number(raw, "rms_norm_eps", 1e-5, where, float),
         rotary_base=theta,
         rotary_percent=factor,
-        add_qkv_bias=bool(raw.get("attention_bias", True)),
-        untie_embeddings_and_output_weights=not raw.get("tie_word_embeddings", False),
+        add_qkv_bias=config_flag(raw, "attention_bias", True, where),
+        untie_embeddings_and_output_weights=not config_flag(raw, "tie_word_embeddings", False, where),
         hidden_dropout=0.0,
-        attention_dropout=float(raw.get("attention_dropout", 0.0)),
-        init_std=float(raw.get("initializer_range", 0.02)),
+        attention_dropout=config_number(raw, "attention_dropout", 0.0, where, float),
+        init_std=config_number(raw, "initializer_range", 0.02, where, float),
     )
     return values
 

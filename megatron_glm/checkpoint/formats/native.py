@@ -261,12 +261,16 @@ class NativeSource:
         if self.experts is not None and spec.expert_dim is not None:
             return self.experts.tensor(spec)
         if self.info.zero_stage == 3 and self._optimized(name):
-            return self.tensor(name).to(
-                DTYPES.get(self.precision, torch.float32) if spec.dtype == "params" else torch.float32
+            dtype = DTYPES.get(self.precision, torch.float32) if spec.dtype == "params" else torch.float32
+            return self.tensor(name).to(dtype)
+        # ZeRO-3: a parameter without gradient (``router.expert_bias``) is not in ``module``
+        parts = [f.tensor(name) for f in self.frozen] or [self._model(t)["module"][name] for t in range(self.info.tp)]
+        full = merge_shards(spec, parts)
+        if tuple(full.shape) != tuple(spec.shape):  # a file at odds with the config its meta.json records
+            raise CheckpointError(
+                f"{self.step}: {name} has shape {list(full.shape)}, expected {list(spec.shape)} (meta.json's config)"
             )
-        if self.frozen:  # ZeRO-3, a parameter without gradient (``router.expert_bias``): not in ``module``
-            return merge_shards(spec, [f.tensor(name) for f in self.frozen])
-        return merge_shards(spec, [self._model(t)["module"][name] for t in range(self.info.tp)])
+        return full
 
     def _optimized(self, name: str) -> bool:  # not a parameter without gradient (``router.expert_bias``)
         return bool(self.zero) and name in self.zero[0]

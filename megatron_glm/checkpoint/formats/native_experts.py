@@ -53,7 +53,10 @@ class ExpertShards:
 
     def _file(self, s: int, t: int, e: int) -> dict[str, Any]:
         if (s, t, e) not in self._files:
-            saved = safe_torch_load(self.step / expert_file((s, t, e, 0)), mmap=True)
+            path = self.step / expert_file((s, t, e, 0))
+            saved = safe_torch_load(path, mmap=True)
+            if not isinstance(saved, dict) or not all(torch.is_tensor(v) for v in saved.values()):
+                raise CheckpointError(f"{path}: not an expert shard (a dict of tensors by name)")
             self._files[(s, t, e)] = {original_name(n): v for n, v in saved.items()}
         return self._files[(s, t, e)]
 
@@ -68,6 +71,13 @@ class ExpertShards:
             shards = [self._file(s, t, e).get(spec.name) for t in range(self.tp)]
             if any(x is None for x in shards):
                 raise CheckpointError(f"{self.step}: expert shard of ep rank {e} has no {spec.name}")
+            want = list(spec.shard_shape(self.tp, self.ep))
+            for t, x in enumerate(shards):
+                if list(x.shape) != want:
+                    raise CheckpointError(
+                        f"{self.step / expert_file((s, t, e, 0))}: {spec.name} has shape {list(x.shape)}, expected "
+                        f"{want} (tp={self.tp} ep={self.ep})"
+                    )
             parts.append(merge_shards(spec, shards))
         return torch.cat(parts, dim=spec.expert_dim)
 
