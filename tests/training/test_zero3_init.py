@@ -198,7 +198,7 @@ def test_zero3_losses_equal_zero1_and_weights_load(tmp_path: Path) -> None:
             assert not r[f"partitioned{head}1"] and r[f"partitioned{head}3"]
             assert r[f"untied{head}1"] == r[f"untied{head}3"] == (head != "")
             assert len(r[f"loss{head}3"]) == 4 and len(set(r[f"loss{head}1"])) == 4
-            tolerance = 2e-2 if head == "_bf16" else 1e-5
+            tolerance = 1e-3 if head == "_bf16" else 1e-5
             assert max(abs(a - b) for a, b in zip(r[f"loss{head}1"], r[f"loss{head}3"], strict=True)) < tolerance, r
         assert abs(r["loss1"][0] - r["loss_untied1"][0]) > 1e-3  # the untied head is another model
         assert r["load_diff"] == 0.0 and r["load_partitioned"]
