@@ -51,6 +51,17 @@ def init_method_for(name: str, layout: ModelLayout, seed: int) -> InitMethod:
     return blockwise_normal_init(stds, spec.sizes_along_split(), spec.split_dim or 0, stable_seed(seed, name))
 
 
+class OutputLayer(ColumnParallelLinear):
+    """The untied head's layer. Called without input it returns its weight: the losses apply the head themselves
+    (the fused head in chunks), and a weight read through the module's forward is what ZeRO-3 gathers and keeps
+    for the backward (its hooks see the parameter leave the module), as the tied word embedding's is; a bare
+    ``output_layer.weight`` read in the forward is released after it and its gradient meets an empty tensor."""
+
+    def forward(self, x: torch.Tensor | None = None, sequence_parallel: bool = False) -> torch.Tensor:
+        """``weight`` without ``x``; else the layer's ``x @ W.T`` (:class:`ColumnParallelLinear`)."""
+        return self.weight if x is None else super().forward(x, sequence_parallel)
+
+
 def output_layer(
     config: ModelConfig,
     layout: ModelLayout,
@@ -58,9 +69,9 @@ def output_layer(
     seed: int,
     params_dtype: torch.dtype,
     device: torch.device | str | None,
-) -> ColumnParallelLinear:
+) -> OutputLayer:
     """The untied head ``output_layer.weight [V, H]``, vocab-parallel (``h @ W.T`` for this rank's slice)."""
-    return ColumnParallelLinear(
+    return OutputLayer(
         config.hidden_size,
         config.vocab_size,
         bias=False,
@@ -179,8 +190,9 @@ class HeadMixin:
 
     @property
     def head_weight(self) -> torch.Tensor:
-        """This rank's ``[V/tp, H]`` head: the word embedding (tied) or ``output_layer.weight``."""
-        return self.word_embeddings.weight if self.layout.tied_head else self.output_layer.weight
+        """This rank's ``[V/tp, H]`` head: the word embedding (tied) or ``output_layer.weight`` (read through the
+        layer's forward: :class:`OutputLayer`)."""
+        return self.word_embeddings.weight if self.layout.tied_head else self.output_layer()
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The head: ``h @ W.T`` for this rank's vocabulary slice (``W`` tied to the word embedding or not)."""

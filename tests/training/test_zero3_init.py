@@ -107,6 +107,14 @@ MOE = {
     "model.moe_aux_loss_coeff": 0.01,
 }
 BIAS = "transformer.layers.1.mlp.router.expert_bias"
+# The dense runs by head: tied; untied (every GLM-4 model's), its loss unfused, fused in chunks, in bf16.
+UNTIED_HEAD = {"model.untie_embeddings_and_output_weights": True}
+HEADS = {
+    "": {},
+    "_untied": UNTIED_HEAD,
+    "_untied_fused": {**UNTIED_HEAD, "model.head_chunk_size": 16},
+    "_bf16": {**UNTIED_HEAD, "training.precision": "bf16"},
+}
 
 
 def _train_moe(stage: int, precision: str = "fp32", save: str = "") -> dict:
@@ -136,7 +144,8 @@ def _train_moe(stage: int, precision: str = "fp32", save: str = "") -> dict:
 
 
 def _train(rank: int, world: int, save: str) -> dict:
-    """Losses of 4 steps under ZeRO-1 and ZeRO-3 (same init, same batches); then weights loaded into a
+    """Losses of 4 steps under ZeRO-1 and ZeRO-3 (same init, same batches), with each head of :data:`HEADS`; then
+    weights loaded into a
     partitioned model; the MoE model's steps under both, in fp32 and bf16 (the bf16 ZeRO-3 run saved in ``save``)."""
     import deepspeed
 
@@ -147,18 +156,24 @@ def _train(rank: int, world: int, save: str) -> dict:
 
     out: dict = {}
     for stage in (1, 3):
-        cfg = tiny_config(
-            **{
-                "training.zero_stage": stage,
-                "training.train_iters": 4,
-                "training.micro_batch_size": 2,
-                "training.global_batch_size": 8,
-            }
-        )
-        trainer, ps, logger = build_trainer(cfg)
-        out[f"partitioned{stage}"] = all(hasattr(p, "ds_id") for p in trainer.model.parameters())
-        trainer.train()
-        out[f"loss{stage}"] = [v["loss"] for _, v in logger.rows]
+        for head, extra in HEADS.items():  # the tied head, then the untied one (unfused, fused, bf16)
+            cfg = tiny_config(
+                **{
+                    "training.zero_stage": stage,
+                    "training.train_iters": 4,
+                    "training.micro_batch_size": 2,
+                    "training.global_batch_size": 8,
+                    **extra,
+                }
+            )
+            trainer, ps, logger = build_trainer(cfg)
+            if head == "":
+                load_cfg = cfg
+            out[f"partitioned{head}{stage}"] = all(hasattr(p, "ds_id") for p in trainer.model.parameters())
+            out[f"untied{head}{stage}"] = hasattr(trainer.model, "output_layer")
+            trainer.train()
+            out[f"loss{head}{stage}"] = [v["loss"] for _, v in logger.rows]
+    cfg = load_cfg  # ZeRO-3, the tied head, fp32
     source = GLMModel(cfg.model, seed=7)
     full = {original_name(k): v.detach().clone() for k, v in source.named_parameters()}
     model = build_model(cfg, ps, torch.device("cpu")).module  # seed 1234, partitioned
@@ -173,14 +188,19 @@ def _train(rank: int, world: int, save: str) -> dict:
 
 
 def test_zero3_losses_equal_zero1_and_weights_load(tmp_path: Path) -> None:
-    """fp32, DP=2: the partitioned build's init gives ZeRO-1's losses; weights load into partitioned parameters.
+    """fp32, DP=2: the partitioned build's init gives ZeRO-1's losses, the head tied or untied (the untied head's
+    weight gathered for its gradient; in bf16 too); weights load into partitioned parameters.
     bf16: the MoE router's correction bias stays fp32 under ZeRO-3, takes ZeRO-1's steps and is read back whole
     from the ZeRO-3 checkpoint."""
     first, second = run_distributed(_train, 2, str(tmp_path / "bf16z3"), timeout=900)
     for r in (first, second):
-        assert not r["partitioned1"] and r["partitioned3"]
-        assert len(r["loss3"]) == 4 and len(set(r["loss1"])) == 4
-        assert max(abs(a - b) for a, b in zip(r["loss1"], r["loss3"], strict=True)) < 1e-5, r
+        for head in HEADS:  # tied and untied heads: ZeRO-3 takes ZeRO-1's steps
+            assert not r[f"partitioned{head}1"] and r[f"partitioned{head}3"]
+            assert r[f"untied{head}1"] == r[f"untied{head}3"] == (head != "")
+            assert len(r[f"loss{head}3"]) == 4 and len(set(r[f"loss{head}1"])) == 4
+            tolerance = 1e-3 if head == "_bf16" else 1e-5
+            assert max(abs(a - b) for a, b in zip(r[f"loss{head}1"], r[f"loss{head}3"], strict=True)) < tolerance, r
+        assert abs(r["loss1"][0] - r["loss_untied1"][0]) > 1e-3  # the untied head is another model
         assert r["load_diff"] == 0.0 and r["load_partitioned"]
         one, three = r["moe1"], r["moe3"]  # MoE: ZeRO-3 (the correction bias partitioned) takes ZeRO-1's steps
         assert three["bias_shard"] is not None and one["bias_shard"] is None
