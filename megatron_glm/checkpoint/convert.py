@@ -25,6 +25,7 @@ from megatron_glm.checkpoint.reshard import check_divisible, resize_vocab
 from megatron_glm.checkpoint.stream import OPTIMIZER_KEYS, ModelSource
 from megatron_glm.checkpoint.verify import compare_checksums, source_logits, stream_checksums
 from megatron_glm.config import pad_vocab_size
+from megatron_glm.config.moe import dense_only_first_stage
 from megatron_glm.config.sections import opt
 from megatron_glm.dtypes import DTYPES, SHORT_NAMES
 from megatron_glm.errors import CheckpointError
@@ -188,6 +189,12 @@ def _check_target(src: ModelSource, opts: ConvertOptions) -> CheckpointFormat:
         if not experts:
             raise CheckpointError(f"--target-ep {opts.target_ep}: the model is dense (no experts to split); use 1")
         check_divisible("number of experts", experts, opts.target_ep, "choose a --target-ep that divides it")
+        if per_stage := dense_only_first_stage(src.info.config, opts.target_pp):
+            raise CheckpointError(
+                f"--target-pp {opts.target_pp} --target-ep {opts.target_ep}: pipeline stage 0 would hold dense layers "
+                f"only ({per_stage} layers, first_k_dense_replace {src.info.config.first_k_dense_replace}), which "
+                "training with expert parallelism refuses; use fewer stages"
+            )
     cfg = src.info.config
     tp = opts.target_tp
     check_divisible("number of attention heads", cfg.num_attention_heads, tp, "choose a --target-tp that divides it")

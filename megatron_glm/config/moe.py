@@ -79,6 +79,14 @@ class MoEOptions:
     )
 
 
+def dense_only_first_stage(m: Any, pp: int) -> int:
+    """The layers pipeline stage 0 holds when a uniform split of model config ``m``'s layers over ``pp`` stages
+    leaves it only the first ``first_k_dense_replace`` dense layers (0 when it holds an MoE layer): a layout expert
+    parallelism cannot run (DeepSpeed's MoE engine needs an expert group on every stage)."""
+    per_stage = m.num_layers // max(pp, 1)
+    return per_stage if pp > 1 and 0 < per_stage <= m.first_k_dense_replace else 0
+
+
 def moe_problems(m: Any, tp: int, ep: int = 1) -> list[str]:
     """Inconsistent MoE options of model config ``m`` with tensor-parallel size ``tp`` and expert-parallel size
     ``ep`` (one message each, naming the field and the value got)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from megatron_glm.config.context_parallel import context_parallel_problems
 from megatron_glm.config.finite import nonfinite_fields
-from megatron_glm.config.moe import moe_problems
+from megatron_glm.config.moe import dense_only_first_stage, moe_problems
 from megatron_glm.config.mtp import mtp_problems
 from megatron_glm.config.ranges import parse_iteration_ranges
 from megatron_glm.config.sections import LORA_TARGETS, GLMConfig, LoraConfig, ModelConfig, ObjectiveConfig
@@ -233,12 +233,12 @@ def _parallel_problems(cfg: GLMConfig, world_size: int) -> list[str]:
         out.append(f"parallel.expert_parallel_size ({ep}) needs an MoE model (model.num_experts > 0)")
     if ep > 1 and cfg.model.moe_capacity_factor:
         out.append("model.moe_capacity_factor: dropping tokens is not supported with expert parallelism (set 0)")
-    per_stage, dense = cfg.model.num_layers // max(pp, 1), cfg.model.first_k_dense_replace
-    if ep > 1 and pp > 1 and p.pipeline_partition_method == "uniform" and 0 < per_stage <= dense:
+    per_stage = dense_only_first_stage(cfg.model, pp)
+    if ep > 1 and p.pipeline_partition_method == "uniform" and per_stage:
         out.append(
             f"parallel.expert_parallel_size ({ep}) with pipeline_model_parallel_size ({pp}): pipeline stage 0 would "
-            f"hold dense layers only ({per_stage} layers, model.first_k_dense_replace {dense}); every stage needs "
-            "MoE layers (fewer stages or more layers)"
+            f"hold dense layers only ({per_stage} layers, model.first_k_dense_replace "
+            f"{cfg.model.first_k_dense_replace}); every stage needs MoE layers (fewer stages or more layers)"
         )
     return out
 

@@ -16,6 +16,7 @@ from megatron_glm.checkpoint.convert import open_source
 from megatron_glm.checkpoint.experts import expert_file
 from megatron_glm.checkpoint.safe_load import safe_torch_load
 from megatron_glm.checkpoint.weights import load_glm_model
+from megatron_glm.errors import CheckpointError
 from megatron_glm.parallel import initialize_parallel_state
 from megatron_glm.testing import run_distributed
 from tests.checkpoint.test_hf_glm4moe import EXPERTS, IDS, _stored, convert, hf_logits, release  # noqa: F401
@@ -78,12 +79,24 @@ def test_release_reshards_through_tp2_ep2_and_exports_back(release: Path, tmp_pa
         assert (hf_logits(out) - want).abs().max().item() < 1e-5
 
 
+def test_a_pipeline_stage_without_moe_layers_is_refused(release: Path, tmp_path: Path) -> None:  # noqa: F811
+    """4 layers over 4 stages leave stage 0 the one dense layer (first_k_dense_replace 1): training with expert
+    parallelism refuses that layout (config.validate's rule), so the converter refuses it before writing (was
+    written)."""
+    match = (
+        r"^--target-pp 4 --target-ep 2: pipeline stage 0 would hold dense layers only \(1 layers, "
+        r"first_k_dense_replace 1\), which training with expert parallelism refuses; use fewer stages$"
+    )
+    with pytest.raises(CheckpointError, match=match):
+        convert(release, tmp_path / "pp4_ep2", format="native", target_pp=4, target_ep=2, target_dp=2)
+    assert not list(tmp_path.iterdir())
+
+
 def test_an_inconsistent_shard_is_one_line(release: Path, tmp_path: Path) -> None:  # noqa: F811
     """An expert shard of the wrong shape or not a dict of tensors, a model tensor of the wrong shape (the manifest
     consistent: written so) were a bare RuntimeError / AttributeError; now one line naming the file or step, the
     tensor and the shape wanted."""
     from megatron_glm.checkpoint.manifest import write_manifest
-    from megatron_glm.errors import CheckpointError
 
     ep2 = tmp_path / "ep2"
     convert(release, ep2, format="native", target_ep=2, target_dp=2)
