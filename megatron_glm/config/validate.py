@@ -218,16 +218,16 @@ def _parallel_problems(cfg: GLMConfig, world_size: int) -> list[str]:
             f"world size ({world_size}) must be divisible by tensor ({tp}) x pipeline ({pp}){cp_part} parallel sizes"
         )
     dp = derived_data_parallel_size(cfg, world_size)
+    dp_formula = f"world size {world_size} / (tp {tp} x pp {pp}{f' x cp {cp}' if cp > 1 else ''})"
     if world_size and p.data_parallel_size and p.data_parallel_size != dp:
-        out.append(
-            f"parallel.data_parallel_size ({p.data_parallel_size}) disagrees with world size "
-            f"{world_size} / (tp {tp} x pp {pp}{f' x cp {cp}' if cp > 1 else ''}) = {dp}"
-        )
+        out.append(f"parallel.data_parallel_size ({p.data_parallel_size}) disagrees with {dp_formula} = {dp}")
     ep = p.expert_parallel_size
-    if ep < 1 or (dp > 0 and dp % ep):
+    if ep < 1:
+        out.append(f"parallel.expert_parallel_size must be >= 1 (1: no expert parallelism), got {ep}")
+    elif dp > 0 and dp % ep:
         out.append(
             f"parallel.expert_parallel_size ({ep}) must divide the data-parallel size ({dp}"
-            + (f" = world size {world_size} / (tp {tp} x pp {pp}))" if world_size else ")")
+            + (f" = {dp_formula})" if world_size else ")")
         )
     if ep > 1 and not cfg.model.num_experts:
         out.append(f"parallel.expert_parallel_size ({ep}) needs an MoE model (model.num_experts > 0)")
