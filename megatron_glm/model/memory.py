@@ -2,7 +2,9 @@
 
 Counted per rank: the weights (in the training dtype), their gradients (same dtype) and AdamW's state (fp32
 ``exp_avg`` and ``exp_avg_sq``, plus fp32 master weights under bf16/fp16). ZeRO partitions the optimizer state
-over data-parallel ranks (stage >= 1), then the gradients (>= 2), then the weights (3). Pipeline stages hold
+over data-parallel ranks (stage >= 1), then the gradients (>= 2), then the weights (3; an untied head's
+``output_layer.weight`` ``[V/tp, H]`` is then also held whole on the last stage, gathered from its use in the forward
+to the end of the step: ``OutputLayer`` in ``model/glm.py``). Pipeline stages hold
 uniform runs of transformer layers (as ``partition_method: uniform``); the first stage also holds the
 embeddings, the last the final norm and the head (the tied word embedding is on both). The figure is the most
 loaded stage. With LoRA the base is frozen: held, but only the adapters have gradients and AdamW state. Not
@@ -20,7 +22,7 @@ import math
 from dataclasses import dataclass
 
 from megatron_glm.config import LoraConfig, ModelConfig
-from megatron_glm.model.layout import VOCAB_TENSOR, ModelLayout, PipeLayer, TensorSpec
+from megatron_glm.model.layout import OUTPUT_TENSOR, VOCAB_TENSOR, ModelLayout, PipeLayer, TensorSpec
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -124,6 +126,8 @@ def estimate_memory(
     if zero_stage >= 3:
         weights /= dp
         setup = weights + largest_local * width + drawing
+        if not layout.tied_head and busiest == pp - 1:  # the untied head's weight, gathered whole (module doc)
+            weights += math.prod(layout[OUTPUT_TENSOR].shard_shape(tp)) * width
     return MemoryEstimate(
         layout.parameter_count(),
         local,

@@ -337,7 +337,14 @@ def test_dry_run_prints_count_and_memory_per_rank() -> None:
     assert split.stage_parameters < one.parameters / 3
     assert split.optimizer == split.stage_parameters * 12 / 4 and split.grads == split.stage_parameters * 2
     z3 = estimate_memory(cfg, tp=2, pp=1, dp=4, zero_stage=3, precision="bf16")
-    assert z3.weights == z3.grads == z3.stage_parameters * 2 / 4
+    # ZeRO-3: the share, plus the untied head's [V/tp, H] weight gathered whole for the step (bf16; was left out)
+    assert cfg.untie_embeddings_and_output_weights and cfg.vocab_size == 65024 and cfg.hidden_size == 4096
+    assert z3.grads == z3.stage_parameters * 2 / 4
+    assert z3.weights == z3.stage_parameters * 2 / 4 + 2 * (65024 // 2) * 4096
+    tied = build_config({"model.size": "glm-large"}).model  # a tied head: the word embedding, nothing more
+    assert not tied.untie_embeddings_and_output_weights
+    tied3 = estimate_memory(tied, tp=2, pp=1, dp=4, zero_stage=3, precision="bf16")
+    assert tied3.weights == tied3.grads == tied3.stage_parameters * 2 / 4
     # set-up: the rank's whole model in fp32 plus one drawn tensor; under ZeRO-3 the share plus that tensor
     assert one.weights < one.setup < one.weights * 1.2 and split.setup > split.stage_parameters * 4
     assert z3.weights < z3.setup < z3.weights + one.setup * 0.2
