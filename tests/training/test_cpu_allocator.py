@@ -55,22 +55,21 @@ needs_glibc = pytest.mark.skipif(_glibc() is None, reason="mallopt is glibc's")
 
 @needs_glibc
 def test_heap_reuses_freed_blocks_and_restore_gives_them_back() -> None:
-    out = probe("heap")
-    assert out["line"].startswith("cpu allocator: heap") and out["restorable"]
-    assert out["faults"][0] > STEP_PAGES, out  # the first step faults its memory in
-    # later steps reuse the freed blocks' pages (glibc's defaults fault in more than STEP_PAGES every step: the
-    # test below; the heap still grows now and then while it settles), and the resident set stays about where it is
-    assert sum(out["faults"][10:]) < 3 * STEP_PAGES, out
-    assert max(out["rss"]) - min(out["rss"]) < 128 << 10, out
-    assert out["rss"][-1] - out["rss_restored"] > (STEP_PAGES * 4) // 2, out  # restore: the kept memory given back
-    assert min(out["faults_restored"][1:]) > STEP_PAGES, out  # glibc's defaults again: fresh pages every step
+    heap, system = probe("heap"), probe("system")
+    assert heap["line"].startswith("cpu allocator: heap") and heap["restorable"]
+    assert system == {**system, "line": "", "restorable": False}
+    assert heap["faults"][0] > STEP_PAGES, heap  # the first step faults its memory in
+    # glibc's defaults fault in fresh pages every step; under heap later steps reuse the freed blocks' pages (the
+    # heap still grows now and then while its free blocks settle: a small fraction of the faults)
+    assert min(system["faults"][10:]) > STEP_PAGES, system
+    assert sum(heap["faults"][10:]) < sum(system["faults"][10:]) / 4, (heap, system)
+    assert max(heap["rss"]) - min(heap["rss"]) < 128 << 10, heap  # the resident set stays about where it is
+    assert heap["rss"][-1] - heap["rss_restored"] > (STEP_PAGES * 4) // 2, heap  # restore: the kept memory back
+    assert min(heap["faults_restored"][1:]) > STEP_PAGES // 2, heap  # glibc's defaults again: fresh pages every step
 
 
 @needs_glibc
-def test_system_and_non_cpu_devices_are_left_alone() -> None:
-    system = probe("system")
-    assert system == {**system, "line": "", "restorable": False}
-    assert min(system["faults"][10:]) > STEP_PAGES, system  # glibc's defaults: fresh pages every step
+def test_non_cpu_devices_are_left_alone() -> None:
     assert probe("heap", "meta")["restorable"] is False  # only CPU runs are touched
 
 
